@@ -1,0 +1,183 @@
+//! Runs a plan against the registry. First every guard (the plan is for this registry, nothing it
+//! touches changed since, deletes are allowed, protected touchpoints stay), then each change as its
+//! own compare-and-swap write. A failing change does not stop the others; the report says which
+//! landed and which did not, and running apply again converges.
+
+use crate::plan::{Action, Change, Plan};
+use crate::registry::{Provenance, Put, Registry};
+
+/// What apply is allowed to do.
+#[derive(Clone, Debug)]
+pub struct ApplyOptions {
+    /// Deletes are allowed at all.
+    pub allow_delete: bool,
+    /// At most this many deletes in one apply.
+    pub max_deletes: usize,
+    /// Recorded as who applied (`user@host`).
+    pub applied_by: String,
+}
+
+/// Why apply refused to start. Nothing was written.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// The saved plan was made against another registry.
+    #[error(
+        "this plan was made against registry {plan} ({backend}), not this one ({this}): make a new plan against this registry"
+    )]
+    OtherRegistry {
+        /// The plan's registry id.
+        plan: String,
+        /// The plan's registry description.
+        backend: String,
+        /// This registry's id.
+        this: String,
+    },
+    /// The saved plan's format is not one this build reads.
+    #[error("this plan has format_version {0}; this touchctl applies format_version {version}: make the plan again with this touchctl", version = crate::plan::FORMAT_VERSION)]
+    Format(String),
+    /// Touchpoints changed live since the plan was made.
+    #[error("the plan is stale: {} touchpoint(s) changed in the registry since it was made:\n{}\nRun plan again, review it, and apply the new plan.", .0.len(), .0.join("\n"))]
+    Stale(Vec<String>),
+    /// Guards on deletes.
+    #[error("apply refused:\n{}", .0.join("\n"))]
+    Guards(Vec<String>),
+}
+
+/// How one change went.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The touchpoint.
+    pub id: String,
+    /// What was attempted.
+    pub action: Action,
+    /// The new generation (none after a delete), or why it failed.
+    pub result: Result<Option<u64>, String>,
+}
+
+/// Checks that a saved plan can be applied to `registry` exactly as it was made.
+pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> {
+    if plan.format_version != crate::plan::FORMAT_VERSION {
+        return Err(Refused::Format(plan.format_version.clone()));
+    }
+    if plan.registry.id != registry.registry_id() {
+        return Err(Refused::OtherRegistry {
+            plan: plan.registry.id.clone(),
+            backend: plan.registry.backend.clone(),
+            this: registry.registry_id().to_string(),
+        });
+    }
+    let live: std::collections::BTreeMap<String, u64> = registry
+        .list()
+        .map_err(|e| Refused::Guards(vec![format!("  cannot read the registry: {e}")]))?
+        .into_iter()
+        .map(|l| (l.id, l.generation))
+        .collect();
+    let stale: Vec<String> = plan
+        .changes
+        .iter()
+        .filter(|c| c.action != Action::NoOp)
+        .filter_map(|c| {
+            let now = live.get(&c.id).copied();
+            (now != c.live_generation).then(|| {
+                let show = |g: Option<u64>| {
+                    g.map_or_else(|| "absent".to_string(), |g| format!("generation {g}"))
+                };
+                format!(
+                    "  {}: planned against {}, now {}",
+                    c.id,
+                    show(c.live_generation),
+                    show(now)
+                )
+            })
+        })
+        .collect();
+    if stale.is_empty() {
+        Ok(())
+    } else {
+        Err(Refused::Stale(stale))
+    }
+}
+
+/// Checks the delete guards: `--allow-delete`, `--max-deletes`, `protect = true`.
+pub fn check_guards(plan: &Plan, opts: &ApplyOptions) -> Result<(), Refused> {
+    let deletes: Vec<&Change> = plan
+        .changes
+        .iter()
+        .filter(|c| c.action == Action::Delete)
+        .collect();
+    let mut problems = Vec::new();
+    for c in deletes.iter().filter(|c| c.protected) {
+        problems.push(format!(
+            "  {}: is protected (protect = true) and its file is gone. To delete it, restore the file, set protect = false, apply, then remove the file.",
+            c.id
+        ));
+    }
+    if !deletes.is_empty() && !opts.allow_delete {
+        let ids: Vec<&str> = deletes.iter().map(|c| c.id.as_str()).collect();
+        problems.push(format!(
+            "  the plan deletes {} touchpoint(s) ({}): pass --allow-delete to allow deletes",
+            ids.len(),
+            ids.join(", ")
+        ));
+    }
+    if deletes.len() > opts.max_deletes {
+        problems.push(format!(
+            "  the plan deletes {} touchpoints, more than --max-deletes {}: check that the touchpoint folder is the right one, or raise --max-deletes",
+            deletes.len(),
+            opts.max_deletes
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Refused::Guards(problems))
+    }
+}
+
+/// Applies every change of the plan, calling `progress` after each. Returns every outcome.
+pub fn execute(
+    plan: &Plan,
+    registry: &dyn Registry,
+    opts: &ApplyOptions,
+    progress: &mut dyn FnMut(&Outcome),
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for c in plan.changes.iter().filter(|c| c.action != Action::NoOp) {
+        let result = match (c.action, &c.desired) {
+            (Action::Create | Action::Update, Some(spec)) => {
+                let put = Put {
+                    id: c.id.clone(),
+                    kind: c.kind.clone(),
+                    spec: spec.clone(),
+                    fingerprints: c.fingerprints.clone(),
+                    applied_by: opts.applied_by.clone(),
+                    source: Provenance {
+                        commit: plan.source.commit.clone(),
+                        dirty: plan.source.dirty,
+                        file: c.file.clone(),
+                    },
+                };
+                registry
+                    .put(&put, c.live_generation)
+                    .map(Some)
+                    .map_err(|e| e.to_string())
+            }
+            (Action::Delete, _) => match c.live_generation {
+                Some(g) => registry
+                    .delete(&c.id, g)
+                    .map(|()| None)
+                    .map_err(|e| e.to_string()),
+                None => Err("the plan has no live generation for this delete".into()),
+            },
+            _ => Err("the plan has no desired spec for this change".into()),
+        };
+        let outcome = Outcome {
+            id: c.id.clone(),
+            action: c.action,
+            result,
+        };
+        progress(&outcome);
+        outcomes.push(outcome);
+    }
+    outcomes
+}

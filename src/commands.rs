@@ -1,0 +1,341 @@
+//! Runs each command: the second stage of configuration (real objects from what the user typed),
+//! output, and the exit code. The work itself is in the library.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use touchctl::apply::{self, ApplyOptions, Outcome};
+use touchctl::load::{self, Desired, Diagnostic, LoadError};
+use touchctl::plan::{Action, Plan, TextOptions, render_text};
+use touchctl::planner::make_plan;
+use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
+use touchctl::schema::{self, Freshness};
+
+use crate::cli::{Cli, ColorChoice, Command, Global, PlanFormat, ValidateFormat};
+
+/// Exit code: success.
+const OK: u8 = 0;
+/// Exit code: error, or invalid files.
+const FAILED: u8 = 1;
+/// Exit code: changes present (`plan --detailed-exitcode`).
+const CHANGES: u8 = 2;
+
+/// Runs the parsed command line and returns the exit code.
+pub fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Validate { format } => validate(g, *format),
+        Command::Schema { check, out } => schema_cmd(*check, out),
+        Command::Plan {
+            format,
+            out,
+            detailed_exitcode,
+        } => plan_cmd(g, *format, out.as_deref(), *detailed_exitcode),
+        Command::Apply {
+            plan,
+            auto_approve,
+            allow_delete,
+            max_deletes,
+        } => apply_cmd(
+            g,
+            plan.as_deref(),
+            *auto_approve,
+            ApplyOptions {
+                allow_delete: *allow_delete,
+                max_deletes: *max_deletes,
+                applied_by: whoami(),
+            },
+        ),
+        Command::ForceUnlock { lock_id } => {
+            let registry = open_registry(g)?;
+            let held = registry.force_unlock(lock_id)?;
+            println!("Removed lock {} ({held}).", held.lock_id);
+            Ok(OK)
+        }
+    }
+}
+
+fn color(g: &Global) -> bool {
+    match g.color {
+        ColorChoice::Always => true,
+        ColorChoice::Never => false,
+        ColorChoice::Auto => {
+            std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+        }
+    }
+}
+
+fn open_registry(g: &Global) -> Result<SqliteRegistry> {
+    Ok(SqliteRegistry::open(&g.state)?)
+}
+
+fn count_files(diagnostics: &[Diagnostic]) -> usize {
+    diagnostics
+        .iter()
+        .map(|d| d.path.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
+/// Loads the tree; on invalid files prints every diagnostic and returns `None`.
+fn load_or_report(g: &Global) -> Result<Option<Desired>> {
+    match load::load_dir(&g.dir) {
+        Ok(d) => {
+            if d.touchpoints.is_empty() && !g.quiet {
+                eprintln!(
+                    "warning: no touchpoint files (*.toml) under {}",
+                    g.dir.display()
+                );
+            }
+            Ok(Some(d))
+        }
+        Err(LoadError::Invalid(diagnostics)) => {
+            for d in &diagnostics {
+                println!("{d}");
+            }
+            eprintln!(
+                "error: {} problem(s) in {} file(s); nothing was changed. Fix them and run again.",
+                diagnostics.len(),
+                count_files(&diagnostics)
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn validate(g: &Global, format: ValidateFormat) -> Result<u8> {
+    let result = load::load_dir(&g.dir);
+    let (count, diagnostics) = match result {
+        Ok(d) => (d.touchpoints.len(), Vec::new()),
+        Err(LoadError::Invalid(diagnostics)) => (0, diagnostics),
+        Err(e) => return Err(e.into()),
+    };
+    let valid = diagnostics.is_empty();
+    match format {
+        ValidateFormat::Json => {
+            let doc = json!({
+                "format_version": "1",
+                "valid": valid,
+                "touchpoints": count,
+                "diagnostics": diagnostics,
+            });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        }
+        ValidateFormat::Text => {
+            for d in &diagnostics {
+                println!("{d}");
+            }
+            if valid {
+                if !g.quiet {
+                    println!(
+                        "ok: {count} touchpoint(s) under {} are valid",
+                        g.dir.display()
+                    );
+                }
+            } else {
+                eprintln!(
+                    "error: {} problem(s) in {} file(s)",
+                    diagnostics.len(),
+                    count_files(&diagnostics)
+                );
+            }
+        }
+    }
+    Ok(if valid { OK } else { FAILED })
+}
+
+fn schema_cmd(check: bool, out: &Path) -> Result<u8> {
+    if !check {
+        schema::write(out).with_context(|| format!("cannot write {}", out.display()))?;
+        println!("wrote {}", out.display());
+        return Ok(OK);
+    }
+    match schema::check(out).with_context(|| format!("cannot read {}", out.display()))? {
+        Freshness::Current => {
+            println!("{} is current", out.display());
+            Ok(OK)
+        }
+        Freshness::Stale(line) => {
+            eprintln!(
+                "error: {} is stale (first difference at line {line}): run `touchctl schema` and commit the result",
+                out.display()
+            );
+            Ok(FAILED)
+        }
+        Freshness::Missing => {
+            eprintln!(
+                "error: {} does not exist: run `touchctl schema` and commit the result",
+                out.display()
+            );
+            Ok(FAILED)
+        }
+    }
+}
+
+fn plan_cmd(
+    g: &Global,
+    format: PlanFormat,
+    out: Option<&Path>,
+    detailed_exitcode: bool,
+) -> Result<u8> {
+    let Some(desired) = load_or_report(g)? else {
+        return Ok(FAILED);
+    };
+    let registry = open_registry(g)?;
+    let plan = make_plan(&desired, &g.dir, &registry)?;
+    if let Some(path) = out {
+        let text = serde_json::to_string_pretty(&plan)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write the plan to {}", path.display()))?;
+    }
+    match format {
+        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        PlanFormat::Text => {
+            print!("{}", render_text(&plan, TextOptions { color: color(g) }));
+            if g.verbose {
+                for c in plan.changes.iter().filter(|c| c.action == Action::NoOp) {
+                    println!("  = {} ({}) unchanged", c.id, c.kind);
+                }
+            }
+        }
+    }
+    if let Some(path) = out
+        && !g.quiet
+    {
+        eprintln!(
+            "Saved the plan to {}. Apply exactly this plan with: touchctl apply {}",
+            path.display(),
+            path.display()
+        );
+    }
+    Ok(if detailed_exitcode && plan.has_changes() {
+        CHANGES
+    } else {
+        OK
+    })
+}
+
+fn read_saved_plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the plan file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a plan saved by `touchctl plan --out`",
+            path.display()
+        )
+    })
+}
+
+fn confirm(plan: &Plan, registry: &dyn Registry) -> Result<bool> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        bail!(
+            "apply needs confirmation, and standard input is not a terminal: review the plan, then run again with --auto-approve"
+        );
+    }
+    let n = plan
+        .changes
+        .iter()
+        .filter(|c| c.action != Action::NoOp)
+        .count();
+    eprint!(
+        "\nApply {n} change(s) to {}? Only 'yes' is accepted: ",
+        registry.describe()
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    stdin.lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+fn apply_cmd(
+    g: &Global,
+    saved: Option<&Path>,
+    auto_approve: bool,
+    opts: ApplyOptions,
+) -> Result<u8> {
+    let registry = open_registry(g)?;
+    let saved_plan = saved.map(read_saved_plan).transpose()?;
+    let guard = LockGuard::acquire(&registry, "apply")?;
+    if let Some(old) = &guard.recovered {
+        eprintln!("warning: recovered the registry lock left by a process that is gone ({old})");
+    }
+    let plan = match saved_plan {
+        Some(plan) => {
+            apply::check_saved(&plan, &registry)?;
+            plan
+        }
+        None => {
+            let Some(desired) = load_or_report(g)? else {
+                return Ok(FAILED);
+            };
+            make_plan(&desired, &g.dir, &registry)?
+        }
+    };
+    if !g.quiet || saved.is_none() {
+        print!("{}", render_text(&plan, TextOptions { color: color(g) }));
+    }
+    if !plan.has_changes() {
+        return Ok(OK);
+    }
+    apply::check_guards(&plan, &opts)?;
+    if saved.is_none() && !auto_approve && !confirm(&plan, &registry)? {
+        eprintln!("Apply cancelled; nothing was changed.");
+        return Ok(FAILED);
+    }
+    println!();
+    let mut progress = |o: &Outcome| {
+        let verb = match o.action {
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::NoOp => "keep",
+        };
+        match &o.result {
+            Ok(Some(generation)) => println!("  {verb} {}: done (generation {generation})", o.id),
+            Ok(None) => println!("  {verb} {}: done", o.id),
+            Err(e) => println!("  {verb} {}: FAILED: {e}", o.id),
+        }
+    };
+    let outcomes = apply::execute(&plan, &registry, &opts, &mut progress);
+    drop(guard);
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
+    let count = |a: Action| {
+        outcomes
+            .iter()
+            .filter(|o| o.action == a && o.result.is_ok())
+            .count()
+    };
+    let landed = format!(
+        "{} created, {} updated, {} deleted",
+        count(Action::Create),
+        count(Action::Update),
+        count(Action::Delete)
+    );
+    if failed.is_empty() {
+        println!("\nApply complete: {landed}.");
+        return Ok(OK);
+    }
+    let landed_ids: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.result.is_ok())
+        .map(|o| o.id.as_str())
+        .collect();
+    let failed_ids: Vec<&str> = failed.iter().map(|o| o.id.as_str()).collect();
+    println!(
+        "\nApply incomplete: {} of {} change(s) landed ({landed}).\n  landed: {}\n  not applied: {}\nThe registry holds every change that landed; fix the cause and run apply again to converge.",
+        landed_ids.len(),
+        outcomes.len(),
+        if landed_ids.is_empty() {
+            "none".to_string()
+        } else {
+            landed_ids.join(", ")
+        },
+        failed_ids.join(", ")
+    );
+    Ok(FAILED)
+}

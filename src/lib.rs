@@ -1,0 +1,24 @@
+//! touchctl manages marketing touchpoints (触点) as code: one TOML file per touchpoint, validated
+//! against a schema generated from the Rust types, planned against the live registry and applied.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`model`] | the serde + schemars types of a touchpoint file, secret references; no I/O |
+//! | [`schema`] | the JSON Schema generated from [`model`], its file and freshness check |
+//! | [`load`] | reading a tree of files, TOML spans, schema and cross-file checks, diagnostics |
+//! | [`registry`] | the live state: the `Registry` trait, its SQLite backend, locking, generations |
+//! | [`plan`] | the pure diff of desired against live, and its text and JSON renderings |
+//! | [`planner`] | gathering a plan's inputs: secret fingerprints, the live state |
+//! | [`apply`] | running a plan against the registry, with per-change outcomes |
+//! | [`git`] | what commit the files came from |
+
+pub mod apply;
+pub mod git;
+pub mod load;
+pub mod model;
+pub mod plan;
+pub mod planner;
+pub mod registry;
+pub mod schema;

@@ -1,0 +1,244 @@
+//! Checks the schema cannot express: URL schemes and hosts, mini programs a template may open, the
+//! address param a channel needs, duplicate names inside a file, and consistent retry settings.
+
+use std::collections::BTreeSet;
+
+use super::diagnostic::{Issue, Target};
+use super::schema_errors::did_you_mean;
+use super::toml_json::{Segment, dotted};
+use crate::model::{DynamicParams, KindSpec, MessageTemplate, NAME_PATTERN, ParamType, Touchpoint};
+
+fn key(k: &str) -> Segment {
+    Segment::Key(k.to_string())
+}
+
+fn issue(code: &'static str, at: Vec<Segment>, target: Target, message: String) -> Issue {
+    Issue {
+        code,
+        at,
+        target,
+        message,
+    }
+}
+
+/// Every problem the typed touchpoint has beyond its schema.
+pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
+    let mut out = Vec::new();
+    match &tp.spec {
+        KindSpec::Custom(s) => {
+            check_url(&mut out, vec![key("url")], &s.url, s.allow_insecure, "url");
+            if s.retry.backoff > s.retry.max_backoff {
+                out.push(issue(
+                    "out-of-range",
+                    vec![key("retry"), key("backoff")],
+                    Target::Value,
+                    format!(
+                        "`retry.backoff` ({}) is longer than `retry.max_backoff` ({}): lower it or raise max_backoff",
+                        s.retry.backoff, s.retry.max_backoff
+                    ),
+                ));
+            }
+            let mut seen = BTreeSet::new();
+            for (i, p) in s.template_params.iter().enumerate() {
+                let at = vec![key("template_params"), Segment::Index(i)];
+                if !seen.insert(p.name.as_str()) {
+                    let mut at = at.clone();
+                    at.push(key("name"));
+                    out.push(issue(
+                        "duplicate-name",
+                        at,
+                        Target::Value,
+                        format!(
+                            "template param `{}` is declared twice: give each param its own name",
+                            p.name
+                        ),
+                    ));
+                }
+                if p.max_length.is_some() && !matches!(p.kind, ParamType::String | ParamType::Url) {
+                    let mut at = at.clone();
+                    at.push(key("max_length"));
+                    out.push(issue(
+                        "invalid-value",
+                        at,
+                        Target::Key,
+                        format!("`max_length` applies to string and url params only; template param `{}` is not one", p.name),
+                    ));
+                }
+            }
+            if s.dynamic_params.contains_key("user_id") {
+                out.push(issue(
+                    "invalid-value",
+                    vec![key("dynamic_params"), key("user_id")],
+                    Target::Key,
+                    "`user_id` is always sent with each recipient: name this param differently"
+                        .into(),
+                ));
+            }
+        }
+        KindSpec::WechatOfficialAccount(s) => {
+            check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
+            check_templates(&mut out, &s.templates, &s.linked_mini_programs);
+        }
+        KindSpec::Wecom(s) => {
+            check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
+            check_templates(&mut out, &s.templates, &s.linked_mini_programs);
+        }
+        KindSpec::AppPush(s) => {
+            check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
+        }
+    }
+    check_dynamic_params(&mut out, &tp.spec, tp.spec.dynamic_params());
+    out
+}
+
+fn check_api_base(out: &mut Vec<Issue>, api_base: Option<&str>, allow_insecure: bool) {
+    if let Some(base) = api_base {
+        check_url(out, vec![key("api_base")], base, allow_insecure, "api_base");
+    }
+}
+
+/// `url` must be absolute, with a host, https (or http when `allow_insecure` is set).
+fn check_url(out: &mut Vec<Issue>, at: Vec<Segment>, text: &str, allow_insecure: bool, name: &str) {
+    let parsed = match url::Url::parse(text) {
+        Ok(u) => u,
+        Err(e) => {
+            out.push(issue(
+                "invalid-url",
+                at,
+                Target::Value,
+                format!(
+                    "`{name}` is not a valid absolute URL ({e}): write it as https://host/path"
+                ),
+            ));
+            return;
+        }
+    };
+    if parsed.host_str().is_none_or(str::is_empty) {
+        out.push(issue(
+            "invalid-url",
+            at,
+            Target::Value,
+            format!("`{name}` has no host: write it as https://host/path"),
+        ));
+        return;
+    }
+    match parsed.scheme() {
+        "https" => {}
+        "http" if allow_insecure => {}
+        "http" => out.push(issue(
+            "insecure-url",
+            at,
+            Target::Value,
+            format!("`{name}` uses http: use https, or set `allow_insecure = true` for local testing"),
+        )),
+        other => out.push(issue(
+            "invalid-url",
+            at,
+            Target::Value,
+            format!("`{name}` has scheme `{other}`: only https (or http with `allow_insecure = true`) is accepted"),
+        )),
+    }
+}
+
+fn check_templates(out: &mut Vec<Issue>, templates: &[MessageTemplate], linked: &[String]) {
+    let mut seen = BTreeSet::new();
+    for (i, t) in templates.iter().enumerate() {
+        let at = |field: &str| vec![key("templates"), Segment::Index(i), key(field)];
+        if !seen.insert(t.id.as_str()) {
+            out.push(issue(
+                "duplicate-name",
+                at("id"),
+                Target::Value,
+                format!(
+                    "template `{}` is declared twice: give each template its own id",
+                    t.id
+                ),
+            ));
+        }
+        if let Some(url) = &t.url {
+            let mut link = Vec::new();
+            check_url(&mut link, at("url"), url, true, &dotted(&at("url")));
+            out.extend(link);
+        }
+        if let Some(mp) = &t.mini_program
+            && !linked.iter().any(|l| l == &mp.app_id)
+        {
+            let mut where_ = at("mini_program");
+            where_.push(key("app_id"));
+            out.push(issue(
+                    "unlinked-mini-program",
+                    where_,
+                    Target::Value,
+                    format!(
+                        "template `{}` opens mini program {} which is not in `linked_mini_programs`: associate the account with the mini program first, then add it there",
+                        t.id, mp.app_id
+                    ),
+                ));
+        }
+    }
+    for (i, app_id) in linked.iter().enumerate() {
+        if !is_wechat_app_id(app_id) {
+            out.push(issue(
+                "invalid-format",
+                vec![key("linked_mini_programs"), Segment::Index(i)],
+                Target::Value,
+                format!("`linked_mini_programs[{i}]` must be a WeChat app id: `wx` and 16 hex digits, found \"{app_id}\""),
+            ));
+        }
+    }
+}
+
+fn is_wechat_app_id(s: &str) -> bool {
+    s.len() == 18
+        && s.starts_with("wx")
+        && s[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn check_dynamic_params(out: &mut Vec<Issue>, spec: &KindSpec, params: &DynamicParams) {
+    debug_assert_eq!(NAME_PATTERN, r"^[A-Za-z_][A-Za-z0-9_]*$");
+    for name in params.keys() {
+        if !is_name(name) {
+            out.push(issue(
+                "invalid-format",
+                vec![key("dynamic_params"), key(name)],
+                Target::Key,
+                format!("dynamic param `{name}` must be a name of letters, digits and `_`, not starting with a digit"),
+            ));
+        }
+    }
+    if let Some(address) = spec.address_param() {
+        match params.get(address) {
+            None => {
+                let hint = did_you_mean(address, params.keys().map(String::as_str))
+                    .map(|s| format!(" (found `{s}`: did you mean `{address}`?)"))
+                    .unwrap_or_default();
+                out.push(issue(
+                    "missing-address-param",
+                    if params.is_empty() { vec![] } else { vec![key("dynamic_params")] },
+                    Target::Key,
+                    format!(
+                        "a {} touchpoint addresses users by `{address}`: add `{address} = \"user.{address}\"` to [dynamic_params]{hint}",
+                        spec.name()
+                    ),
+                ));
+            }
+            Some(source) if source.optional() => out.push(issue(
+                "missing-address-param",
+                vec![key("dynamic_params"), key(address)],
+                Target::Key,
+                format!("`{address}` is the recipient's address and cannot be optional"),
+            )),
+            Some(_) => {}
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! `kind = "app_push"` (App 消息推送): notifications pushed to an app through a push provider.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::params::DynamicParams;
+use super::secret::SecretRef;
+use super::units::Duration;
+
+/// The largest batch a push provider is sent.
+pub const MAX_PUSH_BATCH: u32 = 1000;
+
+/// An app push channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AppPushSpec {
+    /// # Provider
+    /// The push service: `getui` (个推) today.
+    pub provider: PushProvider,
+    /// # App id
+    /// The app's id at the provider.
+    #[schemars(length(min = 1))]
+    pub app_id: String,
+    /// # App key
+    /// The app's key at the provider.
+    #[schemars(length(min = 1))]
+    pub app_key: String,
+    /// # Master secret
+    /// Secret reference to the app's MasterSecret.
+    pub master_secret: SecretRef,
+    /// # Batch size
+    /// Devices per push request, 1 to 1000.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = MAX_PUSH_BATCH))]
+    pub batch_size: u32,
+    /// # Time to live
+    /// How long the provider keeps an undelivered message, e.g. "1d".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// # Default title
+    /// Notification title used when a campaign gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// # Default body
+    /// Notification body used when a campaign gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// # Dynamic params
+    /// Per-recipient fields; must include `cid`, the device's client id.
+    #[serde(default)]
+    pub dynamic_params: DynamicParams,
+    /// # API base URL
+    /// Base URL of the provider's API; defaults to the real service. Point it at `touchctl sandbox` to test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_base: Option<String>,
+    /// # Allow insecure
+    /// Permit an `http:` `api_base` (local testing only).
+    #[serde(default)]
+    pub allow_insecure: bool,
+}
+
+/// A push provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PushProvider {
+    /// 个推 Getui (REST API v2).
+    Getui,
+}
+
+fn default_batch_size() -> u32 {
+    200
+}

@@ -1,0 +1,307 @@
+//! The desired-state types: what one touchpoint file says. These types are the single source of the
+//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O.
+//!
+//! A file is a [`Touchpoint`]: the [`Common`] fields every kind has, plus one [`KindSpec`] chosen by
+//! its `kind` field.
+
+mod app_push;
+mod custom;
+mod params;
+mod secret;
+mod units;
+mod wechat;
+mod wecom;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+
+pub use app_push::{AppPushSpec, MAX_PUSH_BATCH, PushProvider};
+pub use custom::{CustomSpec, MAX_CUSTOM_BATCH, Retry};
+pub use params::{
+    DynamicParams, MessageTemplate, MiniProgramLink, NAME_PATTERN, ParamSource, ParamType,
+    SOURCE_PATTERN, TemplateParam, WECHAT_APP_ID_PATTERN,
+};
+pub use secret::{Fingerprinter, Secret, SecretError, SecretRef};
+pub use units::{DURATION_PATTERN, Duration, RATE_PATTERN, RateLimit, RateUnit};
+pub use wechat::{Permission, WechatAuth, WechatOaSpec};
+pub use wecom::{WecomMessage, WecomSpec};
+
+/// The dotted paths of every secret field of every kind. A path names one field of one kind only, so
+/// the set can be used on a spec without knowing its kind.
+pub const SECRET_FIELDS: &[&str] = &[
+    "auth_token",
+    "signing_secret",
+    "auth.app_secret",
+    "auth.component_secret",
+    "auth.authorizer_refresh_token",
+    "secret",
+    "contact_secret",
+    "master_secret",
+];
+
+/// Pattern every touchpoint id must match.
+pub const ID_PATTERN: &str = r"^[a-z][a-z0-9_-]{0,62}$";
+
+/// One touchpoint, as written in its TOML file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Touchpoint {
+    /// The fields every kind has.
+    #[serde(flatten)]
+    pub common: Common,
+    /// The kind and its own fields.
+    #[serde(flatten)]
+    pub spec: KindSpec,
+}
+
+/// The fields every touchpoint has, whatever its kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Common {
+    /// # Id
+    /// The touchpoint's identity: lowercase letters, digits, `-` and `_`, starting with a letter,
+    /// unique across the tree. Renaming it means deleting one touchpoint and creating another.
+    #[schemars(pattern(ID_PATTERN))]
+    pub id: String,
+    /// # Name
+    /// Display name (触点名称), any text, e.g. "短信".
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// # Category
+    /// 触点类型: `notification` (SMS, Official Account), `benefit` (coupons, points) or `other`.
+    pub category: Category,
+    /// # Enabled
+    /// A disabled touchpoint stays registered but accepts no dispatches.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// # Protect
+    /// A protected touchpoint is never deleted by apply; set it to false first.
+    #[serde(default)]
+    pub protect: bool,
+    /// # Description
+    /// Free text for the people who maintain this touchpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// # Labels
+    /// Free key/value pairs, e.g. `team = "crm"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The 触点类型 of the console.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// 通知类型: SMS, Official Account messages, push.
+    Notification,
+    /// 权益类型: coupons, points.
+    Benefit,
+    /// 其他.
+    Other,
+}
+
+/// What kind of touchpoint this is, with the fields of that kind.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum KindSpec {
+    /// # Custom touchpoint
+    /// 自定义触点: the customer's own HTTP endpoint receives triggered users in batches.
+    Custom(CustomSpec),
+    /// # WeChat Official Account
+    /// 公众号: template messages through a WeChat Official Account.
+    WechatOfficialAccount(WechatOaSpec),
+    /// # WeCom app
+    /// 企业微信: messages through a WeCom corp app.
+    Wecom(WecomSpec),
+    /// # App push
+    /// App 消息推送: notifications through a push provider (个推 Getui).
+    AppPush(AppPushSpec),
+}
+
+impl KindSpec {
+    /// The `kind` value as written in files.
+    pub fn name(&self) -> &'static str {
+        match self {
+            KindSpec::Custom(_) => "custom",
+            KindSpec::WechatOfficialAccount(_) => "wechat_official_account",
+            KindSpec::Wecom(_) => "wecom",
+            KindSpec::AppPush(_) => "app_push",
+        }
+    }
+
+    /// The dynamic params of any kind.
+    pub fn dynamic_params(&self) -> &DynamicParams {
+        match self {
+            KindSpec::Custom(s) => &s.dynamic_params,
+            KindSpec::WechatOfficialAccount(s) => &s.dynamic_params,
+            KindSpec::Wecom(s) => &s.dynamic_params,
+            KindSpec::AppPush(s) => &s.dynamic_params,
+        }
+    }
+
+    /// The recipient field a channel kind addresses users by (`openid`, `userid`, `cid`); none for custom.
+    pub fn address_param(&self) -> Option<&'static str> {
+        match self {
+            KindSpec::Custom(_) => None,
+            KindSpec::WechatOfficialAccount(_) => Some("openid"),
+            KindSpec::Wecom(_) => Some("userid"),
+            KindSpec::AppPush(_) => Some("cid"),
+        }
+    }
+}
+
+impl Touchpoint {
+    /// The touchpoint's id.
+    pub fn id(&self) -> &str {
+        &self.common.id
+    }
+
+    /// Every secret reference, with its dotted field path (`auth_token`, `auth.app_secret`).
+    pub fn secrets(&self) -> Vec<(&'static str, &SecretRef)> {
+        let mut out = Vec::new();
+        match &self.spec {
+            KindSpec::Custom(s) => {
+                out.push(("auth_token", &s.auth_token));
+                if let Some(r) = &s.signing_secret {
+                    out.push(("signing_secret", r));
+                }
+            }
+            KindSpec::WechatOfficialAccount(s) => match &s.auth {
+                WechatAuth::Direct { app_secret } => out.push(("auth.app_secret", app_secret)),
+                WechatAuth::ThirdParty {
+                    component_secret,
+                    authorizer_refresh_token,
+                    ..
+                } => {
+                    out.push(("auth.component_secret", component_secret));
+                    out.push(("auth.authorizer_refresh_token", authorizer_refresh_token));
+                }
+            },
+            KindSpec::Wecom(s) => {
+                out.push(("secret", &s.secret));
+                if let Some(r) = &s.contact_secret {
+                    out.push(("contact_secret", r));
+                }
+            }
+            KindSpec::AppPush(s) => out.push(("master_secret", &s.master_secret)),
+        }
+        out
+    }
+}
+
+impl JsonSchema for Touchpoint {
+    fn schema_name() -> Cow<'static, str> {
+        "Touchpoint".into()
+    }
+
+    /// Each kind becomes one closed object schema holding the common fields, `kind` and the kind's
+    /// own fields, so that editors and `validate` can name unknown fields precisely. (A derived
+    /// schema of two flattened parts could only say "unevaluated property" about the whole object.)
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        let common = Common::json_schema(generator);
+        let kinds = KindSpec::json_schema(generator);
+        let common_props = common.get("properties").cloned().unwrap_or_default();
+        let common_required = common.get("required").cloned().unwrap_or_default();
+        let mut variants = Vec::new();
+        for variant in kinds
+            .get("oneOf")
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default()
+        {
+            let serde_json::Value::Object(mut variant) = variant else {
+                continue;
+            };
+            let mut props = common_props.as_object().cloned().unwrap_or_default();
+            if let Some(serde_json::Value::Object(own)) = variant.remove("properties") {
+                for (name, schema) in own {
+                    props.insert(name, schema);
+                }
+            }
+            if let Some(kind) = props.get_mut("kind").and_then(|k| k.as_object_mut()) {
+                kind.insert("title".into(), "Kind".into());
+                kind.insert(
+                    "description".into(),
+                    "Which kind of touchpoint this file describes.".into(),
+                );
+            }
+            let mut required: Vec<serde_json::Value> =
+                common_required.as_array().cloned().unwrap_or_default();
+            for r in variant
+                .remove("required")
+                .and_then(|r| r.as_array().cloned())
+                .unwrap_or_default()
+            {
+                if !required.contains(&r) {
+                    required.push(r);
+                }
+            }
+            variant.insert("type".into(), "object".into());
+            variant.insert("properties".into(), props.into());
+            variant.insert("required".into(), required.into());
+            variant.insert("additionalProperties".into(), false.into());
+            variants.push(serde_json::Value::Object(variant));
+        }
+        schemars::json_schema!({
+            "title": "Touchpoint",
+            "description": "One touchpoint (触点) managed by touchctl: the common fields, `kind`, and that kind's fields.",
+            "type": "object",
+            "oneOf": variants,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_match_serde() {
+        let sample = r#"{"id":"a","name":"A","category":"other","kind":"custom","url":"https://x.example","auth_token":{"env":"T"}}"#;
+        let tp: Touchpoint = serde_json::from_str(sample).unwrap();
+        let back = serde_json::to_value(&tp).unwrap();
+        assert_eq!(back["kind"], tp.spec.name());
+        assert_eq!(back["batch_size"], 100);
+        assert_eq!(back["retry"]["max_backoff"], "10m");
+    }
+
+    #[test]
+    fn secret_fields_cover_every_secret_of_every_kind() {
+        let refs = r#"{"env":"X"}"#;
+        let samples = [
+            format!(
+                r#"{{"kind":"custom","url":"https://x","auth_token":{refs},"signing_secret":{refs}}}"#
+            ),
+            format!(
+                r#"{{"kind":"wechat_official_account","app_id":"wx0123456789abcdef","auth":{{"mode":"direct","app_secret":{refs}}}}}"#
+            ),
+            format!(
+                r#"{{"kind":"wechat_official_account","app_id":"wx0123456789abcdef","auth":{{"mode":"third_party","component_app_id":"wx0123456789abcdef","component_secret":{refs},"authorizer_refresh_token":{refs}}}}}"#
+            ),
+            format!(
+                r#"{{"kind":"wecom","corp_id":"ww0123456789abcdef","agent_id":1,"secret":{refs},"contact_secret":{refs}}}"#
+            ),
+            format!(
+                r#"{{"kind":"app_push","provider":"getui","app_id":"a","app_key":"k","master_secret":{refs}}}"#
+            ),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for spec in samples {
+            let spec = spec.replacen('{', r#"{"id":"a","name":"A","category":"other","#, 1);
+            let tp: Touchpoint = serde_json::from_str(&spec).unwrap();
+            for (path, _) in tp.secrets() {
+                assert!(
+                    SECRET_FIELDS.contains(&path),
+                    "{path} missing from SECRET_FIELDS"
+                );
+                seen.insert(path);
+            }
+        }
+        assert_eq!(seen.len(), SECRET_FIELDS.len());
+    }
+}

@@ -1,0 +1,480 @@
+//! The plan: what apply would change to make the live registry match the files. [`diff`] is pure
+//! (no I/O): it compares each desired spec with the live one field by field, secrets by their keyed
+//! fingerprints, and reports drift (live changed outside apply) apart from the changes.
+//!
+//! The [`Plan`] type is also the `--format json` document and the saved-plan file; its
+//! `format_version` changes whenever a field changes meaning or disappears.
+
+mod render;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use render::{TextOptions, render_text};
+
+use crate::model::SECRET_FIELDS;
+use crate::registry::{Live, Provenance};
+
+/// The version of the JSON plan document this build writes and reads.
+pub const FORMAT_VERSION: &str = "1";
+
+/// A whole plan.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The document's format; see the README.
+    pub format_version: String,
+    /// The touchctl that made it.
+    pub touchctl_version: String,
+    /// When it was made (RFC 3339).
+    pub created_at: String,
+    /// The registry it was computed against; a saved plan only applies to that registry.
+    pub registry: RegistryRef,
+    /// Where the desired state came from.
+    pub source: Source,
+    /// Counts per action.
+    pub summary: Summary,
+    /// One entry per touchpoint, desired or live, sorted by id.
+    pub changes: Vec<Change>,
+    /// Live touchpoints changed outside apply.
+    pub drift: Vec<Drift>,
+}
+
+/// The registry a plan was made against.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegistryRef {
+    /// The registry's random id.
+    pub id: String,
+    /// e.g. `sqlite .touchctl/state.db`.
+    pub backend: String,
+}
+
+/// Where the desired state was read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Source {
+    /// The touchpoint folder.
+    pub dir: String,
+    /// The git commit, when the folder is in a repository.
+    pub commit: Option<String>,
+    /// Whether the folder had uncommitted changes.
+    pub dirty: bool,
+}
+
+/// Counts per action.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Touchpoints to create.
+    pub create: usize,
+    /// Touchpoints to update.
+    pub update: usize,
+    /// Touchpoints to delete.
+    pub delete: usize,
+    /// Touchpoints already as desired.
+    pub no_op: usize,
+    /// Touchpoints changed outside apply.
+    pub drift: usize,
+}
+
+/// What apply does to one touchpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Not live yet.
+    Create,
+    /// Live, with different fields.
+    Update,
+    /// Live, but no file describes it any more.
+    Delete,
+    /// Live and as desired.
+    NoOp,
+}
+
+/// The change to one touchpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// The touchpoint id.
+    pub id: String,
+    /// Its kind (the desired one, or the live one for a delete).
+    pub kind: String,
+    /// What apply does.
+    pub action: Action,
+    /// The file it is read from (absent for deletes).
+    pub file: Option<String>,
+    /// The live generation the plan was computed against (absent for creates). Apply refuses the
+    /// change if the registry holds another generation by then.
+    pub live_generation: Option<u64>,
+    /// Where the live spec came from (absent for creates).
+    pub live_source: Option<Provenance>,
+    /// Whether the live touchpoint is protected (a delete of it is refused).
+    pub protected: bool,
+    /// The fields that differ (for creates, every field).
+    pub fields: Vec<FieldChange>,
+    /// The full spec apply writes (creates and updates).
+    pub desired: Option<Value>,
+    /// Keyed fingerprints of the desired secrets (creates and updates).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fingerprints: BTreeMap<String, String>,
+}
+
+/// How one field changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FieldAction {
+    /// The field appears.
+    Add,
+    /// The field goes away.
+    Remove,
+    /// The field's value changes.
+    Update,
+}
+
+/// One field's change. Paths are dotted (`retry.attempts`); array entries with an `id` or `name` are
+/// addressed by it (`templates[order_shipped].url`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// The dotted field path.
+    pub path: String,
+    /// Add, remove or update.
+    pub action: FieldAction,
+    /// The live value (absent for adds). For secrets, the reference, never the value.
+    pub before: Option<Value>,
+    /// The desired value (absent for removes). For secrets, the reference, never the value.
+    pub after: Option<Value>,
+    /// Whether the field is a secret.
+    #[serde(default)]
+    pub sensitive: bool,
+    /// For secrets: whether the secret's value (by fingerprint) changes.
+    #[serde(default)]
+    pub value_changed: bool,
+}
+
+/// A live touchpoint changed outside apply.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    /// The touchpoint id.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// Paused through the admin API.
+    pub paused: bool,
+    /// Fields whose live value differs from what apply wrote (`before` = applied, `after` = live).
+    pub fields: Vec<FieldChange>,
+}
+
+/// A desired touchpoint as [`diff`] needs it.
+#[derive(Clone, Debug)]
+pub struct DesiredSpec<'a> {
+    /// The touchpoint id.
+    pub id: &'a str,
+    /// Its kind.
+    pub kind: &'a str,
+    /// The file it was read from.
+    pub file: &'a str,
+    /// The canonical spec.
+    pub spec: &'a Value,
+    /// Keyed fingerprints of its secrets, by field path.
+    pub fingerprints: BTreeMap<String, String>,
+}
+
+/// Compares desired (sorted by id) with live (sorted by id): one [`Change`] per touchpoint, and the drift.
+pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Drift>) {
+    use rayon::prelude::*;
+    let live_by_id: BTreeMap<&str, &Live> = live.iter().map(|l| (l.id.as_str(), l)).collect();
+    let mut changes: Vec<Change> = desired
+        .par_iter()
+        .map(|d| match live_by_id.get(d.id) {
+            None => create(d),
+            Some(l) => update(d, l),
+        })
+        .collect();
+    let desired_ids: std::collections::BTreeSet<&str> = desired.iter().map(|d| d.id).collect();
+    for l in live.iter().filter(|l| !desired_ids.contains(l.id.as_str())) {
+        changes.push(Change {
+            id: l.id.clone(),
+            kind: l.kind.clone(),
+            action: Action::Delete,
+            file: None,
+            live_generation: Some(l.generation),
+            live_source: Some(l.source.clone()),
+            protected: l
+                .spec
+                .get("protect")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            fields: Vec::new(),
+            desired: None,
+            fingerprints: BTreeMap::new(),
+        });
+    }
+    changes.sort_by(|a, b| a.id.cmp(&b.id));
+    let drift = live.iter().filter_map(drift_of).collect();
+    (changes, drift)
+}
+
+/// Counts the actions and drift.
+pub fn summarize(changes: &[Change], drift: &[Drift]) -> Summary {
+    let mut s = Summary {
+        drift: drift.len(),
+        ..Summary::default()
+    };
+    for c in changes {
+        match c.action {
+            Action::Create => s.create += 1,
+            Action::Update => s.update += 1,
+            Action::Delete => s.delete += 1,
+            Action::NoOp => s.no_op += 1,
+        }
+    }
+    s
+}
+
+impl Plan {
+    /// Whether applying would change anything.
+    pub fn has_changes(&self) -> bool {
+        self.changes.iter().any(|c| c.action != Action::NoOp)
+    }
+}
+
+fn create(d: &DesiredSpec<'_>) -> Change {
+    let fields = field_diff(&Value::Null, d.spec, &BTreeMap::new(), &d.fingerprints);
+    Change {
+        id: d.id.to_string(),
+        kind: d.kind.to_string(),
+        action: Action::Create,
+        file: Some(d.file.to_string()),
+        live_generation: None,
+        live_source: None,
+        protected: false,
+        fields,
+        desired: Some(d.spec.clone()),
+        fingerprints: d.fingerprints.clone(),
+    }
+}
+
+fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
+    let unchanged = d.spec == &l.spec && d.fingerprints == l.fingerprints;
+    let fields = if unchanged {
+        Vec::new()
+    } else {
+        field_diff(&l.spec, d.spec, &l.fingerprints, &d.fingerprints)
+    };
+    let action = if fields.is_empty() {
+        Action::NoOp
+    } else {
+        Action::Update
+    };
+    Change {
+        id: d.id.to_string(),
+        kind: d.kind.to_string(),
+        action,
+        file: Some(d.file.to_string()),
+        live_generation: Some(l.generation),
+        live_source: Some(l.source.clone()),
+        protected: l
+            .spec
+            .get("protect")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        fields,
+        desired: (action == Action::Update).then(|| d.spec.clone()),
+        fingerprints: if action == Action::Update {
+            d.fingerprints.clone()
+        } else {
+            BTreeMap::new()
+        },
+    }
+}
+
+fn drift_of(l: &Live) -> Option<Drift> {
+    let fields = if l.applied_spec.is_null() || l.applied_spec == l.spec {
+        Vec::new()
+    } else {
+        field_diff(&l.applied_spec, &l.spec, &l.fingerprints, &l.fingerprints)
+    };
+    (l.paused || !fields.is_empty()).then(|| Drift {
+        id: l.id.clone(),
+        kind: l.kind.clone(),
+        paused: l.paused,
+        fields,
+    })
+}
+
+/// The field-level differences between two specs; secrets compare by reference and fingerprint.
+pub fn field_diff(
+    before: &Value,
+    after: &Value,
+    before_fps: &BTreeMap<String, String>,
+    after_fps: &BTreeMap<String, String>,
+) -> Vec<FieldChange> {
+    let mut old = BTreeMap::new();
+    let mut new = BTreeMap::new();
+    flatten(before, String::new(), &mut old);
+    flatten(after, String::new(), &mut new);
+    let mut out = Vec::new();
+    let paths: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    for path in paths {
+        let sensitive = SECRET_FIELDS.contains(&path.as_str());
+        let (b, a) = (old.get(path), new.get(path));
+        let value_changed = sensitive && before_fps.get(path) != after_fps.get(path);
+        let action = match (b, a) {
+            (None, Some(_)) => FieldAction::Add,
+            (Some(_), None) => FieldAction::Remove,
+            (Some(b), Some(a)) if b != a || value_changed => FieldAction::Update,
+            _ => continue,
+        };
+        out.push(FieldChange {
+            path: path.clone(),
+            action,
+            before: b.cloned().cloned(),
+            after: a.cloned().cloned(),
+            sensitive,
+            value_changed: value_changed && action == FieldAction::Update,
+        });
+    }
+    out
+}
+
+/// Flattens a spec to leaf values by dotted path. Secret references stay whole; arrays of tables that
+/// carry an `id` or `name` are keyed by it so that reordering is not a change; other arrays are leaves.
+fn flatten<'v>(v: &'v Value, prefix: String, out: &mut BTreeMap<String, &'v Value>) {
+    match v {
+        Value::Null => {}
+        Value::Object(map) if !map.is_empty() && !SECRET_FIELDS.contains(&prefix.as_str()) => {
+            for (k, child) in map {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(child, path, out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            let keys: Option<Vec<&str>> = items
+                .iter()
+                .map(|i| {
+                    i.get("id")
+                        .or_else(|| i.get("name"))
+                        .and_then(Value::as_str)
+                })
+                .collect();
+            let unique = keys.as_ref().is_some_and(|k| {
+                k.iter().collect::<std::collections::BTreeSet<_>>().len() == k.len()
+            });
+            match keys {
+                Some(keys) if unique => {
+                    for (key, item) in keys.into_iter().zip(items) {
+                        flatten(item, format!("{prefix}[{key}]"), out);
+                    }
+                }
+                _ => {
+                    out.insert(prefix, v);
+                }
+            }
+        }
+        _ => {
+            out.insert(prefix, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn live(id: &str, spec: Value) -> Live {
+        Live {
+            id: id.into(),
+            kind: "custom".into(),
+            applied_spec: spec.clone(),
+            spec,
+            fingerprints: BTreeMap::from([("auth_token".into(), "fp1".into())]),
+            generation: 4,
+            paused: false,
+            applied_at: "t".into(),
+            applied_by: "u@h".into(),
+            source: Provenance::default(),
+        }
+    }
+
+    fn desired<'a>(id: &'a str, spec: &'a Value, fp: &str) -> DesiredSpec<'a> {
+        DesiredSpec {
+            id,
+            kind: "custom",
+            file: "f.toml",
+            spec,
+            fingerprints: BTreeMap::from([("auth_token".into(), fp.into())]),
+        }
+    }
+
+    #[test]
+    fn create_update_delete_noop() {
+        let a = json!({"id": "a", "batch_size": 100, "auth_token": {"env": "T"}});
+        let b = json!({"id": "b", "batch_size": 200, "auth_token": {"env": "T"}});
+        let c = json!({"id": "c"});
+        let live_b = json!({"id": "b", "batch_size": 100, "auth_token": {"env": "T"}});
+        let want = [
+            desired("a", &a, "fp1"),
+            desired("b", &b, "fp1"),
+            desired("c", &c, ""),
+        ];
+        let have = [
+            live("b", live_b),
+            live("c", json!({"id":"c"})),
+            live("d", json!({"id": "d", "protect": true})),
+        ];
+        let mut have = have.to_vec();
+        have[1].fingerprints = BTreeMap::from([("auth_token".into(), "".into())]);
+        let (changes, drift) = diff(&want, &have);
+        let actions: Vec<_> = changes.iter().map(|c| (c.id.as_str(), c.action)).collect();
+        assert_eq!(
+            actions,
+            [
+                ("a", Action::Create),
+                ("b", Action::Update),
+                ("c", Action::NoOp),
+                ("d", Action::Delete)
+            ]
+        );
+        assert_eq!(changes[1].fields.len(), 1);
+        assert_eq!(changes[1].fields[0].path, "batch_size");
+        assert_eq!(changes[1].fields[0].before, Some(json!(100)));
+        assert!(changes[3].protected);
+        assert!(drift.is_empty());
+    }
+
+    #[test]
+    fn secret_value_change_is_seen_through_fingerprints() {
+        let spec = json!({"id": "a", "auth_token": {"env": "T"}});
+        let (changes, _) = diff(&[desired("a", &spec, "fp2")], &[live("a", spec.clone())]);
+        let f = &changes[0].fields[0];
+        assert_eq!(f.path, "auth_token");
+        assert!(f.sensitive && f.value_changed);
+        assert_eq!(f.before, f.after);
+    }
+
+    #[test]
+    fn keyed_arrays_ignore_order_and_name_entries() {
+        let before = json!({"templates": [{"id": "x", "url": "u1"}, {"id": "y", "url": "u2"}]});
+        let after = json!({"templates": [{"id": "y", "url": "u2"}, {"id": "x", "url": "u3"}]});
+        let fields = field_diff(&before, &after, &BTreeMap::new(), &BTreeMap::new());
+        assert_eq!(fields.len(), 1);
+        assert_eq!(fields[0].path, "templates[x].url");
+    }
+
+    #[test]
+    fn drift_is_reported_apart() {
+        let spec = json!({"id": "a", "enabled": true});
+        let mut l = live("a", spec.clone());
+        l.spec = json!({"id": "a", "enabled": false});
+        l.paused = true;
+        let (changes, drift) = diff(&[desired("a", &spec, "fp1")], &[l]);
+        assert_eq!(changes[0].action, Action::Update);
+        assert_eq!(drift.len(), 1);
+        assert!(drift[0].paused);
+        assert_eq!(drift[0].fields[0].path, "enabled");
+        assert_eq!(drift[0].fields[0].after, Some(json!(false)));
+    }
+}

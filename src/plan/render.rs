@@ -1,0 +1,209 @@
+//! Renders a plan for a terminal: a summary line, then each change with its fields, secrets only as
+//! `(sensitive)`, long or multi-line strings as a line diff, and drift in a section of its own.
+
+use std::fmt::Write;
+
+use anstyle::{AnsiColor, Style};
+use serde_json::Value;
+
+use super::{Action, Change, FieldAction, FieldChange, Plan};
+
+/// How to render text.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TextOptions {
+    /// Use ANSI colours.
+    pub color: bool,
+}
+
+struct Paint {
+    color: bool,
+}
+
+impl Paint {
+    fn paint(&self, color: AnsiColor, text: &str) -> String {
+        if self.color {
+            let style = Style::new().fg_color(Some(color.into()));
+            format!("{style}{text}{style:#}")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn bold(&self, text: &str) -> String {
+        if self.color {
+            let style = Style::new().bold();
+            format!("{style}{text}{style:#}")
+        } else {
+            text.to_string()
+        }
+    }
+}
+
+/// Strings longer than this, or with a line break, are shown as a line diff.
+const LONG: usize = 60;
+
+/// The plan as text for a terminal or a log.
+pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
+    let p = Paint { color: opts.color };
+    let mut out = String::new();
+    let s = &plan.summary;
+    let _ = writeln!(
+        out,
+        "{} {} to create, {} to update, {} to delete, {} unchanged.",
+        p.bold("Plan:"),
+        s.create,
+        s.update,
+        s.delete,
+        s.no_op
+    );
+    for c in plan.changes.iter().filter(|c| c.action != Action::NoOp) {
+        out.push('\n');
+        render_change(&mut out, &p, c);
+    }
+    if !plan.drift.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} (changed outside of apply; apply restores the fields, a pause stays until resumed):",
+            p.bold("Drift")
+        );
+        for d in &plan.drift {
+            let mark = p.paint(AnsiColor::Magenta, "!");
+            if d.paused {
+                let _ = writeln!(
+                    out,
+                    "  {mark} {} ({}): paused through the admin API",
+                    d.id, d.kind
+                );
+            }
+            for f in &d.fields {
+                let _ = write!(out, "  {mark} {} ({}): ", d.id, d.kind);
+                let mut line = String::new();
+                field_line(&mut line, &p, f, "");
+                out.push_str(line.trim_start());
+            }
+        }
+    }
+    if !plan.has_changes() {
+        let _ = writeln!(out, "\nNo changes: the registry matches the files.");
+    }
+    out
+}
+
+fn render_change(out: &mut String, p: &Paint, c: &Change) {
+    let (mark, word, color) = match c.action {
+        Action::Create => ("+", "create", AnsiColor::Green),
+        Action::Update => ("~", "update", AnsiColor::Yellow),
+        Action::Delete => ("-", "delete", AnsiColor::Red),
+        Action::NoOp => (" ", "no-op", AnsiColor::White),
+    };
+    let mut head = format!(
+        "{} {} {} ({})",
+        p.paint(color, mark),
+        p.paint(color, word),
+        p.bold(&c.id),
+        c.kind
+    );
+    if let Some(file) = &c.file {
+        let _ = write!(head, "  {file}");
+    }
+    if let Some(src) = &c.live_source
+        && let Some(commit) = &src.commit
+    {
+        let short: String = commit.chars().take(10).collect();
+        let _ = write!(
+            head,
+            "  [live from {short}{}]",
+            if src.dirty { ", dirty tree" } else { "" }
+        );
+    }
+    let _ = writeln!(out, "{head}");
+    if c.action == Action::Delete {
+        let why = if c.protected {
+            p.paint(
+                AnsiColor::Red,
+                "its file is gone, but it is protected: apply will refuse to delete it",
+            )
+        } else {
+            "its file is gone; apply deletes it with --allow-delete".to_string()
+        };
+        let _ = writeln!(out, "    {why}");
+    }
+    for f in &c.fields {
+        field_line(out, p, f, "    ");
+    }
+}
+
+fn show(v: Option<&Value>) -> String {
+    match v {
+        None => "(none)".into(),
+        Some(v) => v.to_string(),
+    }
+}
+
+fn show_ref(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_object).and_then(|m| m.iter().next()) {
+        Some((k, val)) => format!("{{ {k} = {val} }}"),
+        None => "(none)".into(),
+    }
+}
+
+fn is_long(v: Option<&Value>) -> bool {
+    v.and_then(Value::as_str)
+        .is_some_and(|s| s.contains('\n') || s.chars().count() > LONG)
+}
+
+fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &str) {
+    let (mark, color) = match f.action {
+        FieldAction::Add => ("+", AnsiColor::Green),
+        FieldAction::Remove => ("-", AnsiColor::Red),
+        FieldAction::Update => ("~", AnsiColor::Yellow),
+    };
+    let mark = p.paint(color, mark);
+    let path = &f.path;
+    if f.sensitive {
+        let text = match f.action {
+            FieldAction::Add => format!("{} (sensitive)", show_ref(f.after.as_ref())),
+            FieldAction::Remove => format!("{} (sensitive)", show_ref(f.before.as_ref())),
+            FieldAction::Update if f.before == f.after => "(sensitive value changed)".to_string(),
+            FieldAction::Update => format!(
+                "{} → {} ({})",
+                show_ref(f.before.as_ref()),
+                show_ref(f.after.as_ref()),
+                if f.value_changed {
+                    "sensitive value changed"
+                } else {
+                    "sensitive value unchanged"
+                }
+            ),
+        };
+        let _ = writeln!(out, "{indent}{mark} {path}: {text}");
+        return;
+    }
+    if f.action == FieldAction::Update && (is_long(f.before.as_ref()) || is_long(f.after.as_ref()))
+    {
+        let old = f
+            .before
+            .as_ref()
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let new = f.after.as_ref().and_then(Value::as_str).unwrap_or_default();
+        let _ = writeln!(out, "{indent}{mark} {path}:");
+        let diff = similar::TextDiff::from_lines(old, new);
+        for change in diff.iter_all_changes() {
+            let line = change.value().trim_end_matches('\n');
+            let row = match change.tag() {
+                similar::ChangeTag::Delete => p.paint(AnsiColor::Red, &format!("- {line}")),
+                similar::ChangeTag::Insert => p.paint(AnsiColor::Green, &format!("+ {line}")),
+                similar::ChangeTag::Equal => format!("  {line}"),
+            };
+            let _ = writeln!(out, "{indent}    {row}");
+        }
+        return;
+    }
+    let text = match f.action {
+        FieldAction::Add => format!("= {}", show(f.after.as_ref())),
+        FieldAction::Remove => format!("{} → (removed)", show(f.before.as_ref())),
+        FieldAction::Update => format!("{} → {}", show(f.before.as_ref()), show(f.after.as_ref())),
+    };
+    let _ = writeln!(out, "{indent}{mark} {path} {text}");
+}

@@ -1,0 +1,248 @@
+//! The live state: which touchpoints are live, each one's spec as applied, its generation, where it
+//! came from, and keyed fingerprints of its secrets (never the secrets). Backends sit behind the
+//! [`Registry`] trait; the embedded SQLite file is the default.
+//!
+//! Writers take the registry lock (one at a time) and every write is a compare-and-swap on the
+//! touchpoint's generation, so a change made by someone else since a plan was computed is refused
+//! instead of overwritten.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use sqlite::SqliteRegistry;
+
+use crate::model::Fingerprinter;
+
+/// Where a live touchpoint's spec came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The git commit the files were at, when they were in a git repository.
+    pub commit: Option<String>,
+    /// Whether the work tree had uncommitted changes under the touchpoint folder.
+    #[serde(default)]
+    pub dirty: bool,
+    /// The file the touchpoint was read from.
+    pub file: Option<String>,
+}
+
+/// One live touchpoint as the registry holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Live {
+    /// The touchpoint id.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// The spec in force now (normally what was applied, unless changed outside apply).
+    pub spec: Value,
+    /// The spec as the last apply wrote it.
+    pub applied_spec: Value,
+    /// Keyed fingerprints of the secrets, by field path.
+    pub fingerprints: BTreeMap<String, String>,
+    /// Bumped by every write to this touchpoint.
+    pub generation: u64,
+    /// Paused through the admin API: registered, but holding its work.
+    pub paused: bool,
+    /// When the last apply wrote it (RFC 3339).
+    pub applied_at: String,
+    /// Who applied it (`user@host`).
+    pub applied_by: String,
+    /// Where the applied spec came from.
+    pub source: Provenance,
+}
+
+/// A touchpoint as apply writes it.
+#[derive(Clone, Debug)]
+pub struct Put {
+    /// The touchpoint id.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// The canonical spec.
+    pub spec: Value,
+    /// Keyed fingerprints of its secrets.
+    pub fingerprints: BTreeMap<String, String>,
+    /// `user@host`.
+    pub applied_by: String,
+    /// Where it came from.
+    pub source: Provenance,
+}
+
+/// Who holds the registry lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockInfo {
+    /// Random id of this lock, for `touchctl force-unlock`.
+    pub lock_id: String,
+    /// `user@host`.
+    pub holder: String,
+    /// The holder's process id.
+    pub pid: u32,
+    /// The holder's host name.
+    pub host: String,
+    /// What the holder is doing, e.g. `apply`.
+    pub operation: String,
+    /// When it took the lock (RFC 3339).
+    pub acquired_at: String,
+}
+
+impl std::fmt::Display for LockInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} by {} (pid {}) since {}, lock id {}",
+            self.operation, self.holder, self.pid, self.acquired_at, self.lock_id
+        )
+    }
+}
+
+/// Errors of the live-state layer.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Another writer holds the lock.
+    #[error("the registry is locked: {0}. Wait for it to finish; if that process is gone for good, run `touchctl force-unlock {id}`", id = .0.lock_id)]
+    Locked(Box<LockInfo>),
+    /// The touchpoint changed since it was read.
+    #[error(
+        "touchpoint `{id}` changed in the registry since it was read (expected generation {expected}, found {found}): run plan again"
+    )]
+    Conflict {
+        /// The touchpoint.
+        id: String,
+        /// What the caller read (`none` when it expected no touchpoint).
+        expected: String,
+        /// What is there now (`none` when it is gone).
+        found: String,
+    },
+    /// No such touchpoint.
+    #[error("touchpoint `{0}` is not in the registry")]
+    NotFound(String),
+    /// The lock id given to force-unlock is not the lock held.
+    #[error("lock {given} is not held{}", .held.as_ref().map(|h| format!(" (the registry is locked by {h})")).unwrap_or_else(|| " (the registry is not locked)".into()))]
+    NotLocked {
+        /// The id given.
+        given: String,
+        /// The lock held instead, if any.
+        held: Option<Box<LockInfo>>,
+    },
+    /// The state file was written by a newer touchctl.
+    #[error(
+        "the state file {path} has format {found}, newer than this touchctl understands ({supported}): upgrade touchctl"
+    )]
+    TooNew {
+        /// The state file.
+        path: String,
+        /// Its format.
+        found: i64,
+        /// This build's format.
+        supported: i64,
+    },
+    /// SQLite failed.
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        /// The state file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The state file or its folder could not be created.
+    #[error("cannot create the state file {path}: {source}")]
+    Io {
+        /// The state file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A stored spec is not valid JSON.
+    #[error("the registry row of `{id}` is corrupt: {source}")]
+    Corrupt {
+        /// The touchpoint.
+        id: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// The live state store.
+pub trait Registry: Send + Sync {
+    /// A short description for messages, e.g. `sqlite .touchctl/state.db`.
+    fn describe(&self) -> String;
+    /// A random id fixed when the registry was created; saved plans are bound to it.
+    fn registry_id(&self) -> &str;
+    /// The keyed hash for secret fingerprints.
+    fn fingerprinter(&self) -> &Fingerprinter;
+    /// Every live touchpoint, sorted by id.
+    fn list(&self) -> Result<Vec<Live>, RegistryError>;
+    /// One live touchpoint.
+    fn get(&self, id: &str) -> Result<Option<Live>, RegistryError>;
+    /// Takes the writer lock for `operation`, failing fast if someone else holds it. A lock left by a
+    /// process on this host that no longer runs is taken over; the old holder is returned then.
+    fn lock(&self, operation: &str) -> Result<(LockInfo, Option<LockInfo>), RegistryError>;
+    /// Releases a lock this process holds.
+    fn unlock(&self, lock_id: &str) -> Result<(), RegistryError>;
+    /// Removes a lock whatever holds it (for a holder that is gone for good).
+    fn force_unlock(&self, lock_id: &str) -> Result<LockInfo, RegistryError>;
+    /// Writes a touchpoint if its generation is still `expected` (`None`: it must not exist yet).
+    /// Returns the new generation.
+    fn put(&self, put: &Put, expected: Option<u64>) -> Result<u64, RegistryError>;
+    /// Deletes a touchpoint if its generation is still `expected`.
+    fn delete(&self, id: &str, expected: u64) -> Result<(), RegistryError>;
+    /// Pauses or resumes a touchpoint (an operational change outside apply). Returns the new generation.
+    fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError>;
+}
+
+/// Holds the registry lock and releases it when dropped, whatever happens in between.
+pub struct LockGuard<'r> {
+    registry: &'r dyn Registry,
+    /// The lock held.
+    pub info: LockInfo,
+    /// A stale lock that was taken over, if any.
+    pub recovered: Option<LockInfo>,
+}
+
+impl<'r> LockGuard<'r> {
+    /// Takes the lock.
+    pub fn acquire(registry: &'r dyn Registry, operation: &str) -> Result<Self, RegistryError> {
+        let (info, recovered) = registry.lock(operation)?;
+        Ok(Self {
+            registry,
+            info,
+            recovered,
+        })
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        // Nothing useful can be done if releasing fails: the lock then shows as held by a process
+        // that is gone, which the next writer on this host recovers.
+        let _ = self.registry.unlock(&self.info.lock_id);
+    }
+}
+
+/// `user@host` of this process.
+pub fn whoami() -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{user}@{}", hostname())
+}
+
+/// This machine's host name.
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its whole length, and gethostname writes at most that much.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Now, as RFC 3339 in UTC to the second.
+pub fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
