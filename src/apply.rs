@@ -38,6 +38,9 @@ pub enum Refused {
     /// Touchpoints changed live since the plan was made.
     #[error("the plan is stale: {} touchpoint(s) changed in the registry since it was made:\n{}\nRun plan again, review it, and apply the new plan.", .0.len(), .0.join("\n"))]
     Stale(Vec<String>),
+    /// The saved plan holds specs that are not valid touchpoints (edited by hand?).
+    #[error("the plan file holds invalid touchpoints:\n{}\nMake the plan again instead of editing it.", .0.join("\n"))]
+    Malformed(Vec<String>),
     /// Guards on deletes.
     #[error("apply refused:\n{}", .0.join("\n"))]
     Guards(Vec<String>),
@@ -65,6 +68,23 @@ pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> 
             backend: plan.registry.backend.clone(),
             this: registry.registry_id().to_string(),
         });
+    }
+    let malformed: Vec<String> = plan
+        .changes
+        .iter()
+        .filter_map(|c| {
+            let spec = c.desired.as_ref()?;
+            let id_matches = spec.get("id").and_then(|v| v.as_str()) == Some(c.id.as_str());
+            let problem = if id_matches {
+                crate::load::check_spec(spec).err()?
+            } else {
+                "its desired spec has another id".to_string()
+            };
+            Some(format!("  {}: {problem}", c.id))
+        })
+        .collect();
+    if !malformed.is_empty() {
+        return Err(Refused::Malformed(malformed));
     }
     let live: std::collections::BTreeMap<String, u64> = registry
         .list()

@@ -276,7 +276,7 @@ fn apply_cmd(
             make_plan(&desired, &g.dir, &registry)?
         }
     };
-    if !g.quiet || saved.is_none() {
+    if !g.quiet {
         print!("{}", render_text(&plan, TextOptions { color: color(g) }));
     }
     if !plan.has_changes() {

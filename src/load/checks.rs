@@ -182,7 +182,7 @@ fn check_templates(out: &mut Vec<Issue>, templates: &[MessageTemplate], linked: 
                 "invalid-format",
                 vec![key("linked_mini_programs"), Segment::Index(i)],
                 Target::Value,
-                format!("`linked_mini_programs[{i}]` must be a WeChat app id: `wx` and 16 hex digits, found \"{app_id}\""),
+                format!("`linked_mini_programs[{i}]` must be a WeChat app id: `wx` and 16 lowercase hex digits, found \"{app_id}\""),
             ));
         }
     }
@@ -225,9 +225,9 @@ fn check_dynamic_params(out: &mut Vec<Issue>, spec: &KindSpec, params: &DynamicP
                 out.push(issue(
                     "missing-address-param",
                     if params.is_empty() { vec![] } else { vec![key("dynamic_params")] },
-                    Target::Key,
+                    if params.is_empty() { Target::Table } else { Target::Key },
                     format!(
-                        "a {} touchpoint addresses users by `{address}`: add `{address} = \"user.{address}\"` to [dynamic_params]{hint}",
+                        "a touchpoint of kind `{}` addresses users by `{address}`: add `{address} = \"user.{address}\"` to [dynamic_params]{hint}",
                         spec.name()
                     ),
                 ));

@@ -161,6 +161,20 @@ fn validator() -> &'static jsonschema::Validator {
     })
 }
 
+/// Checks a spec that did not come from a file (e.g. from a saved plan) against the schema and the
+/// model, so nothing malformed reaches the registry.
+pub fn check_spec(spec: &Value) -> Result<(), String> {
+    let issues = schema_errors::check(validator(), crate::schema::schema(), spec);
+    if let Some(first) = issues.first() {
+        return Err(first.message.clone());
+    }
+    let tp: Touchpoint = serde_json::from_value(spec.clone()).map_err(|e| e.to_string())?;
+    match checks::check(&tp).first() {
+        Some(issue) => Err(issue.message.clone()),
+        None => Ok(()),
+    }
+}
+
 /// The outcome of checking one file.
 struct Checked {
     loaded: Option<Loaded>,
@@ -221,12 +235,13 @@ fn check_file(source: &Source) -> Checked {
         let diagnostics = errors
             .iter()
             .map(|e| {
-                let offset = e.span().map_or(0, |s| s.start);
-                diag(
-                    "syntax",
-                    offset,
-                    format!("TOML syntax: {}", e.message().trim()),
-                )
+                let span = e.span().unwrap_or(0..0);
+                let mut message = format!("TOML syntax: {}", e.message().trim());
+                let key = text.get(span.clone()).map(str::trim).unwrap_or_default();
+                if message.ends_with("duplicate key") && !key.is_empty() {
+                    message = format!("{message} `{key}`: each key may be set once; keep one");
+                }
+                diag("syntax", span.start, message)
             })
             .collect();
         return Checked {
@@ -241,7 +256,11 @@ fn check_file(source: &Source) -> Checked {
             Target::Key => found.key.map_or(found.value.start, |k| k.start),
             Target::Value => found.value.start,
             // A missing field: point at the table that lacks it (its header key), or the file start.
-            Target::Table if issue.at.is_empty() => 0,
+            // At the top level, point at `kind`: it decides which fields are required.
+            Target::Table if issue.at.is_empty() => {
+                let kind = locate(&root, &[Segment::Key("kind".into())]);
+                kind.key.map_or(0, |k| k.start)
+            }
             Target::Table => found.key.map_or(found.value.start, |k| k.start),
         };
         diag(issue.code, offset, issue.message.clone())

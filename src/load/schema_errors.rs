@@ -134,7 +134,13 @@ fn explain(err: &ValidationError<'_>, schema: &Value, doc: &Value, out: &mut Vec
 
     match err.kind() {
         ValidationErrorKind::OneOfNotValid { context } | ValidationErrorKind::AnyOf { context } => {
-            explain_alternatives(&at, value, context, schema, doc, out);
+            let node = schema_node(schema, err.schema_path());
+            let alternatives = node
+                .and_then(|n| n.get("oneOf").or_else(|| n.get("anyOf")))
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            explain_alternatives(&at, value, context, alternatives, schema, doc, out);
         }
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             let allowed: Vec<String> = schema_node(schema, err.schema_path())
@@ -185,11 +191,21 @@ fn explain(err: &ValidationError<'_>, schema: &Value, doc: &Value, out: &mut Vec
                     .collect::<Vec<_>>()
                     .join(" or "),
             };
+            let hint = match schema_node(schema, err.schema_path())
+                .and_then(|n| n.get("pattern"))
+                .and_then(Value::as_str)
+            {
+                Some(p) if p == DURATION_PATTERN => {
+                    " holding a duration such as \"10s\", \"2m\" or \"1d\""
+                }
+                Some(p) if p == RATE_PATTERN => " holding a rate such as \"50/s\"",
+                _ => "",
+            };
             push(
                 "type",
                 Target::Value,
                 format!(
-                    "{} must be {expected}, found {}",
+                    "{} must be {expected}{hint}, found {}",
                     field(&at),
                     toml_type(value)
                 ),
@@ -306,10 +322,10 @@ fn describe_pattern(pattern: &str) -> String {
         p if p == ID_PATTERN => "must start with a lowercase letter and hold only lowercase letters, digits, `-` and `_` (at most 63 characters)".into(),
         p if p == DURATION_PATTERN => "must be a duration: a whole number and a unit, e.g. \"500ms\", \"10s\", \"2m\", \"1h\"".into(),
         p if p == RATE_PATTERN => "must be a rate: requests per unit, e.g. \"50/s\", \"600/m\"".into(),
-        p if p == WECHAT_APP_ID_PATTERN => "must be a WeChat app id: `wx` and 16 hex digits".into(),
+        p if p == WECHAT_APP_ID_PATTERN => "must be a WeChat app id: `wx` and 16 lowercase hex digits".into(),
         p if p == SOURCE_PATTERN => "must name a user attribute as \"user.<attribute>\", e.g. \"user.phone\"".into(),
         p if p == NAME_PATTERN => "must be a name of letters, digits and `_`, not starting with a digit".into(),
-        p if p.starts_with("^w[wx]") => "must be a WeCom corp id: `ww` and 16 hex digits".into(),
+        p if p.starts_with("^w[wx]") => "must be a WeCom corp id: `ww` and 16 lowercase hex digits".into(),
         p => format!("must match the pattern {p}"),
     }
 }
@@ -338,9 +354,11 @@ fn explain_secret(at: &[Segment], value: &Value, out: &mut Vec<Issue>) {
                 ),
                 (false, false) => {
                     let first = keys.first().map(|k| k.as_str()).unwrap_or("");
-                    let hint = did_you_mean(first, ["env", "file"])
-                        .map(|s| format!("; did you mean `{s}`?"))
-                        .unwrap_or_default();
+                    let hint = match did_you_mean(first, ["env", "file"]) {
+                        Some(s) => format!("; found `{first}`: did you mean `{s}`?"),
+                        None if keys.is_empty() => String::new(),
+                        None => format!("; found `{first}`"),
+                    };
                     (
                         "invalid-secret-ref",
                         Target::Value,
@@ -371,14 +389,30 @@ fn explain_secret(at: &[Segment], value: &Value, out: &mut Vec<Issue>) {
                             toml_type(inner)
                         )
                     } else if key == "env" {
+                        // The value is not shown (it may be a pasted secret); a `$` is worth naming.
+                        let hint = if inner.as_str().is_some_and(|v| v.starts_with('$')) {
+                            ": drop the leading `$`"
+                        } else {
+                            ""
+                        };
                         format!(
-                            "`{}.env` must be an environment variable name (letters, digits and `_`, not starting with a digit)",
+                            "`{}.env` must be an environment variable name (letters, digits and `_`, not starting with a digit){hint}",
                             dotted(at)
                         )
                     } else {
                         format!("`{}.file` must not be empty", dotted(at))
                     };
-                    ("invalid-secret-ref", Target::Value, message)
+                    let mut inner_at = at.to_vec();
+                    if extra.is_empty() {
+                        inner_at.push(Segment::Key(key.to_string()));
+                    }
+                    out.push(Issue {
+                        code: "invalid-secret-ref",
+                        at: inner_at,
+                        target: Target::Value,
+                        message,
+                    });
+                    return;
                 }
             }
         }
@@ -407,11 +441,20 @@ fn explain_alternatives(
     at: &[Segment],
     value: &Value,
     branches: &[Vec<ValidationError<'static>>],
+    alternatives: &[Value],
     schema: &Value,
     doc: &Value,
     out: &mut Vec<Issue>,
 ) {
     let depth = at.len();
+    // The values a tag may take, read from the alternatives themselves.
+    let tag_values_of = |tag: &str| -> Vec<String> {
+        alternatives
+            .iter()
+            .filter_map(|alt| alt.pointer(&format!("/properties/{tag}/const"))?.as_str())
+            .map(String::from)
+            .collect()
+    };
     let tag_of = |e: &ValidationError<'_>| -> Option<(String, Option<String>)> {
         let path = segments(e.instance_path());
         match e.kind() {
@@ -445,6 +488,10 @@ fn explain_alternatives(
     }
 
     if let Some(tag) = tag_name {
+        let from_schema = tag_values_of(&tag);
+        if !from_schema.is_empty() {
+            tag_values = from_schema;
+        }
         if let [only] = untagged_branches.as_slice() {
             for e in &branches[*only] {
                 explain(e, schema, doc, out);
@@ -537,14 +584,43 @@ fn explain_alternatives(
         }
         return;
     }
+    let mut expected: Vec<&'static str> = Vec::new();
+    for e in branches.iter().flatten() {
+        if let ValidationErrorKind::Type {
+            kind: TypeKind::Single(t),
+        } = e.kind()
+        {
+            let name = json_type_name(t.as_str());
+            if segments(e.instance_path()).len() == depth && !expected.contains(&name) {
+                expected.push(name);
+            }
+        }
+    }
+    let in_params =
+        matches!(at.iter().rev().nth(1), Some(Segment::Key(k)) if k == "dynamic_params");
+    let hint = if in_params {
+        " (\"user.<attribute>\", or { from = \"user.<attribute>\", optional = true })"
+    } else {
+        ""
+    };
+    let message = if expected.is_empty() {
+        format!(
+            "{} has the wrong form, found {}",
+            field(at),
+            toml_type(value)
+        )
+    } else {
+        format!(
+            "{} must be {}{hint}, found {}",
+            field(at),
+            expected.join(" or "),
+            toml_type(value)
+        )
+    };
     out.push(Issue {
         code: "type",
         at: at.to_vec(),
         target: Target::Value,
-        message: format!(
-            "{} has the wrong form, found {}; see the schema for what it takes",
-            field(at),
-            toml_type(value)
-        ),
+        message,
     });
 }

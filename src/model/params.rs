@@ -18,7 +18,7 @@ pub type DynamicParams = BTreeMap<String, ParamSource>;
 
 /// Where a dynamic param's value comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum ParamSource {
     /// # User attribute
     /// A required user attribute, written `"user.<attribute>"`: a user without it is rejected at dispatch.

@@ -188,7 +188,16 @@ fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &str) {
             .unwrap_or_default();
         let new = f.after.as_ref().and_then(Value::as_str).unwrap_or_default();
         let _ = writeln!(out, "{indent}{mark} {path}:");
-        let diff = similar::TextDiff::from_lines(old, new);
+        // A final line without a newline is still the same line.
+        let terminated = |s: &str| {
+            if s.ends_with('\n') {
+                s.to_string()
+            } else {
+                format!("{s}\n")
+            }
+        };
+        let (old, new) = (terminated(old), terminated(new));
+        let diff = similar::TextDiff::from_lines(&old, &new);
         for change in diff.iter_all_changes() {
             let line = change.value().trim_end_matches('\n');
             let row = match change.tag() {
@@ -205,5 +214,10 @@ fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &str) {
         FieldAction::Remove => format!("{} → (removed)", show(f.before.as_ref())),
         FieldAction::Update => format!("{} → {}", show(f.before.as_ref()), show(f.after.as_ref())),
     };
-    let _ = writeln!(out, "{indent}{mark} {path} {text}");
+    let sep = if f.action == FieldAction::Add {
+        " "
+    } else {
+        ": "
+    };
+    let _ = writeln!(out, "{indent}{mark} {path}{sep}{text}");
 }

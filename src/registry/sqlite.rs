@@ -81,7 +81,7 @@ impl SqliteRegistry {
             path: shown.clone(),
             source,
         };
-        let conn = Connection::open(path).map_err(sql)?;
+        let mut conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -91,7 +91,10 @@ impl SqliteRegistry {
         conn.execute_batch(MIGRATION).map_err(sql)?;
 
         let (registry_id, key) = {
-            let tx = conn.unchecked_transaction().map_err(sql)?;
+            // IMMEDIATE: two processes opening a new file at once must not both create its keys.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
             let get = |k: &str| -> Result<Option<String>, rusqlite::Error> {
                 tx.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
                     .optional()

@@ -1,0 +1,152 @@
+//! Benchmark: `plan` of 10,000 touchpoints that are all live and unchanged, against a baseline that
+//! only reads, parses and schema-validates the same files with the same crates (toml, jsonschema),
+//! measured in the same run. Both use both cores (rayon).
+//!
+//! Run: `cargo bench --bench plan` (add `-- --touchpoints N --rounds R` to change the size).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rayon::prelude::*;
+use touchctl::apply::{self, ApplyOptions};
+use touchctl::load;
+use touchctl::planner::make_plan;
+use touchctl::registry::SqliteRegistry;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One realistic touchpoint file; the kind rotates so all four are measured.
+fn touchpoint(i: usize) -> String {
+    let head = format!(
+        "#:schema ../schemas/touchpoint.schema.json\nid = \"tp-{i:05}\"\nname = \"触点 {i}\"\ncategory = \"notification\"\ndescription = \"Generated touchpoint number {i} for the plan benchmark.\"\n\n[labels]\nteam = \"team-{}\"\nregion = \"cn-east\"\n\n",
+        i % 17
+    );
+    let body = match i % 4 {
+        0 => format!(
+            "kind = \"custom\"\nurl = \"https://hooks-{i}.example.com/v1/trigger\"\nauth_token = {{ env = \"BENCH_TOKEN\" }}\nsigning_secret = {{ env = \"BENCH_SIGNING\" }}\nbatch_size = 500\ntimeout = \"10s\"\nrate_limit = \"50/s\"\n\n[retry]\nattempts = 8\nbackoff = \"2s\"\nmax_backoff = \"5m\"\n\n[dynamic_params]\nphone = \"user.phone\"\nmember_id = \"user.member_id\"\nnickname = {{ from = \"user.nickname\", optional = true }}\n\n[[template_params]]\nname = \"text\"\ntype = \"string\"\nmax_length = 300\n\n[[template_params]]\nname = \"link\"\ntype = \"url\"\nrequired = false\n"
+        ),
+        1 => "kind = \"wechat_official_account\"\napp_id = \"wx8a7c3e1f5b2d4690\"\nlinked_mini_programs = [\"wx1d2e3f4a5b6c7d8e\"]\n\n[auth]\nmode = \"direct\"\napp_secret = { env = \"BENCH_TOKEN\" }\n\n[dynamic_params]\nopenid = \"user.openid\"\n\n[[templates]]\nid = \"order_shipped\"\ntemplate_id = \"TM00015\"\nfields = [\"first\", \"keyword1\", \"remark\"]\nurl = \"https://m.example.com/orders\"\n\n[[templates]]\nid = \"member_day\"\ntemplate_id = \"TM00872\"\nfields = [\"first\", \"remark\"]\nmini_program = { app_id = \"wx1d2e3f4a5b6c7d8e\", page = \"pages/day\" }\n".to_string(),
+        2 => "kind = \"wecom\"\ncorp_id = \"ww4f1e2d3c4b5a6978\"\nagent_id = 1000005\nsecret = { env = \"BENCH_TOKEN\" }\nmessage = \"news\"\n\n[dynamic_params]\nuserid = \"user.wecom_userid\"\n\n[[templates]]\nid = \"arrivals\"\ntemplate_id = \"news-1\"\nfields = [\"title\", \"description\"]\nurl = \"https://m.example.com/new\"\n".to_string(),
+        _ => "kind = \"app_push\"\nprovider = \"getui\"\napp_id = \"Kq3Lm8Np2Rs5Tv7Wx9Yz1\"\napp_key = \"Ab4Cd6Ef8Gh0Ij2Kl4Mn6\"\nmaster_secret = { env = \"BENCH_TOKEN\" }\nbatch_size = 500\nttl = \"1d\"\ntitle = \"会员专享\"\n\n[dynamic_params]\ncid = \"user.getui_cid\"\n".to_string(),
+    };
+    head + &body
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    load::discover(dir).expect("generated folder")
+}
+
+/// Reads, parses and schema-validates every file: the floor any plan has to pay.
+fn baseline(dir: &Path, validator: &jsonschema::Validator) -> usize {
+    files(dir)
+        .par_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).expect("read");
+            let doc: serde_json::Value = toml::from_str(&text).expect("parse");
+            usize::from(validator.is_valid(&doc))
+        })
+        .sum()
+}
+
+/// What `touchctl plan` does: load and check the tree, fingerprint secrets, read the registry, diff.
+fn plan(dir: &Path, state: &Path) -> usize {
+    let desired = load::load_dir(dir).expect("valid tree");
+    let registry = SqliteRegistry::open(state).expect("registry");
+    let plan = make_plan(&desired, dir, &registry).expect("plan");
+    assert!(!plan.has_changes(), "the benchmark plans an unchanged tree");
+    plan.summary.no_op
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time<T>(rounds: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut times = Vec::with_capacity(rounds);
+    let mut last = None;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        last = Some(f());
+        times.push(start.elapsed());
+    }
+    (median(times), last.expect("at least one round"))
+}
+
+fn main() {
+    let n = arg("--touchpoints", 10_000);
+    let rounds = arg("--rounds", 7).max(1);
+    // SAFETY: set before any other thread exists.
+    unsafe {
+        std::env::set_var("BENCH_TOKEN", "bench-token-value");
+        std::env::set_var("BENCH_SIGNING", "bench-signing-value");
+    }
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("touchpoints");
+    std::fs::create_dir_all(&dir).expect("dir");
+    for i in 0..n {
+        let sub = dir.join(format!("group-{:02}", i % 50));
+        std::fs::create_dir_all(&sub).expect("dir");
+        std::fs::write(sub.join(format!("tp-{i:05}.toml")), touchpoint(i)).expect("write");
+    }
+    let state = tmp.path().join("state.db");
+    {
+        let desired = load::load_dir(&dir).expect("valid generated tree");
+        let registry = SqliteRegistry::open(&state).expect("registry");
+        let plan = make_plan(&desired, &dir, &registry).expect("plan");
+        let opts = ApplyOptions {
+            allow_delete: false,
+            max_deletes: 0,
+            applied_by: "bench@localhost".into(),
+        };
+        let outcomes = apply::execute(&plan, &registry, &opts, &mut |_| {});
+        assert!(outcomes.iter().all(|o| o.result.is_ok()));
+    }
+    let validator = jsonschema::draft202012::new(touchctl::schema::schema()).expect("schema");
+
+    // Warm the page cache and the allocator once for each.
+    assert_eq!(baseline(&dir, &validator), n);
+    assert_eq!(plan(&dir, &state), n);
+
+    let (base, valid) = time(rounds, || baseline(&dir, &validator));
+    assert_eq!(valid, n);
+    let (full, unchanged) = time(rounds, || plan(&dir, &state));
+    assert_eq!(unchanged, n);
+    let single = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    let (base1, _) = single.install(|| time(rounds.min(3), || baseline(&dir, &validator)));
+    let (full1, _) = single.install(|| time(rounds.min(3), || plan(&dir, &state)));
+
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "plan benchmark: {n} touchpoints, all live and unchanged, median of {rounds} rounds, {} threads",
+        rayon::current_num_threads()
+    );
+    println!(
+        "  baseline (read + parse + schema-validate): {:>8.1} ms",
+        ms(base)
+    );
+    println!(
+        "  touchctl plan (load, checks, secrets, registry, diff): {:>8.1} ms",
+        ms(full)
+    );
+    println!(
+        "  ratio plan / baseline: {:.2}x (target: at most 1.50x)",
+        ms(full) / ms(base)
+    );
+    println!(
+        "  one thread: baseline {:.1} ms, plan {:.1} ms, ratio {:.2}x",
+        ms(base1),
+        ms(full1),
+        ms(full1) / ms(base1)
+    );
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `touchctl` binary against real files and state in temp folders.
+
+mod support;
+
+mod bad_fixtures;
+mod examples;
+mod plan_apply;
+mod schema;

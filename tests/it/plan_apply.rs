@@ -1,0 +1,725 @@
+//! plan and apply against the embedded registry, through the real binary.
+
+use std::process::Stdio;
+
+use crate::support::{Project, Run};
+
+/// Every secret value the sample set resolves.
+fn sample_secrets(p: &Project) -> Vec<String> {
+    std::fs::read_dir(p.path().join("secrets/sandbox"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|path| path.extension().is_none())
+        .map(|path| std::fs::read_to_string(path).unwrap().trim().to_string())
+        .collect()
+}
+
+fn applied(p: &Project) -> Run {
+    let run = p.run(&["apply", "--auto-approve"]);
+    run.code(0);
+    run
+}
+
+fn set(p: &Project, file: &str, from: &str, to: &str) {
+    let text = p.read(file);
+    assert!(text.contains(from), "{file} has no `{from}`");
+    p.write(file, &text.replacen(from, to, 1));
+}
+
+#[test]
+fn first_plan_creates_everything_then_apply_converges() {
+    let p = Project::with_samples();
+    let run = p.run(&["plan", "--detailed-exitcode"]);
+    run.code(2);
+    assert!(
+        run.stdout
+            .starts_with("Plan: 5 to create, 0 to update, 0 to delete, 0 unchanged.")
+    );
+    let run = applied(&p);
+    assert!(
+        run.stdout
+            .contains("Apply complete: 5 created, 0 updated, 0 deleted."),
+        "{}",
+        run.stdout
+    );
+    let run = p.run(&["plan", "--detailed-exitcode"]);
+    run.code(0);
+    assert!(run.stdout.contains("No changes"));
+    // Applying again changes nothing.
+    let run = applied(&p);
+    assert!(!run.stdout.contains("Apply complete"), "{}", run.stdout);
+    let gens: Vec<i64> = p
+        .state_db()
+        .prepare("SELECT generation FROM touchpoints")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(gens, vec![1; 5]);
+}
+
+#[test]
+fn update_shows_field_changes_and_line_diffs() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "description = \"Marketing SMS through the in-house gateway.\"",
+        "description = \"\"\"\nMarketing SMS through the in-house gateway.\nOwned by the CRM team.\"\"\"",
+    );
+    set(
+        &p,
+        "touchpoints/channels/wecom.toml",
+        "[dynamic_params]",
+        "[dynamic_params]\nstore = \"user.store\"",
+    );
+    let run = p.run(&["plan"]);
+    run.code(0);
+    insta::assert_snapshot!("update_plan", run.stdout);
+}
+
+#[test]
+fn json_plan_is_versioned_and_complete() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    let run = p.run(&["plan", "--format", "json"]);
+    run.code(0);
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["format_version"], "1");
+    assert_eq!(doc["summary"]["update"], 1);
+    assert_eq!(doc["summary"]["no_op"], 4);
+    let sms = doc["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "sms")
+        .unwrap();
+    assert_eq!(sms["action"], "update");
+    assert_eq!(sms["live_generation"], 1);
+    assert_eq!(
+        sms["fields"],
+        serde_json::json!([{"path": "batch_size", "action": "update", "before": 500, "after": 200, "sensitive": false, "value_changed": false}])
+    );
+    assert_eq!(sms["desired"]["batch_size"], 200);
+}
+
+#[test]
+fn secrets_never_appear_in_any_output_or_in_the_state() {
+    let p = Project::with_samples();
+    let mut seen = String::new();
+    seen += &p.run(&["plan"]).all();
+    seen += &p
+        .run(&["plan", "--format", "json", "--out", "saved.json"])
+        .all();
+    seen += &p.read("saved.json");
+    seen += &p.run(&["apply", "saved.json"]).all();
+    // A changed secret value.
+    p.write(
+        "secrets/sandbox/sms_auth_token",
+        "rotated-secret-value-93e1\n",
+    );
+    let run = p.run(&["plan"]);
+    assert!(
+        run.stdout
+            .contains("~ auth_token: (sensitive value changed)"),
+        "{}",
+        run.stdout
+    );
+    seen += &run.all();
+    seen += &p.run(&["plan", "--format", "json"]).all();
+    seen += &p.run(&["apply", "--auto-approve"]).all();
+    seen += &p.run(&["validate", "--format", "json"]).all();
+    // The state file and its WAL, as bytes.
+    for file in [".touchctl/state.db", ".touchctl/state.db-wal"] {
+        if let Ok(bytes) = std::fs::read(p.path().join(file)) {
+            seen += &String::from_utf8_lossy(&bytes);
+        }
+    }
+    let mut secrets = sample_secrets(&p);
+    secrets.push("rotated-secret-value-93e1".into());
+    assert!(secrets.len() >= 7);
+    for s in secrets {
+        assert!(
+            !seen.contains(&s),
+            "secret {s:?} leaked into an output or the state"
+        );
+    }
+    assert!(seen.contains("(sensitive)"));
+}
+
+#[test]
+fn env_secret_missing_is_a_clear_error() {
+    let p = Project::with_samples();
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "auth_token = { file = \"../../secrets/sandbox/sms_auth_token\" }",
+        "auth_token = { env = \"TOUCHCTL_TEST_SMS_TOKEN\" }",
+    );
+    let run = p.run(&["plan"]);
+    run.code(1);
+    assert!(
+        run.stderr.contains("touchpoints/custom/sms.toml: `auth_token` { env = \"TOUCHCTL_TEST_SMS_TOKEN\" }: environment variable TOUCHCTL_TEST_SMS_TOKEN is not set"),
+        "{}",
+        run.stderr
+    );
+    let out = p
+        .command(&["plan"])
+        .env("TOUCHCTL_TEST_SMS_TOKEN", "from-the-environment-55")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("from-the-environment-55"));
+}
+
+#[test]
+fn saved_plan_applies_exactly_what_was_planned() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    p.run(&["plan", "--out", "plan.json"]).code(0);
+    // The files move on after the plan: apply must still write what was reviewed.
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 200",
+        "batch_size = 300",
+    );
+    let run = p.run(&["apply", "plan.json"]);
+    run.code(0);
+    let spec: String = p
+        .state_db()
+        .query_row("SELECT spec FROM touchpoints WHERE id = 'sms'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    assert_eq!(spec["batch_size"], 200);
+    // Applying the same plan twice is refused: sms moved on since.
+    let run = p.run(&["apply", "plan.json"]);
+    run.code(1);
+    assert!(
+        run.stderr
+            .contains("sms: planned against generation 1, now generation 2"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn stale_saved_plan_is_refused_naming_each_touchpoint() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    set(
+        &p,
+        "touchpoints/channels/getui.toml",
+        "batch_size = 500",
+        "batch_size = 100",
+    );
+    set(
+        &p,
+        "touchpoints/channels/wecom.toml",
+        "message = \"news\"",
+        "message = \"text\"",
+    );
+    p.run(&["plan", "--out", "plan.json"]).code(0);
+    // Someone else changes sms (a pause) and app-push (an apply) after the plan.
+    p.state_db()
+        .execute(
+            "UPDATE touchpoints SET paused = 1, generation = generation + 1 WHERE id = 'sms'",
+            [],
+        )
+        .unwrap();
+    p.state_db()
+        .execute(
+            "UPDATE touchpoints SET generation = 7 WHERE id = 'app-push'",
+            [],
+        )
+        .unwrap();
+    let before: String = p
+        .state_db()
+        .query_row(
+            "SELECT spec FROM touchpoints WHERE id = 'wecom-stores'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let run = p.run(&["apply", "plan.json"]);
+    run.code(1);
+    assert!(
+        run.stderr
+            .contains("the plan is stale: 2 touchpoint(s) changed"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("app-push: planned against generation 1, now generation 7")
+    );
+    assert!(
+        run.stderr
+            .contains("sms: planned against generation 1, now generation 2")
+    );
+    assert!(!run.stderr.contains("wecom-stores"));
+    // Nothing was applied, not even the untouched wecom change.
+    let after: String = p
+        .state_db()
+        .query_row(
+            "SELECT spec FROM touchpoints WHERE id = 'wecom-stores'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn saved_plan_for_another_registry_is_refused() {
+    let p = Project::with_samples();
+    p.run(&["plan", "--out", "plan.json"]).code(0);
+    let run = p.run(&["--state", "other.db", "apply", "plan.json"]);
+    run.code(1);
+    assert!(
+        run.stderr.contains("this plan was made against registry"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn deletes_need_allow_delete_and_respect_protect_and_max_deletes() {
+    let p = Project::with_samples();
+    applied(&p);
+    p.remove("touchpoints/channels/getui.toml");
+    let run = p.run(&["plan"]);
+    assert!(
+        run.stdout.contains("- delete app-push (app_push)"),
+        "{}",
+        run.stdout
+    );
+    let run = p.run(&["apply", "--auto-approve"]);
+    run.code(1);
+    assert!(run.stderr.contains("pass --allow-delete"), "{}", run.stderr);
+    p.run(&["apply", "--auto-approve", "--allow-delete"])
+        .code(0);
+    assert!(p.run(&["plan"]).stdout.contains("No changes"));
+
+    // A protected touchpoint is never deleted.
+    p.remove("touchpoints/custom/points.toml");
+    let run = p.run(&["plan"]);
+    assert!(
+        run.stdout
+            .contains("it is protected: apply will refuse to delete it"),
+        "{}",
+        run.stdout
+    );
+    let run = p.run(&["apply", "--auto-approve", "--allow-delete"]);
+    run.code(1);
+    assert!(
+        run.stderr
+            .contains("loyalty-points: is protected (protect = true)"),
+        "{}",
+        run.stderr
+    );
+
+    // Mass prune guard.
+    p.remove("touchpoints/custom/sms.toml");
+    p.remove("touchpoints/channels/wecom.toml");
+    let points =
+        std::fs::read_to_string(crate::support::repo_root().join("touchpoints/custom/points.toml"))
+            .unwrap();
+    p.write("touchpoints/custom/points.toml", &points);
+    let run = p.run(&[
+        "apply",
+        "--auto-approve",
+        "--allow-delete",
+        "--max-deletes",
+        "1",
+    ]);
+    run.code(1);
+    assert!(
+        run.stderr
+            .contains("the plan deletes 2 touchpoints, more than --max-deletes 1"),
+        "{}",
+        run.stderr
+    );
+    let count: i64 = p
+        .state_db()
+        .query_row("SELECT count(*) FROM touchpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 4);
+}
+
+#[test]
+fn drift_is_shown_apart_and_apply_restores_fields() {
+    let p = Project::with_samples();
+    applied(&p);
+    let db = p.state_db();
+    let spec: String = db
+        .query_row("SELECT spec FROM touchpoints WHERE id = 'sms'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let changed = spec.replace("\"enabled\":true", "\"enabled\":false");
+    assert_ne!(spec, changed);
+    db.execute(
+        "UPDATE touchpoints SET spec = ?1, generation = generation + 1 WHERE id = 'sms'",
+        [changed],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE touchpoints SET paused = 1 WHERE id = 'wecom-stores'",
+        [],
+    )
+    .unwrap();
+    let run = p.run(&["plan", "--detailed-exitcode"]);
+    run.code(2);
+    assert!(
+        run.stdout
+            .contains("Plan: 0 to create, 1 to update, 0 to delete, 4 unchanged."),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("~ update sms (custom)"));
+    assert!(run.stdout.contains("    ~ enabled: false → true"));
+    let drift = run.stdout.split("Drift").nth(1).expect("a drift section");
+    assert!(
+        drift.contains("! wecom-stores (wecom): paused through the admin API"),
+        "{drift}"
+    );
+    assert!(
+        drift.contains("! sms (custom): ~ enabled: true → false"),
+        "{drift}"
+    );
+    applied(&p);
+    let run = p.run(&["plan"]);
+    assert!(
+        run.stdout
+            .contains("Plan: 0 to create, 0 to update, 0 to delete, 5 unchanged.")
+    );
+    // The pause is an operational hold: still shown, not undone by apply.
+    assert!(run.stdout.contains("wecom-stores (wecom): paused"));
+    assert!(!run.stdout.contains("sms (custom): ~ enabled"));
+}
+
+#[test]
+fn a_held_lock_fails_fast_naming_the_holder() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    // This test process is alive, so its lock is not stale.
+    p.state_db()
+        .execute(
+            "INSERT INTO lock VALUES (1, 'a1b2c3d4', 'ops@build-7', ?1, ?2, 'apply', '2026-01-01T00:00:00Z')",
+            rusqlite::params![std::process::id(), touchctl::registry::hostname()],
+        )
+        .unwrap();
+    let run = p.run(&["apply", "--auto-approve"]);
+    run.code(1);
+    assert!(
+        run.stderr
+            .contains("the registry is locked: apply by ops@build-7 (pid"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("touchctl force-unlock a1b2c3d4"));
+    p.run(&["force-unlock", "wrong"]).code(1);
+    p.run(&["force-unlock", "a1b2c3d4"]).code(0);
+    applied(&p);
+}
+
+#[test]
+fn a_crashed_holders_lock_is_recovered() {
+    let p = Project::with_samples();
+    applied(&p);
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    p.state_db()
+        .execute(
+            "INSERT INTO lock VALUES (1, 'deadbeef', 'ops@here', ?1, ?2, 'apply', '2026-01-01T00:00:00Z')",
+            rusqlite::params![dead_pid, touchctl::registry::hostname()],
+        )
+        .unwrap();
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    let run = applied(&p);
+    assert!(
+        run.stderr
+            .contains("recovered the registry lock left by a process that is gone"),
+        "{}",
+        run.stderr
+    );
+    let locks: i64 = p
+        .state_db()
+        .query_row("SELECT count(*) FROM lock", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(locks, 0, "apply released its lock");
+}
+
+#[test]
+fn concurrent_applies_do_not_corrupt_the_registry() {
+    let p = Project::with_samples();
+    let children: Vec<_> = (0..6)
+        .map(|_| {
+            p.command(&["apply", "--auto-approve"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut created = 0;
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            if stdout.contains("Apply complete: 5 created") {
+                created += 1;
+            } else {
+                assert!(stdout.contains("No changes"), "{stdout}");
+            }
+        } else {
+            // The only acceptable failures: the lock, or a compare-and-swap refusal.
+            assert!(
+                stderr.contains("the registry is locked")
+                    || stdout.contains("changed in the registry since it was read"),
+                "unexpected failure:\n{stdout}\n{stderr}"
+            );
+        }
+    }
+    assert!(created <= 1, "the same touchpoints were created twice");
+    let db = p.state_db();
+    let ok: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+    applied(&p);
+    let gens: Vec<i64> = db
+        .prepare("SELECT generation FROM touchpoints ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(gens, vec![1; 5]);
+}
+
+#[test]
+fn a_failure_mid_apply_reports_what_landed_and_rerun_converges() {
+    let p = Project::with_samples();
+    // Something outside touchctl refuses one row (as a full disk or a constraint would).
+    p.run(&["plan"]).code(0);
+    p.state_db()
+        .execute_batch(
+            "CREATE TRIGGER refuse_sms BEFORE INSERT ON touchpoints WHEN NEW.id = 'sms' \
+             BEGIN SELECT RAISE(ABORT, 'disk quota exceeded'); END;",
+        )
+        .unwrap();
+    let run = p.run(&["apply", "--auto-approve"]);
+    run.code(1);
+    assert!(run.stdout.contains("create sms: FAILED:"), "{}", run.stdout);
+    assert!(run.stdout.contains("disk quota exceeded"));
+    assert!(
+        run.stdout
+            .contains("Apply incomplete: 4 of 5 change(s) landed"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("landed: app-push, loyalty-points, wechat-oa, wecom-stores")
+    );
+    assert!(run.stdout.contains("not applied: sms"));
+    p.state_db()
+        .execute_batch("DROP TRIGGER refuse_sms;")
+        .unwrap();
+    let run = p.run(&["plan"]);
+    assert!(
+        run.stdout
+            .starts_with("Plan: 1 to create, 0 to update, 0 to delete, 4 unchanged.")
+    );
+    applied(&p);
+    assert!(p.run(&["plan"]).stdout.contains("No changes"));
+}
+
+#[test]
+fn apply_without_a_terminal_needs_auto_approve() {
+    let p = Project::with_samples();
+    let run = p.run(&["apply"]);
+    run.code(1);
+    assert!(
+        run.stderr.contains("pass --auto-approve")
+            || run.stderr.contains("run again with --auto-approve"),
+        "{}",
+        run.stderr
+    );
+    let count: i64 = p
+        .state_db()
+        .query_row("SELECT count(*) FROM touchpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 0);
+}
+
+#[test]
+fn an_invalid_tree_changes_nothing() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    p.write(
+        "touchpoints/broken.toml",
+        "id = \"broken\"\nkind = \"custom\"\n",
+    );
+    let run = p.run(&["apply", "--auto-approve"]);
+    run.code(1);
+    assert!(
+        run.stdout
+            .contains("touchpoints/broken.toml:2:1: error[missing-field]"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("nothing was changed"));
+    let spec: String = p
+        .state_db()
+        .query_row("SELECT spec FROM touchpoints WHERE id = 'sms'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(spec.contains("\"batch_size\":500"));
+}
+
+#[test]
+fn apply_records_the_commit_it_came_from() {
+    let p = Project::with_samples();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(p.path())
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.com")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.com")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    git(&["init", "-q"]);
+    p.write(".gitignore", ".touchctl/\n");
+    git(&["add", "."]);
+    git(&["commit", "-qm", "touchpoints"]);
+    let head = git(&["rev-parse", "HEAD"]);
+    applied(&p);
+    let (commit, dirty): (String, bool) = p
+        .state_db()
+        .query_row(
+            "SELECT source_commit, source_dirty FROM touchpoints WHERE id = 'sms'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(commit, head);
+    assert!(!dirty);
+    set(
+        &p,
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    let run = p.run(&["plan"]);
+    assert!(
+        run.stdout.contains(&format!("[live from {}]", &head[..10])),
+        "{}",
+        run.stdout
+    );
+    applied(&p);
+    let dirty: bool = p
+        .state_db()
+        .query_row(
+            "SELECT source_dirty FROM touchpoints WHERE id = 'sms'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(dirty);
+}
+
+#[test]
+fn usage_errors_exit_1_not_2() {
+    let p = Project::empty();
+    p.run(&["plan", "--no-such-flag"]).code(1);
+    p.run(&["--help"]).code(0);
+}
+
+#[test]
+fn a_hand_edited_saved_plan_is_refused() {
+    let p = Project::with_samples();
+    p.run(&["plan", "--out", "plan.json"]).code(0);
+    let edited = p
+        .read("plan.json")
+        .replacen("\"batch_size\": 500", "\"batch_size\": 9999", 1);
+    assert_ne!(edited, p.read("plan.json"));
+    p.write("plan.json", &edited);
+    let run = p.run(&["apply", "plan.json"]);
+    run.code(1);
+    assert!(
+        run.stderr
+            .contains("the plan file holds invalid touchpoints"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("`batch_size` must be between 1 and"),
+        "{}",
+        run.stderr
+    );
+    let count: i64 = p
+        .state_db()
+        .query_row("SELECT count(*) FROM touchpoints", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(count, 0);
+}

@@ -1,0 +1,132 @@
+//! Helpers for the integration tests: a throw-away project folder and a way to run the real
+//! `touchctl` binary in it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The repository root (where `touchpoints/` and `secrets/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What a run of the binary produced.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts the exit code, showing the output when it differs.
+    #[track_caller]
+    pub fn code(&self, expected: i32) -> &Self {
+        assert_eq!(
+            self.code, expected,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Standard output and standard error together.
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// A temporary project: a folder with `touchpoints/`, secrets and a state file of its own.
+pub struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    /// An empty project with an empty `touchpoints/` folder.
+    pub fn empty() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("touchpoints")).expect("touchpoints dir");
+        Self { dir }
+    }
+
+    /// A project holding a copy of the repository's sample touchpoints and sandbox secrets.
+    pub fn with_samples() -> Self {
+        let p = Self::empty();
+        copy_dir(
+            &repo_root().join("touchpoints"),
+            &p.path().join("touchpoints"),
+        );
+        copy_dir(&repo_root().join("secrets"), &p.path().join("secrets"));
+        copy_dir(&repo_root().join("schemas"), &p.path().join("schemas"));
+        p
+    }
+
+    /// The project folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file (creating folders), relative to the project.
+    pub fn write(&self, rel: &str, text: &str) -> &Self {
+        let path = self.path().join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("parent dir");
+        }
+        std::fs::write(path, text).expect("write file");
+        self
+    }
+
+    /// Reads a file relative to the project.
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path().join(rel)).expect("read file")
+    }
+
+    /// Removes a file relative to the project.
+    pub fn remove(&self, rel: &str) -> &Self {
+        std::fs::remove_file(self.path().join(rel)).expect("remove file");
+        self
+    }
+
+    /// A command running the binary in the project, with no inherited touchctl settings.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_touchctl"));
+        cmd.args(args)
+            .current_dir(self.path())
+            .env_remove("TOUCHCTL_DIR")
+            .env_remove("TOUCHCTL_STATE")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the binary to completion.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.command(args).output().expect("run touchctl");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Opens the project's state file directly, to look at or tamper with it as another tool would.
+    pub fn state_db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.path().join(".touchctl/state.db")).expect("open state db")
+    }
+}
+
+/// Copies a folder tree.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
