@@ -8,9 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
+// The same allocator as the `touchctl` binary, for both measurements.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use touchctl::apply::{self, ApplyOptions};
 use touchctl::load;
-use touchctl::planner::make_plan;
+use touchctl::planner::{make_plan, plan_dir};
 use touchctl::registry::SqliteRegistry;
 
 fn arg(name: &str, default: usize) -> usize {
@@ -25,7 +28,7 @@ fn arg(name: &str, default: usize) -> usize {
 /// One realistic touchpoint file; the kind rotates so all four are measured.
 fn touchpoint(i: usize) -> String {
     let head = format!(
-        "#:schema ../schemas/touchpoint.schema.json\nid = \"tp-{i:05}\"\nname = \"触点 {i}\"\ncategory = \"notification\"\ndescription = \"Generated touchpoint number {i} for the plan benchmark.\"\n\n[labels]\nteam = \"team-{}\"\nregion = \"cn-east\"\n\n",
+        "#:schema ../schemas/touchpoint.schema.json\nid = \"tp-{i:05}\"\nname = \"触点 {i}\"\ncategory = \"notification\"\ndescription = \"Generated touchpoint number {i} for the plan benchmark.\"\nlabels = {{ team = \"team-{}\", region = \"cn-east\" }}\n",
         i % 17
     );
     let body = match i % 4 {
@@ -57,9 +60,8 @@ fn baseline(dir: &Path, validator: &jsonschema::Validator) -> usize {
 
 /// What `touchctl plan` does: load and check the tree, fingerprint secrets, read the registry, diff.
 fn plan(dir: &Path, state: &Path) -> usize {
-    let desired = load::load_dir(dir).expect("valid tree");
     let registry = SqliteRegistry::open(state).expect("registry");
-    let plan = make_plan(&desired, dir, &registry).expect("plan");
+    let (_desired, plan) = plan_dir(dir, &registry).expect("plan");
     assert!(!plan.has_changes(), "the benchmark plans an unchanged tree");
     plan.summary.no_op
 }
@@ -98,7 +100,13 @@ fn main() {
     }
     let state = tmp.path().join("state.db");
     {
-        let desired = load::load_dir(&dir).expect("valid generated tree");
+        let desired = match load::load_dir(&dir) {
+            Ok(d) => d,
+            Err(load::LoadError::Invalid(diags)) => {
+                panic!("the generated tree is invalid; first problem: {}", diags[0])
+            }
+            Err(e) => panic!("{e}"),
+        };
         let registry = SqliteRegistry::open(&state).expect("registry");
         let plan = make_plan(&desired, &dir, &registry).expect("plan");
         let opts = ApplyOptions {
@@ -119,6 +127,16 @@ fn main() {
     assert_eq!(valid, n);
     let (full, unchanged) = time(rounds, || plan(&dir, &state));
     assert_eq!(unchanged, n);
+    // Where the time goes.
+    let (load_t, _) = time(rounds, || load::load_dir(&dir).expect("valid"));
+    let (list_t, _) = time(rounds, || {
+        use touchctl::registry::Registry;
+        SqliteRegistry::open(&state)
+            .expect("registry")
+            .list()
+            .expect("list")
+            .len()
+    });
     let single = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
@@ -142,6 +160,11 @@ fn main() {
     println!(
         "  ratio plan / baseline: {:.2}x (target: at most 1.50x)",
         ms(full) / ms(base)
+    );
+    println!(
+        "  of which: load and check files {:.1} ms, read the registry {:.1} ms",
+        ms(load_t),
+        ms(list_t)
     );
     println!(
         "  one thread: baseline {:.1} ms, plan {:.1} ms, ratio {:.2}x",

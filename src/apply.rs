@@ -74,9 +74,10 @@ pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> 
         .iter()
         .filter_map(|c| {
             let spec = c.desired.as_ref()?;
+            let spec = spec.value();
             let id_matches = spec.get("id").and_then(|v| v.as_str()) == Some(c.id.as_str());
             let problem = if id_matches {
-                crate::load::check_spec(spec).err()?
+                crate::load::check_spec(&spec).err()?
             } else {
                 "its desired spec has another id".to_string()
             };

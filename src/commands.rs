@@ -8,9 +8,9 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use touchctl::apply::{self, ApplyOptions, Outcome};
-use touchctl::load::{self, Desired, Diagnostic, LoadError};
+use touchctl::load::{self, Diagnostic, LoadError};
 use touchctl::plan::{Action, Plan, TextOptions, render_text};
-use touchctl::planner::make_plan;
+use touchctl::planner::{TreeError, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
 
@@ -80,27 +80,32 @@ fn count_files(diagnostics: &[Diagnostic]) -> usize {
         .len()
 }
 
-/// Loads the tree; on invalid files prints every diagnostic and returns `None`.
-fn load_or_report(g: &Global) -> Result<Option<Desired>> {
-    match load::load_dir(&g.dir) {
-        Ok(d) => {
-            if d.touchpoints.is_empty() && !g.quiet {
+/// Prints every diagnostic of an invalid tree.
+fn report_invalid(diagnostics: &[Diagnostic]) {
+    for d in diagnostics {
+        println!("{d}");
+    }
+    eprintln!(
+        "error: {} problem(s) in {} file(s); nothing was changed. Fix them and run again.",
+        diagnostics.len(),
+        count_files(diagnostics)
+    );
+}
+
+/// Loads the tree and plans it; on invalid files prints every diagnostic and returns `None`.
+fn plan_tree(g: &Global, registry: &dyn Registry) -> Result<Option<Plan>> {
+    match plan_dir(&g.dir, registry) {
+        Ok((desired, plan)) => {
+            if desired.touchpoints.is_empty() && !g.quiet {
                 eprintln!(
                     "warning: no touchpoint files (*.toml) under {}",
                     g.dir.display()
                 );
             }
-            Ok(Some(d))
+            Ok(Some(plan))
         }
-        Err(LoadError::Invalid(diagnostics)) => {
-            for d in &diagnostics {
-                println!("{d}");
-            }
-            eprintln!(
-                "error: {} problem(s) in {} file(s); nothing was changed. Fix them and run again.",
-                diagnostics.len(),
-                count_files(&diagnostics)
-            );
+        Err(TreeError::Load(LoadError::Invalid(diagnostics))) => {
+            report_invalid(&diagnostics);
             Ok(None)
         }
         Err(e) => Err(e.into()),
@@ -182,11 +187,10 @@ fn plan_cmd(
     out: Option<&Path>,
     detailed_exitcode: bool,
 ) -> Result<u8> {
-    let Some(desired) = load_or_report(g)? else {
+    let registry = open_registry(g)?;
+    let Some(plan) = plan_tree(g, &registry)? else {
         return Ok(FAILED);
     };
-    let registry = open_registry(g)?;
-    let plan = make_plan(&desired, &g.dir, &registry)?;
     if let Some(path) = out {
         let text = serde_json::to_string_pretty(&plan)?;
         std::fs::write(path, text + "\n")
@@ -269,12 +273,10 @@ fn apply_cmd(
             apply::check_saved(&plan, &registry)?;
             plan
         }
-        None => {
-            let Some(desired) = load_or_report(g)? else {
-                return Ok(FAILED);
-            };
-            make_plan(&desired, &g.dir, &registry)?
-        }
+        None => match plan_tree(g, &registry)? {
+            Some(plan) => plan,
+            None => return Ok(FAILED),
+        },
     };
     if !g.quiet {
         print!("{}", render_text(&plan, TextOptions { color: color(g) }));

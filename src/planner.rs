@@ -1,12 +1,13 @@
 //! Gathers what a plan needs and makes it: the desired touchpoints (already loaded), their secrets
 //! resolved to keyed fingerprints, and the live state from the registry; then [`plan::diff`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use rayon::prelude::*;
 
 use crate::load::Desired;
+use crate::model::SecretRef;
 use crate::plan::{self, DesiredSpec, Plan, RegistryRef, Source};
 use crate::registry::{Registry, RegistryError, now};
 
@@ -21,43 +22,66 @@ pub enum PlanError {
     Registry(#[from] RegistryError),
 }
 
-/// Fingerprints every secret of every desired touchpoint under the registry's key.
+/// Where a secret reference points, so that touchpoints sharing a secret read it once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Origin<'a> {
+    Env(&'a str),
+    File(&'a Path, &'a str),
+}
+
+fn key<'a>(r: &'a SecretRef, dir: &'a Path) -> Origin<'a> {
+    match r {
+        SecretRef::Env { env } => Origin::Env(env),
+        SecretRef::File { file } => Origin::File(dir, file),
+    }
+}
+
+/// Fingerprints every secret of every desired touchpoint under the registry's key. Each distinct
+/// secret is read and hashed once, however many touchpoints name it.
 pub fn fingerprints(
     desired: &Desired,
     registry: &dyn Registry,
 ) -> Result<Vec<BTreeMap<String, String>>, PlanError> {
+    let mut distinct: HashMap<Origin<'_>, (&SecretRef, &Path)> = HashMap::new();
+    for l in &desired.touchpoints {
+        for (_, r) in l.touchpoint.secrets() {
+            distinct.entry(key(r, &l.dir)).or_insert((r, &l.dir));
+        }
+    }
     let fp = registry.fingerprinter();
-    let results: Vec<Result<BTreeMap<String, String>, Vec<String>>> = desired
+    let resolved: HashMap<Origin<'_>, Result<String, String>> = distinct
+        .into_par_iter()
+        .map(|(o, (r, dir))| {
+            let result = r
+                .resolve(dir)
+                .map(|secret| fp.fingerprint(&secret))
+                .map_err(|e| e.to_string());
+            (o, result)
+        })
+        .collect();
+    let per_touchpoint: Vec<(BTreeMap<String, String>, Vec<String>)> = desired
         .touchpoints
         .par_iter()
         .map(|l| {
             let mut out = BTreeMap::new();
             let mut errors = Vec::new();
             for (path, r) in l.touchpoint.secrets() {
-                match r.resolve(&l.dir) {
-                    Ok(secret) => {
-                        out.insert(path.to_string(), fp.fingerprint(&secret));
+                match &resolved[&key(r, &l.dir)] {
+                    Ok(f) => {
+                        out.insert(path.to_string(), f.clone());
                     }
                     Err(e) => errors.push(format!("  {}: `{path}` {r}: {e}", l.file)),
                 }
             }
-            if errors.is_empty() {
-                Ok(out)
-            } else {
-                Err(errors)
-            }
+            (out, errors)
         })
         .collect();
-    let mut all = Vec::with_capacity(results.len());
-    let mut errors = Vec::new();
-    for r in results {
-        match r {
-            Ok(f) => all.push(f),
-            Err(e) => errors.extend(e),
-        }
-    }
+    let errors: Vec<String> = per_touchpoint
+        .iter()
+        .flat_map(|(_, e)| e.iter().cloned())
+        .collect();
     if errors.is_empty() {
-        Ok(all)
+        Ok(per_touchpoint.into_iter().map(|(f, _)| f).collect())
     } else {
         Err(PlanError::Secrets(errors))
     }
@@ -69,8 +93,38 @@ pub fn make_plan(
     dir: &Path,
     registry: &dyn Registry,
 ) -> Result<Plan, PlanError> {
-    let fps = fingerprints(desired, registry)?;
     let live = registry.list()?;
+    plan_against(desired, live, dir, registry)
+}
+
+/// Loads the tree under `dir` and plans it against `registry`. The registry is read while the
+/// files are parsed, since reading it is mostly waiting on one core.
+pub fn plan_dir(dir: &Path, registry: &dyn Registry) -> Result<(Desired, Plan), TreeError> {
+    let (desired, live) = rayon::join(|| crate::load::load_dir(dir), || registry.list());
+    let desired = desired?;
+    let live = live.map_err(PlanError::from)?;
+    let plan = plan_against(&desired, live, dir, registry)?;
+    Ok((desired, plan))
+}
+
+/// Why a tree could not be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    /// The files could not be loaded, or have problems.
+    #[error(transparent)]
+    Load(#[from] crate::load::LoadError),
+    /// The plan could not be made.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+}
+
+fn plan_against(
+    desired: &Desired,
+    live: Vec<crate::registry::Live>,
+    dir: &Path,
+    registry: &dyn Registry,
+) -> Result<Plan, PlanError> {
+    let fps = fingerprints(desired, registry)?;
     let specs: Vec<DesiredSpec<'_>> = desired
         .touchpoints
         .iter()
@@ -80,10 +134,13 @@ pub fn make_plan(
             kind: l.touchpoint.spec.name(),
             file: &l.file,
             spec: &l.spec,
+            protect: l.touchpoint.common.protect,
             fingerprints,
         })
         .collect();
     let (changes, drift) = plan::diff(&specs, &live);
+    // Many small allocations: free them on all cores.
+    live.into_par_iter().for_each(drop);
     let head = crate::git::head(dir);
     Ok(Plan {
         format_version: plan::FORMAT_VERSION.into(),

@@ -7,7 +7,6 @@ mod diagnostic;
 mod schema_errors;
 mod toml_json;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -20,7 +19,7 @@ use diagnostic::{Issue, Target};
 pub use toml_json::Segment;
 use toml_json::{line_col, locate, table_to_json};
 
-use crate::model::Touchpoint;
+use crate::model::{SpecJson, Touchpoint};
 
 /// One file's text and the name diagnostics should use for it.
 #[derive(Clone, Debug)]
@@ -39,7 +38,7 @@ pub struct Loaded {
     /// The typed touchpoint.
     pub touchpoint: Touchpoint,
     /// Its canonical JSON form (defaults filled in): what is diffed and stored.
-    pub spec: Value,
+    pub spec: SpecJson,
     /// The file's name as shown in diagnostics.
     pub file: String,
     /// Directory secret file references resolve against.
@@ -51,6 +50,15 @@ pub struct Loaded {
 pub struct Desired {
     /// Sorted by id; ids are unique.
     pub touchpoints: Vec<Loaded>,
+}
+
+impl Drop for Desired {
+    /// A large tree is many small allocations: free them on all cores.
+    fn drop(&mut self) {
+        std::mem::take(&mut self.touchpoints)
+            .into_par_iter()
+            .for_each(drop);
+    }
 }
 
 /// Why a tree could not be loaded.
@@ -101,45 +109,37 @@ pub fn discover(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 /// Loads and checks every touchpoint file under `dir`.
 pub fn load_dir(dir: &Path) -> Result<Desired, LoadError> {
     let files = discover(dir)?;
-    let sources: Vec<Result<Source, Diagnostic>> = files
+    // One pass per file, read and check together, so each file is parsed while it is in cache.
+    let checked = files
         .par_iter()
-        .map(|path| {
-            let name = path.display().to_string();
-            let bytes = std::fs::read(path)
-                .map_err(|e| file_diag(&name, "io", format!("cannot read the file: {e}")))?;
-            let text = String::from_utf8(bytes).map_err(|_| {
-                file_diag(
-                    &name,
-                    "encoding",
-                    "the file is not UTF-8: save it as UTF-8".into(),
-                )
-            })?;
-            Ok(Source {
-                name,
-                dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-                text,
-            })
+        .map(|path| match read_source(path) {
+            Ok(source) => check_file(source),
+            Err(d) => Checked {
+                loaded: None,
+                id_at: (1, 1),
+                diagnostics: vec![d],
+            },
         })
         .collect();
-    let mut diagnostics = Vec::new();
-    let mut ok = Vec::new();
-    for s in sources {
-        match s {
-            Ok(s) => ok.push(s),
-            Err(d) => diagnostics.push(d),
-        }
-    }
-    match load_sources(&ok) {
-        Ok(desired) if diagnostics.is_empty() => Ok(desired),
-        Ok(_) => Err(LoadError::Invalid(diagnostics)),
-        Err(LoadError::Invalid(more)) => {
-            diagnostics.extend(more);
-            diagnostics
-                .sort_by(|a, b| (&a.path, a.line, a.column).cmp(&(&b.path, b.line, b.column)));
-            Err(LoadError::Invalid(diagnostics))
-        }
-        Err(e) => Err(e),
-    }
+    combine(checked)
+}
+
+fn read_source(path: &Path) -> Result<Source, Diagnostic> {
+    let name = path.display().to_string();
+    let bytes = std::fs::read(path)
+        .map_err(|e| file_diag(&name, "io", format!("cannot read the file: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        file_diag(
+            &name,
+            "encoding",
+            "the file is not UTF-8: save it as UTF-8".into(),
+        )
+    })?;
+    Ok(Source {
+        name,
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        text,
+    })
 }
 
 fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
@@ -155,20 +155,58 @@ fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
 
 fn validator() -> &'static jsonschema::Validator {
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
-    VALIDATOR.get_or_init(|| {
-        jsonschema::draft202012::new(crate::schema::schema())
-            .unwrap_or_else(|e| panic!("the generated schema is not a valid schema: {e}"))
-    })
+    VALIDATOR.get_or_init(|| compile(crate::schema::schema()))
+}
+
+fn compile(schema: &Value) -> jsonschema::Validator {
+    jsonschema::draft202012::new(schema)
+        .unwrap_or_else(|e| panic!("the generated schema is not a valid schema: {e}"))
+}
+
+/// One validator per kind: the root schema with its `oneOf` narrowed to that kind's branch. A file
+/// names its kind, so the common case, a valid file, is checked against one branch instead of all
+/// four; a file that fails is checked again against the whole schema, for the diagnostics.
+fn kind_validator(kind: &str) -> Option<&'static jsonschema::Validator> {
+    static BY_KIND: OnceLock<Vec<(String, jsonschema::Validator)>> = OnceLock::new();
+    let all = BY_KIND.get_or_init(|| {
+        let schema = crate::schema::schema();
+        let branches = schema["oneOf"].as_array().cloned().unwrap_or_default();
+        branches
+            .into_iter()
+            .filter_map(|branch| {
+                let name = branch
+                    .pointer("/properties/kind/const")?
+                    .as_str()?
+                    .to_string();
+                let mut narrowed = schema.clone();
+                narrowed["oneOf"] = Value::Array(vec![branch]);
+                Some((name, compile(&narrowed)))
+            })
+            .collect()
+    });
+    all.iter().find(|(k, _)| k == kind).map(|(_, v)| v)
+}
+
+/// The schema problems of a document (none when it is valid).
+fn schema_issues(doc: &Value) -> Vec<Issue> {
+    let fast = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .and_then(kind_validator);
+    if fast.is_some_and(|v| v.is_valid(doc)) {
+        return Vec::new();
+    }
+    schema_errors::check(validator(), crate::schema::schema(), doc)
 }
 
 /// Checks a spec that did not come from a file (e.g. from a saved plan) against the schema and the
 /// model, so nothing malformed reaches the registry.
 pub fn check_spec(spec: &Value) -> Result<(), String> {
-    let issues = schema_errors::check(validator(), crate::schema::schema(), spec);
+    let issues = schema_issues(spec);
     if let Some(first) = issues.first() {
         return Err(first.message.clone());
     }
-    let tp: Touchpoint = serde_json::from_value(spec.clone()).map_err(|e| e.to_string())?;
+    let tp = Touchpoint::from_json(spec).map_err(|e| e.to_string())?;
     match checks::check(&tp).first() {
         Some(issue) => Err(issue.message.clone()),
         None => Ok(()),
@@ -185,39 +223,51 @@ struct Checked {
 
 /// Checks already-read files (from disk or a git revision) as one tree.
 pub fn load_sources(sources: &[Source]) -> Result<Desired, LoadError> {
-    let checked: Vec<Checked> = sources.par_iter().map(check_file).collect();
+    combine(sources.par_iter().cloned().map(check_file).collect())
+}
+
+/// Joins the per-file outcomes: cross-file checks (unique ids), and every diagnostic or the tree.
+fn combine(checked: Vec<Checked>) -> Result<Desired, LoadError> {
     let mut diagnostics = Vec::new();
-    let mut by_id: BTreeMap<String, (String, (usize, usize))> = BTreeMap::new();
-    let mut touchpoints = Vec::with_capacity(checked.len());
+    let mut entries = Vec::with_capacity(checked.len());
     for c in checked {
         diagnostics.extend(c.diagnostics);
-        let Some(loaded) = c.loaded else { continue };
-        let id = loaded.touchpoint.id().to_string();
-        if let Some((first, (line, col))) = by_id.get(&id) {
-            diagnostics.push(Diagnostic {
-                path: loaded.file.clone(),
-                line: c.id_at.0,
-                column: c.id_at.1,
-                severity: "error",
-                code: "duplicate-id",
-                message: format!(
-                    "id `{id}` is already used by {first}:{line}:{col}: ids must be unique across the tree"
-                ),
-            });
+        if let Some(loaded) = c.loaded {
+            entries.push((loaded, c.id_at));
+        }
+    }
+    // A stable sort keeps files in path order within an id, so the first file of an id is the
+    // one the others are reported against.
+    entries.par_sort_by(|a, b| a.0.touchpoint.id().cmp(b.0.touchpoint.id()));
+    let mut first = 0;
+    for i in 1..entries.len() {
+        let id = entries[i].0.touchpoint.id();
+        if id != entries[first].0.touchpoint.id() {
+            first = i;
             continue;
         }
-        by_id.insert(id, (loaded.file.clone(), c.id_at));
-        touchpoints.push(loaded);
+        let ((earlier, (line, col)), (later, at)) = (&entries[first], &entries[i]);
+        diagnostics.push(Diagnostic {
+            path: later.file.clone(),
+            line: at.0,
+            column: at.1,
+            severity: "error",
+            code: "duplicate-id",
+            message: format!(
+                "id `{id}` is already used by {}:{line}:{col}: ids must be unique across the tree",
+                earlier.file
+            ),
+        });
     }
     if !diagnostics.is_empty() {
         diagnostics.sort_by(|a, b| (&a.path, a.line, a.column).cmp(&(&b.path, b.line, b.column)));
         return Err(LoadError::Invalid(diagnostics));
     }
-    touchpoints.sort_by(|a, b| a.touchpoint.id().cmp(b.touchpoint.id()));
+    let touchpoints = entries.into_iter().map(|(loaded, _)| loaded).collect();
     Ok(Desired { touchpoints })
 }
 
-fn check_file(source: &Source) -> Checked {
+fn check_file(source: Source) -> Checked {
     let text = source.text.as_str();
     let diag = |code: &'static str, offset: usize, message: String| {
         let (line, column) = line_col(text, offset);
@@ -269,7 +319,7 @@ fn check_file(source: &Source) -> Checked {
     let id_at = line_col(text, id_loc.value.start);
 
     let doc = table_to_json(root.get_ref());
-    let issues = schema_errors::check(validator(), crate::schema::schema(), &doc);
+    let issues = schema_issues(&doc);
     if !issues.is_empty() {
         return Checked {
             loaded: None,
@@ -277,7 +327,7 @@ fn check_file(source: &Source) -> Checked {
             diagnostics: issues.iter().map(place).collect(),
         };
     }
-    let touchpoint: Touchpoint = match serde_json::from_value(doc) {
+    let touchpoint = match Touchpoint::from_json(&doc) {
         Ok(tp) => tp,
         Err(e) => {
             return Checked {
@@ -299,7 +349,7 @@ fn check_file(source: &Source) -> Checked {
             diagnostics: issues.iter().map(place).collect(),
         };
     }
-    let spec = serde_json::to_value(&touchpoint).unwrap_or(Value::Null);
+    let spec = SpecJson::of(&touchpoint);
     Checked {
         loaded: Some(Loaded {
             touchpoint,

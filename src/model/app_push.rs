@@ -12,7 +12,8 @@ pub const MAX_PUSH_BATCH: u32 = 1000;
 
 /// An app push channel.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Inlined into the touchpoint schema, which closes it (`additionalProperties: false`) there.
+#[schemars(inline)]
 pub struct AppPushSpec {
     /// # Provider
     /// The push service: `getui` (个推) today.

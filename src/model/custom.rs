@@ -13,7 +13,8 @@ pub const MAX_CUSTOM_BATCH: u32 = 500;
 
 /// A custom touchpoint: batches of triggered users POSTed to the customer's endpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Inlined into the touchpoint schema, which closes it (`additionalProperties: false`) there.
+#[schemars(inline)]
 pub struct CustomSpec {
     /// # Endpoint URL
     /// The customer's endpoint (https; http only with `allow_insecure = true`).

@@ -8,6 +8,7 @@ mod app_push;
 mod custom;
 mod params;
 mod secret;
+mod spec_json;
 mod units;
 mod wechat;
 mod wecom;
@@ -25,6 +26,7 @@ pub use params::{
     SOURCE_PATTERN, TemplateParam, WECHAT_APP_ID_PATTERN,
 };
 pub use secret::{Fingerprinter, Secret, SecretError, SecretRef};
+pub use spec_json::SpecJson;
 pub use units::{DURATION_PATTERN, Duration, RATE_PATTERN, RateLimit, RateUnit};
 pub use wechat::{Permission, WechatAuth, WechatOaSpec};
 pub use wecom::{WecomMessage, WecomSpec};
@@ -156,6 +158,25 @@ impl KindSpec {
 }
 
 impl Touchpoint {
+    /// Reads a touchpoint from its JSON form without buffering: the common fields and the kind's
+    /// fields are each read from the same object. (Unknown fields are the schema's job: the kind
+    /// structs ignore the fields they do not own.)
+    pub fn from_json(doc: &serde_json::Value) -> Result<Self, serde_json::Error> {
+        use serde::de::Error;
+        let common = Common::deserialize(doc)?;
+        let spec = match doc.get("kind").and_then(serde_json::Value::as_str) {
+            Some("custom") => KindSpec::Custom(CustomSpec::deserialize(doc)?),
+            Some("wechat_official_account") => {
+                KindSpec::WechatOfficialAccount(WechatOaSpec::deserialize(doc)?)
+            }
+            Some("wecom") => KindSpec::Wecom(WecomSpec::deserialize(doc)?),
+            Some("app_push") => KindSpec::AppPush(AppPushSpec::deserialize(doc)?),
+            Some(other) => return Err(Error::custom(format!("unknown kind `{other}`"))),
+            None => return Err(Error::missing_field("kind")),
+        };
+        Ok(Self { common, spec })
+    }
+
     /// The touchpoint's id.
     pub fn id(&self) -> &str {
         &self.common.id
@@ -268,6 +289,7 @@ mod tests {
         assert_eq!(back["kind"], tp.spec.name());
         assert_eq!(back["batch_size"], 100);
         assert_eq!(back["retry"]["max_backoff"], "10m");
+        assert_eq!(Touchpoint::from_json(&back).unwrap(), tp);
     }
 
     #[test]

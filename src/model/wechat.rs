@@ -9,7 +9,8 @@ use super::secret::SecretRef;
 
 /// A WeChat Official Account.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Inlined into the touchpoint schema, which closes it (`additionalProperties: false`) there.
+#[schemars(inline)]
 pub struct WechatOaSpec {
     /// # App id
     /// The Official Account's app id (`wx` and 16 hex digits).

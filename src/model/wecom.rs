@@ -8,7 +8,8 @@ use super::secret::SecretRef;
 
 /// A WeCom corp app.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
+// Inlined into the touchpoint schema, which closes it (`additionalProperties: false`) there.
+#[schemars(inline)]
 pub struct WecomSpec {
     /// # Corp id
     /// The enterprise's corp id (`ww` and 16 hex digits), from the WeCom admin console.

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 pub use render::{TextOptions, render_text};
 
-use crate::model::SECRET_FIELDS;
+use crate::model::{SECRET_FIELDS, SpecJson};
 use crate::registry::{Live, Provenance};
 
 /// The version of the JSON plan document this build writes and reads.
@@ -111,7 +111,7 @@ pub struct Change {
     /// The fields that differ (for creates, every field).
     pub fields: Vec<FieldChange>,
     /// The full spec apply writes (creates and updates).
-    pub desired: Option<Value>,
+    pub desired: Option<SpecJson>,
     /// Keyed fingerprints of the desired secrets (creates and updates).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, String>,
@@ -172,7 +172,9 @@ pub struct DesiredSpec<'a> {
     /// The file it was read from.
     pub file: &'a str,
     /// The canonical spec.
-    pub spec: &'a Value,
+    pub spec: &'a SpecJson,
+    /// Its `protect` field.
+    pub protect: bool,
     /// Keyed fingerprints of its secrets, by field path.
     pub fingerprints: BTreeMap<String, String>,
 }
@@ -197,11 +199,7 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
             file: None,
             live_generation: Some(l.generation),
             live_source: Some(l.source.clone()),
-            protected: l
-                .spec
-                .get("protect")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            protected: is_protected(&l.spec().value()),
             fields: Vec::new(),
             desired: None,
             fingerprints: BTreeMap::new(),
@@ -210,6 +208,12 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
     changes.sort_by(|a, b| a.id.cmp(&b.id));
     let drift = live.iter().filter_map(drift_of).collect();
     (changes, drift)
+}
+
+fn is_protected(spec: &Value) -> bool {
+    spec.get("protect")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// Counts the actions and drift.
@@ -237,7 +241,12 @@ impl Plan {
 }
 
 fn create(d: &DesiredSpec<'_>) -> Change {
-    let fields = field_diff(&Value::Null, d.spec, &BTreeMap::new(), &d.fingerprints);
+    let fields = field_diff(
+        &Value::Null,
+        &d.spec.value(),
+        &BTreeMap::new(),
+        &d.fingerprints,
+    );
     Change {
         id: d.id.to_string(),
         kind: d.kind.to_string(),
@@ -253,11 +262,19 @@ fn create(d: &DesiredSpec<'_>) -> Change {
 }
 
 fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
-    let unchanged = d.spec == &l.spec && d.fingerprints == l.fingerprints;
-    let fields = if unchanged {
-        Vec::new()
+    // The common case, an unchanged touchpoint, is a comparison of two strings.
+    let same_text = d.spec.as_str() == l.spec().as_str();
+    let (live_spec, fields) = if same_text && d.fingerprints == l.fingerprints {
+        (None, Vec::new())
     } else {
-        field_diff(&l.spec, d.spec, &l.fingerprints, &d.fingerprints)
+        let live_spec = l.spec().value();
+        let fields = field_diff(
+            &live_spec,
+            &d.spec.value(),
+            &l.fingerprints,
+            &d.fingerprints,
+        );
+        (Some(live_spec), fields)
     };
     let action = if fields.is_empty() {
         Action::NoOp
@@ -271,11 +288,7 @@ fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
         file: Some(d.file.to_string()),
         live_generation: Some(l.generation),
         live_source: Some(l.source.clone()),
-        protected: l
-            .spec
-            .get("protect")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        protected: live_spec.as_ref().map_or(d.protect, is_protected),
         fields,
         desired: (action == Action::Update).then(|| d.spec.clone()),
         fingerprints: if action == Action::Update {
@@ -287,10 +300,14 @@ fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
 }
 
 fn drift_of(l: &Live) -> Option<Drift> {
-    let fields = if l.applied_spec.is_null() || l.applied_spec == l.spec {
-        Vec::new()
-    } else {
-        field_diff(&l.applied_spec, &l.spec, &l.fingerprints, &l.fingerprints)
+    let fields = match &l.drifted_spec {
+        Some(live) if live != &l.applied_spec => field_diff(
+            &l.applied_spec.value(),
+            &live.value(),
+            &l.fingerprints,
+            &l.fingerprints,
+        ),
+        _ => Vec::new(),
     };
     (l.paused || !fields.is_empty()).then(|| Drift {
         id: l.id.clone(),
@@ -388,8 +405,8 @@ mod tests {
         Live {
             id: id.into(),
             kind: "custom".into(),
-            applied_spec: spec.clone(),
-            spec,
+            applied_spec: SpecJson::from_value(&spec),
+            drifted_spec: None,
             fingerprints: BTreeMap::from([("auth_token".into(), "fp1".into())]),
             generation: 4,
             paused: false,
@@ -399,12 +416,13 @@ mod tests {
         }
     }
 
-    fn desired<'a>(id: &'a str, spec: &'a Value, fp: &str) -> DesiredSpec<'a> {
+    fn desired<'a>(id: &'a str, spec: &Value, fp: &str) -> DesiredSpec<'a> {
         DesiredSpec {
             id,
             kind: "custom",
             file: "f.toml",
-            spec,
+            spec: Box::leak(Box::new(SpecJson::from_value(spec))),
+            protect: false,
             fingerprints: BTreeMap::from([("auth_token".into(), fp.into())]),
         }
     }
@@ -456,6 +474,19 @@ mod tests {
     }
 
     #[test]
+    fn same_spec_with_keys_in_another_order_is_unchanged() {
+        let spec = json!({"id": "a", "batch_size": 1, "auth_token": {"env": "T"}});
+        let mut l = live("a", spec.clone());
+        l.applied_spec = SpecJson::from_text(
+            r#"{"batch_size":1,"auth_token":{"env":"T"},"id":"a"}"#.to_string(),
+        )
+        .unwrap();
+        let (changes, drift) = diff(&[desired("a", &spec, "fp1")], &[l]);
+        assert_eq!(changes[0].action, Action::NoOp);
+        assert!(drift.is_empty());
+    }
+
+    #[test]
     fn keyed_arrays_ignore_order_and_name_entries() {
         let before = json!({"templates": [{"id": "x", "url": "u1"}, {"id": "y", "url": "u2"}]});
         let after = json!({"templates": [{"id": "y", "url": "u2"}, {"id": "x", "url": "u3"}]});
@@ -468,7 +499,7 @@ mod tests {
     fn drift_is_reported_apart() {
         let spec = json!({"id": "a", "enabled": true});
         let mut l = live("a", spec.clone());
-        l.spec = json!({"id": "a", "enabled": false});
+        l.drifted_spec = Some(SpecJson::from_value(&json!({"id": "a", "enabled": false})));
         l.paused = true;
         let (changes, drift) = diff(&[desired("a", &spec, "fp1")], &[l]);
         assert_eq!(changes[0].action, Action::Update);

@@ -11,11 +11,10 @@ mod sqlite;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 pub use sqlite::SqliteRegistry;
 
-use crate::model::Fingerprinter;
+use crate::model::{Fingerprinter, SpecJson};
 
 /// Where a live touchpoint's spec came from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,10 +35,10 @@ pub struct Live {
     pub id: String,
     /// Its kind.
     pub kind: String,
-    /// The spec in force now (normally what was applied, unless changed outside apply).
-    pub spec: Value,
     /// The spec as the last apply wrote it.
-    pub applied_spec: Value,
+    pub applied_spec: SpecJson,
+    /// The spec in force now, when it was changed outside apply since (drift).
+    pub drifted_spec: Option<SpecJson>,
     /// Keyed fingerprints of the secrets, by field path.
     pub fingerprints: BTreeMap<String, String>,
     /// Bumped by every write to this touchpoint.
@@ -54,6 +53,13 @@ pub struct Live {
     pub source: Provenance,
 }
 
+impl Live {
+    /// The spec in force now.
+    pub fn spec(&self) -> &SpecJson {
+        self.drifted_spec.as_ref().unwrap_or(&self.applied_spec)
+    }
+}
+
 /// A touchpoint as apply writes it.
 #[derive(Clone, Debug)]
 pub struct Put {
@@ -62,7 +68,7 @@ pub struct Put {
     /// Its kind.
     pub kind: String,
     /// The canonical spec.
-    pub spec: Value,
+    pub spec: SpecJson,
     /// Keyed fingerprints of its secrets.
     pub fingerprints: BTreeMap<String, String>,
     /// `user@host`.

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{Live, LockInfo, Provenance, Put, Registry, RegistryError, hostname, now, whoami};
-use crate::model::Fingerprinter;
+use crate::model::{Fingerprinter, SpecJson};
 
 /// The on-disk format this build writes and understands.
 const FORMAT: i64 = 1;
@@ -23,8 +23,8 @@ CREATE TABLE IF NOT EXISTS meta (
 CREATE TABLE IF NOT EXISTS touchpoints (
     id            TEXT PRIMARY KEY,
     kind          TEXT NOT NULL,
-    spec          TEXT NOT NULL,
-    applied_spec  TEXT NOT NULL,
+    spec          TEXT NOT NULL, -- as the last apply wrote it
+    live_spec     TEXT,          -- NULL unless changed outside apply since (drift)
     fingerprints  TEXT NOT NULL,
     generation    INTEGER NOT NULL,
     paused        INTEGER NOT NULL DEFAULT 0,
@@ -197,7 +197,7 @@ type Row = (
     String,
     String,
     String,
-    String,
+    Option<String>,
     String,
     i64,
     bool,
@@ -208,7 +208,8 @@ type Row = (
     Option<String>,
 );
 
-const SELECT: &str = "SELECT id, kind, spec, applied_spec, fingerprints, generation, paused, applied_at, \
+// No ORDER BY: sorting the decoded rows is cheaper than walking the id index.
+const SELECT: &str = "SELECT id, kind, spec, live_spec, fingerprints, generation, paused, applied_at, \
      applied_by, source_commit, source_dirty, source_file FROM touchpoints";
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
@@ -229,23 +230,21 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
 }
 
 fn decode(row: Row) -> Result<Live, RegistryError> {
-    let (id, kind, spec, applied, fps, generation, paused, at, by, commit, dirty, file) = row;
+    let (id, kind, applied, live, fps, generation, paused, at, by, commit, dirty, file) = row;
     let corrupt = |source| RegistryError::Corrupt {
         id: id.clone(),
         source,
     };
-    let spec = serde_json::from_str(&spec).map_err(corrupt)?;
-    let applied_spec = if applied.is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&applied).map_err(corrupt)?
-    };
+    let applied_spec = SpecJson::from_text(applied).map_err(corrupt)?;
+    let drifted_spec = live
+        .map(|text| SpecJson::from_text(text).map_err(corrupt))
+        .transpose()?;
     let fingerprints: BTreeMap<String, String> = serde_json::from_str(&fps).map_err(corrupt)?;
     Ok(Live {
         id,
         kind,
-        spec,
         applied_spec,
+        drifted_spec,
         fingerprints,
         generation: generation as u64,
         paused,
@@ -275,15 +274,18 @@ impl Registry for SqliteRegistry {
     fn list(&self) -> Result<Vec<Live>, RegistryError> {
         let rows: Vec<Row> = {
             let conn = self.conn();
-            let mut stmt = conn
-                .prepare_cached(&format!("{SELECT} ORDER BY id"))
-                .map_err(|e| self.err(e))?;
+            let mut stmt = conn.prepare_cached(SELECT).map_err(|e| self.err(e))?;
             stmt.query_map([], read_row)
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| self.err(e))?
         };
         // Parsing the stored JSON is the costly part; it runs outside the connection lock.
-        rows.into_par_iter().map(decode).collect()
+        let mut live = rows
+            .into_par_iter()
+            .map(decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        live.par_sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
     }
 
     fn get(&self, id: &str) -> Result<Option<Live>, RegistryError> {
@@ -393,7 +395,7 @@ impl Registry for SqliteRegistry {
     }
 
     fn put(&self, put: &Put, expected: Option<u64>) -> Result<u64, RegistryError> {
-        let spec = put.spec.to_string();
+        let spec = put.spec.as_str();
         let fingerprints =
             serde_json::to_string(&put.fingerprints).unwrap_or_else(|_| "{}".to_string());
         let mut conn = self.conn();
@@ -406,11 +408,11 @@ impl Registry for SqliteRegistry {
         }
         let generation = found.map_or(1, |g| g + 1);
         tx.execute(
-            "INSERT INTO touchpoints (id, kind, spec, applied_spec, fingerprints, generation, applied_at, \
+            "INSERT INTO touchpoints (id, kind, spec, live_spec, fingerprints, generation, applied_at, \
                  applied_by, source_commit, source_dirty, source_file) \
-             VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
+             VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
              ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, spec = excluded.spec, \
-                 applied_spec = excluded.applied_spec, fingerprints = excluded.fingerprints, \
+                 live_spec = NULL, fingerprints = excluded.fingerprints, \
                  generation = excluded.generation, applied_at = excluded.applied_at, \
                  applied_by = excluded.applied_by, source_commit = excluded.source_commit, \
                  source_dirty = excluded.source_dirty, source_file = excluded.source_file",
@@ -483,7 +485,7 @@ mod tests {
         Put {
             id: id.into(),
             kind: "custom".into(),
-            spec,
+            spec: SpecJson::from_value(&spec),
             fingerprints: BTreeMap::from([("auth_token".into(), "hmac-sha256:00".into())]),
             applied_by: "tester@host".into(),
             source: Provenance::default(),
@@ -501,7 +503,10 @@ mod tests {
         ));
         assert_eq!(reg.put(&put("a", json!({"v": 2})), Some(1)).unwrap(), 2);
         assert!(reg.delete("a", 1).is_err());
-        assert_eq!(reg.get("a").unwrap().unwrap().spec, json!({"v": 2}));
+        assert_eq!(
+            reg.get("a").unwrap().unwrap().spec().value(),
+            json!({"v": 2})
+        );
         reg.delete("a", 2).unwrap();
         assert!(reg.get("a").unwrap().is_none());
     }

@@ -388,7 +388,7 @@ fn drift_is_shown_apart_and_apply_restores_fields() {
     let changed = spec.replace("\"enabled\":true", "\"enabled\":false");
     assert_ne!(spec, changed);
     db.execute(
-        "UPDATE touchpoints SET spec = ?1, generation = generation + 1 WHERE id = 'sms'",
+        "UPDATE touchpoints SET live_spec = ?1, generation = generation + 1 WHERE id = 'sms'",
         [changed],
     )
     .unwrap();
@@ -701,7 +701,7 @@ fn a_hand_edited_saved_plan_is_refused() {
     p.run(&["plan", "--out", "plan.json"]).code(0);
     let edited = p
         .read("plan.json")
-        .replacen("\"batch_size\": 500", "\"batch_size\": 9999", 1);
+        .replacen("\"batch_size\":500", "\"batch_size\":9999", 1);
     assert_ne!(edited, p.read("plan.json"));
     p.write("plan.json", &edited);
     let run = p.run(&["apply", "plan.json"]);
