@@ -354,8 +354,8 @@ fn check_file(source: Source) -> Checked {
         loaded: Some(Loaded {
             touchpoint,
             spec,
-            file: source.name.clone(),
-            dir: source.dir.clone(),
+            file: source.name,
+            dir: source.dir,
         }),
         id_at,
         diagnostics: Vec::new(),
