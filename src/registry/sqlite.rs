@@ -183,6 +183,25 @@ fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Who holds the registry lock, if anyone.
+fn held_lock(conn: &Connection) -> rusqlite::Result<Option<LockInfo>> {
+    conn.query_row(
+        "SELECT lock_id, holder, pid, host, operation, acquired_at FROM lock WHERE singleton = 1",
+        [],
+        |r| {
+            Ok(LockInfo {
+                lock_id: r.get(0)?,
+                holder: r.get(1)?,
+                pid: r.get(2)?,
+                host: r.get(3)?,
+                operation: r.get(4)?,
+                acquired_at: r.get(5)?,
+            })
+        },
+    )
+    .optional()
+}
+
 /// Whether a process with this id runs on this host.
 fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -303,23 +322,7 @@ impl Registry for SqliteRegistry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let held: Option<LockInfo> = tx
-            .query_row(
-                "SELECT lock_id, holder, pid, host, operation, acquired_at FROM lock WHERE singleton = 1",
-                [],
-                |r| {
-                    Ok(LockInfo {
-                        lock_id: r.get(0)?,
-                        holder: r.get(1)?,
-                        pid: r.get(2)?,
-                        host: r.get(3)?,
-                        operation: r.get(4)?,
-                        acquired_at: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+        let held = held_lock(&tx).map_err(|e| self.err(e))?;
         let host = hostname();
         let recovered = match held {
             Some(h) if h.host == host && !process_alive(h.pid) => Some(h),
@@ -363,23 +366,7 @@ impl Registry for SqliteRegistry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let held: Option<LockInfo> = tx
-            .query_row(
-                "SELECT lock_id, holder, pid, host, operation, acquired_at FROM lock WHERE singleton = 1",
-                [],
-                |r| {
-                    Ok(LockInfo {
-                        lock_id: r.get(0)?,
-                        holder: r.get(1)?,
-                        pid: r.get(2)?,
-                        host: r.get(3)?,
-                        operation: r.get(4)?,
-                        acquired_at: r.get(5)?,
-                    })
-                },
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+        let held = held_lock(&tx).map_err(|e| self.err(e))?;
         match held {
             Some(h) if h.lock_id == lock_id => {
                 tx.execute("DELETE FROM lock WHERE lock_id = ?1", [lock_id])

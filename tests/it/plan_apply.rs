@@ -261,14 +261,7 @@ fn stale_saved_plan_is_refused_naming_each_touchpoint() {
             [],
         )
         .unwrap();
-    let before: String = p
-        .state_db()
-        .query_row(
-            "SELECT spec FROM touchpoints WHERE id = 'wecom-stores'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let before: String = p.query_one("SELECT spec FROM touchpoints WHERE id = 'wecom-stores'");
     let run = p.run(&["apply", "plan.json"]);
     run.code(1);
     assert!(
@@ -287,14 +280,7 @@ fn stale_saved_plan_is_refused_naming_each_touchpoint() {
     );
     assert!(!run.stderr.contains("wecom-stores"));
     // Nothing was applied, not even the untouched wecom change.
-    let after: String = p
-        .state_db()
-        .query_row(
-            "SELECT spec FROM touchpoints WHERE id = 'wecom-stores'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let after: String = p.query_one("SELECT spec FROM touchpoints WHERE id = 'wecom-stores'");
     assert_eq!(before, after);
 }
 
@@ -368,10 +354,7 @@ fn deletes_need_allow_delete_and_respect_protect_and_max_deletes() {
         "{}",
         run.stderr
     );
-    let count: i64 = p
-        .state_db()
-        .query_row("SELECT count(*) FROM touchpoints", [], |r| r.get(0))
-        .unwrap();
+    let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
     assert_eq!(count, 4);
 }
 
@@ -484,10 +467,7 @@ fn a_crashed_holders_lock_is_recovered() {
         "{}",
         run.stderr
     );
-    let locks: i64 = p
-        .state_db()
-        .query_row("SELECT count(*) FROM lock", [], |r| r.get(0))
-        .unwrap();
+    let locks: i64 = p.query_one("SELECT count(*) FROM lock");
     assert_eq!(locks, 0, "apply released its lock");
 }
 
@@ -589,10 +569,7 @@ fn apply_without_a_terminal_needs_auto_approve() {
         "{}",
         run.stderr
     );
-    let count: i64 = p
-        .state_db()
-        .query_row("SELECT count(*) FROM touchpoints", [], |r| r.get(0))
-        .unwrap();
+    let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
     assert_eq!(count, 0);
 }
 
@@ -677,14 +654,7 @@ fn apply_records_the_commit_it_came_from() {
         run.stdout
     );
     applied(&p);
-    let dirty: bool = p
-        .state_db()
-        .query_row(
-            "SELECT source_dirty FROM touchpoints WHERE id = 'sms'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let dirty: bool = p.query_one("SELECT source_dirty FROM touchpoints WHERE id = 'sms'");
     assert!(dirty);
 }
 
@@ -717,9 +687,6 @@ fn a_hand_edited_saved_plan_is_refused() {
         "{}",
         run.stderr
     );
-    let count: i64 = p
-        .state_db()
-        .query_row("SELECT count(*) FROM touchpoints", [], |r| r.get(0))
-        .unwrap();
+    let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
     assert_eq!(count, 0);
 }

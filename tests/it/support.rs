@@ -111,6 +111,13 @@ impl Project {
         }
     }
 
+    /// The single value a query of the state file returns.
+    pub fn query_one<T: rusqlite::types::FromSql>(&self, sql: &str) -> T {
+        self.state_db()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Opens the project's state file directly, to look at or tamper with it as another tool would.
     pub fn state_db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.path().join(".touchctl/state.db")).expect("open state db")
