@@ -7,7 +7,7 @@
 
 mod render;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -182,7 +182,7 @@ pub struct DesiredSpec<'a> {
 /// Compares desired (sorted by id) with live (sorted by id): one [`Change`] per touchpoint, and the drift.
 pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Drift>) {
     use rayon::prelude::*;
-    let live_by_id: BTreeMap<&str, &Live> = live.iter().map(|l| (l.id.as_str(), l)).collect();
+    let live_by_id: HashMap<&str, &Live> = live.iter().map(|l| (l.id.as_str(), l)).collect();
     let mut changes: Vec<Change> = desired
         .par_iter()
         .map(|d| match live_by_id.get(d.id) {
@@ -190,7 +190,7 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
             Some(l) => update(d, l),
         })
         .collect();
-    let desired_ids: std::collections::BTreeSet<&str> = desired.iter().map(|d| d.id).collect();
+    let desired_ids: HashSet<&str> = desired.iter().map(|d| d.id).collect();
     for l in live.iter().filter(|l| !desired_ids.contains(l.id.as_str())) {
         changes.push(Change {
             id: l.id.clone(),
@@ -206,7 +206,7 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
         });
     }
     changes.sort_by(|a, b| a.id.cmp(&b.id));
-    let drift = live.iter().filter_map(drift_of).collect();
+    let drift = live.par_iter().filter_map(drift_of).collect();
     (changes, drift)
 }
 
