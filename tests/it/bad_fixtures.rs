@@ -21,18 +21,6 @@ const BAD: &str = "tests/fixtures/bad";
 /// Fewer cases than this means fixtures were lost.
 const MIN_CASES: usize = 30;
 
-/// The secret fields of every kind, as dotted paths: a string in one of them is a literal secret.
-const SECRET_FIELDS: &[&str] = &[
-    "auth_token",
-    "signing_secret",
-    "auth.app_secret",
-    "auth.component_secret",
-    "auth.authorizer_refresh_token",
-    "secret",
-    "contact_secret",
-    "master_secret",
-];
-
 /// Cases that must hold a literal secret, one per kind, so the leak check cannot silently check nothing.
 const LITERAL_SECRET_CASES: &[&str] = &[
     "custom-literal-auth-token",
@@ -177,7 +165,7 @@ fn literal_secrets() -> Vec<(String, &'static str, String)> {
             let Ok(doc) = toml::from_str::<toml::Table>(&text) else {
                 continue;
             };
-            for field in SECRET_FIELDS {
+            for field in touchctl::model::SECRET_FIELDS {
                 if let Some(toml::Value::String(value)) = lookup(&doc, field) {
                     found.push((case.clone(), *field, value.clone()));
                 }

@@ -48,14 +48,7 @@ fn first_plan_creates_everything_then_apply_converges() {
     // Applying again changes nothing.
     let run = applied(&p);
     assert!(!run.stdout.contains("Apply complete"), "{}", run.stdout);
-    let gens: Vec<i64> = p
-        .state_db()
-        .prepare("SELECT generation FROM touchpoints")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let gens: Vec<i64> = p.query_all("SELECT generation FROM touchpoints");
     assert_eq!(gens, vec![1; 5]);
 }
 
@@ -504,19 +497,10 @@ fn concurrent_applies_do_not_corrupt_the_registry() {
         }
     }
     assert!(created <= 1, "the same touchpoints were created twice");
-    let db = p.state_db();
-    let ok: String = db
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
+    let ok: String = p.query_one("PRAGMA integrity_check");
     assert_eq!(ok, "ok");
     applied(&p);
-    let gens: Vec<i64> = db
-        .prepare("SELECT generation FROM touchpoints ORDER BY id")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let gens: Vec<i64> = p.query_all("SELECT generation FROM touchpoints ORDER BY id");
     assert_eq!(gens, vec![1; 5]);
 }
 

@@ -118,6 +118,15 @@ impl Project {
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// The first column of every row a query of the state file returns.
+    pub fn query_all<T: rusqlite::types::FromSql>(&self, sql: &str) -> Vec<T> {
+        let db = self.state_db();
+        let mut stmt = db.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        stmt.query_map([], |r| r.get(0))
+            .and_then(|rows| rows.collect())
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     /// Opens the project's state file directly, to look at or tamper with it as another tool would.
     pub fn state_db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.path().join(".touchctl/state.db")).expect("open state db")
