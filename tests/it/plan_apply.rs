@@ -674,3 +674,39 @@ fn a_hand_edited_saved_plan_is_refused() {
     let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
     assert_eq!(count, 0);
 }
+
+/// The JSON plan document, whole: what CI scripts and saved plans rely on.
+#[test]
+fn json_plan_snapshot() {
+    let p = Project::with_samples();
+    applied(&p);
+    set(
+        &p,
+        "touchpoints/channels/getui.toml",
+        "ttl = \"1d\"",
+        "ttl = \"12h\"",
+    );
+    p.write(
+        "secrets/sandbox/getui_master_secret",
+        "rotated-master-secret\n",
+    );
+    p.remove("touchpoints/channels/wecom.toml");
+    let run = p.run(&["plan", "--format", "json"]);
+    run.code(0);
+    let mut doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    // What differs from run to run.
+    doc["created_at"] = "[created_at]".into();
+    doc["registry"]["id"] = "[registry id]".into();
+    for change in doc["changes"].as_array_mut().unwrap() {
+        if let Some(fps) = change
+            .get_mut("fingerprints")
+            .and_then(|f| f.as_object_mut())
+        {
+            for v in fps.values_mut() {
+                assert!(v.as_str().unwrap().starts_with("hmac-sha256:"));
+                *v = "[fingerprint]".into();
+            }
+        }
+    }
+    insta::assert_snapshot!("json_plan", serde_json::to_string_pretty(&doc).unwrap());
+}
