@@ -44,6 +44,17 @@ pub const SECRET_FIELDS: &[&str] = &[
     "master_secret",
 ];
 
+/// The keys of [`Common`], which [`Touchpoint::from_json`] separates from the kind's own.
+const COMMON_FIELDS: &[&str] = &[
+    "id",
+    "name",
+    "category",
+    "enabled",
+    "protect",
+    "description",
+    "labels",
+];
+
 /// Pattern every touchpoint id must match.
 pub const ID_PATTERN: &str = r"^[a-z][a-z0-9_-]{0,62}$";
 
@@ -158,22 +169,33 @@ impl KindSpec {
 }
 
 impl Touchpoint {
-    /// Reads a touchpoint from its JSON form without buffering: the common fields and the kind's
-    /// fields are each read from the same object. (Unknown fields are the schema's job: the kind
-    /// structs ignore the fields they do not own.)
-    pub fn from_json(doc: &serde_json::Value) -> Result<Self, serde_json::Error> {
+    /// Reads a touchpoint from its JSON form, taking the values over instead of copying them: the
+    /// common fields are moved into one table and the rest is read as the kind's fields. (Unknown
+    /// fields are the schema's job: the kind structs ignore the fields they do not own.)
+    pub fn from_json(doc: serde_json::Value) -> Result<Self, serde_json::Error> {
         use serde::de::Error;
-        let common = Common::deserialize(doc)?;
-        let spec = match doc.get("kind").and_then(serde_json::Value::as_str) {
-            Some("custom") => KindSpec::Custom(CustomSpec::deserialize(doc)?),
+        let serde_json::Value::Object(mut rest) = doc else {
+            return Err(Error::custom("a touchpoint must be a table"));
+        };
+        type Read = fn(serde_json::Value) -> Result<KindSpec, serde_json::Error>;
+        let read_kind: Read = match rest.get("kind").and_then(serde_json::Value::as_str) {
+            Some("custom") => |v| CustomSpec::deserialize(v).map(KindSpec::Custom),
             Some("wechat_official_account") => {
-                KindSpec::WechatOfficialAccount(WechatOaSpec::deserialize(doc)?)
+                |v| WechatOaSpec::deserialize(v).map(KindSpec::WechatOfficialAccount)
             }
-            Some("wecom") => KindSpec::Wecom(WecomSpec::deserialize(doc)?),
-            Some("app_push") => KindSpec::AppPush(AppPushSpec::deserialize(doc)?),
+            Some("wecom") => |v| WecomSpec::deserialize(v).map(KindSpec::Wecom),
+            Some("app_push") => |v| AppPushSpec::deserialize(v).map(KindSpec::AppPush),
             Some(other) => return Err(Error::custom(format!("unknown kind `{other}`"))),
             None => return Err(Error::missing_field("kind")),
         };
+        let mut common = serde_json::Map::new();
+        for field in COMMON_FIELDS {
+            if let Some((key, value)) = rest.remove_entry(*field) {
+                common.insert(key, value);
+            }
+        }
+        let common = Common::deserialize(serde_json::Value::Object(common))?;
+        let spec = read_kind(serde_json::Value::Object(rest))?;
         Ok(Self { common, spec })
     }
 
@@ -289,7 +311,21 @@ mod tests {
         assert_eq!(back["kind"], tp.spec.name());
         assert_eq!(back["batch_size"], 100);
         assert_eq!(back["retry"]["max_backoff"], "10m");
-        assert_eq!(Touchpoint::from_json(&back).unwrap(), tp);
+        assert_eq!(Touchpoint::from_json(back).unwrap(), tp);
+    }
+
+    #[test]
+    fn common_fields_are_the_fields_of_common() {
+        let schema = schemars::schema_for!(Common);
+        let mut props: Vec<&str> = schema
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .map(|p| p.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        let mut listed = COMMON_FIELDS.to_vec();
+        props.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(props, listed);
     }
 
     #[test]
