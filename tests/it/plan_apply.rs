@@ -36,12 +36,7 @@ fn first_plan_creates_everything_then_apply_converges() {
             .starts_with("Plan: 5 to create, 0 to update, 0 to delete, 0 unchanged.")
     );
     let run = applied(&p);
-    assert!(
-        run.stdout
-            .contains("Apply complete: 5 created, 0 updated, 0 deleted."),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("Apply complete: 5 created, 0 updated, 0 deleted.");
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(0);
     assert!(run.stdout.contains("No changes"));
@@ -126,12 +121,7 @@ fn secrets_never_appear_in_any_output_or_in_the_state() {
         "rotated-secret-value-93e1\n",
     );
     let run = p.run(&["plan"]);
-    assert!(
-        run.stdout
-            .contains("~ auth_token: (sensitive value changed)"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("~ auth_token: (sensitive value changed)");
     seen += &run.all();
     seen += &p.run(&["plan", "--format", "json"]).all();
     seen += &p.run(&["apply", "--auto-approve"]).all();
@@ -165,11 +155,7 @@ fn env_secret_missing_is_a_clear_error() {
     );
     let run = p.run(&["plan"]);
     run.code(1);
-    assert!(
-        run.stderr.contains("touchpoints/custom/sms.toml: `auth_token` { env = \"TOUCHCTL_TEST_SMS_TOKEN\" }: environment variable TOUCHCTL_TEST_SMS_TOKEN is not set"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("touchpoints/custom/sms.toml: `auth_token` { env = \"TOUCHCTL_TEST_SMS_TOKEN\" }: environment variable TOUCHCTL_TEST_SMS_TOKEN is not set");
     let out = p
         .command(&["plan"])
         .env("TOUCHCTL_TEST_SMS_TOKEN", "from-the-environment-55")
@@ -210,12 +196,7 @@ fn saved_plan_applies_exactly_what_was_planned() {
     // Applying the same plan twice is refused: sms moved on since.
     let run = p.run(&["apply", "plan.json"]);
     run.code(1);
-    assert!(
-        run.stderr
-            .contains("sms: planned against generation 1, now generation 2"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("sms: planned against generation 1, now generation 2");
 }
 
 #[test]
@@ -257,12 +238,7 @@ fn stale_saved_plan_is_refused_naming_each_touchpoint() {
     let before: String = p.query_one("SELECT spec FROM touchpoints WHERE id = 'wecom-stores'");
     let run = p.run(&["apply", "plan.json"]);
     run.code(1);
-    assert!(
-        run.stderr
-            .contains("the plan is stale: 2 touchpoint(s) changed"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("the plan is stale: 2 touchpoint(s) changed");
     assert!(
         run.stderr
             .contains("app-push: planned against generation 1, now generation 7")
@@ -283,11 +259,7 @@ fn saved_plan_for_another_registry_is_refused() {
     p.run(&["plan", "--out", "plan.json"]).code(0);
     let run = p.run(&["--state", "other.db", "apply", "plan.json"]);
     run.code(1);
-    assert!(
-        run.stderr.contains("this plan was made against registry"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("this plan was made against registry");
 }
 
 #[test]
@@ -296,14 +268,10 @@ fn deletes_need_allow_delete_and_respect_protect_and_max_deletes() {
     applied(&p);
     p.remove("touchpoints/channels/getui.toml");
     let run = p.run(&["plan"]);
-    assert!(
-        run.stdout.contains("- delete app-push (app_push)"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("- delete app-push (app_push)");
     let run = p.run(&["apply", "--auto-approve"]);
     run.code(1);
-    assert!(run.stderr.contains("pass --allow-delete"), "{}", run.stderr);
+    run.stderr_has("pass --allow-delete");
     p.run(&["apply", "--auto-approve", "--allow-delete"])
         .code(0);
     assert!(p.run(&["plan"]).stdout.contains("No changes"));
@@ -311,20 +279,10 @@ fn deletes_need_allow_delete_and_respect_protect_and_max_deletes() {
     // A protected touchpoint is never deleted.
     p.remove("touchpoints/custom/points.toml");
     let run = p.run(&["plan"]);
-    assert!(
-        run.stdout
-            .contains("it is protected: apply will refuse to delete it"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("it is protected: apply will refuse to delete it");
     let run = p.run(&["apply", "--auto-approve", "--allow-delete"]);
     run.code(1);
-    assert!(
-        run.stderr
-            .contains("loyalty-points: is protected (protect = true)"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("loyalty-points: is protected (protect = true)");
 
     // Mass prune guard.
     p.remove("touchpoints/custom/sms.toml");
@@ -341,14 +299,8 @@ fn deletes_need_allow_delete_and_respect_protect_and_max_deletes() {
         "1",
     ]);
     run.code(1);
-    assert!(
-        run.stderr
-            .contains("the plan deletes 2 touchpoints, more than --max-deletes 1"),
-        "{}",
-        run.stderr
-    );
-    let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
-    assert_eq!(count, 4);
+    run.stderr_has("the plan deletes 2 touchpoints, more than --max-deletes 1");
+    assert_eq!(p.touchpoint_count(), 4);
 }
 
 #[test]
@@ -375,12 +327,7 @@ fn drift_is_shown_apart_and_apply_restores_fields() {
     .unwrap();
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(2);
-    assert!(
-        run.stdout
-            .contains("Plan: 0 to create, 1 to update, 0 to delete, 4 unchanged."),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("Plan: 0 to create, 1 to update, 0 to delete, 4 unchanged.");
     assert!(run.stdout.contains("~ update sms (custom)"));
     assert!(run.stdout.contains("    ~ enabled: false → true"));
     let drift = run.stdout.split("Drift").nth(1).expect("a drift section");
@@ -454,12 +401,7 @@ fn a_crashed_holders_lock_is_recovered() {
         "batch_size = 200",
     );
     let run = applied(&p);
-    assert!(
-        run.stderr
-            .contains("recovered the registry lock left by a process that is gone"),
-        "{}",
-        run.stderr
-    );
+    run.stderr_has("recovered the registry lock left by a process that is gone");
     let locks: i64 = p.query_one("SELECT count(*) FROM lock");
     assert_eq!(locks, 0, "apply released its lock");
 }
@@ -517,14 +459,9 @@ fn a_failure_mid_apply_reports_what_landed_and_rerun_converges() {
         .unwrap();
     let run = p.run(&["apply", "--auto-approve"]);
     run.code(1);
-    assert!(run.stdout.contains("create sms: FAILED:"), "{}", run.stdout);
+    run.stdout_has("create sms: FAILED:");
     assert!(run.stdout.contains("disk quota exceeded"));
-    assert!(
-        run.stdout
-            .contains("Apply incomplete: 4 of 5 change(s) landed"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("Apply incomplete: 4 of 5 change(s) landed");
     assert!(
         run.stdout
             .contains("landed: app-push, loyalty-points, wechat-oa, wecom-stores")
@@ -553,8 +490,7 @@ fn apply_without_a_terminal_needs_auto_approve() {
         "{}",
         run.stderr
     );
-    let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
-    assert_eq!(count, 0);
+    assert_eq!(p.touchpoint_count(), 0);
 }
 
 #[test]
@@ -573,12 +509,7 @@ fn an_invalid_tree_changes_nothing() {
     );
     let run = p.run(&["apply", "--auto-approve"]);
     run.code(1);
-    assert!(
-        run.stdout
-            .contains("touchpoints/broken.toml:2:1: error[missing-field]"),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has("touchpoints/broken.toml:2:1: error[missing-field]");
     assert!(run.stderr.contains("nothing was changed"));
     let spec: String = p
         .state_db()
@@ -632,11 +563,7 @@ fn apply_records_the_commit_it_came_from() {
         "batch_size = 200",
     );
     let run = p.run(&["plan"]);
-    assert!(
-        run.stdout.contains(&format!("[live from {}]", &head[..10])),
-        "{}",
-        run.stdout
-    );
+    run.stdout_has(&format!("[live from {}]", &head[..10]));
     applied(&p);
     let dirty: bool = p.query_one("SELECT source_dirty FROM touchpoints WHERE id = 'sms'");
     assert!(dirty);
@@ -660,19 +587,9 @@ fn a_hand_edited_saved_plan_is_refused() {
     p.write("plan.json", &edited);
     let run = p.run(&["apply", "plan.json"]);
     run.code(1);
-    assert!(
-        run.stderr
-            .contains("the plan file holds invalid touchpoints"),
-        "{}",
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("`batch_size` must be between 1 and"),
-        "{}",
-        run.stderr
-    );
-    let count: i64 = p.query_one("SELECT count(*) FROM touchpoints");
-    assert_eq!(count, 0);
+    run.stderr_has("the plan file holds invalid touchpoints");
+    run.stderr_has("`batch_size` must be between 1 and");
+    assert_eq!(p.touchpoint_count(), 0);
 }
 
 /// The JSON plan document, whole: what CI scripts and saved plans rely on.

@@ -32,6 +32,28 @@ impl Run {
         self
     }
 
+    /// Asserts that standard output contains `text`, showing it when it does not.
+    #[track_caller]
+    pub fn stdout_has(&self, text: &str) -> &Self {
+        assert!(
+            self.stdout.contains(text),
+            "no {text:?} in stdout:\n{}",
+            self.stdout
+        );
+        self
+    }
+
+    /// Asserts that standard error contains `text`, showing it when it does not.
+    #[track_caller]
+    pub fn stderr_has(&self, text: &str) -> &Self {
+        assert!(
+            self.stderr.contains(text),
+            "no {text:?} in stderr:\n{}",
+            self.stderr
+        );
+        self
+    }
+
     /// Standard output and standard error together.
     pub fn all(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)
@@ -125,6 +147,11 @@ impl Project {
         stmt.query_map([], |r| r.get(0))
             .and_then(|rows| rows.collect())
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// How many touchpoints the registry holds.
+    pub fn touchpoint_count(&self) -> i64 {
+        self.query_one("SELECT count(*) FROM touchpoints")
     }
 
     /// Opens the project's state file directly, to look at or tamper with it as another tool would.
