@@ -112,6 +112,7 @@ fn main() {
         let opts = ApplyOptions {
             allow_delete: false,
             max_deletes: 0,
+            allow_dirty: true,
             applied_by: "bench@localhost".into(),
         };
         let outcomes = apply::execute(&plan, &registry, &opts, &mut |_| {});

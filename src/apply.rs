@@ -13,6 +13,8 @@ pub struct ApplyOptions {
     pub allow_delete: bool,
     /// At most this many deletes in one apply.
     pub max_deletes: usize,
+    /// Apply files with uncommitted changes (recorded as from a dirty tree).
+    pub allow_dirty: bool,
     /// Recorded as who applied (`user@host`).
     pub applied_by: String,
 }
@@ -32,6 +34,11 @@ pub enum Refused {
         /// This registry's id.
         this: String,
     },
+    /// The saved plan compares the files with a git revision, not with a registry.
+    #[error(
+        "this plan compares the files with `{0}` (plan --base), not with a registry, so it cannot be applied: run `touchctl plan --out FILE` against the registry and apply that"
+    )]
+    Review(String),
     /// The saved plan's format is not one this build reads.
     #[error("this plan has format_version {0}; this touchctl applies format_version {version}: make the plan again with this touchctl", version = crate::plan::FORMAT_VERSION)]
     Format(String),
@@ -44,6 +51,11 @@ pub enum Refused {
     /// Guards on deletes.
     #[error("apply refused:\n{}", .0.join("\n"))]
     Guards(Vec<String>),
+    /// The files have uncommitted changes, so the registry could not record where they came from.
+    #[error(
+        "the touchpoint folder has uncommitted changes (see `git status`), so the registry could not record which commit each touchpoint came from: commit them first, or pass --allow-dirty to apply them anyway (recorded as a dirty tree)"
+    )]
+    Dirty,
 }
 
 /// How one change went.
@@ -62,10 +74,17 @@ pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> 
     if plan.format_version != crate::plan::FORMAT_VERSION {
         return Err(Refused::Format(plan.format_version.clone()));
     }
-    if plan.registry.id != registry.registry_id() {
+    let Some(made_against) = &plan.registry else {
+        let rev = plan
+            .base
+            .as_ref()
+            .map_or("a git revision", |b| b.rev.as_str());
+        return Err(Refused::Review(rev.to_string()));
+    };
+    if made_against.id != registry.registry_id() {
         return Err(Refused::OtherRegistry {
-            plan: plan.registry.id.clone(),
-            backend: plan.registry.backend.clone(),
+            plan: made_against.id.clone(),
+            backend: made_against.backend.clone(),
             this: registry.registry_id().to_string(),
         });
     }
@@ -121,6 +140,9 @@ pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> 
 
 /// Checks the delete guards: `--allow-delete`, `--max-deletes`, `protect = true`.
 pub fn check_guards(plan: &Plan, opts: &ApplyOptions) -> Result<(), Refused> {
+    if plan.source.dirty && !opts.allow_dirty {
+        return Err(Refused::Dirty);
+    }
     let deletes: Vec<&Change> = plan
         .changes
         .iter()

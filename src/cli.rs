@@ -76,6 +76,8 @@ pub enum PlanFormat {
     Text,
     /// The versioned JSON plan document (see the README).
     Json,
+    /// A pull-request comment: summary table with risk flags, details folded (under 65,000 characters).
+    Markdown,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +110,11 @@ pub enum Command {
         /// Exit 0 when there are no changes, 1 on error, 2 when there are changes.
         #[arg(long)]
         detailed_exitcode: bool,
+        /// Compare the files at this git revision (branch, tag, commit) with the work tree instead
+        /// of the registry: the pull-request view. Reads git objects, no checkout, no registry;
+        /// secrets are compared by reference only.
+        #[arg(long, value_name = "REV", conflicts_with = "out")]
+        base: Option<String>,
     },
     /// Make the registry match the files: a saved plan exactly, or plan, confirm and apply.
     Apply {
@@ -123,6 +130,26 @@ pub enum Command {
         /// Refuse to apply a plan with more deletes than this.
         #[arg(long, default_value_t = 5, value_name = "N")]
         max_deletes: usize,
+        /// Apply even though the touchpoint folder has uncommitted changes (the registry records
+        /// the commit with "dirty").
+        #[arg(long)]
+        allow_dirty: bool,
+    },
+    /// Write the TOML file of a live touchpoint that has no file yet, to bring it under code.
+    ///
+    /// The file gets the `#:schema` line, secret references (never values), the canonical field
+    /// order and no defaults, so that `touchctl plan` then shows no change for it.
+    Import {
+        /// The ids of the live touchpoints to import.
+        #[arg(conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Import every live touchpoint that no file describes.
+        #[arg(long)]
+        all: bool,
+        /// Where to write the file (one id only). Default: the file the touchpoint was applied
+        /// from, when that was under --dir; otherwise `<dir>/<id>.toml`.
+        #[arg(long, value_name = "FILE", conflicts_with = "all")]
+        out: Option<PathBuf>,
     },
     /// Remove the registry lock left by a writer that is gone for good.
     ///

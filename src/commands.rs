@@ -9,8 +9,8 @@ use serde_json::json;
 
 use touchctl::apply::{self, ApplyOptions, Outcome};
 use touchctl::load::{self, Diagnostic, LoadError};
-use touchctl::plan::{Action, Plan, TextOptions, render_text};
-use touchctl::planner::{TreeError, plan_dir};
+use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
+use touchctl::planner::{BaseError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
 
@@ -33,12 +33,20 @@ pub fn run(cli: Cli) -> Result<u8> {
             format,
             out,
             detailed_exitcode,
-        } => plan_cmd(g, *format, out.as_deref(), *detailed_exitcode),
+            base,
+        } => plan_cmd(
+            g,
+            *format,
+            out.as_deref(),
+            *detailed_exitcode,
+            base.as_deref(),
+        ),
         Command::Apply {
             plan,
             auto_approve,
             allow_delete,
             max_deletes,
+            allow_dirty,
         } => apply_cmd(
             g,
             plan.as_deref(),
@@ -46,9 +54,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             ApplyOptions {
                 allow_delete: *allow_delete,
                 max_deletes: *max_deletes,
+                allow_dirty: *allow_dirty,
                 applied_by: whoami(),
             },
         ),
+        Command::Import { ids, all, out } => import_cmd(g, ids, *all, out.as_deref()),
         Command::ForceUnlock { lock_id } => {
             let registry = open_registry(g)?;
             let held = registry.force_unlock(lock_id)?;
@@ -181,14 +191,50 @@ fn schema_cmd(check: bool, out: &Path) -> Result<u8> {
     }
 }
 
+/// Plans the work tree against the files at git revision `rev`; on invalid files (on either side)
+/// prints every diagnostic and returns `None`.
+fn plan_against_base(g: &Global, rev: &str) -> Result<Option<Plan>> {
+    match plan_base(&g.dir, rev) {
+        Ok((desired, plan)) => {
+            if desired.touchpoints.is_empty() && !g.quiet {
+                eprintln!(
+                    "warning: no touchpoint files (*.toml) under {}",
+                    g.dir.display()
+                );
+            }
+            Ok(Some(plan))
+        }
+        Err(BaseError::Head(LoadError::Invalid(diagnostics))) => {
+            report_invalid(&diagnostics);
+            Ok(None)
+        }
+        Err(BaseError::Base { rev, diagnostics }) => {
+            for d in &diagnostics {
+                println!("{d}");
+            }
+            eprintln!(
+                "error: the touchpoint files at `{rev}` have {} problem(s) in {} file(s), so the work tree cannot be compared with them. Compare with a revision whose files are valid.",
+                diagnostics.len(),
+                count_files(&diagnostics)
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn plan_cmd(
     g: &Global,
     format: PlanFormat,
     out: Option<&Path>,
     detailed_exitcode: bool,
+    base: Option<&str>,
 ) -> Result<u8> {
-    let registry = open_registry(g)?;
-    let Some(plan) = plan_tree(g, &registry)? else {
+    let plan = match base {
+        Some(rev) => plan_against_base(g, rev)?,
+        None => plan_tree(g, &open_registry(g)?)?,
+    };
+    let Some(plan) = plan else {
         return Ok(FAILED);
     };
     if let Some(path) = out {
@@ -198,6 +244,7 @@ fn plan_cmd(
     }
     match format {
         PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        PlanFormat::Markdown => print!("{}", render_markdown(&plan)),
         PlanFormat::Text => {
             print!("{}", render_text(&plan, TextOptions { color: color(g) }));
             if g.verbose {
@@ -340,4 +387,207 @@ fn apply_cmd(
         failed_ids.join(", ")
     );
     Ok(FAILED)
+}
+
+fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Result<u8> {
+    if ids.is_empty() && !all {
+        bail!(
+            "name the live touchpoints to import (`touchctl import ID...`), or pass --all to import every live touchpoint that has no file"
+        );
+    }
+    if out.is_some() && ids.len() > 1 {
+        bail!(
+            "--out names one file, but {} ids were given: import them one at a time with --out, or leave --out away to write <dir>/<id>.toml",
+            ids.len()
+        );
+    }
+    let registry = open_registry(g)?;
+    let desired = match load::load_dir(&g.dir) {
+        Ok(d) => d,
+        Err(LoadError::NoDir(_)) => load::Desired::default(),
+        Err(LoadError::Invalid(diagnostics)) => {
+            for d in &diagnostics {
+                println!("{d}");
+            }
+            eprintln!(
+                "error: {} problem(s) in {} file(s): fix them first, so that import knows which touchpoints the files already describe",
+                diagnostics.len(),
+                count_files(&diagnostics)
+            );
+            return Ok(FAILED);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let described: std::collections::HashMap<&str, &str> = desired
+        .touchpoints
+        .iter()
+        .map(|l| (l.touchpoint.id(), l.file.as_str()))
+        .collect();
+    let live = registry.list()?;
+    let mut problems = Vec::new();
+    let targets: Vec<&touchctl::registry::Live> = if all {
+        live.iter()
+            .filter(|l| !described.contains_key(l.id.as_str()))
+            .collect()
+    } else {
+        ids.iter()
+            .filter_map(|id| {
+                if let Some(file) = described.get(id.as_str()) {
+                    problems.push(format!(
+                        "`{id}` is already described by {file}: edit that file instead"
+                    ));
+                    return None;
+                }
+                let found = live.iter().find(|l| &l.id == id);
+                if found.is_none() {
+                    let near = live
+                        .iter()
+                        .map(|l| (strsim::jaro_winkler(id, &l.id), l.id.as_str()))
+                        .filter(|(score, _)| *score > 0.8)
+                        .max_by(|a, b| a.0.total_cmp(&b.0));
+                    problems.push(match near {
+                        Some((_, other)) => format!(
+                            "no live touchpoint `{id}` in {} (did you mean `{other}`?)",
+                            registry.describe()
+                        ),
+                        None => format!(
+                            "no live touchpoint `{id}` in {}: `touchctl plan` lists the live ones",
+                            registry.describe()
+                        ),
+                    });
+                }
+                found
+            })
+            .collect()
+    };
+    if all && targets.is_empty() && !g.quiet {
+        println!("Nothing to import: every live touchpoint already has a file.");
+    }
+    let mut written = 0;
+    for live in targets {
+        let path = match out {
+            Some(p) => p.to_path_buf(),
+            None => default_import_path(&g.dir, live),
+        };
+        match import_one(live, &path, &registry) {
+            Ok(warnings) => {
+                written += 1;
+                println!(
+                    "wrote {} ({} `{}`, generation {})",
+                    path.display(),
+                    live.kind,
+                    live.id,
+                    live.generation
+                );
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+            }
+            Err(e) => problems.push(format!("{}: {e:#}", live.id)),
+        }
+    }
+    if written > 0 && !g.quiet {
+        println!(
+            "\nNext: `touchctl validate && touchctl plan` shows no change for the imported touchpoint(s); review and commit the file(s)."
+        );
+    }
+    for p in &problems {
+        eprintln!("error: {p}");
+    }
+    Ok(if problems.is_empty() { OK } else { FAILED })
+}
+
+/// Where an imported touchpoint goes: back to the file it was applied from, when that was under the
+/// touchpoint folder and is free; otherwise `<dir>/<id>.toml`.
+fn default_import_path(dir: &Path, live: &touchctl::registry::Live) -> std::path::PathBuf {
+    let lexical = |p: &Path| {
+        p.components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .collect::<std::path::PathBuf>()
+    };
+    live.source
+        .file
+        .as_deref()
+        .map(Path::new)
+        .filter(|f| {
+            f.extension().is_some_and(|x| x == "toml")
+                && !f.exists()
+                && lexical(f).starts_with(lexical(dir))
+                && !f
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+        })
+        .map_or_else(|| dir.join(format!("{}.toml", live.id)), Path::to_path_buf)
+}
+
+/// Writes one live touchpoint's file (never over an existing file), then reads it back as plan
+/// would: the spec must come back identical, and every secret reference should resolve to the
+/// value the registry holds (by fingerprint); anything else is returned as a warning.
+fn import_one(
+    live: &touchctl::registry::Live,
+    path: &Path,
+    registry: &dyn Registry,
+) -> Result<Vec<String>> {
+    let touchctl::import::Rendered { text, rebased } =
+        touchctl::import::render(live, path, Path::new(schema::DEFAULT_PATH))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                anyhow::anyhow!(
+                    "{} already exists; import does not overwrite files: move it away or pass --out",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("cannot write {}: {e}", path.display())
+            }
+        })?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let source = load::Source {
+        name: path.display().to_string(),
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        text,
+    };
+    let back = match load::load_sources(vec![Ok(source)]) {
+        Ok(back) => back,
+        Err(LoadError::Invalid(d)) => bail!(
+            "the written file does not read back ({}); this is a touchctl bug, please report it",
+            d.first().map(|d| d.to_string()).unwrap_or_default()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let mut warnings: Vec<String> = rebased
+        .into_iter()
+        .map(|note| format!("{}: {note}", path.display()))
+        .collect();
+    if warnings.is_empty() && back.touchpoints.first().map(|l| &l.spec) != Some(live.spec()) {
+        warnings.push(format!(
+            "{}: the file does not reproduce the live spec exactly; `touchctl plan` will show the difference",
+            path.display()
+        ));
+    }
+    match touchctl::planner::fingerprints(&back, registry) {
+        Ok(fps) => {
+            for (field, fp) in fps.first().into_iter().flatten() {
+                if live.fingerprints.get(field) != Some(fp) {
+                    warnings.push(format!(
+                        "{}: `{field}` resolves here to another value than the live one (by fingerprint); `touchctl plan` will show it as changed",
+                        path.display()
+                    ));
+                }
+            }
+        }
+        Err(e) => warnings.push(format!(
+            "{}: {e}\n  `touchctl plan` needs these secrets; provide them before planning",
+            path.display()
+        )),
+    }
+    Ok(warnings)
 }

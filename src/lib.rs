@@ -9,13 +9,15 @@
 //! | [`schema`] | the JSON Schema generated from [`model`], its file and freshness check |
 //! | [`load`] | reading a tree of files, TOML spans, schema and cross-file checks, diagnostics |
 //! | [`registry`] | the live state: the `Registry` trait, its SQLite backend, locking, generations |
-//! | [`plan`] | the pure diff of desired against live, and its text and JSON renderings |
+//! | [`plan`] | the pure diff of desired against live, and its text, markdown and JSON renderings |
 //! | [`planner`] | gathering a plan's inputs: secret fingerprints, the live state |
 //! | [`apply`] | running a plan against the registry, with per-change outcomes |
-//! | [`git`] | what commit the files came from |
+//! | [`git`] | what commit the files came from; the files at another revision |
+//! | [`import`] | writing the TOML file of a live touchpoint |
 
 pub mod apply;
 pub mod git;
+pub mod import;
 pub mod load;
 pub mod model;
 pub mod plan;

@@ -141,22 +141,124 @@ fn plan_against(
     let (changes, drift) = plan::diff(&specs, &live);
     // Many small allocations: free them on all cores.
     live.into_par_iter().for_each(drop);
-    let head = crate::git::head(dir);
     Ok(Plan {
         format_version: plan::FORMAT_VERSION.into(),
         touchctl_version: env!("CARGO_PKG_VERSION").into(),
         created_at: now(),
-        registry: RegistryRef {
+        registry: Some(RegistryRef {
             id: registry.registry_id().to_string(),
             backend: registry.describe(),
-        },
-        source: Source {
-            dir: dir.display().to_string(),
-            commit: head.as_ref().and_then(|h| h.commit.clone()),
-            dirty: head.is_some_and(|h| h.dirty),
-        },
+        }),
+        base: None,
+        source: source_of(dir),
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
     })
+}
+
+fn source_of(dir: &Path) -> Source {
+    let head = crate::git::head(dir);
+    Source {
+        dir: dir.display().to_string(),
+        commit: head.as_ref().and_then(|h| h.commit.clone()),
+        dirty: head.is_some_and(|h| h.dirty),
+    }
+}
+
+/// Why the work tree could not be planned against a git revision.
+#[derive(Debug, thiserror::Error)]
+pub enum BaseError {
+    /// The revision could not be read.
+    #[error(transparent)]
+    Git(#[from] crate::git::GitError),
+    /// The work tree's files could not be loaded, or have problems.
+    #[error(transparent)]
+    Head(crate::load::LoadError),
+    /// The files at the revision have problems (listed, named `REV:path`).
+    #[error("the touchpoint files at `{rev}` have {} problem(s), so they cannot be compared", .diagnostics.len())]
+    Base {
+        /// The revision.
+        rev: String,
+        /// Every problem, with `path` prefixed by the revision.
+        diagnostics: Vec<crate::load::Diagnostic>,
+    },
+}
+
+/// The review view: the touchpoints under `dir` at git revision `rev` stand in for the live state,
+/// and the work tree is the desired state. No registry is read and no secret is resolved: secrets
+/// compare by their references. A touchpoint whose file moved keeps its id, so it is a no-op (or an
+/// update) with `moved_from`, not a delete and a create.
+pub fn plan_base(dir: &Path, rev: &str) -> Result<(Desired, Plan), BaseError> {
+    let (revision, sources) = crate::git::sources_at(dir, rev)?;
+    let (head, base) = rayon::join(
+        || crate::load::load_dir(dir),
+        || crate::load::load_sources(sources),
+    );
+    let head = head.map_err(BaseError::Head)?;
+    let base = match base {
+        Ok(base) => base,
+        Err(crate::load::LoadError::Invalid(mut diagnostics)) => {
+            for d in &mut diagnostics {
+                d.path = format!("{rev}:{}", d.path);
+            }
+            return Err(BaseError::Base {
+                rev: rev.to_string(),
+                diagnostics,
+            });
+        }
+        Err(e) => return Err(BaseError::Head(e)),
+    };
+    let live: Vec<crate::registry::Live> = base
+        .touchpoints
+        .iter()
+        .map(|l| crate::registry::Live {
+            id: l.touchpoint.id().to_string(),
+            kind: l.touchpoint.spec.name().to_string(),
+            applied_spec: l.spec.clone(),
+            drifted_spec: None,
+            fingerprints: BTreeMap::new(),
+            generation: 0,
+            paused: false,
+            applied_at: String::new(),
+            applied_by: String::new(),
+            source: crate::registry::Provenance {
+                commit: Some(revision.commit.clone()),
+                dirty: false,
+                file: Some(l.file.clone()),
+            },
+        })
+        .collect();
+    let specs: Vec<DesiredSpec<'_>> = head
+        .touchpoints
+        .iter()
+        .map(|l| DesiredSpec {
+            id: l.touchpoint.id(),
+            kind: l.touchpoint.spec.name(),
+            file: &l.file,
+            spec: &l.spec,
+            protect: l.touchpoint.common.protect,
+            fingerprints: BTreeMap::new(),
+        })
+        .collect();
+    let (mut changes, drift) = plan::diff(&specs, &live);
+    for c in &mut changes {
+        // There is no registry, so no generation to compare and swap.
+        c.live_generation = None;
+    }
+    let plan = Plan {
+        format_version: plan::FORMAT_VERSION.into(),
+        touchctl_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: now(),
+        registry: None,
+        base: Some(plan::BaseRef {
+            rev: revision.rev,
+            commit: revision.commit,
+        }),
+        source: source_of(dir),
+        summary: plan::summarize(&changes, &drift),
+        changes,
+        drift,
+    };
+    Ok((head, plan))
 }

@@ -112,16 +112,20 @@ pub fn load_dir(dir: &Path) -> Result<Desired, LoadError> {
     // One pass per file, read and check together, so each file is parsed while it is in cache.
     let checked = files
         .par_iter()
-        .map(|path| match read_source(path) {
-            Ok(source) => check_file(source),
-            Err(d) => Checked {
-                loaded: None,
-                id_at: (1, 1),
-                diagnostics: vec![d],
-            },
-        })
+        .map(|path| checked(read_source(path)))
         .collect();
     combine(checked)
+}
+
+fn checked(source: Result<Source, Diagnostic>) -> Checked {
+    match source {
+        Ok(source) => check_file(source),
+        Err(d) => Checked {
+            loaded: None,
+            id_at: (1, 1),
+            diagnostics: vec![d],
+        },
+    }
 }
 
 /// Reads a whole file. Touchpoint files are small: reading into a reusable buffer per thread, then
@@ -154,18 +158,20 @@ fn read_source(path: &Path) -> Result<Source, Diagnostic> {
     let name = path.display().to_string();
     let bytes = read_small(path)
         .map_err(|e| file_diag(&name, "io", format!("cannot read the file: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|_| {
-        file_diag(
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    source_from_bytes(name, dir, bytes)
+}
+
+/// A file's bytes as a [`Source`], or the `encoding` diagnostic when they are not UTF-8.
+pub fn source_from_bytes(name: String, dir: PathBuf, bytes: Vec<u8>) -> Result<Source, Diagnostic> {
+    match String::from_utf8(bytes) {
+        Ok(text) => Ok(Source { name, dir, text }),
+        Err(_) => Err(file_diag(
             &name,
             "encoding",
             "the file is not UTF-8: save it as UTF-8".into(),
-        )
-    })?;
-    Ok(Source {
-        name,
-        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-        text,
-    })
+        )),
+    }
 }
 
 fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
@@ -247,9 +253,10 @@ struct Checked {
     diagnostics: Vec<Diagnostic>,
 }
 
-/// Checks already-read files (from disk or a git revision) as one tree.
-pub fn load_sources(sources: &[Source]) -> Result<Desired, LoadError> {
-    combine(sources.par_iter().cloned().map(check_file).collect())
+/// Checks already-read files (e.g. from a git revision) as one tree; a file that could not be read
+/// comes as its diagnostic.
+pub fn load_sources(sources: Vec<Result<Source, Diagnostic>>) -> Result<Desired, LoadError> {
+    combine(sources.into_par_iter().map(checked).collect())
 }
 
 /// Joins the per-file outcomes: cross-file checks (unique ids), and every diagnostic or the tree.

@@ -5,6 +5,7 @@
 //! The [`Plan`] type is also the `--format json` document and the saved-plan file; its
 //! `format_version` changes whenever a field changes meaning or disappears.
 
+mod markdown;
 mod render;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use markdown::{MARKDOWN_LIMIT, render_markdown};
 pub use render::{TextOptions, render_text};
 
 use crate::model::{SECRET_FIELDS, SpecJson};
@@ -29,8 +31,12 @@ pub struct Plan {
     pub touchctl_version: String,
     /// When it was made (RFC 3339).
     pub created_at: String,
-    /// The registry it was computed against; a saved plan only applies to that registry.
-    pub registry: RegistryRef,
+    /// The registry it was computed against; a saved plan only applies to that registry. Absent
+    /// (`null`) in a `--base` plan, which compares two git revisions and cannot be applied.
+    pub registry: Option<RegistryRef>,
+    /// For a `--base` plan: the revision whose files stand in for the live state.
+    #[serde(default)]
+    pub base: Option<BaseRef>,
     /// Where the desired state came from.
     pub source: Source,
     /// Counts per action.
@@ -48,6 +54,15 @@ pub struct RegistryRef {
     pub id: String,
     /// e.g. `sqlite .touchctl/state.db`.
     pub backend: String,
+}
+
+/// The git revision a `--base` plan compares the work tree with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    /// The revision as given (`main`, `origin/main`, a hash).
+    pub rev: String,
+    /// The commit it resolved to.
+    pub commit: String,
 }
 
 /// Where the desired state was read.
@@ -101,6 +116,10 @@ pub struct Change {
     pub action: Action,
     /// The file it is read from (absent for deletes).
     pub file: Option<String>,
+    /// The file the live spec was read from, when the touchpoint has since moved to another file
+    /// (same id: a move or rename, not a delete and a create).
+    #[serde(default)]
+    pub moved_from: Option<String>,
     /// The live generation the plan was computed against (absent for creates). Apply refuses the
     /// change if the registry holds another generation by then.
     pub live_generation: Option<u64>,
@@ -115,6 +134,41 @@ pub struct Change {
     /// Keyed fingerprints of the desired secrets (creates and updates).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, String>,
+    /// Why a reviewer should look twice: `delete`, or the risky fields that change (where
+    /// deliveries go, credentials, batch size). Empty for creates and no-ops.
+    #[serde(default)]
+    pub risks: Vec<String>,
+}
+
+/// Fields whose change redirects deliveries, swaps the account or credentials they use, or changes
+/// how much one request carries; a change to any of them is flagged for review. Secret fields are
+/// flagged too.
+pub const RISKY_FIELDS: &[&str] = &[
+    "url",
+    "api_base",
+    "allow_insecure",
+    "batch_size",
+    "app_id",
+    "app_key",
+    "corp_id",
+    "agent_id",
+    "provider",
+    "auth.mode",
+    "auth.component_app_id",
+];
+
+/// The review flags of a change (see [`Change::risks`]).
+fn risks_of(action: Action, protected: bool, fields: &[FieldChange]) -> Vec<String> {
+    match action {
+        Action::Delete if protected => vec!["delete (protected)".into()],
+        Action::Delete => vec!["delete".into()],
+        Action::Update => fields
+            .iter()
+            .filter(|f| f.sensitive || RISKY_FIELDS.contains(&f.path.as_str()))
+            .map(|f| f.path.clone())
+            .collect(),
+        Action::Create | Action::NoOp => Vec::new(),
+    }
 }
 
 /// How one field changes.
@@ -192,17 +246,20 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
         .collect();
     let desired_ids: HashSet<&str> = desired.iter().map(|d| d.id).collect();
     for l in live.iter().filter(|l| !desired_ids.contains(l.id.as_str())) {
+        let protected = is_protected(&l.spec().value());
         changes.push(Change {
             id: l.id.clone(),
             kind: l.kind.clone(),
             action: Action::Delete,
             file: None,
+            moved_from: None,
             live_generation: Some(l.generation),
             live_source: Some(l.source.clone()),
-            protected: is_protected(&l.spec().value()),
+            protected,
             fields: Vec::new(),
             desired: None,
             fingerprints: BTreeMap::new(),
+            risks: risks_of(Action::Delete, protected, &[]),
         });
     }
     changes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -252,12 +309,14 @@ fn create(d: &DesiredSpec<'_>) -> Change {
         kind: d.kind.to_string(),
         action: Action::Create,
         file: Some(d.file.to_string()),
+        moved_from: None,
         live_generation: None,
         live_source: None,
         protected: false,
         fields,
         desired: Some(d.spec.clone()),
         fingerprints: d.fingerprints.clone(),
+        risks: Vec::new(),
     }
 }
 
@@ -281,14 +340,22 @@ fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
     } else {
         Action::Update
     };
+    let protected = live_spec.as_ref().map_or(d.protect, is_protected);
     Change {
         id: d.id.to_string(),
         kind: d.kind.to_string(),
         action,
         file: Some(d.file.to_string()),
+        moved_from: l
+            .source
+            .file
+            .as_deref()
+            .filter(|f| !same_path(f, d.file))
+            .map(str::to_string),
         live_generation: Some(l.generation),
         live_source: Some(l.source.clone()),
-        protected: live_spec.as_ref().map_or(d.protect, is_protected),
+        protected,
+        risks: risks_of(action, protected, &fields),
         fields,
         desired: (action == Action::Update).then(|| d.spec.clone()),
         fingerprints: if action == Action::Update {
@@ -297,6 +364,19 @@ fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
             BTreeMap::new()
         },
     }
+}
+
+/// Whether two file names are the same file, however the folder was spelled (`./touchpoints/a.toml`
+/// and `touchpoints/a.toml`).
+fn same_path(a: &str, b: &str) -> bool {
+    let parts = |p: &str| {
+        std::path::Path::new(p)
+            .components()
+            .filter(|c| !matches!(c, std::path::Component::CurDir))
+            .map(|c| c.as_os_str().to_os_string())
+            .collect::<Vec<_>>()
+    };
+    a == b || parts(a) == parts(b)
 }
 
 fn drift_of(l: &Live) -> Option<Drift> {

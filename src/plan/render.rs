@@ -15,8 +15,11 @@ pub struct TextOptions {
     pub color: bool,
 }
 
-struct Paint {
-    color: bool,
+/// How fields are drawn: in colour or not, and whether secret values were compared (by
+/// fingerprint; not in a `--base` plan, which reads no secret).
+pub(super) struct Paint {
+    pub(super) color: bool,
+    pub(super) values_known: bool,
 }
 
 impl Paint {
@@ -44,8 +47,24 @@ const LONG: usize = 60;
 
 /// The plan as text for a terminal or a log.
 pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
-    let p = Paint { color: opts.color };
+    let p = Paint {
+        color: opts.color,
+        values_known: plan.base.is_none(),
+    };
     let mut out = String::new();
+    if let Some(base) = &plan.base {
+        let _ = writeln!(
+            out,
+            "Comparing the touchpoints at {} ({}) with the work tree{}.",
+            base.rev,
+            short(&base.commit),
+            if plan.source.dirty {
+                ", which has uncommitted changes"
+            } else {
+                ""
+            }
+        );
+    }
     let s = &plan.summary;
     let _ = writeln!(
         out,
@@ -56,9 +75,9 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
         s.delete,
         s.no_op
     );
-    for c in plan.changes.iter().filter(|c| c.action != Action::NoOp) {
+    for c in plan.changes.iter().filter(|c| shown(c)) {
         out.push('\n');
-        render_change(&mut out, &p, c);
+        render_change(&mut out, &p, c, plan.base.is_none());
     }
     if !plan.drift.is_empty() {
         let _ = writeln!(
@@ -84,18 +103,41 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
         }
     }
     if !plan.has_changes() {
-        let _ = writeln!(out, "\nNo changes: the registry matches the files.");
+        match &plan.base {
+            Some(base) => {
+                let _ = writeln!(out, "\nNo changes: the work tree matches {}.", base.rev);
+            }
+            None => {
+                let _ = writeln!(out, "\nNo changes: the registry matches the files.");
+            }
+        }
     }
     out
 }
 
-fn render_change(out: &mut String, p: &Paint, c: &Change) {
-    let (mark, word, color) = match c.action {
+/// Whether a change is listed: every change, and unchanged touchpoints whose file moved.
+pub(super) fn shown(c: &Change) -> bool {
+    c.action != Action::NoOp || c.moved_from.is_some()
+}
+
+/// A commit id as people quote it.
+pub(super) fn short(commit: &str) -> String {
+    commit.chars().take(10).collect()
+}
+
+/// The mark, word and colour of an action.
+pub(super) fn action_style(c: &Change) -> (&'static str, &'static str, AnsiColor) {
+    match c.action {
         Action::Create => ("+", "create", AnsiColor::Green),
         Action::Update => ("~", "update", AnsiColor::Yellow),
         Action::Delete => ("-", "delete", AnsiColor::Red),
+        Action::NoOp if c.moved_from.is_some() => ("→", "move", AnsiColor::Cyan),
         Action::NoOp => (" ", "no-op", AnsiColor::White),
-    };
+    }
+}
+
+fn render_change(out: &mut String, p: &Paint, c: &Change, show_live_commit: bool) {
+    let (mark, word, color) = action_style(c);
     let mut head = format!(
         "{} {} {} ({})",
         p.paint(color, mark),
@@ -106,13 +148,17 @@ fn render_change(out: &mut String, p: &Paint, c: &Change) {
     if let Some(file) = &c.file {
         let _ = write!(head, "  {file}");
     }
-    if let Some(src) = &c.live_source
+    if let Some(from) = &c.moved_from {
+        let _ = write!(head, " (moved from {from})");
+    }
+    if show_live_commit
+        && let Some(src) = &c.live_source
         && let Some(commit) = &src.commit
     {
-        let short: String = commit.chars().take(10).collect();
         let _ = write!(
             head,
-            "  [live from {short}{}]",
+            "  [live from {}{}]",
+            short(commit),
             if src.dirty { ", dirty tree" } else { "" }
         );
     }
@@ -152,7 +198,8 @@ fn is_long(v: Option<&Value>) -> bool {
         .is_some_and(|s| s.contains('\n') || s.chars().count() > LONG)
 }
 
-fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &str) {
+/// One field change as a line (or, for long strings, a line diff), for text and markdown.
+pub(super) fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &str) {
     let (mark, color) = match f.action {
         FieldAction::Add => ("+", AnsiColor::Green),
         FieldAction::Remove => ("-", AnsiColor::Red),
@@ -165,6 +212,11 @@ fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &str) {
             FieldAction::Add => format!("{} (sensitive)", show_ref(f.after.as_ref())),
             FieldAction::Remove => format!("{} (sensitive)", show_ref(f.before.as_ref())),
             FieldAction::Update if f.before == f.after => "(sensitive value changed)".to_string(),
+            FieldAction::Update if !p.values_known => format!(
+                "{} → {} (sensitive)",
+                show_ref(f.before.as_ref()),
+                show_ref(f.after.as_ref())
+            ),
             FieldAction::Update => format!(
                 "{} → {} ({})",
                 show_ref(f.before.as_ref()),

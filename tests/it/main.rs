@@ -5,4 +5,5 @@ mod support;
 mod bad_fixtures;
 mod examples;
 mod plan_apply;
+mod review;
 mod schema;

@@ -69,6 +69,24 @@ fn taplo(args: &[&str], cwd: &std::path::Path) -> std::process::Output {
         .expect("taplo is not installed: `npm install -g @taplo/cli` (.ci/run does this)")
 }
 
+/// Lints `files` (relative to `cwd`) with taplo against the committed schema; fails the test,
+/// showing taplo's complaint, if taplo refuses any of them.
+#[track_caller]
+pub fn taplo_lint(cwd: &std::path::Path, files: &[&str]) {
+    let schema = format!(
+        "file://{}/schemas/touchpoint.schema.json",
+        repo_root().display()
+    );
+    let mut args = vec!["lint", "--schema", schema.as_str()];
+    args.extend_from_slice(files);
+    let out = taplo(&args, cwd);
+    assert!(
+        out.status.success(),
+        "taplo refused {files:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Editors validate through taplo: the schema must be one taplo reads, and it must accept the
 /// samples and refuse a broken file.
 #[test]
@@ -80,14 +98,7 @@ fn taplo_accepts_the_samples_and_refuses_bad_files() {
         .map(|p| p.display().to_string())
         .collect();
     assert!(files.len() >= 5);
-    let mut args = vec!["lint", "--schema", schema.as_str()];
-    args.extend(files.iter().map(String::as_str));
-    let out = taplo(&args, &root);
-    assert!(
-        out.status.success(),
-        "taplo refused the samples:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    taplo_lint(&root, &files.iter().map(String::as_str).collect::<Vec<_>>());
 
     let p = Project::with_samples();
     let sms = p

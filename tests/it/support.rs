@@ -154,6 +154,53 @@ impl Project {
         self.query_one("SELECT count(*) FROM touchpoints")
     }
 
+    /// Runs git in the project (author and committer fixed, no user config needed) and returns
+    /// its trimmed standard output; fails the test if git fails.
+    #[track_caller]
+    pub fn git(&self, args: &[&str]) -> String {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(self.path())
+            .env("GIT_AUTHOR_NAME", "Reviewer")
+            .env("GIT_AUTHOR_EMAIL", "reviewer@example.com")
+            .env("GIT_COMMITTER_NAME", "Reviewer")
+            .env("GIT_COMMITTER_EMAIL", "reviewer@example.com")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("HOME", self.path())
+            .output()
+            .expect("run git (is it installed?)");
+        assert!(
+            out.status.success(),
+            "git {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Makes the project a git repository on branch `main` with everything committed (the state
+    /// folder ignored); returns the commit id.
+    pub fn git_init(&self) -> String {
+        self.git(&["init", "-q"]);
+        self.git(&["symbolic-ref", "HEAD", "refs/heads/main"]);
+        self.write(".gitignore", ".touchctl/\n");
+        self.commit_all("touchpoints")
+    }
+
+    /// Commits everything in the work tree; returns the commit id.
+    pub fn commit_all(&self, message: &str) -> String {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "-m", message]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    /// Replaces the first `from` in a file with `to`, failing if `from` is not there.
+    #[track_caller]
+    pub fn set(&self, rel: &str, from: &str, to: &str) -> &Self {
+        let text = self.read(rel);
+        assert!(text.contains(from), "{from:?} not in {rel}");
+        self.write(rel, &text.replacen(from, to, 1))
+    }
+
     /// Opens the project's state file directly, to look at or tamper with it as another tool would.
     pub fn state_db(&self) -> rusqlite::Connection {
         rusqlite::Connection::open(self.path().join(".touchctl/state.db")).expect("open state db")
