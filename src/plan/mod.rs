@@ -142,7 +142,7 @@ pub struct Change {
 
 /// Fields whose change redirects deliveries, swaps the account or credentials they use, or changes
 /// how much one request carries; a change to any of them is flagged for review. Secret fields are
-/// flagged too.
+/// flagged too, and `allow_insecure` when it turns on.
 pub const RISKY_FIELDS: &[&str] = &[
     "url",
     "api_base",
@@ -164,7 +164,11 @@ fn risks_of(action: Action, protected: bool, fields: &[FieldChange]) -> Vec<Stri
         Action::Delete => vec!["delete".into()],
         Action::Update => fields
             .iter()
-            .filter(|f| f.sensitive || RISKY_FIELDS.contains(&f.path.as_str()))
+            .filter(|f| match f.path.as_str() {
+                // Turning TLS checks back on is no risk; turning them off is.
+                "allow_insecure" => f.after == Some(Value::Bool(true)),
+                path => f.sensitive || RISKY_FIELDS.contains(&path),
+            })
             .map(|f| f.path.clone())
             .collect(),
         Action::Create | Action::NoOp => Vec::new(),
@@ -573,6 +577,36 @@ mod tests {
         let fields = field_diff(&before, &after, &BTreeMap::new(), &BTreeMap::new());
         assert_eq!(fields.len(), 1);
         assert_eq!(fields[0].path, "templates[x].url");
+    }
+
+    #[test]
+    fn risky_fields_and_deletes_are_flagged() {
+        let before = json!({"id": "a", "url": "https://a", "allow_insecure": true, "timeout": "1s", "auth_token": {"env": "T"}});
+        let after = json!({"id": "a", "url": "https://b", "allow_insecure": false, "timeout": "2s", "auth_token": {"env": "U"}});
+        let (changes, _) = diff(&[desired("a", &after, "fp1")], &[live("a", before.clone())]);
+        assert_eq!(changes[0].risks, ["auth_token", "url"]);
+        let (changes, _) = diff(&[desired("a", &before, "fp1")], &[live("a", after.clone())]);
+        assert_eq!(changes[0].risks, ["allow_insecure", "auth_token", "url"]);
+        let (changes, _) = diff(&[], &[live("a", json!({"id": "a", "protect": true}))]);
+        assert_eq!(changes[0].risks, ["delete (protected)"]);
+        let (changes, _) = diff(&[desired("a", &after, "fp1")], &[]);
+        assert!(
+            changes[0].risks.is_empty(),
+            "a create is reviewed as a whole"
+        );
+    }
+
+    #[test]
+    fn a_moved_file_is_named_whatever_the_folder_spelling() {
+        let spec = json!({"id": "a"});
+        let mut l = live("a", spec.clone());
+        l.source.file = Some("./f.toml".into());
+        let (changes, _) = diff(&[desired("a", &spec, "fp1")], &[l.clone()]);
+        assert_eq!(changes[0].moved_from, None);
+        l.source.file = Some("old/f.toml".into());
+        let (changes, _) = diff(&[desired("a", &spec, "fp1")], &[l]);
+        assert_eq!(changes[0].moved_from.as_deref(), Some("old/f.toml"));
+        assert_eq!(changes[0].action, Action::NoOp);
     }
 
     #[test]

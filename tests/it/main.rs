@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_fixtures;
+mod ci_example;
 mod examples;
 mod plan_apply;
 mod review;
