@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::json;
 
 use touchctl::apply::{self, ApplyOptions, Outcome};
+use touchctl::import;
 use touchctl::load::{self, Diagnostic, LoadError};
 use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
 use touchctl::planner::{BaseError, TreeError, plan_base, plan_dir};
@@ -418,48 +419,8 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         }
         Err(e) => return Err(e.into()),
     };
-    let described: std::collections::HashMap<&str, &str> = desired
-        .touchpoints
-        .iter()
-        .map(|l| (l.touchpoint.id(), l.file.as_str()))
-        .collect();
     let live = registry.list()?;
-    let mut problems = Vec::new();
-    let targets: Vec<&touchctl::registry::Live> = if all {
-        live.iter()
-            .filter(|l| !described.contains_key(l.id.as_str()))
-            .collect()
-    } else {
-        ids.iter()
-            .filter_map(|id| {
-                if let Some(file) = described.get(id.as_str()) {
-                    problems.push(format!(
-                        "`{id}` is already described by {file}: edit that file instead"
-                    ));
-                    return None;
-                }
-                let found = live.iter().find(|l| &l.id == id);
-                if found.is_none() {
-                    let near = live
-                        .iter()
-                        .map(|l| (strsim::jaro_winkler(id, &l.id), l.id.as_str()))
-                        .filter(|(score, _)| *score > 0.8)
-                        .max_by(|a, b| a.0.total_cmp(&b.0));
-                    problems.push(match near {
-                        Some((_, other)) => format!(
-                            "no live touchpoint `{id}` in {} (did you mean `{other}`?)",
-                            registry.describe()
-                        ),
-                        None => format!(
-                            "no live touchpoint `{id}` in {}: `touchctl plan` lists the live ones",
-                            registry.describe()
-                        ),
-                    });
-                }
-                found
-            })
-            .collect()
-    };
+    let (targets, mut problems) = import::select(&live, &desired, ids, all, &registry.describe());
     if all && targets.is_empty() && !g.quiet {
         println!("Nothing to import: every live touchpoint already has a file.");
     }
@@ -467,9 +428,10 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
     for live in targets {
         let path = match out {
             Some(p) => p.to_path_buf(),
-            None => default_import_path(&g.dir, live),
+            None => import::default_path(&g.dir, live),
         };
-        match import_one(live, &path, &registry) {
+        let written_file = import::write(live, &path, Path::new(schema::DEFAULT_PATH), &registry);
+        match written_file {
             Ok(warnings) => {
                 written += 1;
                 println!(
@@ -480,10 +442,10 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
                     live.generation
                 );
                 for w in warnings {
-                    eprintln!("warning: {w}");
+                    eprintln!("warning: {}: {w}", path.display());
                 }
             }
-            Err(e) => problems.push(format!("{}: {e:#}", live.id)),
+            Err(e) => problems.push(format!("{}: {e}", live.id)),
         }
     }
     if written > 0 && !g.quiet {
@@ -495,99 +457,4 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         eprintln!("error: {p}");
     }
     Ok(if problems.is_empty() { OK } else { FAILED })
-}
-
-/// Where an imported touchpoint goes: back to the file it was applied from, when that was under the
-/// touchpoint folder and is free; otherwise `<dir>/<id>.toml`.
-fn default_import_path(dir: &Path, live: &touchctl::registry::Live) -> std::path::PathBuf {
-    let lexical = |p: &Path| {
-        p.components()
-            .filter(|c| !matches!(c, std::path::Component::CurDir))
-            .collect::<std::path::PathBuf>()
-    };
-    live.source
-        .file
-        .as_deref()
-        .map(Path::new)
-        .filter(|f| {
-            f.extension().is_some_and(|x| x == "toml")
-                && !f.exists()
-                && lexical(f).starts_with(lexical(dir))
-                && !f
-                    .components()
-                    .any(|c| matches!(c, std::path::Component::ParentDir))
-        })
-        .map_or_else(|| dir.join(format!("{}.toml", live.id)), Path::to_path_buf)
-}
-
-/// Writes one live touchpoint's file (never over an existing file), then reads it back as plan
-/// would: the spec must come back identical, and every secret reference should resolve to the
-/// value the registry holds (by fingerprint); anything else is returned as a warning.
-fn import_one(
-    live: &touchctl::registry::Live,
-    path: &Path,
-    registry: &dyn Registry,
-) -> Result<Vec<String>> {
-    let touchctl::import::Rendered { text, rebased } =
-        touchctl::import::render(live, path, Path::new(schema::DEFAULT_PATH))?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                anyhow::anyhow!(
-                    "{} already exists; import does not overwrite files: move it away or pass --out",
-                    path.display()
-                )
-            } else {
-                anyhow::anyhow!("cannot write {}: {e}", path.display())
-            }
-        })?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    let source = load::Source {
-        name: path.display().to_string(),
-        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
-        text,
-    };
-    let back = match load::load_sources(vec![Ok(source)]) {
-        Ok(back) => back,
-        Err(LoadError::Invalid(d)) => bail!(
-            "the written file does not read back ({}); this is a touchctl bug, please report it",
-            d.first().map(|d| d.to_string()).unwrap_or_default()
-        ),
-        Err(e) => return Err(e.into()),
-    };
-    let mut warnings: Vec<String> = rebased
-        .into_iter()
-        .map(|note| format!("{}: {note}", path.display()))
-        .collect();
-    if warnings.is_empty() && back.touchpoints.first().map(|l| &l.spec) != Some(live.spec()) {
-        warnings.push(format!(
-            "{}: the file does not reproduce the live spec exactly; `touchctl plan` will show the difference",
-            path.display()
-        ));
-    }
-    match touchctl::planner::fingerprints(&back, registry) {
-        Ok(fps) => {
-            for (field, fp) in fps.first().into_iter().flatten() {
-                if live.fingerprints.get(field) != Some(fp) {
-                    warnings.push(format!(
-                        "{}: `{field}` resolves here to another value than the live one (by fingerprint); `touchctl plan` will show it as changed",
-                        path.display()
-                    ));
-                }
-            }
-        }
-        Err(e) => warnings.push(format!(
-            "{}: {e}\n  `touchctl plan` needs these secrets; provide them before planning",
-            path.display()
-        )),
-    }
-    Ok(warnings)
 }

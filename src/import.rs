@@ -2,14 +2,17 @@
 //! with the `#:schema` line, secret references (never values), the fields in their canonical order
 //! (common fields, then the kind's, plain values before tables) and defaults left out.
 
-use std::fmt::Write;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Component, Path, PathBuf};
 
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use crate::load::{Desired, LoadError, Source, did_you_mean, load_sources};
 use crate::model::{SECRET_FIELDS, SpecJson, Touchpoint};
-use crate::registry::Live;
+use crate::registry::{Live, Registry};
 
 /// Why a touchpoint could not be written as a file.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,152 @@ pub enum ImportError {
         /// Why.
         message: String,
     },
+    /// The file exists already.
+    #[error("{0} already exists; import does not overwrite files: move it away or pass --out")]
+    Exists(PathBuf),
+    /// The file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The written file does not load back as a touchpoint.
+    #[error(
+        "the written file {path} does not read back ({message}); this is a touchctl bug, please report it"
+    )]
+    ReadBack {
+        /// The file.
+        path: PathBuf,
+        /// The first problem.
+        message: String,
+    },
+}
+
+/// The live touchpoints to import: those named in `ids`, or with `all` every one that no file
+/// describes. Also returns why a named one cannot be imported (described by a file already, or not
+/// live, with a did-you-mean). `registry` names the registry in those messages.
+pub fn select<'a>(
+    live: &'a [Live],
+    desired: &Desired,
+    ids: &[String],
+    all: bool,
+    registry: &str,
+) -> (Vec<&'a Live>, Vec<String>) {
+    let described: HashMap<&str, &str> = desired
+        .touchpoints
+        .iter()
+        .map(|l| (l.touchpoint.id(), l.file.as_str()))
+        .collect();
+    if all {
+        let targets = live
+            .iter()
+            .filter(|l| !described.contains_key(l.id.as_str()))
+            .collect();
+        return (targets, Vec::new());
+    }
+    let mut problems = Vec::new();
+    let mut targets = Vec::new();
+    for id in ids {
+        if let Some(file) = described.get(id.as_str()) {
+            problems.push(format!(
+                "`{id}` is already described by {file}: edit that file instead"
+            ));
+            continue;
+        }
+        match live.iter().find(|l| &l.id == id) {
+            Some(l) => targets.push(l),
+            None => problems.push(match did_you_mean(id, live.iter().map(|l| l.id.as_str())) {
+                Some(near) => {
+                    format!("no live touchpoint `{id}` in {registry} (did you mean `{near}`?)")
+                }
+                None => format!(
+                    "no live touchpoint `{id}` in {registry}: `touchctl plan` lists the live ones"
+                ),
+            }),
+        }
+    }
+    (targets, problems)
+}
+
+/// Where an imported touchpoint goes: back to the file it was applied from, when that was under
+/// `dir` and is free; otherwise `<dir>/<id>.toml`.
+pub fn default_path(dir: &Path, live: &Live) -> PathBuf {
+    live.source
+        .file
+        .as_deref()
+        .map(Path::new)
+        .filter(|f| {
+            f.extension().is_some_and(|x| x == "toml")
+                && !f.exists()
+                && !f.components().any(|c| matches!(c, Component::ParentDir))
+                && normalize(f).starts_with(normalize(dir))
+        })
+        .map_or_else(|| dir.join(format!("{}.toml", live.id)), Path::to_path_buf)
+}
+
+/// Writes the file of `live` at `path` (never over an existing file), then reads it back as plan
+/// would: the spec must come back the same, and every secret reference should resolve to the value
+/// the registry holds (by fingerprint). Returns what the user should know: references rewritten,
+/// secrets that do not resolve here or resolve to another value.
+pub fn write(
+    live: &Live,
+    path: &Path,
+    schema: &Path,
+    registry: &dyn Registry,
+) -> Result<Vec<String>, ImportError> {
+    let Rendered { text, rebased } = render(live, path, schema)?;
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ImportError::Io { path, source }
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => ImportError::Exists(path.to_path_buf()),
+            _ => io(path)(e),
+        })?;
+    file.write_all(text.as_bytes()).map_err(io(path))?;
+    let source = Source {
+        name: path.display().to_string(),
+        dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        text,
+    };
+    let back = load_sources(vec![Ok(source)]).map_err(|e| ImportError::ReadBack {
+        path: path.to_path_buf(),
+        message: match e {
+            LoadError::Invalid(d) => d.first().map(ToString::to_string).unwrap_or_default(),
+            other => other.to_string(),
+        },
+    })?;
+    let mut notes = rebased;
+    if notes.is_empty() && back.touchpoints.first().map(|l| &l.spec) != Some(live.spec()) {
+        notes.push(
+            "the file does not reproduce the live spec exactly; `touchctl plan` will show the difference"
+                .to_string(),
+        );
+    }
+    match crate::planner::fingerprints(&back, registry) {
+        Ok(fps) => {
+            for (field, fp) in fps.first().into_iter().flatten() {
+                if live.fingerprints.get(field) != Some(fp) {
+                    notes.push(format!(
+                        "`{field}` resolves here to another value than the live one (by fingerprint); `touchctl plan` will show it as changed"
+                    ));
+                }
+            }
+        }
+        Err(e) => notes.push(format!(
+            "{e}\n  `touchctl plan` needs these secrets; provide them before planning"
+        )),
+    }
+    Ok(notes)
 }
 
 /// A JSON value that keeps its object keys in the order they were written: the canonical spec text

@@ -16,6 +16,7 @@ use toml::de::DeTable;
 
 pub use diagnostic::Diagnostic;
 use diagnostic::{Issue, Target};
+pub use schema_errors::did_you_mean;
 pub use toml_json::Segment;
 use toml_json::{line_col, locate, table_to_json};
 

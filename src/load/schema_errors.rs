@@ -94,7 +94,7 @@ fn json_type_name(t: &str) -> &'static str {
 }
 
 /// The closest candidate to a misspelt word, if one is close enough to be a likely typo.
-pub(crate) fn did_you_mean<'a>(
+pub fn did_you_mean<'a>(
     word: &str,
     candidates: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
