@@ -16,6 +16,7 @@
 //! | [`import`] | writing the TOML file of a live touchpoint |
 
 pub mod apply;
+pub mod dispatch;
 pub mod git;
 pub mod import;
 pub mod load;
@@ -24,3 +25,4 @@ pub mod plan;
 pub mod planner;
 pub mod registry;
 pub mod schema;
+pub mod store;

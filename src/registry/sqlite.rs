@@ -53,13 +53,6 @@ pub struct SqliteRegistry {
     fingerprinter: Fingerprinter,
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    // The OS random source failing is not something to recover from.
-    getrandom::fill(&mut buf).unwrap_or_else(|e| panic!("the OS random source failed: {e}"));
-    hex::encode(buf)
-}
-
 impl SqliteRegistry {
     /// Opens the state file, creating it (and its folder) if needed, owner-only.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
@@ -68,26 +61,12 @@ impl SqliteRegistry {
             path: shown.clone(),
             source,
         };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-            && !parent.exists()
-        {
-            std::fs::create_dir_all(parent).map_err(io)?;
-            restrict(parent, 0o700).map_err(io)?;
-        }
-        if !path.exists() {
-            create_private(path).map_err(io)?;
-        }
+        crate::store::create_private(path).map_err(io)?;
         let sql = |source| RegistryError::Sqlite {
             path: shown.clone(),
             source,
         };
-        let mut conn = Connection::open(path).map_err(sql)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(sql)?;
+        let mut conn = crate::store::connect(path, crate::store::Sync::Full).map_err(sql)?;
         // Reading every row for a plan is faster from a memory map than through read() calls.
         conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)
             .map_err(sql)?;
@@ -123,8 +102,8 @@ impl SqliteRegistry {
                 Ok(v)
             };
             ensure("format", &|| FORMAT.to_string()).map_err(sql)?;
-            let id = ensure("registry_id", &|| random_hex(16)).map_err(sql)?;
-            let key = ensure("fingerprint_key", &|| random_hex(32)).map_err(sql)?;
+            let id = ensure("registry_id", &|| crate::store::random_hex(16)).map_err(sql)?;
+            let key = ensure("fingerprint_key", &|| crate::store::random_hex(32)).map_err(sql)?;
             tx.commit().map_err(sql)?;
             (id, key)
         };
@@ -161,31 +140,6 @@ impl SqliteRegistry {
     }
 }
 
-fn create_private(path: &Path) -> std::io::Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    match opts.open(path) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    }
-    let _ = (path, mode);
-    Ok(())
-}
-
 /// Who holds the registry lock, if anyone.
 fn held_lock(conn: &Connection) -> rusqlite::Result<Option<LockInfo>> {
     conn.query_row(
@@ -203,16 +157,6 @@ fn held_lock(conn: &Connection) -> rusqlite::Result<Option<LockInfo>> {
         },
     )
     .optional()
-}
-
-/// Whether a process with this id runs on this host.
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks that the process exists and may be signalled.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 type Row = (
@@ -328,12 +272,12 @@ impl Registry for SqliteRegistry {
         let held = held_lock(&tx).map_err(|e| self.err(e))?;
         let host = hostname();
         let recovered = match held {
-            Some(h) if h.host == host && !process_alive(h.pid) => Some(h),
+            Some(h) if h.host == host && !crate::store::process_alive(h.pid) => Some(h),
             Some(h) => return Err(RegistryError::Locked(Box::new(h))),
             None => None,
         };
         let info = LockInfo {
-            lock_id: random_hex(8),
+            lock_id: crate::store::random_hex(8),
             holder: whoami(),
             pid: std::process::id(),
             host,

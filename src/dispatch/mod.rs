@@ -1,0 +1,342 @@
+//! Dispatch: a campaign trigger (a touchpoint, template params, users) becomes durable batches that
+//! workers send with retries. This module owns the rules that need no I/O: what a trigger looks
+//! like, which template params it must carry, how a user's attributes become a recipient, and how
+//! long to wait before a retry. [`queue`] stores the batches; [`worker`] sends them.
+
+pub mod queue;
+pub mod retry;
+pub mod worker;
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::model::{DynamicParams, ParamType, TemplateParam};
+
+/// The longest `user_id` accepted.
+pub const MAX_USER_ID: usize = 256;
+
+/// A triggered user: an id and the attributes dynamic params are mapped from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// The platform's id of the user.
+    pub user_id: String,
+    /// What the platform knows of the user (`phone`, `member_id`, ...).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub attributes: Map<String, Value>,
+}
+
+/// The head of a trigger: everything but the users. A JSON trigger carries its users in `users`;
+/// an NDJSON trigger sends this on its first line and one user per following line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerHead {
+    /// The touchpoint id.
+    pub touchpoint: String,
+    /// The campaign that triggered the users.
+    pub campaign: String,
+    /// A key that makes the trigger idempotent: the same key again returns the first result and
+    /// queues nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Values for the touchpoint's template params, once for the whole audience.
+    #[serde(default)]
+    pub template_params: Map<String, Value>,
+}
+
+/// A whole JSON trigger.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Trigger {
+    /// Everything but the users.
+    #[serde(flatten)]
+    pub head: TriggerHead,
+    /// The triggered users.
+    #[serde(default)]
+    pub users: Vec<User>,
+}
+
+/// A user that was not queued, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// The user's id as given.
+    pub user_id: String,
+    /// Why it was not queued (or not delivered).
+    pub reason: String,
+}
+
+/// Checks a trigger's template params against the touchpoint's declarations; every problem is
+/// named. Values of undeclared names are refused too: a typo must not be sent silently.
+pub fn check_template_params(
+    decls: &[TemplateParam],
+    given: &Map<String, Value>,
+) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for d in decls {
+        match given.get(&d.name) {
+            None | Some(Value::Null) if d.required => problems.push(format!(
+                "template param `{}` is required{}",
+                d.name,
+                d.description
+                    .as_deref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )),
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                if let Err(p) = check_value(d, v) {
+                    problems.push(p);
+                }
+            }
+        }
+    }
+    let declared: HashSet<&str> = decls.iter().map(|d| d.name.as_str()).collect();
+    for name in given.keys().filter(|k| !declared.contains(k.as_str())) {
+        let names: Vec<&str> = decls.iter().map(|d| d.name.as_str()).collect();
+        let hint = match crate::load::did_you_mean(name, names.iter().copied()) {
+            Some(near) => format!("; did you mean `{near}`?"),
+            None if names.is_empty() => "; the touchpoint declares none".to_string(),
+            None => format!("; it declares {}", quoted(&names)),
+        };
+        problems.push(format!(
+            "`{name}` is not a template param of this touchpoint{hint}"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_value(d: &TemplateParam, v: &Value) -> Result<(), String> {
+    let name = &d.name;
+    let found = || match v {
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+        Value::Null => "null",
+    };
+    let ok = match d.kind {
+        ParamType::String | ParamType::Url => v.is_string(),
+        ParamType::Integer => v.is_i64() || v.is_u64(),
+        ParamType::Number => v.is_number(),
+        ParamType::Boolean => v.is_boolean(),
+    };
+    if !ok {
+        let want = match d.kind {
+            ParamType::String => "a string",
+            ParamType::Url => "a URL string",
+            ParamType::Integer => "an integer",
+            ParamType::Number => "a number",
+            ParamType::Boolean => "true or false",
+        };
+        return Err(format!(
+            "template param `{name}` must be {want}, found {}",
+            found()
+        ));
+    }
+    if let Value::String(s) = v {
+        if let Some(max) = d.max_length {
+            let len = s.chars().count();
+            if len > max as usize {
+                return Err(format!(
+                    "template param `{name}` is {len} characters long; it takes at most {max}"
+                ));
+            }
+        }
+        if d.kind == ParamType::Url {
+            let good = url::Url::parse(s)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !good {
+                return Err(format!(
+                    "template param `{name}` must be an absolute http(s) URL, found {s:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The value of a `user.<attribute>[.<key>...]` source in a user's attributes (`null` is absent).
+pub fn lookup<'a>(user: &'a User, from: &str) -> Option<&'a Value> {
+    let mut parts = from.strip_prefix("user.")?.split('.');
+    let mut value = user.attributes.get(parts.next()?)?;
+    for key in parts {
+        value = value.get(key)?;
+    }
+    (!value.is_null()).then_some(value)
+}
+
+/// Why a user cannot be a recipient of a touchpoint with these dynamic params, if it cannot.
+pub fn check_user(user: &User, params: &DynamicParams) -> Result<(), String> {
+    if user.user_id.is_empty() {
+        return Err("`user_id` is empty".into());
+    }
+    if user.user_id.chars().count() > MAX_USER_ID {
+        return Err(format!("`user_id` is longer than {MAX_USER_ID} characters"));
+    }
+    for (field, source) in params {
+        if !source.optional() && lookup(user, source.from()).is_none() {
+            return Err(format!(
+                "missing attribute `{}` (dynamic param `{field}`)",
+                source.from().trim_start_matches("user.")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a user as a recipient object: `user_id` then each dynamic param present, in the order
+/// of the touchpoint's declaration.
+pub fn write_recipient(out: &mut Vec<u8>, user: &User, params: &DynamicParams) {
+    out.extend_from_slice(b"{\"user_id\":");
+    write_json(out, &Value::String(user.user_id.clone()));
+    for (field, source) in params {
+        if let Some(v) = lookup(user, source.from()) {
+            out.push(b',');
+            write_json(out, &Value::String(field.clone()));
+            out.push(b':');
+            write_json(out, v);
+        }
+    }
+    out.push(b'}');
+}
+
+fn write_json(out: &mut Vec<u8>, v: &Value) {
+    // Writing a `Value` to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+/// Sorts a trigger's users into the ones to queue and the rejected ones (each with its reason).
+/// A user id seen twice is queued once.
+pub fn screen(users: Vec<User>, params: &DynamicParams) -> (Vec<User>, Vec<Rejected>) {
+    let mut seen = HashSet::with_capacity(users.len());
+    let mut accepted = Vec::with_capacity(users.len());
+    let mut rejected = Vec::new();
+    for user in users {
+        let verdict = check_user(&user, params).and_then(|()| {
+            if seen.contains(user.user_id.as_str()) {
+                Err("the same `user_id` appears earlier in this trigger".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        match verdict {
+            Ok(()) => {
+                seen.insert(user.user_id.clone());
+                accepted.push(user);
+            }
+            Err(reason) => rejected.push(Rejected {
+                user_id: user.user_id,
+                reason,
+            }),
+        }
+    }
+    (accepted, rejected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ParamSource;
+    use serde_json::json;
+
+    fn decl(name: &str, kind: ParamType, required: bool, max: Option<u32>) -> TemplateParam {
+        TemplateParam {
+            name: name.into(),
+            kind,
+            required,
+            max_length: max,
+            description: None,
+        }
+    }
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn template_params_are_checked_and_every_problem_named() {
+        let decls = [
+            decl("text", ParamType::String, true, Some(5)),
+            decl("link", ParamType::Url, false, None),
+            decl("points", ParamType::Integer, false, None),
+        ];
+        assert!(check_template_params(&decls, &map(json!({"text": "hi"}))).is_ok());
+        let problems = check_template_params(
+            &decls,
+            &map(json!({"link": "ftp://x", "points": 1.5, "txt": "hi"})),
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "template param `text` is required",
+                "template param `link` must be an absolute http(s) URL, found \"ftp://x\"",
+                "template param `points` must be an integer, found a number",
+                "`txt` is not a template param of this touchpoint; did you mean `text`?",
+            ]
+        );
+        let long =
+            check_template_params(&decls, &map(json!({"text": "短信内容太长了"}))).unwrap_err();
+        assert_eq!(
+            long,
+            ["template param `text` is 7 characters long; it takes at most 5"]
+        );
+    }
+
+    #[test]
+    fn users_map_to_recipients_in_declaration_order() {
+        let mut params = DynamicParams::new();
+        params.insert("phone".into(), ParamSource::Attribute("user.phone".into()));
+        params.insert(
+            "city".into(),
+            ParamSource::Detailed {
+                from: "user.address.city".into(),
+                optional: true,
+            },
+        );
+        let user = User {
+            user_id: "u1".into(),
+            attributes: map(json!({"phone": "138", "address": {"city": "杭州"}, "other": 1})),
+        };
+        let mut out = Vec::new();
+        write_recipient(&mut out, &user, &params);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"user_id":"u1","city":"杭州","phone":"138"}"#
+        );
+        let no_phone = User {
+            user_id: "u2".into(),
+            attributes: map(json!({"phone": null})),
+        };
+        let (ok, rejected) = screen(vec![user.clone(), no_phone, user], &params);
+        assert_eq!(ok.len(), 1);
+        assert_eq!(
+            rejected,
+            [
+                Rejected {
+                    user_id: "u2".into(),
+                    reason: "missing attribute `phone` (dynamic param `phone`)".into()
+                },
+                Rejected {
+                    user_id: "u1".into(),
+                    reason: "the same `user_id` appears earlier in this trigger".into()
+                }
+            ]
+        );
+    }
+}

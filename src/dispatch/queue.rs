@@ -1,0 +1,1147 @@
+//! The durable queue: one SQLite file (default `.touchctl/queue.db`, beside the registry) holding
+//! every accepted dispatch, its batches (the users still to deliver), every attempt and every
+//! recipient that failed for good.
+//!
+//! Two connections with two promises: triggers are stored through one that fsyncs every commit,
+//! so a 202 means the users are on disk; the daemon's bookkeeping (claiming a batch, recording an
+//! attempt) goes through one that survives the process being killed but skips the fsync. Losing
+//! such a record to a power cut only means a batch is sent again, with the same `webhook-id`.
+//!
+//! A batch is `pending` (due at `next_at`, or `leased` to a sender, or `held` because its
+//! touchpoint is paused or gone), `delivered`, or `dead` (dead-lettered; replayable).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+use super::{Rejected, TriggerHead, User};
+use crate::store::{self, Sync, now_ms};
+
+const MIGRATION: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS dispatches (
+    id              TEXT PRIMARY KEY,
+    touchpoint      TEXT NOT NULL,
+    campaign        TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,
+    template_params TEXT NOT NULL,
+    generation      INTEGER NOT NULL,
+    receipt         TEXT NOT NULL,
+    created_at      INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id          TEXT PRIMARY KEY,
+    dispatch_id TEXT NOT NULL REFERENCES dispatches(id),
+    idx         INTEGER NOT NULL,
+    count       INTEGER NOT NULL,
+    touchpoint  TEXT NOT NULL,
+    users       TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    remaining   INTEGER NOT NULL,
+    delivered   INTEGER NOT NULL DEFAULT 0,
+    failed      INTEGER NOT NULL DEFAULT 0,
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     INTEGER NOT NULL,
+    leased      INTEGER NOT NULL DEFAULT 0,
+    held        TEXT,
+    last_error  TEXT,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS batches_due ON batches(next_at)
+    WHERE state = 'pending' AND leased = 0 AND held IS NULL;
+CREATE INDEX IF NOT EXISTS batches_dispatch ON batches(dispatch_id, idx);
+CREATE INDEX IF NOT EXISTS batches_touchpoint ON batches(touchpoint, state);
+CREATE TABLE IF NOT EXISTS attempts (
+    batch_id   TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    generation INTEGER NOT NULL,
+    started_at INTEGER NOT NULL,
+    latency_ms INTEGER NOT NULL,
+    status     INTEGER,
+    outcome    TEXT NOT NULL,
+    recipients INTEGER NOT NULL,
+    error      TEXT,
+    PRIMARY KEY (batch_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS failures (
+    batch_id TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    attempt  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS failures_batch ON failures(batch_id);
+CREATE TABLE IF NOT EXISTS daemon (
+    singleton  INTEGER PRIMARY KEY CHECK (singleton = 1),
+    pid        INTEGER NOT NULL,
+    host       TEXT NOT NULL,
+    started_at TEXT NOT NULL
+);
+";
+
+/// Why the queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The file could not be created.
+    #[error("cannot create the queue file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// SQLite failed.
+    #[error("queue {path}: {source}")]
+    Sqlite {
+        /// The file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The idempotency key was used before, for another touchpoint or campaign.
+    #[error(
+        "idempotency key `{key}` was already used for touchpoint `{touchpoint}`, campaign `{campaign}` (dispatch {dispatch_id}): use a new key for a new trigger"
+    )]
+    IdempotencyConflict {
+        /// The key.
+        key: String,
+        /// Its first trigger's touchpoint.
+        touchpoint: String,
+        /// Its first trigger's campaign.
+        campaign: String,
+        /// Its first dispatch.
+        dispatch_id: String,
+    },
+    /// Another daemon works this queue.
+    #[error(
+        "another daemon (pid {pid} on {host}, since {started_at}) works this queue; one daemon per queue file, or deliveries would be sent twice"
+    )]
+    Busy {
+        /// Its process id.
+        pid: u32,
+        /// Its host.
+        host: String,
+        /// When it started.
+        started_at: String,
+    },
+}
+
+/// What a trigger was answered: returned with 202, and again for a repeated idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    /// The dispatch's id.
+    pub dispatch_id: String,
+    /// How many users were queued.
+    pub accepted: usize,
+    /// The users not queued, each with its reason.
+    pub rejected: Vec<Rejected>,
+    /// How many batches the accepted users make.
+    pub batches: usize,
+}
+
+/// A trigger ready to be stored.
+pub struct NewDispatch<'a> {
+    /// The trigger without its users.
+    pub head: &'a TriggerHead,
+    /// The touchpoint generation it was accepted under.
+    pub generation: u64,
+    /// Users per batch.
+    pub batch_size: usize,
+    /// The users to queue (already screened).
+    pub users: Vec<User>,
+    /// The users refused, with reasons.
+    pub rejected: Vec<Rejected>,
+}
+
+/// Stored, or found stored already under the same idempotency key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Stored now.
+    New(Receipt),
+    /// The idempotency key was seen before: the first receipt, nothing queued.
+    Repeat(Receipt),
+}
+
+/// A batch leased to a sender.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    /// The batch id: the `webhook-id`, the same on every attempt.
+    pub id: String,
+    /// Its dispatch.
+    pub dispatch_id: String,
+    /// Its index in the dispatch.
+    pub index: u32,
+    /// How many batches the dispatch has.
+    pub count: u32,
+    /// The touchpoint.
+    pub touchpoint: String,
+    /// The users still to deliver, as JSON (an array of [`User`]).
+    pub users: String,
+    /// How many that is.
+    pub remaining: u32,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The campaign.
+    pub campaign: String,
+    /// The template params, as JSON (an object).
+    pub template_params: String,
+}
+
+/// Where a batch goes after an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Every recipient is delivered, or failed for good.
+    Done,
+    /// Some recipients are left: try again at this time (ms since the epoch).
+    RetryAt(i64),
+    /// Dead-lettered: the last attempt failed, or the failure is final.
+    Dead,
+}
+
+/// The result of one attempt, as the sender reports it.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The batch.
+    pub batch_id: String,
+    /// Which attempt (1 for the first).
+    pub attempt: u32,
+    /// The touchpoint generation the attempt was sent with.
+    pub generation: u64,
+    /// When it started (ms since the epoch).
+    pub started_ms: i64,
+    /// How long it took.
+    pub latency_ms: i64,
+    /// The HTTP status, if a response came.
+    pub status: Option<u16>,
+    /// Recipients in the request.
+    pub recipients: u32,
+    /// Recipients delivered by this attempt.
+    pub delivered: u32,
+    /// Recipients that failed for good in this attempt.
+    pub failed: Vec<Rejected>,
+    /// The users left to deliver when only some must be retried (JSON array and count); `None`
+    /// keeps the batch's users as they are.
+    pub remaining: Option<(String, u32)>,
+    /// Where the batch goes.
+    pub after: After,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// A dispatch and how far its batches got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DispatchStatus {
+    /// The dispatch id.
+    pub dispatch_id: String,
+    /// The touchpoint.
+    pub touchpoint: String,
+    /// The campaign.
+    pub campaign: String,
+    /// When it was accepted (ms since the epoch).
+    pub created_at: i64,
+    /// The answer it was given.
+    pub receipt: Receipt,
+    /// Recipients delivered.
+    pub delivered: u64,
+    /// Recipients that failed for good (the endpoint said so).
+    pub failed: u64,
+    /// Recipients still to deliver (waiting, in flight, or held).
+    pub pending: u64,
+    /// Recipients in dead-lettered batches.
+    pub dead: u64,
+    /// Batches per state.
+    pub batches: BatchCounts,
+    /// Whether every batch is delivered or dead.
+    pub finished: bool,
+}
+
+/// Batches per state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchCounts {
+    /// Waiting or in flight.
+    pub pending: u64,
+    /// Of the pending, held because the touchpoint is paused, disabled or gone.
+    pub held: u64,
+    /// Delivered.
+    pub delivered: u64,
+    /// Dead-lettered.
+    pub dead: u64,
+}
+
+/// One batch as `deliveries list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchInfo {
+    /// The batch id.
+    pub id: String,
+    /// Its dispatch.
+    pub dispatch_id: String,
+    /// The touchpoint.
+    pub touchpoint: String,
+    /// Index and count in the dispatch.
+    pub index: u32,
+    /// Batches in the dispatch.
+    pub count: u32,
+    /// `pending`, `delivered` or `dead`.
+    pub state: String,
+    /// Why a pending batch is held, if it is.
+    pub held: Option<String>,
+    /// Users in the batch when it was queued.
+    pub size: u32,
+    /// Still to deliver.
+    pub remaining: u32,
+    /// Delivered.
+    pub delivered: u32,
+    /// Failed for good.
+    pub failed: u32,
+    /// Attempts made.
+    pub attempts: u32,
+    /// When the next attempt is due (ms since the epoch; pending only).
+    pub next_at: Option<i64>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Last change (ms since the epoch).
+    pub updated_at: i64,
+}
+
+/// One attempt, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// 1 for the first.
+    pub attempt: u32,
+    /// The touchpoint generation used.
+    pub generation: u64,
+    /// When it started (ms since the epoch).
+    pub started_at: i64,
+    /// How long it took.
+    pub latency_ms: i64,
+    /// The HTTP status, if a response came.
+    pub status: Option<u16>,
+    /// `delivered`, `partial`, `retry` or `dead`.
+    pub outcome: String,
+    /// Recipients in the request.
+    pub recipients: u32,
+    /// What went wrong.
+    pub error: Option<String>,
+}
+
+/// Which batches to list.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only this state (`pending`, `delivered`, `dead`).
+    pub state: Option<String>,
+    /// Only this touchpoint.
+    pub touchpoint: Option<String>,
+    /// Only this dispatch.
+    pub dispatch_id: Option<String>,
+    /// At most this many (newest first).
+    pub limit: usize,
+}
+
+/// Counts over the whole queue.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Batches waiting or in flight.
+    pub pending_batches: u64,
+    /// Recipients in them.
+    pub pending_recipients: u64,
+    /// Pending batches held (touchpoint paused, disabled or gone).
+    pub held_batches: u64,
+    /// Dead-lettered batches.
+    pub dead_batches: u64,
+    /// Recipients in them.
+    pub dead_recipients: u64,
+}
+
+/// The durable queue.
+pub struct Queue {
+    path: PathBuf,
+    /// Stores triggers: every commit fsync'd.
+    accept: Mutex<Connection>,
+    /// Claims and records attempts: survives a killed process without an fsync per commit.
+    work: Mutex<Connection>,
+    /// Recipients pending, kept in memory for the queue-full check.
+    pending: AtomicI64,
+}
+
+fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    // SQLite rolls back a transaction dropped by a panic, so a poisoned connection is consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn new_id(prefix: &str) -> String {
+    // Time first, so ids sort by creation; then randomness, so they never collide.
+    format!("{prefix}_{:011x}{}", now_ms(), store::random_hex(6))
+}
+
+impl Queue {
+    /// Opens (creating owner-only if needed) the queue file.
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        let shown = path.display().to_string();
+        store::create_private(path).map_err(|source| QueueError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let sql = |source| QueueError::Sqlite {
+            path: shown.clone(),
+            source,
+        };
+        let accept = store::connect(path, Sync::Full).map_err(sql)?;
+        accept.execute_batch(MIGRATION).map_err(sql)?;
+        let work = store::connect(path, Sync::Normal).map_err(sql)?;
+        let queue = Self {
+            path: path.to_path_buf(),
+            accept: Mutex::new(accept),
+            work: Mutex::new(work),
+            pending: AtomicI64::new(0),
+        };
+        queue.refresh_pending()?;
+        Ok(queue)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> QueueError {
+        QueueError::Sqlite {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Recipients pending (in memory; see [`Queue::refresh_pending`]).
+    pub fn pending_recipients(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Recounts the pending recipients from the file (after another process replayed, say).
+    pub fn refresh_pending(&self) -> Result<u64, QueueError> {
+        let n: i64 = lock(&self.work)
+            .query_row(
+                "SELECT coalesce(sum(remaining), 0) FROM batches WHERE state = 'pending'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        self.pending.store(n, Ordering::Relaxed);
+        Ok(n.max(0) as u64)
+    }
+
+    /// The receipt of an earlier trigger with this idempotency key, if there was one.
+    pub fn find_idempotent(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, String, Receipt)>, QueueError> {
+        let row: Option<(String, String, String)> = lock(&self.work)
+            .query_row(
+                "SELECT touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        Ok(row.and_then(|(t, c, receipt)| serde_json::from_str(&receipt).ok().map(|r| (t, c, r))))
+    }
+
+    /// Stores a trigger's batches; returns once they are on disk.
+    pub fn enqueue(&self, d: NewDispatch<'_>) -> Result<Enqueued, QueueError> {
+        let mut conn = lock(&self.accept);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        if let Some(key) = &d.head.idempotency_key {
+            let earlier: Option<(String, String, String, String)> = tx
+                .query_row(
+                    "SELECT id, touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = ?1",
+                    [key],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if let Some((dispatch_id, touchpoint, campaign, receipt)) = earlier {
+                if touchpoint != d.head.touchpoint || campaign != d.head.campaign {
+                    return Err(QueueError::IdempotencyConflict {
+                        key: key.clone(),
+                        touchpoint,
+                        campaign,
+                        dispatch_id,
+                    });
+                }
+                let receipt = serde_json::from_str(&receipt).map_err(|e| {
+                    self.err(rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        Box::new(e),
+                    ))
+                })?;
+                return Ok(Enqueued::Repeat(receipt));
+            }
+        }
+        let dispatch_id = new_id("dsp");
+        let size = d.batch_size.max(1);
+        let chunks: Vec<&[User]> = d.users.chunks(size).collect();
+        let receipt = Receipt {
+            dispatch_id: dispatch_id.clone(),
+            accepted: d.users.len(),
+            rejected: d.rejected,
+            batches: chunks.len(),
+        };
+        let now = now_ms();
+        let receipt_json = serde_json::to_string(&receipt).unwrap_or_default();
+        let params_json = serde_json::to_string(&d.head.template_params).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                dispatch_id,
+                d.head.touchpoint,
+                d.head.campaign,
+                d.head.idempotency_key,
+                params_json,
+                d.generation as i64,
+                receipt_json,
+                now
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, users, size, remaining, state, next_at, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 'pending', ?8, ?8, ?8)",
+                )
+                .map_err(|e| self.err(e))?;
+            for (i, chunk) in chunks.iter().enumerate() {
+                let users = serde_json::to_string(chunk).unwrap_or_default();
+                insert
+                    .execute(params![
+                        format!("{dispatch_id}_{i}"),
+                        dispatch_id,
+                        i as i64,
+                        chunks.len() as i64,
+                        d.head.touchpoint,
+                        users,
+                        chunk.len() as i64,
+                        now
+                    ])
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        self.pending
+            .fetch_add(receipt.accepted as i64, Ordering::Relaxed);
+        Ok(Enqueued::New(receipt))
+    }
+
+    /// Releases every lease (at start: batches in flight when the last daemon stopped are due
+    /// again).
+    pub fn release_leases(&self) -> Result<usize, QueueError> {
+        lock(&self.work)
+            .execute(
+                "UPDATE batches SET leased = 0 WHERE leased = 1 AND state = 'pending'",
+                [],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Leases up to `limit` due batches, oldest due first, skipping `skip` touchpoints (at their
+    /// concurrency or rate limit).
+    pub fn claim(&self, now: i64, limit: usize, skip: &[&str]) -> Result<Vec<Claimed>, QueueError> {
+        let mut conn = lock(&self.work);
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let placeholders = (0..skip.len())
+            .map(|i| format!("?{}", i + 3))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.users, b.remaining, b.attempts, d.campaign, d.template_params \
+             FROM batches b JOIN dispatches d ON d.id = b.dispatch_id \
+             WHERE b.state = 'pending' AND b.leased = 0 AND b.held IS NULL AND b.next_at <= ?1{} \
+             ORDER BY b.next_at LIMIT ?2",
+            if skip.is_empty() {
+                String::new()
+            } else {
+                format!(" AND b.touchpoint NOT IN ({placeholders})")
+            }
+        );
+        let claimed: Vec<Claimed> = {
+            let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
+            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now];
+            let limit = limit as i64;
+            args.push(&limit);
+            for s in skip {
+                args.push(s);
+            }
+            stmt.query_map(args.as_slice(), |r| {
+                Ok(Claimed {
+                    id: r.get(0)?,
+                    dispatch_id: r.get(1)?,
+                    index: r.get(2)?,
+                    count: r.get(3)?,
+                    touchpoint: r.get(4)?,
+                    users: r.get(5)?,
+                    remaining: r.get(6)?,
+                    attempts: r.get(7)?,
+                    campaign: r.get(8)?,
+                    template_params: r.get(9)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<_, _>>())
+            .map_err(|e| self.err(e))?
+        };
+        {
+            let mut lease = tx
+                .prepare_cached("UPDATE batches SET leased = 1 WHERE id = ?1")
+                .map_err(|e| self.err(e))?;
+            for c in &claimed {
+                lease.execute([&c.id]).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(claimed)
+    }
+
+    /// Gives a leased batch back untouched (e.g. its touchpoint was paused meanwhile).
+    pub fn unlease(&self, batch_id: &str) -> Result<(), QueueError> {
+        lock(&self.work)
+            .execute("UPDATE batches SET leased = 0 WHERE id = ?1", [batch_id])
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// When the earliest pending, unheld, unleased batch is due.
+    pub fn next_due(&self) -> Result<Option<i64>, QueueError> {
+        lock(&self.work)
+            .query_row(
+                "SELECT min(next_at) FROM batches WHERE state = 'pending' AND leased = 0 AND held IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records attempts, all in one transaction.
+    pub fn record(&self, done: &[Completion]) -> Result<(), QueueError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let mut conn = lock(&self.work);
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut settled = 0i64;
+        {
+            let mut attempt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(|e| self.err(e))?;
+            let mut failure = tx
+                .prepare_cached(
+                    "INSERT INTO failures (batch_id, user_id, reason, attempt) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(|e| self.err(e))?;
+            let mut update = tx
+                .prepare_cached(
+                    "UPDATE batches SET attempts = ?2, leased = 0, delivered = delivered + ?3, failed = failed + ?4, \
+                     users = coalesce(?5, users), remaining = coalesce(?6, remaining - ?3 - ?4), \
+                     state = ?7, next_at = coalesce(?8, next_at), last_error = ?9, updated_at = ?10 \
+                     WHERE id = ?1",
+                )
+                .map_err(|e| self.err(e))?;
+            let now = now_ms();
+            for c in done {
+                let partial = c.delivered > 0 || !c.failed.is_empty();
+                let (state, outcome, next_at) = match c.after {
+                    After::Done => ("delivered", "delivered", None),
+                    After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
+                    After::RetryAt(at) => ("pending", "retry", Some(at)),
+                    After::Dead => ("dead", "dead", None),
+                };
+                attempt
+                    .execute(params![
+                        c.batch_id,
+                        c.attempt,
+                        c.generation as i64,
+                        c.started_ms,
+                        c.latency_ms,
+                        c.status,
+                        outcome,
+                        c.recipients,
+                        c.error
+                    ])
+                    .map_err(|e| self.err(e))?;
+                for f in &c.failed {
+                    failure
+                        .execute(params![c.batch_id, f.user_id, f.reason, c.attempt])
+                        .map_err(|e| self.err(e))?;
+                }
+                let (users, remaining) = match &c.remaining {
+                    Some((json, n)) => (Some(json.as_str()), Some(i64::from(*n))),
+                    None if c.after == After::Done => (None, Some(0)),
+                    None => (None, None),
+                };
+                update
+                    .execute(params![
+                        c.batch_id,
+                        c.attempt,
+                        c.delivered,
+                        c.failed.len() as i64,
+                        users,
+                        remaining,
+                        state,
+                        next_at,
+                        c.error,
+                        now
+                    ])
+                    .map_err(|e| self.err(e))?;
+                settled += i64::from(c.delivered) + c.failed.len() as i64;
+                if c.after == After::Dead {
+                    // The rest of a dead batch leaves the pending count until replayed.
+                    settled += match &c.remaining {
+                        Some((_, n)) => i64::from(*n),
+                        None => {
+                            i64::from(c.recipients) - i64::from(c.delivered) - c.failed.len() as i64
+                        }
+                    };
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        self.pending.fetch_sub(settled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
+    pub fn hold(&self, touchpoint: &str, reason: Option<&str>) -> Result<usize, QueueError> {
+        lock(&self.work)
+            .execute(
+                "UPDATE batches SET held = ?2 WHERE touchpoint = ?1 AND state = 'pending' AND held IS NOT ?2",
+                params![touchpoint, reason],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// The touchpoints that have pending batches, with how many are held.
+    pub fn pending_touchpoints(&self) -> Result<Vec<(String, u64, u64)>, QueueError> {
+        let conn = lock(&self.work);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT touchpoint, count(*), count(held) FROM batches WHERE state = 'pending' GROUP BY touchpoint",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |r| {
+            let n = |i| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+            Ok((r.get(0)?, n(1)?, n(2)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
+    /// A dispatch and its progress.
+    pub fn dispatch(&self, id: &str) -> Result<Option<DispatchStatus>, QueueError> {
+        let conn = lock(&self.work);
+        let head: Option<(String, String, i64, String)> = conn
+            .query_row(
+                "SELECT touchpoint, campaign, created_at, receipt FROM dispatches WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let Some((touchpoint, campaign, created_at, receipt)) = head else {
+            return Ok(None);
+        };
+        let receipt: Receipt = serde_json::from_str(&receipt).unwrap_or(Receipt {
+            dispatch_id: id.to_string(),
+            accepted: 0,
+            rejected: Vec::new(),
+            batches: 0,
+        });
+        let (delivered, failed, pending, dead, b_pending, b_held, b_delivered, b_dead): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = conn
+            .query_row(
+                "SELECT coalesce(sum(delivered), 0), coalesce(sum(failed), 0), \
+                 coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0), \
+                 coalesce(sum(CASE WHEN state = 'dead' THEN remaining END), 0), \
+                 count(CASE WHEN state = 'pending' THEN 1 END), count(CASE WHEN state = 'pending' THEN held END), \
+                 count(CASE WHEN state = 'delivered' THEN 1 END), count(CASE WHEN state = 'dead' THEN 1 END) \
+                 FROM batches WHERE dispatch_id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                    ))
+                },
+            )
+            .map_err(|e| self.err(e))?;
+        let n = |v: i64| v.max(0) as u64;
+        Ok(Some(DispatchStatus {
+            dispatch_id: id.to_string(),
+            touchpoint,
+            campaign,
+            created_at,
+            receipt,
+            delivered: n(delivered),
+            failed: n(failed),
+            pending: n(pending),
+            dead: n(dead),
+            finished: b_pending == 0,
+            batches: BatchCounts {
+                pending: n(b_pending),
+                held: n(b_held),
+                delivered: n(b_delivered),
+                dead: n(b_dead),
+            },
+        }))
+    }
+
+    /// Batches matching `filter`, newest first.
+    pub fn batches(&self, filter: &Filter) -> Result<Vec<BatchInfo>, QueueError> {
+        let conn = lock(&self.work);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, dispatch_id, touchpoint, idx, count, state, held, size, remaining, delivered, failed, attempts, next_at, last_error, updated_at \
+                 FROM batches WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR touchpoint = ?2) AND (?3 IS NULL OR dispatch_id = ?3) \
+                 ORDER BY updated_at DESC, id DESC LIMIT ?4",
+            )
+            .map_err(|e| self.err(e))?;
+        let limit = if filter.limit == 0 {
+            -1
+        } else {
+            filter.limit as i64
+        };
+        stmt.query_map(
+            params![filter.state, filter.touchpoint, filter.dispatch_id, limit],
+            |r| {
+                let state: String = r.get(5)?;
+                let next_at: i64 = r.get(12)?;
+                Ok(BatchInfo {
+                    id: r.get(0)?,
+                    dispatch_id: r.get(1)?,
+                    touchpoint: r.get(2)?,
+                    index: r.get(3)?,
+                    count: r.get(4)?,
+                    next_at: (state == "pending").then_some(next_at),
+                    state,
+                    held: r.get(6)?,
+                    size: r.get(7)?,
+                    remaining: r.get(8)?,
+                    delivered: r.get(9)?,
+                    failed: r.get(10)?,
+                    attempts: r.get(11)?,
+                    last_error: r.get(13)?,
+                    updated_at: r.get(14)?,
+                })
+            },
+        )
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
+    /// Every attempt of a batch, and its recipients that failed for good.
+    pub fn history(&self, batch_id: &str) -> Result<(Vec<Attempt>, Vec<Rejected>), QueueError> {
+        let conn = lock(&self.work);
+        let attempts = {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT attempt, generation, started_at, latency_ms, status, outcome, recipients, error \
+                     FROM attempts WHERE batch_id = ?1 ORDER BY attempt",
+                )
+                .map_err(|e| self.err(e))?;
+            stmt.query_map([batch_id], |r| {
+                Ok(Attempt {
+                    attempt: r.get(0)?,
+                    generation: r.get::<_, i64>(1)? as u64,
+                    started_at: r.get(2)?,
+                    latency_ms: r.get(3)?,
+                    status: r.get(4)?,
+                    outcome: r.get(5)?,
+                    recipients: r.get(6)?,
+                    error: r.get(7)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?
+        };
+        let failures = {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT user_id, reason FROM failures WHERE batch_id = ?1 ORDER BY rowid",
+                )
+                .map_err(|e| self.err(e))?;
+            stmt.query_map([batch_id], |r| {
+                Ok(Rejected {
+                    user_id: r.get(0)?,
+                    reason: r.get(1)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.err(e))?
+        };
+        Ok((attempts, failures))
+    }
+
+    /// Puts dead batches back in the queue, due now, with a fresh attempt budget: the given ids,
+    /// or every dead batch (of `touchpoint`, if given). Returns the ids replayed.
+    pub fn replay(
+        &self,
+        ids: &[String],
+        touchpoint: Option<&str>,
+    ) -> Result<Vec<String>, QueueError> {
+        let mut conn = lock(&self.accept);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let chosen: Vec<(String, i64)> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT id, remaining FROM batches WHERE state = 'dead' AND (?1 IS NULL OR touchpoint = ?1) ORDER BY id",
+                )
+                .map_err(|e| self.err(e))?;
+            let all: Vec<(String, i64)> = stmt
+                .query_map([touchpoint], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(|e| self.err(e))?;
+            if ids.is_empty() {
+                all
+            } else {
+                all.into_iter().filter(|(id, _)| ids.contains(id)).collect()
+            }
+        };
+        let now = now_ms();
+        for (id, _) in &chosen {
+            tx.execute(
+                "UPDATE batches SET state = 'pending', attempts = 0, leased = 0, next_at = ?2, updated_at = ?2 WHERE id = ?1",
+                params![id, now],
+            )
+            .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        let added: i64 = chosen.iter().map(|(_, n)| n).sum();
+        self.pending.fetch_add(added, Ordering::Relaxed);
+        Ok(chosen.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Counts over the whole queue.
+    pub fn stats(&self) -> Result<Stats, QueueError> {
+        lock(&self.work)
+            .query_row(
+                "SELECT count(CASE WHEN state = 'pending' THEN 1 END), \
+                 coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0), \
+                 count(CASE WHEN state = 'pending' THEN held END), \
+                 count(CASE WHEN state = 'dead' THEN 1 END), \
+                 coalesce(sum(CASE WHEN state = 'dead' THEN remaining END), 0) FROM batches",
+                [],
+                |r| {
+                    let n = |i| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                    Ok(Stats {
+                        pending_batches: n(0)?,
+                        pending_recipients: n(1)?,
+                        held_batches: n(2)?,
+                        dead_batches: n(3)?,
+                        dead_recipients: n(4)?,
+                    })
+                },
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Marks this process as the daemon working the queue. A record left by a process that no
+    /// longer runs on this host is taken over (and returned); a live one is an error.
+    pub fn take_daemon_slot(&self) -> Result<Option<(u32, String)>, QueueError> {
+        let mut conn = lock(&self.accept);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let held: Option<(u32, String, String)> = tx
+            .query_row(
+                "SELECT pid, host, started_at FROM daemon WHERE singleton = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        let host = crate::registry::hostname();
+        let recovered = match held {
+            Some((pid, h, _)) if pid == std::process::id() && h == host => None,
+            Some((pid, h, started_at)) if h != host || store::process_alive(pid) => {
+                return Err(QueueError::Busy {
+                    pid,
+                    host: h,
+                    started_at,
+                });
+            }
+            Some((pid, _, started_at)) => Some((pid, started_at)),
+            None => None,
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO daemon (singleton, pid, host, started_at) VALUES (1, ?1, ?2, ?3)",
+            params![std::process::id(), host, crate::registry::now()],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(recovered)
+    }
+
+    /// Gives the daemon slot up (on a clean stop).
+    pub fn leave_daemon_slot(&self) -> Result<(), QueueError> {
+        lock(&self.accept)
+            .execute(
+                "DELETE FROM daemon WHERE singleton = 1 AND pid = ?1",
+                [std::process::id()],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn head(key: Option<&str>) -> TriggerHead {
+        TriggerHead {
+            touchpoint: "sms".into(),
+            campaign: "c1".into(),
+            idempotency_key: key.map(str::to_string),
+            template_params: json!({"text": "hi"}).as_object().cloned().unwrap(),
+        }
+    }
+
+    fn users(n: usize) -> Vec<User> {
+        (0..n)
+            .map(|i| User {
+                user_id: format!("u{i}"),
+                attributes: Default::default(),
+            })
+            .collect()
+    }
+
+    fn open() -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(&dir.path().join("q/queue.db")).unwrap();
+        (dir, q)
+    }
+
+    fn new<'a>(h: &'a TriggerHead, n: usize) -> NewDispatch<'a> {
+        NewDispatch {
+            head: h,
+            generation: 1,
+            batch_size: 4,
+            users: users(n),
+            rejected: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn batches_are_claimed_once_and_recorded() {
+        let (_d, q) = open();
+        let h = head(None);
+        let Enqueued::New(r) = q.enqueue(new(&h, 10)).unwrap() else {
+            panic!("new")
+        };
+        assert_eq!((r.accepted, r.batches), (10, 3));
+        assert_eq!(q.pending_recipients(), 10);
+        let now = now_ms();
+        let first = q.claim(now, 2, &[]).unwrap();
+        assert_eq!(first.len(), 2);
+        let rest = q.claim(now, 10, &[]).unwrap();
+        assert_eq!(rest.len(), 1, "leased batches are not claimed again");
+        assert_eq!(rest[0].remaining, 2);
+        assert!(q.claim(now, 10, &["sms"]).unwrap().is_empty());
+        let done = |c: &Claimed, after: After| Completion {
+            batch_id: c.id.clone(),
+            attempt: c.attempts + 1,
+            generation: 1,
+            started_ms: now,
+            latency_ms: 3,
+            status: Some(200),
+            recipients: c.remaining,
+            delivered: if after == After::Done { c.remaining } else { 0 },
+            failed: Vec::new(),
+            remaining: None,
+            after,
+            error: None,
+        };
+        q.record(&[
+            done(&first[0], After::Done),
+            done(&first[1], After::RetryAt(now + 60_000)),
+            done(&rest[0], After::Dead),
+        ])
+        .unwrap();
+        assert_eq!(q.pending_recipients(), 4);
+        let s = q.dispatch(&r.dispatch_id).unwrap().unwrap();
+        assert_eq!((s.delivered, s.pending, s.dead), (4, 4, 2));
+        assert!(!s.finished);
+        assert!(q.claim(now, 10, &[]).unwrap().is_empty(), "not due yet");
+        assert_eq!(q.next_due().unwrap(), Some(now + 60_000));
+        assert_eq!(q.replay(&[], None).unwrap(), [rest[0].id.clone()]);
+        assert_eq!(q.pending_recipients(), 6);
+        let again = q.claim(now_ms(), 10, &[]).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            again[0].attempts, 0,
+            "a replay starts a fresh attempt budget"
+        );
+        let (attempts, _) = q.history(&rest[0].id).unwrap();
+        assert_eq!(attempts[0].outcome, "dead");
+    }
+
+    #[test]
+    fn idempotency_keys_return_the_first_receipt() {
+        let (_d, q) = open();
+        let h = head(Some("k1"));
+        let Enqueued::New(first) = q.enqueue(new(&h, 5)).unwrap() else {
+            panic!("new")
+        };
+        assert_eq!(
+            q.enqueue(new(&h, 7)).unwrap(),
+            Enqueued::Repeat(first.clone())
+        );
+        assert_eq!(q.pending_recipients(), 5);
+        let mut other = head(Some("k1"));
+        other.campaign = "c2".into();
+        assert!(matches!(
+            q.enqueue(new(&other, 1)),
+            Err(QueueError::IdempotencyConflict { .. })
+        ));
+    }
+
+    #[test]
+    fn held_batches_wait_and_leases_are_released_on_restart() {
+        let (d, q) = open();
+        let h = head(None);
+        q.enqueue(new(&h, 8)).unwrap();
+        assert_eq!(q.hold("sms", Some("paused")).unwrap(), 2);
+        assert!(q.claim(now_ms(), 10, &[]).unwrap().is_empty());
+        assert_eq!(q.stats().unwrap().held_batches, 2);
+        q.hold("sms", None).unwrap();
+        assert_eq!(q.claim(now_ms(), 1, &[]).unwrap().len(), 1);
+        drop(q);
+        let q = Queue::open(&d.path().join("q/queue.db")).unwrap();
+        assert_eq!(q.pending_recipients(), 8);
+        assert_eq!(q.release_leases().unwrap(), 1);
+        assert_eq!(q.claim(now_ms(), 10, &[]).unwrap().len(), 2);
+    }
+}
