@@ -16,6 +16,7 @@
 //! | [`import`] | writing the TOML file of a live touchpoint |
 
 pub mod apply;
+pub mod channel;
 pub mod dispatch;
 pub mod git;
 pub mod import;

@@ -1,1 +1,617 @@
+//! The sender: claims due batches from the queue, sends each to its touchpoint as the registry has
+//! it *now* (the generation is recorded with every attempt), and records the outcome.
+//!
+//! Per touchpoint there is a lane: at most `concurrency` requests in flight and, with a
+//! `rate_limit`, no more requests than it allows. Batches claimed beyond what a lane may start wait
+//! in memory, still leased. Outcomes are recorded in groups by one recorder task, so a busy
+//! daemon writes one transaction per group, not one per batch. A batch whose touchpoint is paused,
+//! disabled or gone is held in the queue, never dropped.
 
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::queue::{After, Claimed, Completion, Queue};
+use super::retry::{self, Next};
+use super::{Rejected, User};
+use crate::channel::custom::{self, Envelope, Request, Response};
+use crate::model::{CustomSpec, Secret};
+use crate::store::now_ms;
+
+/// A live custom touchpoint, ready to send to.
+#[derive(Debug)]
+pub struct Target {
+    /// The touchpoint id.
+    pub id: String,
+    /// The registry generation these settings are from.
+    pub generation: u64,
+    /// Its settings.
+    pub spec: CustomSpec,
+    /// The resolved Bearer token.
+    pub token: Secret,
+    /// The resolved Standard Webhooks key, when it signs.
+    pub signing_key: Option<Vec<u8>>,
+}
+
+/// Where a touchpoint stands for sending.
+#[derive(Clone, Debug)]
+pub enum Lookup {
+    /// Live and enabled: send with these settings.
+    Ready(Arc<Target>),
+    /// Not sendable now; its batches wait, held with this reason.
+    Held(String),
+}
+
+/// The live touchpoints, as the daemon keeps them current.
+pub trait Directory: Send + Sync + 'static {
+    /// Where `touchpoint` stands.
+    fn lookup(&self, touchpoint: &str) -> Lookup;
+}
+
+/// What the worker reports as it goes (metrics, logs).
+pub trait Observer: Send + Sync + 'static {
+    /// One attempt finished.
+    fn attempt(&self, touchpoint: &str, outcome: &'static str, latency: Duration, delivered: u32, failed: u32);
+    /// A trigger-to-first-attempt delay, for batches sent the first time.
+    fn first_attempt_delay(&self, delay: Duration);
+    /// Something went wrong that no request caused (the queue file failed, say).
+    fn problem(&self, message: &str);
+}
+
+/// How hard the worker pushes.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Requests in flight to one touchpoint at most.
+    pub concurrency: usize,
+    /// Requests in flight in all at most (and batches held in memory).
+    pub max_in_flight: usize,
+    /// Send to loopback, private and link-local addresses (tests, local sinks).
+    pub allow_private_network: bool,
+    /// How long to wait for in-flight requests when stopping.
+    pub drain: Duration,
+}
+
+/// A token bucket: `rate` requests per second, bursts of up to one second's worth.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            tokens: rate.max(1.0),
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate.max(1.0));
+        self.at = now;
+    }
+
+    /// Takes a token if one is there; otherwise says when one will be.
+    fn take(&mut self, now: Instant) -> Result<(), Instant> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = (1.0 - self.tokens) / self.rate.max(f64::MIN_POSITIVE);
+            Err(now + Duration::from_secs_f64(wait.min(3600.0)))
+        }
+    }
+}
+
+#[derive(Default)]
+struct Lane {
+    in_flight: usize,
+    waiting: VecDeque<Claimed>,
+    bucket: Option<Bucket>,
+    /// The rate the bucket was made for, to notice a changed `rate_limit`.
+    rate: Option<f64>,
+}
+
+/// The sender, running until `stop` turns true; then it stops claiming, lets in-flight requests
+/// finish (up to `Config::drain`) and records them.
+pub async fn run(
+    queue: Arc<Queue>,
+    directory: Arc<dyn Directory>,
+    observer: Arc<dyn Observer>,
+    client: reqwest::Client,
+    config: Config,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let (record_tx, record_rx) = mpsc::unbounded_channel::<Completion>();
+    let recorder = tokio::spawn(record(
+        queue.clone(),
+        record_rx,
+        observer.clone(),
+        wake.clone(),
+    ));
+    if let Err(e) = run_blocking(&queue, |q| q.release_leases()).await {
+        observer.problem(&format!("cannot release the leases of the last run: {e}"));
+    }
+    let mut lanes: HashMap<String, Lane> = HashMap::new();
+    let mut in_flight = 0usize;
+    let mut waiting = 0usize;
+    let shared = Arc::new(Shared {
+        queue: queue.clone(),
+        directory: directory.clone(),
+        client,
+        allow_private: config.allow_private_network,
+        record: record_tx,
+        observer: observer.clone(),
+    });
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        while let Ok(tp) = done_rx.try_recv() {
+            in_flight -= 1;
+            if let Some(lane) = lanes.get_mut(&tp) {
+                lane.in_flight -= 1;
+            }
+        }
+        // Claim what the lanes can take.
+        let room = config.max_in_flight.saturating_sub(in_flight + waiting);
+        let mut claimed_all = false;
+        if room > 0 {
+            let full: Vec<String> = lanes
+                .iter()
+                .filter(|(_, l)| l.waiting.len() >= config.concurrency)
+                .map(|(k, _)| k.clone())
+                .collect();
+            let limit = room.min(256);
+            let claimed = run_blocking(&queue, move |q| {
+                let skip: Vec<&str> = full.iter().map(String::as_str).collect();
+                q.claim(now_ms(), limit, &skip)
+            })
+            .await;
+            match claimed {
+                Ok(batches) => {
+                    claimed_all = batches.len() < limit;
+                    for b in batches {
+                        waiting += 1;
+                        lanes.entry(b.touchpoint.clone()).or_default().waiting.push_back(b);
+                    }
+                }
+                Err(e) => {
+                    observer.problem(&format!("cannot claim batches: {e}"));
+                    claimed_all = true;
+                }
+            }
+        }
+        // Start what each lane may start now.
+        let now = Instant::now();
+        let mut next_token: Option<Instant> = None;
+        let mut held = Vec::new();
+        for (tp, lane) in lanes.iter_mut() {
+            if lane.waiting.is_empty() {
+                continue;
+            }
+            let target = match directory.lookup(tp) {
+                Lookup::Ready(t) => t,
+                Lookup::Held(reason) => {
+                    waiting -= lane.waiting.len();
+                    held.push((tp.clone(), reason, std::mem::take(&mut lane.waiting)));
+                    continue;
+                }
+            };
+            let rate = target.spec.rate_limit.map(|r| r.per_second());
+            if lane.rate != rate {
+                lane.rate = rate;
+                lane.bucket = rate.map(Bucket::new);
+            }
+            while lane.in_flight < config.concurrency && !lane.waiting.is_empty() {
+                if let Some(bucket) = &mut lane.bucket
+                    && let Err(at) = bucket.take(now)
+                {
+                    next_token = Some(next_token.map_or(at, |n: Instant| n.min(at)));
+                    break;
+                }
+                let Some(batch) = lane.waiting.pop_front() else {
+                    break;
+                };
+                waiting -= 1;
+                lane.in_flight += 1;
+                in_flight += 1;
+                let shared = shared.clone();
+                let done = done_tx.clone();
+                let wake = wake.clone();
+                tokio::spawn(async move {
+                    let tp = batch.touchpoint.clone();
+                    shared.send(batch).await;
+                    let _ = done.send(tp);
+                    wake.notify_one();
+                });
+            }
+        }
+        for (tp, reason, batches) in held {
+            let ids: Vec<String> = batches.into_iter().map(|b| b.id).collect();
+            let result = run_blocking(&queue, move |q| {
+                q.hold(&tp, Some(&reason))?;
+                for id in &ids {
+                    q.unlease(id)?;
+                }
+                Ok(())
+            })
+            .await;
+            if let Err(e) = result {
+                observer.problem(&format!("cannot hold batches: {e}"));
+            }
+        }
+        lanes.retain(|_, l| l.in_flight > 0 || !l.waiting.is_empty() || l.bucket.is_some());
+        // Sleep until something can move: a send finishing, new work, a token, a retry falling due.
+        let mut until = Instant::now() + Duration::from_secs(1);
+        if let Some(t) = next_token {
+            until = until.min(t);
+        }
+        if !claimed_all && room > 0 {
+            until = Instant::now();
+        } else if let Ok(Some(due)) = run_blocking(&queue, |q| q.next_due()).await {
+            let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
+            until = until.min(Instant::now() + wait);
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            Some(tp) = done_rx.recv() => {
+                in_flight -= 1;
+                if let Some(lane) = lanes.get_mut(&tp) {
+                    lane.in_flight -= 1;
+                }
+            }
+            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = stop.changed() => {}
+        }
+    }
+    // Drain: let in-flight requests finish, then record them.
+    let deadline = Instant::now() + config.drain;
+    while in_flight > 0 {
+        match tokio::time::timeout_at(deadline.into(), done_rx.recv()).await {
+            Ok(Some(_)) => in_flight -= 1,
+            _ => break,
+        }
+    }
+    if in_flight > 0 {
+        observer.problem(&format!(
+            "{in_flight} request(s) still in flight after the drain timeout; their batches are sent again on the next start"
+        ));
+    }
+    drop(shared);
+    let _ = recorder.await;
+}
+
+async fn run_blocking<T: Send + 'static>(
+    queue: &Arc<Queue>,
+    f: impl FnOnce(&Queue) -> Result<T, super::queue::QueueError> + Send + 'static,
+) -> Result<T, super::queue::QueueError> {
+    let queue = queue.clone();
+    match tokio::task::spawn_blocking(move || f(&queue)).await {
+        Ok(r) => r,
+        Err(e) => Err(super::queue::QueueError::Io {
+            path: String::new(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
+/// Records completions in groups until every sender is gone.
+async fn record(
+    queue: Arc<Queue>,
+    mut rx: mpsc::UnboundedReceiver<Completion>,
+    observer: Arc<dyn Observer>,
+    wake: Arc<Notify>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < 512 {
+            match rx.try_recv() {
+                Ok(c) => group.push(c),
+                Err(_) => break,
+            }
+        }
+        // Never drop an outcome: a failing write is tried again.
+        loop {
+            let g = group.clone();
+            match run_blocking(&queue, move |q| q.record(&g)).await {
+                Ok(()) => break,
+                Err(e) => {
+                    observer.problem(&format!("cannot record deliveries (retrying): {e}"));
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        wake.notify_one();
+    }
+}
+
+/// What every send task shares.
+struct Shared {
+    queue: Arc<Queue>,
+    directory: Arc<dyn Directory>,
+    client: reqwest::Client,
+    allow_private: bool,
+    record: mpsc::UnboundedSender<Completion>,
+    observer: Arc<dyn Observer>,
+}
+
+impl Shared {
+    async fn send(&self, batch: Claimed) {
+        // The touchpoint as it is now, not as it was when the batch was queued or claimed.
+        let target = match self.directory.lookup(&batch.touchpoint) {
+            Lookup::Ready(t) => t,
+            Lookup::Held(reason) => {
+                let (tp, id) = (batch.touchpoint.clone(), batch.id.clone());
+                let held = run_blocking(&self.queue, move |q| {
+                    q.hold(&tp, Some(&reason))?;
+                    q.unlease(&id)
+                })
+                .await;
+                if let Err(e) = held {
+                    self.observer.problem(&format!("cannot hold a batch: {e}"));
+                }
+                return;
+            }
+        };
+        let started_ms = now_ms();
+        let started = Instant::now();
+        let attempt = batch.attempts + 1;
+        let users: Vec<User> = serde_json::from_str(&batch.users).unwrap_or_default();
+        let response = match self.guard(&target.spec.url).await {
+            Err(error) => Response::Final {
+                status: None,
+                error,
+            },
+            Ok(()) => {
+                let env = Envelope {
+                    touchpoint: &batch.touchpoint,
+                    campaign: &batch.campaign,
+                    dispatch_id: &batch.dispatch_id,
+                    index: batch.index,
+                    count: batch.count,
+                    template: &batch.template_params,
+                };
+                let body = custom::body(&env, &users, &target.spec.dynamic_params);
+                custom::send(
+                    &self.client,
+                    Request {
+                        url: &target.spec.url,
+                        token: &target.token,
+                        signing_key: target.signing_key.as_deref(),
+                        msg_id: &batch.id,
+                        body,
+                        timeout: target.spec.timeout.get(),
+                    },
+                )
+                .await
+            }
+        };
+        let latency = started.elapsed();
+        if attempt == 1 {
+            let queued_ms = batch_created_ms(&batch.id);
+            if let Some(q) = queued_ms {
+                self.observer
+                    .first_attempt_delay(Duration::from_millis((started_ms - q).max(0) as u64));
+            }
+        }
+        let completion = outcome(&batch, &target, attempt, users, response, started_ms, latency);
+        let label = match completion.after {
+            After::Done => "delivered",
+            After::RetryAt(_) if completion.delivered > 0 => "partial",
+            After::RetryAt(_) => "retry",
+            After::Dead => "dead",
+        };
+        self.observer.attempt(
+            &batch.touchpoint,
+            label,
+            latency,
+            completion.delivered,
+            completion.failed.len() as u32,
+        );
+        // The recorder outlives every sender.
+        let _ = self.record.send(completion);
+    }
+
+    /// Refuses endpoints on loopback, private and link-local networks unless allowed.
+    async fn guard(&self, url: &str) -> Result<(), String> {
+        if self.allow_private {
+            return Ok(());
+        }
+        let parsed = url::Url::parse(url).map_err(|e| format!("bad url: {e}"))?;
+        let port = parsed.port_or_known_default().unwrap_or(443);
+        let addrs: Vec<IpAddr> = match parsed.host() {
+            Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
+            Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
+            Some(url::Host::Domain(d)) => match tokio::net::lookup_host((d, port)).await {
+                Ok(it) => it.map(|a| a.ip()).collect(),
+                // Resolution failing is the request's problem, reported (and retried) there.
+                Err(_) => return Ok(()),
+            },
+            None => return Err("the url has no host".into()),
+        };
+        match addrs.iter().find(|ip| !is_public(ip)) {
+            Some(ip) => Err(format!(
+                "refused: {} resolves to {ip}, a loopback, private or link-local address; the daemon sends there only when started with --allow-private-network",
+                parsed.host_str().unwrap_or_default()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The creation time encoded in a batch id (`dsp_<ms hex>..._<index>`).
+fn batch_created_ms(id: &str) -> Option<i64> {
+    let hex = id.strip_prefix("dsp_")?.get(..11)?;
+    i64::from_str_radix(hex, 16).ok()
+}
+
+/// Whether an address is on the public internet (not loopback, private, link-local, unspecified,
+/// shared, documentation or multicast).
+pub fn is_public(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(&IpAddr::V4(v4));
+            }
+            let seg = v6.segments();
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// Turns a response into the batch's next state.
+fn outcome(
+    batch: &Claimed,
+    target: &Target,
+    attempt: u32,
+    users: Vec<User>,
+    response: Response,
+    started_ms: i64,
+    latency: Duration,
+) -> Completion {
+    let policy = &target.spec.retry;
+    let retry_at = |retry_after: Option<Duration>| match retry::next(
+        policy,
+        attempt,
+        retry_after,
+        retry::unit(),
+    ) {
+        Next::RetryAfter(d) => After::RetryAt(now_ms() + d.as_millis() as i64),
+        Next::DeadLetter => After::Dead,
+    };
+    let mut c = Completion {
+        batch_id: batch.id.clone(),
+        attempt,
+        generation: target.generation,
+        started_ms,
+        latency_ms: latency.as_millis() as i64,
+        status: None,
+        recipients: users.len() as u32,
+        delivered: 0,
+        failed: Vec::new(),
+        remaining: None,
+        after: After::Dead,
+        error: None,
+    };
+    match response {
+        Response::Accepted { status, failed } => {
+            c.status = Some(status);
+            let sent: HashMap<&str, &User> =
+                users.iter().map(|u| (u.user_id.as_str(), u)).collect();
+            let mut retry_ids = std::collections::HashSet::new();
+            for f in &failed {
+                // Only recipients of this batch count; anything else the endpoint says is noise.
+                if !sent.contains_key(f.user_id.as_str()) {
+                    continue;
+                }
+                if f.retry {
+                    retry_ids.insert(f.user_id.as_str());
+                } else if !c.failed.iter().any(|r| r.user_id == f.user_id) {
+                    c.failed.push(Rejected {
+                        user_id: f.user_id.clone(),
+                        reason: if f.reason.is_empty() {
+                            "refused by the endpoint".into()
+                        } else {
+                            f.reason.clone()
+                        },
+                    });
+                }
+            }
+            let failed_ids: std::collections::HashSet<&str> =
+                c.failed.iter().map(|r| r.user_id.as_str()).collect();
+            let retry_users: Vec<&User> = users
+                .iter()
+                .filter(|u| {
+                    retry_ids.contains(u.user_id.as_str()) && !failed_ids.contains(u.user_id.as_str())
+                })
+                .collect();
+            c.delivered = (users.len() - retry_users.len() - c.failed.len()) as u32;
+            if retry_users.is_empty() {
+                c.after = After::Done;
+            } else {
+                c.error = Some(format!(
+                    "{} recipient(s) to retry, as the endpoint asked",
+                    retry_users.len()
+                ));
+                c.remaining = Some((
+                    serde_json::to_string(&retry_users).unwrap_or_default(),
+                    retry_users.len() as u32,
+                ));
+                c.after = retry_at(None);
+            }
+        }
+        Response::Retryable {
+            status,
+            retry_after,
+            error,
+        } => {
+            c.status = status;
+            c.error = Some(error);
+            c.after = retry_at(retry_after);
+        }
+        Response::Final { status, error } => {
+            c.status = status;
+            c.error = Some(error);
+            c.after = After::Dead;
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_addresses_only() {
+        for private in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.4", "169.254.169.254", "0.0.0.0", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = private.parse().unwrap();
+            assert!(!is_public(&ip), "{private}");
+        }
+        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
+            let ip: IpAddr = public.parse().unwrap();
+            assert!(is_public(&ip), "{public}");
+        }
+    }
+
+    #[test]
+    fn buckets_pace_requests() {
+        let start = Instant::now();
+        let mut b = Bucket::new(2.0);
+        assert!(b.take(start).is_ok());
+        assert!(b.take(start).is_ok());
+        let next = b.take(start).unwrap_err();
+        assert_eq!(next.duration_since(start), Duration::from_millis(500));
+        assert!(b.take(start + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn batch_ids_carry_their_creation_time() {
+        assert_eq!(batch_created_ms("dsp_0000000000a1b2c3d4e5f6_3"), Some(10));
+    }
+}

@@ -1,0 +1,310 @@
+//! The custom touchpoint's wire format (DESIGN.md, "Custom touchpoint request"): one POST per
+//! batch with a Bearer token, Standard Webhooks signature headers when the touchpoint has a signing
+//! secret, and a JSON body of the campaign's template params and the batch's recipients. The
+//! answer decides the batch's fate: 2xx delivered (except the recipients a `failed` list names),
+//! 408/429/5xx and network errors retried, other statuses final.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{KeyInit, Mac};
+use serde::Deserialize;
+
+use crate::dispatch::{User, write_recipient};
+use crate::model::{DynamicParams, Secret};
+
+/// The most of a response body read (the `failed` list of a batch of 500 fits easily).
+const MAX_RESPONSE: usize = 1024 * 1024;
+
+/// The key a Standard Webhooks signing secret stands for: `whsec_` followed by base64 (the prefix
+/// is optional), as the reference libraries read it.
+pub fn signing_key(secret: &Secret) -> Result<Vec<u8>, String> {
+    let text = secret.expose().trim();
+    let b64 = text.strip_prefix("whsec_").unwrap_or(text);
+    BASE64.decode(b64).map_err(|_| {
+        "the signing secret is not a Standard Webhooks secret: it must be `whsec_` followed by base64 (e.g. `whsec_` + 24 random bytes in base64)".to_string()
+    })
+}
+
+/// The `webhook-signature` header value for a message: `v1,` and the base64 HMAC-SHA256 of
+/// `{id}.{timestamp}.{body}`.
+pub fn sign(key: &[u8], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+    // HMAC takes keys of any length.
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+    mac.update(msg_id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+}
+
+/// What the request body needs besides the recipients.
+pub struct Envelope<'a> {
+    /// The touchpoint id.
+    pub touchpoint: &'a str,
+    /// The campaign.
+    pub campaign: &'a str,
+    /// The dispatch.
+    pub dispatch_id: &'a str,
+    /// This batch's index in the dispatch.
+    pub index: u32,
+    /// How many batches the dispatch has.
+    pub count: u32,
+    /// The template params, as stored (a JSON object).
+    pub template: &'a str,
+}
+
+/// The request body of one batch.
+pub fn body(env: &Envelope<'_>, users: &[User], params: &DynamicParams) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + users.len() * 96);
+    let string = |out: &mut Vec<u8>, s: &str| {
+        // Writing a string to a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    };
+    out.extend_from_slice(b"{\"type\":\"touchpoint.dispatch\",\"touchpoint\":");
+    string(&mut out, env.touchpoint);
+    out.extend_from_slice(b",\"campaign\":");
+    string(&mut out, env.campaign);
+    out.extend_from_slice(b",\"dispatch_id\":");
+    string(&mut out, env.dispatch_id);
+    out.extend_from_slice(
+        format!(
+            ",\"batch\":{{\"index\":{},\"count\":{}}},\"template\":",
+            env.index, env.count
+        )
+        .as_bytes(),
+    );
+    let template = env.template.trim();
+    out.extend_from_slice(if template.is_empty() {
+        b"{}"
+    } else {
+        template.as_bytes()
+    });
+    out.extend_from_slice(b",\"recipients\":[");
+    for (i, user) in users.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_recipient(&mut out, user, params);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// A recipient the endpoint reports as failed in a 2xx answer.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct FailedRecipient {
+    /// The user.
+    pub user_id: String,
+    /// Why, as the endpoint says.
+    #[serde(default)]
+    pub reason: String,
+    /// Whether sending it again may succeed.
+    #[serde(default)]
+    pub retry: bool,
+}
+
+#[derive(Deserialize)]
+struct Answer {
+    #[serde(default)]
+    failed: Vec<FailedRecipient>,
+}
+
+/// What the endpoint made of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// 2xx: every recipient except those listed is delivered.
+    Accepted {
+        /// The status.
+        status: u16,
+        /// Recipients the endpoint could not take.
+        failed: Vec<FailedRecipient>,
+    },
+    /// Worth trying again: network error, timeout, 408, 429, 5xx.
+    Retryable {
+        /// The status, if a response came.
+        status: Option<u16>,
+        /// The endpoint's `Retry-After`.
+        retry_after: Option<Duration>,
+        /// What went wrong.
+        error: String,
+    },
+    /// Will not succeed as it is: any other status, or a refused address.
+    Final {
+        /// The status, if a response came.
+        status: Option<u16>,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// Everything one request needs.
+pub struct Request<'a> {
+    /// The endpoint.
+    pub url: &'a str,
+    /// The Bearer token.
+    pub token: &'a Secret,
+    /// The Standard Webhooks key, when the touchpoint signs.
+    pub signing_key: Option<&'a [u8]>,
+    /// The batch id (`webhook-id`).
+    pub msg_id: &'a str,
+    /// The body.
+    pub body: Vec<u8>,
+    /// The touchpoint's timeout.
+    pub timeout: Duration,
+}
+
+/// Sends one batch.
+pub async fn send(client: &reqwest::Client, req: Request<'_>) -> Response {
+    let timestamp = crate::store::now_ms() / 1000;
+    let mut builder = client
+        .post(req.url)
+        .timeout(req.timeout)
+        .bearer_auth(req.token.expose())
+        .header("content-type", "application/json")
+        .header("webhook-id", req.msg_id)
+        .header("webhook-timestamp", timestamp.to_string());
+    if let Some(key) = req.signing_key {
+        builder = builder.header(
+            "webhook-signature",
+            sign(key, req.msg_id, timestamp, &req.body),
+        );
+    }
+    let response = match builder.body(req.body).send().await {
+        Ok(r) => r,
+        Err(e) => {
+            return Response::Retryable {
+                status: None,
+                retry_after: None,
+                error: describe(&e, req.timeout),
+            };
+        }
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| crate::dispatch::retry::parse_retry_after(v, std::time::SystemTime::now()));
+    let text = read_capped(response).await;
+    match status {
+        200..=299 => {
+            let failed = serde_json::from_slice::<Answer>(&text)
+                .map(|a| a.failed)
+                .unwrap_or_default();
+            Response::Accepted { status, failed }
+        }
+        408 | 429 | 500..=599 => Response::Retryable {
+            status: Some(status),
+            retry_after,
+            error: format!("HTTP {status}{}", excerpt(&text)),
+        },
+        300..=399 => Response::Final {
+            status: Some(status),
+            error: format!(
+                "HTTP {status}: the endpoint redirects, and touchctl does not follow redirects with recipients' data; set `url` to the final address"
+            ),
+        },
+        _ => Response::Final {
+            status: Some(status),
+            error: format!("HTTP {status}{}", excerpt(&text)),
+        },
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_RESPONSE.saturating_sub(out.len());
+        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if out.len() >= MAX_RESPONSE {
+            break;
+        }
+    }
+    out
+}
+
+/// The start of an error body, for the attempt log.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        return String::new();
+    }
+    let cut: String = text.chars().take(200).collect();
+    let more = if cut.len() < text.len() { "…" } else { "" };
+    format!(": {cut}{more}")
+}
+
+fn describe(e: &reqwest::Error, timeout: Duration) -> String {
+    if e.is_timeout() {
+        return format!(
+            "timed out after {}",
+            humantime::format_duration(timeout)
+        );
+    }
+    let mut text = if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The example of the Standard Webhooks specification.
+    #[test]
+    fn signatures_match_the_standard_webhooks_example() {
+        let key = signing_key(&Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+        assert!(signing_key(&Secret::new("not base64!")).is_err());
+    }
+
+    #[test]
+    fn body_has_the_documented_shape() {
+        let mut params = DynamicParams::new();
+        params.insert(
+            "phone".into(),
+            crate::model::ParamSource::Attribute("user.phone".into()),
+        );
+        let users = vec![User {
+            user_id: "u1".into(),
+            attributes: json!({"phone": "13800000000"}).as_object().cloned().unwrap(),
+        }];
+        let env = Envelope {
+            touchpoint: "sms",
+            campaign: "spring",
+            dispatch_id: "dsp_1",
+            index: 0,
+            count: 4,
+            template: r#"{"text":"hi"}"#,
+        };
+        let v: serde_json::Value = serde_json::from_slice(&body(&env, &users, &params)).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "type": "touchpoint.dispatch", "touchpoint": "sms", "campaign": "spring",
+                "dispatch_id": "dsp_1", "batch": {"index": 0, "count": 4},
+                "template": {"text": "hi"},
+                "recipients": [{"user_id": "u1", "phone": "13800000000"}]
+            })
+        );
+    }
+}
