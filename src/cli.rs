@@ -151,6 +151,26 @@ pub enum Command {
         #[arg(long, value_name = "FILE", conflicts_with = "all")]
         out: Option<PathBuf>,
     },
+    /// Serve the dispatch API, keep the registry in step with the files, and deliver.
+    ///
+    /// Accepted triggers are stored in the queue file before the API answers 202; batches are sent
+    /// to the live touchpoints with retries, and survive restarts. The API token comes from
+    /// TOUCHCTL_API_TOKEN or --api-token-file. Stop with SIGTERM or Ctrl-C: open requests and
+    /// in-flight deliveries finish first.
+    Daemon(DaemonArgs),
+    /// Send a campaign trigger to a running daemon (POST /v1/dispatch).
+    ///
+    /// Users come from a file (or `-` for standard input): a JSON array of
+    /// {"user_id", "attributes": {...}} or one such object per line. They are streamed as NDJSON.
+    Dispatch(DispatchArgs),
+    /// The delivery log: list batches, show one with its attempts, replay dead-lettered ones.
+    Deliveries {
+        #[command(subcommand)]
+        command: DeliveriesCommand,
+        /// The queue file (default: queue.db beside --state).
+        #[arg(long, global = true, value_name = "PATH")]
+        queue: Option<PathBuf>,
+    },
     /// Remove the registry lock left by a writer that is gone for good.
     ///
     /// A lock held by a process that no longer runs on this host is recovered automatically; this
@@ -159,4 +179,134 @@ pub enum Command {
         /// The lock id to remove.
         lock_id: String,
     },
+}
+
+/// `touchctl daemon` options.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Where the API listens.
+    #[arg(long, default_value = "127.0.0.1:8640", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Reconcile the registry with the files: on every change (debounced) and every --interval.
+    /// A tree with problems changes nothing; the problems show at /v1/status and in the log.
+    #[arg(long)]
+    pub watch: bool,
+    /// Where --watch reads the files: `worktree` (as on disk) or `git:REF` (only what is committed
+    /// at REF, e.g. git:main).
+    #[arg(long, default_value = "worktree", value_name = "SOURCE")]
+    pub source: String,
+    /// How often to reconcile and re-read secrets even without a file event.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub interval: std::time::Duration,
+    /// Deletes one reconcile may make at most (more refuses the whole reconcile).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub max_deletes: usize,
+    /// The queue file (default: queue.db beside --state).
+    #[arg(long, value_name = "PATH")]
+    pub queue: Option<PathBuf>,
+    /// Deliver to loopback, private and link-local addresses (local sinks, tests). Without it such
+    /// endpoints are refused and their batches dead-lettered.
+    #[arg(long)]
+    pub allow_private_network: bool,
+    /// Read the API token from this file instead of TOUCHCTL_API_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Serve the API without a token. Only on a loopback --listen address.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Requests in flight to one touchpoint at most.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub concurrency: usize,
+    /// Requests in flight in all at most.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_in_flight: usize,
+    /// Largest request body, in bytes (413 beyond).
+    #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
+    pub max_body: usize,
+    /// Most recipients the queue holds before new triggers get 503 with Retry-After.
+    #[arg(long, default_value_t = 10_000_000, value_name = "N")]
+    pub max_queued: u64,
+    /// How long a client may take to send its request headers, and its body.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub client_timeout: std::time::Duration,
+    /// How long to wait for open requests and in-flight deliveries when stopping.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub drain_timeout: std::time::Duration,
+}
+
+/// `touchctl dispatch` options.
+#[derive(Debug, Args)]
+pub struct DispatchArgs {
+    /// The touchpoint id.
+    #[arg(long)]
+    pub touchpoint: String,
+    /// The campaign the users were triggered by.
+    #[arg(long)]
+    pub campaign: String,
+    /// The users: a JSON array, or one JSON object per line; `-` reads standard input.
+    #[arg(long, value_name = "FILE")]
+    pub users: PathBuf,
+    /// A template param as text: `--param text="会员日满100减20"` (repeatable).
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// A template param as JSON: `--param-json points=100` (repeatable).
+    #[arg(long = "param-json", value_name = "NAME=JSON")]
+    pub params_json: Vec<String>,
+    /// Makes the trigger idempotent: the same key again queues nothing and returns the first answer.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// The daemon's address.
+    #[arg(long, env = "TOUCHCTL_URL", default_value = "http://127.0.0.1:8640", value_name = "URL")]
+    pub url: String,
+    /// Wait until every batch is delivered or dead-lettered, showing progress.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// `touchctl deliveries` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List batches, newest first.
+    List {
+        /// Only batches in this state.
+        #[arg(long, value_parser = ["pending", "delivered", "dead"])]
+        state: Option<String>,
+        /// Only batches of this touchpoint.
+        #[arg(long)]
+        touchpoint: Option<String>,
+        /// Only batches of this dispatch.
+        #[arg(long)]
+        dispatch: Option<String>,
+        /// At most this many (0: all).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
+        format: ValidateFormat,
+    },
+    /// Show one batch: its state, every attempt (status, latency, generation, error) and the
+    /// recipients that failed for good.
+    Show {
+        /// The batch id (as listed; the `webhook-id` the endpoint saw).
+        batch: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
+        format: ValidateFormat,
+    },
+    /// Put dead-lettered batches back in the queue, due now, with a fresh attempt budget. A running
+    /// daemon picks them up within a second.
+    Replay {
+        /// The batch ids to replay.
+        batches: Vec<String>,
+        /// Replay every dead batch (of --touchpoint, if given).
+        #[arg(long, conflicts_with = "batches")]
+        all: bool,
+        /// With --all: only this touchpoint's.
+        #[arg(long, requires = "all")]
+        touchpoint: Option<String>,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m)"))
 }

@@ -17,6 +17,7 @@
 
 pub mod apply;
 pub mod channel;
+pub mod daemon;
 pub mod dispatch;
 pub mod git;
 pub mod import;

@@ -116,6 +116,14 @@ impl SqliteRegistry {
         })
     }
 
+    /// Changes whenever another connection commits to the file: a cheap way to notice an apply
+    /// made by another process.
+    pub fn data_version(&self) -> Result<i64, RegistryError> {
+        self.conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
     fn err(&self, source: rusqlite::Error) -> RegistryError {
         RegistryError::Sqlite {
             path: self.path.display().to_string(),

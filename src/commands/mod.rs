@@ -1,6 +1,8 @@
 //! Runs each command: the second stage of configuration (real objects from what the user typed),
 //! output, and the exit code. The work itself is in the library.
 
+mod daemon;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
@@ -18,9 +20,9 @@ use touchctl::schema::{self, Freshness};
 use crate::cli::{Cli, ColorChoice, Command, Global, PlanFormat, ValidateFormat};
 
 /// Exit code: success.
-const OK: u8 = 0;
+pub(crate) const OK: u8 = 0;
 /// Exit code: error, or invalid files.
-const FAILED: u8 = 1;
+pub(crate) const FAILED: u8 = 1;
 /// Exit code: changes present (`plan --detailed-exitcode`).
 const CHANGES: u8 = 2;
 
@@ -60,6 +62,11 @@ pub fn run(cli: Cli) -> Result<u8> {
             },
         ),
         Command::Import { ids, all, out } => import_cmd(g, ids, *all, out.as_deref()),
+        Command::Daemon(args) => daemon::daemon_cmd(g, args),
+        Command::Dispatch(args) => daemon::dispatch_cmd(g, args),
+        Command::Deliveries { command, queue } => {
+            daemon::deliveries_cmd(g, command, queue.as_deref())
+        }
         Command::ForceUnlock { lock_id } => {
             let registry = open_registry(g)?;
             let held = registry.force_unlock(lock_id)?;

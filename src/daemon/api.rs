@@ -1,0 +1,539 @@
+//! The HTTP API (DESIGN.md section 4): dispatch (JSON or NDJSON), dispatch status, touchpoints,
+//! status, pause/resume and `/metrics`, behind a Bearer token compared in constant time. Every
+//! error is a JSON body `{"error": {"code", "message", ...}}` saying what is wrong.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use super::App;
+use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
+use crate::dispatch::worker::Lookup;
+use crate::dispatch::{Trigger, TriggerHead, User, check_template_params, screen};
+use crate::model::KindSpec;
+
+/// The routes, with authentication in front of all of them.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/dispatch", post(dispatch))
+        .route("/v1/dispatches/{id}", get(dispatch_status))
+        .route("/v1/touchpoints", get(touchpoints))
+        .route("/v1/touchpoints/{id}/pause", post(pause))
+        .route("/v1/touchpoints/{id}/resume", post(resume))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
+        .with_state(app)
+}
+
+/// An error answer.
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<(&'static str, Value)>,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+            retry_after: None,
+        }
+    }
+
+    fn with(mut self, key: &'static str, value: Value) -> Self {
+        self.extra = Some((key, value));
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some((k, v)) = self.extra {
+            error[k] = v;
+        }
+        let mut response = (self.status, axum::Json(json!({ "error": error }))).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"touchctl\""),
+            );
+        }
+        response
+    }
+}
+
+async fn authenticate(
+    State(app): State<Arc<App>>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if let Some(token) = &app.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        let ok = given.is_some_and(|g| bool::from(g.ct_eq(token.expose().as_bytes())));
+        if !ok {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send the daemon's API token as `Authorization: Bearer <token>`",
+            ));
+        }
+    }
+    Ok(next.run(request).await)
+}
+
+async fn not_found(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!(
+            "no such endpoint: {} {}; see DESIGN.md section 4 or the README for the API",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+/// `POST /v1/dispatch`.
+async fn dispatch(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    let response = match accept(&app, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    app.metrics.request(response.status().as_u16());
+    response
+}
+
+async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+    if app.is_draining() {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the daemon is shutting down; send the trigger again to its next instance",
+        );
+        e.retry_after = Some(5);
+        return Err(e);
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let limits = &app.limits;
+    let read = async {
+        match content_type.as_str() {
+            "application/json" => read_json(body, limits.max_body).await,
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+                read_ndjson(body, limits.max_body).await
+            }
+            other => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                format!(
+                    "content type `{other}` is not accepted: send application/json (one trigger with `users`) or application/x-ndjson (the trigger head on the first line, then one user per line)"
+                ),
+            )),
+        }
+    };
+    let trigger = match tokio::time::timeout(limits.body_timeout, read).await {
+        Ok(t) => t?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {}",
+                    humantime::format_duration(limits.body_timeout)
+                ),
+            ));
+        }
+    };
+    let Trigger { head, users } = trigger;
+
+    if let Some(key) = &head.idempotency_key {
+        let (queue, key) = (app.queue.clone(), key.clone());
+        let earlier = blocking(move || queue.find_idempotent(&key)).await?;
+        if let Some((touchpoint, campaign, receipt)) = earlier {
+            if touchpoint == head.touchpoint && campaign == head.campaign {
+                return Ok(receipt_response(&receipt, true));
+            }
+            return Err(conflict_key(&head, &touchpoint, &campaign, &receipt.dispatch_id));
+        }
+    }
+
+    let Some((summary, lookup, touchpoint)) = app.live.get(&head.touchpoint) else {
+        let ids = app.live.ids();
+        let hint = crate::load::did_you_mean(&head.touchpoint, ids.iter().map(String::as_str))
+            .map(|n| format!("; did you mean `{n}`?"))
+            .unwrap_or_default();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_touchpoint",
+            format!("no live touchpoint `{}`{hint}", head.touchpoint),
+        ));
+    };
+    if let Lookup::Held(reason) = &lookup {
+        let code = if summary.paused {
+            "touchpoint_paused"
+        } else if !summary.enabled {
+            "touchpoint_disabled"
+        } else {
+            "touchpoint_unavailable"
+        };
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            code,
+            format!(
+                "touchpoint `{}` does not accept dispatches now: {reason}",
+                head.touchpoint
+            ),
+        ));
+    }
+    let Some(KindSpec::Custom(spec)) = touchpoint.as_deref().map(|t| &t.spec) else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "touchpoint_unavailable",
+            format!("touchpoint `{}` cannot take dispatches", head.touchpoint),
+        ));
+    };
+    if let Err(problems) = check_template_params(&spec.template_params, &head.template_params) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_template_params",
+            format!(
+                "the template params do not match touchpoint `{}`: {}",
+                head.touchpoint,
+                problems.join("; ")
+            ),
+        )
+        .with("problems", json!(problems)));
+    }
+    let pending = app.queue.pending_recipients();
+    if pending + users.len() as u64 > limits.max_queued {
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            format!(
+                "the queue holds {pending} recipients and takes at most {}; try again later",
+                limits.max_queued
+            ),
+        );
+        e.retry_after = Some(10);
+        return Err(e);
+    }
+    let (accepted, rejected) = screen(users, &spec.dynamic_params);
+    let (n_accepted, n_rejected) = (accepted.len(), rejected.len());
+    let queue = app.queue.clone();
+    let generation = summary.generation;
+    let batch_size = spec.batch_size as usize;
+    let head2 = head.clone();
+    let enqueued = blocking(move || {
+        queue.enqueue(NewDispatch {
+            head: &head2,
+            generation,
+            batch_size,
+            users: accepted,
+            rejected,
+        })
+    })
+    .await;
+    match enqueued {
+        Ok(Enqueued::New(receipt)) => {
+            app.metrics
+                .accepted(&head.touchpoint, n_accepted, n_rejected);
+            app.wake.notify_one();
+            Ok(receipt_response(&receipt, false))
+        }
+        Ok(Enqueued::Repeat(receipt)) => Ok(receipt_response(&receipt, true)),
+        Err(e) => Err(e),
+    }
+}
+
+fn conflict_key(head: &TriggerHead, touchpoint: &str, campaign: &str, dispatch_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_key_reused",
+        format!(
+            "idempotency key `{}` was already used for touchpoint `{touchpoint}`, campaign `{campaign}` (dispatch {dispatch_id}): use a new key for a new trigger",
+            head.idempotency_key.as_deref().unwrap_or_default()
+        ),
+    )
+}
+
+fn receipt_response(receipt: &crate::dispatch::queue::Receipt, replayed: bool) -> Response {
+    let mut response = (StatusCode::ACCEPTED, axum::Json(receipt)).into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Runs queue work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(QueueError::IdempotencyConflict {
+            key,
+            touchpoint,
+            campaign,
+            dispatch_id,
+        })) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            format!(
+                "idempotency key `{key}` was already used for touchpoint `{touchpoint}`, campaign `{campaign}` (dispatch {dispatch_id}): use a new key for a new trigger"
+            ),
+        )),
+        Ok(Err(e)) => Err(internal(e.to_string())),
+        Err(e) => Err(internal(e.to_string())),
+    }
+}
+
+fn internal(message: String) -> ApiError {
+    super::log(&format!("error: {message}"));
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("the daemon could not store or read the queue: {message}"),
+    )
+}
+
+fn too_large(max: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the request body is larger than {max} bytes: split the audience over several triggers, or start the daemon with a larger --max-body"
+        ),
+    )
+}
+
+fn malformed(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "malformed", message)
+}
+
+async fn read_json(body: Body, max: usize) -> Result<Trigger, ApiError> {
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+            too_large(max)
+        } else {
+            malformed(format!("cannot read the request body: {e}"))
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        malformed(format!(
+            "the body is not a trigger: {e}. Expected {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\": {{...}}, \"users\": [{{\"user_id\", \"attributes\": {{...}}}}]}}"
+        ))
+    })
+}
+
+async fn read_ndjson(body: Body, max: usize) -> Result<Trigger, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut total = 0usize;
+    let mut line_no = 0usize;
+    let mut head: Option<TriggerHead> = None;
+    let mut users: Vec<User> = Vec::new();
+    let mut take_line = |line: &[u8], line_no: usize| -> Result<(), ApiError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        if head.is_none() {
+            head = Some(serde_json::from_slice(line).map_err(|e| {
+                malformed(format!(
+                    "line {line_no}: the first line must be the trigger head {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\"}}: {e}"
+                ))
+            })?);
+        } else {
+            users.push(serde_json::from_slice(line).map_err(|e| {
+                malformed(format!(
+                    "line {line_no}: not a user {{\"user_id\", \"attributes\": {{...}}}}: {e}"
+                ))
+            })?);
+        }
+        Ok(())
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| malformed(format!("cannot read the request body: {e}")))?;
+        total += chunk.len();
+        if total > max {
+            return Err(too_large(max));
+        }
+        buf.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+            line_no += 1;
+            take_line(&buf[start..start + pos], line_no)?;
+            start += pos + 1;
+        }
+        buf.drain(..start);
+    }
+    if !buf.is_empty() {
+        line_no += 1;
+        take_line(&buf, line_no)?;
+    }
+    let head = head.ok_or_else(|| malformed("the body is empty: send the trigger head on the first line, then one user per line".into()))?;
+    Ok(Trigger { head, users })
+}
+
+/// `GET /v1/dispatches/{id}`.
+async fn dispatch_status(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let queue = app.queue.clone();
+    let id2 = id.clone();
+    match blocking(move || queue.dispatch(&id2)).await? {
+        Some(s) => Ok(axum::Json(s).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_dispatch",
+            format!("no dispatch `{id}` in this daemon's queue"),
+        )),
+    }
+}
+
+/// `GET /v1/touchpoints`.
+async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let queue = app.queue.clone();
+    let pending = blocking(move || queue.pending_touchpoints()).await?;
+    let pending: std::collections::HashMap<String, (u64, u64)> = pending
+        .into_iter()
+        .map(|(tp, p, h)| (tp, (p, h)))
+        .collect();
+    let list: Vec<Value> = app
+        .live
+        .summaries()
+        .into_iter()
+        .map(|s| {
+            let (p, h) = pending.get(&s.id).copied().unwrap_or_default();
+            let mut v = serde_json::to_value(&s).unwrap_or_default();
+            v["pending_batches"] = p.into();
+            v["held_batches"] = h.into();
+            v
+        })
+        .collect();
+    // Work parked for touchpoints that are gone stays visible.
+    let gone: Vec<Value> = pending
+        .iter()
+        .filter(|(tp, _)| app.live.get(tp).is_none())
+        .map(|(tp, (p, h))| {
+            json!({"id": tp, "pending_batches": p, "held_batches": h, "held": super::live::GONE})
+        })
+        .collect();
+    Ok(axum::Json(json!({"touchpoints": list, "gone_with_pending_work": gone})).into_response())
+}
+
+async fn set_paused(app: Arc<App>, id: String, paused: bool) -> Result<Response, ApiError> {
+    let registry = app.registry.clone();
+    let id2 = id.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        crate::registry::Registry::set_paused(registry.as_ref(), &id2, paused)
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?;
+    match result {
+        Ok(_) => {}
+        Err(crate::registry::RegistryError::NotFound(_)) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_touchpoint",
+                format!("no live touchpoint `{id}`"),
+            ));
+        }
+        Err(e) => return Err(internal(e.to_string())),
+    }
+    super::refresh(&app, false).await;
+    super::log(&format!(
+        "{} `{id}` through the API",
+        if paused { "paused" } else { "resumed" }
+    ));
+    let summary = app.live.get(&id).map(|(s, _, _)| s);
+    Ok(axum::Json(summary).into_response())
+}
+
+/// `POST /v1/touchpoints/{id}/pause`.
+async fn pause(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    set_paused(app, id, true).await
+}
+
+/// `POST /v1/touchpoints/{id}/resume`.
+async fn resume(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    set_paused(app, id, false).await
+}
+
+/// `GET /v1/status`.
+async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let queue = app.queue.clone();
+    let stats = blocking(move || queue.stats()).await?;
+    let summaries = app.live.summaries();
+    let ready = summaries.iter().filter(|s| s.ready).count();
+    let reconcile = app.last_reconcile();
+    Ok(axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": app.info.started_at,
+        "uptime_seconds": app.info.started.elapsed().as_secs(),
+        "draining": app.is_draining(),
+        "source": app.info.source,
+        "dir": app.info.dir,
+        "watch": app.info.watch,
+        "registry": app.info.registry,
+        "queue_file": app.info.queue,
+        "reconcile": reconcile,
+        "touchpoints": {"live": summaries.len(), "ready": ready, "held": summaries.len() - ready},
+        "queue": stats,
+    }))
+    .into_response())
+}
+
+/// `GET /metrics`.
+async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let queue = app.queue.clone();
+    let stats = blocking(move || queue.stats()).await?;
+    let text = app.metrics.render(&stats, app.live.summaries().len());
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// How long to wait for a request body (slow clients are cut off).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);

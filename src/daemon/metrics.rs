@@ -1,0 +1,235 @@
+//! `/metrics` in the Prometheus text format, and the worker's [`Observer`] that feeds it (and the
+//! log).
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::dispatch::queue::Stats;
+use crate::dispatch::worker::Observer;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    touchpoint: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Tp {
+    touchpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Status {
+    status: String,
+}
+
+/// Every metric the daemon exports.
+pub struct Metrics {
+    registry: Registry,
+    attempts: Family<Outcome, Counter>,
+    delivered: Family<Tp, Counter>,
+    failed: Family<Tp, Counter>,
+    accepted: Family<Tp, Counter>,
+    rejected: Family<Tp, Counter>,
+    requests: Family<Status, Counter>,
+    latency: Histogram,
+    first_attempt: Histogram,
+    pending_batches: Gauge,
+    pending_recipients: Gauge,
+    held_batches: Gauge,
+    dead_batches: Gauge,
+    live_touchpoints: Gauge,
+    reconcile_failures: Counter,
+    reconcile_ok: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("touchctl");
+        let attempts = Family::<Outcome, Counter>::default();
+        registry.register(
+            "delivery_attempts",
+            "Delivery attempts, by touchpoint and outcome (delivered, partial, retry, dead)",
+            attempts.clone(),
+        );
+        let delivered = Family::<Tp, Counter>::default();
+        registry.register(
+            "recipients_delivered",
+            "Recipients delivered",
+            delivered.clone(),
+        );
+        let failed = Family::<Tp, Counter>::default();
+        registry.register(
+            "recipients_failed",
+            "Recipients the endpoint refused for good",
+            failed.clone(),
+        );
+        let accepted = Family::<Tp, Counter>::default();
+        registry.register(
+            "recipients_accepted",
+            "Recipients accepted by POST /v1/dispatch",
+            accepted.clone(),
+        );
+        let rejected = Family::<Tp, Counter>::default();
+        registry.register(
+            "recipients_rejected",
+            "Recipients rejected by POST /v1/dispatch (missing attributes, duplicates)",
+            rejected.clone(),
+        );
+        let requests = Family::<Status, Counter>::default();
+        registry.register(
+            "dispatch_requests",
+            "POST /v1/dispatch requests, by HTTP status",
+            requests.clone(),
+        );
+        let latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "delivery_latency_seconds",
+            "Time one delivery request took",
+            latency.clone(),
+        );
+        let first_attempt = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "trigger_to_first_attempt_seconds",
+            "Time from a trigger being accepted to its batch's first attempt",
+            first_attempt.clone(),
+        );
+        let gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let pending_batches = gauge(&mut registry, "queue_pending_batches", "Batches waiting or in flight");
+        let pending_recipients = gauge(
+            &mut registry,
+            "queue_pending_recipients",
+            "Recipients waiting or in flight",
+        );
+        let held_batches = gauge(
+            &mut registry,
+            "queue_held_batches",
+            "Pending batches held: touchpoint paused, disabled or gone",
+        );
+        let dead_batches = gauge(&mut registry, "queue_dead_batches", "Dead-lettered batches");
+        let live_touchpoints = gauge(&mut registry, "live_touchpoints", "Touchpoints in the registry");
+        let reconcile_failures = Counter::default();
+        registry.register(
+            "reconcile_failures",
+            "Reconciles that changed nothing because the files or the plan had problems",
+            reconcile_failures.clone(),
+        );
+        let reconcile_ok = Gauge::default();
+        registry.register(
+            "reconcile_ok",
+            "1 when the last reconcile succeeded, 0 when it failed",
+            reconcile_ok.clone(),
+        );
+        Self {
+            registry,
+            attempts,
+            delivered,
+            failed,
+            accepted,
+            rejected,
+            requests,
+            latency,
+            first_attempt,
+            pending_batches,
+            pending_recipients,
+            held_batches,
+            dead_batches,
+            live_touchpoints,
+            reconcile_failures,
+            reconcile_ok,
+        }
+    }
+}
+
+impl Metrics {
+    /// The text exposition, with the queue gauges set from `stats`.
+    pub fn render(&self, stats: &Stats, live: usize) -> String {
+        let set = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.pending_batches, stats.pending_batches);
+        set(&self.pending_recipients, stats.pending_recipients);
+        set(&self.held_batches, stats.held_batches);
+        set(&self.dead_batches, stats.dead_batches);
+        set(&self.live_touchpoints, live as u64);
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A dispatch request was answered.
+    pub fn request(&self, status: u16) {
+        self.requests
+            .get_or_create(&Status {
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    /// Recipients were accepted and rejected for a touchpoint.
+    pub fn accepted(&self, touchpoint: &str, accepted: usize, rejected: usize) {
+        let tp = Tp {
+            touchpoint: touchpoint.to_string(),
+        };
+        self.accepted.get_or_create(&tp).inc_by(accepted as u64);
+        self.rejected.get_or_create(&tp).inc_by(rejected as u64);
+    }
+
+    /// A reconcile finished.
+    pub fn reconciled(&self, ok: bool) {
+        if !ok {
+            self.reconcile_failures.inc();
+        }
+        self.reconcile_ok.set(i64::from(ok));
+    }
+}
+
+impl Observer for Metrics {
+    fn attempt(
+        &self,
+        touchpoint: &str,
+        outcome: &'static str,
+        latency: Duration,
+        delivered: u32,
+        failed: u32,
+    ) {
+        self.attempts
+            .get_or_create(&Outcome {
+                touchpoint: touchpoint.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        let tp = Tp {
+            touchpoint: touchpoint.to_string(),
+        };
+        if delivered > 0 {
+            self.delivered.get_or_create(&tp).inc_by(u64::from(delivered));
+        }
+        if failed > 0 {
+            self.failed.get_or_create(&tp).inc_by(u64::from(failed));
+        }
+        self.latency.observe(latency.as_secs_f64());
+        if outcome == "dead" {
+            crate::daemon::log(&format!("batch to `{touchpoint}` dead-lettered"));
+        }
+    }
+
+    fn first_attempt_delay(&self, delay: Duration) {
+        self.first_attempt.observe(delay.as_secs_f64());
+    }
+
+    fn problem(&self, message: &str) {
+        crate::daemon::log(&format!("error: {message}"));
+    }
+}

@@ -1,0 +1,491 @@
+//! `touchctl daemon`: serves the HTTP API, keeps the registry in step with the files (with
+//! `--watch`), and sends queued batches to the live touchpoints. Shutdown is done once, here: on
+//! SIGTERM or Ctrl-C the server stops accepting connections and finishes the open ones, the sender
+//! stops claiming and lets its requests finish, and the queue keeps whatever is left for the next
+//! start.
+
+pub mod api;
+pub mod live;
+pub mod metrics;
+pub mod reconcile;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use crate::dispatch::queue::Queue;
+use crate::dispatch::worker::{self, Directory, Lookup};
+use crate::model::Secret;
+use crate::registry::{Registry, SqliteRegistry};
+use live::LiveSet;
+use metrics::Metrics;
+use reconcile::{Report, Settings, Source};
+
+/// Writes one log line to standard error, with a timestamp.
+pub fn log(message: &str) {
+    eprintln!("{} touchctl: {message}", crate::registry::now());
+}
+
+/// Everything the daemon is started with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the API listens.
+    pub listen: SocketAddr,
+    /// The touchpoint folder.
+    pub dir: PathBuf,
+    /// The registry file.
+    pub state: PathBuf,
+    /// The queue file.
+    pub queue: PathBuf,
+    /// Reconcile the registry with the files, on change and every `interval`.
+    pub watch: bool,
+    /// Where the files are read.
+    pub source: Source,
+    /// How often to reconcile even without a file event.
+    pub interval: Duration,
+    /// Deletes one reconcile may make at most.
+    pub max_deletes: usize,
+    /// Send to loopback, private and link-local addresses.
+    pub allow_private_network: bool,
+    /// The API token; `None` only with `insecure_no_auth` on loopback.
+    pub token: Option<Secret>,
+    /// Serve without a token (loopback only).
+    pub insecure_no_auth: bool,
+    /// Requests in flight per touchpoint.
+    pub concurrency: usize,
+    /// Requests in flight in all.
+    pub max_in_flight: usize,
+    /// Largest request body accepted.
+    pub max_body: usize,
+    /// Most recipients the queue holds before triggers get 503.
+    pub max_queued: u64,
+    /// How long a request may take to send its headers, and its body.
+    pub client_timeout: Duration,
+    /// How long to wait for in-flight work when stopping.
+    pub drain: Duration,
+}
+
+/// Limits on requests.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest body.
+    pub max_body: usize,
+    /// Most recipients queued.
+    pub max_queued: u64,
+    /// Time to receive a body.
+    pub body_timeout: Duration,
+}
+
+/// What `/v1/status` says about the daemon itself.
+#[derive(Clone, Debug)]
+pub struct Info {
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// For the uptime.
+    pub started: Instant,
+    /// `worktree` or `git:REF`.
+    pub source: String,
+    /// The touchpoint folder.
+    pub dir: String,
+    /// Whether it reconciles.
+    pub watch: bool,
+    /// The registry.
+    pub registry: String,
+    /// The queue file.
+    pub queue: String,
+}
+
+/// The daemon's shared state.
+pub struct App {
+    /// The registry.
+    pub registry: Arc<SqliteRegistry>,
+    /// The queue.
+    pub queue: Arc<Queue>,
+    /// The live touchpoints.
+    pub live: Arc<LiveSet>,
+    /// Wakes the sender when there is new work.
+    pub wake: Arc<Notify>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// The API token.
+    pub token: Option<Secret>,
+    /// Request limits.
+    pub limits: Limits,
+    /// About the daemon.
+    pub info: Info,
+    draining: AtomicBool,
+    reconcile: Mutex<Option<Report>>,
+}
+
+impl App {
+    /// Whether the daemon is stopping.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The last reconcile, if any ran.
+    pub fn last_reconcile(&self) -> Option<Report> {
+        self.reconcile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No token, and not allowed to run without one.
+    #[error(
+        "the API needs a token: set TOUCHCTL_API_TOKEN (or --api-token-file FILE); to run without one, listen on a loopback address and pass --insecure-no-auth"
+    )]
+    NoToken,
+    /// `--insecure-no-auth` on a non-loopback address.
+    #[error(
+        "--insecure-no-auth is only allowed on a loopback address ({0} is not): anyone who can reach it could dispatch"
+    )]
+    OpenToTheNetwork(SocketAddr),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    /// The queue failed.
+    #[error(transparent)]
+    Queue(#[from] crate::dispatch::queue::QueueError),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Client(String),
+}
+
+/// Rebuilds the live set from the registry and holds or releases queued batches to match.
+pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let live = app2.registry.list().map_err(|e| e.to_string())?;
+        app2.live.refresh(&live, reread_secrets);
+        sync_holds(&app2.queue, app2.live.as_ref()).map_err(|e| e.to_string())
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => app.wake.notify_one(),
+        Ok(Err(e)) => log(&format!("error: cannot read the registry: {e}")),
+        Err(e) => log(&format!("error: {e}")),
+    }
+}
+
+/// Holds the pending batches of touchpoints that cannot be sent to, and releases the others.
+fn sync_holds(queue: &Queue, live: &dyn Directory) -> Result<(), crate::dispatch::queue::QueueError> {
+    for (tp, _pending, held) in queue.pending_touchpoints()? {
+        match live.lookup(&tp) {
+            Lookup::Ready(_) if held > 0 => {
+                queue.hold(&tp, None)?;
+            }
+            Lookup::Ready(_) => {}
+            Lookup::Held(reason) => {
+                queue.hold(&tp, Some(&reason))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the daemon until SIGTERM or Ctrl-C. `ready` is called with the bound address once the API
+/// is listening.
+pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
+    if config.token.is_none() {
+        if !config.insecure_no_auth {
+            return Err(StartError::NoToken);
+        }
+        if !config.listen.ip().is_loopback() {
+            return Err(StartError::OpenToTheNetwork(config.listen));
+        }
+    }
+    // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(config.concurrency.max(8))
+        .build()
+        .map_err(|e| StartError::Client(e.to_string()))?;
+
+    let registry = Arc::new(SqliteRegistry::open(&config.state)?);
+    let queue = Arc::new(Queue::open(&config.queue)?);
+    if let Some((pid, since)) = queue.take_daemon_slot()? {
+        log(&format!(
+            "took over the queue from a daemon that is gone (pid {pid}, since {since}); its unfinished batches are sent again"
+        ));
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let app = Arc::new(App {
+        registry: registry.clone(),
+        queue: queue.clone(),
+        live: Arc::new(LiveSet::default()),
+        wake: Arc::new(Notify::new()),
+        metrics: Arc::new(Metrics::default()),
+        token: config.token.clone(),
+        limits: Limits {
+            max_body: config.max_body,
+            max_queued: config.max_queued,
+            body_timeout: config.client_timeout,
+        },
+        info: Info {
+            started_at: crate::registry::now(),
+            started: Instant::now(),
+            source: config.source.to_string(),
+            dir: config.dir.display().to_string(),
+            watch: config.watch,
+            registry: registry.describe(),
+            queue: config.queue.display().to_string(),
+        },
+        draining: AtomicBool::new(false),
+        reconcile: Mutex::new(None),
+    });
+    let settings = config.watch.then(|| Settings {
+        dir: config.dir.clone(),
+        source: config.source.clone(),
+        max_deletes: config.max_deletes,
+    });
+    if let Some(s) = &settings {
+        reconcile_now(&app, s).await;
+    }
+    refresh(&app, true).await;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = tokio::spawn(worker::run(
+        queue.clone(),
+        app.live.clone(),
+        app.metrics.clone(),
+        client,
+        worker::Config {
+            concurrency: config.concurrency.max(1),
+            max_in_flight: config.max_in_flight.max(1),
+            allow_private_network: config.allow_private_network,
+            drain: config.drain,
+        },
+        app.wake.clone(),
+        stop_rx.clone(),
+    ));
+    let supervisor = tokio::spawn(supervise(
+        app.clone(),
+        settings,
+        config.interval,
+        stop_rx.clone(),
+    ));
+    let server = tokio::spawn(serve(
+        listener,
+        api::router(app.clone()),
+        stop_rx,
+        config.client_timeout,
+        config.drain,
+    ));
+    log(&format!(
+        "listening on http://{addr} (source {}, {}, registry {}, queue {})",
+        config.source,
+        if config.watch { "watching" } else { "not watching" },
+        registry.describe(),
+        config.queue.display()
+    ));
+    ready(addr);
+
+    shutdown_signal().await;
+    log("stopping: no new connections; finishing open requests and in-flight deliveries");
+    app.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let _ = worker.await;
+    let _ = supervisor.await;
+    if let Err(e) = queue.leave_daemon_slot() {
+        log(&format!("error: {e}"));
+    }
+    log("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs one reconcile and makes its result visible.
+async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
+    let registry = app.registry.clone();
+    let s = settings.clone();
+    let report = match tokio::task::spawn_blocking(move || reconcile::reconcile(&s, registry.as_ref())).await {
+        Ok(r) => r,
+        Err(e) => Report {
+            at: crate::registry::now(),
+            error: Some(e.to_string()),
+            ..Report::default()
+        },
+    };
+    let previous = app
+        .reconcile
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replace(report.clone());
+    // Log changes and new problems, not the same problem every interval.
+    let repeated = previous.is_some_and(|p| p.error.is_some() && p.error == report.error);
+    if report.changed() || (report.error.is_some() && !repeated) {
+        log(&report.line());
+        for d in report.diagnostics.iter().take(20) {
+            log(&format!("  {d}"));
+        }
+    }
+    app.metrics.reconciled(report.ok);
+}
+
+/// Reconciles on file events and every `interval`, and notices registry writes by other processes.
+async fn supervise(
+    app: Arc<App>,
+    settings: Option<Settings>,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let _watcher = settings.as_ref().and_then(|s| match watch_files(s, tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log(&format!(
+                "error: cannot watch {} ({e}); reconciling every {} only",
+                s.dir.display(),
+                humantime::format_duration(interval)
+            ));
+            None
+        }
+    });
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await;
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let mut seen = app.registry.data_version().ok();
+    loop {
+        tokio::select! {
+            Some(()) = events.recv() => {
+                while events.try_recv().is_ok() {}
+                if let Some(s) = &settings {
+                    reconcile_now(&app, s).await;
+                    refresh(&app, false).await;
+                }
+            }
+            _ = tick.tick() => {
+                if let Some(s) = &settings {
+                    reconcile_now(&app, s).await;
+                }
+                // Periodically re-read secrets too: a rotated secret file takes effect.
+                refresh(&app, true).await;
+                let queue = app.queue.clone();
+                let _ = tokio::task::spawn_blocking(move || queue.refresh_pending()).await;
+            }
+            _ = poll.tick() => {
+                let registry = app.registry.clone();
+                let now = tokio::task::spawn_blocking(move || registry.data_version().ok()).await.ok().flatten();
+                if now != seen {
+                    seen = now;
+                    refresh(&app, false).await;
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Watches the touchpoint folder (or, for a git source, the repository's git folder, where refs
+/// move) and sends a unit on each debounced burst of events.
+fn watch_files(
+    settings: &Settings,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>, String> {
+    let path: PathBuf = match &settings.source {
+        Source::Worktree => settings.dir.clone(),
+        Source::Git(_) => git2::Repository::discover(&settings.dir)
+            .map(|r| r.path().to_path_buf())
+            .map_err(|e| e.message().to_string())?,
+    };
+    let mut debouncer = notify_debouncer_mini::new_debouncer(
+        Duration::from_millis(300),
+        move |result: notify_debouncer_mini::DebounceEventResult| {
+            if result.is_ok() {
+                let _ = tx.send(());
+            }
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    debouncer
+        .watcher()
+        .watch(Path::new(&path), notify::RecursiveMode::Recursive)
+        .map_err(|e| e.to_string())?;
+    Ok(debouncer)
+}
+
+/// Serves HTTP/1.1 until `stop`, cutting off clients that take longer than `client_timeout` to
+/// send their headers; then finishes the open connections (up to `drain`).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+    client_timeout: Duration,
+    drain: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(client_timeout)
+                    .keep_alive(true);
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+        log("some API connections were still open after the drain timeout; closed them");
+    }
+}
