@@ -256,7 +256,12 @@ pub struct DispatchArgs {
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,
     /// The daemon's address.
-    #[arg(long, env = "TOUCHCTL_URL", default_value = "http://127.0.0.1:8640", value_name = "URL")]
+    #[arg(
+        long,
+        env = "TOUCHCTL_URL",
+        default_value = "http://127.0.0.1:8640",
+        value_name = "URL"
+    )]
     pub url: String,
     /// Wait until every batch is delivered or dead-lettered, showing progress.
     #[arg(long)]
@@ -269,8 +274,8 @@ pub enum DeliveriesCommand {
     /// List batches, newest first.
     List {
         /// Only batches in this state.
-        #[arg(long, value_parser = ["pending", "delivered", "dead"])]
-        state: Option<String>,
+        #[arg(long, value_parser = ["pending", "delivered", "dead"], value_name = "STATE")]
+        status: Option<String>,
         /// Only batches of this touchpoint.
         #[arg(long)]
         touchpoint: Option<String>,

@@ -241,10 +241,7 @@ fn excerpt(body: &[u8]) -> String {
 
 fn describe(e: &reqwest::Error, timeout: Duration) -> String {
     if e.is_timeout() {
-        return format!(
-            "timed out after {}",
-            humantime::format_duration(timeout)
-        );
+        return format!("timed out after {}", humantime::format_duration(timeout));
     }
     let mut text = if e.is_connect() {
         "cannot connect".to_string()
@@ -286,7 +283,10 @@ mod tests {
         );
         let users = vec![User {
             user_id: "u1".into(),
-            attributes: json!({"phone": "13800000000"}).as_object().cloned().unwrap(),
+            attributes: json!({"phone": "13800000000"})
+                .as_object()
+                .cloned()
+                .unwrap(),
         }];
         let env = Envelope {
             touchpoint: "sms",

@@ -18,12 +18,7 @@ use crate::cli::{DaemonArgs, DeliveriesCommand, DispatchArgs, Global, ValidateFo
 /// The queue file: given, or `queue.db` beside the registry file.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
     given.map_or_else(
-        || {
-            g.state
-                .parent()
-                .unwrap_or(Path::new(""))
-                .join("queue.db")
-        },
+        || g.state.parent().unwrap_or(Path::new("")).join("queue.db"),
         Path::to_path_buf,
     )
 }
@@ -125,8 +120,9 @@ fn template_params(args: &DispatchArgs) -> Result<Map<String, Value>> {
         let (k, v) = p
             .split_once('=')
             .ok_or_else(|| anyhow!("--param-json {p:?}: write NAME=JSON"))?;
-        let value = serde_json::from_str(v)
-            .with_context(|| format!("--param-json {k}: {v:?} is not JSON (quote text: '\"text\"', or use --param)"))?;
+        let value = serde_json::from_str(v).with_context(|| {
+            format!("--param-json {k}: {v:?} is not JSON (quote text: '\"text\"', or use --param)")
+        })?;
         out.insert(k.to_string(), value);
     }
     Ok(out)
@@ -225,14 +221,14 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
     let queue = Queue::open(&path)?;
     match command {
         DeliveriesCommand::List {
-            state,
+            status,
             touchpoint,
             dispatch,
             limit,
             format,
         } => {
             let batches = queue.batches(&Filter {
-                state: state.clone(),
+                state: status.clone(),
                 touchpoint: touchpoint.clone(),
                 dispatch_id: dispatch.clone(),
                 limit: *limit,
@@ -276,7 +272,10 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 ..Filter::default()
             })?;
             let Some(info) = found.into_iter().find(|b| &b.id == batch) else {
-                bail!("no batch `{batch}` in {}: `touchctl deliveries list` shows them", path.display());
+                bail!(
+                    "no batch `{batch}` in {}: `touchctl deliveries list` shows them",
+                    path.display()
+                );
             };
             let (attempts, failures) = queue.history(batch)?;
             if *format == ValidateFormat::Json {
@@ -296,7 +295,10 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 info.dispatch_id,
                 info.touchpoint,
                 info.state,
-                info.held.as_deref().map(|h| format!(", held: {h}")).unwrap_or_default()
+                info.held
+                    .as_deref()
+                    .map(|h| format!(", held: {h}"))
+                    .unwrap_or_default()
             );
             println!(
                 "  recipients: {} in all, {} delivered, {} failed, {} remaining",
@@ -312,10 +314,14 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                     a.attempt,
                     when(a.started_at),
                     a.generation,
-                    a.status.map_or("no response".to_string(), |s| format!("HTTP {s}")),
+                    a.status
+                        .map_or("no response".to_string(), |s| format!("HTTP {s}")),
                     a.latency_ms,
                     a.recipients,
-                    a.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                    a.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
                 );
                 println!("       → {}", a.outcome);
             }
@@ -336,7 +342,9 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             touchpoint,
         } => {
             if batches.is_empty() && !all {
-                bail!("name the dead batches to replay, or pass --all (and optionally --touchpoint ID)");
+                bail!(
+                    "name the dead batches to replay, or pass --all (and optionally --touchpoint ID)"
+                );
             }
             let replayed = queue.replay(batches, touchpoint.as_deref())?;
             let missing: Vec<&String> = batches.iter().filter(|b| !replayed.contains(b)).collect();
@@ -347,7 +355,11 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             if !missing.is_empty() {
                 eprintln!(
                     "error: not dead (or unknown), so not replayed: {}",
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 return Ok(FAILED);
             }

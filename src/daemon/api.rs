@@ -186,7 +186,12 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
             if touchpoint == head.touchpoint && campaign == head.campaign {
                 return Ok(receipt_response(&receipt, true));
             }
-            return Err(conflict_key(&head, &touchpoint, &campaign, &receipt.dispatch_id));
+            return Err(conflict_key(
+                &head,
+                &touchpoint,
+                &campaign,
+                &receipt.dispatch_id,
+            ));
         }
     }
 
@@ -278,7 +283,12 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
     }
 }
 
-fn conflict_key(head: &TriggerHead, touchpoint: &str, campaign: &str, dispatch_id: &str) -> ApiError {
+fn conflict_key(
+    head: &TriggerHead,
+    touchpoint: &str,
+    campaign: &str,
+    dispatch_id: &str,
+) -> ApiError {
     ApiError::new(
         StatusCode::CONFLICT,
         "idempotency_key_reused",
@@ -347,7 +357,8 @@ fn malformed(message: String) -> ApiError {
 
 async fn read_json(body: Body, max: usize) -> Result<Trigger, ApiError> {
     let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
             too_large(max)
         } else {
             malformed(format!("cannot read the request body: {e}"))
@@ -406,7 +417,12 @@ async fn read_ndjson(body: Body, max: usize) -> Result<Trigger, ApiError> {
         line_no += 1;
         take_line(&buf, line_no)?;
     }
-    let head = head.ok_or_else(|| malformed("the body is empty: send the trigger head on the first line, then one user per line".into()))?;
+    let head = head.ok_or_else(|| {
+        malformed(
+            "the body is empty: send the trigger head on the first line, then one user per line"
+                .into(),
+        )
+    })?;
     Ok(Trigger { head, users })
 }
 
@@ -431,10 +447,8 @@ async fn dispatch_status(
 async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let queue = app.queue.clone();
     let pending = blocking(move || queue.pending_touchpoints()).await?;
-    let pending: std::collections::HashMap<String, (u64, u64)> = pending
-        .into_iter()
-        .map(|(tp, p, h)| (tp, (p, h)))
-        .collect();
+    let pending: std::collections::HashMap<String, (u64, u64)> =
+        pending.into_iter().map(|(tp, p, h)| (tp, (p, h))).collect();
     let list: Vec<Value> = app
         .live
         .summaries()

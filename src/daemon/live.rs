@@ -51,7 +51,8 @@ pub struct LiveSet {
 }
 
 /// Why a touchpoint that is gone holds its batches.
-pub const GONE: &str = "the touchpoint is no longer in the registry; its batches stay parked until it is live again";
+pub const GONE: &str =
+    "the touchpoint is no longer in the registry; its batches stay parked until it is live again";
 
 impl LiveSet {
     /// Rebuilds the set from the registry's touchpoints. Entries whose generation did not change
@@ -169,7 +170,9 @@ fn ready(l: &Live, tp: &Touchpoint) -> Lookup {
         .unwrap_or(Path::new("."));
     let token = match spec.auth_token.resolve(base) {
         Ok(t) => t,
-        Err(e) => return Lookup::Held(format!("cannot read `auth_token` {}: {e}", spec.auth_token)),
+        Err(e) => {
+            return Lookup::Held(format!("cannot read `auth_token` {}: {e}", spec.auth_token));
+        }
     };
     let signing_key = match &spec.signing_secret {
         None => None,

@@ -105,7 +105,11 @@ impl Default for Metrics {
             registry.register(name, help, g.clone());
             g
         };
-        let pending_batches = gauge(&mut registry, "queue_pending_batches", "Batches waiting or in flight");
+        let pending_batches = gauge(
+            &mut registry,
+            "queue_pending_batches",
+            "Batches waiting or in flight",
+        );
         let pending_recipients = gauge(
             &mut registry,
             "queue_pending_recipients",
@@ -117,7 +121,11 @@ impl Default for Metrics {
             "Pending batches held: touchpoint paused, disabled or gone",
         );
         let dead_batches = gauge(&mut registry, "queue_dead_batches", "Dead-lettered batches");
-        let live_touchpoints = gauge(&mut registry, "live_touchpoints", "Touchpoints in the registry");
+        let live_touchpoints = gauge(
+            &mut registry,
+            "live_touchpoints",
+            "Touchpoints in the registry",
+        );
         let reconcile_failures = Counter::default();
         registry.register(
             "reconcile_failures",
@@ -214,7 +222,9 @@ impl Observer for Metrics {
             touchpoint: touchpoint.to_string(),
         };
         if delivered > 0 {
-            self.delivered.get_or_create(&tp).inc_by(u64::from(delivered));
+            self.delivered
+                .get_or_create(&tp)
+                .inc_by(u64::from(delivered));
         }
         if failed > 0 {
             self.failed.get_or_create(&tp).inc_by(u64::from(failed));

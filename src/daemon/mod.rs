@@ -185,7 +185,10 @@ pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
 }
 
 /// Holds the pending batches of touchpoints that cannot be sent to, and releases the others.
-fn sync_holds(queue: &Queue, live: &dyn Directory) -> Result<(), crate::dispatch::queue::QueueError> {
+fn sync_holds(
+    queue: &Queue,
+    live: &dyn Directory,
+) -> Result<(), crate::dispatch::queue::QueueError> {
     for (tp, _pending, held) in queue.pending_touchpoints()? {
         match live.lookup(&tp) {
             Lookup::Ready(_) if held > 0 => {
@@ -271,6 +274,21 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     }
     refresh(&app, true).await;
 
+    // Watch before saying we listen: an edit made right after start must not be missed.
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let watcher = settings
+        .as_ref()
+        .and_then(|s| match watch_files(s, events_tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log(&format!(
+                    "error: cannot watch {} ({e}); reconciling every {} only",
+                    s.dir.display(),
+                    humantime::format_duration(config.interval)
+                ));
+                None
+            }
+        });
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(worker::run(
         queue.clone(),
@@ -289,6 +307,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let supervisor = tokio::spawn(supervise(
         app.clone(),
         settings,
+        events,
         config.interval,
         stop_rx.clone(),
     ));
@@ -302,7 +321,11 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     log(&format!(
         "listening on http://{addr} (source {}, {}, registry {}, queue {})",
         config.source,
-        if config.watch { "watching" } else { "not watching" },
+        if config.watch {
+            "watching"
+        } else {
+            "not watching"
+        },
         registry.describe(),
         config.queue.display()
     ));
@@ -315,6 +338,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let _ = server.await;
     let _ = worker.await;
     let _ = supervisor.await;
+    drop(watcher);
     if let Err(e) = queue.leave_daemon_slot() {
         log(&format!("error: {e}"));
     }
@@ -348,7 +372,11 @@ async fn shutdown_signal() {
 async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
     let registry = app.registry.clone();
     let s = settings.clone();
-    let report = match tokio::task::spawn_blocking(move || reconcile::reconcile(&s, registry.as_ref())).await {
+    let report = match tokio::task::spawn_blocking(move || {
+        reconcile::reconcile(&s, registry.as_ref())
+    })
+    .await
+    {
         Ok(r) => r,
         Err(e) => Report {
             at: crate::registry::now(),
@@ -361,9 +389,10 @@ async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .replace(report.clone());
-    // Log changes and new problems, not the same problem every interval.
+    // Log changes, new problems and recoveries, not the same problem every interval.
+    let was_failing = previous.as_ref().is_some_and(|p| p.error.is_some());
     let repeated = previous.is_some_and(|p| p.error.is_some() && p.error == report.error);
-    if report.changed() || (report.error.is_some() && !repeated) {
+    if report.changed() || (report.error.is_some() && !repeated) || (was_failing && report.ok) {
         log(&report.line());
         for d in report.diagnostics.iter().take(20) {
             log(&format!("  {d}"));
@@ -376,21 +405,10 @@ async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
 async fn supervise(
     app: Arc<App>,
     settings: Option<Settings>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<()>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let _watcher = settings.as_ref().and_then(|s| match watch_files(s, tx) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            log(&format!(
-                "error: cannot watch {} ({e}); reconciling every {} only",
-                s.dir.display(),
-                humantime::format_duration(interval)
-            ));
-            None
-        }
-    });
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
     let mut poll = tokio::time::interval(Duration::from_secs(1));
@@ -485,7 +503,10 @@ async fn serve(
         }
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
         log("some API connections were still open after the drain timeout; closed them");
     }
 }

@@ -189,8 +189,8 @@ fn load(
     let result = match source {
         Source::Worktree => crate::load::load_dir(dir).map(|d| (d, None)),
         Source::Git(rev) => {
-            let (revision, sources) = crate::git::sources_at(dir, rev)
-                .map_err(|e| LoadFailure::Other(e.to_string()))?;
+            let (revision, sources) =
+                crate::git::sources_at(dir, rev).map_err(|e| LoadFailure::Other(e.to_string()))?;
             crate::load::load_sources(sources).map(|d| (d, Some(revision.commit)))
         }
     };

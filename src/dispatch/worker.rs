@@ -54,7 +54,14 @@ pub trait Directory: Send + Sync + 'static {
 /// What the worker reports as it goes (metrics, logs).
 pub trait Observer: Send + Sync + 'static {
     /// One attempt finished.
-    fn attempt(&self, touchpoint: &str, outcome: &'static str, latency: Duration, delivered: u32, failed: u32);
+    fn attempt(
+        &self,
+        touchpoint: &str,
+        outcome: &'static str,
+        latency: Duration,
+        delivered: u32,
+        failed: u32,
+    );
     /// A trigger-to-first-attempt delay, for batches sent the first time.
     fn first_attempt_delay(&self, delay: Duration);
     /// Something went wrong that no request caused (the queue file failed, say).
@@ -181,7 +188,11 @@ pub async fn run(
                     claimed_all = batches.len() < limit;
                     for b in batches {
                         waiting += 1;
-                        lanes.entry(b.touchpoint.clone()).or_default().waiting.push_back(b);
+                        lanes
+                            .entry(b.touchpoint.clone())
+                            .or_default()
+                            .waiting
+                            .push_back(b);
                     }
                 }
                 Err(e) => {
@@ -403,7 +414,9 @@ impl Shared {
                     .first_attempt_delay(Duration::from_millis((started_ms - q).max(0) as u64));
             }
         }
-        let completion = outcome(&batch, &target, attempt, users, response, started_ms, latency);
+        let completion = outcome(
+            &batch, &target, attempt, users, response, started_ms, latency,
+        );
         let label = match completion.after {
             After::Done => "delivered",
             After::RetryAt(_) if completion.delivered > 0 => "partial",
@@ -547,7 +560,8 @@ fn outcome(
             let retry_users: Vec<&User> = users
                 .iter()
                 .filter(|u| {
-                    retry_ids.contains(u.user_id.as_str()) && !failed_ids.contains(u.user_id.as_str())
+                    retry_ids.contains(u.user_id.as_str())
+                        && !failed_ids.contains(u.user_id.as_str())
                 })
                 .collect();
             c.delivered = (users.len() - retry_users.len() - c.failed.len()) as u32;
@@ -589,7 +603,19 @@ mod tests {
 
     #[test]
     fn public_addresses_only() {
-        for private in ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.4", "169.254.169.254", "0.0.0.0", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1"] {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.1",
+            "172.16.5.4",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
             let ip: IpAddr = private.parse().unwrap();
             assert!(!is_public(&ip), "{private}");
         }

@@ -4,6 +4,8 @@ mod support;
 
 mod bad_fixtures;
 mod ci_example;
+mod daemon;
+mod daemon_support;
 mod examples;
 mod plan_apply;
 mod review;

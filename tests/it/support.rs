@@ -125,7 +125,16 @@ impl Project {
 
     /// Runs the binary to completion.
     pub fn run(&self, args: &[&str]) -> Run {
-        let out = self.command(args).output().expect("run touchctl");
+        self.run_env(args, &[])
+    }
+
+    /// Runs the binary to completion with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = self.command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().expect("run touchctl");
         Run {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

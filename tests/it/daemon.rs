@@ -1,0 +1,825 @@
+//! The daemon end to end: the real binary, real HTTP sinks on loopback, real files and queue.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::daemon_support::{PATIENCE, Sink, custom_touchpoint, http, users};
+use crate::support::{Project, repo_root};
+
+const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
+
+/// A project with one custom touchpoint `sms` pointing at `sink`, applied.
+fn project(sink: &Sink, batch_size: u32, extra: &str) -> Project {
+    let p = Project::empty();
+    p.write(
+        "touchpoints/sms.toml",
+        &custom_touchpoint("sms", &sink.url, batch_size, extra),
+    );
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    p
+}
+
+fn open_daemon(p: &Project, more: &[&str]) -> crate::daemon_support::Daemon {
+    let mut args = vec!["--insecure-no-auth", "--allow-private-network"];
+    args.extend_from_slice(more);
+    p.start_daemon(&args, &ENV)
+}
+
+fn trigger(n: usize) -> Value {
+    json!({
+        "touchpoint": "sms",
+        "campaign": "spring-sale",
+        "template_params": {"text": "【品牌】会员日满100减20"},
+        "users": users(n),
+    })
+}
+
+fn ids(recipients: &[Value]) -> Vec<String> {
+    recipients
+        .iter()
+        .map(|r| r["user_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params() {
+    let sink = Sink::ok();
+    let p = project(&sink, 500, "");
+    let d = open_daemon(&p, &[]);
+    let mut t = trigger(10_000);
+    t["users"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"user_id": "no-phone", "attributes": {"member_id": "m"}}));
+    let (code, receipt) = d.dispatch(&t);
+    assert_eq!(code, 202, "{receipt}");
+    assert_eq!(receipt["accepted"], 10_000);
+    assert_eq!(receipt["batches"], 20);
+    assert_eq!(
+        receipt["rejected"],
+        json!([{"user_id": "no-phone", "reason": "missing attribute `phone` (dynamic param `phone`)"}])
+    );
+    let id = receipt["dispatch_id"].as_str().unwrap();
+    let status = d.wait_finished(id);
+    assert_eq!(status["delivered"], 10_000, "{status}");
+    assert_eq!(status["dead"], 0);
+
+    let got = sink.received();
+    assert_eq!(got.len(), 20);
+    let mut indexes = BTreeSet::new();
+    for r in &got {
+        let recipients = r.body["recipients"].as_array().unwrap();
+        assert_eq!(recipients.len(), 500);
+        assert_eq!(r.body["type"], "touchpoint.dispatch");
+        assert_eq!(r.body["touchpoint"], "sms");
+        assert_eq!(r.body["campaign"], "spring-sale");
+        assert_eq!(r.body["dispatch_id"], id);
+        assert_eq!(r.body["batch"]["count"], 20);
+        assert_eq!(
+            r.body["template"],
+            json!({"text": "【品牌】会员日满100减20"})
+        );
+        assert_eq!(r.headers["authorization"], "Bearer sink-token-value");
+        assert_eq!(r.headers["content-type"], "application/json");
+        let index = r.body["batch"]["index"].as_u64().unwrap();
+        assert_eq!(r.headers["webhook-id"], format!("{id}_{index}"));
+        assert!(r.headers["webhook-timestamp"].parse::<i64>().is_ok());
+        assert!(
+            !r.headers.contains_key("webhook-signature"),
+            "no signing secret, no signature"
+        );
+        indexes.insert(index);
+        for rec in recipients {
+            let n: usize = rec["user_id"].as_str().unwrap()[1..].parse().unwrap();
+            assert_eq!(
+                rec,
+                &json!({"user_id": format!("u{n}"), "member_id": format!("m{n}"), "phone": format!("138{n:08}")}),
+                "dynamic params mapped, other attributes left out"
+            );
+        }
+    }
+    assert_eq!(indexes, (0..20).collect());
+    let mut all = ids(&sink.delivered());
+    all.sort();
+    let want: BTreeSet<String> = (0..10_000).map(|i| format!("u{i}")).collect();
+    assert_eq!(all.len(), 10_000, "each user exactly once");
+    assert_eq!(all.into_iter().collect::<BTreeSet<_>>(), want);
+
+    let (_, metrics) = d.call("GET", "/metrics", None);
+    let text = metrics["raw"].as_str().unwrap();
+    assert!(
+        text.contains("touchctl_recipients_delivered_total{touchpoint=\"sms\"} 10000"),
+        "{text}"
+    );
+    assert!(text.contains("touchctl_recipients_rejected_total{touchpoint=\"sms\"} 1"));
+}
+
+/// Kills and reaps a child process when dropped, also when a test fails.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn signatures_verify_with_the_standard_webhooks_reference_library() {
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let p = Project::empty();
+    let out = p.path().join("verified.ndjson");
+    let mut py = ChildGuard(
+        std::process::Command::new("python3")
+            .arg(repo_root().join("tests/fixtures/sinks/verify_sink.py"))
+            .arg(secret)
+            .arg(&out)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (the reference library is Python's `standardwebhooks`)"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(py.0.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let Some(port) = line.trim().strip_prefix("PORT ") else {
+        panic!(
+            "the verifying sink did not start (pip install standardwebhooks; .ci/run does): {line}"
+        );
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let signed = |id: &str, env: &str| {
+        custom_touchpoint(
+            id,
+            &url,
+            500,
+            &format!("signing_secret = {{ env = \"{env}\" }}\n"),
+        )
+    };
+    p.write("touchpoints/sms.toml", &signed("sms", "SINK_SIGNING"));
+    p.write("touchpoints/other.toml", &signed("other", "OTHER_SIGNING"));
+    let env = [
+        ("SINK_TOKEN", "t"),
+        ("SINK_SIGNING", secret),
+        (
+            "OTHER_SIGNING",
+            "whsec_c29tZS1vdGhlci1rZXktdGhhdC1kb2VzLW5vdC1tYXRjaA==",
+        ),
+    ];
+    p.run_env(&["apply", "--auto-approve"], &env).code(0);
+    let d = p.start_daemon(&["--insecure-no-auth", "--allow-private-network"], &env);
+    let (code, r) = d.dispatch(&trigger(1200));
+    assert_eq!(code, 202, "{r}");
+    let s = d.wait_finished(r["dispatch_id"].as_str().unwrap());
+    assert_eq!(s["delivered"], 1200, "{s}");
+    // A touchpoint signing with another secret fails verification: the check is real.
+    let mut t = trigger(3);
+    t["touchpoint"] = "other".into();
+    let (_, r2) = d.dispatch(&t);
+    let s2 = d.wait_finished(r2["dispatch_id"].as_str().unwrap());
+    assert_eq!(s2["dead"], 3, "{s2}");
+    drop(py);
+    let records: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let verified: Vec<&Value> = records.iter().filter(|r| r["verified"] == true).collect();
+    assert_eq!(verified.len(), 3, "{records:?}");
+    assert_eq!(
+        verified
+            .iter()
+            .map(|r| r["recipients"].as_u64().unwrap())
+            .sum::<u64>(),
+        1200
+    );
+    assert_eq!(
+        records.len(),
+        4,
+        "one refused request, not retried (HTTP 400 is final)"
+    );
+}
+
+#[test]
+fn a_sink_failing_half_its_requests_still_gets_everything() {
+    let sink = Sink::new(Arc::new(|n, _| {
+        if n % 2 == 0 {
+            (
+                500,
+                Vec::new(),
+                "{\"error\":\"flaky\"}".into(),
+                Duration::ZERO,
+            )
+        } else {
+            (200, Vec::new(), "{}".into(), Duration::ZERO)
+        }
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let (code, r) = d.dispatch(&trigger(5_000));
+    assert_eq!(code, 202);
+    let s = d.wait_finished(r["dispatch_id"].as_str().unwrap());
+    assert_eq!(s["delivered"], 5_000, "{s}");
+    assert_eq!(s["dead"], 0);
+    let delivered: BTreeSet<String> = ids(&sink.delivered()).into_iter().collect();
+    assert_eq!(delivered.len(), 5_000);
+    let failed = sink.received().iter().filter(|r| r.status == 500).count();
+    assert!(failed >= 49, "about half the requests failed: {failed}");
+    // Every retry of a batch carries the same webhook-id.
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for r in sink.received() {
+        *by_id.entry(r.headers["webhook-id"].clone()).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), 50);
+    let out = p.run(&["deliveries", "list", "--format", "json", "--limit", "0"]);
+    out.code(0);
+    let batches: Vec<Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(batches.len(), 50);
+    assert!(batches.iter().all(|b| b["state"] == "delivered"));
+}
+
+#[test]
+fn recipients_the_endpoint_fails_are_retried_or_recorded() {
+    // Each first attempt: u0 of the batch is to be retried, u1 refused for good.
+    let sink = Sink::new(Arc::new(|_, body: &Value| {
+        let recipients = body["recipients"].as_array().cloned().unwrap_or_default();
+        let first = recipients
+            .first()
+            .and_then(|r| r["user_id"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if recipients.len() == 10 {
+            let second = recipients[1]["user_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let answer = json!({"failed": [
+                {"user_id": first, "reason": "gateway busy", "retry": true},
+                {"user_id": second, "reason": "number on the blocklist", "retry": false},
+                {"user_id": "someone-else", "reason": "not in this batch", "retry": false}
+            ]});
+            (200, Vec::new(), answer.to_string(), Duration::ZERO)
+        } else {
+            (200, Vec::new(), "{}".into(), Duration::ZERO)
+        }
+    }));
+    let p = project(&sink, 10, "");
+    let d = open_daemon(&p, &[]);
+    let (_, r) = d.dispatch(&trigger(30));
+    let s = d.wait_finished(r["dispatch_id"].as_str().unwrap());
+    assert_eq!(
+        (s["delivered"].as_u64(), s["failed"].as_u64()),
+        (Some(27), Some(3)),
+        "{s}"
+    );
+    let got = sink.received();
+    assert_eq!(
+        got.len(),
+        6,
+        "3 batches, then 3 retries of one recipient each"
+    );
+    assert!(
+        got[3..]
+            .iter()
+            .all(|r| r.body["recipients"].as_array().unwrap().len() == 1)
+    );
+    let batch = format!("{}_0", r["dispatch_id"].as_str().unwrap());
+    let show = p.run(&["deliveries", "show", &batch]);
+    show.code(0)
+        .stdout_has("1 recipient(s) to retry, as the endpoint asked")
+        .stdout_has("→ partial")
+        .stdout_has("u1: number on the blocklist")
+        .stdout_has("recipients: 10 in all, 9 delivered, 1 failed, 0 remaining");
+}
+
+#[test]
+fn kill_9_mid_run_then_restart_loses_nothing() {
+    let sink = Sink::new(Arc::new(|_, _| {
+        (200, Vec::new(), "{}".into(), Duration::from_millis(40))
+    }));
+    let p = project(&sink, 50, "");
+    let d = open_daemon(&p, &["--concurrency", "2"]);
+    let (code, r) = d.dispatch(&trigger(3_000));
+    assert_eq!(code, 202);
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    sink.wait_for("a few batches", |got| got.len() >= 6);
+    d.kill9();
+    let before = sink.received().len();
+    assert!(
+        before < 60,
+        "killed mid-run: {before} of 60 batches arrived"
+    );
+
+    // A trigger accepted just before a kill is on disk too.
+    let d = open_daemon(&p, &["--concurrency", "2"]);
+    let mut late = trigger(100);
+    late["campaign"] = "late".into();
+    let (code, r2) = d.dispatch(&late);
+    assert_eq!(code, 202);
+    d.kill9();
+
+    let d = open_daemon(&p, &["--concurrency", "8"]);
+    let s = d.wait_finished(&id);
+    assert_eq!(s["delivered"], 3_000, "{s}");
+    let s2 = d.wait_finished(r2["dispatch_id"].as_str().unwrap());
+    assert_eq!(s2["delivered"], 100);
+    let delivered: BTreeSet<String> = ids(&sink.delivered()).into_iter().collect();
+    assert_eq!(
+        delivered.len(),
+        3_000,
+        "every accepted user arrived at least once"
+    );
+    let (code, _) = d.terminate();
+    assert_eq!(code, 0);
+}
+
+#[test]
+fn a_broken_file_does_not_take_a_live_touchpoint_down() {
+    let sink = Sink::ok();
+    let p = project(&sink, 500, "");
+    let d = open_daemon(&p, &["--watch", "--interval", "1h"]);
+    let good = p.read("touchpoints/sms.toml");
+    p.write(
+        "touchpoints/sms.toml",
+        &good.replace("batch_size = 500", "batch_size = 0"),
+    );
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        let (_, s) = d.call("GET", "/v1/status", None);
+        if s["reconcile"]["ok"] == false {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken file was never noticed: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let diag = &status["reconcile"]["diagnostics"][0];
+    assert_eq!(diag["code"], "out-of-range");
+    assert!(diag["path"].as_str().unwrap().ends_with("sms.toml"));
+    assert!(
+        status["reconcile"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("the last good set keeps serving")
+    );
+    assert!(d.log().contains("error[out-of-range]"), "{}", d.log());
+    // The live touchpoint still takes and delivers triggers, with its last good settings.
+    let (code, r) = d.dispatch(&trigger(600));
+    assert_eq!(code, 202, "{r}");
+    assert_eq!(r["batches"], 2);
+    assert_eq!(
+        d.wait_finished(r["dispatch_id"].as_str().unwrap())["delivered"],
+        600
+    );
+
+    // Fixed with new settings: batches sent after the change use them, and say which generation.
+    p.write(
+        "touchpoints/sms.toml",
+        &good.replace("batch_size = 500", "batch_size = 250"),
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, s) = d.call("GET", "/v1/status", None);
+        if s["reconcile"]["ok"] == true && s["reconcile"]["updated"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the fix was never applied: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, tps) = d.call("GET", "/v1/touchpoints", None);
+    let generation = tps["touchpoints"][0]["generation"].as_u64().unwrap();
+    assert_eq!(generation, 2);
+    let (_, r) = d.dispatch(&trigger(600));
+    assert_eq!(r["batches"], 3);
+    d.wait_finished(r["dispatch_id"].as_str().unwrap());
+    let show = p.run(&[
+        "deliveries",
+        "show",
+        &format!("{}_0", r["dispatch_id"].as_str().unwrap()),
+        "--format",
+        "json",
+    ]);
+    let doc: Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(doc["attempts"][0]["generation"], 2);
+}
+
+#[test]
+fn a_git_source_reconciles_only_committed_content() {
+    let sink = Sink::ok();
+    let p = Project::empty();
+    p.write(
+        "touchpoints/sms.toml",
+        &custom_touchpoint("sms", &sink.url, 500, ""),
+    );
+    let first = p.git_init();
+    let d = open_daemon(&p, &["--watch", "--source", "git:main", "--interval", "1h"]);
+    let (_, s) = d.call("GET", "/v1/status", None);
+    assert_eq!(s["reconcile"]["commit"], first.as_str(), "{s}");
+    assert_eq!(s["touchpoints"]["live"], 1);
+    // An uncommitted file changes nothing; committing it does.
+    p.write(
+        "touchpoints/points.toml",
+        &custom_touchpoint("points", &sink.url, 100, ""),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, s) = d.call("GET", "/v1/status", None);
+    assert_eq!(s["touchpoints"]["live"], 1, "{s}");
+    let second = p.commit_all("points");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, s) = d.call("GET", "/v1/status", None);
+        if s["touchpoints"]["live"] == 2 {
+            assert_eq!(s["reconcile"]["commit"], second.as_str());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the commit was never reconciled: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let commit: String = p.query_one("SELECT source_commit FROM touchpoints WHERE id = 'points'");
+    assert_eq!(commit, second);
+}
+
+#[test]
+fn an_idempotent_retrigger_queues_nothing() {
+    let sink = Sink::ok();
+    let p = project(&sink, 500, "");
+    let d = open_daemon(&p, &[]);
+    let mut t = trigger(700);
+    t["idempotency_key"] = "spring-sale-2026-11-22".into();
+    let (code, first) = d.dispatch(&t);
+    assert_eq!(code, 202);
+    d.wait_finished(first["dispatch_id"].as_str().unwrap());
+    let (code, again) = d.dispatch(&t);
+    assert_eq!(code, 202);
+    assert_eq!(again, first, "the first answer, again");
+    let (_, status) = d.call("GET", "/v1/status", None);
+    assert_eq!(status["queue"]["pending_batches"], 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        sink.received().len(),
+        2,
+        "nothing was queued the second time"
+    );
+    t["campaign"] = "another".into();
+    let (code, e) = d.dispatch(&t);
+    assert_eq!(code, 409);
+    assert_eq!(e["error"]["code"], "idempotency_key_reused");
+}
+
+#[test]
+fn api_errors_say_what_is_wrong() {
+    let sink = Sink::ok();
+    let p = project(&sink, 500, "");
+    let env = [
+        ("SINK_TOKEN", "sink-token-value"),
+        ("TOUCHCTL_API_TOKEN", "api-secret-token"),
+    ];
+    let d = p.start_daemon(
+        &[
+            "--allow-private-network",
+            "--max-body",
+            "200000",
+            "--max-queued",
+            "1000",
+        ],
+        &env,
+    );
+    let post = |token: Option<&str>, ct: &str, body: Vec<u8>| {
+        http(
+            "POST",
+            &format!("{}/v1/dispatch", d.url),
+            token,
+            Some((ct, body)),
+        )
+    };
+    let json_body = |v: &Value| serde_json::to_vec(v).unwrap();
+    let tok = Some("api-secret-token");
+    let (code, e) = post(None, "application/json", json_body(&trigger(1)));
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (code, _) = post(Some("wrong"), "application/json", json_body(&trigger(1)));
+    assert_eq!(code, 401);
+    let (code, e) = post(tok, "application/json", b"{\"touchpoint\": ".to_vec());
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (400, Some("malformed"))
+    );
+    let mut t = trigger(1);
+    t["touchpoint"] = "smss".into();
+    let (code, e) = post(tok, "application/json", json_body(&t));
+    assert_eq!(code, 404);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean `sms`?"),
+        "{e}"
+    );
+    let mut t = trigger(1);
+    t["template_params"] = json!({"txt": "x".repeat(80)});
+    let (code, e) = post(tok, "application/json", json_body(&t));
+    assert_eq!(code, 422);
+    assert_eq!(
+        e["error"]["problems"],
+        json!([
+            "template param `text` is required",
+            "`txt` is not a template param of this touchpoint; did you mean `text`?"
+        ])
+    );
+    let mut t = trigger(1);
+    t["template_params"] = json!({"text": "长".repeat(71)});
+    let (code, e) = post(tok, "application/json", json_body(&t));
+    assert_eq!(code, 422);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("71 characters long; it takes at most 70")
+    );
+    let (code, e) = post(tok, "application/json", json_body(&trigger(3000)));
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (413, Some("too_large"))
+    );
+    let (code, e) = post(tok, "text/csv", b"a,b".to_vec());
+    assert_eq!(code, 415, "{e}");
+    let ndjson = b"{\"touchpoint\":\"sms\",\"campaign\":\"c\",\"template_params\":{\"text\":\"hi\"}}\n{\"user_id\":\"u1\",\"attributes\":{\"phone\":\"1\",\"member_id\":\"m\"}}\nnot json\n".to_vec();
+    let (code, e) = post(tok, "application/x-ndjson", ndjson);
+    assert_eq!(code, 400);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("line 3: not a user"),
+        "{e}"
+    );
+    // A full queue answers 503 with Retry-After.
+    sink.answer_with(Arc::new(|_, _| {
+        (503, Vec::new(), String::new(), Duration::ZERO)
+    }));
+    let (code, _) = post(tok, "application/json", json_body(&trigger(900)));
+    assert_eq!(code, 202);
+    let (code, e) = post(tok, "application/json", json_body(&trigger(200)));
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (503, Some("queue_full"))
+    );
+    // Paused: 409.
+    let (code, _) = http(
+        "POST",
+        &format!("{}/v1/touchpoints/sms/pause", d.url),
+        tok,
+        None,
+    );
+    assert_eq!(code, 200);
+    let (code, e) = post(tok, "application/json", json_body(&trigger(1)));
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (409, Some("touchpoint_paused"))
+    );
+    let (code, e) = http("GET", &format!("{}/v1/nothing", d.url), tok, None);
+    assert_eq!(
+        (code, e["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    // The token never appears in the log.
+    assert!(!d.log().contains("api-secret-token"));
+    assert!(!d.log().contains("sink-token-value"));
+}
+
+#[test]
+fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
+    let sink = Sink::new(Arc::new(|_, _| {
+        (503, Vec::new(), String::new(), Duration::ZERO)
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let (_, r) = d.dispatch(&trigger(300));
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    sink.wait_for("first attempts", |got| got.len() >= 3);
+    let (code, tp) = d.call("POST", "/v1/touchpoints/sms/pause", None);
+    assert_eq!(code, 200);
+    assert_eq!(tp["paused"], true);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, s) = d.call("GET", &format!("/v1/dispatches/{id}"), None);
+        if s["batches"]["held"] == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batches were never held: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sink.answer_with(Arc::new(|_, _| {
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.delivered().len(), 0, "held work is not sent");
+    p.run_env(&["plan"], &ENV)
+        .stdout_has("sms (custom): paused through the admin API");
+    d.call("POST", "/v1/touchpoints/sms/resume", None);
+    assert_eq!(d.wait_finished(&id)["delivered"], 300);
+
+    // Deleted with work pending: parked and visible, not dropped; back when it is live again.
+    sink.answer_with(Arc::new(|_, _| {
+        (503, Vec::new(), String::new(), Duration::ZERO)
+    }));
+    let (_, r) = d.dispatch(&trigger(100));
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    let file = p.read("touchpoints/sms.toml");
+    p.remove("touchpoints/sms.toml");
+    p.run_env(&["apply", "--auto-approve", "--allow-delete"], &ENV)
+        .code(0);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, tps) = d.call("GET", "/v1/touchpoints", None);
+        if tps["gone_with_pending_work"][0]["held_batches"] == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the parked work is not visible: {tps}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listed = p.run(&["deliveries", "list", "--status", "pending"]);
+    listed.stdout_has("held: the touchpoint is no longer in the registry");
+    sink.answer_with(Arc::new(|_, _| {
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    }));
+    p.write("touchpoints/sms.toml", &file);
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    assert_eq!(d.wait_finished(&id)["delivered"], 100);
+}
+
+#[test]
+fn dead_letters_are_listed_and_replayed() {
+    let sink = Sink::new(Arc::new(|_, _| {
+        (
+            400,
+            Vec::new(),
+            "{\"error\":\"unknown template\"}".into(),
+            Duration::ZERO,
+        )
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let (_, r) = d.dispatch(&trigger(150));
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    let s = d.wait_finished(&id);
+    assert_eq!(s["dead"], 150, "HTTP 400 is final: dead at once");
+    assert_eq!(sink.received().len(), 2);
+    p.run(&["deliveries", "list", "--status", "dead"])
+        .code(0)
+        .stdout_has(&format!("{id}_0"))
+        .stdout_has("HTTP 400: {\"error\":\"unknown template\"}");
+    p.run(&["deliveries", "show", &format!("{id}_1")])
+        .code(0)
+        .stdout_has("HTTP 400")
+        .stdout_has("→ dead")
+        .stdout_has("50 remaining");
+    sink.answer_with(Arc::new(|_, _| {
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    }));
+    p.run(&["deliveries", "replay", "--all"])
+        .code(0)
+        .stdout_has("2 batch(es) back in the queue.");
+    let s = d.wait_finished(&id);
+    assert_eq!(
+        (s["delivered"].as_u64(), s["dead"].as_u64()),
+        (Some(150), Some(0)),
+        "{s}"
+    );
+    p.run(&["deliveries", "replay", "nope"])
+        .code(1)
+        .stderr_has("not dead (or unknown)");
+}
+
+#[test]
+fn retry_after_is_honoured() {
+    let sink = Sink::new(Arc::new(|n, _| {
+        if n == 0 {
+            (
+                429,
+                vec![("retry-after", "2".to_string())],
+                String::new(),
+                Duration::ZERO,
+            )
+        } else {
+            (200, Vec::new(), "{}".into(), Duration::ZERO)
+        }
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let (_, r) = d.dispatch(&trigger(10));
+    d.wait_finished(r["dispatch_id"].as_str().unwrap());
+    let got = sink.received();
+    assert_eq!(got.len(), 2);
+    let gap = got[1].at.duration_since(got[0].at);
+    assert!(
+        gap >= Duration::from_millis(1900),
+        "retried after {gap:?}, not after Retry-After: 2"
+    );
+}
+
+#[test]
+fn private_addresses_are_refused_without_the_flag() {
+    let sink = Sink::ok();
+    let p = project(&sink, 100, "");
+    let d = p.start_daemon(&["--insecure-no-auth"], &ENV);
+    let (_, r) = d.dispatch(&trigger(5));
+    let s = d.wait_finished(r["dispatch_id"].as_str().unwrap());
+    assert_eq!(s["dead"], 5);
+    assert!(sink.received().is_empty());
+    p.run(&["deliveries", "list"]).stdout_has(
+        "refused: 127.0.0.1 resolves to 127.0.0.1, a loopback, private or link-local address",
+    );
+}
+
+#[test]
+fn the_daemon_refuses_to_start_open_to_the_network() {
+    let p = Project::empty();
+    let run = p.run(&["daemon", "--listen", "127.0.0.1:0"]);
+    run.code(1)
+        .stderr_has("the API needs a token: set TOUCHCTL_API_TOKEN");
+    let run = p.run(&["daemon", "--listen", "0.0.0.0:0", "--insecure-no-auth"]);
+    run.code(1)
+        .stderr_has("--insecure-no-auth is only allowed on a loopback address");
+}
+
+#[test]
+fn sigterm_drains_in_flight_deliveries() {
+    let sink = Sink::new(Arc::new(|_, _| {
+        (200, Vec::new(), "{}".into(), Duration::from_millis(1500))
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let (_, r) = d.dispatch(&trigger(100));
+    std::thread::sleep(Duration::from_millis(400));
+    let (code, log) = d.terminate();
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("stopping: no new connections"));
+    assert_eq!(sink.received().len(), 1, "the in-flight request finished");
+    let out = p.run(&[
+        "deliveries",
+        "list",
+        "--dispatch",
+        r["dispatch_id"].as_str().unwrap(),
+    ]);
+    out.code(0).stdout_has(" delivered ");
+}
+
+#[test]
+fn the_dispatch_command_streams_a_users_file_and_waits() {
+    let sink = Sink::ok();
+    let p = project(&sink, 500, "");
+    let d = open_daemon(&p, &[]);
+    let lines: Vec<String> = users(1234).iter().map(|u| u.to_string()).collect();
+    p.write("users.ndjson", &(lines.join("\n") + "\n"));
+    let run = p.run(&[
+        "dispatch",
+        "--url",
+        &d.url,
+        "--touchpoint",
+        "sms",
+        "--campaign",
+        "c",
+        "--users",
+        "users.ndjson",
+        "--param",
+        "text=会员日",
+        "--wait",
+    ]);
+    run.code(0)
+        .stdout_has("\"accepted\": 1234")
+        .stderr_has("1234 delivered, 0 failed, 0 pending, 0 dead");
+    assert_eq!(sink.delivered().len(), 1234);
+    let run = p.run(&[
+        "dispatch",
+        "--url",
+        &d.url,
+        "--touchpoint",
+        "sms",
+        "--campaign",
+        "c",
+        "--users",
+        "users.ndjson",
+    ]);
+    run.code(1)
+        .stderr_has("422")
+        .stderr_has("template param `text` is required");
+}

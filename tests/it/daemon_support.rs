@@ -1,0 +1,347 @@
+//! Helpers for the daemon tests: the real daemon as a child process on a random loopback port, an
+//! HTTP sink that records what it receives and answers as a test tells it, and a small client.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::Project;
+
+/// How long a test waits for something to happen before failing.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A running `touchctl daemon`.
+pub struct Daemon {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Project {
+    /// Starts the daemon in the project on a random loopback port, with `args` added; waits until
+    /// it listens. No token unless `TOUCHCTL_API_TOKEN` is in `env`.
+    pub fn start_daemon(&self, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let mut all = vec!["daemon", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut cmd = self.command(&all);
+        cmd.env_remove("TOUCHCTL_API_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the daemon");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let url = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(url);
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let url = match rx.recv_timeout(PATIENCE) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "the daemon did not start listening:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Daemon {
+            child: Some(child),
+            url,
+            log,
+        }
+    }
+}
+
+impl Daemon {
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then waits for it to exit; returns the exit code and its log.
+    pub fn terminate(mut self) -> (i32, String) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                std::thread::sleep(Duration::from_millis(100));
+                return (status.code().unwrap_or(-1), self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A request to the API: `(status, JSON body)`.
+    pub fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>) -> (u16, Value) {
+        http(method, &format!("{}{path}", self.url), None, body)
+    }
+
+    /// `POST /v1/dispatch` with a JSON trigger.
+    pub fn dispatch(&self, trigger: &Value) -> (u16, Value) {
+        self.call(
+            "POST",
+            "/v1/dispatch",
+            Some(("application/json", serde_json::to_vec(trigger).unwrap())),
+        )
+    }
+
+    /// Waits until the dispatch is finished (every batch delivered or dead); returns its status.
+    pub fn wait_finished(&self, dispatch_id: &str) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (code, s) = self.call("GET", &format!("/v1/dispatches/{dispatch_id}"), None);
+            assert_eq!(code, 200, "{s}");
+            if s["finished"] == true {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dispatch {dispatch_id} did not finish: {s}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// One HTTP request: `(status, JSON body or {"raw": text})`.
+pub fn http(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<(&str, Vec<u8>)>,
+) -> (u16, Value) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    runtime().block_on(async {
+        let client = reqwest::Client::new();
+        let mut req = client.request(method.parse().expect("method"), url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some((ct, bytes)) = body {
+            req = req.header("content-type", ct).body(bytes);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| serde_json::json!({ "raw": text }));
+        (status, v)
+    })
+}
+
+/// One request a sink received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Header names lowercased.
+    pub headers: HashMap<String, String>,
+    /// The JSON body.
+    pub body: Value,
+    /// The status the sink answered.
+    pub status: u16,
+    /// When it arrived.
+    pub at: Instant,
+}
+
+/// How a sink answers request number `n` (from 0): status, extra headers, body, delay.
+pub type Answer =
+    dyn Fn(usize, &Value) -> (u16, Vec<(&'static str, String)>, String, Duration) + Send + Sync;
+
+/// An HTTP endpoint on a random loopback port that records every request.
+pub struct Sink {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    received: Arc<Mutex<Vec<Received>>>,
+    answer: Arc<Mutex<Arc<Answer>>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Sink {
+    /// A sink that answers 200 `{}` to everything.
+    pub fn ok() -> Self {
+        Self::new(Arc::new(|_, _| {
+            (200, Vec::new(), "{}".into(), Duration::ZERO)
+        }))
+    }
+
+    /// A sink that answers as `answer` says.
+    pub fn new(answer: Arc<Answer>) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(Mutex::new(answer));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+        let (rec, ans) = (received.clone(), answer.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let count = Arc::new(AtomicUsize::new(0));
+                let app = axum::Router::new().fallback(
+                    move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                        let (rec, ans, count) = (rec.clone(), ans.clone(), count.clone());
+                        async move {
+                            let n = count.fetch_add(1, Ordering::SeqCst);
+                            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                            let headers = headers
+                                .iter()
+                                .map(|(k, v)| {
+                                    (
+                                        k.as_str().to_string(),
+                                        v.to_str().unwrap_or_default().to_string(),
+                                    )
+                                })
+                                .collect();
+                            let answer = ans.lock().unwrap().clone();
+                            let (status, extra, text, delay) = answer(n, &body);
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            rec.lock().unwrap().push(Received {
+                                headers,
+                                body,
+                                status,
+                                at: Instant::now(),
+                            });
+                            let mut resp =
+                                axum::response::Response::new(axum::body::Body::from(text));
+                            *resp.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                            for (k, v) in extra {
+                                resp.headers_mut().insert(k, v.parse().unwrap());
+                            }
+                            resp
+                        }
+                    },
+                );
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+                    .expect("serve");
+            });
+        });
+        let addr = addr_rx.recv_timeout(PATIENCE).expect("sink address");
+        Self {
+            url: format!("http://{addr}"),
+            received,
+            answer,
+            _stop: stop_tx,
+        }
+    }
+
+    /// Changes how the sink answers from now on.
+    pub fn answer_with(&self, answer: Arc<Answer>) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    /// Every request received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Every recipient of every request the sink answered 2xx, so far.
+    pub fn delivered(&self) -> Vec<Value> {
+        self.received()
+            .iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .flat_map(|r| r.body["recipients"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// Waits until `done` says the received requests are enough.
+    pub fn wait_for(&self, what: &str, done: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if done(&self.received()) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sink never got {what}: {} request(s)",
+                self.received().len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `n` users `u0..` with a phone and a member id.
+pub fn users(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "user_id": format!("u{i}"),
+                "attributes": {"phone": format!("138{i:08}"), "member_id": format!("m{i}"), "tier": "gold"}
+            })
+        })
+        .collect()
+}
+
+/// A custom touchpoint file for `url`, with env secrets `SINK_TOKEN` / `SINK_SIGNING`.
+pub fn custom_touchpoint(id: &str, url: &str, batch_size: u32, extra: &str) -> String {
+    format!(
+        "id = \"{id}\"\nname = \"{id}\"\nkind = \"custom\"\ncategory = \"notification\"\nurl = \"{url}/hook/{id}\"\nallow_insecure = true\nauth_token = {{ env = \"SINK_TOKEN\" }}\nbatch_size = {batch_size}\n{extra}\n[retry]\nattempts = 20\nbackoff = \"20ms\"\nmax_backoff = \"200ms\"\n\n[dynamic_params]\nphone = \"user.phone\"\nmember_id = \"user.member_id\"\n\n[[template_params]]\nname = \"text\"\ntype = \"string\"\nmax_length = 70\n"
+    )
+}
