@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{KeyInit, Mac};
 use serde::Deserialize;
 
-use crate::dispatch::{User, write_recipient};
+use crate::dispatch::user::UserRef;
 use crate::model::{DynamicParams, Secret};
 
 /// The most of a response body read (the `failed` list of a batch of 500 fits easily).
@@ -58,7 +58,7 @@ pub struct Envelope<'a> {
 }
 
 /// The request body of one batch.
-pub fn body(env: &Envelope<'_>, users: &[User], params: &DynamicParams) -> Vec<u8> {
+pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], params: &DynamicParams) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + users.len() * 96);
     let string = |out: &mut Vec<u8>, s: &str| {
         // Writing a string to a Vec cannot fail.
@@ -88,7 +88,7 @@ pub fn body(env: &Envelope<'_>, users: &[User], params: &DynamicParams) -> Vec<u
         if i > 0 {
             out.push(b',');
         }
-        write_recipient(&mut out, user, params);
+        user.write_recipient(&mut out, params);
     }
     out.extend_from_slice(b"]}");
     out
@@ -281,13 +281,8 @@ mod tests {
             "phone".into(),
             crate::model::ParamSource::Attribute("user.phone".into()),
         );
-        let users = vec![User {
-            user_id: "u1".into(),
-            attributes: json!({"phone": "13800000000"})
-                .as_object()
-                .cloned()
-                .unwrap(),
-        }];
+        let stored = r#"[{"user_id":"u1","attributes":{"phone":"13800000000","tier":"gold"}}]"#;
+        let users = crate::dispatch::user::parse_stored(stored).unwrap();
         let env = Envelope {
             touchpoint: "sms",
             campaign: "spring",

@@ -12,15 +12,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures_util::StreamExt;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::App;
 use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
+use crate::dispatch::user::{RawTrigger, screen};
 use crate::dispatch::worker::Lookup;
-use crate::dispatch::{Trigger, TriggerHead, User, check_template_params, screen};
-use crate::model::KindSpec;
+use crate::dispatch::{TriggerHead, check_template_params};
 
 /// The routes, with authentication in front of all of them.
 pub fn router(app: Arc<App>) -> Router {
@@ -148,54 +147,85 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
         .unwrap_or_default()
         .trim()
         .to_ascii_lowercase();
-    let limits = &app.limits;
-    let read = async {
-        match content_type.as_str() {
-            "application/json" => read_json(body, limits.max_body).await,
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
-                read_ndjson(body, limits.max_body).await
-            }
-            other => Err(ApiError::new(
+    let ndjson = match content_type.as_str() {
+        "application/json" => false,
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
+        other => {
+            return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_media_type",
                 format!(
                     "content type `{other}` is not accepted: send application/json (one trigger with `users`) or application/x-ndjson (the trigger head on the first line, then one user per line)"
                 ),
-            )),
-        }
-    };
-    let trigger = match tokio::time::timeout(limits.body_timeout, read).await {
-        Ok(t) => t?,
-        Err(_) => {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                format!(
-                    "the request body did not arrive within {}",
-                    humantime::format_duration(limits.body_timeout)
-                ),
             ));
         }
     };
-    let Trigger { head, users } = trigger;
+    let limits = &app.limits;
+    let bytes =
+        match tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body)).await {
+            Ok(b) => b?,
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    format!(
+                        "the request body did not arrive within {}",
+                        humantime::format_duration(limits.body_timeout)
+                    ),
+                ));
+            }
+        };
+    // Parsing, checking and storing are CPU and disk work: off the async threads.
+    let app2 = app.clone();
+    match tokio::task::spawn_blocking(move || process(&app2, ndjson, &bytes)).await {
+        Ok(result) => {
+            if result.is_ok() {
+                app.wake.notify_one();
+            }
+            result
+        }
+        Err(e) => Err(internal(e.to_string())),
+    }
+}
 
+async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, max).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
+            too_large(max)
+        } else {
+            malformed(format!("cannot read the request body: {e}"))
+        }
+    })
+}
+
+/// Checks a trigger against its touchpoint and stores it; the answer to send.
+fn process(app: &App, ndjson: bool, bytes: &[u8]) -> Result<Response, ApiError> {
+    let trigger = if ndjson {
+        RawTrigger::from_ndjson(bytes).map_err(malformed)?
+    } else {
+        RawTrigger::from_json(bytes).map_err(|e| {
+            malformed(format!(
+                "the body is not a trigger: {e}. Expected {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\": {{...}}, \"users\": [{{\"user_id\", \"attributes\": {{...}}}}]}}"
+            ))
+        })?
+    };
+    let head = &trigger.head;
     if let Some(key) = &head.idempotency_key {
-        let (queue, key) = (app.queue.clone(), key.clone());
-        let earlier = blocking(move || queue.find_idempotent(&key)).await?;
+        let earlier = app.queue.find_idempotent(key).map_err(queue_error)?;
         if let Some((touchpoint, campaign, receipt)) = earlier {
             if touchpoint == head.touchpoint && campaign == head.campaign {
                 return Ok(receipt_response(&receipt, true));
             }
             return Err(conflict_key(
-                &head,
+                head,
                 &touchpoint,
                 &campaign,
                 &receipt.dispatch_id,
             ));
         }
     }
-
-    let Some((summary, lookup, touchpoint)) = app.live.get(&head.touchpoint) else {
+    let Some((summary, lookup)) = app.live.get(&head.touchpoint) else {
         let ids = app.live.ids();
         let hint = crate::load::did_you_mean(&head.touchpoint, ids.iter().map(String::as_str))
             .map(|n| format!("; did you mean `{n}`?"))
@@ -206,30 +236,27 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
             format!("no live touchpoint `{}`{hint}", head.touchpoint),
         ));
     };
-    if let Lookup::Held(reason) = &lookup {
-        let code = if summary.paused {
-            "touchpoint_paused"
-        } else if !summary.enabled {
-            "touchpoint_disabled"
-        } else {
-            "touchpoint_unavailable"
-        };
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            code,
-            format!(
-                "touchpoint `{}` does not accept dispatches now: {reason}",
-                head.touchpoint
-            ),
-        ));
-    }
-    let Some(KindSpec::Custom(spec)) = touchpoint.as_deref().map(|t| &t.spec) else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "touchpoint_unavailable",
-            format!("touchpoint `{}` cannot take dispatches", head.touchpoint),
-        ));
+    let target = match lookup {
+        Lookup::Ready(target) => target,
+        Lookup::Held(reason) => {
+            let code = if summary.paused {
+                "touchpoint_paused"
+            } else if !summary.enabled {
+                "touchpoint_disabled"
+            } else {
+                "touchpoint_unavailable"
+            };
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                code,
+                format!(
+                    "touchpoint `{}` does not accept dispatches now: {reason}",
+                    head.touchpoint
+                ),
+            ));
+        }
     };
+    let spec = &target.spec;
     if let Err(problems) = check_template_params(&spec.template_params, &head.template_params) {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -243,43 +270,37 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
         .with("problems", json!(problems)));
     }
     let pending = app.queue.pending_recipients();
-    if pending + users.len() as u64 > limits.max_queued {
+    if pending + trigger.users.len() as u64 > app.limits.max_queued {
         let mut e = ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "queue_full",
             format!(
                 "the queue holds {pending} recipients and takes at most {}; try again later",
-                limits.max_queued
+                app.limits.max_queued
             ),
         );
         e.retry_after = Some(10);
         return Err(e);
     }
-    let (accepted, rejected) = screen(users, &spec.dynamic_params);
+    let (accepted, rejected) = screen(&trigger.users, &spec.dynamic_params).map_err(malformed)?;
     let (n_accepted, n_rejected) = (accepted.len(), rejected.len());
-    let queue = app.queue.clone();
-    let generation = summary.generation;
-    let batch_size = spec.batch_size as usize;
-    let head2 = head.clone();
-    let enqueued = blocking(move || {
-        queue.enqueue(NewDispatch {
-            head: &head2,
-            generation,
-            batch_size,
+    let enqueued = app
+        .queue
+        .enqueue(NewDispatch {
+            head,
+            generation: target.generation,
+            batch_size: spec.batch_size as usize,
             users: accepted,
             rejected,
         })
-    })
-    .await;
+        .map_err(queue_error)?;
     match enqueued {
-        Ok(Enqueued::New(receipt)) => {
+        Enqueued::New(receipt) => {
             app.metrics
                 .accepted(&head.touchpoint, n_accepted, n_rejected);
-            app.wake.notify_one();
             Ok(receipt_response(&receipt, false))
         }
-        Ok(Enqueued::Repeat(receipt)) => Ok(receipt_response(&receipt, true)),
-        Err(e) => Err(e),
+        Enqueued::Repeat(receipt) => Ok(receipt_response(&receipt, true)),
     }
 }
 
@@ -309,25 +330,30 @@ fn receipt_response(receipt: &crate::dispatch::queue::Receipt, replayed: bool) -
     response
 }
 
-/// Runs queue work off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
-) -> Result<T, ApiError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(QueueError::IdempotencyConflict {
+fn queue_error(e: QueueError) -> ApiError {
+    match e {
+        QueueError::IdempotencyConflict {
             key,
             touchpoint,
             campaign,
             dispatch_id,
-        })) => Err(ApiError::new(
+        } => ApiError::new(
             StatusCode::CONFLICT,
             "idempotency_key_reused",
             format!(
                 "idempotency key `{key}` was already used for touchpoint `{touchpoint}`, campaign `{campaign}` (dispatch {dispatch_id}): use a new key for a new trigger"
             ),
-        )),
-        Ok(Err(e)) => Err(internal(e.to_string())),
+        ),
+        other => internal(other.to_string()),
+    }
+}
+
+/// Runs queue work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, QueueError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(queue_error),
         Err(e) => Err(internal(e.to_string())),
     }
 }
@@ -353,77 +379,6 @@ fn too_large(max: usize) -> ApiError {
 
 fn malformed(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "malformed", message)
-}
-
-async fn read_json(body: Body, max: usize) -> Result<Trigger, ApiError> {
-    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            too_large(max)
-        } else {
-            malformed(format!("cannot read the request body: {e}"))
-        }
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        malformed(format!(
-            "the body is not a trigger: {e}. Expected {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\": {{...}}, \"users\": [{{\"user_id\", \"attributes\": {{...}}}}]}}"
-        ))
-    })
-}
-
-async fn read_ndjson(body: Body, max: usize) -> Result<Trigger, ApiError> {
-    let mut stream = body.into_data_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut total = 0usize;
-    let mut line_no = 0usize;
-    let mut head: Option<TriggerHead> = None;
-    let mut users: Vec<User> = Vec::new();
-    let mut take_line = |line: &[u8], line_no: usize| -> Result<(), ApiError> {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            return Ok(());
-        }
-        if head.is_none() {
-            head = Some(serde_json::from_slice(line).map_err(|e| {
-                malformed(format!(
-                    "line {line_no}: the first line must be the trigger head {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\"}}: {e}"
-                ))
-            })?);
-        } else {
-            users.push(serde_json::from_slice(line).map_err(|e| {
-                malformed(format!(
-                    "line {line_no}: not a user {{\"user_id\", \"attributes\": {{...}}}}: {e}"
-                ))
-            })?);
-        }
-        Ok(())
-    };
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| malformed(format!("cannot read the request body: {e}")))?;
-        total += chunk.len();
-        if total > max {
-            return Err(too_large(max));
-        }
-        buf.extend_from_slice(&chunk);
-        let mut start = 0;
-        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
-            line_no += 1;
-            take_line(&buf[start..start + pos], line_no)?;
-            start += pos + 1;
-        }
-        buf.drain(..start);
-    }
-    if !buf.is_empty() {
-        line_no += 1;
-        take_line(&buf, line_no)?;
-    }
-    let head = head.ok_or_else(|| {
-        malformed(
-            "the body is empty: send the trigger head on the first line, then one user per line"
-                .into(),
-        )
-    })?;
-    Ok(Trigger { head, users })
 }
 
 /// `GET /v1/dispatches/{id}`.
@@ -496,7 +451,7 @@ async fn set_paused(app: Arc<App>, id: String, paused: bool) -> Result<Response,
         "{} `{id}` through the API",
         if paused { "paused" } else { "resumed" }
     ));
-    let summary = app.live.get(&id).map(|(s, _, _)| s);
+    let summary = app.live.get(&id).map(|(s, _)| s);
     Ok(axum::Json(summary).into_response())
 }
 

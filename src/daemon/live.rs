@@ -40,8 +40,6 @@ pub struct Summary {
 struct Entry {
     summary: Summary,
     lookup: Lookup,
-    /// The typed touchpoint, for checking triggers against it.
-    touchpoint: Option<Arc<Touchpoint>>,
 }
 
 /// The live touchpoints.
@@ -70,7 +68,6 @@ impl LiveSet {
                     Entry {
                         summary: e.summary.clone(),
                         lookup: e.lookup.clone(),
-                        touchpoint: e.touchpoint.clone(),
                     },
                 );
                 continue;
@@ -89,11 +86,10 @@ impl LiveSet {
         out
     }
 
-    /// One touchpoint: its summary, where it stands and its typed spec.
-    pub fn get(&self, id: &str) -> Option<(Summary, Lookup, Option<Arc<Touchpoint>>)> {
+    /// One touchpoint: its summary and where it stands.
+    pub fn get(&self, id: &str) -> Option<(Summary, Lookup)> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        map.get(id)
-            .map(|e| (e.summary.clone(), e.lookup.clone(), e.touchpoint.clone()))
+        map.get(id).map(|e| (e.summary.clone(), e.lookup.clone()))
     }
 
     /// The ids, for did-you-mean hints.
@@ -123,14 +119,13 @@ fn entry(l: &Live) -> Entry {
         commit: l.source.commit.clone(),
     };
     let touchpoint = match Touchpoint::from_json(l.spec().value()) {
-        Ok(tp) => Arc::new(tp),
+        Ok(tp) => tp,
         Err(e) => {
             let reason = format!("its live spec cannot be read by this touchctl: {e}");
             summary.held = Some(reason.clone());
             return Entry {
                 summary,
                 lookup: Lookup::Held(reason),
-                touchpoint: None,
             };
         }
     };
@@ -140,23 +135,19 @@ fn entry(l: &Live) -> Entry {
     } else if !touchpoint.common.enabled {
         Lookup::Held("disabled (enabled = false)".into())
     } else {
-        ready(l, &touchpoint)
+        ready(l, touchpoint)
     };
     match &lookup {
         Lookup::Ready(_) => summary.ready = true,
         Lookup::Held(reason) => summary.held = Some(reason.clone()),
     }
-    Entry {
-        summary,
-        lookup,
-        touchpoint: Some(touchpoint),
-    }
+    Entry { summary, lookup }
 }
 
 /// Resolves what sending needs. Secret file references resolve against the folder of the file
 /// the touchpoint was applied from, as they did for plan.
-fn ready(l: &Live, tp: &Touchpoint) -> Lookup {
-    let KindSpec::Custom(spec) = &tp.spec else {
+fn ready(l: &Live, tp: Touchpoint) -> Lookup {
+    let KindSpec::Custom(spec) = tp.spec else {
         return Lookup::Held(format!(
             "{} touchpoints are not dispatched by this version of the daemon yet",
             l.kind
@@ -187,7 +178,7 @@ fn ready(l: &Live, tp: &Touchpoint) -> Lookup {
     Lookup::Ready(Arc::new(Target {
         id: l.id.clone(),
         generation: l.generation,
-        spec: spec.clone(),
+        spec,
         token,
         signing_key,
     }))

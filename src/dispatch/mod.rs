@@ -5,6 +5,7 @@
 
 pub mod queue;
 pub mod retry;
+pub mod user;
 pub mod worker;
 
 use std::collections::HashSet;
@@ -12,12 +13,13 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::{DynamicParams, ParamType, TemplateParam};
+use crate::model::{ParamType, TemplateParam};
 
 /// The longest `user_id` accepted.
 pub const MAX_USER_ID: usize = 256;
 
-/// A triggered user: an id and the attributes dynamic params are mapped from.
+/// A triggered user as a client writes it: an id and the attributes dynamic params are mapped
+/// from. (The daemon reads users without copying them: see [`user::UserRef`].)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
@@ -44,18 +46,6 @@ pub struct TriggerHead {
     /// Values for the touchpoint's template params, once for the whole audience.
     #[serde(default)]
     pub template_params: Map<String, Value>,
-}
-
-/// A whole JSON trigger.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Trigger {
-    /// Everything but the users.
-    #[serde(flatten)]
-    pub head: TriggerHead,
-    /// The triggered users.
-    #[serde(default)]
-    pub users: Vec<User>,
 }
 
 /// A user that was not queued, and why.
@@ -170,88 +160,9 @@ fn check_value(d: &TemplateParam, v: &Value) -> Result<(), String> {
     Ok(())
 }
 
-/// The value of a `user.<attribute>[.<key>...]` source in a user's attributes (`null` is absent).
-pub fn lookup<'a>(user: &'a User, from: &str) -> Option<&'a Value> {
-    let mut parts = from.strip_prefix("user.")?.split('.');
-    let mut value = user.attributes.get(parts.next()?)?;
-    for key in parts {
-        value = value.get(key)?;
-    }
-    (!value.is_null()).then_some(value)
-}
-
-/// Why a user cannot be a recipient of a touchpoint with these dynamic params, if it cannot.
-pub fn check_user(user: &User, params: &DynamicParams) -> Result<(), String> {
-    if user.user_id.is_empty() {
-        return Err("`user_id` is empty".into());
-    }
-    if user.user_id.chars().count() > MAX_USER_ID {
-        return Err(format!("`user_id` is longer than {MAX_USER_ID} characters"));
-    }
-    for (field, source) in params {
-        if !source.optional() && lookup(user, source.from()).is_none() {
-            return Err(format!(
-                "missing attribute `{}` (dynamic param `{field}`)",
-                source.from().trim_start_matches("user.")
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Writes a user as a recipient object: `user_id` then each dynamic param present, in the order
-/// of the touchpoint's declaration.
-pub fn write_recipient(out: &mut Vec<u8>, user: &User, params: &DynamicParams) {
-    out.extend_from_slice(b"{\"user_id\":");
-    write_json(out, &Value::String(user.user_id.clone()));
-    for (field, source) in params {
-        if let Some(v) = lookup(user, source.from()) {
-            out.push(b',');
-            write_json(out, &Value::String(field.clone()));
-            out.push(b':');
-            write_json(out, v);
-        }
-    }
-    out.push(b'}');
-}
-
-fn write_json(out: &mut Vec<u8>, v: &Value) {
-    // Writing a `Value` to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, v);
-}
-
-/// Sorts a trigger's users into the ones to queue and the rejected ones (each with its reason).
-/// A user id seen twice is queued once.
-pub fn screen(users: Vec<User>, params: &DynamicParams) -> (Vec<User>, Vec<Rejected>) {
-    let mut seen = HashSet::with_capacity(users.len());
-    let mut accepted = Vec::with_capacity(users.len());
-    let mut rejected = Vec::new();
-    for user in users {
-        let verdict = check_user(&user, params).and_then(|()| {
-            if seen.contains(user.user_id.as_str()) {
-                Err("the same `user_id` appears earlier in this trigger".to_string())
-            } else {
-                Ok(())
-            }
-        });
-        match verdict {
-            Ok(()) => {
-                seen.insert(user.user_id.clone());
-                accepted.push(user);
-            }
-            Err(reason) => rejected.push(Rejected {
-                user_id: user.user_id,
-                reason,
-            }),
-        }
-    }
-    (accepted, rejected)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ParamSource;
     use serde_json::json;
 
     fn decl(name: &str, kind: ParamType, required: bool, max: Option<u32>) -> TemplateParam {
@@ -295,48 +206,6 @@ mod tests {
         assert_eq!(
             long,
             ["template param `text` is 7 characters long; it takes at most 5"]
-        );
-    }
-
-    #[test]
-    fn users_map_to_recipients_in_declaration_order() {
-        let mut params = DynamicParams::new();
-        params.insert("phone".into(), ParamSource::Attribute("user.phone".into()));
-        params.insert(
-            "city".into(),
-            ParamSource::Detailed {
-                from: "user.address.city".into(),
-                optional: true,
-            },
-        );
-        let user = User {
-            user_id: "u1".into(),
-            attributes: map(json!({"phone": "138", "address": {"city": "杭州"}, "other": 1})),
-        };
-        let mut out = Vec::new();
-        write_recipient(&mut out, &user, &params);
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"user_id":"u1","city":"杭州","phone":"138"}"#
-        );
-        let no_phone = User {
-            user_id: "u2".into(),
-            attributes: map(json!({"phone": null})),
-        };
-        let (ok, rejected) = screen(vec![user.clone(), no_phone, user], &params);
-        assert_eq!(ok.len(), 1);
-        assert_eq!(
-            rejected,
-            [
-                Rejected {
-                    user_id: "u2".into(),
-                    reason: "missing attribute `phone` (dynamic param `phone`)".into()
-                },
-                Rejected {
-                    user_id: "u1".into(),
-                    reason: "the same `user_id` appears earlier in this trigger".into()
-                }
-            ]
         );
     }
 }

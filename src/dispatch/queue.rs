@@ -8,16 +8,20 @@
 //! such a record to a power cut only means a batch is sent again, with the same `webhook-id`.
 //!
 //! A batch is `pending` (due at `next_at`, or `leased` to a sender, or `held` because its
-//! touchpoint is paused or gone), `delivered`, or `dead` (dead-lettered; replayable).
+//! touchpoint is paused or gone), `delivered`, or `dead` (dead-lettered; replayable). Its users
+//! (the objects exactly as the trigger sent them) live in a table of their own, so that leasing and
+//! recording a batch rewrite a small row, and are dropped once it is delivered.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use super::{Rejected, TriggerHead, User};
+use serde_json::value::RawValue;
+
+use super::{Rejected, TriggerHead};
 use crate::store::{self, Sync, now_ms};
 
 const MIGRATION: &str = "
@@ -38,7 +42,6 @@ CREATE TABLE IF NOT EXISTS batches (
     idx         INTEGER NOT NULL,
     count       INTEGER NOT NULL,
     touchpoint  TEXT NOT NULL,
-    users       TEXT NOT NULL,
     size        INTEGER NOT NULL,
     remaining   INTEGER NOT NULL,
     delivered   INTEGER NOT NULL DEFAULT 0,
@@ -51,6 +54,10 @@ CREATE TABLE IF NOT EXISTS batches (
     last_error  TEXT,
     created_at  INTEGER NOT NULL,
     updated_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payloads (
+    batch_id TEXT PRIMARY KEY,
+    users    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_due ON batches(next_at)
     WHERE state = 'pending' AND leased = 0 AND held IS NULL;
@@ -116,6 +123,9 @@ pub enum QueueError {
         /// Its first dispatch.
         dispatch_id: String,
     },
+    /// A group of triggers could not be written (nothing of it was stored).
+    #[error("cannot store the trigger: {0}")]
+    Write(String),
     /// Another daemon works this queue.
     #[error(
         "another daemon (pid {pid} on {host}, since {started_at}) works this queue; one daemon per queue file, or deliveries would be sent twice"
@@ -151,8 +161,8 @@ pub struct NewDispatch<'a> {
     pub generation: u64,
     /// Users per batch.
     pub batch_size: usize,
-    /// The users to queue (already screened).
-    pub users: Vec<User>,
+    /// The users to queue (already screened), as received.
+    pub users: Vec<&'a RawValue>,
     /// The users refused, with reasons.
     pub rejected: Vec<Rejected>,
 }
@@ -364,7 +374,157 @@ pub struct Queue {
     /// Claims and records attempts: survives a killed process without an fsync per commit.
     work: Mutex<Connection>,
     /// Recipients pending, kept in memory for the queue-full check.
-    pending: AtomicI64,
+    pending: Arc<AtomicI64>,
+    /// Hands triggers to the writer thread (which owns the fsync'ing connection).
+    writer: Mutex<std::sync::mpsc::Sender<(Job, Reply)>>,
+}
+
+/// A trigger on its way to the writer thread.
+struct Job {
+    head: TriggerHead,
+    generation: u64,
+    /// Users per batch and the batch's stored text.
+    batches: Vec<(usize, String)>,
+    accepted: usize,
+    rejected: Vec<Rejected>,
+}
+
+type Reply = std::sync::mpsc::SyncSender<Result<Enqueued, QueueError>>;
+
+/// Writes triggers in groups: everything waiting goes into one transaction, one fsync.
+fn writer(
+    mut conn: Connection,
+    jobs: std::sync::mpsc::Receiver<(Job, Reply)>,
+    pending: Arc<AtomicI64>,
+    path: String,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < 256 {
+            match jobs.try_recv() {
+                Ok(j) => group.push(j),
+                Err(_) => break,
+            }
+        }
+        let sql = |source| QueueError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let written = (|| -> Result<Vec<Result<Enqueued, QueueError>>, rusqlite::Error> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let results = group
+                .iter()
+                .map(|(job, _)| {
+                    write_job(&tx, job).map_err(|e| match e {
+                        JobError::Sql(e) => sql(e),
+                        JobError::Queue(q) => q,
+                    })
+                })
+                .collect();
+            tx.commit()?;
+            Ok(results)
+        })();
+        match written {
+            Ok(results) => {
+                for ((_, reply), result) in group.into_iter().zip(results) {
+                    if let Ok(Enqueued::New(r)) = &result {
+                        pending.fetch_add(r.accepted as i64, Ordering::Relaxed);
+                    }
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                let message = format!("queue {path}: {e}");
+                for (_, reply) in group {
+                    let _ = reply.send(Err(QueueError::Write(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+enum JobError {
+    Sql(rusqlite::Error),
+    Queue(QueueError),
+}
+
+impl From<rusqlite::Error> for JobError {
+    fn from(e: rusqlite::Error) -> Self {
+        JobError::Sql(e)
+    }
+}
+
+/// Writes one trigger inside the group's transaction (nothing, if its idempotency key was used).
+fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobError> {
+    if let Some(key) = &job.head.idempotency_key {
+        let earlier: Option<(String, String, String, String)> = tx
+            .query_row(
+                "SELECT id, touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        if let Some((dispatch_id, touchpoint, campaign, receipt)) = earlier {
+            if touchpoint != job.head.touchpoint || campaign != job.head.campaign {
+                return Err(JobError::Queue(QueueError::IdempotencyConflict {
+                    key: key.clone(),
+                    touchpoint,
+                    campaign,
+                    dispatch_id,
+                }));
+            }
+            let receipt = serde_json::from_str(&receipt).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            return Ok(Enqueued::Repeat(receipt));
+        }
+    }
+    let dispatch_id = new_id("dsp");
+    let receipt = Receipt {
+        dispatch_id: dispatch_id.clone(),
+        accepted: job.accepted,
+        rejected: job.rejected.clone(),
+        batches: job.batches.len(),
+    };
+    let now = now_ms();
+    tx.execute(
+        "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            dispatch_id,
+            job.head.touchpoint,
+            job.head.campaign,
+            job.head.idempotency_key,
+            serde_json::to_string(&job.head.template_params).unwrap_or_default(),
+            job.generation as i64,
+            serde_json::to_string(&receipt).unwrap_or_default(),
+            now
+        ],
+    )?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 'pending', ?7, ?7, ?7)",
+    )?;
+    let mut payload =
+        tx.prepare_cached("INSERT INTO payloads (batch_id, users) VALUES (?1, ?2)")?;
+    for (i, (size, users)) in job.batches.iter().enumerate() {
+        let batch_id = format!("{dispatch_id}_{i}");
+        insert.execute(params![
+            batch_id,
+            dispatch_id,
+            i as i64,
+            job.batches.len() as i64,
+            job.head.touchpoint,
+            *size as i64,
+            now
+        ])?;
+        payload.execute(params![batch_id, users])?;
+    }
+    Ok(Enqueued::New(receipt))
 }
 
 fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
@@ -392,11 +552,25 @@ impl Queue {
         let accept = store::connect(path, Sync::Full).map_err(sql)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
         let work = store::connect(path, Sync::Normal).map_err(sql)?;
+        let write = store::connect(path, Sync::Full).map_err(sql)?;
+        let pending = Arc::new(AtomicI64::new(0));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (pending, name) = (pending.clone(), shown.clone());
+            std::thread::Builder::new()
+                .name("queue-writer".into())
+                .spawn(move || writer(write, rx, pending, name))
+                .map_err(|source| QueueError::Io {
+                    path: shown.clone(),
+                    source,
+                })?;
+        }
         let queue = Self {
             path: path.to_path_buf(),
             accept: Mutex::new(accept),
             work: Mutex::new(work),
-            pending: AtomicI64::new(0),
+            pending,
+            writer: Mutex::new(tx),
         };
         queue.refresh_pending()?;
         Ok(queue)
@@ -448,94 +622,31 @@ impl Queue {
         Ok(row.and_then(|(t, c, receipt)| serde_json::from_str(&receipt).ok().map(|r| (t, c, r))))
     }
 
-    /// Stores a trigger's batches; returns once they are on disk.
+    /// Stores a trigger's batches; returns once they are on disk. Triggers arriving together share
+    /// one commit (and one fsync): the writer thread takes every trigger waiting when it starts a
+    /// transaction.
     pub fn enqueue(&self, d: NewDispatch<'_>) -> Result<Enqueued, QueueError> {
-        let mut conn = lock(&self.accept);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
-        if let Some(key) = &d.head.idempotency_key {
-            let earlier: Option<(String, String, String, String)> = tx
-                .query_row(
-                    "SELECT id, touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = ?1",
-                    [key],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                )
-                .optional()
-                .map_err(|e| self.err(e))?;
-            if let Some((dispatch_id, touchpoint, campaign, receipt)) = earlier {
-                if touchpoint != d.head.touchpoint || campaign != d.head.campaign {
-                    return Err(QueueError::IdempotencyConflict {
-                        key: key.clone(),
-                        touchpoint,
-                        campaign,
-                        dispatch_id,
-                    });
-                }
-                let receipt = serde_json::from_str(&receipt).map_err(|e| {
-                    self.err(rusqlite::Error::FromSqlConversionFailure(
-                        0,
-                        rusqlite::types::Type::Text,
-                        Box::new(e),
-                    ))
-                })?;
-                return Ok(Enqueued::Repeat(receipt));
-            }
-        }
-        let dispatch_id = new_id("dsp");
+        // The batch texts are built here, on the caller's thread; the writer only writes.
         let size = d.batch_size.max(1);
-        let chunks: Vec<&[User]> = d.users.chunks(size).collect();
-        let receipt = Receipt {
-            dispatch_id: dispatch_id.clone(),
+        let job = Job {
+            head: d.head.clone(),
+            generation: d.generation,
+            batches: d
+                .users
+                .chunks(size)
+                .map(|c| (c.len(), super::user::store(c.iter().copied())))
+                .collect(),
             accepted: d.users.len(),
             rejected: d.rejected,
-            batches: chunks.len(),
         };
-        let now = now_ms();
-        let receipt_json = serde_json::to_string(&receipt).unwrap_or_default();
-        let params_json = serde_json::to_string(&d.head.template_params).unwrap_or_default();
-        tx.execute(
-            "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![
-                dispatch_id,
-                d.head.touchpoint,
-                d.head.campaign,
-                d.head.idempotency_key,
-                params_json,
-                d.generation as i64,
-                receipt_json,
-                now
-            ],
-        )
-        .map_err(|e| self.err(e))?;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, users, size, remaining, state, next_at, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, 'pending', ?8, ?8, ?8)",
-                )
-                .map_err(|e| self.err(e))?;
-            for (i, chunk) in chunks.iter().enumerate() {
-                let users = serde_json::to_string(chunk).unwrap_or_default();
-                insert
-                    .execute(params![
-                        format!("{dispatch_id}_{i}"),
-                        dispatch_id,
-                        i as i64,
-                        chunks.len() as i64,
-                        d.head.touchpoint,
-                        users,
-                        chunk.len() as i64,
-                        now
-                    ])
-                    .map_err(|e| self.err(e))?;
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        self.pending
-            .fetch_add(receipt.accepted as i64, Ordering::Relaxed);
-        Ok(Enqueued::New(receipt))
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let gone = || QueueError::Write("the queue's writer thread stopped".into());
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send((job, reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
     }
 
     /// Releases every lease (at start: batches in flight when the last daemon stopped are due
@@ -559,8 +670,8 @@ impl Queue {
             .collect::<Vec<_>>()
             .join(",");
         let sql = format!(
-            "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.users, b.remaining, b.attempts, d.campaign, d.template_params \
-             FROM batches b JOIN dispatches d ON d.id = b.dispatch_id \
+            "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
+             FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
              WHERE b.state = 'pending' AND b.leased = 0 AND b.held IS NULL AND b.next_at <= ?1{} \
              ORDER BY b.next_at LIMIT ?2",
             if skip.is_empty() {
@@ -648,10 +759,16 @@ impl Queue {
             let mut update = tx
                 .prepare_cached(
                     "UPDATE batches SET attempts = ?2, leased = 0, delivered = delivered + ?3, failed = failed + ?4, \
-                     users = coalesce(?5, users), remaining = coalesce(?6, remaining - ?3 - ?4), \
-                     state = ?7, next_at = coalesce(?8, next_at), last_error = ?9, updated_at = ?10 \
+                     remaining = coalesce(?5, remaining - ?3 - ?4), \
+                     state = ?6, next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
                      WHERE id = ?1",
                 )
+                .map_err(|e| self.err(e))?;
+            let mut rewrite = tx
+                .prepare_cached("UPDATE payloads SET users = ?2 WHERE batch_id = ?1")
+                .map_err(|e| self.err(e))?;
+            let mut drop_payload = tx
+                .prepare_cached("DELETE FROM payloads WHERE batch_id = ?1")
                 .map_err(|e| self.err(e))?;
             let now = now_ms();
             for c in done {
@@ -691,7 +808,6 @@ impl Queue {
                         c.attempt,
                         c.delivered,
                         c.failed.len() as i64,
-                        users,
                         remaining,
                         state,
                         next_at,
@@ -699,6 +815,16 @@ impl Queue {
                         now
                     ])
                     .map_err(|e| self.err(e))?;
+                if c.after == After::Done {
+                    // Delivered: the users are not needed any more; the log keeps the counts.
+                    drop_payload
+                        .execute([&c.batch_id])
+                        .map_err(|e| self.err(e))?;
+                } else if let Some(users) = users {
+                    rewrite
+                        .execute(params![c.batch_id, users])
+                        .map_err(|e| self.err(e))?;
+                }
                 settled += i64::from(c.delivered) + c.failed.len() as i64;
                 if c.after == After::Dead {
                     // The rest of a dead batch leaves the pending count until replayed.
@@ -1029,11 +1155,11 @@ mod tests {
         }
     }
 
-    fn users(n: usize) -> Vec<User> {
+    fn users(n: usize) -> Vec<&'static RawValue> {
         (0..n)
-            .map(|i| User {
-                user_id: format!("u{i}"),
-                attributes: Default::default(),
+            .map(|i| {
+                let raw = RawValue::from_string(format!("{{\"user_id\":\"u{i}\"}}")).unwrap();
+                &*Box::leak(raw)
             })
             .collect()
     }

@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::Rejected;
 use super::queue::{After, Claimed, Completion, Queue};
 use super::retry::{self, Next};
-use super::{Rejected, User};
+use super::user::{UserRef, parse_stored, store};
 use crate::channel::custom::{self, Envelope, Request, Response};
 use crate::model::{CustomSpec, Secret};
 use crate::store::now_ms;
@@ -376,8 +377,15 @@ impl Shared {
         let started_ms = now_ms();
         let started = Instant::now();
         let attempt = batch.attempts + 1;
-        let users: Vec<User> = serde_json::from_str(&batch.users).unwrap_or_default();
-        let response = match self.guard(&target.spec.url).await {
+        let parsed = parse_stored(&batch.users);
+        let users: &[UserRef<'_>] = parsed.as_deref().unwrap_or_default();
+        let guard = match &parsed {
+            Err(e) => Err(format!(
+                "the stored batch cannot be read ({e}); this is a touchctl bug, please report it"
+            )),
+            Ok(_) => self.guard(&target.spec.url).await,
+        };
+        let response = match guard {
             Err(error) => Response::Final {
                 status: None,
                 error,
@@ -391,7 +399,7 @@ impl Shared {
                     count: batch.count,
                     template: &batch.template_params,
                 };
-                let body = custom::body(&env, &users, &target.spec.dynamic_params);
+                let body = custom::body(&env, users, &target.spec.dynamic_params);
                 custom::send(
                     &self.client,
                     Request {
@@ -502,7 +510,7 @@ fn outcome(
     batch: &Claimed,
     target: &Target,
     attempt: u32,
-    users: Vec<User>,
+    users: &[UserRef<'_>],
     response: Response,
     started_ms: i64,
     latency: Duration,
@@ -534,12 +542,12 @@ fn outcome(
     match response {
         Response::Accepted { status, failed } => {
             c.status = Some(status);
-            let sent: HashMap<&str, &User> =
-                users.iter().map(|u| (u.user_id.as_str(), u)).collect();
+            let sent: std::collections::HashSet<&str> =
+                users.iter().map(|u| u.id.as_ref()).collect();
             let mut retry_ids = std::collections::HashSet::new();
             for f in &failed {
                 // Only recipients of this batch count; anything else the endpoint says is noise.
-                if !sent.contains_key(f.user_id.as_str()) {
+                if !sent.contains(f.user_id.as_str()) {
                     continue;
                 }
                 if f.retry {
@@ -557,11 +565,10 @@ fn outcome(
             }
             let failed_ids: std::collections::HashSet<&str> =
                 c.failed.iter().map(|r| r.user_id.as_str()).collect();
-            let retry_users: Vec<&User> = users
+            let retry_users: Vec<&UserRef<'_>> = users
                 .iter()
                 .filter(|u| {
-                    retry_ids.contains(u.user_id.as_str())
-                        && !failed_ids.contains(u.user_id.as_str())
+                    retry_ids.contains(u.id.as_ref()) && !failed_ids.contains(u.id.as_ref())
                 })
                 .collect();
             c.delivered = (users.len() - retry_users.len() - c.failed.len()) as u32;
@@ -573,7 +580,7 @@ fn outcome(
                     retry_users.len()
                 ));
                 c.remaining = Some((
-                    serde_json::to_string(&retry_users).unwrap_or_default(),
+                    store(retry_users.iter().map(|u| u.raw)),
                     retry_users.len() as u32,
                 ));
                 c.after = retry_at(None);

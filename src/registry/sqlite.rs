@@ -116,6 +116,14 @@ impl SqliteRegistry {
         })
     }
 
+    /// Reads through the page cache instead of a memory map: for a long-running process, whose
+    /// resident memory should not grow with the file.
+    pub fn without_mmap(&self) -> Result<(), RegistryError> {
+        self.conn()
+            .pragma_update(None, "mmap_size", 0)
+            .map_err(|e| self.err(e))
+    }
+
     /// Changes whenever another connection commits to the file: a cheap way to notice an apply
     /// made by another process.
     pub fn data_version(&self) -> Result<i64, RegistryError> {

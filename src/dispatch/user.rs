@@ -1,0 +1,375 @@
+//! Users on the hot path: read from a trigger's body, checked, stored and sent without being copied
+//! into owned maps. A [`UserRef`] borrows its id and attribute values as raw JSON from the bytes it
+//! was read from, so a batch's stored text is the users exactly as the platform sent them, and a
+//! recipient is written by copying the raw values its dynamic params pick.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::{MAX_USER_ID, Rejected, TriggerHead};
+use crate::model::DynamicParams;
+
+/// One user, borrowed from the JSON it was read from.
+#[derive(Debug)]
+pub struct UserRef<'a> {
+    /// The whole user object as received.
+    pub raw: &'a RawValue,
+    /// `user_id`, decoded.
+    pub id: Cow<'a, str>,
+    /// `user_id` as raw JSON (a string), for copying into bodies.
+    id_raw: &'a RawValue,
+    /// The attributes in the order given, values as raw JSON.
+    attributes: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+/// An attribute's value: raw JSON from the trigger, or (for a nested path) the part picked out.
+#[derive(Debug)]
+pub enum Attr<'a> {
+    /// Copied as it is.
+    Raw(&'a RawValue),
+    /// Picked out of an object attribute.
+    Owned(Value),
+}
+
+impl<'a> UserRef<'a> {
+    /// Reads one user object: `{"user_id": "...", "attributes": {...}}`.
+    pub fn parse(raw: &'a RawValue) -> Result<Self, String> {
+        let fields: Fields<'a> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
+        let id_raw = fields
+            .user_id
+            .ok_or_else(|| "missing field `user_id`".to_string())?;
+        let id: Cow<'a, str> = serde_json::from_str(id_raw.get())
+            .map_err(|_| "`user_id` must be a string".to_string())?;
+        Ok(Self {
+            raw,
+            id,
+            id_raw,
+            attributes: fields.attributes.map(|a| a.0).unwrap_or_default(),
+        })
+    }
+
+    /// The value of a `user.<attribute>[.<key>...]` source (`null` is absent).
+    pub fn lookup(&self, from: &str) -> Option<Attr<'a>> {
+        let mut parts = from.strip_prefix("user.")?.split('.');
+        let first = parts.next()?;
+        let raw = self
+            .attributes
+            .iter()
+            .find(|(k, _)| k == first)
+            .map(|(_, v)| *v)?;
+        let rest: Vec<&str> = parts.collect();
+        if rest.is_empty() {
+            return (raw.get() != "null").then_some(Attr::Raw(raw));
+        }
+        let mut value: Value = serde_json::from_str(raw.get()).ok()?;
+        for key in rest {
+            value = value.get_mut(key)?.take();
+        }
+        (!value.is_null()).then_some(Attr::Owned(value))
+    }
+
+    /// Why this user cannot be a recipient of a touchpoint with these dynamic params, if it cannot.
+    pub fn check(&self, params: &DynamicParams) -> Result<(), String> {
+        if self.id.is_empty() {
+            return Err("`user_id` is empty".into());
+        }
+        if self.id.chars().count() > MAX_USER_ID {
+            return Err(format!("`user_id` is longer than {MAX_USER_ID} characters"));
+        }
+        for (field, source) in params {
+            if !source.optional() && self.lookup(source.from()).is_none() {
+                return Err(format!(
+                    "missing attribute `{}` (dynamic param `{field}`)",
+                    source.from().trim_start_matches("user.")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the user as a recipient: `user_id`, then each dynamic param it has, in the order of
+    /// the touchpoint's declaration.
+    pub fn write_recipient(&self, out: &mut Vec<u8>, params: &DynamicParams) {
+        out.extend_from_slice(b"{\"user_id\":");
+        out.extend_from_slice(self.id_raw.get().as_bytes());
+        for (field, source) in params {
+            let Some(v) = self.lookup(source.from()) else {
+                continue;
+            };
+            out.push(b',');
+            // Writing to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, field);
+            out.push(b':');
+            match v {
+                Attr::Raw(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                Attr::Owned(value) => {
+                    let _ = serde_json::to_writer(&mut *out, &value);
+                }
+            }
+        }
+        out.push(b'}');
+    }
+}
+
+/// The fields of a user object, borrowed.
+struct Fields<'a> {
+    user_id: Option<&'a RawValue>,
+    attributes: Option<Attributes<'a>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Fields<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a user object {\"user_id\", \"attributes\": {...}}")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'a>, M::Error> {
+                let mut out = Fields {
+                    user_id: None,
+                    attributes: None,
+                };
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "user_id" => out.user_id = Some(map.next_value()?),
+                        "attributes" => out.attributes = Some(map.next_value()?),
+                        other => {
+                            let _: IgnoredAny = map.next_value()?;
+                            return Err(de::Error::custom(format!(
+                                "unknown field `{other}`: a user has `user_id` and `attributes`"
+                            )));
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// Attribute names and raw values, in order.
+struct Attributes<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Attributes<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of attributes")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Attributes<'a>, M::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some((k, v)) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                    out.push((k, v));
+                }
+                Ok(Attributes(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// A trigger read from a request body, its users still raw.
+pub struct RawTrigger<'a> {
+    /// Everything but the users.
+    pub head: TriggerHead,
+    /// Each user object as received.
+    pub users: Vec<&'a RawValue>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonTrigger<'a> {
+    touchpoint: String,
+    campaign: String,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    template_params: Map<String, Value>,
+    #[serde(default, borrow)]
+    users: Vec<&'a RawValue>,
+}
+
+impl<'a> RawTrigger<'a> {
+    /// Reads a JSON trigger (`users` inside).
+    pub fn from_json(body: &'a [u8]) -> Result<Self, String> {
+        let t: JsonTrigger<'a> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        Ok(Self {
+            head: TriggerHead {
+                touchpoint: t.touchpoint,
+                campaign: t.campaign,
+                idempotency_key: t.idempotency_key,
+                template_params: t.template_params,
+            },
+            users: t.users,
+        })
+    }
+
+    /// Reads an NDJSON trigger: the head on the first line, then one user per line (blank lines
+    /// are skipped). Errors name the line.
+    pub fn from_ndjson(body: &'a [u8]) -> Result<Self, String> {
+        let mut head = None;
+        let mut users = Vec::new();
+        for (i, line) in body.split(|&b| b == b'\n').enumerate() {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            if head.is_none() {
+                head = Some(serde_json::from_slice::<TriggerHead>(line).map_err(|e| {
+                    format!(
+                        "line {}: the first line must be the trigger head {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\"}}: {e}",
+                        i + 1
+                    )
+                })?);
+            } else {
+                let raw: &'a RawValue = serde_json::from_slice(line).map_err(|e| {
+                    format!(
+                        "line {}: not a user {{\"user_id\", \"attributes\": {{...}}}}: {e}",
+                        i + 1
+                    )
+                })?;
+                users.push(raw);
+            }
+        }
+        let head = head.ok_or_else(|| {
+            "the body is empty: send the trigger head on the first line, then one user per line"
+                .to_string()
+        })?;
+        Ok(Self { head, users })
+    }
+}
+
+/// Sorts a trigger's users into the ones to queue and the rejected ones (each with its reason).
+/// A user id seen twice is queued once. A user that is not even a user object is an error naming
+/// its position, since the whole trigger is then suspect.
+pub fn screen<'a>(
+    users: &[&'a RawValue],
+    params: &DynamicParams,
+) -> Result<(Vec<&'a RawValue>, Vec<Rejected>), String> {
+    let mut seen: HashSet<Cow<'a, str>> = HashSet::with_capacity(users.len());
+    let mut accepted = Vec::with_capacity(users.len());
+    let mut rejected = Vec::new();
+    for (i, raw) in users.iter().enumerate() {
+        let user = UserRef::parse(raw).map_err(|e| format!("user {}: {e}", i + 1))?;
+        let verdict = user.check(params).and_then(|()| {
+            if seen.contains(&user.id) {
+                Err("the same `user_id` appears earlier in this trigger".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        match verdict {
+            Ok(()) => {
+                seen.insert(user.id);
+                accepted.push(*raw);
+            }
+            Err(reason) => rejected.push(Rejected {
+                user_id: user.id.into_owned(),
+                reason,
+            }),
+        }
+    }
+    Ok((accepted, rejected))
+}
+
+/// Reads a stored batch: a JSON array of user objects.
+pub fn parse_stored(text: &str) -> Result<Vec<UserRef<'_>>, String> {
+    let raws: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    raws.into_iter().map(UserRef::parse).collect()
+}
+
+/// Writes users as a stored batch (a JSON array of the objects as received).
+pub fn store<'a>(users: impl IntoIterator<Item = &'a RawValue>) -> String {
+    let mut out = String::from("[");
+    for (i, u) in users.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(u.get());
+    }
+    out.push(']');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ParamSource;
+
+    fn params() -> DynamicParams {
+        let mut p = DynamicParams::new();
+        p.insert("phone".into(), ParamSource::Attribute("user.phone".into()));
+        p.insert(
+            "city".into(),
+            ParamSource::Detailed {
+                from: "user.address.city".into(),
+                optional: true,
+            },
+        );
+        p
+    }
+
+    #[test]
+    fn users_map_to_recipients_in_declaration_order() {
+        let text = r#"[{"user_id":"u\u0031","attributes":{"phone":"138","address":{"city":"杭州"},"other":1}},{"user_id":"u2","attributes":{"phone":null}},{"attributes":{"phone":"1"},"user_id":"u1"}]"#;
+        let raws: Vec<&RawValue> = serde_json::from_str(text).unwrap();
+        let (ok, rejected) = screen(&raws, &params()).unwrap();
+        assert_eq!(ok.len(), 1);
+        assert_eq!(
+            rejected,
+            [
+                Rejected {
+                    user_id: "u2".into(),
+                    reason: "missing attribute `phone` (dynamic param `phone`)".into()
+                },
+                Rejected {
+                    user_id: "u1".into(),
+                    reason: "the same `user_id` appears earlier in this trigger".into()
+                }
+            ]
+        );
+        let stored = store(ok);
+        let users = parse_stored(&stored).unwrap();
+        let mut out = Vec::new();
+        users[0].write_recipient(&mut out, &params());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"user_id":"u\u0031","city":"杭州","phone":"138"}"#
+        );
+    }
+
+    #[test]
+    fn bad_users_and_triggers_say_where() {
+        let raws: Vec<&RawValue> =
+            serde_json::from_str(r#"[{"user_id":"a"},{"user_id":"b","extra":1}]"#).unwrap();
+        let err = screen(&raws, &DynamicParams::new()).unwrap_err();
+        assert!(err.starts_with("user 2: unknown field `extra`"), "{err}");
+        let raws: Vec<&RawValue> = serde_json::from_str(r#"[{"user_id":7}]"#).unwrap();
+        assert_eq!(
+            screen(&raws, &DynamicParams::new()).unwrap_err(),
+            "user 1: `user_id` must be a string"
+        );
+        let nd = b"{\"touchpoint\":\"t\",\"campaign\":\"c\"}\n\n{\"user_id\":\"a\"}\r\nnope\n";
+        assert!(
+            RawTrigger::from_ndjson(nd)
+                .err()
+                .unwrap()
+                .starts_with("line 4: not a user")
+        );
+        let t = RawTrigger::from_json(
+            br#"{"touchpoint":"t","campaign":"c","users":[{"user_id":"a"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((t.head.touchpoint.as_str(), t.users.len()), ("t", 1));
+        assert!(RawTrigger::from_json(br#"{"touchpoint":"t","campaign":"c","extra":1}"#).is_err());
+    }
+}
