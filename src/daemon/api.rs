@@ -282,7 +282,7 @@ fn process(app: &App, ndjson: bool, bytes: &[u8]) -> Result<Response, ApiError> 
         e.retry_after = Some(10);
         return Err(e);
     }
-    let (accepted, rejected) = screen(&trigger.users, &spec.dynamic_params).map_err(malformed)?;
+    let (accepted, rejected) = screen(&trigger.users, &spec.dynamic_params);
     let (n_accepted, n_rejected) = (accepted.len(), rejected.len());
     let enqueued = app
         .queue

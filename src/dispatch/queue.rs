@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use serde_json::value::RawValue;
-
+use super::user::UserRef;
 use super::{Rejected, TriggerHead};
 use crate::store::{self, Sync, now_ms};
 
@@ -161,8 +160,8 @@ pub struct NewDispatch<'a> {
     pub generation: u64,
     /// Users per batch.
     pub batch_size: usize,
-    /// The users to queue (already screened), as received.
-    pub users: Vec<&'a RawValue>,
+    /// The users to queue (already screened).
+    pub users: Vec<&'a UserRef<'a>>,
     /// The users refused, with reasons.
     pub rejected: Vec<Rejected>,
 }
@@ -1155,13 +1154,19 @@ mod tests {
         }
     }
 
-    fn users(n: usize) -> Vec<&'static RawValue> {
-        (0..n)
-            .map(|i| {
-                let raw = RawValue::from_string(format!("{{\"user_id\":\"u{i}\"}}")).unwrap();
-                &*Box::leak(raw)
-            })
-            .collect()
+    fn users(n: usize) -> Vec<&'static UserRef<'static>> {
+        let text: &'static str = Box::leak(
+            format!(
+                "[{}]",
+                (0..n)
+                    .map(|i| format!("{{\"user_id\":\"u{i}\"}}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+            .into_boxed_str(),
+        );
+        let parsed = crate::dispatch::user::parse_stored(text).unwrap();
+        Vec::leak(parsed).iter().collect()
     }
 
     fn open() -> (tempfile::TempDir, Queue) {

@@ -1,7 +1,7 @@
-//! Users on the hot path: read from a trigger's body, checked, stored and sent without being copied
-//! into owned maps. A [`UserRef`] borrows its id and attribute values as raw JSON from the bytes it
-//! was read from, so a batch's stored text is the users exactly as the platform sent them, and a
-//! recipient is written by copying the raw values its dynamic params pick.
+//! Users on the hot path: read from a trigger's body in one pass, checked, stored and sent without
+//! being copied into owned maps. A [`UserRef`] borrows its id and attribute values (as raw JSON)
+//! from the bytes it was read from; a stored batch is the users written back in the same form, and
+//! a recipient is written by copying the raw values its dynamic params pick.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -17,12 +17,8 @@ use crate::model::DynamicParams;
 /// One user, borrowed from the JSON it was read from.
 #[derive(Debug)]
 pub struct UserRef<'a> {
-    /// The whole user object as received.
-    pub raw: &'a RawValue,
-    /// `user_id`, decoded.
+    /// `user_id`.
     pub id: Cow<'a, str>,
-    /// `user_id` as raw JSON (a string), for copying into bodies.
-    id_raw: &'a RawValue,
     /// The attributes in the order given, values as raw JSON.
     attributes: Vec<(Cow<'a, str>, &'a RawValue)>,
 }
@@ -36,23 +32,12 @@ pub enum Attr<'a> {
     Owned(Value),
 }
 
-impl<'a> UserRef<'a> {
-    /// Reads one user object: `{"user_id": "...", "attributes": {...}}`.
-    pub fn parse(raw: &'a RawValue) -> Result<Self, String> {
-        let fields: Fields<'a> = serde_json::from_str(raw.get()).map_err(|e| e.to_string())?;
-        let id_raw = fields
-            .user_id
-            .ok_or_else(|| "missing field `user_id`".to_string())?;
-        let id: Cow<'a, str> = serde_json::from_str(id_raw.get())
-            .map_err(|_| "`user_id` must be a string".to_string())?;
-        Ok(Self {
-            raw,
-            id,
-            id_raw,
-            attributes: fields.attributes.map(|a| a.0).unwrap_or_default(),
-        })
-    }
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // Writing a string to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
 
+impl<'a> UserRef<'a> {
     /// The value of a `user.<attribute>[.<key>...]` source (`null` is absent).
     pub fn lookup(&self, from: &str) -> Option<Attr<'a>> {
         let mut parts = from.strip_prefix("user.")?.split('.');
@@ -96,14 +81,13 @@ impl<'a> UserRef<'a> {
     /// the touchpoint's declaration.
     pub fn write_recipient(&self, out: &mut Vec<u8>, params: &DynamicParams) {
         out.extend_from_slice(b"{\"user_id\":");
-        out.extend_from_slice(self.id_raw.get().as_bytes());
+        write_str(out, &self.id);
         for (field, source) in params {
             let Some(v) = self.lookup(source.from()) else {
                 continue;
             };
             out.push(b',');
-            // Writing to a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, field);
+            write_str(out, field);
             out.push(b':');
             match v {
                 Attr::Raw(raw) => out.extend_from_slice(raw.get().as_bytes()),
@@ -114,31 +98,46 @@ impl<'a> UserRef<'a> {
         }
         out.push(b'}');
     }
+
+    /// Writes the user as stored: `{"user_id": ..., "attributes": {...}}`, values as received.
+    pub fn write_stored(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"user_id\":");
+        write_str(out, &self.id);
+        if !self.attributes.is_empty() {
+            out.extend_from_slice(b",\"attributes\":{");
+            for (i, (k, v)) in self.attributes.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, k);
+                out.push(b':');
+                out.extend_from_slice(v.get().as_bytes());
+            }
+            out.push(b'}');
+        }
+        out.push(b'}');
+    }
 }
 
-/// The fields of a user object, borrowed.
-struct Fields<'a> {
-    user_id: Option<&'a RawValue>,
-    attributes: Option<Attributes<'a>>,
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Fields<'a>;
+            type Value = UserRef<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a user object {\"user_id\", \"attributes\": {...}}")
             }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Fields<'a>, M::Error> {
-                let mut out = Fields {
-                    user_id: None,
-                    attributes: None,
-                };
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<UserRef<'a>, M::Error> {
+                let mut id: Option<Cow<'a, str>> = None;
+                let mut attributes = None;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match key.as_ref() {
-                        "user_id" => out.user_id = Some(map.next_value()?),
-                        "attributes" => out.attributes = Some(map.next_value()?),
+                        "user_id" => {
+                            id = Some(map.next_value::<Cow<'de, str>>().map_err(|_| {
+                                de::Error::custom("`user_id` must be a string")
+                            })?);
+                        }
+                        "attributes" => attributes = Some(map.next_value::<Attributes<'a>>()?.0),
                         other => {
                             let _: IgnoredAny = map.next_value()?;
                             return Err(de::Error::custom(format!(
@@ -147,7 +146,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         }
                     }
                 }
-                Ok(out)
+                Ok(UserRef {
+                    id: id.ok_or_else(|| de::Error::missing_field("user_id"))?,
+                    attributes: attributes.unwrap_or_default(),
+                })
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
@@ -177,12 +179,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     }
 }
 
-/// A trigger read from a request body, its users still raw.
+/// A trigger read from a request body, its users borrowed from it.
 pub struct RawTrigger<'a> {
     /// Everything but the users.
     pub head: TriggerHead,
-    /// Each user object as received.
-    pub users: Vec<&'a RawValue>,
+    /// The users as received.
+    pub users: Vec<UserRef<'a>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -195,7 +197,7 @@ struct JsonTrigger<'a> {
     #[serde(default)]
     template_params: Map<String, Value>,
     #[serde(default, borrow)]
-    users: Vec<&'a RawValue>,
+    users: Vec<UserRef<'a>>,
 }
 
 impl<'a> RawTrigger<'a> {
@@ -231,13 +233,12 @@ impl<'a> RawTrigger<'a> {
                     )
                 })?);
             } else {
-                let raw: &'a RawValue = serde_json::from_slice(line).map_err(|e| {
+                users.push(serde_json::from_slice(line).map_err(|e| {
                     format!(
                         "line {}: not a user {{\"user_id\", \"attributes\": {{...}}}}: {e}",
                         i + 1
                     )
-                })?;
-                users.push(raw);
+                })?);
             }
         }
         let head = head.ok_or_else(|| {
@@ -249,55 +250,51 @@ impl<'a> RawTrigger<'a> {
 }
 
 /// Sorts a trigger's users into the ones to queue and the rejected ones (each with its reason).
-/// A user id seen twice is queued once. A user that is not even a user object is an error naming
-/// its position, since the whole trigger is then suspect.
-pub fn screen<'a>(
-    users: &[&'a RawValue],
+/// A user id seen twice is queued once.
+pub fn screen<'a, 'b>(
+    users: &'b [UserRef<'a>],
     params: &DynamicParams,
-) -> Result<(Vec<&'a RawValue>, Vec<Rejected>), String> {
-    let mut seen: HashSet<Cow<'a, str>> = HashSet::with_capacity(users.len());
+) -> (Vec<&'b UserRef<'a>>, Vec<Rejected>) {
+    let mut seen: HashSet<&str> = HashSet::with_capacity(users.len());
     let mut accepted = Vec::with_capacity(users.len());
     let mut rejected = Vec::new();
-    for (i, raw) in users.iter().enumerate() {
-        let user = UserRef::parse(raw).map_err(|e| format!("user {}: {e}", i + 1))?;
+    for user in users {
         let verdict = user.check(params).and_then(|()| {
-            if seen.contains(&user.id) {
-                Err("the same `user_id` appears earlier in this trigger".to_string())
-            } else {
+            if seen.insert(user.id.as_ref()) {
                 Ok(())
+            } else {
+                Err("the same `user_id` appears earlier in this trigger".to_string())
             }
         });
         match verdict {
-            Ok(()) => {
-                seen.insert(user.id);
-                accepted.push(*raw);
-            }
+            Ok(()) => accepted.push(user),
             Err(reason) => rejected.push(Rejected {
-                user_id: user.id.into_owned(),
+                user_id: user.id.to_string(),
                 reason,
             }),
         }
     }
-    Ok((accepted, rejected))
+    (accepted, rejected)
 }
 
 /// Reads a stored batch: a JSON array of user objects.
 pub fn parse_stored(text: &str) -> Result<Vec<UserRef<'_>>, String> {
-    let raws: Vec<&RawValue> = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    raws.into_iter().map(UserRef::parse).collect()
+    serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
-/// Writes users as a stored batch (a JSON array of the objects as received).
-pub fn store<'a>(users: impl IntoIterator<Item = &'a RawValue>) -> String {
-    let mut out = String::from("[");
+/// Writes users as a stored batch (a JSON array of user objects).
+pub fn store<'a, 'b: 'a>(users: impl IntoIterator<Item = &'a UserRef<'b>>) -> String {
+    let mut out = Vec::with_capacity(4096);
+    out.push(b'[');
     for (i, u) in users.into_iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(u.get());
+        u.write_stored(&mut out);
     }
-    out.push(']');
-    out
+    out.push(b']');
+    // Only valid UTF-8 was written: strings through serde_json, raw values from UTF-8 input.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -321,8 +318,8 @@ mod tests {
     #[test]
     fn users_map_to_recipients_in_declaration_order() {
         let text = r#"[{"user_id":"u\u0031","attributes":{"phone":"138","address":{"city":"杭州"},"other":1}},{"user_id":"u2","attributes":{"phone":null}},{"attributes":{"phone":"1"},"user_id":"u1"}]"#;
-        let raws: Vec<&RawValue> = serde_json::from_str(text).unwrap();
-        let (ok, rejected) = screen(&raws, &params()).unwrap();
+        let users = parse_stored(text).unwrap();
+        let (ok, rejected) = screen(&users, &params());
         assert_eq!(ok.len(), 1);
         assert_eq!(
             rejected,
@@ -338,26 +335,31 @@ mod tests {
             ]
         );
         let stored = store(ok);
+        assert_eq!(
+            stored,
+            r#"[{"user_id":"u1","attributes":{"phone":"138","address":{"city":"杭州"},"other":1}}]"#
+        );
         let users = parse_stored(&stored).unwrap();
         let mut out = Vec::new();
         users[0].write_recipient(&mut out, &params());
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            r#"{"user_id":"u\u0031","city":"杭州","phone":"138"}"#
+            r#"{"user_id":"u1","city":"杭州","phone":"138"}"#
         );
     }
 
     #[test]
     fn bad_users_and_triggers_say_where() {
-        let raws: Vec<&RawValue> =
-            serde_json::from_str(r#"[{"user_id":"a"},{"user_id":"b","extra":1}]"#).unwrap();
-        let err = screen(&raws, &DynamicParams::new()).unwrap_err();
-        assert!(err.starts_with("user 2: unknown field `extra`"), "{err}");
-        let raws: Vec<&RawValue> = serde_json::from_str(r#"[{"user_id":7}]"#).unwrap();
-        assert_eq!(
-            screen(&raws, &DynamicParams::new()).unwrap_err(),
-            "user 1: `user_id` must be a string"
-        );
+        let err = RawTrigger::from_json(
+            br#"{"touchpoint":"t","campaign":"c","users":[{"user_id":"a"},{"user_id":"b","extra":1}]}"#,
+        )
+        .err()
+        .unwrap();
+        assert!(err.starts_with("unknown field `extra`"), "{err}");
+        let err = RawTrigger::from_json(br#"{"touchpoint":"t","campaign":"c","users":[{"user_id":7}]}"#)
+            .err()
+            .unwrap();
+        assert!(err.starts_with("`user_id` must be a string"), "{err}");
         let nd = b"{\"touchpoint\":\"t\",\"campaign\":\"c\"}\n\n{\"user_id\":\"a\"}\r\nnope\n";
         assert!(
             RawTrigger::from_ndjson(nd)

@@ -580,7 +580,7 @@ fn outcome(
                     retry_users.len()
                 ));
                 c.remaining = Some((
-                    store(retry_users.iter().map(|u| u.raw)),
+                    store(retry_users.iter().copied()),
                     retry_users.len() as u32,
                 ));
                 c.after = retry_at(None);
