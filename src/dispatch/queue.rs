@@ -7,8 +7,13 @@
 //! attempt) goes through one that survives the process being killed but skips the fsync. Losing
 //! such a record to a power cut only means a batch is sent again, with the same `webhook-id`.
 //!
-//! A batch is `pending` (due at `next_at`, or `leased` to a sender, or `held` because its
-//! touchpoint is paused or gone), `delivered`, or `dead` (dead-lettered; replayable). Its users
+//! A batch is `pending` (due at `next_at`, or `held` because its touchpoint is paused or gone),
+//! `delivered`, or `dead` (dead-lettered; replayable). Which pending batches are being sent is
+//! kept in the sender's memory only: after a crash every pending batch is simply due again.
+//!
+//! Every write goes through one writer thread, so writers never wait on each other's locks:
+//! triggers arriving together share one commit and one fsync, and attempt records share commits
+//! without an fsync of their own. Its users
 //! (the objects exactly as the trigger sent them) live in a table of their own, so that leasing and
 //! recording a batch rewrite a small row, and are dropped once it is delivered.
 
@@ -48,7 +53,6 @@ CREATE TABLE IF NOT EXISTS batches (
     state       TEXT NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     next_at     INTEGER NOT NULL,
-    leased      INTEGER NOT NULL DEFAULT 0,
     held        TEXT,
     last_error  TEXT,
     created_at  INTEGER NOT NULL,
@@ -59,7 +63,7 @@ CREATE TABLE IF NOT EXISTS payloads (
     users    TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_due ON batches(next_at)
-    WHERE state = 'pending' AND leased = 0 AND held IS NULL;
+    WHERE state = 'pending' AND held IS NULL;
 CREATE INDEX IF NOT EXISTS batches_dispatch ON batches(dispatch_id, idx);
 CREATE INDEX IF NOT EXISTS batches_touchpoint ON batches(touchpoint, state);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -175,7 +179,7 @@ pub enum Enqueued {
     Repeat(Receipt),
 }
 
-/// A batch leased to a sender.
+/// A batch claimed by the sender.
 #[derive(Clone, Debug)]
 pub struct Claimed {
     /// The batch id: the `webhook-id`, the same on every attempt.
@@ -375,7 +379,7 @@ pub struct Queue {
     /// Recipients pending, kept in memory for the queue-full check.
     pending: Arc<AtomicI64>,
     /// Hands triggers to the writer thread (which owns the fsync'ing connection).
-    writer: Mutex<std::sync::mpsc::Sender<(Job, Reply)>>,
+    writer: Mutex<std::sync::mpsc::Sender<Work>>,
 }
 
 /// A trigger on its way to the writer thread.
@@ -390,13 +394,26 @@ struct Job {
 
 type Reply = std::sync::mpsc::SyncSender<Result<Enqueued, QueueError>>;
 
-/// Writes triggers in groups: everything waiting goes into one transaction, one fsync.
+/// What the writer thread writes.
+enum Work {
+    /// A trigger; its commit must be fsync'd before the reply.
+    Enqueue(Job, Reply),
+    /// Attempt outcomes; a killed process must not lose them, a power cut may.
+    Record(
+        Vec<Completion>,
+        std::sync::mpsc::SyncSender<Result<(), QueueError>>,
+    ),
+}
+
+/// Writes in groups: everything waiting goes into one transaction. The commit is fsync'd when
+/// the group holds a trigger, and not otherwise.
 fn writer(
     mut conn: Connection,
-    jobs: std::sync::mpsc::Receiver<(Job, Reply)>,
+    jobs: std::sync::mpsc::Receiver<Work>,
     pending: Arc<AtomicI64>,
     path: String,
 ) {
+    let mut synchronous = "FULL";
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < 256 {
@@ -405,37 +422,67 @@ fn writer(
                 Err(_) => break,
             }
         }
+        let wanted = if group.iter().any(|w| matches!(w, Work::Enqueue(..))) {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        if wanted != synchronous && conn.pragma_update(None, "synchronous", wanted).is_ok() {
+            synchronous = wanted;
+        }
         let sql = |source| QueueError::Sqlite {
             path: path.clone(),
             source,
         };
-        let written = (|| -> Result<Vec<Result<Enqueued, QueueError>>, rusqlite::Error> {
+        let mut settled = 0i64;
+        let written = (|| -> Result<Vec<Result<Option<Enqueued>, QueueError>>, rusqlite::Error> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let results = group
-                .iter()
-                .map(|(job, _)| {
-                    write_job(&tx, job).map_err(|e| match e {
+            let mut results = Vec::with_capacity(group.len());
+            for work in &group {
+                results.push(match work {
+                    Work::Enqueue(job, _) => write_job(&tx, job).map(Some).map_err(|e| match e {
                         JobError::Sql(e) => sql(e),
                         JobError::Queue(q) => q,
-                    })
-                })
-                .collect();
+                    }),
+                    Work::Record(done, _) => {
+                        settled += write_record(&tx, done)?;
+                        Ok(None)
+                    }
+                });
+            }
             tx.commit()?;
             Ok(results)
         })();
         match written {
             Ok(results) => {
-                for ((_, reply), result) in group.into_iter().zip(results) {
-                    if let Ok(Enqueued::New(r)) = &result {
-                        pending.fetch_add(r.accepted as i64, Ordering::Relaxed);
+                pending.fetch_sub(settled, Ordering::Relaxed);
+                for (work, result) in group.into_iter().zip(results) {
+                    match work {
+                        Work::Enqueue(_, reply) => {
+                            if let Ok(Some(Enqueued::New(r))) = &result {
+                                pending.fetch_add(r.accepted as i64, Ordering::Relaxed);
+                            }
+                            let _ = reply.send(result.and_then(|r| {
+                                r.ok_or_else(|| QueueError::Write("nothing was written".into()))
+                            }));
+                        }
+                        Work::Record(_, reply) => {
+                            let _ = reply.send(result.map(|_| ()));
+                        }
                     }
-                    let _ = reply.send(result);
                 }
             }
             Err(e) => {
                 let message = format!("queue {path}: {e}");
-                for (_, reply) in group {
-                    let _ = reply.send(Err(QueueError::Write(message.clone())));
+                for work in group {
+                    match work {
+                        Work::Enqueue(_, reply) => {
+                            let _ = reply.send(Err(QueueError::Write(message.clone())));
+                        }
+                        Work::Record(_, reply) => {
+                            let _ = reply.send(Err(QueueError::Write(message.clone())));
+                        }
+                    }
                 }
             }
         }
@@ -524,6 +571,112 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
         payload.execute(params![batch_id, users])?;
     }
     Ok(Enqueued::New(receipt))
+}
+
+/// Writes attempt outcomes inside the group's transaction; returns how many recipients left the
+/// pending count.
+fn write_record(
+    tx: &rusqlite::Transaction<'_>,
+    done: &[Completion],
+) -> Result<i64, rusqlite::Error> {
+    let mut settled = 0i64;
+    {
+        let mut attempt = tx
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                ?;
+        let mut failure = tx.prepare_cached(
+            "INSERT INTO failures (batch_id, user_id, reason, attempt) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut update = tx.prepare_cached(
+            "UPDATE batches SET attempts = ?2, delivered = delivered + ?3, failed = failed + ?4, \
+                     remaining = coalesce(?5, remaining - ?3 - ?4), \
+                     state = ?6, next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
+                     WHERE id = ?1",
+        )?;
+        let mut rewrite =
+            tx.prepare_cached("UPDATE payloads SET users = ?2 WHERE batch_id = ?1")?;
+        let mut drop_payload = tx.prepare_cached("DELETE FROM payloads WHERE batch_id = ?1")?;
+        let now = now_ms();
+        for c in done {
+            let partial = c.delivered > 0 || !c.failed.is_empty();
+            let (state, outcome, next_at) = match c.after {
+                After::Done => ("delivered", "delivered", None),
+                After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
+                After::RetryAt(at) => ("pending", "retry", Some(at)),
+                After::Dead => ("dead", "dead", None),
+            };
+            attempt.execute(params![
+                c.batch_id,
+                c.attempt,
+                c.generation as i64,
+                c.started_ms,
+                c.latency_ms,
+                c.status,
+                outcome,
+                c.recipients,
+                c.error
+            ])?;
+            for f in &c.failed {
+                failure.execute(params![c.batch_id, f.user_id, f.reason, c.attempt])?;
+            }
+            let (users, remaining) = match &c.remaining {
+                Some((json, n)) => (Some(json.as_str()), Some(i64::from(*n))),
+                None if c.after == After::Done => (None, Some(0)),
+                None => (None, None),
+            };
+            update.execute(params![
+                c.batch_id,
+                c.attempt,
+                c.delivered,
+                c.failed.len() as i64,
+                remaining,
+                state,
+                next_at,
+                c.error,
+                now
+            ])?;
+            if c.after == After::Done {
+                // Delivered: the users are not needed any more; the log keeps the counts.
+                drop_payload.execute([&c.batch_id])?;
+            } else if let Some(users) = users {
+                rewrite.execute(params![c.batch_id, users])?;
+            }
+            settled += i64::from(c.delivered) + c.failed.len() as i64;
+            if c.after == After::Dead {
+                // The rest of a dead batch leaves the pending count until replayed.
+                settled += match &c.remaining {
+                    Some((_, n)) => i64::from(*n),
+                    None => {
+                        i64::from(c.recipients) - i64::from(c.delivered) - c.failed.len() as i64
+                    }
+                };
+            }
+        }
+    }
+    Ok(settled)
+}
+
+/// Appends ` AND column NOT IN (?n, ...)` for `values` (nothing when there are none).
+fn not_in<'a>(
+    sql: &mut String,
+    column: &str,
+    values: &'a [&'a str],
+    args: &mut Vec<&'a dyn rusqlite::ToSql>,
+) {
+    if values.is_empty() {
+        return;
+    }
+    let first = args.len() + 1;
+    let marks: Vec<String> = (first..first + values.len())
+        .map(|i| format!("?{i}"))
+        .collect();
+    sql.push_str(&format!(" AND {column} NOT IN ({})", marks.join(",")));
+    for v in values {
+        args.push(v);
+    }
 }
 
 fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
@@ -643,202 +796,76 @@ impl Queue {
         self.writer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send((job, reply))
+            .send(Work::Enqueue(job, reply))
             .map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
 
-    /// Releases every lease (at start: batches in flight when the last daemon stopped are due
-    /// again).
-    pub fn release_leases(&self) -> Result<usize, QueueError> {
-        lock(&self.work)
-            .execute(
-                "UPDATE batches SET leased = 0 WHERE leased = 1 AND state = 'pending'",
-                [],
-            )
-            .map_err(|e| self.err(e))
-    }
-
-    /// Leases up to `limit` due batches, oldest due first, skipping `skip` touchpoints (at their
-    /// concurrency or rate limit).
-    pub fn claim(&self, now: i64, limit: usize, skip: &[&str]) -> Result<Vec<Claimed>, QueueError> {
-        let mut conn = lock(&self.work);
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let placeholders = (0..skip.len())
-            .map(|i| format!("?{}", i + 3))
-            .collect::<Vec<_>>()
-            .join(",");
-        let sql = format!(
+    /// Up to `limit` due batches, oldest due first, leaving out the batches in `busy` (being sent)
+    /// and the touchpoints in `skip` (at their concurrency or rate limit). Reads only.
+    pub fn claim(
+        &self,
+        now: i64,
+        limit: usize,
+        skip: &[&str],
+        busy: &[&str],
+    ) -> Result<Vec<Claimed>, QueueError> {
+        let conn = lock(&self.work);
+        let mut sql = String::from(
             "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
              FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
-             WHERE b.state = 'pending' AND b.leased = 0 AND b.held IS NULL AND b.next_at <= ?1{} \
-             ORDER BY b.next_at LIMIT ?2",
-            if skip.is_empty() {
-                String::new()
-            } else {
-                format!(" AND b.touchpoint NOT IN ({placeholders})")
-            }
+             WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1",
         );
-        let claimed: Vec<Claimed> = {
-            let mut stmt = tx.prepare_cached(&sql).map_err(|e| self.err(e))?;
-            let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now];
-            let limit = limit as i64;
-            args.push(&limit);
-            for s in skip {
-                args.push(s);
-            }
-            stmt.query_map(args.as_slice(), |r| {
-                Ok(Claimed {
-                    id: r.get(0)?,
-                    dispatch_id: r.get(1)?,
-                    index: r.get(2)?,
-                    count: r.get(3)?,
-                    touchpoint: r.get(4)?,
-                    users: r.get(5)?,
-                    remaining: r.get(6)?,
-                    attempts: r.get(7)?,
-                    campaign: r.get(8)?,
-                    template_params: r.get(9)?,
-                })
+        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now];
+        let limit = limit as i64;
+        args.push(&limit);
+        not_in(&mut sql, "b.touchpoint", skip, &mut args);
+        not_in(&mut sql, "b.id", busy, &mut args);
+        sql.push_str(" ORDER BY b.next_at LIMIT ?2");
+        let mut stmt = conn.prepare(&sql).map_err(|e| self.err(e))?;
+        stmt.query_map(args.as_slice(), |r| {
+            Ok(Claimed {
+                id: r.get(0)?,
+                dispatch_id: r.get(1)?,
+                index: r.get(2)?,
+                count: r.get(3)?,
+                touchpoint: r.get(4)?,
+                users: r.get(5)?,
+                remaining: r.get(6)?,
+                attempts: r.get(7)?,
+                campaign: r.get(8)?,
+                template_params: r.get(9)?,
             })
-            .and_then(|rows| rows.collect::<Result<_, _>>())
-            .map_err(|e| self.err(e))?
-        };
-        {
-            let mut lease = tx
-                .prepare_cached("UPDATE batches SET leased = 1 WHERE id = ?1")
-                .map_err(|e| self.err(e))?;
-            for c in &claimed {
-                lease.execute([&c.id]).map_err(|e| self.err(e))?;
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(claimed)
+        })
+        .and_then(|rows| rows.collect::<Result<_, _>>())
+        .map_err(|e| self.err(e))
     }
 
-    /// Gives a leased batch back untouched (e.g. its touchpoint was paused meanwhile).
-    pub fn unlease(&self, batch_id: &str) -> Result<(), QueueError> {
-        lock(&self.work)
-            .execute("UPDATE batches SET leased = 0 WHERE id = ?1", [batch_id])
-            .map(|_| ())
+    /// When the earliest pending, unheld batch not in `busy` is due.
+    pub fn next_due(&self, busy: &[&str]) -> Result<Option<i64>, QueueError> {
+        let conn = lock(&self.work);
+        let mut sql = String::from(
+            "SELECT min(next_at) FROM batches WHERE state = 'pending' AND held IS NULL",
+        );
+        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
+        not_in(&mut sql, "id", busy, &mut args);
+        conn.query_row(&sql, args.as_slice(), |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
-    /// When the earliest pending, unheld, unleased batch is due.
-    pub fn next_due(&self) -> Result<Option<i64>, QueueError> {
-        lock(&self.work)
-            .query_row(
-                "SELECT min(next_at) FROM batches WHERE state = 'pending' AND leased = 0 AND held IS NULL",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| self.err(e))
-    }
-
-    /// Records attempts, all in one transaction.
-    pub fn record(&self, done: &[Completion]) -> Result<(), QueueError> {
+    /// Records attempts. They share a commit with whatever else the writer has waiting.
+    pub fn record(&self, done: Vec<Completion>) -> Result<(), QueueError> {
         if done.is_empty() {
             return Ok(());
         }
-        let mut conn = lock(&self.work);
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
-        let mut settled = 0i64;
-        {
-            let mut attempt = tx
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )
-                .map_err(|e| self.err(e))?;
-            let mut failure = tx
-                .prepare_cached(
-                    "INSERT INTO failures (batch_id, user_id, reason, attempt) VALUES (?1, ?2, ?3, ?4)",
-                )
-                .map_err(|e| self.err(e))?;
-            let mut update = tx
-                .prepare_cached(
-                    "UPDATE batches SET attempts = ?2, leased = 0, delivered = delivered + ?3, failed = failed + ?4, \
-                     remaining = coalesce(?5, remaining - ?3 - ?4), \
-                     state = ?6, next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
-                     WHERE id = ?1",
-                )
-                .map_err(|e| self.err(e))?;
-            let mut rewrite = tx
-                .prepare_cached("UPDATE payloads SET users = ?2 WHERE batch_id = ?1")
-                .map_err(|e| self.err(e))?;
-            let mut drop_payload = tx
-                .prepare_cached("DELETE FROM payloads WHERE batch_id = ?1")
-                .map_err(|e| self.err(e))?;
-            let now = now_ms();
-            for c in done {
-                let partial = c.delivered > 0 || !c.failed.is_empty();
-                let (state, outcome, next_at) = match c.after {
-                    After::Done => ("delivered", "delivered", None),
-                    After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
-                    After::RetryAt(at) => ("pending", "retry", Some(at)),
-                    After::Dead => ("dead", "dead", None),
-                };
-                attempt
-                    .execute(params![
-                        c.batch_id,
-                        c.attempt,
-                        c.generation as i64,
-                        c.started_ms,
-                        c.latency_ms,
-                        c.status,
-                        outcome,
-                        c.recipients,
-                        c.error
-                    ])
-                    .map_err(|e| self.err(e))?;
-                for f in &c.failed {
-                    failure
-                        .execute(params![c.batch_id, f.user_id, f.reason, c.attempt])
-                        .map_err(|e| self.err(e))?;
-                }
-                let (users, remaining) = match &c.remaining {
-                    Some((json, n)) => (Some(json.as_str()), Some(i64::from(*n))),
-                    None if c.after == After::Done => (None, Some(0)),
-                    None => (None, None),
-                };
-                update
-                    .execute(params![
-                        c.batch_id,
-                        c.attempt,
-                        c.delivered,
-                        c.failed.len() as i64,
-                        remaining,
-                        state,
-                        next_at,
-                        c.error,
-                        now
-                    ])
-                    .map_err(|e| self.err(e))?;
-                if c.after == After::Done {
-                    // Delivered: the users are not needed any more; the log keeps the counts.
-                    drop_payload
-                        .execute([&c.batch_id])
-                        .map_err(|e| self.err(e))?;
-                } else if let Some(users) = users {
-                    rewrite
-                        .execute(params![c.batch_id, users])
-                        .map_err(|e| self.err(e))?;
-                }
-                settled += i64::from(c.delivered) + c.failed.len() as i64;
-                if c.after == After::Dead {
-                    // The rest of a dead batch leaves the pending count until replayed.
-                    settled += match &c.remaining {
-                        Some((_, n)) => i64::from(*n),
-                        None => {
-                            i64::from(c.recipients) - i64::from(c.delivered) - c.failed.len() as i64
-                        }
-                    };
-                }
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        self.pending.fetch_sub(settled, Ordering::Relaxed);
-        Ok(())
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let gone = || QueueError::Write("the queue's writer thread stopped".into());
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Work::Record(done, reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
     }
 
     /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
@@ -1056,7 +1083,7 @@ impl Queue {
         let now = now_ms();
         for (id, _) in &chosen {
             tx.execute(
-                "UPDATE batches SET state = 'pending', attempts = 0, leased = 0, next_at = ?2, updated_at = ?2 WHERE id = ?1",
+                "UPDATE batches SET state = 'pending', attempts = 0, next_at = ?2, updated_at = ?2 WHERE id = ?1",
                 params![id, now],
             )
             .map_err(|e| self.err(e))?;
@@ -1195,12 +1222,13 @@ mod tests {
         assert_eq!((r.accepted, r.batches), (10, 3));
         assert_eq!(q.pending_recipients(), 10);
         let now = now_ms();
-        let first = q.claim(now, 2, &[]).unwrap();
+        let first = q.claim(now, 2, &[], &[]).unwrap();
         assert_eq!(first.len(), 2);
-        let rest = q.claim(now, 10, &[]).unwrap();
-        assert_eq!(rest.len(), 1, "leased batches are not claimed again");
+        let busy = [first[0].id.as_str(), first[1].id.as_str()];
+        let rest = q.claim(now, 10, &[], &busy).unwrap();
+        assert_eq!(rest.len(), 1, "busy batches are not claimed again");
         assert_eq!(rest[0].remaining, 2);
-        assert!(q.claim(now, 10, &["sms"]).unwrap().is_empty());
+        assert!(q.claim(now, 10, &["sms"], &[]).unwrap().is_empty());
         let done = |c: &Claimed, after: After| Completion {
             batch_id: c.id.clone(),
             attempt: c.attempts + 1,
@@ -1215,7 +1243,7 @@ mod tests {
             after,
             error: None,
         };
-        q.record(&[
+        q.record(vec![
             done(&first[0], After::Done),
             done(&first[1], After::RetryAt(now + 60_000)),
             done(&rest[0], After::Dead),
@@ -1225,11 +1253,14 @@ mod tests {
         let s = q.dispatch(&r.dispatch_id).unwrap().unwrap();
         assert_eq!((s.delivered, s.pending, s.dead), (4, 4, 2));
         assert!(!s.finished);
-        assert!(q.claim(now, 10, &[]).unwrap().is_empty(), "not due yet");
-        assert_eq!(q.next_due().unwrap(), Some(now + 60_000));
+        assert!(
+            q.claim(now, 10, &[], &[]).unwrap().is_empty(),
+            "not due yet"
+        );
+        assert_eq!(q.next_due(&[]).unwrap(), Some(now + 60_000));
         assert_eq!(q.replay(&[], None).unwrap(), [rest[0].id.clone()]);
         assert_eq!(q.pending_recipients(), 6);
-        let again = q.claim(now_ms(), 10, &[]).unwrap();
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(
             again[0].attempts, 0,
@@ -1260,19 +1291,18 @@ mod tests {
     }
 
     #[test]
-    fn held_batches_wait_and_leases_are_released_on_restart() {
+    fn held_batches_wait_and_everything_pending_is_due_after_a_restart() {
         let (d, q) = open();
         let h = head(None);
         q.enqueue(new(&h, 8)).unwrap();
         assert_eq!(q.hold("sms", Some("paused")).unwrap(), 2);
-        assert!(q.claim(now_ms(), 10, &[]).unwrap().is_empty());
+        assert!(q.claim(now_ms(), 10, &[], &[]).unwrap().is_empty());
         assert_eq!(q.stats().unwrap().held_batches, 2);
         q.hold("sms", None).unwrap();
-        assert_eq!(q.claim(now_ms(), 1, &[]).unwrap().len(), 1);
+        assert_eq!(q.claim(now_ms(), 1, &[], &[]).unwrap().len(), 1);
         drop(q);
         let q = Queue::open(&d.path().join("q/queue.db")).unwrap();
         assert_eq!(q.pending_recipients(), 8);
-        assert_eq!(q.release_leases().unwrap(), 1);
-        assert_eq!(q.claim(now_ms(), 10, &[]).unwrap().len(), 2);
+        assert_eq!(q.claim(now_ms(), 10, &[], &[]).unwrap().len(), 2);
     }
 }

@@ -133,9 +133,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     match key.as_ref() {
                         "user_id" => {
-                            id = Some(map.next_value::<Cow<'de, str>>().map_err(|_| {
-                                de::Error::custom("`user_id` must be a string")
-                            })?);
+                            id =
+                                Some(map.next_value::<Cow<'de, str>>().map_err(|_| {
+                                    de::Error::custom("`user_id` must be a string")
+                                })?);
                         }
                         "attributes" => attributes = Some(map.next_value::<Attributes<'a>>()?.0),
                         other => {
@@ -356,9 +357,10 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.starts_with("unknown field `extra`"), "{err}");
-        let err = RawTrigger::from_json(br#"{"touchpoint":"t","campaign":"c","users":[{"user_id":7}]}"#)
-            .err()
-            .unwrap();
+        let err =
+            RawTrigger::from_json(br#"{"touchpoint":"t","campaign":"c","users":[{"user_id":7}]}"#)
+                .err()
+                .unwrap();
         assert!(err.starts_with("`user_id` must be a string"), "{err}");
         let nd = b"{\"touchpoint\":\"t\",\"campaign\":\"c\"}\n\n{\"user_id\":\"a\"}\r\nnope\n";
         assert!(

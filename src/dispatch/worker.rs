@@ -3,11 +3,11 @@
 //!
 //! Per touchpoint there is a lane: at most `concurrency` requests in flight and, with a
 //! `rate_limit`, no more requests than it allows. Batches claimed beyond what a lane may start wait
-//! in memory, still leased. Outcomes are recorded in groups by one recorder task, so a busy
+//! in memory. A claimed batch stays busy (never claimed again) until its outcome is recorded. Outcomes are recorded in groups by one recorder task, so a busy
 //! daemon writes one transaction per group, not one per batch. A batch whose touchpoint is paused,
 //! disabled or gone is held in the queue, never dropped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -139,15 +139,15 @@ pub async fn run(
 ) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let (record_tx, record_rx) = mpsc::unbounded_channel::<Completion>();
+    // The batches claimed and not yet recorded: never claimed twice.
+    let busy: Busy = Arc::new(std::sync::Mutex::new(HashSet::new()));
     let recorder = tokio::spawn(record(
         queue.clone(),
         record_rx,
         observer.clone(),
         wake.clone(),
+        busy.clone(),
     ));
-    if let Err(e) = run_blocking(&queue, |q| q.release_leases()).await {
-        observer.problem(&format!("cannot release the leases of the last run: {e}"));
-    }
     let mut lanes: HashMap<String, Lane> = HashMap::new();
     let mut in_flight = 0usize;
     let mut waiting = 0usize;
@@ -158,6 +158,7 @@ pub async fn run(
         allow_private: config.allow_private_network,
         record: record_tx,
         observer: observer.clone(),
+        busy: busy.clone(),
     });
     loop {
         if *stop.borrow() {
@@ -179,14 +180,20 @@ pub async fn run(
                 .map(|(k, _)| k.clone())
                 .collect();
             let limit = room.min(256);
+            let busy_now = busy_ids(&busy);
             let claimed = run_blocking(&queue, move |q| {
                 let skip: Vec<&str> = full.iter().map(String::as_str).collect();
-                q.claim(now_ms(), limit, &skip)
+                let busy: Vec<&str> = busy_now.iter().map(String::as_str).collect();
+                q.claim(now_ms(), limit, &skip, &busy)
             })
             .await;
             match claimed {
                 Ok(batches) => {
                     claimed_all = batches.len() < limit;
+                    {
+                        let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
+                        b.extend(batches.iter().map(|c| c.id.clone()));
+                    }
                     for b in batches {
                         waiting += 1;
                         lanes
@@ -248,17 +255,13 @@ pub async fn run(
             }
         }
         for (tp, reason, batches) in held {
-            let ids: Vec<String> = batches.into_iter().map(|b| b.id).collect();
-            let result = run_blocking(&queue, move |q| {
-                q.hold(&tp, Some(&reason))?;
-                for id in &ids {
-                    q.unlease(id)?;
-                }
-                Ok(())
-            })
-            .await;
+            let result = run_blocking(&queue, move |q| q.hold(&tp, Some(&reason))).await;
             if let Err(e) = result {
                 observer.problem(&format!("cannot hold batches: {e}"));
+            }
+            let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
+            for batch in batches {
+                b.remove(&batch.id);
             }
         }
         lanes.retain(|_, l| l.in_flight > 0 || !l.waiting.is_empty() || l.bucket.is_some());
@@ -269,7 +272,14 @@ pub async fn run(
         }
         if !claimed_all && room > 0 {
             until = Instant::now();
-        } else if let Ok(Some(due)) = run_blocking(&queue, |q| q.next_due()).await {
+        } else if let Ok(Some(due)) = {
+            let busy_now = busy_ids(&busy);
+            run_blocking(&queue, move |q| {
+                let busy: Vec<&str> = busy_now.iter().map(String::as_str).collect();
+                q.next_due(&busy)
+            })
+            .await
+        } {
             let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
             until = until.min(Instant::now() + wait);
         }
@@ -316,12 +326,25 @@ async fn run_blocking<T: Send + 'static>(
     }
 }
 
-/// Records completions in groups until every sender is gone.
+/// The ids of the batches being sent (claimed, not yet recorded).
+type Busy = Arc<std::sync::Mutex<HashSet<String>>>;
+
+fn busy_ids(busy: &Busy) -> Vec<String> {
+    busy.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .cloned()
+        .collect()
+}
+
+/// Records completions in groups until every sender is gone; a batch stays busy until its
+/// outcome is on record.
 async fn record(
     queue: Arc<Queue>,
     mut rx: mpsc::UnboundedReceiver<Completion>,
     observer: Arc<dyn Observer>,
     wake: Arc<Notify>,
+    busy: Busy,
 ) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
@@ -334,12 +357,18 @@ async fn record(
         // Never drop an outcome: a failing write is tried again.
         loop {
             let g = group.clone();
-            match run_blocking(&queue, move |q| q.record(&g)).await {
+            match run_blocking(&queue, move |q| q.record(g)).await {
                 Ok(()) => break,
                 Err(e) => {
                     observer.problem(&format!("cannot record deliveries (retrying): {e}"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+            }
+        }
+        {
+            let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
+            for c in &group {
+                b.remove(&c.batch_id);
             }
         }
         wake.notify_one();
@@ -354,6 +383,7 @@ struct Shared {
     allow_private: bool,
     record: mpsc::UnboundedSender<Completion>,
     observer: Arc<dyn Observer>,
+    busy: Busy,
 }
 
 impl Shared {
@@ -362,15 +392,15 @@ impl Shared {
         let target = match self.directory.lookup(&batch.touchpoint) {
             Lookup::Ready(t) => t,
             Lookup::Held(reason) => {
-                let (tp, id) = (batch.touchpoint.clone(), batch.id.clone());
-                let held = run_blocking(&self.queue, move |q| {
-                    q.hold(&tp, Some(&reason))?;
-                    q.unlease(&id)
-                })
-                .await;
+                let tp = batch.touchpoint.clone();
+                let held = run_blocking(&self.queue, move |q| q.hold(&tp, Some(&reason))).await;
                 if let Err(e) = held {
                     self.observer.problem(&format!("cannot hold a batch: {e}"));
                 }
+                self.busy
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&batch.id);
                 return;
             }
         };
@@ -579,10 +609,7 @@ fn outcome(
                     "{} recipient(s) to retry, as the endpoint asked",
                     retry_users.len()
                 ));
-                c.remaining = Some((
-                    store(retry_users.iter().copied()),
-                    retry_users.len() as u32,
-                ));
+                c.remaining = Some((store(retry_users.iter().copied()), retry_users.len() as u32));
                 c.after = retry_at(None);
             }
         }
