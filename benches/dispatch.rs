@@ -262,7 +262,7 @@ fn main() {
     let recipients = arg("--recipients", 200_000);
     let batch = 500;
     let per_trigger = 10_000;
-    let concurrency = 8;
+    let concurrency = arg("--concurrency", 8);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -224,7 +224,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         .map_err(|e| StartError::Client(e.to_string()))?;
 
     let registry = Arc::new(SqliteRegistry::open(&config.state)?);
-    registry.without_mmap()?;
+    registry.frugal()?;
     let queue = Arc::new(Queue::open(&config.queue)?);
     if let Some((pid, since)) = queue.take_daemon_slot()? {
         log(&format!(

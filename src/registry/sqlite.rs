@@ -51,6 +51,8 @@ pub struct SqliteRegistry {
     conn: Mutex<Connection>,
     registry_id: String,
     fingerprinter: Fingerprinter,
+    /// See [`SqliteRegistry::frugal`].
+    frugal: std::sync::atomic::AtomicBool,
 }
 
 impl SqliteRegistry {
@@ -113,14 +115,19 @@ impl SqliteRegistry {
             conn: Mutex::new(conn),
             registry_id,
             fingerprinter: Fingerprinter::new(key),
+            frugal: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    /// Reads through the page cache instead of a memory map: for a long-running process, whose
-    /// resident memory should not grow with the file.
-    pub fn without_mmap(&self) -> Result<(), RegistryError> {
-        self.conn()
-            .pragma_update(None, "mmap_size", 0)
+    /// Sets the registry up for a long-running process, whose resident memory should not grow
+    /// with the file: reads through a small page cache instead of a memory map, and decodes on the
+    /// calling thread (memory freed by idle worker threads is slow to go back to the system).
+    pub fn frugal(&self) -> Result<(), RegistryError> {
+        self.frugal
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let conn = self.conn();
+        conn.pragma_update(None, "mmap_size", 0)
+            .and_then(|()| conn.pragma_update(None, "cache_size", -512))
             .map_err(|e| self.err(e))
     }
 
@@ -261,11 +268,17 @@ impl Registry for SqliteRegistry {
                 .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| self.err(e))?
         };
-        // Parsing the stored JSON is the costly part; it runs outside the connection lock.
-        let mut live = rows
-            .into_par_iter()
-            .map(decode)
-            .collect::<Result<Vec<_>, _>>()?;
+        // Parsing the stored JSON is the costly part; it runs outside the connection lock, on all
+        // cores unless this registry serves a long-running process.
+        let mut live = if self.frugal.load(std::sync::atomic::Ordering::Relaxed) {
+            rows.into_iter()
+                .map(decode)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            rows.into_par_iter()
+                .map(decode)
+                .collect::<Result<Vec<_>, _>>()?
+        };
         live.par_sort_unstable_by(|a, b| a.id.cmp(&b.id));
         Ok(live)
     }
