@@ -823,3 +823,41 @@ fn the_dispatch_command_streams_a_users_file_and_waits() {
         .stderr_has("422")
         .stderr_has("template param `text` is required");
 }
+
+#[test]
+fn slow_clients_are_cut_off() {
+    use std::io::{Read, Write};
+    let sink = Sink::ok();
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &["--client-timeout", "1s"]);
+    let addr = d.url.trim_start_matches("http://").to_string();
+    // Headers that never finish: the connection is closed.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(b"POST /v1/dispatch HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "the connection stayed open {waited:?}"
+    );
+    // A body that never finishes: 408, with a JSON reason.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(
+        b"POST /v1/dispatch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"touchpoint\":",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 1s"), "{answer}");
+    // The daemon still serves others.
+    let (code, _) = d.call("GET", "/v1/status", None);
+    assert_eq!(code, 200);
+}
