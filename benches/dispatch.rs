@@ -65,13 +65,13 @@ async fn start_sink(seen: Arc<Seen>) -> String {
 }
 
 fn memchr_count(hay: &[u8], needle: &[u8]) -> usize {
-    hay.windows(needle.len()).filter(|w| *w == needle).count()
+    memchr::memmem::find_iter(hay, needle).count()
 }
 
 fn dispatch_id(bytes: &[u8]) -> Option<String> {
     let key = b"\"dispatch_id\":\"";
-    let start = bytes.windows(key.len()).position(|w| w == key)? + key.len();
-    let end = start + bytes[start..].iter().position(|&b| b == b'"')?;
+    let start = memchr::memmem::find(bytes, key)? + key.len();
+    let end = start + memchr::memchr(b'"', &bytes[start..])?;
     String::from_utf8(bytes[start..end].to_vec()).ok()
 }
 

@@ -386,8 +386,10 @@ fn a_broken_file_does_not_take_a_live_touchpoint_down() {
     );
     let deadline = Instant::now() + PATIENCE;
     loop {
+        // The generation is what lasts; a later reconcile with nothing to do may follow at once.
         let (_, s) = d.call("GET", "/v1/status", None);
-        if s["reconcile"]["ok"] == true && s["reconcile"]["updated"] == 1 {
+        let (_, tps) = d.call("GET", "/v1/touchpoints", None);
+        if s["reconcile"]["ok"] == true && tps["touchpoints"][0]["generation"] == 2 {
             break;
         }
         assert!(Instant::now() < deadline, "the fix was never applied: {s}");
@@ -860,4 +862,60 @@ fn slow_clients_are_cut_off() {
     // The daemon still serves others.
     let (code, _) = d.call("GET", "/v1/status", None);
     assert_eq!(code, 200);
+}
+
+/// The README's local run: `examples/local/sink.py` receives and verifies what the daemon sends.
+#[test]
+fn the_example_sink_verifies_the_daemons_signatures() {
+    let p = Project::with_samples();
+    let mut sink = ChildGuard(
+        std::process::Command::new("python3")
+            .arg(repo_root().join("examples/local/sink.py"))
+            .args([
+                "--port",
+                "0",
+                "--secret-file",
+                "secrets/sandbox/sms_signing_secret",
+            ])
+            .current_dir(p.path())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3"),
+    );
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(sink.0.stdout.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let url = first
+        .strip_prefix("sink listening on ")
+        .expect("the sink's address")
+        .to_string();
+    let sms = p.read("touchpoints/custom/sms.toml").replace(
+        "http://127.0.0.1:8641/_sandbox/webhooks/sms",
+        &format!("{url}/_sandbox/webhooks/sms"),
+    );
+    p.write("touchpoints/custom/sms.toml", &sms);
+    p.run(&["apply", "--auto-approve"]).code(0);
+    let d = open_daemon(&p, &[]);
+    let users = std::fs::read_to_string(repo_root().join("examples/local/users.ndjson")).unwrap();
+    p.write("users.ndjson", &users);
+    p.run(&[
+        "dispatch",
+        "--url",
+        &d.url,
+        "--touchpoint",
+        "sms",
+        "--campaign",
+        "member-day",
+        "--users",
+        "users.ndjson",
+        "--param",
+        "text=【品牌】会员日满100减20",
+        "--wait",
+    ])
+    .code(0)
+    .stdout_has("\"accepted\": 4");
+    let line = lines.next().unwrap().unwrap();
+    assert!(
+        line.ends_with("sms batch 1/1: 4 recipient(s), signature verified"),
+        "{line}"
+    );
 }
