@@ -110,16 +110,21 @@ fn report_invalid(diagnostics: &[Diagnostic]) {
     );
 }
 
+/// Warns that a tree has no touchpoint files (a mistyped --dir, most likely).
+fn warn_if_empty(g: &Global, desired: &load::Desired) {
+    if desired.touchpoints.is_empty() && !g.quiet {
+        eprintln!(
+            "warning: no touchpoint files (*.toml) under {}",
+            g.dir.display()
+        );
+    }
+}
+
 /// Loads the tree and plans it; on invalid files prints every diagnostic and returns `None`.
 fn plan_tree(g: &Global, registry: &dyn Registry) -> Result<Option<Plan>> {
     match plan_dir(&g.dir, registry) {
         Ok((desired, plan)) => {
-            if desired.touchpoints.is_empty() && !g.quiet {
-                eprintln!(
-                    "warning: no touchpoint files (*.toml) under {}",
-                    g.dir.display()
-                );
-            }
+            warn_if_empty(g, &desired);
             Ok(Some(plan))
         }
         Err(TreeError::Load(LoadError::Invalid(diagnostics))) => {
@@ -204,12 +209,7 @@ fn schema_cmd(check: bool, out: &Path) -> Result<u8> {
 fn plan_against_base(g: &Global, rev: &str) -> Result<Option<Plan>> {
     match plan_base(&g.dir, rev) {
         Ok((desired, plan)) => {
-            if desired.touchpoints.is_empty() && !g.quiet {
-                eprintln!(
-                    "warning: no touchpoint files (*.toml) under {}",
-                    g.dir.display()
-                );
-            }
+            warn_if_empty(g, &desired);
             Ok(Some(plan))
         }
         Err(BaseError::Head(LoadError::Invalid(diagnostics))) => {

@@ -914,16 +914,7 @@ impl Queue {
             rejected: Vec::new(),
             batches: 0,
         });
-        let (delivered, failed, pending, dead, b_pending, b_held, b_delivered, b_dead): (
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-        ) = conn
+        let status = conn
             .query_row(
                 "SELECT coalesce(sum(delivered), 0), coalesce(sum(failed), 0), \
                  coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0), \
@@ -933,38 +924,30 @@ impl Queue {
                  FROM batches WHERE dispatch_id = ?1",
                 [id],
                 |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                    ))
+                    let n = |i| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+                    let batches = BatchCounts {
+                        pending: n(4)?,
+                        held: n(5)?,
+                        delivered: n(6)?,
+                        dead: n(7)?,
+                    };
+                    Ok(DispatchStatus {
+                        dispatch_id: id.to_string(),
+                        touchpoint,
+                        campaign,
+                        created_at,
+                        receipt,
+                        delivered: n(0)?,
+                        failed: n(1)?,
+                        pending: n(2)?,
+                        dead: n(3)?,
+                        finished: batches.pending == 0,
+                        batches,
+                    })
                 },
             )
             .map_err(|e| self.err(e))?;
-        let n = |v: i64| v.max(0) as u64;
-        Ok(Some(DispatchStatus {
-            dispatch_id: id.to_string(),
-            touchpoint,
-            campaign,
-            created_at,
-            receipt,
-            delivered: n(delivered),
-            failed: n(failed),
-            pending: n(pending),
-            dead: n(dead),
-            finished: b_pending == 0,
-            batches: BatchCounts {
-                pending: n(b_pending),
-                held: n(b_held),
-                delivered: n(b_delivered),
-                dead: n(b_dead),
-            },
-        }))
+        Ok(Some(status))
     }
 
     /// Batches matching `filter`, newest first.
