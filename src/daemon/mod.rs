@@ -216,10 +216,14 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     }
     // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
-        .pool_max_idle_per_host(config.concurrency.max(8))
+        .pool_max_idle_per_host(config.concurrency.max(8));
+    if !config.allow_private_network {
+        client = client.dns_resolver(worker::PublicOnly);
+    }
+    let client = client
         .build()
         .map_err(|e| StartError::Client(e.to_string()))?;
 

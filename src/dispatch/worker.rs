@@ -499,6 +499,31 @@ impl Shared {
     }
 }
 
+/// A DNS resolver that drops loopback, private and link-local addresses, so the address checked
+/// is the address connected to (a name cannot resolve to a public address for the check and a
+/// private one for the request).
+pub struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<std::net::SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let public: Vec<std::net::SocketAddr> =
+                all.iter().copied().filter(|a| is_public(&a.ip())).collect();
+            if public.is_empty() {
+                let err: Box<dyn std::error::Error + Send + Sync> = format!(
+                    "{host} resolves only to loopback, private or link-local addresses; the daemon sends there only when started with --allow-private-network"
+                )
+                .into();
+                return Err(err);
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// The creation time encoded in a batch id (`dsp_<ms hex>..._<index>`).
 fn batch_created_ms(id: &str) -> Option<i64> {
     let hex = id.strip_prefix("dsp_")?.get(..11)?;
@@ -657,6 +682,18 @@ mod tests {
             let ip: IpAddr = public.parse().unwrap();
             assert!(is_public(&ip), "{public}");
         }
+    }
+
+    #[test]
+    fn the_resolver_drops_private_addresses() {
+        use reqwest::dns::Resolve;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let err = rt.block_on(PublicOnly.resolve(name)).err().unwrap();
+        assert!(err.to_string().contains("--allow-private-network"), "{err}");
     }
 
     #[test]
