@@ -147,6 +147,7 @@ pub async fn run(
         observer.clone(),
         wake.clone(),
         busy.clone(),
+        stop.clone(),
     ));
     let mut lanes: HashMap<String, Lane> = HashMap::new();
     let mut in_flight = 0usize;
@@ -338,13 +339,16 @@ fn busy_ids(busy: &Busy) -> Vec<String> {
 }
 
 /// Records completions in groups until every sender is gone; a batch stays busy until its
-/// outcome is on record.
+/// outcome is on record. A failing write is tried again every second; once the daemon is stopping
+/// it is given up, which is safe: an unrecorded batch is still pending, and is sent again (same
+/// `webhook-id`) on the next start.
 async fn record(
     queue: Arc<Queue>,
     mut rx: mpsc::UnboundedReceiver<Completion>,
     observer: Arc<dyn Observer>,
     wake: Arc<Notify>,
     busy: Busy,
+    stop: watch::Receiver<bool>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut group = vec![first];
@@ -354,11 +358,17 @@ async fn record(
                 Err(_) => break,
             }
         }
-        // Never drop an outcome: a failing write is tried again.
         loop {
             let g = group.clone();
             match run_blocking(&queue, move |q| q.record(g)).await {
                 Ok(()) => break,
+                Err(e) if *stop.borrow() => {
+                    observer.problem(&format!(
+                        "cannot record {} delivery outcome(s) while stopping ({e}); those batches are sent again on the next start",
+                        group.len()
+                    ));
+                    break;
+                }
                 Err(e) => {
                     observer.problem(&format!("cannot record deliveries (retrying): {e}"));
                     tokio::time::sleep(Duration::from_secs(1)).await;
