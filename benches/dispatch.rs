@@ -108,7 +108,7 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
     );
     let parsed: Vec<Vec<touchctl::dispatch::user::UserRef<'static>>> = stored
         .iter()
-        .map(|s| parse_stored(s).expect("stored batch"))
+        .map(|s| parse_stored(s.as_bytes()).expect("stored batch"))
         .collect();
     let client = reqwest::Client::new();
     let params = Arc::new(params());

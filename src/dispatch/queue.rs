@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE TABLE IF NOT EXISTS payloads (
     batch_id TEXT PRIMARY KEY,
-    users    TEXT NOT NULL
+    users    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS batches_due ON batches(next_at)
     WHERE state = 'pending' AND held IS NULL;
@@ -192,8 +192,8 @@ pub struct Claimed {
     pub count: u32,
     /// The touchpoint.
     pub touchpoint: String,
-    /// The users still to deliver, as JSON (an array of [`User`]).
-    pub users: String,
+    /// The users still to deliver, as stored (a JSON array of user objects).
+    pub users: Vec<u8>,
     /// How many that is.
     pub remaining: u32,
     /// Attempts made so far.
@@ -238,7 +238,7 @@ pub struct Completion {
     pub failed: Vec<Rejected>,
     /// The users left to deliver when only some must be retried (JSON array and count); `None`
     /// keeps the batch's users as they are.
-    pub remaining: Option<(String, u32)>,
+    pub remaining: Option<(Vec<u8>, u32)>,
     /// Where the batch goes.
     pub after: After,
     /// What went wrong, if anything.
@@ -387,7 +387,7 @@ struct Job {
     head: TriggerHead,
     generation: u64,
     /// Users per batch and the batch's stored text.
-    batches: Vec<(usize, String)>,
+    batches: Vec<(usize, Vec<u8>)>,
     accepted: usize,
     rejected: Vec<Rejected>,
 }
@@ -623,7 +623,7 @@ fn write_record(
                 failure.execute(params![c.batch_id, f.user_id, f.reason, c.attempt])?;
             }
             let (users, remaining) = match &c.remaining {
-                Some((json, n)) => (Some(json.as_str()), Some(i64::from(*n))),
+                Some((json, n)) => (Some(json.as_slice()), Some(i64::from(*n))),
                 None if c.after == After::Done => (None, Some(0)),
                 None => (None, None),
             };
@@ -659,24 +659,9 @@ fn write_record(
     Ok(settled)
 }
 
-/// Appends ` AND column NOT IN (?n, ...)` for `values` (nothing when there are none).
-fn not_in<'a>(
-    sql: &mut String,
-    column: &str,
-    values: &'a [&'a str],
-    args: &mut Vec<&'a dyn rusqlite::ToSql>,
-) {
-    if values.is_empty() {
-        return;
-    }
-    let first = args.len() + 1;
-    let marks: Vec<String> = (first..first + values.len())
-        .map(|i| format!("?{i}"))
-        .collect();
-    sql.push_str(&format!(" AND {column} NOT IN ({})", marks.join(",")));
-    for v in values {
-        args.push(v);
-    }
+/// A list of strings as a JSON array, for `json_each`.
+fn json_list(values: &[&str]) -> String {
+    serde_json::to_string(values).unwrap_or_else(|_| "[]".into())
 }
 
 fn lock(m: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
@@ -811,18 +796,19 @@ impl Queue {
         busy: &[&str],
     ) -> Result<Vec<Claimed>, QueueError> {
         let conn = lock(&self.work);
-        let mut sql = String::from(
-            "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
-             FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
-             WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1",
-        );
-        let mut args: Vec<&dyn rusqlite::ToSql> = vec![&now];
-        let limit = limit as i64;
-        args.push(&limit);
-        not_in(&mut sql, "b.touchpoint", skip, &mut args);
-        not_in(&mut sql, "b.id", busy, &mut args);
-        sql.push_str(" ORDER BY b.next_at LIMIT ?2");
-        let mut stmt = conn.prepare(&sql).map_err(|e| self.err(e))?;
+        // The lists go in as JSON arrays, so the statement text never changes and stays prepared.
+        let (skip, busy) = (json_list(skip), json_list(busy));
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
+                 FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
+                 WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1 \
+                 AND b.touchpoint NOT IN (SELECT value FROM json_each(?3)) \
+                 AND b.id NOT IN (SELECT value FROM json_each(?4)) \
+                 ORDER BY b.next_at LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let args: [&dyn rusqlite::ToSql; 4] = [&now, &(limit as i64), &skip, &busy];
         stmt.query_map(args.as_slice(), |r| {
             Ok(Claimed {
                 id: r.get(0)?,
@@ -844,12 +830,13 @@ impl Queue {
     /// When the earliest pending, unheld batch not in `busy` is due.
     pub fn next_due(&self, busy: &[&str]) -> Result<Option<i64>, QueueError> {
         let conn = lock(&self.work);
-        let mut sql = String::from(
-            "SELECT min(next_at) FROM batches WHERE state = 'pending' AND held IS NULL",
-        );
-        let mut args: Vec<&dyn rusqlite::ToSql> = Vec::new();
-        not_in(&mut sql, "id", busy, &mut args);
-        conn.query_row(&sql, args.as_slice(), |r| r.get(0))
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT min(next_at) FROM batches WHERE state = 'pending' AND held IS NULL \
+                 AND id NOT IN (SELECT value FROM json_each(?1))",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_row([json_list(busy)], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -1175,7 +1162,7 @@ mod tests {
             )
             .into_boxed_str(),
         );
-        let parsed = crate::dispatch::user::parse_stored(text).unwrap();
+        let parsed = crate::dispatch::user::parse_stored(text.as_bytes()).unwrap();
         Vec::leak(parsed).iter().collect()
     }
 
