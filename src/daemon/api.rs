@@ -3,7 +3,6 @@
 //! error is a JSON body `{"error": {"code", "message", ...}}` saying what is wrong.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -503,6 +502,3 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     )
         .into_response())
 }
-
-/// How long to wait for a request body (slow clients are cut off).
-pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
