@@ -111,7 +111,7 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
         .map(|s| parse_stored(s.as_bytes()).expect("stored batch"))
         .collect();
     let client = reqwest::Client::new();
-    let params = Arc::new(params());
+    let params = Arc::new(touchctl::dispatch::user::Mapping::new(&params()));
     let parsed = Arc::new(parsed);
     let next = Arc::new(AtomicU64::new(0));
     let batches = parsed.len();

@@ -11,8 +11,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{KeyInit, Mac};
 use serde::Deserialize;
 
-use crate::dispatch::user::UserRef;
-use crate::model::{DynamicParams, Secret};
+use crate::dispatch::user::{Mapping, UserRef};
+use crate::model::Secret;
 
 /// The most of a response body read (the `failed` list of a batch of 500 fits easily).
 const MAX_RESPONSE: usize = 1024 * 1024;
@@ -58,7 +58,7 @@ pub struct Envelope<'a> {
 }
 
 /// The request body of one batch.
-pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], params: &DynamicParams) -> Vec<u8> {
+pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], mapping: &Mapping) -> Vec<u8> {
     let mut out = Vec::with_capacity(256 + users.len() * 96);
     let string = |out: &mut Vec<u8>, s: &str| {
         // Writing a string to a Vec cannot fail.
@@ -88,7 +88,7 @@ pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], params: &DynamicParams) -
         if i > 0 {
             out.push(b',');
         }
-        user.write_recipient(&mut out, params);
+        user.write_recipient(&mut out, mapping);
     }
     out.extend_from_slice(b"]}");
     out
@@ -276,7 +276,7 @@ mod tests {
 
     #[test]
     fn body_has_the_documented_shape() {
-        let mut params = DynamicParams::new();
+        let mut params = crate::model::DynamicParams::new();
         params.insert(
             "phone".into(),
             crate::model::ParamSource::Attribute("user.phone".into()),
@@ -291,7 +291,8 @@ mod tests {
             count: 4,
             template: r#"{"text":"hi"}"#,
         };
-        let v: serde_json::Value = serde_json::from_slice(&body(&env, &users, &params)).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&body(&env, &users, &Mapping::new(&params))).unwrap();
         assert_eq!(
             v,
             json!({

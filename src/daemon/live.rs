@@ -178,6 +178,7 @@ fn ready(l: &Live, tp: Touchpoint) -> Lookup {
     Lookup::Ready(Arc::new(Target {
         id: l.id.clone(),
         generation: l.generation,
+        mapping: crate::dispatch::user::Mapping::new(&spec.dynamic_params),
         spec,
         token,
         signing_key,

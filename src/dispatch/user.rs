@@ -32,45 +32,95 @@ pub enum Attr<'a> {
     Owned(Value),
 }
 
+/// A touchpoint's dynamic params, prepared once for many users: each recipient field's JSON key
+/// already escaped, and each source split into its attribute and nested keys.
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    fields: Vec<Field>,
+}
+
+#[derive(Clone, Debug)]
+struct Field {
+    /// The recipient field name.
+    name: String,
+    /// `,"name":`, ready to copy.
+    key: Vec<u8>,
+    /// The top-level attribute.
+    attribute: String,
+    /// Keys inside it, for `user.a.b`.
+    nested: Vec<String>,
+    optional: bool,
+}
+
+impl Mapping {
+    /// Prepares `params` (in their declaration order).
+    pub fn new(params: &DynamicParams) -> Self {
+        let fields = params
+            .iter()
+            .map(|(name, source)| {
+                let mut key = vec![b','];
+                write_str(&mut key, name);
+                key.push(b':');
+                let mut parts = source
+                    .from()
+                    .strip_prefix("user.")
+                    .unwrap_or(source.from())
+                    .split('.');
+                let attribute = parts.next().unwrap_or_default().to_string();
+                Field {
+                    name: name.clone(),
+                    key,
+                    attribute,
+                    nested: parts.map(str::to_string).collect(),
+                    optional: source.optional(),
+                }
+            })
+            .collect();
+        Self { fields }
+    }
+}
+
 fn write_str(out: &mut Vec<u8>, s: &str) {
     // Writing a string to a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
 impl<'a> UserRef<'a> {
-    /// The value of a `user.<attribute>[.<key>...]` source (`null` is absent).
-    pub fn lookup(&self, from: &str) -> Option<Attr<'a>> {
-        let mut parts = from.strip_prefix("user.")?.split('.');
-        let first = parts.next()?;
+    /// The value a field picks from this user (`null` is absent).
+    fn pick(&self, field: &Field) -> Option<Attr<'a>> {
         let raw = self
             .attributes
             .iter()
-            .find(|(k, _)| k == first)
+            .find(|(k, _)| *k == field.attribute)
             .map(|(_, v)| *v)?;
-        let rest: Vec<&str> = parts.collect();
-        if rest.is_empty() {
+        if field.nested.is_empty() {
             return (raw.get() != "null").then_some(Attr::Raw(raw));
         }
         let mut value: Value = serde_json::from_str(raw.get()).ok()?;
-        for key in rest {
+        for key in &field.nested {
             value = value.get_mut(key)?.take();
         }
         (!value.is_null()).then_some(Attr::Owned(value))
     }
 
     /// Why this user cannot be a recipient of a touchpoint with these dynamic params, if it cannot.
-    pub fn check(&self, params: &DynamicParams) -> Result<(), String> {
+    pub fn check(&self, mapping: &Mapping) -> Result<(), String> {
         if self.id.is_empty() {
             return Err("`user_id` is empty".into());
         }
         if self.id.chars().count() > MAX_USER_ID {
             return Err(format!("`user_id` is longer than {MAX_USER_ID} characters"));
         }
-        for (field, source) in params {
-            if !source.optional() && self.lookup(source.from()).is_none() {
+        for field in &mapping.fields {
+            if !field.optional && self.pick(field).is_none() {
+                let mut path = field.attribute.clone();
+                for key in &field.nested {
+                    path.push('.');
+                    path.push_str(key);
+                }
                 return Err(format!(
-                    "missing attribute `{}` (dynamic param `{field}`)",
-                    source.from().trim_start_matches("user.")
+                    "missing attribute `{path}` (dynamic param `{}`)",
+                    field.name
                 ));
             }
         }
@@ -79,16 +129,14 @@ impl<'a> UserRef<'a> {
 
     /// Writes the user as a recipient: `user_id`, then each dynamic param it has, in the order of
     /// the touchpoint's declaration.
-    pub fn write_recipient(&self, out: &mut Vec<u8>, params: &DynamicParams) {
+    pub fn write_recipient(&self, out: &mut Vec<u8>, mapping: &Mapping) {
         out.extend_from_slice(b"{\"user_id\":");
         write_str(out, &self.id);
-        for (field, source) in params {
-            let Some(v) = self.lookup(source.from()) else {
+        for field in &mapping.fields {
+            let Some(v) = self.pick(field) else {
                 continue;
             };
-            out.push(b',');
-            write_str(out, field);
-            out.push(b':');
+            out.extend_from_slice(&field.key);
             match v {
                 Attr::Raw(raw) => out.extend_from_slice(raw.get().as_bytes()),
                 Attr::Owned(value) => {
@@ -256,11 +304,12 @@ pub fn screen<'a, 'b>(
     users: &'b [UserRef<'a>],
     params: &DynamicParams,
 ) -> (Vec<&'b UserRef<'a>>, Vec<Rejected>) {
+    let mapping = Mapping::new(params);
     let mut seen: HashSet<&str> = HashSet::with_capacity(users.len());
     let mut accepted = Vec::with_capacity(users.len());
     let mut rejected = Vec::new();
     for user in users {
-        let verdict = user.check(params).and_then(|()| {
+        let verdict = user.check(&mapping).and_then(|()| {
             if seen.insert(user.id.as_ref()) {
                 Ok(())
             } else {
@@ -342,7 +391,7 @@ mod tests {
         );
         let users = parse_stored(&stored).unwrap();
         let mut out = Vec::new();
-        users[0].write_recipient(&mut out, &params());
+        users[0].write_recipient(&mut out, &Mapping::new(&params()));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"user_id":"u1","city":"杭州","phone":"138"}"#

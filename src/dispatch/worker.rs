@@ -35,6 +35,8 @@ pub struct Target {
     pub token: Secret,
     /// The resolved Standard Webhooks key, when it signs.
     pub signing_key: Option<Vec<u8>>,
+    /// Its dynamic params, prepared for writing recipients.
+    pub mapping: super::user::Mapping,
 }
 
 /// Where a touchpoint stands for sending.
@@ -439,7 +441,7 @@ impl Shared {
                     count: batch.count,
                     template: &batch.template_params,
                 };
-                let body = custom::body(&env, users, &target.spec.dynamic_params);
+                let body = custom::body(&env, users, &target.mapping);
                 custom::send(
                     &self.client,
                     Request {
