@@ -15,10 +15,10 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::App;
+use crate::dispatch::check_template_params;
 use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
 use crate::dispatch::user::{RawTrigger, screen};
 use crate::dispatch::worker::Lookup;
-use crate::dispatch::{TriggerHead, check_template_params};
 
 /// The routes, with authentication in front of all of them.
 pub fn router(app: Arc<App>) -> Router {
@@ -216,12 +216,12 @@ fn process(app: &App, ndjson: bool, bytes: &[u8]) -> Result<Response, ApiError> 
             if touchpoint == head.touchpoint && campaign == head.campaign {
                 return Ok(receipt_response(&receipt, true));
             }
-            return Err(conflict_key(
-                head,
-                &touchpoint,
-                &campaign,
-                &receipt.dispatch_id,
-            ));
+            return Err(queue_error(QueueError::IdempotencyConflict {
+                key: key.clone(),
+                touchpoint,
+                campaign,
+                dispatch_id: receipt.dispatch_id,
+            }));
         }
     }
     let Some((summary, lookup)) = app.live.get(&head.touchpoint) else {
@@ -303,22 +303,6 @@ fn process(app: &App, ndjson: bool, bytes: &[u8]) -> Result<Response, ApiError> 
     }
 }
 
-fn conflict_key(
-    head: &TriggerHead,
-    touchpoint: &str,
-    campaign: &str,
-    dispatch_id: &str,
-) -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "idempotency_key_reused",
-        format!(
-            "idempotency key `{}` was already used for touchpoint `{touchpoint}`, campaign `{campaign}` (dispatch {dispatch_id}): use a new key for a new trigger",
-            head.idempotency_key.as_deref().unwrap_or_default()
-        ),
-    )
-}
-
 fn receipt_response(receipt: &crate::dispatch::queue::Receipt, replayed: bool) -> Response {
     let mut response = (StatusCode::ACCEPTED, axum::Json(receipt)).into_response();
     if replayed {
@@ -331,17 +315,10 @@ fn receipt_response(receipt: &crate::dispatch::queue::Receipt, replayed: bool) -
 
 fn queue_error(e: QueueError) -> ApiError {
     match e {
-        QueueError::IdempotencyConflict {
-            key,
-            touchpoint,
-            campaign,
-            dispatch_id,
-        } => ApiError::new(
+        QueueError::IdempotencyConflict { .. } => ApiError::new(
             StatusCode::CONFLICT,
             "idempotency_key_reused",
-            format!(
-                "idempotency key `{key}` was already used for touchpoint `{touchpoint}`, campaign `{campaign}` (dispatch {dispatch_id}): use a new key for a new trigger"
-            ),
+            e.to_string(),
         ),
         other => internal(other.to_string()),
     }
