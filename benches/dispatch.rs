@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use touchctl::channel::custom::{Envelope, body};
-use touchctl::dispatch::user::parse_stored;
+use touchctl::dispatch::user::{RawTrigger, parse_users_json};
 use touchctl::model::{DynamicParams, ParamSource};
 
 fn arg(name: &str, default: usize) -> usize {
@@ -108,7 +108,7 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
     );
     let parsed: Vec<Vec<touchctl::dispatch::user::UserRef<'static>>> = stored
         .iter()
-        .map(|s| parse_stored(s.as_bytes()).expect("stored batch"))
+        .map(|s| parse_users_json(s.as_bytes()).expect("users"))
         .collect();
     let client = reqwest::Client::new();
     let params = Arc::new(touchctl::dispatch::user::Mapping::new(&params()));
@@ -158,6 +158,100 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
         t.await.unwrap();
     }
     recipients as f64 / start.elapsed().as_secs_f64()
+}
+
+/// The second baseline: the same bare loop, but starting from the triggers as the daemon gets
+/// them (serialized): each is read with the daemon's parser (`RawTrigger::from_json`) on one of two
+/// threads, its bodies built with the same code and POSTed with the same concurrency. Still
+/// nothing stored, no API, no queue.
+async fn baseline_from_triggers(
+    url: &str,
+    triggers: Arc<Vec<Vec<u8>>>,
+    batch: usize,
+    concurrency: usize,
+) -> f64 {
+    let total: usize = triggers
+        .iter()
+        .map(|t| RawTrigger::from_json(t).expect("trigger").users.len())
+        .sum();
+    let client = reqwest::Client::new();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let start = Instant::now();
+    let mut parsers = Vec::new();
+    for k in 0..2 {
+        let (triggers, tx) = (triggers.clone(), tx.clone());
+        parsers.push(tokio::task::spawn_blocking(move || {
+            let mapping = touchctl::dispatch::user::Mapping::new(&params());
+            for (t, bytes) in triggers.iter().enumerate().skip(k).step_by(2) {
+                let trigger = RawTrigger::from_json(bytes).expect("trigger");
+                let count = trigger.users.len().div_ceil(batch) as u32;
+                for (i, users) in trigger.users.chunks(batch).enumerate() {
+                    let env = Envelope {
+                        touchpoint: "bench",
+                        campaign: &trigger.head.campaign,
+                        dispatch_id: &format!("baseline-{t}"),
+                        index: i as u32,
+                        count,
+                        template: r#"{"text":"会员日满100减20"}"#,
+                    };
+                    if tx.blocking_send(body(&env, users, &mapping)).is_err() {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    drop(tx);
+    let mut senders = Vec::new();
+    for _ in 0..concurrency {
+        let (client, rx, url) = (client.clone(), rx.clone(), format!("{url}/hook"));
+        senders.push(tokio::spawn(async move {
+            loop {
+                let next = rx.lock().await.recv().await;
+                let Some(bytes) = next else { break };
+                let r = client
+                    .post(&url)
+                    .bearer_auth("bench-token")
+                    .header("content-type", "application/json")
+                    .body(bytes)
+                    .send()
+                    .await
+                    .expect("baseline POST");
+                assert!(r.status().is_success());
+                let _ = r.bytes().await;
+            }
+        }));
+    }
+    for p in parsers {
+        p.await.unwrap();
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// A ceiling for anything that reads every user once with the daemon's parser: the same triggers
+/// read (and dropped) on both cores, nothing else.
+fn parse_ceiling(triggers: &[Vec<u8>]) -> f64 {
+    let start = Instant::now();
+    let users: usize = std::thread::scope(|s| {
+        let halves: Vec<_> = (0..2)
+            .map(|k| {
+                s.spawn(move || {
+                    triggers
+                        .iter()
+                        .skip(k)
+                        .step_by(2)
+                        .map(|t| RawTrigger::from_json(t).expect("trigger").users.len())
+                        .sum::<usize>()
+                })
+            })
+            .collect();
+        halves.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    users as f64 / start.elapsed().as_secs_f64()
 }
 
 struct Daemon {
@@ -263,6 +357,7 @@ fn main() {
     let batch = 500;
     let per_trigger = 10_000;
     let concurrency = arg("--concurrency", 8);
+    let clients = arg("--clients", 2);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -279,12 +374,6 @@ fn main() {
     .unwrap();
     apply(dir);
 
-    // Warm the sink and both paths once.
-    rt.block_on(baseline(&sink, 20_000, batch, concurrency));
-    let base_rate = rt.block_on(baseline(&sink, recipients, batch, concurrency));
-
-    let daemon = start_daemon(dir, &["--concurrency", &concurrency.to_string()]);
-    let client = reqwest::Client::new();
     let triggers: Vec<Vec<u8>> = (0..recipients.div_ceil(per_trigger))
         .map(|t| {
             serde_json::to_vec(&json!({
@@ -295,6 +384,21 @@ fn main() {
             .unwrap()
         })
         .collect();
+
+    // Warm the sink and both paths once.
+    rt.block_on(baseline(&sink, 20_000, batch, concurrency));
+    let base_rate = rt.block_on(baseline(&sink, recipients, batch, concurrency));
+    let triggers = Arc::new(triggers);
+    let base_bytes_rate = rt.block_on(baseline_from_triggers(
+        &sink,
+        triggers.clone(),
+        batch,
+        concurrency,
+    ));
+    let ceiling = parse_ceiling(&triggers);
+
+    let daemon = start_daemon(dir, &["--concurrency", &concurrency.to_string()]);
+    let client = reqwest::Client::new();
     let daemon_rate = rt.block_on(async {
         // Warm-up trigger.
         let before = seen.recipients.load(Ordering::Relaxed);
@@ -305,9 +409,9 @@ fn main() {
         let start = Instant::now();
         let target =
             seen.recipients.load(Ordering::Relaxed) + (triggers.len() * per_trigger) as u64;
-        // Triggers go in from two clients at once, as a platform would send them.
+        // Triggers go in from several clients at once, as a platform would send them.
         let mut senders = Vec::new();
-        for half in triggers.chunks(triggers.len().div_ceil(2)) {
+        for half in triggers.chunks(triggers.len().div_ceil(clients)) {
             let (client, url, half) = (client.clone(), daemon.url.clone(), half.to_vec());
             senders.push(tokio::spawn(async move {
                 for t in half {
@@ -396,12 +500,22 @@ fn main() {
         base_rate
     );
     println!(
+        "  baseline from the serialized triggers (parse + build bodies + POST, nothing stored): {:>10.0} recipients/s",
+        base_bytes_rate
+    );
+    println!(
+        "  reading the same triggers alone, both cores (a ceiling for the daemon): {:>10.0} recipients/s",
+        ceiling
+    );
+    println!(
         "  touchctl daemon (API → fsync'd queue → POST):   {:>10.0} recipients/s",
         daemon_rate
     );
     println!(
-        "  ratio daemon / baseline: {:.2} (target: at least 0.50)",
-        daemon_rate / base_rate
+        "  ratio daemon / baseline: {:.2} (target: at least 0.50); daemon / baseline from triggers: {:.2}; ceiling / baseline: {:.2}",
+        daemon_rate / base_rate,
+        daemon_rate / base_bytes_rate,
+        ceiling / base_rate
     );
     println!(
         "  trigger-to-first-attempt at {:.0} recipients/s ({} one-batch triggers): p50 {:.1} ms, p99 {:.1} ms (target: p99 under 50 ms); {} of {} measured",

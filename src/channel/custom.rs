@@ -282,7 +282,7 @@ mod tests {
             crate::model::ParamSource::Attribute("user.phone".into()),
         );
         let stored = r#"[{"user_id":"u1","attributes":{"phone":"13800000000","tier":"gold"}}]"#;
-        let users = crate::dispatch::user::parse_stored(stored.as_bytes()).unwrap();
+        let users = crate::dispatch::user::parse_users_json(stored.as_bytes()).unwrap();
         let env = Envelope {
             touchpoint: "sms",
             campaign: "spring",

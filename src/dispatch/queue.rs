@@ -1162,7 +1162,7 @@ mod tests {
             )
             .into_boxed_str(),
         );
-        let parsed = crate::dispatch::user::parse_stored(text.as_bytes()).unwrap();
+        let parsed = crate::dispatch::user::parse_users_json(text.as_bytes()).unwrap();
         Vec::leak(parsed).iter().collect()
     }
 

@@ -1,7 +1,8 @@
 //! Users on the hot path: read from a trigger's body in one pass, checked, stored and sent without
 //! being copied into owned maps. A [`UserRef`] borrows its id and attribute values (as raw JSON)
-//! from the bytes it was read from; a stored batch is the users written back in the same form, and
-//! a recipient is written by copying the raw values its dynamic params pick.
+//! from the bytes it was read from. A stored batch is the users in a length-prefixed form that
+//! reads back without scanning JSON again, and a recipient is written by copying the raw values
+//! its dynamic params pick.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -19,15 +20,15 @@ use crate::model::DynamicParams;
 pub struct UserRef<'a> {
     /// `user_id`.
     pub id: Cow<'a, str>,
-    /// The attributes in the order given, values as raw JSON.
-    attributes: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// The attributes in the order given, values as raw JSON text.
+    attributes: Vec<(Cow<'a, str>, &'a str)>,
 }
 
 /// An attribute's value: raw JSON from the trigger, or (for a nested path) the part picked out.
 #[derive(Debug)]
 pub enum Attr<'a> {
-    /// Copied as it is.
-    Raw(&'a RawValue),
+    /// Copied as it is (raw JSON text).
+    Raw(&'a str),
     /// Picked out of an object attribute.
     Owned(Value),
 }
@@ -94,9 +95,9 @@ impl<'a> UserRef<'a> {
             .find(|(k, _)| *k == field.attribute)
             .map(|(_, v)| *v)?;
         if field.nested.is_empty() {
-            return (raw.get() != "null").then_some(Attr::Raw(raw));
+            return (raw != "null").then_some(Attr::Raw(raw));
         }
-        let mut value: Value = serde_json::from_str(raw.get()).ok()?;
+        let mut value: Value = serde_json::from_str(raw).ok()?;
         for key in &field.nested {
             value = value.get_mut(key)?.take();
         }
@@ -138,7 +139,7 @@ impl<'a> UserRef<'a> {
             };
             out.extend_from_slice(&field.key);
             match v {
-                Attr::Raw(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                Attr::Raw(raw) => out.extend_from_slice(raw.as_bytes()),
                 Attr::Owned(value) => {
                     let _ = serde_json::to_writer(&mut *out, &value);
                 }
@@ -147,23 +148,15 @@ impl<'a> UserRef<'a> {
         out.push(b'}');
     }
 
-    /// Writes the user as stored: `{"user_id": ..., "attributes": {...}}`, values as received.
-    pub fn write_stored(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"user_id\":");
-        write_str(out, &self.id);
-        if !self.attributes.is_empty() {
-            out.extend_from_slice(b",\"attributes\":{");
-            for (i, (k, v)) in self.attributes.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, k);
-                out.push(b':');
-                out.extend_from_slice(v.get().as_bytes());
-            }
-            out.push(b'}');
+    /// Writes the user as stored: its id, then each attribute's name and raw value, each
+    /// length-prefixed.
+    fn write_stored(&self, out: &mut Vec<u8>) {
+        put_str(out, &self.id);
+        put_len(out, self.attributes.len());
+        for (k, v) in &self.attributes {
+            put_str(out, k);
+            put_str(out, v);
         }
-        out.push(b'}');
     }
 }
 
@@ -206,7 +199,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
 }
 
 /// Attribute names and raw values, in order.
-struct Attributes<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+struct Attributes<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -219,7 +212,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Attributes<'a>, M::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
                 while let Some((k, v)) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
-                    out.push((k, v));
+                    out.push((k, v.get()));
                 }
                 Ok(Attributes(out))
             }
@@ -252,7 +245,9 @@ struct JsonTrigger<'a> {
 impl<'a> RawTrigger<'a> {
     /// Reads a JSON trigger (`users` inside).
     pub fn from_json(body: &'a [u8]) -> Result<Self, String> {
-        let t: JsonTrigger<'a> = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        // One UTF-8 check of the whole body; reading from text then skips the check per string.
+        let text = utf8(body)?;
+        let t: JsonTrigger<'a> = serde_json::from_str(text).map_err(|e| e.to_string())?;
         Ok(Self {
             head: TriggerHead {
                 touchpoint: t.touchpoint,
@@ -298,6 +293,21 @@ impl<'a> RawTrigger<'a> {
     }
 }
 
+/// The body as text, or where it stops being UTF-8.
+fn utf8(body: &[u8]) -> Result<&str, String> {
+    std::str::from_utf8(body).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = body[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        let column = at
+            - body[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1)
+            + 1;
+        format!("the body is not UTF-8: invalid bytes at line {line} column {column}")
+    })
+}
+
 /// Sorts a trigger's users into the ones to queue and the rejected ones (each with its reason).
 /// A user id seen twice is queued once.
 pub fn screen<'a, 'b>(
@@ -327,23 +337,87 @@ pub fn screen<'a, 'b>(
     (accepted, rejected)
 }
 
-/// Reads a stored batch: a JSON array of user objects (as bytes: the JSON parser checks the
-/// strings' UTF-8 as it goes, so no separate pass is needed).
-pub fn parse_stored(text: &[u8]) -> Result<Vec<UserRef<'_>>, String> {
+/// The first byte of a stored batch in the length-prefixed form. Batches stored by earlier
+/// versions are JSON arrays, and start with `[`.
+const STORED: u8 = 1;
+
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    // Lengths are bounded by the request body cap, far below 4 GiB.
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_len(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// Reads the length-prefixed form, checking every length and every string.
+struct Stored<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Stored<'a> {
+    fn len(&mut self) -> Result<usize, String> {
+        let (head, rest) = self
+            .rest
+            .split_first_chunk::<4>()
+            .ok_or("the stored batch is truncated")?;
+        self.rest = rest;
+        Ok(u32::from_le_bytes(*head) as usize)
+    }
+
+    fn str(&mut self) -> Result<&'a str, String> {
+        let n = self.len()?;
+        if n > self.rest.len() {
+            return Err("the stored batch is truncated".into());
+        }
+        let (text, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        std::str::from_utf8(text)
+            .map_err(|_| "the stored batch holds text that is not UTF-8".into())
+    }
+}
+
+/// Reads a stored batch (see [`store`]); batches stored as JSON arrays by earlier versions are
+/// read too.
+pub fn parse_stored(bytes: &[u8]) -> Result<Vec<UserRef<'_>>, String> {
+    let Some((&STORED, body)) = bytes.split_first() else {
+        return parse_users_json(bytes);
+    };
+    let mut r = Stored { rest: body };
+    let count = r.len()?;
+    // Each user takes at least 8 bytes: a bad count cannot make a huge allocation.
+    let mut users = Vec::with_capacity(count.min(r.rest.len() / 8));
+    for _ in 0..count {
+        let id = Cow::Borrowed(r.str()?);
+        let n = r.len()?;
+        let mut attributes = Vec::with_capacity(n.min(r.rest.len() / 8));
+        for _ in 0..n {
+            attributes.push((Cow::Borrowed(r.str()?), r.str()?));
+        }
+        users.push(UserRef { id, attributes });
+    }
+    if !r.rest.is_empty() {
+        return Err("the stored batch has bytes after its last user".into());
+    }
+    Ok(users)
+}
+
+/// Reads users from a JSON array of user objects.
+pub fn parse_users_json(text: &[u8]) -> Result<Vec<UserRef<'_>>, String> {
     serde_json::from_slice(text).map_err(|e| e.to_string())
 }
 
-/// Writes users as a stored batch (a JSON array of user objects).
-pub fn store<'a, 'b: 'a>(users: impl IntoIterator<Item = &'a UserRef<'b>>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4096);
-    out.push(b'[');
-    for (i, u) in users.into_iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+/// Writes users as a stored batch: a format byte, the number of users, then each user's id and
+/// attributes (names and raw JSON values), every string prefixed with its length. Reading it back
+/// copies nothing and scans no JSON.
+pub fn store<'a, 'b: 'a>(users: impl ExactSizeIterator<Item = &'a UserRef<'b>>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + users.len() * 96);
+    out.push(STORED);
+    put_len(&mut out, users.len());
+    for u in users {
         u.write_stored(&mut out);
     }
-    out.push(b']');
     out
 }
 
@@ -368,7 +442,7 @@ mod tests {
     #[test]
     fn users_map_to_recipients_in_declaration_order() {
         let text = r#"[{"user_id":"u\u0031","attributes":{"phone":"138","address":{"city":"杭州"},"other":1}},{"user_id":"u2","attributes":{"phone":null}},{"attributes":{"phone":"1"},"user_id":"u1"}]"#;
-        let users = parse_stored(text.as_bytes()).unwrap();
+        let users = parse_users_json(text.as_bytes()).unwrap();
         let (ok, rejected) = screen(&users, &params());
         assert_eq!(ok.len(), 1);
         assert_eq!(
@@ -384,18 +458,56 @@ mod tests {
                 }
             ]
         );
-        let stored = store(ok);
-        assert_eq!(
-            String::from_utf8_lossy(&stored),
-            r#"[{"user_id":"u1","attributes":{"phone":"138","address":{"city":"杭州"},"other":1}}]"#
-        );
+        let stored = store(ok.into_iter());
         let users = parse_stored(&stored).unwrap();
+        assert_eq!(users.len(), 1);
+        assert_eq!(users[0].id, "u1");
+        assert_eq!(
+            users[0].attributes,
+            [
+                (Cow::Borrowed("phone"), r#""138""#),
+                (Cow::Borrowed("address"), r#"{"city":"杭州"}"#),
+                (Cow::Borrowed("other"), "1")
+            ]
+        );
         let mut out = Vec::new();
         users[0].write_recipient(&mut out, &Mapping::new(&params()));
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"user_id":"u1","city":"杭州","phone":"138"}"#
         );
+    }
+
+    #[test]
+    fn stored_batches_are_read_back_checked() {
+        let text = br#"[{"user_id":"a","attributes":{"k":"v"}},{"user_id":"b"}]"#;
+        let users = parse_users_json(text).unwrap();
+        let stored = store(users.iter());
+        let back = parse_stored(&stored).unwrap();
+        assert_eq!(
+            (
+                back[0].id.as_ref(),
+                back[1].id.as_ref(),
+                back[0].attributes.len()
+            ),
+            ("a", "b", 1)
+        );
+        // Batches stored as JSON by earlier versions still read.
+        assert_eq!(parse_stored(text).unwrap().len(), 2);
+        // Damage is an error, never a panic or a huge allocation.
+        for cut in 1..stored.len() {
+            assert!(parse_stored(&stored[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = stored.clone();
+        bad.push(0);
+        assert!(parse_stored(&bad).is_err());
+        let mut huge = vec![STORED];
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_stored(&huge).is_err());
+        let mut not_utf8 = stored.clone();
+        let at = not_utf8.iter().position(|&b| b == b'a').unwrap();
+        not_utf8[at] = 0xff;
+        assert!(parse_stored(&not_utf8).unwrap_err().contains("UTF-8"));
     }
 
     #[test]

@@ -413,6 +413,57 @@ fn a_broken_file_does_not_take_a_live_touchpoint_down() {
 }
 
 #[test]
+fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
+    let sink = Sink::new(Arc::new(|_, _| {
+        (503, Vec::new(), String::new(), Duration::ZERO)
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let (_, r) = d.dispatch(&trigger(200));
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    sink.wait_for("first attempts", |got| got.len() >= 2);
+    assert!(
+        sink.received()[0].body["recipients"][0]["phone"].is_string(),
+        "queued under the first params"
+    );
+    // The params change while the batches wait: `phone` is now sent as `mobile`, and `tier` is
+    // added.
+    let changed = p.read("touchpoints/sms.toml").replace(
+        "phone = \"user.phone\"",
+        "mobile = \"user.phone\"\ntier = \"user.tier\"",
+    );
+    p.write("touchpoints/sms.toml", &changed);
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, tps) = d.call("GET", "/v1/touchpoints", None);
+        if tps["touchpoints"][0]["generation"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the change was never seen: {tps}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sink.answer_with(Arc::new(|_, _| {
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    }));
+    assert_eq!(d.wait_finished(&id)["delivered"], 200);
+    let delivered = sink.delivered();
+    assert_eq!(delivered.len(), 200);
+    for r in &delivered {
+        let n = &r["user_id"].as_str().unwrap()[1..];
+        let n: usize = n.parse().unwrap();
+        assert_eq!(
+            r,
+            &json!({"user_id": format!("u{n}"), "mobile": format!("138{n:08}"), "member_id": format!("m{n}"), "tier": "gold"}),
+            "sent with the params live at send time"
+        );
+    }
+}
+
+#[test]
 fn a_git_source_reconciles_only_committed_content() {
     let sink = Sink::ok();
     let p = Project::empty();
