@@ -315,7 +315,9 @@ pub fn screen<'a, 'b>(
     params: &DynamicParams,
 ) -> (Vec<&'b UserRef<'a>>, Vec<Rejected>) {
     let mapping = Mapping::new(params);
-    let mut seen: HashSet<&str> = HashSet::with_capacity(users.len());
+    // foldhash: fast on short keys, and seeded per set, so ids cannot be chosen to collide.
+    let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+        HashSet::with_capacity_and_hasher(users.len(), Default::default());
     let mut accepted = Vec::with_capacity(users.len());
     let mut rejected = Vec::new();
     for user in users {
@@ -536,5 +538,11 @@ mod tests {
         .unwrap();
         assert_eq!((t.head.touchpoint.as_str(), t.users.len()), ("t", 1));
         assert!(RawTrigger::from_json(br#"{"touchpoint":"t","campaign":"c","extra":1}"#).is_err());
+        assert_eq!(
+            RawTrigger::from_json(b"{\"touchpoint\":\"t\",\n\"campaign\":\"c\xff\"}")
+                .err()
+                .unwrap(),
+            "the body is not UTF-8: invalid bytes at line 2 column 14"
+        );
     }
 }
