@@ -659,6 +659,14 @@ fn write_record(
     Ok(settled)
 }
 
+/// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
+const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
+     FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
+     WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1 \
+     AND b.touchpoint NOT IN (SELECT value FROM json_each(?2)) \
+     AND b.id NOT IN (SELECT value FROM json_each(?3)) \
+     ORDER BY b.next_at LIMIT 256";
+
 /// A list of strings as a JSON array, for `json_each`.
 fn json_list(values: &[&str]) -> String {
     serde_json::to_string(values).unwrap_or_else(|_| "[]".into())
@@ -786,7 +794,7 @@ impl Queue {
         answer.recv().map_err(|_| gone())?
     }
 
-    /// Up to `limit` due batches, oldest due first, leaving out the batches in `busy` (being sent)
+    /// Up to `limit` (at most 256) due batches, oldest due first, leaving out the batches in `busy` (being sent)
     /// and the touchpoints in `skip` (at their concurrency or rate limit). Reads only.
     pub fn claim(
         &self,
@@ -798,17 +806,11 @@ impl Queue {
         let conn = lock(&self.work);
         // The lists go in as JSON arrays, so the statement text never changes and stays prepared.
         let (skip, busy) = (json_list(skip), json_list(busy));
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
-                 FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
-                 WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1 \
-                 AND b.touchpoint NOT IN (SELECT value FROM json_each(?3)) \
-                 AND b.id NOT IN (SELECT value FROM json_each(?4)) \
-                 ORDER BY b.next_at LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        let args: [&dyn rusqlite::ToSql; 4] = [&now, &(limit as i64), &skip, &busy];
+        let mut stmt = conn.prepare_cached(CLAIM).map_err(|e| self.err(e))?;
+        // The limit is taken from the rows, not bound: a bound LIMIT that changes from call to
+        // call makes SQLite prepare the statement again every time. Rows come in index order, so
+        // stopping early reads no more than needed.
+        let args: [&dyn rusqlite::ToSql; 3] = [&now, &skip, &busy];
         stmt.query_map(args.as_slice(), |r| {
             Ok(Claimed {
                 id: r.get(0)?,
@@ -823,7 +825,7 @@ impl Queue {
                 template_params: r.get(9)?,
             })
         })
-        .and_then(|rows| rows.collect::<Result<_, _>>())
+        .and_then(|rows| rows.take(limit).collect::<Result<_, _>>())
         .map_err(|e| self.err(e))
     }
 
@@ -1238,6 +1240,10 @@ mod tests {
         );
         let (attempts, _) = q.history(&rest[0].id).unwrap();
         assert_eq!(attempts[0].outcome, "dead");
+        // Claims of any size share one prepared statement, never prepared again.
+        let conn = lock(&q.work);
+        let stmt = conn.prepare_cached(CLAIM).unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
     #[test]

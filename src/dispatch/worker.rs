@@ -607,6 +607,11 @@ fn outcome(
         error: None,
     };
     match response {
+        Response::Accepted { status, failed } if failed.is_empty() => {
+            c.status = Some(status);
+            c.delivered = c.recipients;
+            c.after = After::Done;
+        }
         Response::Accepted { status, failed } => {
             c.status = Some(status);
             let sent: std::collections::HashSet<&str> =
