@@ -171,13 +171,14 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<UserRef<'a>, M::Error> {
                 let mut id: Option<Cow<'a, str>> = None;
                 let mut attributes = None;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
                     match key.as_ref() {
                         "user_id" => {
-                            id =
-                                Some(map.next_value::<Cow<'de, str>>().map_err(|_| {
-                                    de::Error::custom("`user_id` must be a string")
-                                })?);
+                            id = Some(
+                                map.next_value::<Text<'de>>()
+                                    .map_err(|_| de::Error::custom("`user_id` must be a string"))?
+                                    .0,
+                            );
                         }
                         "attributes" => attributes = Some(map.next_value::<Attributes<'a>>()?.0),
                         other => {
@@ -198,6 +199,32 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
     }
 }
 
+/// A string borrowed from the input when it has no escapes, owned otherwise. (serde's own
+/// `Cow<str>` always allocates.)
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
 /// Attribute names and raw values, in order.
 struct Attributes<'a>(Vec<(Cow<'a, str>, &'a str)>);
 
@@ -211,7 +238,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
             }
             fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Attributes<'a>, M::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(4));
-                while let Some((k, v)) = map.next_entry::<Cow<'de, str>, &'de RawValue>()? {
+                while let Some((Text(k), v)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
                     out.push((k, v.get()));
                 }
                 Ok(Attributes(out))
@@ -445,6 +472,10 @@ mod tests {
     fn users_map_to_recipients_in_declaration_order() {
         let text = r#"[{"user_id":"u\u0031","attributes":{"phone":"138","address":{"city":"杭州"},"other":1}},{"user_id":"u2","attributes":{"phone":null}},{"attributes":{"phone":"1"},"user_id":"u1"}]"#;
         let users = parse_users_json(text.as_bytes()).unwrap();
+        // Strings without escapes are borrowed from the input; escaped ones are decoded.
+        assert!(matches!(users[0].id, Cow::Owned(_)) && users[0].id == "u1");
+        assert!(matches!(users[1].id, Cow::Borrowed("u2")));
+        assert!(matches!(users[1].attributes[0].0, Cow::Borrowed("phone")));
         let (ok, rejected) = screen(&users, &params());
         assert_eq!(ok.len(), 1);
         assert_eq!(
