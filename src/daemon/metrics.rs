@@ -47,6 +47,7 @@ pub struct Metrics {
     live_touchpoints: Gauge,
     reconcile_failures: Counter,
     reconcile_ok: Gauge,
+    problems: Counter,
 }
 
 impl Default for Metrics {
@@ -132,6 +133,12 @@ impl Default for Metrics {
             "Reconciles that changed nothing because the files or the plan had problems",
             reconcile_failures.clone(),
         );
+        let problems = Counter::default();
+        registry.register(
+            "problems",
+            "Problems no request caused (the queue file failing to write, say); each one is in the log",
+            problems.clone(),
+        );
         let reconcile_ok = Gauge::default();
         registry.register(
             "reconcile_ok",
@@ -155,6 +162,7 @@ impl Default for Metrics {
             live_touchpoints,
             reconcile_failures,
             reconcile_ok,
+            problems,
         }
     }
 }
@@ -240,6 +248,33 @@ impl Observer for Metrics {
     }
 
     fn problem(&self, message: &str) {
+        self.problems.inc();
         crate::daemon::log(&format!("error: {message}"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatch::worker::Observer;
+
+    #[test]
+    fn problems_are_counted_for_alerting() {
+        let m = Metrics::default();
+        let stats = Stats {
+            pending_batches: 2,
+            pending_recipients: 900,
+            held_batches: 0,
+            dead_batches: 1,
+            dead_recipients: 500,
+        };
+        assert!(m.render(&stats, 3).contains("touchctl_problems_total 0\n"));
+        m.problem("cannot record deliveries (retrying): disk full");
+        let text = m.render(&stats, 3);
+        assert!(text.contains("touchctl_problems_total 1\n"), "{text}");
+        assert!(
+            text.contains("touchctl_queue_pending_recipients 900\n"),
+            "{text}"
+        );
     }
 }
