@@ -232,6 +232,11 @@ pub struct DaemonArgs {
     /// How long to wait for open requests and in-flight deliveries when stopping.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
+    /// How long a fully delivered dispatch (its batches, attempt log and idempotency key) is kept
+    /// in the queue file. Dispatches with pending or dead batches are kept whatever their age.
+    /// `0s` keeps everything.
+    #[arg(long, default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
+    pub retention: std::time::Duration,
 }
 
 /// `touchctl dispatch` options.

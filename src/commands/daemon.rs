@@ -69,6 +69,7 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         max_queued: args.max_queued,
         client_timeout: args.client_timeout,
         drain: args.drain_timeout,
+        retention: args.retention,
     };
     runtime()?.block_on(daemon::run(config, |_| {}))?;
     Ok(OK)

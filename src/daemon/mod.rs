@@ -67,6 +67,8 @@ pub struct Config {
     pub client_timeout: Duration,
     /// How long to wait for in-flight work when stopping.
     pub drain: Duration,
+    /// How long fully delivered dispatches are kept; zero keeps them all.
+    pub retention: Duration,
 }
 
 /// Limits on requests.
@@ -316,6 +318,14 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         config.interval,
         stop_rx.clone(),
     ));
+    let pruner = (!config.retention.is_zero()).then(|| {
+        tokio::spawn(prune(
+            queue.clone(),
+            app.metrics.clone(),
+            config.retention,
+            stop_rx.clone(),
+        ))
+    });
     let server = tokio::spawn(serve(
         listener,
         api::router(app.clone()),
@@ -343,12 +353,61 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let _ = server.await;
     let _ = worker.await;
     let _ = supervisor.await;
+    if let Some(p) = pruner {
+        let _ = p.await;
+    }
     drop(watcher);
     if let Err(e) = queue.leave_daemon_slot() {
         log(&format!("error: {e}"));
     }
     log("stopped");
     Ok(())
+}
+
+/// Forgets fully delivered dispatches older than `retention`, checking every hour (or every
+/// `retention`, when that is shorter), a few hundred per transaction so claims are never held up.
+async fn prune(
+    queue: Arc<Queue>,
+    observer: Arc<dyn worker::Observer>,
+    retention: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    const PER_TRANSACTION: usize = 200;
+    let every = retention.clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let keep_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+        let before = crate::store::now_ms().saturating_sub(keep_ms);
+        let mut forgotten = 0;
+        loop {
+            let q = queue.clone();
+            match tokio::task::spawn_blocking(move || q.prune(before, PER_TRANSACTION)).await {
+                Ok(Ok(n)) => {
+                    forgotten += n;
+                    if n < PER_TRANSACTION || *stop.borrow() {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    observer.problem(&format!("cannot forget old dispatches: {e}"));
+                    break;
+                }
+                Err(e) => {
+                    observer.problem(&format!("cannot forget old dispatches: {e}"));
+                    break;
+                }
+            }
+        }
+        if forgotten > 0 {
+            log(&format!(
+                "forgot {forgotten} fully delivered dispatch(es) older than {} (--retention)",
+                humantime::format_duration(retention)
+            ));
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -66,6 +66,7 @@ CREATE INDEX IF NOT EXISTS batches_due ON batches(next_at)
     WHERE state = 'pending' AND held IS NULL;
 CREATE INDEX IF NOT EXISTS batches_dispatch ON batches(dispatch_id, idx);
 CREATE INDEX IF NOT EXISTS batches_touchpoint ON batches(touchpoint, state);
+CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches(created_at);
 CREATE TABLE IF NOT EXISTS attempts (
     batch_id   TEXT NOT NULL,
     attempt    INTEGER NOT NULL,
@@ -857,6 +858,45 @@ impl Queue {
         answer.recv().map_err(|_| gone())?
     }
 
+    /// Forgets up to `limit` dispatches whose batches were all delivered before `before` (ms since
+    /// the epoch): their batches, attempts and failures go, and their idempotency keys may be used
+    /// again. A dispatch with a pending or dead batch is kept, whatever its age. Returns how many
+    /// were forgotten; the space they took is reused by later triggers.
+    pub fn prune(&self, before: i64, limit: usize) -> Result<usize, QueueError> {
+        let mut conn = lock(&self.work);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let ids: Vec<String> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT d.id FROM dispatches d WHERE d.created_at < ?1 \
+                     AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.dispatch_id = d.id \
+                                     AND (b.state != 'delivered' OR b.updated_at >= ?1)) \
+                     LIMIT ?2",
+                )
+                .map_err(|e| self.err(e))?;
+            stmt.query_map(params![before, limit as i64], |r| r.get(0))
+                .and_then(|rows| rows.collect::<Result<_, _>>())
+                .map_err(|e| self.err(e))?
+        };
+        for id in &ids {
+            for sql in [
+                "DELETE FROM failures WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+                "DELETE FROM attempts WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+                "DELETE FROM payloads WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+                "DELETE FROM batches WHERE dispatch_id = ?1",
+                "DELETE FROM dispatches WHERE id = ?1",
+            ] {
+                tx.prepare_cached(sql)
+                    .and_then(|mut stmt| stmt.execute([id]))
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(ids.len())
+    }
+
     /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
     pub fn hold(&self, touchpoint: &str, reason: Option<&str>) -> Result<usize, QueueError> {
         lock(&self.work)
@@ -1240,10 +1280,59 @@ mod tests {
         );
         let (attempts, _) = q.history(&rest[0].id).unwrap();
         assert_eq!(attempts[0].outcome, "dead");
+        // Not everything is delivered: kept, however old.
+        assert_eq!(q.prune(now_ms() + 1_000_000, 100).unwrap(), 0);
+        assert!(q.dispatch(&r.dispatch_id).unwrap().is_some());
         // Claims of any size share one prepared statement, never prepared again.
         let conn = lock(&q.work);
         let stmt = conn.prepare_cached(CLAIM).unwrap();
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    #[test]
+    fn delivered_dispatches_are_forgotten_after_the_retention() {
+        let (_d, q) = open();
+        let h = head(Some("k1"));
+        let Enqueued::New(r) = q.enqueue(new(&h, 6)).unwrap() else {
+            panic!("new")
+        };
+        let now = now_ms();
+        let all = q.claim(now, 10, &[], &[]).unwrap();
+        let done: Vec<Completion> = all
+            .iter()
+            .map(|c| Completion {
+                batch_id: c.id.clone(),
+                attempt: 1,
+                generation: 1,
+                started_ms: now,
+                latency_ms: 1,
+                status: Some(200),
+                recipients: c.remaining,
+                delivered: c.remaining,
+                failed: vec![Rejected {
+                    user_id: "u0".into(),
+                    reason: "no".into(),
+                }],
+                remaining: None,
+                after: After::Done,
+                error: None,
+            })
+            .collect();
+        q.record(done).unwrap();
+        assert_eq!(q.prune(now - 1, 100).unwrap(), 0, "not old enough");
+        assert_eq!(q.prune(now_ms() + 1, 100).unwrap(), 1);
+        assert!(q.dispatch(&r.dispatch_id).unwrap().is_none());
+        assert!(q.history(&all[0].id).unwrap().0.is_empty());
+        let conn = lock(&q.work);
+        for table in ["dispatches", "batches", "attempts", "failures", "payloads"] {
+            let n: i64 = conn
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(n, 0, "{table}");
+        }
+        drop(conn);
+        // The key is free again.
+        assert!(matches!(q.enqueue(new(&h, 1)).unwrap(), Enqueued::New(_)));
     }
 
     #[test]

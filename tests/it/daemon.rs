@@ -464,6 +464,56 @@ fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
 }
 
 #[test]
+fn delivered_dispatches_are_forgotten_after_the_retention_and_dead_ones_kept() {
+    let sink = Sink::new(Arc::new(|_, body: &Value| {
+        if body["campaign"] == "doomed" {
+            (400, Vec::new(), "no such campaign".into(), Duration::ZERO)
+        } else {
+            (200, Vec::new(), "{}".into(), Duration::ZERO)
+        }
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &["--retention", "1s"]);
+    let mut delivered = trigger(150);
+    delivered["idempotency_key"] = json!("spring-1");
+    let (code, r) = d.dispatch(&delivered);
+    assert_eq!(code, 202, "{r}");
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    let mut doomed = trigger(10);
+    doomed["campaign"] = json!("doomed");
+    let (_, r) = d.dispatch(&doomed);
+    let dead_id = r["dispatch_id"].as_str().unwrap().to_string();
+    assert_eq!(d.wait_finished(&id)["delivered"], 150);
+    assert_eq!(d.wait_finished(&dead_id)["dead"], 10);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (code, _) = d.call("GET", &format!("/v1/dispatches/{id}"), None);
+        if code == 404 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delivered dispatch was never forgotten\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        d.log()
+            .contains("forgot 1 fully delivered dispatch(es) older than 1s"),
+        "{}",
+        d.log()
+    );
+    // The dead letter stays, to be seen and replayed, however old.
+    let (code, s) = d.call("GET", &format!("/v1/dispatches/{dead_id}"), None);
+    assert_eq!((code, &s["dead"]), (200, &json!(10)), "{s}");
+    // The idempotency key went with its dispatch: the same trigger is a new dispatch now.
+    let (code, again) = d.dispatch(&delivered);
+    assert_eq!(code, 202);
+    assert_ne!(again["dispatch_id"], json!(id));
+}
+
+#[test]
 fn a_git_source_reconciles_only_committed_content() {
     let sink = Sink::ok();
     let p = Project::empty();
