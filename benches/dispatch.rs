@@ -101,6 +101,20 @@ fn params() -> DynamicParams {
     p
 }
 
+/// One baseline POST of a batch body, as the daemon sends it (Bearer token, JSON).
+async fn send_batch(client: &reqwest::Client, url: &str, bytes: Vec<u8>) {
+    let r = client
+        .post(url)
+        .bearer_auth("bench-token")
+        .header("content-type", "application/json")
+        .body(bytes)
+        .send()
+        .await
+        .expect("baseline POST");
+    assert!(r.status().is_success());
+    let _ = r.bytes().await;
+}
+
 /// The baseline: a bare loop that builds the same batch bodies (the same code, from the same users
 /// already in memory) and POSTs them with the same concurrency; nothing stored, no API, no queue.
 async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize) -> f64 {
@@ -145,17 +159,7 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
                     count: batches as u32,
                     template: r#"{"text":"会员日满100减20"}"#,
                 };
-                let bytes = body(&env, users, &params);
-                let r = client
-                    .post(&url)
-                    .bearer_auth("bench-token")
-                    .header("content-type", "application/json")
-                    .body(bytes)
-                    .send()
-                    .await
-                    .expect("baseline POST");
-                assert!(r.status().is_success());
-                let _ = r.bytes().await;
+                send_batch(&client, &url, body(&env, users, &params)).await;
             }
         }));
     }
@@ -215,16 +219,7 @@ async fn baseline_from_triggers(
             loop {
                 let next = rx.lock().await.recv().await;
                 let Some(bytes) = next else { break };
-                let r = client
-                    .post(&url)
-                    .bearer_auth("bench-token")
-                    .header("content-type", "application/json")
-                    .body(bytes)
-                    .send()
-                    .await
-                    .expect("baseline POST");
-                assert!(r.status().is_success());
-                let _ = r.bytes().await;
+                send_batch(&client, &url, bytes).await;
             }
         }));
     }
