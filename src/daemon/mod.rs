@@ -384,16 +384,16 @@ async fn prune(
         let mut forgotten = 0;
         loop {
             let q = queue.clone();
-            match tokio::task::spawn_blocking(move || q.prune(before, PER_TRANSACTION)).await {
-                Ok(Ok(n)) => {
+            let pruned = tokio::task::spawn_blocking(move || q.prune(before, PER_TRANSACTION))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match pruned {
+                Ok(n) => {
                     forgotten += n;
                     if n < PER_TRANSACTION || *stop.borrow() {
                         break;
                     }
-                }
-                Ok(Err(e)) => {
-                    observer.problem(&format!("cannot forget old dispatches: {e}"));
-                    break;
                 }
                 Err(e) => {
                     observer.problem(&format!("cannot forget old dispatches: {e}"));

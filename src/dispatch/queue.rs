@@ -404,6 +404,12 @@ enum Work {
         Vec<Completion>,
         std::sync::mpsc::SyncSender<Result<(), QueueError>>,
     ),
+    /// Forgetting delivered dispatches older than the first value, at most the second many.
+    Prune(
+        i64,
+        usize,
+        std::sync::mpsc::SyncSender<Result<usize, QueueError>>,
+    ),
 }
 
 /// Writes in groups: everything waiting goes into one transaction. The commit is fsync'd when
@@ -436,6 +442,7 @@ fn writer(
             source,
         };
         let mut settled = 0i64;
+        let mut pruned = Vec::new();
         let written = (|| -> Result<Vec<Result<Option<Enqueued>, QueueError>>, rusqlite::Error> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(group.len());
@@ -449,6 +456,10 @@ fn writer(
                         settled += write_record(&tx, done)?;
                         Ok(None)
                     }
+                    Work::Prune(before, limit, _) => {
+                        pruned.push(write_prune(&tx, *before, *limit)?);
+                        Ok(None)
+                    }
                 });
             }
             tx.commit()?;
@@ -457,6 +468,7 @@ fn writer(
         match written {
             Ok(results) => {
                 pending.fetch_sub(settled, Ordering::Relaxed);
+                let mut pruned = pruned.into_iter();
                 for (work, result) in group.into_iter().zip(results) {
                     match work {
                         Work::Enqueue(_, reply) => {
@@ -470,6 +482,9 @@ fn writer(
                         Work::Record(_, reply) => {
                             let _ = reply.send(result.map(|_| ()));
                         }
+                        Work::Prune(_, _, reply) => {
+                            let _ = reply.send(Ok(pruned.next().unwrap_or_default()));
+                        }
                     }
                 }
             }
@@ -481,6 +496,9 @@ fn writer(
                             let _ = reply.send(Err(QueueError::Write(message.clone())));
                         }
                         Work::Record(_, reply) => {
+                            let _ = reply.send(Err(QueueError::Write(message.clone())));
+                        }
+                        Work::Prune(_, _, reply) => {
                             let _ = reply.send(Err(QueueError::Write(message.clone())));
                         }
                     }
@@ -660,6 +678,36 @@ fn write_record(
     Ok(settled)
 }
 
+/// Forgets up to `limit` fully delivered dispatches older than `before`, inside the writer's
+/// transaction (see [`Queue::prune`]).
+fn write_prune(
+    tx: &rusqlite::Transaction<'_>,
+    before: i64,
+    limit: usize,
+) -> Result<usize, rusqlite::Error> {
+    let ids: Vec<String> = tx
+        .prepare_cached(
+            "SELECT d.id FROM dispatches d WHERE d.created_at < ?1 \
+             AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.dispatch_id = d.id \
+                             AND (b.state != 'delivered' OR b.updated_at >= ?1)) \
+             LIMIT ?2",
+        )?
+        .query_map(params![before, limit as i64], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for id in &ids {
+        for sql in [
+            "DELETE FROM failures WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+            "DELETE FROM attempts WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+            "DELETE FROM payloads WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+            "DELETE FROM batches WHERE dispatch_id = ?1",
+            "DELETE FROM dispatches WHERE id = ?1",
+        ] {
+            tx.prepare_cached(sql)?.execute([id])?;
+        }
+    }
+    Ok(ids.len())
+}
+
 /// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
 const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
      FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
@@ -795,8 +843,8 @@ impl Queue {
         answer.recv().map_err(|_| gone())?
     }
 
-    /// Up to `limit` (at most 256) due batches, oldest due first, leaving out the batches in `busy` (being sent)
-    /// and the touchpoints in `skip` (at their concurrency or rate limit). Reads only.
+    /// Up to `limit` (at most 256) due batches, oldest due first, leaving out the batches in `busy`
+    /// (being sent) and the touchpoints in `skip` (at their concurrency or rate limit). Reads only.
     pub fn claim(
         &self,
         now: i64,
@@ -863,38 +911,15 @@ impl Queue {
     /// again. A dispatch with a pending or dead batch is kept, whatever its age. Returns how many
     /// were forgotten; the space they took is reused by later triggers.
     pub fn prune(&self, before: i64, limit: usize) -> Result<usize, QueueError> {
-        let mut conn = lock(&self.work);
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
-        let ids: Vec<String> = {
-            let mut stmt = tx
-                .prepare_cached(
-                    "SELECT d.id FROM dispatches d WHERE d.created_at < ?1 \
-                     AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.dispatch_id = d.id \
-                                     AND (b.state != 'delivered' OR b.updated_at >= ?1)) \
-                     LIMIT ?2",
-                )
-                .map_err(|e| self.err(e))?;
-            stmt.query_map(params![before, limit as i64], |r| r.get(0))
-                .and_then(|rows| rows.collect::<Result<_, _>>())
-                .map_err(|e| self.err(e))?
-        };
-        for id in &ids {
-            for sql in [
-                "DELETE FROM failures WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
-                "DELETE FROM attempts WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
-                "DELETE FROM payloads WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
-                "DELETE FROM batches WHERE dispatch_id = ?1",
-                "DELETE FROM dispatches WHERE id = ?1",
-            ] {
-                tx.prepare_cached(sql)
-                    .and_then(|mut stmt| stmt.execute([id]))
-                    .map_err(|e| self.err(e))?;
-            }
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(ids.len())
+        // Through the writer thread, like every write: no connection waits on another's lock.
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let gone = || QueueError::Write("the queue's writer thread stopped".into());
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Work::Prune(before, limit, reply))
+            .map_err(|_| gone())?;
+        answer.recv().map_err(|_| gone())?
     }
 
     /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
