@@ -291,20 +291,20 @@ impl<'a> RawTrigger<'a> {
     pub fn from_ndjson(body: &'a [u8]) -> Result<Self, String> {
         let mut head = None;
         let mut users = Vec::new();
-        for (i, line) in body.split(|&b| b == b'\n').enumerate() {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.iter().all(u8::is_ascii_whitespace) {
+        for (i, line) in utf8(body)?.split('\n').enumerate() {
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if line.bytes().all(|b| b.is_ascii_whitespace()) {
                 continue;
             }
             if head.is_none() {
-                head = Some(serde_json::from_slice::<TriggerHead>(line).map_err(|e| {
+                head = Some(serde_json::from_str::<TriggerHead>(line).map_err(|e| {
                     format!(
                         "line {}: the first line must be the trigger head {{\"touchpoint\", \"campaign\", \"idempotency_key\", \"template_params\"}}: {e}",
                         i + 1
                     )
                 })?);
             } else {
-                users.push(serde_json::from_slice(line).map_err(|e| {
+                users.push(serde_json::from_str(line).map_err(|e| {
                     format!(
                         "line {}: not a user {{\"user_id\", \"attributes\": {{...}}}}: {e}",
                         i + 1
@@ -574,6 +574,14 @@ mod tests {
                 .err()
                 .unwrap(),
             "the body is not UTF-8: invalid bytes at line 2 column 14"
+        );
+        assert_eq!(
+            RawTrigger::from_ndjson(
+                b"{\"touchpoint\":\"t\",\"campaign\":\"c\"}\n{\"user_id\":\"\xfe\"}"
+            )
+            .err()
+            .unwrap(),
+            "the body is not UTF-8: invalid bytes at line 2 column 13"
         );
     }
 }
