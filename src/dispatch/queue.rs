@@ -833,12 +833,20 @@ impl Queue {
             accepted: d.users.len(),
             rejected: d.rejected,
         };
+        self.submit(|reply| Work::Enqueue(job, reply))
+    }
+
+    /// Hands work to the writer thread and waits for its answer.
+    fn submit<T>(
+        &self,
+        work: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, QueueError>>) -> Work,
+    ) -> Result<T, QueueError> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
         let gone = || QueueError::Write("the queue's writer thread stopped".into());
         self.writer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .send(Work::Enqueue(job, reply))
+            .send(work(reply))
             .map_err(|_| gone())?;
         answer.recv().map_err(|_| gone())?
     }
@@ -896,14 +904,7 @@ impl Queue {
         if done.is_empty() {
             return Ok(());
         }
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let gone = || QueueError::Write("the queue's writer thread stopped".into());
-        self.writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Work::Record(done, reply))
-            .map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        self.submit(|reply| Work::Record(done, reply))
     }
 
     /// Forgets up to `limit` dispatches whose batches were all delivered before `before` (ms since
@@ -912,14 +913,7 @@ impl Queue {
     /// were forgotten; the space they took is reused by later triggers.
     pub fn prune(&self, before: i64, limit: usize) -> Result<usize, QueueError> {
         // Through the writer thread, like every write: no connection waits on another's lock.
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let gone = || QueueError::Write("the queue's writer thread stopped".into());
-        self.writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Work::Prune(before, limit, reply))
-            .map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+        self.submit(|reply| Work::Prune(before, limit, reply))
     }
 
     /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
