@@ -348,18 +348,9 @@ fn a_broken_file_does_not_take_a_live_touchpoint_down() {
         "touchpoints/sms.toml",
         &good.replace("batch_size = 500", "batch_size = 0"),
     );
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        let (_, s) = d.call("GET", "/v1/status", None);
-        if s["reconcile"]["ok"] == false {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the broken file was never noticed: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = d.wait_until("/v1/status", "the broken file was never noticed", |_, s| {
+        s["reconcile"]["ok"] == false
+    });
     let diag = &status["reconcile"]["diagnostics"][0];
     assert_eq!(diag["code"], "out-of-range");
     assert!(diag["path"].as_str().unwrap().ends_with("sms.toml"));
@@ -434,18 +425,9 @@ fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
     );
     p.write("touchpoints/sms.toml", &changed);
     p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, tps) = d.call("GET", "/v1/touchpoints", None);
-        if tps["touchpoints"][0]["generation"] == 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the change was never seen: {tps}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_until("/v1/touchpoints", "the change was never seen", |_, tps| {
+        tps["touchpoints"][0]["generation"] == 2
+    });
     sink.answer_with(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::ZERO)
     }));
@@ -485,19 +467,11 @@ fn delivered_dispatches_are_forgotten_after_the_retention_and_dead_ones_kept() {
     let dead_id = r["dispatch_id"].as_str().unwrap().to_string();
     assert_eq!(d.wait_finished(&id)["delivered"], 150);
     assert_eq!(d.wait_finished(&dead_id)["dead"], 10);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (code, _) = d.call("GET", &format!("/v1/dispatches/{id}"), None);
-        if code == 404 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the delivered dispatch was never forgotten\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    d.wait_until(
+        &format!("/v1/dispatches/{id}"),
+        "the delivered dispatch was never forgotten",
+        |code, _| code == 404,
+    );
     assert!(
         d.log()
             .contains("forgot 1 fully delivered dispatch(es) older than 1s"),
@@ -535,19 +509,10 @@ fn a_git_source_reconciles_only_committed_content() {
     let (_, s) = d.call("GET", "/v1/status", None);
     assert_eq!(s["touchpoints"]["live"], 1, "{s}");
     let second = p.commit_all("points");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, s) = d.call("GET", "/v1/status", None);
-        if s["touchpoints"]["live"] == 2 {
-            assert_eq!(s["reconcile"]["commit"], second.as_str());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the commit was never reconciled: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let s = d.wait_until("/v1/status", "the commit was never reconciled", |_, s| {
+        s["touchpoints"]["live"] == 2
+    });
+    assert_eq!(s["reconcile"]["commit"], second.as_str());
     let commit: String = p.query_one("SELECT source_commit FROM touchpoints WHERE id = 'points'");
     assert_eq!(commit, second);
 }
@@ -715,18 +680,11 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     let (code, tp) = d.call("POST", "/v1/touchpoints/sms/pause", None);
     assert_eq!(code, 200);
     assert_eq!(tp["paused"], true);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, s) = d.call("GET", &format!("/v1/dispatches/{id}"), None);
-        if s["batches"]["held"] == 3 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the batches were never held: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_until(
+        &format!("/v1/dispatches/{id}"),
+        "the batches were never held",
+        |_, s| s["batches"]["held"] == 3,
+    );
     sink.answer_with(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::ZERO)
     }));
@@ -747,18 +705,11 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     p.remove("touchpoints/sms.toml");
     p.run_env(&["apply", "--auto-approve", "--allow-delete"], &ENV)
         .code(0);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, tps) = d.call("GET", "/v1/touchpoints", None);
-        if tps["gone_with_pending_work"][0]["held_batches"] == 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the parked work is not visible: {tps}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_until(
+        "/v1/touchpoints",
+        "the parked work is not visible",
+        |_, tps| tps["gone_with_pending_work"][0]["held_batches"] == 1,
+    );
     let listed = p.run(&["deliveries", "list", "--status", "pending"]);
     listed.stdout_has("held: the touchpoint is no longer in the registry");
     sink.answer_with(Arc::new(|_, _| {

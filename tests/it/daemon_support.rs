@@ -125,22 +125,34 @@ impl Daemon {
         )
     }
 
-    /// Waits until the dispatch is finished (every batch delivered or dead); returns its status.
-    pub fn wait_finished(&self, dispatch_id: &str) -> Value {
+    /// Polls `GET path` until `done` accepts the answer (status and body), for at most
+    /// `PATIENCE`; returns that body. `what` says what was awaited when it never comes.
+    pub fn wait_until(&self, path: &str, what: &str, done: impl Fn(u16, &Value) -> bool) -> Value {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let (code, s) = self.call("GET", &format!("/v1/dispatches/{dispatch_id}"), None);
-            assert_eq!(code, 200, "{s}");
-            if s["finished"] == true {
-                return s;
+            let (code, body) = self.call("GET", path, None);
+            if done(code, &body) {
+                return body;
             }
             assert!(
                 Instant::now() < deadline,
-                "dispatch {dispatch_id} did not finish: {s}\n{}",
+                "{what}: HTTP {code} {body}\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until the dispatch is finished (every batch delivered or dead); returns its status.
+    pub fn wait_finished(&self, dispatch_id: &str) -> Value {
+        self.wait_until(
+            &format!("/v1/dispatches/{dispatch_id}"),
+            &format!("dispatch {dispatch_id} did not finish"),
+            |code, s| {
+                assert_eq!(code, 200, "{s}");
+                s["finished"] == true
+            },
+        )
     }
 }
 
