@@ -29,6 +29,9 @@ enum Origin<'a> {
     File(&'a Path, &'a str),
 }
 
+/// Secret origins are few and short: a fast hasher (seeded per map) beats SipHash here.
+type Fast<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 fn key<'a>(r: &'a SecretRef, dir: &'a Path) -> Origin<'a> {
     match r {
         SecretRef::Env { env } => Origin::Env(env),
@@ -42,14 +45,14 @@ pub fn fingerprints(
     desired: &Desired,
     registry: &dyn Registry,
 ) -> Result<Vec<BTreeMap<String, String>>, PlanError> {
-    let mut distinct: HashMap<Origin<'_>, (&SecretRef, &Path)> = HashMap::new();
+    let mut distinct: Fast<Origin<'_>, (&SecretRef, &Path)> = Fast::default();
     for l in &desired.touchpoints {
         for (_, r) in l.touchpoint.secrets() {
             distinct.entry(key(r, &l.dir)).or_insert((r, &l.dir));
         }
     }
     let fp = registry.fingerprinter();
-    let resolved: HashMap<Origin<'_>, Result<String, String>> = distinct
+    let resolved: Fast<Origin<'_>, Result<String, String>> = distinct
         .into_par_iter()
         .map(|(o, (r, dir))| {
             let result = r
@@ -140,7 +143,10 @@ fn plan_against(
         .collect();
     let (changes, drift) = plan::diff(&specs, &live);
     // Many small allocations: free them on all cores.
-    live.into_par_iter().for_each(drop);
+    rayon::join(
+        || live.into_par_iter().for_each(drop),
+        || specs.into_par_iter().for_each(drop),
+    );
     Ok(Plan {
         format_version: plan::FORMAT_VERSION.into(),
         touchctl_version: env!("CARGO_PKG_VERSION").into(),

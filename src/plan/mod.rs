@@ -8,7 +8,7 @@
 mod markdown;
 mod render;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -45,6 +45,16 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Live touchpoints changed outside apply.
     pub drift: Vec<Drift>,
+}
+
+impl Drop for Plan {
+    /// A plan of a large tree is many small allocations: free them on all cores.
+    fn drop(&mut self) {
+        use rayon::prelude::*;
+        std::mem::take(&mut self.changes)
+            .into_par_iter()
+            .for_each(drop);
+    }
 }
 
 /// The registry a plan was made against.
@@ -240,16 +250,24 @@ pub struct DesiredSpec<'a> {
 /// Compares desired (sorted by id) with live (sorted by id): one [`Change`] per touchpoint, and the drift.
 pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Drift>) {
     use rayon::prelude::*;
-    let live_by_id: HashMap<&str, &Live> = live.iter().map(|l| (l.id.as_str(), l)).collect();
+    // Both sides come sorted by id, so lookups are binary searches; no map is built.
+    let live_ids = sorted_ids(live.iter().map(|l| l.id.as_str()));
+    let live_of = |id: &str| {
+        live_ids
+            .binary_search_by(|(l, _)| (*l).cmp(id))
+            .ok()
+            .map(|i| &live[live_ids[i].1])
+    };
     let mut changes: Vec<Change> = desired
         .par_iter()
-        .map(|d| match live_by_id.get(d.id) {
+        .map(|d| match live_of(d.id) {
             None => create(d),
             Some(l) => update(d, l),
         })
         .collect();
-    let desired_ids: HashSet<&str> = desired.iter().map(|d| d.id).collect();
-    for l in live.iter().filter(|l| !desired_ids.contains(l.id.as_str())) {
+    let desired_ids = sorted_ids(desired.iter().map(|d| d.id));
+    let wanted = |id: &str| desired_ids.binary_search_by(|(d, _)| (*d).cmp(id)).is_ok();
+    for l in live.iter().filter(|l| !wanted(&l.id)) {
         let protected = is_protected(&l.spec().value());
         changes.push(Change {
             id: l.id.clone(),
@@ -269,6 +287,16 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
     changes.sort_by(|a, b| a.id.cmp(&b.id));
     let drift = live.par_iter().filter_map(drift_of).collect();
     (changes, drift)
+}
+
+/// Ids with their positions, sorted by id: as given when they already are (the usual case), so
+/// this is one pass.
+fn sorted_ids<'a>(ids: impl Iterator<Item = &'a str>) -> Vec<(&'a str, usize)> {
+    let mut out: Vec<(&str, usize)> = ids.enumerate().map(|(i, id)| (id, i)).collect();
+    if !out.is_sorted_by(|a, b| a.0 <= b.0) {
+        out.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+    out
 }
 
 fn is_protected(spec: &Value) -> bool {
@@ -545,6 +573,33 @@ mod tests {
         assert_eq!(changes[1].fields[0].before, Some(json!(100)));
         assert!(changes[3].protected);
         assert!(drift.is_empty());
+    }
+
+    #[test]
+    fn input_order_does_not_matter() {
+        let spec = |id: &str| json!({"id": id, "auth_token": {"env": "T"}});
+        let specs: Vec<Value> = ["e", "a", "c"].iter().map(|id| spec(id)).collect();
+        let want: Vec<DesiredSpec<'_>> = ["e", "a", "c"]
+            .iter()
+            .zip(&specs)
+            .map(|(id, s)| desired(id, s, "fp1"))
+            .collect();
+        let have: Vec<Live> = ["d", "c", "a", "b"]
+            .iter()
+            .map(|id| live(id, spec(id)))
+            .collect();
+        let (changes, _) = diff(&want, &have);
+        let actions: Vec<_> = changes.iter().map(|c| (c.id.as_str(), c.action)).collect();
+        assert_eq!(
+            actions,
+            [
+                ("a", Action::NoOp),
+                ("b", Action::Delete),
+                ("c", Action::NoOp),
+                ("d", Action::Delete),
+                ("e", Action::Create)
+            ]
+        );
     }
 
     #[test]
