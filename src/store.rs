@@ -47,11 +47,14 @@ fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a connection waits for another one's lock before giving up.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens an existing database file in WAL mode with the given durability.
 pub fn connect(path: &Path, sync: Sync) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_WAIT)?;
+    wal(&conn)?;
     conn.pragma_update(
         None,
         "synchronous",
@@ -61,6 +64,24 @@ pub fn connect(path: &Path, sync: Sync) -> rusqlite::Result<Connection> {
         },
     )?;
     Ok(conn)
+}
+
+/// Switches the file to WAL mode. Switching a new file takes an exclusive lock, and SQLite
+/// answers "busy" at once, without waiting, when another process switching the same new file at
+/// the same moment holds it: so retry, for as long as any other statement would wait.
+fn wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_WAIT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
 }
 
 /// `bytes` random bytes as hex.
