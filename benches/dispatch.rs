@@ -117,7 +117,12 @@ async fn send_batch(client: &reqwest::Client, url: &str, bytes: Vec<u8>) {
 
 /// The baseline: a bare loop that builds the same batch bodies (the same code, from the same users
 /// already in memory) and POSTs them with the same concurrency; nothing stored, no API, no queue.
-async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize) -> f64 {
+async fn baseline(
+    url: &str,
+    recipients: usize,
+    batch: usize,
+    concurrency: usize,
+) -> (f64, Duration) {
     let all: Vec<String> = users(recipients, 0).iter().map(Value::to_string).collect();
     // Leaked so the parsed users can borrow from it in every task; freed with the process.
     let stored: &'static [String] = Vec::leak(
@@ -134,7 +139,7 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
     let parsed = Arc::new(parsed);
     let next = Arc::new(AtomicU64::new(0));
     let batches = parsed.len();
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_self());
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let (client, params, parsed, next, url) = (
@@ -166,7 +171,8 @@ async fn baseline(url: &str, recipients: usize, batch: usize, concurrency: usize
     for t in tasks {
         t.await.unwrap();
     }
-    recipients as f64 / start.elapsed().as_secs_f64()
+    let rate = recipients as f64 / start.elapsed().as_secs_f64();
+    (rate, (cpu_self() - cpu0) / recipients as u32)
 }
 
 /// The second baseline: the same bare loop, but starting from the triggers as the daemon gets
@@ -178,7 +184,7 @@ async fn baseline_from_triggers(
     triggers: Arc<Vec<Vec<u8>>>,
     batch: usize,
     concurrency: usize,
-) -> f64 {
+) -> (f64, Duration) {
     let total: usize = triggers
         .iter()
         .map(|t| RawTrigger::from_json(t).expect("trigger").users.len())
@@ -186,7 +192,7 @@ async fn baseline_from_triggers(
     let client = reqwest::Client::new();
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    let start = Instant::now();
+    let (start, cpu0) = (Instant::now(), cpu_self());
     let mut parsers = Vec::new();
     for k in 0..2 {
         let (triggers, tx) = (triggers.clone(), tx.clone());
@@ -229,13 +235,14 @@ async fn baseline_from_triggers(
     for s in senders {
         s.await.unwrap();
     }
-    total as f64 / start.elapsed().as_secs_f64()
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    (rate, (cpu_self() - cpu0) / total as u32)
 }
 
 /// A ceiling for anything that reads every user once with the daemon's parser: the same triggers
 /// read (and dropped) on both cores, nothing else.
-fn parse_ceiling(triggers: &[Vec<u8>]) -> f64 {
-    let start = Instant::now();
+fn parse_ceiling(triggers: &[Vec<u8>]) -> (f64, Duration) {
+    let (start, cpu0) = (Instant::now(), cpu_self());
     let users: usize = std::thread::scope(|s| {
         let halves: Vec<_> = (0..2)
             .map(|k| {
@@ -251,7 +258,104 @@ fn parse_ceiling(triggers: &[Vec<u8>]) -> f64 {
             .collect();
         halves.into_iter().map(|h| h.join().unwrap()).sum()
     });
-    users as f64 / start.elapsed().as_secs_f64()
+    let rate = users as f64 / start.elapsed().as_secs_f64();
+    (rate, (cpu_self() - cpu0) / users as u32)
+}
+
+/// The queue's own work, in this process with no HTTP: the users of each trigger (read before
+/// the clock starts) screened and enqueued (stored form, fsync'd commit) from two threads, as the
+/// API's tasks do; then every batch claimed, read back and recorded as delivered. Returns the
+/// rate and the CPU time per recipient (every thread, the queue's writer included).
+fn queue_alone(triggers: &[Vec<u8>], batch: usize) -> (f64, Duration) {
+    use touchctl::dispatch::queue::{After, Completion, NewDispatch, Queue};
+    use touchctl::dispatch::user::{parse_stored, screen};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let queue = Queue::open(&dir.path().join("queue.db")).expect("queue");
+    let parsed: Vec<RawTrigger<'_>> = triggers
+        .iter()
+        .map(|t| RawTrigger::from_json(t).expect("trigger"))
+        .collect();
+    let params = params();
+    let (start, cpu0) = (Instant::now(), cpu_self());
+    std::thread::scope(|s| {
+        for k in 0..2 {
+            let (queue, parsed, params) = (&queue, &parsed, &params);
+            s.spawn(move || {
+                for trigger in parsed.iter().skip(k).step_by(2) {
+                    let (users, rejected) = screen(&trigger.users, params);
+                    queue
+                        .enqueue(NewDispatch {
+                            head: &trigger.head,
+                            generation: 1,
+                            batch_size: batch,
+                            users,
+                            rejected,
+                        })
+                        .expect("enqueue");
+                }
+            });
+        }
+    });
+    let mut delivered = 0usize;
+    loop {
+        let claimed = queue
+            .claim(touchctl::store::now_ms(), 256, &[], &[])
+            .expect("claim");
+        if claimed.is_empty() {
+            break;
+        }
+        let done: Vec<Completion> = claimed
+            .iter()
+            .map(|c| {
+                let users = parse_stored(&c.users).expect("stored batch").len() as u32;
+                delivered += users as usize;
+                Completion {
+                    batch_id: c.id.clone(),
+                    attempt: 1,
+                    generation: 1,
+                    started_ms: touchctl::store::now_ms(),
+                    latency_ms: 1,
+                    status: Some(200),
+                    recipients: users,
+                    delivered: users,
+                    failed: Vec::new(),
+                    remaining: None,
+                    after: After::Done,
+                    error: None,
+                }
+            })
+            .collect();
+        queue.record(done).expect("record");
+    }
+    let rate = delivered as f64 / start.elapsed().as_secs_f64();
+    (rate, (cpu_self() - cpu0) / delivered.max(1) as u32)
+}
+
+/// CPU time (user and system) this process has used so far, all threads.
+fn cpu_self() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes the struct it is given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage failed");
+    // SAFETY: initialised by the successful call above.
+    let usage = unsafe { usage.assume_init() };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
+}
+
+/// CPU time (user and system) another process has used so far, from `/proc/PID/stat`.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // The fields after the command name, which is in parentheses and may hold spaces: the
+    // first is field 3 (state), so utime (field 14) and stime (15) are at 11 and 12.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 1..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Duration::from_secs_f64(ticks as f64 / hz)
 }
 
 struct Daemon {
@@ -387,26 +491,27 @@ fn main() {
 
     // Warm the sink and both paths once.
     rt.block_on(baseline(&sink, 20_000, batch, concurrency));
-    let base_rate = rt.block_on(baseline(&sink, recipients, batch, concurrency));
+    let (base_rate, base_cpu) = rt.block_on(baseline(&sink, recipients, batch, concurrency));
     let triggers = Arc::new(triggers);
-    let base_bytes_rate = rt.block_on(baseline_from_triggers(
+    let (base_bytes_rate, base_bytes_cpu) = rt.block_on(baseline_from_triggers(
         &sink,
         triggers.clone(),
         batch,
         concurrency,
     ));
-    let ceiling = parse_ceiling(&triggers);
+    let (ceiling, ceiling_cpu) = parse_ceiling(&triggers);
+    let (queue_rate, queue_cpu) = queue_alone(&triggers, batch);
 
     let daemon = start_daemon(dir, &["--concurrency", &concurrency.to_string()]);
     let client = reqwest::Client::new();
-    let daemon_rate = rt.block_on(async {
+    let (daemon_rate, daemon_cpu) = rt.block_on(async {
         // Warm-up trigger.
         let before = seen.recipients.load(Ordering::Relaxed);
         post(&client, &daemon.url, triggers[0].clone()).await;
         while seen.recipients.load(Ordering::Relaxed) < before + per_trigger as u64 {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        let start = Instant::now();
+        let (start, cpu0) = (Instant::now(), cpu_self() + cpu_of(daemon.child.id()));
         let target =
             seen.recipients.load(Ordering::Relaxed) + (triggers.len() * per_trigger) as u64;
         // Triggers go in from several clients at once, as a platform would send them.
@@ -430,7 +535,12 @@ fn main() {
             );
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        (triggers.len() * per_trigger) as f64 / start.elapsed().as_secs_f64()
+        let total = triggers.len() * per_trigger;
+        let cpu = cpu_self() + cpu_of(daemon.child.id()) - cpu0;
+        (
+            total as f64 / start.elapsed().as_secs_f64(),
+            cpu / total as u32,
+        )
     });
 
     // Latency at half the daemon's rate: one-batch triggers at a steady pace.
@@ -516,6 +626,32 @@ fn main() {
         "  ceiling: the same triggers only read with the daemon's parser, both cores:          {:>9.0} recipients/s (ceiling / parsed-users loop: {:.2})",
         ceiling,
         ceiling / base_rate
+    );
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    // A daemon must at least read each user, store it through the queue, build its body and
+    // POST it: the from-triggers loop's cost plus the queue's. On two cores that caps its rate.
+    let floor = base_bytes_cpu + queue_cpu;
+    let cap = 2.0 / floor.as_secs_f64();
+    println!(
+        "  queue alone, no HTTP (screen, store, fsync'd write, claim, read back, record):     {:>9.0} recipients/s",
+        queue_rate
+    );
+    println!(
+        "  CPU per recipient, every thread of every process involved (sink and clients included):"
+    );
+    println!(
+        "    from-triggers loop {:.2} µs, parsed-users loop {:.2} µs, reading only {:.2} µs, queue alone {:.2} µs, daemon {:.2} µs",
+        us(base_bytes_cpu),
+        us(base_cpu),
+        us(ceiling_cpu),
+        us(queue_cpu),
+        us(daemon_cpu)
+    );
+    println!(
+        "    a daemon that reads, queues and sends each user needs at least {:.2} µs (from-triggers loop + queue alone): at most {:.0} recipients/s on 2 cores, {:.2} of the baseline",
+        us(floor),
+        cap,
+        cap / base_bytes_rate
     );
     println!(
         "  trigger-to-first-attempt at {:.0} recipients/s ({} one-batch triggers): p50 {:.1} ms, p99 {:.1} ms (target: p99 under 50 ms); {} of {} measured",
