@@ -28,6 +28,12 @@ use super::user::UserRef;
 use super::{Rejected, TriggerHead};
 use crate::store::{self, Sync, now_ms};
 
+/// The queue file's format, kept in `meta`. 1: batches stored as JSON or in the first
+/// length-prefixed form (files from before the format was recorded count as 1). 2: batches may be
+/// in the split form too. A touchctl refuses a file of a newer format rather than dead-letter
+/// batches it cannot read.
+const FORMAT: i64 = 2;
+
 const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS dispatches (
@@ -126,6 +132,18 @@ pub enum QueueError {
         campaign: String,
         /// Its first dispatch.
         dispatch_id: String,
+    },
+    /// The file was written by a newer touchctl, whose stored batches this one may not read.
+    #[error(
+        "the queue file {path} has format {found}, newer than this touchctl understands ({supported}): upgrade touchctl, or give --queue another file"
+    )]
+    TooNew {
+        /// The file.
+        path: String,
+        /// Its format, as recorded.
+        found: String,
+        /// This build's format.
+        supported: i64,
     },
     /// A group of triggers could not be written (nothing of it was stored).
     #[error("cannot store the trigger: {0}")]
@@ -708,6 +726,44 @@ fn write_prune(
     Ok(ids.len())
 }
 
+/// Refuses a file of a newer format; marks an older one with this format, since batches this
+/// version stores may be in forms older versions cannot read.
+fn mark_format(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
+    let sql = |source| QueueError::Sqlite {
+        path: path.to_string(),
+        source,
+    };
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sql)?;
+    let found: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql)?;
+    // A format that is not a number is none this version knows either.
+    let known = match found.as_deref().map(str::parse::<i64>) {
+        None => 1,
+        Some(Ok(n)) if n <= FORMAT => n,
+        _ => {
+            return Err(QueueError::TooNew {
+                path: path.to_string(),
+                found: found.unwrap_or_default(),
+                supported: FORMAT,
+            });
+        }
+    };
+    if known < FORMAT {
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?1)",
+            [FORMAT.to_string()],
+        )
+        .map_err(sql)?;
+    }
+    tx.commit().map_err(sql)
+}
+
 /// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
 const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
      FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
@@ -743,8 +799,9 @@ impl Queue {
             path: shown.clone(),
             source,
         };
-        let accept = store::connect(path, Sync::Full).map_err(sql)?;
+        let mut accept = store::connect(path, Sync::Full).map_err(sql)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
+        mark_format(&mut accept, &shown)?;
         let work = store::connect(path, Sync::Normal).map_err(sql)?;
         let write = store::connect(path, Sync::Full).map_err(sql)?;
         let pending = Arc::new(AtomicI64::new(0));
@@ -1352,6 +1409,41 @@ mod tests {
         drop(conn);
         // The key is free again.
         assert!(matches!(q.enqueue(new(&h, 1)).unwrap(), Enqueued::New(_)));
+    }
+
+    #[test]
+    fn a_queue_file_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        drop(Queue::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let format: String = conn
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(format, FORMAT.to_string(), "a new file is marked");
+        // A file from before the format was recorded is marked when opened.
+        conn.execute("DELETE FROM meta WHERE key = 'format'", [])
+            .unwrap();
+        drop(Queue::open(&path).unwrap());
+        let marked: i64 = conn
+            .query_row("SELECT count(*) FROM meta WHERE key = 'format'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(marked, 1);
+        for newer in [(FORMAT + 1).to_string(), "x".to_string()] {
+            conn.execute("UPDATE meta SET value = ?1 WHERE key = 'format'", [&newer])
+                .unwrap();
+            let err = Queue::open(&path).err().expect("refused").to_string();
+            assert!(
+                err.contains(&format!(
+                    "has format {newer}, newer than this touchctl understands ({FORMAT})"
+                )),
+                "{err}"
+            );
+        }
     }
 
     #[test]
