@@ -51,9 +51,11 @@ impl Drop for Plan {
     /// A plan of a large tree is many small allocations: free them on all cores.
     fn drop(&mut self) {
         use rayon::prelude::*;
-        std::mem::take(&mut self.changes)
-            .into_par_iter()
-            .for_each(drop);
+        if self.changes.len() >= 1024 {
+            std::mem::take(&mut self.changes)
+                .into_par_iter()
+                .for_each(drop);
+        }
     }
 }
 
