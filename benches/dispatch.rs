@@ -309,7 +309,9 @@ fn queue_alone(triggers: &[Vec<u8>], batch: usize) -> (f64, Duration) {
         let done: Vec<Completion> = claimed
             .iter()
             .map(|c| {
-                let users = parse_stored(&c.users).expect("stored batch").len() as u32;
+                let users = parse_stored(c.users.as_deref().expect("stored users"))
+                    .expect("stored batch")
+                    .len() as u32;
                 delivered += users as usize;
                 Completion {
                     batch_id: c.id.clone(),

@@ -37,6 +37,15 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Creates a directory (and its parents) readable by the owner only, unless it exists.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)?;
+        restrict(dir, 0o700)?;
+    }
+    Ok(())
+}
+
 fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
     #[cfg(unix)]
     {

@@ -5,6 +5,7 @@
 
 pub mod queue;
 pub mod retry;
+pub mod segments;
 pub mod user;
 pub mod worker;
 

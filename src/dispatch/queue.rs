@@ -13,9 +13,13 @@
 //!
 //! Every write goes through one writer thread, so writers never wait on each other's locks:
 //! triggers arriving together share one commit and one fsync, and attempt records share commits
-//! without an fsync of their own. Its users
-//! (the objects exactly as the trigger sent them) live in a table of their own, so that leasing and
-//! recording a batch rewrite a small row, and are dropped once it is delivered.
+//! without an fsync of their own.
+//!
+//! A new batch's users (in the stored form of [`super::user::store`]) are not in this file: they
+//! are appended to a segment file beside it, which the batch's row points into (see
+//! [`super::segments`] for why and for the rules that keep that crash-safe). Users that are
+//! rewritten (what is left of a partly delivered batch, a dead batch's users) and batches stored
+//! by older versions live in the `payloads` table instead.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -24,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+use super::segments::{Appender, Segments, Span};
 use super::user::UserRef;
 use super::{Rejected, TriggerHead};
 use crate::store::{self, Sync, now_ms};
@@ -31,8 +36,9 @@ use crate::store::{self, Sync, now_ms};
 /// The queue file's format, kept in `meta`. 1: batches stored as JSON or in the first
 /// length-prefixed form (files from before the format was recorded count as 1). 2: batches may be
 /// in the split form too. A touchctl refuses a file of a newer format rather than dead-letter
-/// batches it cannot read.
-const FORMAT: i64 = 2;
+/// batches it cannot read. 3: new batches keep their users in segment files (see
+/// [`super::segments`]).
+const FORMAT: i64 = 3;
 
 const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,7 +68,10 @@ CREATE TABLE IF NOT EXISTS batches (
     held        TEXT,
     last_error  TEXT,
     created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    segment     INTEGER,
+    seg_offset  INTEGER,
+    seg_length  INTEGER
 );
 CREATE TABLE IF NOT EXISTS payloads (
     batch_id TEXT PRIMARY KEY,
@@ -211,8 +220,8 @@ pub struct Claimed {
     pub count: u32,
     /// The touchpoint.
     pub touchpoint: String,
-    /// The users still to deliver, as stored (a JSON array of user objects).
-    pub users: Vec<u8>,
+    /// The users still to deliver, in their stored form, or why they cannot be read.
+    pub users: Result<Vec<u8>, String>,
     /// How many that is.
     pub remaining: u32,
     /// Attempts made so far.
@@ -399,6 +408,8 @@ pub struct Queue {
     pending: Arc<AtomicI64>,
     /// Hands triggers to the writer thread (which owns the fsync'ing connection).
     writer: Mutex<std::sync::mpsc::Sender<Work>>,
+    /// The segment files new batches' users are in.
+    segments: Arc<Segments>,
 }
 
 /// A trigger on its way to the writer thread.
@@ -407,6 +418,8 @@ struct Job {
     generation: u64,
     /// Users per batch and the batch's stored text.
     batches: Vec<(usize, Vec<u8>)>,
+    /// Where the writer put each batch's text.
+    spans: Vec<Span>,
     accepted: usize,
     rejected: Vec<Rejected>,
 }
@@ -430,39 +443,150 @@ enum Work {
     ),
 }
 
-/// Writes in groups: everything waiting goes into one transaction. The commit is fsync'd when
-/// the group holds a trigger, and not otherwise.
-fn writer(
-    mut conn: Connection,
-    jobs: std::sync::mpsc::Receiver<Work>,
-    pending: Arc<AtomicI64>,
+/// How often the writer looks for segment files no batch points into any more: soon after it
+/// started a new one, and now and then while older ones are still pointed into.
+const SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const SWEEP_AGAIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
     path: String,
-) {
-    let mut synchronous = "FULL";
-    while let Ok(first) = jobs.recv() {
-        let mut group = vec![first];
-        while group.len() < 256 {
+    pending: Arc<AtomicI64>,
+    appender: Appender,
+    segments: Arc<Segments>,
+    /// When segments were last swept, the segment appended to then, and whether any were left.
+    swept: Option<(std::time::Instant, Option<i64>, bool)>,
+    synchronous: &'static str,
+}
+
+/// Writes in groups: everything waiting goes into one transaction. The commit is fsync'd when
+/// the group holds a trigger (whose users were appended to a segment, and synced, first), and
+/// not otherwise. About once a second it also sweeps the segment files no row points into.
+fn writer(mut w: Writer, jobs: std::sync::mpsc::Receiver<Work>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        let mut group = match jobs.recv_timeout(SWEEP_EVERY) {
+            Ok(first) => vec![first],
+            Err(RecvTimeoutError::Timeout) => Vec::new(),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        while !group.is_empty() && group.len() < 256 {
             match jobs.try_recv() {
                 Ok(j) => group.push(j),
                 Err(_) => break,
             }
         }
-        let wanted = if group.iter().any(|w| matches!(w, Work::Enqueue(..))) {
+        let group = w.append_users(group);
+        let sweep = w.sweep_due();
+        if group.is_empty() && !sweep {
+            continue;
+        }
+        w.write(group, sweep);
+    }
+}
+
+impl Writer {
+    /// Appends the users of every trigger in the group to the current segment and syncs them;
+    /// on a failure, answers those triggers with it and leaves them out of the group.
+    fn append_users(&mut self, group: Vec<Work>) -> Vec<Work> {
+        let payloads: Vec<&[u8]> = group
+            .iter()
+            .filter_map(|w| match w {
+                Work::Enqueue(job, _) => Some(job.batches.iter().map(|(_, text)| text.as_slice())),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if payloads.is_empty() {
+            return group;
+        }
+        match self.appender.append(&payloads) {
+            Ok(spans) => {
+                let mut spans = spans.into_iter();
+                group
+                    .into_iter()
+                    .map(|mut w| {
+                        if let Work::Enqueue(job, _) = &mut w {
+                            job.spans = spans.by_ref().take(job.batches.len()).collect();
+                        }
+                        w
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                let message = format!(
+                    "cannot write the users to {}: {e}",
+                    self.segments.dir().display()
+                );
+                group
+                    .into_iter()
+                    .filter_map(|w| match w {
+                        Work::Enqueue(_, reply) => {
+                            let _ = reply.send(Err(QueueError::Write(message.clone())));
+                            None
+                        }
+                        other => Some(other),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Whether to sweep segments now: at the start, a second after a new segment was started,
+    /// and every ten seconds while the last sweep left any.
+    fn sweep_due(&self) -> bool {
+        match self.swept {
+            None => true,
+            Some((at, current, left)) => {
+                let wait = if current != self.appender.current() {
+                    SWEEP_EVERY
+                } else if left {
+                    SWEEP_AGAIN
+                } else {
+                    return false;
+                };
+                at.elapsed() >= wait
+            }
+        }
+    }
+
+    fn write(&mut self, group: Vec<Work>, sweep: bool) {
+        // A sweep decides on a read that an fsync'd commit makes durable, so no power cut can
+        // bring back a row pointing into a segment it deletes.
+        let wanted = if sweep || group.iter().any(|w| matches!(w, Work::Enqueue(..))) {
             "FULL"
         } else {
             "NORMAL"
         };
-        if wanted != synchronous && conn.pragma_update(None, "synchronous", wanted).is_ok() {
-            synchronous = wanted;
+        if wanted != self.synchronous
+            && self.conn.pragma_update(None, "synchronous", wanted).is_ok()
+        {
+            self.synchronous = wanted;
         }
+        let sweep = sweep && self.synchronous == "FULL";
+        let path = self.path.clone();
         let sql = |source| QueueError::Sqlite {
             path: path.clone(),
             source,
         };
         let mut settled = 0i64;
         let mut pruned = Vec::new();
+        let segments = &self.segments;
+        // Segments are locked before the rows are read, so a writer that lets go of one after
+        // that has committed every row pointing into it before the read.
+        let (unused, in_use) = if sweep {
+            segments
+                .lock_unused(self.appender.current())
+                .unwrap_or((Vec::new(), 1))
+        } else {
+            (Vec::new(), 0)
+        };
+        let mut referenced = None;
         let written = (|| -> Result<Vec<Result<Option<Enqueued>, QueueError>>, rusqlite::Error> {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut results = Vec::with_capacity(group.len());
             for work in &group {
                 results.push(match work {
@@ -471,7 +595,7 @@ fn writer(
                         JobError::Queue(q) => q,
                     }),
                     Work::Record(done, _) => {
-                        settled += write_record(&tx, done)?;
+                        settled += write_record(&tx, done, segments)?;
                         Ok(None)
                     }
                     Work::Prune(before, limit, _) => {
@@ -480,18 +604,34 @@ fn writer(
                     }
                 });
             }
+            if sweep {
+                // Read inside the transaction (no commit can come in between), and made durable
+                // by its commit: something is written, so the fsync'd commit syncs the log, and
+                // with it every earlier commit this read saw.
+                referenced = Some(
+                    tx.prepare_cached(
+                        "SELECT DISTINCT segment FROM batches WHERE segment IS NOT NULL",
+                    )?
+                    .query_map([], |r| r.get::<_, i64>(0))?
+                    .collect::<Result<std::collections::HashSet<i64>, _>>()?,
+                );
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('segments_swept_at', ?1)",
+                    [now_ms().to_string()],
+                )?;
+            }
             tx.commit()?;
             Ok(results)
         })();
         match written {
             Ok(results) => {
-                pending.fetch_sub(settled, Ordering::Relaxed);
+                self.pending.fetch_sub(settled, Ordering::Relaxed);
                 let mut pruned = pruned.into_iter();
                 for (work, result) in group.into_iter().zip(results) {
                     match work {
                         Work::Enqueue(_, reply) => {
                             if let Ok(Some(Enqueued::New(r))) = &result {
-                                pending.fetch_add(r.accepted as i64, Ordering::Relaxed);
+                                self.pending.fetch_add(r.accepted as i64, Ordering::Relaxed);
                             }
                             let _ = reply.send(result.and_then(|r| {
                                 r.ok_or_else(|| QueueError::Write("nothing was written".into()))
@@ -504,6 +644,11 @@ fn writer(
                             let _ = reply.send(Ok(pruned.next().unwrap_or_default()));
                         }
                     }
+                }
+                if let Some(referenced) = referenced {
+                    let left = self.segments.delete(unused, &referenced);
+                    let left = in_use > 0 || !matches!(left, Ok(0));
+                    self.swept = Some((std::time::Instant::now(), self.appender.current(), left));
                 }
             }
             Err(e) => {
@@ -589,12 +734,15 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
         ],
     )?;
     let mut insert = tx.prepare_cached(
-        "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 'pending', ?7, ?7, ?7)",
+        "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at, segment, seg_offset, seg_length) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6, 'pending', ?7, ?7, ?7, ?8, ?9, ?10)",
     )?;
-    let mut payload =
-        tx.prepare_cached("INSERT INTO payloads (batch_id, users) VALUES (?1, ?2)")?;
-    for (i, (size, users)) in job.batches.iter().enumerate() {
+    if job.spans.len() != job.batches.len() {
+        return Err(JobError::Queue(QueueError::Write(
+            "the users of a trigger were not written".into(),
+        )));
+    }
+    for (i, ((size, _), span)) in job.batches.iter().zip(&job.spans).enumerate() {
         let batch_id = format!("{dispatch_id}_{i}");
         insert.execute(params![
             batch_id,
@@ -603,9 +751,11 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
             job.batches.len() as i64,
             job.head.touchpoint,
             *size as i64,
-            now
+            now,
+            span.segment,
+            span.offset as i64,
+            span.len as i64
         ])?;
-        payload.execute(params![batch_id, users])?;
     }
     Ok(Enqueued::New(receipt))
 }
@@ -615,6 +765,7 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
 fn write_record(
     tx: &rusqlite::Transaction<'_>,
     done: &[Completion],
+    segments: &Segments,
 ) -> Result<i64, rusqlite::Error> {
     let mut settled = 0i64;
     {
@@ -633,8 +784,15 @@ fn write_record(
                      state = ?6, next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
                      WHERE id = ?1",
         )?;
+        // Rewritten users live in `payloads`; the batch stops pointing into its segment.
         let mut rewrite =
-            tx.prepare_cached("UPDATE payloads SET users = ?2 WHERE batch_id = ?1")?;
+            tx.prepare_cached("INSERT OR REPLACE INTO payloads (batch_id, users) VALUES (?1, ?2)")?;
+        let mut unpoint = tx.prepare_cached(
+            "UPDATE batches SET segment = NULL, seg_offset = NULL, seg_length = NULL WHERE id = ?1",
+        )?;
+        let mut span = tx.prepare_cached(
+            "SELECT segment, seg_offset, seg_length FROM batches WHERE id = ?1 AND segment IS NOT NULL",
+        )?;
         let mut drop_payload = tx.prepare_cached("DELETE FROM payloads WHERE batch_id = ?1")?;
         let now = now_ms();
         for c in done {
@@ -678,8 +836,18 @@ fn write_record(
             if c.after == After::Done {
                 // Delivered: the users are not needed any more; the log keeps the counts.
                 drop_payload.execute([&c.batch_id])?;
+                unpoint.execute([&c.batch_id])?;
             } else if let Some(users) = users {
                 rewrite.execute(params![c.batch_id, users])?;
+                unpoint.execute([&c.batch_id])?;
+            } else if c.after == After::Dead {
+                // A dead batch may wait long for a replay: its users move here, so that it does
+                // not keep a whole segment file alive. (Unreadable ones stay where they are.)
+                let at: Option<Span> = span.query_row([&c.batch_id], span_of).optional()?.flatten();
+                if let Some(users) = at.and_then(|at| segments.read(at).ok()) {
+                    rewrite.execute(params![c.batch_id, users])?;
+                    unpoint.execute([&c.batch_id])?;
+                }
             }
             settled += i64::from(c.delivered) + c.failed.len() as i64;
             if c.after == After::Dead {
@@ -765,12 +933,53 @@ fn mark_format(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
 }
 
 /// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
-const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params \
-     FROM batches b JOIN dispatches d ON d.id = b.dispatch_id JOIN payloads p ON p.batch_id = b.id \
+const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params, \
+     b.segment, b.seg_offset, b.seg_length \
+     FROM batches b JOIN dispatches d ON d.id = b.dispatch_id LEFT JOIN payloads p ON p.batch_id = b.id \
      WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1 \
      AND b.touchpoint NOT IN (SELECT value FROM json_each(?2)) \
      AND b.id NOT IN (SELECT value FROM json_each(?3)) \
      ORDER BY b.next_at LIMIT 256";
+
+/// The span a row's `segment`, `seg_offset` and `seg_length` (from column `first` on) point at.
+fn span_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<Span>> {
+    let segment: Option<i64> = r.get(first)?;
+    let offset: Option<i64> = r.get(first + 1)?;
+    let len: Option<i64> = r.get(first + 2)?;
+    Ok(match (segment, offset, len) {
+        (Some(segment), Some(offset), Some(len)) if offset >= 0 && len >= 0 => Some(Span {
+            segment,
+            offset: offset as u64,
+            len: len as u64,
+        }),
+        _ => None,
+    })
+}
+
+fn span_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Span>> {
+    span_at(r, 0)
+}
+
+/// Adds the columns that point into segment files to a file from before format 3.
+fn add_segment_columns(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let has: i64 = tx.query_row(
+        "SELECT count(*) FROM pragma_table_info('batches') WHERE name = 'segment'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        tx.execute_batch(
+            "ALTER TABLE batches ADD COLUMN segment INTEGER; \
+             ALTER TABLE batches ADD COLUMN seg_offset INTEGER; \
+             ALTER TABLE batches ADD COLUMN seg_length INTEGER;",
+        )?;
+    }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS batches_segment ON batches(segment) WHERE segment IS NOT NULL;",
+    )?;
+    tx.commit()
+}
 
 /// A list of strings as a JSON array, for `json_each`.
 fn json_list(values: &[&str]) -> String {
@@ -802,15 +1011,25 @@ impl Queue {
         let mut accept = store::connect(path, Sync::Full).map_err(sql)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
         mark_format(&mut accept, &shown)?;
+        add_segment_columns(&mut accept).map_err(sql)?;
         let work = store::connect(path, Sync::Normal).map_err(sql)?;
         let write = store::connect(path, Sync::Full).map_err(sql)?;
         let pending = Arc::new(AtomicI64::new(0));
+        let segments = Arc::new(Segments::new(path));
         let (tx, rx) = std::sync::mpsc::channel();
         {
-            let (pending, name) = (pending.clone(), shown.clone());
+            let w = Writer {
+                conn: write,
+                path: shown.clone(),
+                pending: pending.clone(),
+                appender: Appender::new(path),
+                segments: segments.clone(),
+                swept: None,
+                synchronous: "FULL",
+            };
             std::thread::Builder::new()
                 .name("queue-writer".into())
-                .spawn(move || writer(write, rx, pending, name))
+                .spawn(move || writer(w, rx))
                 .map_err(|source| QueueError::Io {
                     path: shown.clone(),
                     source,
@@ -822,6 +1041,7 @@ impl Queue {
             work: Mutex::new(work),
             pending,
             writer: Mutex::new(tx),
+            segments,
         };
         queue.refresh_pending()?;
         Ok(queue)
@@ -889,6 +1109,7 @@ impl Queue {
                 .collect(),
             accepted: d.users.len(),
             rejected: d.rejected,
+            spans: Vec::new(),
         };
         self.submit(|reply| Work::Enqueue(job, reply))
     }
@@ -925,22 +1146,40 @@ impl Queue {
         // call makes SQLite prepare the statement again every time. Rows come in index order, so
         // stopping early reads no more than needed.
         let args: [&dyn rusqlite::ToSql; 3] = [&now, &skip, &busy];
-        stmt.query_map(args.as_slice(), |r| {
-            Ok(Claimed {
-                id: r.get(0)?,
-                dispatch_id: r.get(1)?,
-                index: r.get(2)?,
-                count: r.get(3)?,
-                touchpoint: r.get(4)?,
-                users: r.get(5)?,
-                remaining: r.get(6)?,
-                attempts: r.get(7)?,
-                campaign: r.get(8)?,
-                template_params: r.get(9)?,
+        let rows: Vec<(Claimed, Option<Span>)> = stmt
+            .query_map(args.as_slice(), |r| {
+                let stored: Option<Vec<u8>> = r.get(5)?;
+                let span = span_at(r, 10)?;
+                Ok((
+                    Claimed {
+                        id: r.get(0)?,
+                        dispatch_id: r.get(1)?,
+                        index: r.get(2)?,
+                        count: r.get(3)?,
+                        touchpoint: r.get(4)?,
+                        users: stored.ok_or_else(|| "the batch's users are missing".to_string()),
+                        remaining: r.get(6)?,
+                        attempts: r.get(7)?,
+                        campaign: r.get(8)?,
+                        template_params: r.get(9)?,
+                    },
+                    span,
+                ))
             })
-        })
-        .and_then(|rows| rows.take(limit).collect::<Result<_, _>>())
-        .map_err(|e| self.err(e))
+            .and_then(|rows| rows.take(limit).collect::<Result<_, _>>())
+            .map_err(|e| self.err(e))?;
+        drop(stmt);
+        drop(conn);
+        // Users in a segment are read with the queue file unlocked.
+        Ok(rows
+            .into_iter()
+            .map(|(mut c, span)| {
+                if let Some(span) = span {
+                    c.users = self.segments.read(span);
+                }
+                c
+            })
+            .collect())
     }
 
     /// When the earliest pending, unheld batch not in `busy` is due.
@@ -1363,6 +1602,167 @@ mod tests {
         let conn = lock(&q.work);
         let stmt = conn.prepare_cached(CLAIM).unwrap();
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
+    }
+
+    fn completion(c: &Claimed, after: After) -> Completion {
+        Completion {
+            batch_id: c.id.clone(),
+            attempt: c.attempts + 1,
+            generation: 1,
+            started_ms: now_ms(),
+            latency_ms: 1,
+            status: Some(200),
+            recipients: c.remaining,
+            delivered: if after == After::Done { c.remaining } else { 0 },
+            failed: Vec::new(),
+            remaining: None,
+            after,
+            error: None,
+        }
+    }
+
+    fn segment_files(q: &Path) -> Vec<String> {
+        match std::fs::read_dir(super::super::segments::dir_of(q)) {
+            Ok(entries) => entries
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Waits (at most 10 s) for the writer's sweep to leave `n` segment files.
+    fn wait_for_segments(q: &Path, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let files = segment_files(q);
+            if files.len() == n || std::time::Instant::now() > deadline {
+                return files;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn segments_go_once_no_batch_needs_them_and_dead_users_outlive_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let h = head(None);
+        let (delivered, dead_id, dead_users) = {
+            let q = Queue::open(&path).unwrap();
+            let Enqueued::New(r) = q.enqueue(new(&h, 8)).unwrap() else {
+                panic!("new")
+            };
+            assert_eq!(segment_files(&path).len(), 1, "the users went to a segment");
+            let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+            assert_eq!(claimed.len(), 2);
+            let dead_users = claimed[1].users.clone().unwrap();
+            assert_eq!(
+                crate::dispatch::user::parse_stored(&dead_users)
+                    .unwrap()
+                    .len(),
+                4
+            );
+            q.record(vec![
+                completion(&claimed[0], After::Done),
+                completion(&claimed[1], After::Dead),
+            ])
+            .unwrap();
+            (r.dispatch_id, claimed[1].id.clone(), dead_users)
+        };
+        // The writer that appended to it is gone: the next one sweeps it, since no batch points
+        // into it any more (the dead batch's users moved into the queue file).
+        let q = Queue::open(&path).unwrap();
+        assert_eq!(wait_for_segments(&path, 0), Vec::<String>::new());
+        assert_eq!(q.replay(&[], None).unwrap(), std::slice::from_ref(&dead_id));
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].id, dead_id);
+        assert_eq!(again[0].users.as_ref().unwrap(), &dead_users);
+        let s = q.dispatch(&delivered).unwrap().unwrap();
+        assert_eq!((s.delivered, s.pending), (4, 4));
+    }
+
+    #[test]
+    fn a_segment_a_pending_batch_points_into_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let h = head(None);
+        {
+            let q = Queue::open(&path).unwrap();
+            q.enqueue(new(&h, 3)).unwrap();
+        }
+        let q = Queue::open(&path).unwrap();
+        // The first sweep runs within a second of opening; give it three.
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        assert_eq!(segment_files(&path).len(), 1);
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(
+            crate::dispatch::user::parse_stored(claimed[0].users.as_ref().unwrap())
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_missing_segment_is_an_error_on_its_batch_not_on_the_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let h = head(None);
+        drop({
+            let q = Queue::open(&path).unwrap();
+            q.enqueue(new(&h, 2)).unwrap();
+            q
+        });
+        for f in segment_files(&path) {
+            std::fs::remove_file(super::super::segments::dir_of(&path).join(f)).unwrap();
+        }
+        let q = Queue::open(&path).unwrap();
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(claimed.len(), 1);
+        let e = claimed[0].users.clone().unwrap_err();
+        assert!(e.contains("cannot be read from"), "{e}");
+        assert!(e.contains("queue.db-payloads"), "{e}");
+    }
+
+    #[test]
+    fn batches_stored_by_an_older_version_are_read_from_the_queue_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.db");
+        let stored = crate::dispatch::user::store(users(2).into_iter());
+        {
+            // The file as format 2 left it: no segment columns, users in `payloads`.
+            let conn = Connection::open(&path).unwrap();
+            let old = MIGRATION.replace(
+                "updated_at  INTEGER NOT NULL,\n    segment     INTEGER,\n    seg_offset  INTEGER,\n    seg_length  INTEGER\n",
+                "updated_at  INTEGER NOT NULL\n",
+            );
+            assert_ne!(old, MIGRATION);
+            conn.execute_batch(&old).unwrap();
+            conn.execute_batch(
+                "INSERT INTO meta VALUES ('format', '2');
+                 INSERT INTO dispatches VALUES ('d1', 'sms', 'c1', NULL, '{}', 1, '{}', 0);
+                 INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at)
+                     VALUES ('d1_0', 'd1', 0, 1, 'sms', 2, 2, 'pending', 0, 0, 0);",
+            )
+            .unwrap();
+            conn.execute("INSERT INTO payloads VALUES ('d1_0', ?1)", [&stored])
+                .unwrap();
+        }
+        let q = Queue::open(&path).unwrap();
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].users.as_ref().unwrap(), &stored);
+        q.record(vec![completion(&claimed[0], After::Done)])
+            .unwrap();
+        assert_eq!(q.pending_recipients(), 0);
+        let format: String = lock(&q.work)
+            .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(format, FORMAT.to_string());
     }
 
     #[test]

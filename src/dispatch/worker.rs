@@ -419,12 +419,17 @@ impl Shared {
         let started_ms = now_ms();
         let started = Instant::now();
         let attempt = batch.attempts + 1;
-        let parsed = parse_stored(&batch.users);
+        let parsed = match &batch.users {
+            Ok(stored) => parse_stored(stored).map_err(|e| {
+                format!(
+                    "the stored batch cannot be read ({e}); this is a touchctl bug, please report it"
+                )
+            }),
+            Err(e) => Err(e.clone()),
+        };
         let users: &[UserRef<'_>] = parsed.as_deref().unwrap_or_default();
         let guard = match &parsed {
-            Err(e) => Err(format!(
-                "the stored batch cannot be read ({e}); this is a touchctl bug, please report it"
-            )),
+            Err(e) => Err(e.clone()),
             Ok(_) => self.guard(&target.spec.url).await,
         };
         let response = match guard {
