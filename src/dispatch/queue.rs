@@ -646,8 +646,19 @@ impl Writer {
                     }
                 }
                 if let Some(referenced) = referenced {
-                    let left = self.segments.delete(unused, &referenced);
-                    let left = in_use > 0 || !matches!(left, Ok(0));
+                    let (kept, gone): (Vec<_>, Vec<_>) = unused
+                        .into_iter()
+                        .partition(|u| u.id().is_some_and(|id| referenced.contains(&id)));
+                    let left = in_use > 0 || !kept.is_empty();
+                    drop(kept);
+                    if !gone.is_empty() {
+                        // The locks go along, and are let go once the files are gone. A file
+                        // that cannot be deleted now is found again by a later sweep.
+                        let segments = self.segments.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("queue-sweeper".into())
+                            .spawn(move || segments.delete(gone));
+                    }
                     self.swept = Some((std::time::Instant::now(), self.appender.current(), left));
                 }
             }

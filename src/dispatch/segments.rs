@@ -165,20 +165,11 @@ impl Segments {
         Ok((unused, in_use))
     }
 
-    /// Deletes the locked segments no row points into (`referenced` must have been read after
-    /// they were locked, and be durable: read inside a transaction whose commit is fsync'd, and
-    /// only used once that commit succeeded). Returns how many are left (still pointed into).
-    pub fn delete(
-        &self,
-        unused: Vec<Unused>,
-        referenced: &std::collections::HashSet<i64>,
-    ) -> std::io::Result<usize> {
-        let mut left = 0;
+    /// Deletes segments locked by [`Segments::lock_unused`] that no row points into (as read
+    /// after they were locked, inside a transaction whose commit was fsync'd). Deleting a large
+    /// file can take a while on some file systems, so the writer leaves this to another thread.
+    pub fn delete(&self, unused: Vec<Unused>) -> std::io::Result<()> {
         for u in unused {
-            if u.id.is_some_and(|id| referenced.contains(&id)) {
-                left += 1;
-                continue;
-            }
             match std::fs::remove_file(&u.path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -191,7 +182,7 @@ impl Segments {
                     .remove(&id);
             }
         }
-        Ok(left)
+        Ok(())
     }
 }
 
@@ -202,6 +193,13 @@ pub struct Unused {
     id: Option<i64>,
     path: PathBuf,
     _lock: File,
+}
+
+impl Unused {
+    /// The segment (`None` for an abandoned creation).
+    pub fn id(&self) -> Option<i64> {
+        self.id
+    }
 }
 
 /// The writer's end: the segment it appends to.
@@ -301,8 +299,6 @@ impl Appender {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
-
     use super::*;
 
     #[test]
@@ -331,7 +327,8 @@ mod tests {
         drop(appender);
         let (unused, in_use) = segments.lock_unused(None).unwrap();
         assert_eq!((unused.len(), in_use), (1, 0));
-        assert_eq!(segments.delete(unused, &HashSet::new()).unwrap(), 0);
+        segments.delete(unused).unwrap();
+        assert_eq!(segments.lock_unused(None).unwrap().0.len(), 0);
         let gone = segments.read(spans[0]).unwrap_err();
         assert!(gone.contains("cannot be read from"), "{gone}");
         assert!(gone.contains(&file_name(first)), "{gone}");
@@ -347,8 +344,8 @@ mod tests {
         drop(appender);
         let (unused, _) = segments.lock_unused(None).unwrap();
         assert_eq!(unused.len(), 1);
-        let referenced = HashSet::from([span.segment]);
-        assert_eq!(segments.delete(unused, &referenced).unwrap(), 1);
+        assert_eq!(unused[0].id(), Some(span.segment));
+        drop(unused);
         assert_eq!(segments.read(span).unwrap(), b"users");
         let past = Span { len: 6, ..span };
         assert!(segments.read(past).unwrap_err().contains("+6"));

@@ -163,6 +163,13 @@ pub async fn run(
         observer: observer.clone(),
         busy: busy.clone(),
     });
+    // The queue is asked for work only when there may be some it has not given yet: at the
+    // start, when woken (a trigger, a retry on record, a resume, ...), when a timer falls due,
+    // when the last claim was cut short by its limit, or when a lane that was left out of the last
+    // claim (it had enough waiting) runs low. A send finishing alone changes nothing in the queue.
+    let mut must_claim = true;
+    let mut left_out: Vec<String> = Vec::new();
+    let mut due_at: Option<Instant> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -173,15 +180,22 @@ pub async fn run(
                 lane.in_flight -= 1;
             }
         }
+        must_claim = must_claim
+            || left_out.iter().any(|tp| {
+                lanes
+                    .get(tp)
+                    .is_none_or(|l| l.waiting.len() < config.concurrency)
+            });
         // Claim what the lanes can take.
         let room = config.max_in_flight.saturating_sub(in_flight + waiting);
-        let mut claimed_all = false;
-        if room > 0 {
+        let claiming = room > 0 && must_claim;
+        if claiming {
             let full: Vec<String> = lanes
                 .iter()
                 .filter(|(_, l)| l.waiting.len() >= config.concurrency)
                 .map(|(k, _)| k.clone())
                 .collect();
+            left_out.clone_from(&full);
             let limit = room.min(256);
             let busy_now = busy_ids(&busy);
             let claimed = run_blocking(&queue, move |q| {
@@ -192,7 +206,7 @@ pub async fn run(
             .await;
             match claimed {
                 Ok(batches) => {
-                    claimed_all = batches.len() < limit;
+                    must_claim = batches.len() >= limit;
                     {
                         let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
                         b.extend(batches.iter().map(|c| c.id.clone()));
@@ -207,8 +221,9 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
+                    // Tried again when the timer below falls due.
                     observer.problem(&format!("cannot claim batches: {e}"));
-                    claimed_all = true;
+                    must_claim = false;
                 }
             }
         }
@@ -248,12 +263,10 @@ pub async fn run(
                 in_flight += 1;
                 let shared = shared.clone();
                 let done = done_tx.clone();
-                let wake = wake.clone();
                 tokio::spawn(async move {
                     let tp = batch.touchpoint.clone();
                     shared.send(batch).await;
                     let _ = done.send(tp);
-                    wake.notify_one();
                 });
             }
         }
@@ -273,28 +286,38 @@ pub async fn run(
         if let Some(t) = next_token {
             until = until.min(t);
         }
-        if !claimed_all && room > 0 {
+        if must_claim && room > 0 {
             until = Instant::now();
-        } else if let Ok(Some(due)) = {
+        } else if claiming {
+            // Everything due was claimed: wake up when the next batch falls due.
             let busy_now = busy_ids(&busy);
-            run_blocking(&queue, move |q| {
+            due_at = match run_blocking(&queue, move |q| {
                 let busy: Vec<&str> = busy_now.iter().map(String::as_str).collect();
                 q.next_due(&busy)
             })
             .await
-        } {
-            let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
-            until = until.min(Instant::now() + wait);
+            {
+                Ok(Some(due)) => {
+                    Some(Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
+                }
+                _ => None,
+            };
+        }
+        if let Some(due) = due_at {
+            until = until.min(due);
         }
         tokio::select! {
-            _ = wake.notified() => {}
+            _ = wake.notified() => must_claim = true,
             Some(tp) = done_rx.recv() => {
                 in_flight -= 1;
                 if let Some(lane) = lanes.get_mut(&tp) {
                     lane.in_flight -= 1;
                 }
             }
-            _ = tokio::time::sleep_until(until.into()) => {}
+            _ = tokio::time::sleep_until(until.into()) => {
+                must_claim = true;
+                due_at = None;
+            }
             _ = stop.changed() => {}
         }
     }
@@ -383,7 +406,10 @@ async fn record(
                 b.remove(&c.batch_id);
             }
         }
-        wake.notify_one();
+        // A batch to retry is due again some time: the sender's timer must know.
+        if group.iter().any(|c| matches!(c.after, After::RetryAt(_))) {
+            wake.notify_one();
+        }
     }
 }
 
