@@ -14,9 +14,10 @@
 //!   exclusive `flock` on it while it does (the file is created under a temporary name, locked,
 //!   then renamed into place, so no one can see it unlocked before it is in use). A process
 //!   killed mid-write loses its lock with it, and its segment is never appended to again.
-//! - A segment is deleted only when no row points into it, as read right after a commit that was
-//!   `fsync`'d (so no power cut can bring back a row that pointed there), and only if no writer
-//!   holds its lock.
+//! - A segment is deleted only if no writer holds its lock (the sweeper takes the lock first) and
+//!   no row points into it, as read after taking the lock, inside a transaction whose commit is
+//!   `fsync`'d before anything is deleted (so no power cut can bring back a row that pointed
+//!   there).
 
 use std::collections::HashMap;
 use std::fs::File;
