@@ -1567,24 +1567,10 @@ mod tests {
         assert_eq!(rest.len(), 1, "busy batches are not claimed again");
         assert_eq!(rest[0].remaining, 2);
         assert!(q.claim(now, 10, &["sms"], &[]).unwrap().is_empty());
-        let done = |c: &Claimed, after: After| Completion {
-            batch_id: c.id.clone(),
-            attempt: c.attempts + 1,
-            generation: 1,
-            started_ms: now,
-            latency_ms: 3,
-            status: Some(200),
-            recipients: c.remaining,
-            delivered: if after == After::Done { c.remaining } else { 0 },
-            failed: Vec::new(),
-            remaining: None,
-            after,
-            error: None,
-        };
         q.record(vec![
-            done(&first[0], After::Done),
-            done(&first[1], After::RetryAt(now + 60_000)),
-            done(&rest[0], After::Dead),
+            completion(&first[0], After::Done),
+            completion(&first[1], After::RetryAt(now + 60_000)),
+            completion(&rest[0], After::Dead),
         ])
         .unwrap();
         assert_eq!(q.pending_recipients(), 4);
