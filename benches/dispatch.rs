@@ -269,7 +269,7 @@ fn parse_ceiling(triggers: &[Vec<u8>]) -> (f64, Duration) {
 /// API's tasks do; then every batch claimed, read back and recorded as delivered. Returns the
 /// rate and the CPU time per recipient (every thread, the queue's writer included).
 fn queue_alone(triggers: &[Vec<u8>], batch: usize) -> (f64, Duration) {
-    use touchctl::dispatch::queue::{After, Completion, NewDispatch, Queue};
+    use touchctl::dispatch::queue::{After, Completion, NewDispatch, Queue, Users};
     use touchctl::dispatch::user::{parse_stored, screen};
     let dir = tempfile::tempdir().expect("temp dir");
     let queue = Queue::open(&dir.path().join("queue.db")).expect("queue");
@@ -292,6 +292,8 @@ fn queue_alone(triggers: &[Vec<u8>], batch: usize) -> (f64, Duration) {
                             batch_size: batch,
                             users,
                             rejected,
+                            // Nothing kept in memory: the users are read back from disk.
+                            wire: None,
                         })
                         .expect("enqueue");
                 }
@@ -309,9 +311,10 @@ fn queue_alone(triggers: &[Vec<u8>], batch: usize) -> (f64, Duration) {
         let done: Vec<Completion> = claimed
             .iter()
             .map(|c| {
-                let users = parse_stored(c.users.as_deref().expect("stored users"))
-                    .expect("stored batch")
-                    .len() as u32;
+                let Users::Stored(Ok(stored)) = &c.users else {
+                    panic!("stored users expected for {}", c.id)
+                };
+                let users = parse_stored(stored).expect("stored batch").len() as u32;
                 delivered += users as usize;
                 Completion {
                     batch_id: c.id.clone(),

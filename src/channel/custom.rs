@@ -59,7 +59,30 @@ pub struct Envelope<'a> {
 
 /// The request body of one batch.
 pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], mapping: &Mapping) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + users.len() * 96);
+    let mut out = head(env, users.len() * 96);
+    write_recipients(&mut out, users.iter(), mapping);
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// The request body of one batch whose recipients were written already (see [`recipients`]).
+pub fn body_with(env: &Envelope<'_>, recipients: &[u8]) -> Vec<u8> {
+    let mut out = head(env, recipients.len());
+    out.extend_from_slice(recipients);
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// A batch's recipients as [`body`] writes them, to pass to [`body_with`] later.
+pub fn recipients<'a, 'b: 'a>(users: &[&'a UserRef<'b>], mapping: &Mapping) -> Vec<u8> {
+    let mut out = Vec::with_capacity(users.len() * 96);
+    write_recipients(&mut out, users.iter().copied(), mapping);
+    out
+}
+
+/// Everything up to the first recipient, with room for `more` bytes after it.
+fn head(env: &Envelope<'_>, more: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + env.template.len() + more);
     let string = |out: &mut Vec<u8>, s: &str| {
         // Writing a string to a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, s);
@@ -84,14 +107,20 @@ pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], mapping: &Mapping) -> Vec
         template.as_bytes()
     });
     out.extend_from_slice(b",\"recipients\":[");
-    for (i, user) in users.iter().enumerate() {
+    out
+}
+
+fn write_recipients<'a, 'b: 'a>(
+    out: &mut Vec<u8>,
+    users: impl Iterator<Item = &'a UserRef<'b>>,
+    mapping: &Mapping,
+) {
+    for (i, user) in users.enumerate() {
         if i > 0 {
             out.push(b',');
         }
-        user.write_recipient(&mut out, mapping);
+        user.write_recipient(out, mapping);
     }
-    out.extend_from_slice(b"]}");
-    out
 }
 
 /// A recipient the endpoint reports as failed in a 2xx answer.
@@ -301,6 +330,36 @@ mod tests {
                 "template": {"text": "hi"},
                 "recipients": [{"user_id": "u1", "phone": "13800000000"}]
             })
+        );
+    }
+
+    #[test]
+    fn recipients_written_ahead_make_the_same_body() {
+        let mut params = crate::model::DynamicParams::new();
+        params.insert(
+            "phone".into(),
+            crate::model::ParamSource::Attribute("user.phone".into()),
+        );
+        let mapping = Mapping::new(&params);
+        let stored = r#"[{"user_id":"u1","attributes":{"phone":"138"}},{"user_id":"u\"2","attributes":{"phone":null}},{"user_id":"u3","attributes":{"phone":{"a":1}}}]"#;
+        let users = crate::dispatch::user::parse_users_json(stored.as_bytes()).unwrap();
+        let env = Envelope {
+            touchpoint: "sms",
+            campaign: "spring",
+            dispatch_id: "dsp_1",
+            index: 2,
+            count: 3,
+            template: "",
+        };
+        let refs: Vec<_> = users.iter().collect();
+        let ahead = body_with(&env, &recipients(&refs, &mapping));
+        assert_eq!(
+            String::from_utf8(ahead).unwrap(),
+            String::from_utf8(body(&env, &users, &mapping)).unwrap()
+        );
+        assert_eq!(
+            body_with(&env, &recipients(&[], &mapping)),
+            body(&env, &[], &mapping)
         );
     }
 }

@@ -15,9 +15,10 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::App;
+use crate::channel::custom;
 use crate::dispatch::check_template_params;
 use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
-use crate::dispatch::user::{RawTrigger, screen};
+use crate::dispatch::user::{RawTrigger, UserRef, screen};
 use crate::dispatch::worker::Lookup;
 
 /// The routes, with authentication in front of all of them.
@@ -283,14 +284,19 @@ fn process(app: &App, ndjson: bool, bytes: &[u8]) -> Result<Response, ApiError> 
     }
     let (accepted, rejected) = screen(&trigger.users, &spec.dynamic_params);
     let (n_accepted, n_rejected) = (accepted.len(), rejected.len());
+    let batch_size = (spec.batch_size as usize).max(1);
+    // The users are parsed now: each batch's recipients are written once, here, and kept in
+    // memory for the sender, which then need not read them back from disk.
+    let wire = |batch: &[&UserRef<'_>]| custom::recipients(batch, &target.mapping);
     let enqueued = app
         .queue
         .enqueue(NewDispatch {
             head,
             generation: target.generation,
-            batch_size: spec.batch_size as usize,
+            batch_size,
             users: accepted,
             rejected,
+            wire: Some(&wire),
         })
         .map_err(queue_error)?;
     match enqueued {

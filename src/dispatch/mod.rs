@@ -3,6 +3,7 @@
 //! like, which template params it must carry, how a user's attributes become a recipient, and how
 //! long to wait before a retry. [`queue`] stores the batches; [`worker`] sends them.
 
+pub mod fresh;
 pub mod queue;
 pub mod retry;
 pub mod segments;

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+use super::fresh::{Fresh, Wire};
 use super::segments::{Appender, Segments, Span};
 use super::user::UserRef;
 use super::{Rejected, TriggerHead};
@@ -196,7 +197,14 @@ pub struct NewDispatch<'a> {
     pub users: Vec<&'a UserRef<'a>>,
     /// The users refused, with reasons.
     pub rejected: Vec<Rejected>,
+    /// Writes a batch's recipients as they go on the wire under `generation`, to keep in memory
+    /// for the sender (see [`super::fresh`]); called for each batch while the writer stores the
+    /// trigger. `None` keeps nothing.
+    pub wire: Option<&'a WireWriter<'a>>,
 }
+
+/// Writes a batch's recipients for the wire.
+pub type WireWriter<'a> = dyn Fn(&[&UserRef<'_>]) -> Vec<u8> + 'a;
 
 /// Stored, or found stored already under the same idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -220,8 +228,8 @@ pub struct Claimed {
     pub count: u32,
     /// The touchpoint.
     pub touchpoint: String,
-    /// The users still to deliver, in their stored form, or why they cannot be read.
-    pub users: Result<Vec<u8>, String>,
+    /// The users still to deliver.
+    pub users: Users,
     /// How many that is.
     pub remaining: u32,
     /// Attempts made so far.
@@ -230,6 +238,27 @@ pub struct Claimed {
     pub campaign: String,
     /// The template params, as JSON (an object).
     pub template_params: String,
+}
+
+/// A claimed batch's users.
+#[derive(Clone, Debug)]
+pub enum Users {
+    /// In their stored form (see [`super::user::store`]), or why they cannot be read.
+    Stored(Result<Vec<u8>, String>),
+    /// As written on the wire when the batch was queued by this process (see [`super::fresh`]),
+    /// not read from disk. They are the batch's users as stored at the span (a batch whose users
+    /// are rewritten stops pointing into its segment), read with [`Queue::read_span`] when needed.
+    Fresh(Wire, Span),
+}
+
+impl Users {
+    /// The stored form, reading it from the segment when the batch was claimed from memory.
+    pub fn stored(self, queue: &Queue) -> Result<Vec<u8>, String> {
+        match self {
+            Users::Stored(users) => users,
+            Users::Fresh(_, span) => queue.read_span(span),
+        }
+    }
 }
 
 /// Where a batch goes after an attempt.
@@ -410,6 +439,8 @@ pub struct Queue {
     writer: Mutex<std::sync::mpsc::Sender<Work>>,
     /// The segment files new batches' users are in.
     segments: Arc<Segments>,
+    /// Recipients of batches just queued, for the sender.
+    fresh: Fresh,
 }
 
 /// A trigger on its way to the writer thread.
@@ -754,7 +785,7 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
         )));
     }
     for (i, ((size, _), span)) in job.batches.iter().zip(&job.spans).enumerate() {
-        let batch_id = format!("{dispatch_id}_{i}");
+        let batch_id = batch_id(&dispatch_id, i);
         insert.execute(params![
             batch_id,
             dispatch_id,
@@ -993,6 +1024,15 @@ fn add_segment_columns(conn: &mut Connection) -> rusqlite::Result<()> {
 }
 
 /// A list of strings as a JSON array, for `json_each`.
+fn writer_gone() -> QueueError {
+    QueueError::Write("the queue's writer thread stopped".into())
+}
+
+/// The id of a dispatch's batch `index`.
+fn batch_id(dispatch_id: &str, index: usize) -> String {
+    format!("{dispatch_id}_{index}")
+}
+
 fn json_list(values: &[&str]) -> String {
     serde_json::to_string(values).unwrap_or_else(|_| "[]".into())
 }
@@ -1053,6 +1093,7 @@ impl Queue {
             pending,
             writer: Mutex::new(tx),
             segments,
+            fresh: Fresh::default(),
         };
         queue.refresh_pending()?;
         Ok(queue)
@@ -1110,19 +1151,52 @@ impl Queue {
     pub fn enqueue(&self, d: NewDispatch<'_>) -> Result<Enqueued, QueueError> {
         // The batch texts are built here, on the caller's thread; the writer only writes.
         let size = d.batch_size.max(1);
+        let batches: Vec<(usize, Vec<u8>)> = d
+            .users
+            .chunks(size)
+            .map(|c| (c.len(), super::user::store(c.iter().copied())))
+            .collect();
+        let counts: Vec<usize> = batches.iter().map(|(n, _)| *n).collect();
         let job = Job {
             head: d.head.clone(),
             generation: d.generation,
-            batches: d
-                .users
-                .chunks(size)
-                .map(|c| (c.len(), super::user::store(c.iter().copied())))
-                .collect(),
+            batches,
             accepted: d.users.len(),
             rejected: d.rejected,
             spans: Vec::new(),
         };
-        self.submit(|reply| Work::Enqueue(job, reply))
+        let answer = self.send(|reply| Work::Enqueue(job, reply))?;
+        // Written while the writer stores the trigger and waits for the disk.
+        let wire: Vec<Vec<u8>> = match d.wire {
+            Some(write) => d.users.chunks(size).map(write).collect(),
+            None => Vec::new(),
+        };
+        let enqueued = Self::answer(answer)?;
+        if let Enqueued::New(receipt) = &enqueued
+            && wire.len() == counts.len()
+        {
+            for (i, (recipients, count)) in wire.into_iter().zip(counts).enumerate() {
+                let wire = Wire {
+                    generation: d.generation,
+                    recipients,
+                    count: count as u32,
+                };
+                if !self.fresh.put(batch_id(&receipt.dispatch_id, i), wire) {
+                    break;
+                }
+            }
+        }
+        Ok(enqueued)
+    }
+
+    /// Reads users stored in a segment.
+    pub fn read_span(&self, span: Span) -> Result<Vec<u8>, String> {
+        self.segments.read(span)
+    }
+
+    /// The batches kept in memory for the sender, and their bytes.
+    pub fn fresh_usage(&self) -> (usize, usize) {
+        self.fresh.usage()
     }
 
     /// Hands work to the writer thread and waits for its answer.
@@ -1130,14 +1204,28 @@ impl Queue {
         &self,
         work: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, QueueError>>) -> Work,
     ) -> Result<T, QueueError> {
+        Self::answer(self.send(work)?)
+    }
+
+    /// Hands work to the writer thread; the answer comes on the returned channel.
+    fn send<T>(
+        &self,
+        work: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, QueueError>>) -> Work,
+    ) -> Result<std::sync::mpsc::Receiver<Result<T, QueueError>>, QueueError> {
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        let gone = || QueueError::Write("the queue's writer thread stopped".into());
         self.writer
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .send(work(reply))
-            .map_err(|_| gone())?;
-        answer.recv().map_err(|_| gone())?
+            .map_err(|_| writer_gone())?;
+        Ok(answer)
+    }
+
+    /// Waits for the writer's answer.
+    fn answer<T>(
+        answer: std::sync::mpsc::Receiver<Result<T, QueueError>>,
+    ) -> Result<T, QueueError> {
+        answer.recv().map_err(|_| writer_gone())?
     }
 
     /// Up to `limit` (at most 256) due batches, oldest due first, leaving out the batches in `busy`
@@ -1168,7 +1256,9 @@ impl Queue {
                         index: r.get(2)?,
                         count: r.get(3)?,
                         touchpoint: r.get(4)?,
-                        users: stored.ok_or_else(|| "the batch's users are missing".to_string()),
+                        users: Users::Stored(
+                            stored.ok_or_else(|| "the batch's users are missing".to_string()),
+                        ),
                         remaining: r.get(6)?,
                         attempts: r.get(7)?,
                         campaign: r.get(8)?,
@@ -1181,12 +1271,15 @@ impl Queue {
             .map_err(|e| self.err(e))?;
         drop(stmt);
         drop(conn);
-        // Users in a segment are read with the queue file unlocked.
+        // Users in a segment are read with the queue file unlocked, unless they are in memory.
         Ok(rows
             .into_iter()
             .map(|(mut c, span)| {
                 if let Some(span) = span {
-                    c.users = self.segments.read(span);
+                    c.users = match self.fresh.take(&c.id) {
+                        Some(wire) => Users::Fresh(wire, span),
+                        None => Users::Stored(self.segments.read(span)),
+                    };
                 }
                 c
             })
@@ -1547,6 +1640,67 @@ mod tests {
             batch_size: 4,
             users: users(n),
             rejected: Vec::new(),
+            wire: None,
+        }
+    }
+
+    /// The stored users of a batch claimed from disk.
+    fn stored(c: &Claimed) -> Result<Vec<u8>, String> {
+        match &c.users {
+            Users::Stored(users) => users.clone(),
+            Users::Fresh(..) => panic!("{} was claimed from memory", c.id),
+        }
+    }
+
+    #[test]
+    fn batches_just_queued_are_claimed_from_memory_once() {
+        let (_d, q) = open();
+        let h = head(None);
+        let mut d = new(&h, 10);
+        d.generation = 7;
+        let ids = |c: &[&UserRef<'_>]| {
+            c.iter()
+                .map(|u| u.id.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b","[..])
+        };
+        d.wire = Some(&ids);
+        let Enqueued::New(r) = q.enqueue(d).unwrap() else {
+            panic!("new")
+        };
+        assert_eq!(q.fresh_usage().0, 3);
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(claimed.len(), 3);
+        for (i, c) in claimed.iter().enumerate() {
+            let Users::Fresh(wire, span) = &c.users else {
+                panic!("batch {i} read from disk")
+            };
+            assert_eq!(c.id, format!("{}_{i}", r.dispatch_id));
+            assert_eq!(wire.generation, 7);
+            assert_eq!(wire.count, c.remaining);
+            // The same users as the stored form at the span.
+            let on_disk = q.read_span(*span).unwrap();
+            let ids: Vec<String> = crate::dispatch::user::parse_stored(&on_disk)
+                .unwrap()
+                .iter()
+                .map(|u| u.id.to_string())
+                .collect();
+            assert_eq!(wire.recipients, ids.join(",").into_bytes());
+            assert_eq!(c.users.clone().stored(&q).unwrap(), on_disk);
+        }
+        assert_eq!(q.fresh_usage(), (0, 0), "taken by the claim");
+        let now = now_ms();
+        q.record(
+            claimed
+                .iter()
+                .map(|c| completion(c, After::RetryAt(now)))
+                .collect(),
+        )
+        .unwrap();
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(again.len(), 3);
+        for c in &again {
+            assert!(stored(c).is_ok(), "a retry reads the stored users");
         }
     }
 
@@ -1652,7 +1806,7 @@ mod tests {
             assert_eq!(segment_files(&path).len(), 1, "the users went to a segment");
             let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
             assert_eq!(claimed.len(), 2);
-            let dead_users = claimed[1].users.clone().unwrap();
+            let dead_users = stored(&claimed[1]).unwrap();
             assert_eq!(
                 crate::dispatch::user::parse_stored(&dead_users)
                     .unwrap()
@@ -1674,7 +1828,7 @@ mod tests {
         let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].id, dead_id);
-        assert_eq!(again[0].users.as_ref().unwrap(), &dead_users);
+        assert_eq!(stored(&again[0]).unwrap(), dead_users);
         let s = q.dispatch(&delivered).unwrap().unwrap();
         assert_eq!((s.delivered, s.pending), (4, 4));
     }
@@ -1695,7 +1849,7 @@ mod tests {
         let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(
-            crate::dispatch::user::parse_stored(claimed[0].users.as_ref().unwrap())
+            crate::dispatch::user::parse_stored(&stored(&claimed[0]).unwrap())
                 .unwrap()
                 .len(),
             3
@@ -1718,7 +1872,7 @@ mod tests {
         let q = Queue::open(&path).unwrap();
         let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
         assert_eq!(claimed.len(), 1);
-        let e = claimed[0].users.clone().unwrap_err();
+        let e = stored(&claimed[0]).unwrap_err();
         assert!(e.contains("cannot be read from"), "{e}");
         assert!(e.contains("queue.db-payloads"), "{e}");
     }
@@ -1727,7 +1881,7 @@ mod tests {
     fn batches_stored_by_an_older_version_are_read_from_the_queue_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
-        let stored = crate::dispatch::user::store(users(2).into_iter());
+        let old_users = crate::dispatch::user::store(users(2).into_iter());
         {
             // The file as format 2 left it: no segment columns, users in `payloads`.
             let conn = Connection::open(&path).unwrap();
@@ -1744,13 +1898,13 @@ mod tests {
                      VALUES ('d1_0', 'd1', 0, 1, 'sms', 2, 2, 'pending', 0, 0, 0);",
             )
             .unwrap();
-            conn.execute("INSERT INTO payloads VALUES ('d1_0', ?1)", [&stored])
+            conn.execute("INSERT INTO payloads VALUES ('d1_0', ?1)", [&old_users])
                 .unwrap();
         }
         let q = Queue::open(&path).unwrap();
         let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
         assert_eq!(claimed.len(), 1);
-        assert_eq!(claimed[0].users.as_ref().unwrap(), &stored);
+        assert_eq!(stored(&claimed[0]).unwrap(), old_users);
         q.record(vec![completion(&claimed[0], After::Done)])
             .unwrap();
         assert_eq!(q.pending_recipients(), 0);

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::Rejected;
-use super::queue::{After, Claimed, Completion, Queue};
+use super::queue::{After, Claimed, Completion, Queue, Users};
 use super::retry::{self, Next};
+use super::segments::Span;
 use super::user::{UserRef, parse_stored, store};
 use crate::channel::custom::{self, Envelope, Request, Response};
 use crate::model::{CustomSpec, Secret};
@@ -425,7 +426,7 @@ struct Shared {
 }
 
 impl Shared {
-    async fn send(&self, batch: Claimed) {
+    async fn send(&self, mut batch: Claimed) {
         // The touchpoint as it is now, not as it was when the batch was queued or claimed.
         let target = match self.directory.lookup(&batch.touchpoint) {
             Lookup::Ready(t) => t,
@@ -445,15 +446,26 @@ impl Shared {
         let started_ms = now_ms();
         let started = Instant::now();
         let attempt = batch.attempts + 1;
-        let parsed = match &batch.users {
-            Ok(stored) => parse_stored(stored).map_err(|e| {
-                format!(
-                    "the stored batch cannot be read ({e}); this is a touchctl bug, please report it"
-                )
-            }),
+        // Recipients written when the batch was queued serve as long as the touchpoint's dynamic
+        // params are those they were written with; otherwise the stored users are read.
+        let (wire, stored) =
+            match std::mem::replace(&mut batch.users, Users::Stored(Ok(Vec::new()))) {
+                Users::Fresh(wire, span) if wire.generation == target.generation => {
+                    (Some((wire, span)), Ok(Vec::new()))
+                }
+                Users::Fresh(_, span) => (None, self.read_span(span).await),
+                Users::Stored(stored) => (None, stored),
+            };
+        let parsed = match &stored {
+            Ok(stored) if wire.is_none() => parse_stored(stored).map_err(|e| unreadable(&e)),
+            Ok(_) => Ok(Vec::new()),
             Err(e) => Err(e.clone()),
         };
         let users: &[UserRef<'_>] = parsed.as_deref().unwrap_or_default();
+        let recipients = match &wire {
+            Some((wire, _)) => wire.count,
+            None => users.len() as u32,
+        };
         let guard = match &parsed {
             Err(e) => Err(e.clone()),
             Ok(_) => self.guard(&target.spec.url).await,
@@ -472,7 +484,10 @@ impl Shared {
                     count: batch.count,
                     template: &batch.template_params,
                 };
-                let body = custom::body(&env, users, &target.mapping);
+                let body = match &wire {
+                    Some((wire, _)) => custom::body_with(&env, &wire.recipients),
+                    None => custom::body(&env, users, &target.mapping),
+                };
                 custom::send(
                     &self.client,
                     Request {
@@ -495,8 +510,35 @@ impl Shared {
                     .first_attempt_delay(Duration::from_millis((started_ms - q).max(0) as u64));
             }
         }
+        // A partial answer to recipients sent from memory: which ones to retry is worked out from
+        // the stored users, read now.
+        let late = match (&wire, &response) {
+            (Some((_, span)), Response::Accepted { failed, .. }) if !failed.is_empty() => {
+                Some(self.read_span(*span).await)
+            }
+            _ => None,
+        };
+        let late_parsed = late.as_ref().map(|stored| match stored {
+            Ok(stored) => parse_stored(stored).map_err(|e| unreadable(&e)),
+            Err(e) => Err(e.clone()),
+        });
+        let (response, users) = match (&late_parsed, response) {
+            (Some(Err(e)), Response::Accepted { status, failed }) => (
+                Response::Retryable {
+                    status: Some(status),
+                    retry_after: None,
+                    error: format!(
+                        "HTTP {status} with {} recipient(s) failed, and the batch's stored users cannot be read to retry only those ({e}): the whole batch is tried again",
+                        failed.len()
+                    ),
+                },
+                users,
+            ),
+            (Some(Ok(late)), response) => (response, late.as_slice()),
+            (_, response) => (response, users),
+        };
         let completion = outcome(
-            &batch, &target, attempt, users, response, started_ms, latency,
+            &batch, &target, recipients, users, response, started_ms, latency,
         );
         let label = match completion.after {
             After::Done => "delivered",
@@ -513,6 +555,13 @@ impl Shared {
         );
         // The recorder outlives every sender.
         let _ = self.record.send(completion);
+    }
+
+    /// Reads users stored in a segment, off the async threads.
+    async fn read_span(&self, span: Span) -> Result<Vec<u8>, String> {
+        run_blocking(&self.queue, move |q| Ok(q.read_span(span)))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()))
     }
 
     /// Refuses endpoints on loopback, private and link-local networks unless allowed.
@@ -603,16 +652,22 @@ pub fn is_public(ip: &IpAddr) -> bool {
     }
 }
 
-/// Turns a response into the batch's next state.
+fn unreadable(e: &str) -> String {
+    format!("the stored batch cannot be read ({e}); this is a touchctl bug, please report it")
+}
+
+/// Turns a response into the batch's next state. `users` are the batch's users when the response
+/// is a partial one (or when they were read to send them); `recipients` how many were sent.
 fn outcome(
     batch: &Claimed,
     target: &Target,
-    attempt: u32,
+    recipients: u32,
     users: &[UserRef<'_>],
     response: Response,
     started_ms: i64,
     latency: Duration,
 ) -> Completion {
+    let attempt = batch.attempts + 1;
     let policy = &target.spec.retry;
     let retry_at = |retry_after: Option<Duration>| match retry::next(
         policy,
@@ -630,7 +685,7 @@ fn outcome(
         started_ms,
         latency_ms: latency.as_millis() as i64,
         status: None,
-        recipients: users.len() as u32,
+        recipients,
         delivered: 0,
         failed: Vec::new(),
         remaining: None,

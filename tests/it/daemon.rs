@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -403,6 +404,20 @@ fn a_broken_file_does_not_take_a_live_touchpoint_down() {
     assert_eq!(doc["attempts"][0]["generation"], 2);
 }
 
+/// Changes `sms`'s dynamic params (`phone` is sent as `mobile`, `tier` is added), applies the
+/// change and waits until the daemon uses it (generation 2).
+fn rename_phone_and_add_tier(p: &Project, d: &crate::daemon_support::Daemon) {
+    let changed = p.read("touchpoints/sms.toml").replace(
+        "phone = \"user.phone\"",
+        "mobile = \"user.phone\"\ntier = \"user.tier\"",
+    );
+    p.write("touchpoints/sms.toml", &changed);
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    d.wait_until("/v1/touchpoints", "the change was never seen", |_, tps| {
+        tps["touchpoints"][0]["generation"] == 2
+    });
+}
+
 #[test]
 fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
     let sink = Sink::new(Arc::new(|_, _| {
@@ -419,15 +434,7 @@ fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
     );
     // The params change while the batches wait: `phone` is now sent as `mobile`, and `tier` is
     // added.
-    let changed = p.read("touchpoints/sms.toml").replace(
-        "phone = \"user.phone\"",
-        "mobile = \"user.phone\"\ntier = \"user.tier\"",
-    );
-    p.write("touchpoints/sms.toml", &changed);
-    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
-    d.wait_until("/v1/touchpoints", "the change was never seen", |_, tps| {
-        tps["touchpoints"][0]["generation"] == 2
-    });
+    rename_phone_and_add_tier(&p, &d);
     sink.answer_with(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::ZERO)
     }));
@@ -442,6 +449,50 @@ fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
             &json!({"user_id": format!("u{n}"), "mobile": format!("138{n:08}"), "member_id": format!("m{n}"), "tier": "gold"}),
             "sent with the params live at send time"
         );
+    }
+}
+
+#[test]
+fn batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time() {
+    // The daemon writes each batch's recipients when it accepts the trigger and keeps them in
+    // memory. Here the first request is held until the params change, so the batches behind it
+    // (one at a time) go out after the change and must be written anew.
+    let started = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(AtomicBool::new(false));
+    let (s, g) = (started.clone(), gate.clone());
+    let sink = Sink::new(Arc::new(move |n, _| {
+        s.fetch_add(1, Ordering::SeqCst);
+        let until = Instant::now() + PATIENCE;
+        while n == 0 && !g.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    }));
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &["--concurrency", "1"]);
+    let (_, r) = d.dispatch(&trigger(300));
+    let id = r["dispatch_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + PATIENCE;
+    while started.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the first batch was never sent");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rename_phone_and_add_tier(&p, &d);
+    gate.store(true, Ordering::SeqCst);
+    assert_eq!(d.wait_finished(&id)["delivered"], 300);
+    let got = sink.received();
+    assert_eq!(got.len(), 3, "one request per batch");
+    for r in &got {
+        let old = r.body["batch"]["index"] == 0;
+        for recipient in r.body["recipients"].as_array().unwrap() {
+            let n: usize = recipient["user_id"].as_str().unwrap()[1..].parse().unwrap();
+            let expected = if old {
+                json!({"user_id": format!("u{n}"), "phone": format!("138{n:08}"), "member_id": format!("m{n}")})
+            } else {
+                json!({"user_id": format!("u{n}"), "mobile": format!("138{n:08}"), "member_id": format!("m{n}"), "tier": "gold"})
+            };
+            assert_eq!(recipient, &expected, "batch {}", r.body["batch"]);
+        }
     }
 }
 
