@@ -1156,7 +1156,6 @@ impl Queue {
             .chunks(size)
             .map(|c| (c.len(), super::user::store(c.iter().copied())))
             .collect();
-        let counts: Vec<usize> = batches.iter().map(|(n, _)| *n).collect();
         let job = Job {
             head: d.head.clone(),
             generation: d.generation,
@@ -1167,20 +1166,21 @@ impl Queue {
         };
         let answer = self.send(|reply| Work::Enqueue(job, reply))?;
         // Written while the writer stores the trigger and waits for the disk.
-        let wire: Vec<Vec<u8>> = match d.wire {
-            Some(write) => d.users.chunks(size).map(write).collect(),
+        let wire: Vec<Wire> = match d.wire {
+            Some(write) => d
+                .users
+                .chunks(size)
+                .map(|batch| Wire {
+                    generation: d.generation,
+                    recipients: write(batch),
+                    count: batch.len() as u32,
+                })
+                .collect(),
             None => Vec::new(),
         };
         let enqueued = Self::answer(answer)?;
-        if let Enqueued::New(receipt) = &enqueued
-            && wire.len() == counts.len()
-        {
-            for (i, (recipients, count)) in wire.into_iter().zip(counts).enumerate() {
-                let wire = Wire {
-                    generation: d.generation,
-                    recipients,
-                    count: count as u32,
-                };
+        if let Enqueued::New(receipt) = &enqueued {
+            for (i, wire) in wire.into_iter().enumerate() {
                 if !self.fresh.put(batch_id(&receipt.dispatch_id, i), wire) {
                     break;
                 }
