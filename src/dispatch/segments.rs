@@ -519,6 +519,39 @@ mod tests {
     }
 
     #[test]
+    fn a_direct_write_refused_is_written_again_the_ordinary_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = dir.path().join("queue.db");
+        let segments = Segments::new(&queue);
+        let mut appender = Appender::new(&queue);
+        let first = appender.append(&[b"first"]).unwrap()[0];
+        if appender.direct() != Some(true) {
+            // This file system takes no direct writes at all: the ordinary path is the one the
+            // other tests cover.
+            return;
+        }
+        // An offset off the block boundary makes the kernel refuse the direct write (EINVAL),
+        // as a device wanting larger blocks would.
+        if let Some(current) = appender.current.as_mut() {
+            current.len += 1;
+        }
+        let second = appender.append(&[b"second", b"third"]).unwrap();
+        assert_eq!(appender.direct(), Some(false));
+        assert_eq!(second[0].offset, BLOCK as u64 + 1);
+        assert_eq!(second[1].offset, BLOCK as u64 + 7);
+        let third = appender.append(&[b"fourth"]).unwrap()[0];
+        assert_eq!(third.offset, BLOCK as u64 + 12, "back to back from now on");
+        for (span, text) in [
+            (first, "first"),
+            (second[0], "second"),
+            (second[1], "third"),
+            (third, "fourth"),
+        ] {
+            assert_eq!(segments.read(span).unwrap(), text.as_bytes());
+        }
+    }
+
+    #[test]
     fn staged_writes_cut_long_appends_into_blocks_and_pad_only_the_last() {
         // The staging logic alone, on an ordinary file (alignment only matters with O_DIRECT).
         let dir = tempfile::tempdir().unwrap();
