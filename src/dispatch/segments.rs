@@ -250,8 +250,9 @@ impl Appender {
         self.current.as_ref().map(|c| c.id)
     }
 
-    /// Whether the current segment is written directly (for tests and diagnostics).
-    pub fn direct(&self) -> Option<bool> {
+    /// Whether the current segment is written directly.
+    #[cfg(test)]
+    fn direct(&self) -> Option<bool> {
         self.current.as_ref().map(|c| c.direct)
     }
 
