@@ -440,12 +440,18 @@ fn set_direct(_file: &File, on: bool) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn payloads_read_back_and_unreferenced_segments_go() {
+    /// A fresh queue directory: its segments, and a writer's end of them.
+    fn queue_dir() -> (tempfile::TempDir, Segments, Appender) {
         let dir = tempfile::tempdir().unwrap();
         let queue = dir.path().join("queue.db");
         let segments = Segments::new(&queue);
-        let mut appender = Appender::new(&queue);
+        let appender = Appender::new(&queue);
+        (dir, segments, appender)
+    }
+
+    #[test]
+    fn payloads_read_back_and_unreferenced_segments_go() {
+        let (_dir, segments, mut appender) = queue_dir();
         let spans = appender.append(&[b"first", b"", b"third"]).unwrap();
         assert_eq!(spans[0].offset, 0);
         assert_eq!(spans[2].offset, 5);
@@ -475,10 +481,7 @@ mod tests {
 
     #[test]
     fn a_referenced_segment_is_kept_and_reads_past_its_end_fail() {
-        let dir = tempfile::tempdir().unwrap();
-        let queue = dir.path().join("queue.db");
-        let segments = Segments::new(&queue);
-        let mut appender = Appender::new(&queue);
+        let (_dir, segments, mut appender) = queue_dir();
         let span = appender.append(&[b"users"]).unwrap()[0];
         drop(appender);
         let (unused, _) = segments.lock_unused(None).unwrap();
@@ -500,10 +503,7 @@ mod tests {
 
     #[test]
     fn appends_after_the_first_start_on_a_block_boundary_when_written_directly() {
-        let dir = tempfile::tempdir().unwrap();
-        let queue = dir.path().join("queue.db");
-        let segments = Segments::new(&queue);
-        let mut appender = Appender::new(&queue);
+        let (_dir, segments, mut appender) = queue_dir();
         let a = appender.append(&[b"one", b"two"]).unwrap();
         let b = appender.append(&[b"three"]).unwrap();
         assert_eq!(a[1].offset, 3, "payloads of one append are back to back");
@@ -521,10 +521,7 @@ mod tests {
 
     #[test]
     fn a_direct_write_refused_is_written_again_the_ordinary_way() {
-        let dir = tempfile::tempdir().unwrap();
-        let queue = dir.path().join("queue.db");
-        let segments = Segments::new(&queue);
-        let mut appender = Appender::new(&queue);
+        let (_dir, segments, mut appender) = queue_dir();
         let first = appender.append(&[b"first"]).unwrap()[0];
         if appender.direct() != Some(true) {
             // This file system takes no direct writes at all: the ordinary path is the one the
