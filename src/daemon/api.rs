@@ -178,12 +178,7 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
     // Parsing, checking and storing are CPU and disk work: off the async threads.
     let app2 = app.clone();
     match tokio::task::spawn_blocking(move || process(&app2, ndjson, &bytes)).await {
-        Ok(result) => {
-            if result.is_ok() {
-                app.wake.notify_one();
-            }
-            result
-        }
+        Ok(result) => result,
         Err(e) => Err(internal(e.to_string())),
     }
 }
@@ -301,6 +296,7 @@ fn process(app: &App, ndjson: bool, bytes: &[u8]) -> Result<Response, ApiError> 
         .map_err(queue_error)?;
     match enqueued {
         Enqueued::New(receipt) => {
+            app.wake.queued(&head.touchpoint);
             app.metrics
                 .accepted(&head.touchpoint, n_accepted, n_rejected);
             Ok(receipt_response(&receipt, false))

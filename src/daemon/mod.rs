@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::dispatch::queue::Queue;
 use crate::dispatch::worker::{self, Directory, Lookup};
@@ -110,7 +110,7 @@ pub struct App {
     /// The live touchpoints.
     pub live: Arc<LiveSet>,
     /// Wakes the sender when there is new work.
-    pub wake: Arc<Notify>,
+    pub wake: Arc<worker::Wake>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
     /// The API token.
@@ -180,7 +180,7 @@ pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
     })
     .await;
     match result {
-        Ok(Ok(())) => app.wake.notify_one(),
+        Ok(Ok(())) => app.wake.anything(),
         Ok(Err(e)) => log(&format!("error: cannot read the registry: {e}")),
         Err(e) => log(&format!("error: {e}")),
     }
@@ -251,7 +251,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         registry: registry.clone(),
         queue: queue.clone(),
         live: Arc::new(LiveSet::default()),
-        wake: Arc::new(Notify::new()),
+        wake: Arc::new(worker::Wake::default()),
         metrics: Arc::new(Metrics::default()),
         token: config.token.clone(),
         limits: Limits {

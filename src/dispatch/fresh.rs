@@ -50,6 +50,27 @@ struct Inner {
 }
 
 impl Inner {
+    /// Drops the oldest entries that are taken or older than `max_age`.
+    fn drop_stale(&mut self, now: Instant, max_age: Duration) {
+        while let Some((seq, id)) = self.order.front() {
+            // `None`: taken, or put again later under a newer place.
+            let state = self
+                .map
+                .get(id)
+                .filter(|(s, _, _)| s == seq)
+                .map(|(_, at, _)| now.duration_since(*at) <= max_age);
+            match state {
+                Some(true) => break,
+                Some(false) => {
+                    let id = id.clone();
+                    self.forget(&id);
+                }
+                None => {}
+            }
+            self.order.pop_front();
+        }
+    }
+
     fn forget(&mut self, id: &str) -> Option<Wire> {
         let (_, _, wire) = self.map.remove(id)?;
         self.bytes -= wire.recipients.len();
@@ -84,24 +105,7 @@ impl Fresh {
     pub fn put(&self, batch_id: String, wire: Wire) -> bool {
         let now = Instant::now();
         let mut inner = self.lock();
-        // Drop the oldest entries that are taken or too old.
-        while let Some((seq, id)) = inner.order.front() {
-            // `None`: taken, or put again later under a newer place.
-            let state = inner
-                .map
-                .get(id)
-                .filter(|(s, _, _)| s == seq)
-                .map(|(_, at, _)| now.duration_since(*at) <= self.max_age);
-            match state {
-                Some(true) => break,
-                Some(false) => {
-                    let id = id.clone();
-                    inner.forget(&id);
-                }
-                None => {}
-            }
-            inner.order.pop_front();
-        }
+        inner.drop_stale(now, self.max_age);
         if inner.bytes + wire.recipients.len() > self.budget {
             return false;
         }
@@ -113,6 +117,14 @@ impl Fresh {
             inner.bytes -= old.recipients.len();
         }
         true
+    }
+
+    /// How many more bytes of recipients would be kept now. Writing recipients that would not
+    /// be kept is wasted work: their batches are read from disk when sent.
+    pub fn room(&self) -> usize {
+        let mut inner = self.lock();
+        inner.drop_stale(Instant::now(), self.max_age);
+        self.budget.saturating_sub(inner.bytes)
     }
 
     /// Takes a batch's recipients, if they are still here.
@@ -172,6 +184,7 @@ mod tests {
         assert!(f.take("a").is_some());
         assert!(f.put("c".into(), wire(10)), "room again once one is taken");
         assert_eq!(f.usage(), (2, 20));
+        assert_eq!(f.room(), 5);
         assert!(
             !f.put("big".into(), wire(26)),
             "larger than the whole budget"
@@ -186,6 +199,9 @@ mod tests {
         assert!(f.put("b".into(), wire(10)));
         assert_eq!(f.take("a"), None, "older than the age limit");
         assert_eq!(f.usage(), (1, 10));
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(f.room(), 100, "an entry too old takes no room");
+        assert_eq!(f.usage(), (0, 0));
     }
 
     #[test]

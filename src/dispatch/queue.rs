@@ -1166,18 +1166,23 @@ impl Queue {
         };
         let answer = self.send(|reply| Work::Enqueue(job, reply))?;
         // Written while the writer stores the trigger and waits for the disk.
-        let wire: Vec<Wire> = match d.wire {
-            Some(write) => d
-                .users
-                .chunks(size)
-                .map(|batch| Wire {
+        // Only as many as the memory budget keeps: the others are read from disk when sent.
+        let mut wire: Vec<Wire> = Vec::new();
+        if let Some(write) = d.wire {
+            let mut room = self.fresh.room();
+            for batch in d.users.chunks(size) {
+                let recipients = write(batch);
+                let Some(left) = room.checked_sub(recipients.len()) else {
+                    break;
+                };
+                room = left;
+                wire.push(Wire {
                     generation: d.generation,
-                    recipients: write(batch),
+                    recipients,
                     count: batch.len() as u32,
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+                });
+            }
+        }
         let enqueued = Self::answer(answer)?;
         if let Enqueued::New(receipt) = &enqueued {
             for (i, wire) in wire.into_iter().enumerate() {
@@ -1286,16 +1291,18 @@ impl Queue {
             .collect())
     }
 
-    /// When the earliest pending, unheld batch not in `busy` is due.
-    pub fn next_due(&self, busy: &[&str]) -> Result<Option<i64>, QueueError> {
+    /// When the earliest pending, unheld batch not of a touchpoint in `skip` and not in `busy` is
+    /// due (the same filters as [`Queue::claim`]).
+    pub fn next_due(&self, skip: &[&str], busy: &[&str]) -> Result<Option<i64>, QueueError> {
         let conn = lock(&self.work);
         let mut stmt = conn
             .prepare_cached(
                 "SELECT min(next_at) FROM batches WHERE state = 'pending' AND held IS NULL \
-                 AND id NOT IN (SELECT value FROM json_each(?1))",
+                 AND touchpoint NOT IN (SELECT value FROM json_each(?1)) \
+                 AND id NOT IN (SELECT value FROM json_each(?2))",
             )
             .map_err(|e| self.err(e))?;
-        stmt.query_row([json_list(busy)], |r| r.get(0))
+        stmt.query_row([json_list(skip), json_list(busy)], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
@@ -1735,7 +1742,12 @@ mod tests {
             q.claim(now, 10, &[], &[]).unwrap().is_empty(),
             "not due yet"
         );
-        assert_eq!(q.next_due(&[]).unwrap(), Some(now + 60_000));
+        assert_eq!(q.next_due(&[], &[]).unwrap(), Some(now + 60_000));
+        assert_eq!(
+            q.next_due(&["sms"], &[]).unwrap(),
+            None,
+            "a skipped touchpoint's batches are not waited for"
+        );
         assert_eq!(q.replay(&[], None).unwrap(), [rest[0].id.clone()]);
         assert_eq!(q.pending_recipients(), 6);
         let again = q.claim(now_ms(), 10, &[], &[]).unwrap();

@@ -23,6 +23,61 @@ use crate::channel::custom::{self, Envelope, Request, Response};
 use crate::model::{CustomSpec, Secret};
 use crate::store::now_ms;
 
+/// Tells the sender there may be work it has not claimed: new batches of a touchpoint (a trigger),
+/// or anything else (a reload, a resume, a retry to schedule). Knowing the touchpoints lets the
+/// sender leave the queue alone when each of them already has a full lane: asking then would walk
+/// that touchpoint's whole backlog only to leave it out, and with a deep backlog that walk on
+/// every trigger costs more than the sending. Such a lane asks for more when it runs low.
+#[derive(Default)]
+pub struct Wake {
+    notify: Notify,
+    news: std::sync::Mutex<News>,
+}
+
+/// What changed since the sender last looked.
+#[derive(Default)]
+struct News {
+    /// Anything at all: the sender asks the queue.
+    anything: bool,
+    /// Touchpoints with new batches.
+    queued: HashSet<String>,
+}
+
+impl Wake {
+    /// New batches of `touchpoint` are in the queue.
+    pub fn queued(&self, touchpoint: &str) {
+        {
+            let mut news = self.lock();
+            if !news.anything && !news.queued.contains(touchpoint) {
+                news.queued.insert(touchpoint.to_string());
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Something other than new batches changed: the sender asks the queue.
+    pub fn anything(&self) {
+        {
+            let mut news = self.lock();
+            news.anything = true;
+            news.queued.clear();
+        }
+        self.notify.notify_one();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, News> {
+        // Each change is whole before the lock is let go: a poisoned lock holds consistent news.
+        self.news.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the news calls for a claim, given the touchpoints whose full lanes the last claim
+    /// left out (each of those asks again when its lane runs low); the news is then taken.
+    fn wants_claim(&self, left_out: &[String]) -> bool {
+        let news = std::mem::take(&mut *self.lock());
+        news.anything || news.queued.iter().any(|tp| !left_out.contains(tp))
+    }
+}
+
 /// A live custom touchpoint, ready to send to.
 #[derive(Debug)]
 pub struct Target {
@@ -137,7 +192,7 @@ pub async fn run(
     observer: Arc<dyn Observer>,
     client: reqwest::Client,
     config: Config,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
@@ -290,11 +345,15 @@ pub async fn run(
         if must_claim && room > 0 {
             until = Instant::now();
         } else if claiming {
-            // Everything due was claimed: wake up when the next batch falls due.
+            // Everything due was claimed: wake up when the next batch falls due. Batches of the
+            // lanes the claim left out are not waited for (those lanes ask when they run low):
+            // their backlog is due already, and waking for it would only claim nothing again.
             let busy_now = busy_ids(&busy);
+            let skip = left_out.clone();
             due_at = match run_blocking(&queue, move |q| {
+                let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
                 let busy: Vec<&str> = busy_now.iter().map(String::as_str).collect();
-                q.next_due(&busy)
+                q.next_due(&skip, &busy)
             })
             .await
             {
@@ -308,7 +367,7 @@ pub async fn run(
             until = until.min(due);
         }
         tokio::select! {
-            _ = wake.notified() => must_claim = true,
+            _ = wake.notify.notified() => must_claim = must_claim || wake.wants_claim(&left_out),
             Some(tp) = done_rx.recv() => {
                 in_flight -= 1;
                 if let Some(lane) = lanes.get_mut(&tp) {
@@ -372,7 +431,7 @@ async fn record(
     queue: Arc<Queue>,
     mut rx: mpsc::UnboundedReceiver<Completion>,
     observer: Arc<dyn Observer>,
-    wake: Arc<Notify>,
+    wake: Arc<Wake>,
     busy: Busy,
     stop: watch::Receiver<bool>,
 ) {
@@ -409,7 +468,7 @@ async fn record(
         }
         // A batch to retry is due again some time: the sender's timer must know.
         if group.iter().any(|c| matches!(c.after, After::RetryAt(_))) {
-            wake.notify_one();
+            wake.anything();
         }
     }
 }
@@ -762,6 +821,27 @@ fn outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_batches_of_a_left_out_lane_do_not_call_for_a_claim() {
+        let wake = Wake::default();
+        let left_out = vec!["sms".to_string()];
+        assert!(!wake.wants_claim(&left_out), "no news");
+        wake.queued("sms");
+        assert!(
+            !wake.wants_claim(&left_out),
+            "its lane asks for more when it runs low"
+        );
+        wake.queued("sms");
+        wake.queued("push");
+        assert!(wake.wants_claim(&left_out), "another touchpoint has work");
+        assert!(!wake.wants_claim(&left_out), "the news was taken");
+        wake.queued("sms");
+        assert!(wake.wants_claim(&[]), "no lane was left out");
+        wake.anything();
+        wake.queued("sms");
+        assert!(wake.wants_claim(&left_out), "anything else always claims");
+    }
 
     #[test]
     fn public_addresses_only() {
