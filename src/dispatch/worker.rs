@@ -125,6 +125,8 @@ pub trait Observer: Send + Sync + 'static {
     fn first_attempt_delay(&self, delay: Duration);
     /// Something went wrong that no request caused (the queue file failed, say).
     fn problem(&self, message: &str);
+    /// The queue was asked for batches and gave `batches`.
+    fn claimed(&self, _batches: usize) {}
 }
 
 /// How hard the worker pushes.
@@ -262,6 +264,7 @@ pub async fn run(
             .await;
             match claimed {
                 Ok(batches) => {
+                    observer.claimed(batches.len());
                     must_claim = batches.len() >= limit;
                     {
                         let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
@@ -821,6 +824,107 @@ fn outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts claims; the rest is not looked at.
+    #[derive(Default)]
+    struct Claims(std::sync::atomic::AtomicUsize);
+
+    impl Observer for Claims {
+        fn attempt(&self, _: &str, _: &'static str, _: Duration, _: u32, _: u32) {}
+        fn first_attempt_delay(&self, _: Duration) {}
+        fn problem(&self, _: &str) {}
+        fn claimed(&self, _: usize) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    struct One(Arc<Target>);
+
+    impl Directory for One {
+        fn lookup(&self, _: &str) -> Lookup {
+            Lookup::Ready(self.0.clone())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_lane_does_not_make_the_sender_claim_over_and_over() {
+        // A sink that takes 20 ms per request: one lane (concurrency 1) holds the sender's whole
+        // room of 16 batches, and 184 more wait in the queue behind it, due already.
+        let app = axum::Router::new().fallback(|| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            "{}"
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let spec: CustomSpec = toml::from_str(&format!(
+            "url = \"{url}\"\nallow_insecure = true\nauth_token = {{ env = \"UNUSED\" }}\nbatch_size = 1\n"
+        ))
+        .unwrap();
+        let target = Target {
+            id: "slow".into(),
+            generation: 1,
+            mapping: super::super::user::Mapping::new(&spec.dynamic_params),
+            spec,
+            token: Secret::new("t"),
+            signing_key: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(Queue::open(&dir.path().join("queue.db")).unwrap());
+        let text = format!(
+            "[{}]",
+            (0..200)
+                .map(|i| format!("{{\"user_id\":\"u{i}\"}}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let users = super::super::user::parse_users_json(text.as_bytes()).unwrap();
+        let head = super::super::TriggerHead {
+            touchpoint: "slow".into(),
+            campaign: "c".into(),
+            idempotency_key: None,
+            template_params: serde_json::Map::new(),
+        };
+        queue
+            .enqueue(super::super::queue::NewDispatch {
+                head: &head,
+                generation: 1,
+                batch_size: 1,
+                users: users.iter().collect(),
+                rejected: Vec::new(),
+                wire: None,
+            })
+            .unwrap();
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let claims = Arc::new(Claims::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(run(
+            queue.clone(),
+            Arc::new(One(Arc::new(target))),
+            claims.clone(),
+            reqwest::Client::new(),
+            Config {
+                concurrency: 1,
+                max_in_flight: 16,
+                allow_private_network: true,
+                drain: Duration::from_secs(5),
+            },
+            Arc::new(Wake::default()),
+            stop_rx,
+        ));
+        // Long enough for the lane to run low and ask for more once or twice.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop_tx.send(true).unwrap();
+        worker.await.unwrap();
+        let n = claims.0.load(std::sync::atomic::Ordering::Relaxed);
+        // Claiming whenever a send finished would be about 25 claims; claiming in a loop while
+        // the lane is full (as before this test), 160 or so.
+        assert!((1..=20).contains(&n), "{n} claims in half a second");
+        assert!(
+            queue.pending_recipients() < 200,
+            "nothing was sent in half a second"
+        );
+    }
 
     #[test]
     fn new_batches_of_a_left_out_lane_do_not_call_for_a_claim() {
