@@ -918,7 +918,7 @@ mod tests {
         worker.await.unwrap();
         let n = claims.0.load(std::sync::atomic::Ordering::Relaxed);
         // Claiming whenever a send finished would be about 25 claims; claiming in a loop while
-        // the lane is full (as before this test), 160 or so.
+        // the lane is full (what the sender once did), 160 or so.
         assert!((1..=20).contains(&n), "{n} claims in half a second");
         assert!(
             queue.pending_recipients() < 200,
