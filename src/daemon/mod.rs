@@ -71,6 +71,13 @@ pub struct Config {
     pub retention: Duration,
 }
 
+/// How many triggers are worked on at once: two per core, so one waiting for a lock or a page
+/// leaves its core to another, and never so many that the queue's writer thread, which each of
+/// them then waits for, gets only a sliver of the cores.
+fn intake_permits() -> usize {
+    2 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Limits on requests.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -119,6 +126,9 @@ pub struct App {
     pub limits: Limits,
     /// About the daemon.
     pub info: Info,
+    /// Triggers being read, checked and handed to the queue at once: at most two per core (see
+    /// `intake_permits`). A trigger lets go of its permit before it waits for the disk.
+    pub intake: Arc<tokio::sync::Semaphore>,
     draining: AtomicBool,
     reconcile: Mutex<Option<Report>>,
 }
@@ -268,6 +278,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             registry: registry.describe(),
             queue: config.queue.display().to_string(),
         },
+        intake: Arc::new(tokio::sync::Semaphore::new(intake_permits())),
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),
     });

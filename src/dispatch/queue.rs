@@ -206,6 +206,35 @@ pub struct NewDispatch<'a> {
 /// Writes a batch's recipients for the wire.
 pub type WireWriter<'a> = dyn Fn(&[&UserRef<'_>]) -> Vec<u8> + 'a;
 
+/// A trigger handed to the writer thread, not yet known to be on disk.
+#[must_use = "the trigger is stored only once `wait` has answered"]
+pub struct Storing<'q> {
+    queue: &'q Queue,
+    answer: std::sync::mpsc::Receiver<Result<Enqueued, QueueError>>,
+    /// Each batch's recipients for the wire, in batch order, as far as the memory budget went.
+    wire: Vec<Wire>,
+}
+
+impl Storing<'_> {
+    /// Waits until the trigger is on disk (fsync'd) and keeps its batches' recipients in memory
+    /// for the sender.
+    pub fn wait(self) -> Result<Enqueued, QueueError> {
+        let enqueued = Queue::answer(self.answer)?;
+        if let Enqueued::New(receipt) = &enqueued {
+            for (i, wire) in self.wire.into_iter().enumerate() {
+                if !self
+                    .queue
+                    .fresh
+                    .put(batch_id(&receipt.dispatch_id, i), wire)
+                {
+                    break;
+                }
+            }
+        }
+        Ok(enqueued)
+    }
+}
+
 /// Stored, or found stored already under the same idempotency key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Enqueued {
@@ -1149,6 +1178,14 @@ impl Queue {
     /// one commit (and one fsync): the writer thread takes every trigger waiting when it starts a
     /// transaction.
     pub fn enqueue(&self, d: NewDispatch<'_>) -> Result<Enqueued, QueueError> {
+        self.begin_enqueue(d)?.wait()
+    }
+
+    /// The CPU part of [`Queue::enqueue`]: builds the batches, hands them to the writer thread
+    /// and writes the recipients for the wire while it stores them. [`Storing::wait`] then waits
+    /// for the disk, which takes no CPU: a caller that limits how many triggers are worked on at
+    /// once can let the next one start in between.
+    pub fn begin_enqueue(&self, d: NewDispatch<'_>) -> Result<Storing<'_>, QueueError> {
         // The batch texts are built here, on the caller's thread; the writer only writes.
         let size = d.batch_size.max(1);
         let batches: Vec<(usize, Vec<u8>)> = d
@@ -1183,15 +1220,11 @@ impl Queue {
                 });
             }
         }
-        let enqueued = Self::answer(answer)?;
-        if let Enqueued::New(receipt) = &enqueued {
-            for (i, wire) in wire.into_iter().enumerate() {
-                if !self.fresh.put(batch_id(&receipt.dispatch_id, i), wire) {
-                    break;
-                }
-            }
-        }
-        Ok(enqueued)
+        Ok(Storing {
+            queue: self,
+            answer,
+            wire,
+        })
     }
 
     /// Reads users stored in a segment.

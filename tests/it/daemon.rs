@@ -596,6 +596,70 @@ fn an_idempotent_retrigger_queues_nothing() {
 }
 
 #[test]
+fn a_burst_of_triggers_with_errors_among_them_is_answered_in_full() {
+    // Triggers are worked on a few at a time (one per core) and the rest wait their turn: a burst
+    // far larger than that, a third of it refused for different reasons, must get every answer,
+    // and every accepted user must arrive once.
+    let sink = Sink::ok();
+    let p = project(&sink, 50, "");
+    let d = Arc::new(open_daemon(&p, &[]));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let burst = 60;
+    for i in 0..burst {
+        let (d, tx) = (d.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let mut t = trigger(120);
+            t["campaign"] = format!("burst-{i}").into();
+            let body = match i % 3 {
+                0 => b"{\"touchpoint\": \"sms\", \"users\": [".to_vec(),
+                1 => {
+                    t["template_params"]["text"] = "x".repeat(71).into();
+                    serde_json::to_vec(&t).unwrap()
+                }
+                _ => serde_json::to_vec(&t).unwrap(),
+            };
+            let _ = tx.send((
+                i,
+                d.call("POST", "/v1/dispatch", Some(("application/json", body))),
+            ));
+        });
+    }
+    drop(tx);
+    let deadline = Instant::now() + PATIENCE;
+    let mut accepted = Vec::new();
+    for _ in 0..burst {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (i, (code, body)) = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("not every trigger was answered\n{}", d.log()));
+        let want = [400, 422, 202][i % 3];
+        assert_eq!(code, want, "trigger {i}: {body}");
+        if code == 202 {
+            accepted.push(body["dispatch_id"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(accepted.len(), burst / 3);
+    for id in &accepted {
+        let status = d.wait_finished(id);
+        assert_eq!(status["delivered"], 120, "{status}");
+    }
+    let delivered = sink.received();
+    assert_eq!(
+        delivered.len(),
+        accepted.len() * 3,
+        "120 users in batches of 50: three requests each"
+    );
+    let mut per_dispatch: HashMap<String, usize> = HashMap::new();
+    for r in &delivered {
+        *per_dispatch
+            .entry(r.body["dispatch_id"].as_str().unwrap().to_string())
+            .or_default() += r.body["recipients"].as_array().unwrap().len();
+    }
+    assert_eq!(per_dispatch.len(), accepted.len());
+    assert!(per_dispatch.values().all(|&n| n == 120), "{per_dispatch:?}");
+}
+
+#[test]
 fn api_errors_say_what_is_wrong() {
     let sink = Sink::ok();
     let p = project(&sink, 500, "");
