@@ -656,7 +656,7 @@ fn main() {
     let batch = 500;
     let per_trigger = 10_000;
     let concurrency = arg("--concurrency", 8);
-    let clients = arg("--clients", 2);
+    let clients = arg("--clients", 4);
     let rounds_n = arg("--rounds", 5).max(1);
     let latency_seconds = arg("--latency-seconds", 5).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
