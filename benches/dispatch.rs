@@ -658,7 +658,7 @@ fn main() {
     let concurrency = arg("--concurrency", 8);
     let clients = arg("--clients", 4);
     let rounds_n = arg("--rounds", 5).max(1);
-    let latency_seconds = arg("--latency-seconds", 5).max(1);
+    let latency_seconds = arg("--latency-seconds", 15).max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
