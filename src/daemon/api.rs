@@ -179,12 +179,14 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
     // triggers at a time. The others wait here, taking no CPU: a burst all worked on at once
     // shares the cores with the queue's writer thread, which every one of them then waits for,
     // and all are answered late (sixty 500-user triggers at once made each wait 100 to 700 ms).
+    let waiting = app.metrics.waiting_for_intake();
     let permit = app
         .intake
         .clone()
         .acquire_owned()
         .await
         .map_err(|e| internal(e.to_string()))?;
+    drop(waiting);
     let app2 = app.clone();
     match tokio::task::spawn_blocking(move || process(&app2, ndjson, &bytes, permit)).await {
         Ok(result) => result,

@@ -45,6 +45,7 @@ pub struct Metrics {
     held_batches: Gauge,
     dead_batches: Gauge,
     live_touchpoints: Gauge,
+    intake_waiting: Gauge,
     reconcile_failures: Counter,
     reconcile_ok: Gauge,
     problems: Counter,
@@ -127,6 +128,11 @@ impl Default for Metrics {
             "live_touchpoints",
             "Touchpoints in the registry",
         );
+        let intake_waiting = gauge(
+            &mut registry,
+            "intake_waiting",
+            "Triggers received and waiting for their turn to be read and stored (a few per core are at once); a lasting value means the daemon is short of CPU",
+        );
         let reconcile_failures = Counter::default();
         registry.register(
             "reconcile_failures",
@@ -160,6 +166,7 @@ impl Default for Metrics {
             held_batches,
             dead_batches,
             live_touchpoints,
+            intake_waiting,
             reconcile_failures,
             reconcile_ok,
             problems,
@@ -182,6 +189,13 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// A trigger is waiting for its turn at the intake, until the returned guard is dropped
+    /// (its turn came, or its client went away).
+    pub fn waiting_for_intake(&self) -> IntakeWaiting<'_> {
+        self.intake_waiting.inc();
+        IntakeWaiting(&self.intake_waiting)
     }
 
     /// A dispatch request was answered.
@@ -253,6 +267,15 @@ impl Observer for Metrics {
     }
 }
 
+/// Counts a trigger in `touchctl_intake_waiting` while it lives.
+pub struct IntakeWaiting<'a>(&'a Gauge);
+
+impl Drop for IntakeWaiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +299,32 @@ mod tests {
             text.contains("touchctl_queue_pending_recipients 900\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn triggers_waiting_for_the_intake_are_counted_while_they_wait() {
+        let m = Metrics::default();
+        let stats = Stats {
+            pending_batches: 0,
+            pending_recipients: 0,
+            held_batches: 0,
+            dead_batches: 0,
+            dead_recipients: 0,
+        };
+        let waiting = |m: &Metrics| {
+            let text = m.render(&stats, 1);
+            text.lines()
+                .find_map(|l| l.strip_prefix("touchctl_intake_waiting "))
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("no intake gauge in {text}"))
+        };
+        assert_eq!(waiting(&m), "0");
+        let a = m.waiting_for_intake();
+        let b = m.waiting_for_intake();
+        assert_eq!(waiting(&m), "2");
+        drop(a);
+        assert_eq!(waiting(&m), "1");
+        drop(b);
+        assert_eq!(waiting(&m), "0");
     }
 }

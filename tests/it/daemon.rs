@@ -657,6 +657,12 @@ fn a_burst_of_triggers_with_errors_among_them_is_answered_in_full() {
     }
     assert_eq!(per_dispatch.len(), accepted.len());
     assert!(per_dispatch.values().all(|&n| n == 120), "{per_dispatch:?}");
+    let (_, metrics) = d.call("GET", "/metrics", None);
+    let text = metrics["raw"].as_str().unwrap();
+    assert!(
+        text.contains("\ntouchctl_intake_waiting 0\n"),
+        "nothing left waiting for the intake: {text}"
+    );
 }
 
 #[test]
