@@ -304,13 +304,7 @@ mod tests {
     #[test]
     fn triggers_waiting_for_the_intake_are_counted_while_they_wait() {
         let m = Metrics::default();
-        let stats = Stats {
-            pending_batches: 0,
-            pending_recipients: 0,
-            held_batches: 0,
-            dead_batches: 0,
-            dead_recipients: 0,
-        };
+        let stats = Stats::default();
         let waiting = |m: &Metrics| {
             let text = m.render(&stats, 1);
             text.lines()
