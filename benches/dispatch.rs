@@ -19,7 +19,9 @@
 //!
 //! Run: `cargo bench --bench dispatch` (add `-- --recipients N` to change the load per round,
 //! `--rounds N` for the number of alternating rounds, `--clients N` for the number of
-//! connections triggers are sent on, `--latency-seconds N` for the length of the latency phase).
+//! connections triggers are sent on, `--latency-seconds N` for the length of the latency phases,
+//! `--latency-rate R` and `--small-rate R` for their paces in recipients per second). With
+//! `BENCH_DAEMON_LOG` set, every line the daemon logs is shown (errors always are).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -95,6 +97,16 @@ fn users(n: usize, offset: usize) -> Vec<Value> {
             })
         })
         .collect()
+}
+
+/// A serialized trigger for the `bench` touchpoint: `n` users from `u{offset}` on.
+fn trigger(campaign: &str, n: usize, offset: usize) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "touchpoint": "bench", "campaign": campaign,
+        "template_params": {"text": "会员日满100减20"},
+        "users": users(n, offset),
+    }))
+    .expect("a trigger serializes")
 }
 
 fn params() -> DynamicParams {
@@ -676,14 +688,7 @@ fn main() {
     apply(dir);
 
     let triggers: Vec<Vec<u8>> = (0..recipients.div_ceil(per_trigger))
-        .map(|t| {
-            serde_json::to_vec(&json!({
-                "touchpoint": "bench", "campaign": format!("c{t}"),
-                "template_params": {"text": "会员日满100减20"},
-                "users": users(per_trigger, t * per_trigger),
-            }))
-            .unwrap()
-        })
+        .map(|t| trigger(&format!("c{t}"), per_trigger, t * per_trigger))
         .collect();
 
     // Warm the sink and both paths once.
@@ -776,14 +781,7 @@ fn main() {
         latency_seconds,
     ));
     let small_triggers: Vec<Vec<u8>> = (0..64)
-        .map(|i| {
-            serde_json::to_vec(&json!({
-                "touchpoint": "bench", "campaign": format!("lat{i}"),
-                "template_params": {"text": "会员日满100减20"},
-                "users": users(batch, 10_000_000 + i * batch),
-            }))
-            .unwrap()
-        })
+        .map(|i| trigger(&format!("lat{i}"), batch, 10_000_000 + i * batch))
         .collect();
     let small_rate = arg("--small-rate", 200_000) as f64;
     let small = rt.block_on(latency_phase(
