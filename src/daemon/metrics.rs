@@ -25,6 +25,11 @@ struct Tp {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Found {
+    found: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Status {
     status: String,
 }
@@ -46,6 +51,7 @@ pub struct Metrics {
     dead_batches: Gauge,
     live_touchpoints: Gauge,
     intake_waiting: Gauge,
+    claims: Family<Found, Counter>,
     reconcile_failures: Counter,
     reconcile_ok: Gauge,
     problems: Counter,
@@ -133,6 +139,12 @@ impl Default for Metrics {
             "intake_waiting",
             "Triggers received and waiting for their turn to be read and stored (a few per core are at once); a lasting value means the daemon is short of CPU",
         );
+        let claims = Family::<Found, Counter>::default();
+        registry.register(
+            "queue_claims",
+            "Times the sender asked the queue for due batches, by whether it found any (found=\"none\" growing as fast as found=\"some\" means the sender is asking in vain)",
+            claims.clone(),
+        );
         let reconcile_failures = Counter::default();
         registry.register(
             "reconcile_failures",
@@ -167,6 +179,7 @@ impl Default for Metrics {
             dead_batches,
             live_touchpoints,
             intake_waiting,
+            claims,
             reconcile_failures,
             reconcile_ok,
             problems,
@@ -265,6 +278,11 @@ impl Observer for Metrics {
         self.problems.inc();
         crate::daemon::log(&format!("error: {message}"));
     }
+
+    fn claimed(&self, batches: usize) {
+        let found = if batches == 0 { "none" } else { "some" };
+        self.claims.get_or_create(&Found { found }).inc();
+    }
 }
 
 /// Counts a trigger in `touchctl_intake_waiting` while it lives.
@@ -299,6 +317,24 @@ mod tests {
             text.contains("touchctl_queue_pending_recipients 900\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn claims_are_counted_by_whether_they_found_work() {
+        let m = Metrics::default();
+        let count = |m: &Metrics, found: &str| {
+            let text = m.render(&Stats::default(), 1);
+            let prefix = format!("touchctl_queue_claims_total{{found=\"{found}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(str::to_string)
+                .unwrap_or_else(|| panic!("no `{prefix}` in {text}"))
+        };
+        m.claimed(3);
+        m.claimed(0);
+        m.claimed(1);
+        assert_eq!(count(&m, "some"), "2");
+        assert_eq!(count(&m, "none"), "1");
     }
 
     #[test]

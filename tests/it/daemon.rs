@@ -116,6 +116,13 @@ fn ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params() {
         "{text}"
     );
     assert!(text.contains("touchctl_recipients_rejected_total{touchpoint=\"sms\"} 1"));
+    // Twenty batches came from at least one claim that found some, and at most twenty.
+    let found_some: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("touchctl_queue_claims_total{found=\"some\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no claims counted in {text}"));
+    assert!((1..=20).contains(&found_some), "{text}");
 }
 
 /// Kills and reaps a child process when dropped, also when a test fails.
