@@ -51,7 +51,8 @@ pub struct Metrics {
     dead_batches: Gauge,
     live_touchpoints: Gauge,
     intake_waiting: Gauge,
-    claims: Family<Found, Counter>,
+    claims_found_some: Counter,
+    claims_found_none: Counter,
     reconcile_failures: Counter,
     reconcile_ok: Gauge,
     problems: Counter,
@@ -145,6 +146,9 @@ impl Default for Metrics {
             "Times the sender asked the queue for due batches, by whether it found any (found=\"none\" growing as fast as found=\"some\" means the sender is asking in vain)",
             claims.clone(),
         );
+        // Both series exist from the start, and a claim only bumps a counter it already holds.
+        let claims_found_some = claims.get_or_create(&Found { found: "some" }).clone();
+        let claims_found_none = claims.get_or_create(&Found { found: "none" }).clone();
         let reconcile_failures = Counter::default();
         registry.register(
             "reconcile_failures",
@@ -179,7 +183,8 @@ impl Default for Metrics {
             dead_batches,
             live_touchpoints,
             intake_waiting,
-            claims,
+            claims_found_some,
+            claims_found_none,
             reconcile_failures,
             reconcile_ok,
             problems,
@@ -280,8 +285,11 @@ impl Observer for Metrics {
     }
 
     fn claimed(&self, batches: usize) {
-        let found = if batches == 0 { "none" } else { "some" };
-        self.claims.get_or_create(&Found { found }).inc();
+        if batches == 0 {
+            self.claims_found_none.inc();
+        } else {
+            self.claims_found_some.inc();
+        }
     }
 }
 
