@@ -20,8 +20,10 @@
 //! Run: `cargo bench --bench dispatch` (add `-- --recipients N` to change the load per round,
 //! `--rounds N` for the number of alternating rounds, `--clients N` for the number of
 //! connections triggers are sent on, `--latency-seconds N` for the length of the latency phases,
-//! `--latency-rate R` and `--small-rate R` for their paces in recipients per second). With
-//! `BENCH_DAEMON_LOG` set, every line the daemon logs is shown (errors always are).
+//! `--latency-rate R` and `--small-rate R` for their paces in recipients per second, and
+//! `--compare PATH` to run another build's `touchctl` daemon in the same rounds and latency
+//! phases, for an A/B of two builds within one run). With `BENCH_DAEMON_LOG` set, every line the
+//! daemon logs is shown (errors always are).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -41,6 +43,15 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// The value after `name`, as given.
+fn arg_str(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
 }
 
 /// Recipients and first-arrival times, as the sink saw them.
@@ -393,8 +404,11 @@ impl Drop for Daemon {
     }
 }
 
-fn start_daemon(dir: &std::path::Path, extra: &[&str]) -> Daemon {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_touchctl"))
+/// This build's `touchctl`.
+const TOUCHCTL: &str = env!("CARGO_BIN_EXE_touchctl");
+
+fn start_daemon(bin: &str, dir: &std::path::Path, extra: &[&str]) -> Daemon {
+    let mut child = Command::new(bin)
         .args([
             "daemon",
             "--listen",
@@ -441,13 +455,13 @@ fn touchpoint(id: &str, sink: &str, batch: usize) -> String {
     )
 }
 
-fn apply(dir: &std::path::Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_touchctl"))
+fn apply(bin: &str, dir: &std::path::Path) {
+    let out = Command::new(bin)
         .args(["apply", "--auto-approve", "-q"])
         .current_dir(dir)
         .env("BENCH_TOKEN", "bench-token")
         .output()
-        .expect("apply");
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
     assert!(
         out.status.success(),
         "apply failed: {}",
@@ -598,6 +612,8 @@ async fn latency_phase(
 struct Round {
     baseline: (f64, Duration),
     daemon: (f64, Duration),
+    /// The `--compare` build's daemon, when there is one.
+    other: Option<(f64, Duration)>,
 }
 
 /// The daemon's side of a round: every trigger POSTed from `clients` connections at once, as a
@@ -685,7 +701,7 @@ fn main() {
         touchpoint("bench", &sink, batch),
     )
     .unwrap();
-    apply(dir);
+    apply(TOUCHCTL, dir);
 
     let triggers: Vec<Vec<u8>> = (0..recipients.div_ceil(per_trigger))
         .map(|t| trigger(&format!("c{t}"), per_trigger, t * per_trigger))
@@ -698,15 +714,35 @@ fn main() {
     let (ceiling, ceiling_cpu) = parse_ceiling(&triggers);
     let (queue_rate, queue_cpu) = queue_alone(&triggers, batch);
 
-    let daemon = start_daemon(dir, &["--concurrency", &concurrency.to_string()]);
+    let daemon_args = ["--concurrency".to_string(), concurrency.to_string()];
+    let daemon_args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+    let daemon = start_daemon(TOUCHCTL, dir, &daemon_args);
     let client = reqwest::Client::new();
-    // Warm-up trigger.
-    rt.block_on(async {
-        let before = seen.recipients.load(Ordering::Relaxed);
-        post(&client, &daemon.url, triggers[0].clone()).await;
-        while seen.recipients.load(Ordering::Relaxed) < before + per_trigger as u64 {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+    let warm = |daemon: &Daemon| {
+        rt.block_on(async {
+            let before = seen.recipients.load(Ordering::Relaxed);
+            post(&client, &daemon.url, triggers[0].clone()).await;
+            while seen.recipients.load(Ordering::Relaxed) < before + per_trigger as u64 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    warm(&daemon);
+    // `--compare BIN`: another build's daemon (its own registry and queue, the same sink), run in
+    // the same rounds, so two builds are compared within one run rather than across runs.
+    let other_tmp = tempfile::tempdir().unwrap();
+    let other = arg_str("--compare").map(|bin| {
+        let dir = other_tmp.path();
+        std::fs::create_dir_all(dir.join("touchpoints")).unwrap();
+        std::fs::write(
+            dir.join("touchpoints/bench.toml"),
+            touchpoint("bench", &sink, batch),
+        )
+        .unwrap();
+        apply(&bin, dir);
+        let d = start_daemon(&bin, dir, &daemon_args);
+        warm(&d);
+        (bin, d)
     });
     // The baseline and the daemon in alternating rounds (the order switching every round), each
     // round's ratio taken from its own two runs: a slow spell of the shared machine then weighs on
@@ -731,15 +767,39 @@ fn main() {
                 clients,
             ))
         };
-        let (base, daemon_run) = if r % 2 == 0 {
-            let b = run_baseline();
-            (b, run_daemon())
-        } else {
-            let d = run_daemon();
-            (run_baseline(), d)
+        let run_other = || {
+            other.as_ref().map(|(_, other)| {
+                rt.block_on(daemon_round(
+                    &client,
+                    other,
+                    &seen,
+                    triggers.clone(),
+                    per_trigger,
+                    clients,
+                ))
+            })
         };
+        // The order turns every round, so no side always runs first or last.
+        let (mut base, mut daemon_run, mut other_run) = (None, None, None);
+        for step in 0..3 {
+            match (r + step) % 3 {
+                0 => base = Some(run_baseline()),
+                1 => daemon_run = Some(run_daemon()),
+                _ => other_run = run_other(),
+            }
+        }
+        let (base, daemon_run) = (base.unwrap(), daemon_run.unwrap());
+        let compared = other_run
+            .map(|o| {
+                format!(
+                    ", compared build {:.0}/s, this / compared {:.2}",
+                    o.0,
+                    daemon_run.0 / o.0
+                )
+            })
+            .unwrap_or_default();
         eprintln!(
-            "  round {}/{rounds_n}: baseline {:.0}/s, daemon {:.0}/s, ratio {:.2}",
+            "  round {}/{rounds_n}: baseline {:.0}/s, daemon {:.0}/s, ratio {:.2}{compared}",
             r + 1,
             base.0,
             daemon_run.0,
@@ -748,6 +808,7 @@ fn main() {
         rounds.push(Round {
             baseline: base,
             daemon: daemon_run,
+            other: other_run,
         });
     }
     let median_of = |f: &dyn Fn(&Round) -> f64| {
@@ -794,6 +855,32 @@ fn main() {
         latency_seconds,
     ));
     drop(daemon);
+    // The compared build at the same paces, after this build's phases.
+    let other_latency = other.as_ref().map(|(_, other)| {
+        let large = rt.block_on(latency_phase(
+            &client,
+            other,
+            &seen,
+            &triggers,
+            per_trigger,
+            half_rate,
+            latency_seconds,
+        ));
+        let small = rt.block_on(latency_phase(
+            &client,
+            other,
+            &seen,
+            &small_triggers,
+            batch,
+            small_rate,
+            latency_seconds,
+        ));
+        (large, small)
+    });
+    let other_bin = other.map(|(bin, d)| {
+        drop(d);
+        bin
+    });
 
     // Idle memory with 10,000 touchpoints live.
     let many = tempfile::tempdir().unwrap();
@@ -805,8 +892,8 @@ fn main() {
         )
         .unwrap();
     }
-    apply(many.path());
-    let idle = start_daemon(many.path(), &[]);
+    apply(TOUCHCTL, many.path());
+    let idle = start_daemon(TOUCHCTL, many.path(), &[]);
     std::thread::sleep(Duration::from_secs(3));
     let rss = rss_kib(idle.child.id());
     drop(idle);
@@ -870,4 +957,33 @@ fn main() {
         "  daemon RSS idle with 10,000 touchpoints live: {:.1} MiB (target: under 64 MiB)",
         rss as f64 / 1024.0
     );
+    if let (Some(bin), Some((large, small))) = (other_bin, other_latency) {
+        let pairs: Vec<&Round> = rounds.iter().filter(|r| r.other.is_some()).collect();
+        let median = |f: &dyn Fn(&Round) -> f64| {
+            let mut v: Vec<f64> = pairs.iter().map(|r| f(r)).collect();
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        let other = |r: &Round| r.other.unwrap_or_default();
+        let (vs, vs_lo, vs_hi) = median(&|r| r.daemon.0 / other(r).0);
+        let (o_ratio, ..) = median(&|r| other(r).0 / r.baseline.0);
+        let (o_rate, ..) = median(&|r| other(r).0);
+        let (o_us, ..) = median(&|r| other(r).1.as_secs_f64() * 1e6);
+        let (cpu_vs, ..) = median(&|r| r.daemon.1.as_secs_f64() / other(r).1.as_secs_f64());
+        println!("compared with {bin}, in the same rounds:");
+        println!(
+            "  its daemon: {o_rate:.0} recipients/s, ratio to the baseline {o_ratio:.2}, {o_us:.2} µs CPU per recipient"
+        );
+        println!(
+            "  this build / compared: rate {vs:.2} (rounds {vs_lo:.2} to {vs_hi:.2}), CPU per recipient {cpu_vs:.2} (medians of the rounds)"
+        );
+        large.print(
+            &format!("compared build, triggers of {per_trigger} users at half this build's rate"),
+            false,
+        );
+        small.print(
+            &format!("compared build, one-batch triggers ({batch} users)"),
+            false,
+        );
+    }
 }
