@@ -271,6 +271,12 @@ pub struct DispatchArgs {
     /// Wait until every batch is delivered or dead-lettered, showing progress.
     #[arg(long)]
     pub wait: bool,
+    /// Users per trigger. A larger file is sent as several triggers, one after the other (the
+    /// daemon refuses a body over its --max-body, 64 MiB by default); with --idempotency-key KEY,
+    /// part N is sent with the key KEY#N, so running the same command again sends only the parts
+    /// not accepted yet. A user id in more than one part is sent once.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    pub per_trigger: usize,
 }
 
 /// `touchctl deliveries` subcommands.

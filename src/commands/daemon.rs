@@ -1,19 +1,18 @@
-//! The daemon-side commands: `daemon`, `dispatch` (its client) and `deliveries` (the queue's log).
+//! The daemon-side commands: `daemon` and `deliveries` (the queue's log); `dispatch`, its
+//! client, is in [`super::dispatch`].
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use touchctl::daemon::{self, reconcile::Source};
 use touchctl::dispatch::queue::{Filter, Queue};
-use touchctl::dispatch::{TriggerHead, User};
 use touchctl::model::Secret;
 
 use super::{FAILED, OK};
-use crate::cli::{DaemonArgs, DeliveriesCommand, DispatchArgs, Global, ValidateFormat};
+use crate::cli::{DaemonArgs, DeliveriesCommand, Global, ValidateFormat};
 
 /// The queue file: given, or `queue.db` beside the registry file.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
@@ -23,7 +22,7 @@ pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
     )
 }
 
-fn read_token(file: Option<&Path>) -> Result<Option<Secret>> {
+pub(super) fn read_token(file: Option<&Path>) -> Result<Option<Secret>> {
     if let Some(file) = file {
         let text = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read the API token file {}", file.display()))?;
@@ -39,7 +38,7 @@ fn read_token(file: Option<&Path>) -> Result<Option<Secret>> {
         .map(|t| Secret::new(t.trim())))
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,137 +72,6 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
     };
     runtime()?.block_on(daemon::run(config, |_| {}))?;
     Ok(OK)
-}
-
-/// Reads the users file: a JSON array, or one JSON object per line.
-fn read_users(path: &Path) -> Result<Vec<User>> {
-    let mut text = String::new();
-    if path == Path::new("-") {
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the users from standard input")?;
-    } else {
-        text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the users file {}", path.display()))?;
-    }
-    if text.trim_start().starts_with('[') {
-        return serde_json::from_str(&text).with_context(|| {
-            format!(
-                "{} is not a JSON array of users {{\"user_id\", \"attributes\": {{...}}}}",
-                path.display()
-            )
-        });
-    }
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| {
-                format!(
-                    "{} line {}: not a user {{\"user_id\", \"attributes\": {{...}}}}",
-                    path.display(),
-                    i + 1
-                )
-            })
-        })
-        .collect()
-}
-
-fn template_params(args: &DispatchArgs) -> Result<Map<String, Value>> {
-    let mut out = Map::new();
-    for p in &args.params {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--param {p:?}: write NAME=VALUE"))?;
-        out.insert(k.to_string(), Value::String(v.to_string()));
-    }
-    for p in &args.params_json {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--param-json {p:?}: write NAME=JSON"))?;
-        let value = serde_json::from_str(v).with_context(|| {
-            format!("--param-json {k}: {v:?} is not JSON (quote text: '\"text\"', or use --param)")
-        })?;
-        out.insert(k.to_string(), value);
-    }
-    Ok(out)
-}
-
-pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
-    let users = read_users(&args.users)?;
-    let head = TriggerHead {
-        touchpoint: args.touchpoint.clone(),
-        campaign: args.campaign.clone(),
-        idempotency_key: args.idempotency_key.clone(),
-        template_params: template_params(args)?,
-    };
-    let mut body = serde_json::to_vec(&head)?;
-    body.push(b'\n');
-    for u in &users {
-        serde_json::to_writer(&mut body, u)?;
-        body.push(b'\n');
-    }
-    let token = read_token(None)?;
-    let base = args.url.trim_end_matches('/').to_string();
-    let quiet = g.quiet;
-    let wait = args.wait;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    runtime()?.block_on(async move {
-        let client = reqwest::Client::new();
-        let auth = |r: reqwest::RequestBuilder| match &token {
-            Some(t) => r.bearer_auth(t.expose()),
-            None => r,
-        };
-        let response = auth(client.post(format!("{base}/v1/dispatch")))
-            .header("content-type", "application/x-ndjson")
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the daemon at {base} (is `touchctl daemon` running? --url or TOUCHCTL_URL)"))?;
-        let status = response.status();
-        let replayed = response.headers().contains_key("idempotent-replayed");
-        let text = response.text().await.unwrap_or_default();
-        let doc: Value = serde_json::from_str(&text).unwrap_or(json!({"raw": text}));
-        if status.as_u16() != 202 {
-            let message = doc
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .unwrap_or(text.as_str());
-            eprintln!("error: the daemon answered {status}: {message}");
-            return Ok(FAILED);
-        }
-        println!("{}", serde_json::to_string_pretty(&doc)?);
-        if replayed && !quiet {
-            eprintln!("This idempotency key was used before: that trigger's answer is shown, and nothing new was queued.");
-        }
-        if !wait {
-            return Ok(OK);
-        }
-        let id = doc["dispatch_id"].as_str().unwrap_or_default().to_string();
-        let mut last = String::new();
-        loop {
-            let text = auth(client.get(format!("{base}/v1/dispatches/{id}")))
-                .send()
-                .await?
-                .text()
-                .await?;
-            let s: Value = serde_json::from_str(&text)
-                .with_context(|| format!("the daemon's dispatch status is not JSON: {text}"))?;
-            let line = format!(
-                "{id}: {} delivered, {} failed, {} pending, {} dead",
-                s["delivered"], s["failed"], s["pending"], s["dead"]
-            );
-            if line != last && !quiet {
-                eprintln!("{line}");
-                last = line;
-            }
-            if s["finished"].as_bool() == Some(true) {
-                let clean = s["dead"].as_u64() == Some(0) && s["failed"].as_u64() == Some(0);
-                return Ok(if clean { OK } else { FAILED });
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    })
 }
 
 fn when(ms: i64) -> String {

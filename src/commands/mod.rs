@@ -2,6 +2,7 @@
 //! output, and the exit code. The work itself is in the library.
 
 mod daemon;
+mod dispatch;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
@@ -63,7 +64,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         ),
         Command::Import { ids, all, out } => import_cmd(g, ids, *all, out.as_deref()),
         Command::Daemon(args) => daemon::daemon_cmd(g, args),
-        Command::Dispatch(args) => daemon::dispatch_cmd(g, args),
+        Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
         Command::Deliveries { command, queue } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }

@@ -1007,6 +1007,97 @@ fn the_dispatch_command_streams_a_users_file_and_waits() {
 }
 
 #[test]
+fn a_users_file_larger_than_a_trigger_is_sent_in_parts_and_a_rerun_sends_only_what_is_missing() {
+    let sink = Sink::ok();
+    let p = project(&sink, 100, "");
+    // Part 2 of three (users 1000 to 1999) carries long notes: its body is over the first
+    // daemon's --max-body, parts 1 and 3 are not.
+    let mut lines: Vec<String> = users(2500)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut u)| {
+            if (1000..2000).contains(&i) {
+                u["attributes"]["note"] = json!("备注".repeat(60));
+            }
+            u.to_string()
+        })
+        .collect();
+    // A user id seen in an earlier part is sent once.
+    lines.insert(2100, users(11)[10].to_string());
+    p.write("users.ndjson", &(lines.join("\n") + "\n"));
+    let args = [
+        "dispatch",
+        "--touchpoint",
+        "sms",
+        "--campaign",
+        "big",
+        "--users",
+        "users.ndjson",
+        "--param",
+        "text=会员日",
+        "--per-trigger",
+        "1000",
+        "--idempotency-key",
+        "big-1",
+        "--wait",
+    ];
+    let with_url = |url: &str| {
+        let mut a = args.to_vec();
+        a.extend(["--url", url]);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |url: &str| {
+        let a = with_url(url);
+        p.run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    let d = open_daemon(&p, &["--max-body", "200000"]);
+    let first = run(&d.url);
+    first
+        .code(1)
+        .stderr_has("part 1 of 3: 1000 accepted, 0 rejected")
+        .stderr_has("error: part 2 of 3 (1000 users): the daemon answered 413")
+        .stderr_has("1 of 3 parts were accepted before that")
+        .stderr_has("Run the same command again")
+        .stdout_has("\"accepted\": 1000");
+    sink.wait_for("part 1 delivered", |r| {
+        r.iter()
+            .filter_map(|b| b.body["recipients"].as_array())
+            .map(Vec::len)
+            .sum::<usize>()
+            == 1000
+    });
+    d.terminate();
+
+    // A daemon that takes larger bodies: the same command again sends parts 2 and 3 only.
+    let d = open_daemon(&p, &[]);
+    let again = run(&d.url);
+    again
+        .code(0)
+        .stderr_has("part 1 of 3: 1000 accepted, 0 rejected (dsp_")
+        .stderr_has("sent before: nothing new queued")
+        .stderr_has("part 3 of 3: 500 accepted")
+        .stderr_has("3 dispatches: 2500 delivered, 0 failed, 0 pending, 0 dead")
+        .stdout_has("\"accepted\": 2500")
+        .stdout_has("the same `user_id` appears earlier in the users file");
+    let delivered = ids(&sink.delivered());
+    let unique: BTreeSet<&String> = delivered.iter().collect();
+    assert_eq!((delivered.len(), unique.len()), (2500, 2500));
+    // Once more: everything answered from the daemon's record, nothing queued.
+    run(&d.url)
+        .code(0)
+        .stderr_has("part 3 of 3: 500 accepted, 0 rejected (dsp_");
+    // A file with a bad line is refused whole: no part of it is sent.
+    lines.push("{\"user_id\": 7}".into());
+    p.write("users.ndjson", &(lines.join("\n") + "\n"));
+    run(&d.url)
+        .code(1)
+        .stderr_has("users.ndjson line 2502: not a user");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.delivered().len(), 2500);
+}
+
+#[test]
 fn slow_clients_are_cut_off() {
     use std::io::{Read, Write};
     let sink = Sink::ok();
