@@ -37,8 +37,9 @@ enum LineSource {
 }
 
 impl Users {
-    /// Reads and checks every user; how many there are. Nothing is sent from a file with errors.
-    fn open(path: &Path) -> Result<(Self, usize)> {
+    /// Reads and checks every user; the distinct user ids. Nothing is sent from a file with
+    /// errors.
+    fn open(path: &Path) -> Result<(Self, HashSet<String>)> {
         let text =
             if path == Path::new("-") {
                 let mut text = String::new();
@@ -74,18 +75,18 @@ impl Users {
                         path.display()
                     )
                 })?;
-                let n = users.len();
-                return Ok((Users::Array(users), n));
+                let ids = users.iter().map(|u| u.user_id.clone()).collect();
+                return Ok((Users::Array(users), ids));
             }
             Some(text) => Users::Lines(LineSource::Text(text)),
             None => Users::Lines(LineSource::File(path.to_path_buf())),
         };
-        let mut n = 0;
-        users.each(path, |_| {
-            n += 1;
+        let mut ids = HashSet::new();
+        users.each(path, |u| {
+            ids.insert(u.user_id);
             Ok(())
         })?;
-        Ok((users, n))
+        Ok((users, ids))
     }
 
     /// Calls `f` with every user in order; a line that is not a user stops it with an error that
@@ -187,9 +188,9 @@ impl Answer {
 
 pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
     let params = template_params(args)?;
-    let (users, total) = Users::open(&args.users)?;
+    let (users, mut ids) = Users::open(&args.users)?;
     let per = args.per_trigger.max(1);
-    let parts = total.div_ceil(per).max(1);
+    let parts = ids.len().div_ceil(per).max(1);
     let token = read_token(None)?;
     let base = args.url.trim_end_matches('/').to_string();
     let quiet = g.quiet;
@@ -228,12 +229,11 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         })
     };
 
-    // Part by part: a user id already sent in an earlier part is left out of the later one, as
-    // the daemon leaves out an id seen twice in one trigger.
+    // Part by part. Sent in parts, a user id goes once, with its first line (as the daemon
+    // leaves out an id seen twice in one trigger); the parts are counted without the repeats.
     let mut receipts: Vec<Value> = Vec::new();
     let mut left_out: Vec<Rejected> = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut part: Vec<User> = Vec::with_capacity(per.min(total));
+    let mut part: Vec<User> = Vec::with_capacity(per.min(ids.len()));
     let mut index = 0;
     let mut failed: Option<String> = None;
     let mut send_part = |part: &mut Vec<User>, index: usize| -> Result<bool> {
@@ -311,7 +311,8 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         if stopped {
             return Ok(());
         }
-        if parts > 1 && !seen.insert(user.user_id.clone()) {
+        // Each id is taken from the set once: its first occurrence.
+        if parts > 1 && !ids.remove(&user.user_id) {
             left_out.push(Rejected {
                 user_id: user.user_id,
                 reason: "the same `user_id` appears earlier in the users file".into(),
