@@ -455,6 +455,17 @@ fn touchpoint(id: &str, sink: &str, batch: usize) -> String {
     )
 }
 
+/// The `bench` touchpoint's file in `dir`, applied by `bin` to the registry there.
+fn bench_project(bin: &str, dir: &std::path::Path, sink: &str, batch: usize) {
+    std::fs::create_dir_all(dir.join("touchpoints")).unwrap();
+    std::fs::write(
+        dir.join("touchpoints/bench.toml"),
+        touchpoint("bench", sink, batch),
+    )
+    .unwrap();
+    apply(bin, dir);
+}
+
 fn apply(bin: &str, dir: &std::path::Path) {
     let out = Command::new(bin)
         .args(["apply", "--auto-approve", "-q"])
@@ -695,13 +706,7 @@ fn main() {
     let sink = rt.block_on(start_sink(seen.clone()));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::create_dir_all(dir.join("touchpoints")).unwrap();
-    std::fs::write(
-        dir.join("touchpoints/bench.toml"),
-        touchpoint("bench", &sink, batch),
-    )
-    .unwrap();
-    apply(TOUCHCTL, dir);
+    bench_project(TOUCHCTL, dir, &sink, batch);
 
     let triggers: Vec<Vec<u8>> = (0..recipients.div_ceil(per_trigger))
         .map(|t| trigger(&format!("c{t}"), per_trigger, t * per_trigger))
@@ -733,13 +738,7 @@ fn main() {
     let other_tmp = tempfile::tempdir().unwrap();
     let other = arg_str("--compare").map(|bin| {
         let dir = other_tmp.path();
-        std::fs::create_dir_all(dir.join("touchpoints")).unwrap();
-        std::fs::write(
-            dir.join("touchpoints/bench.toml"),
-            touchpoint("bench", &sink, batch),
-        )
-        .unwrap();
-        apply(&bin, dir);
+        bench_project(&bin, dir, &sink, batch);
         let d = start_daemon(&bin, dir, &daemon_args);
         warm(&d);
         (bin, d)
