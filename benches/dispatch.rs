@@ -622,9 +622,10 @@ async fn latency_phase(
 /// One round's figures of either side: recipients per second and CPU time per recipient.
 struct Round {
     baseline: (f64, Duration),
-    daemon: (f64, Duration),
+    /// Rate, CPU per recipient of every process, and of the daemon's process alone.
+    daemon: (f64, Duration, Duration),
     /// The `--compare` build's daemon, when there is one.
-    other: Option<(f64, Duration)>,
+    other: Option<(f64, Duration, Duration)>,
 }
 
 /// The daemon's side of a round: every trigger POSTed from `clients` connections at once, as a
@@ -638,8 +639,9 @@ async fn daemon_round(
     triggers: Arc<Vec<Vec<u8>>>,
     per_trigger: usize,
     clients: usize,
-) -> (f64, Duration) {
-    let (start, cpu0) = (Instant::now(), cpu_self() + cpu_of(daemon.child.id()));
+) -> (f64, Duration, Duration) {
+    let own0 = cpu_of(daemon.child.id());
+    let (start, cpu0) = (Instant::now(), cpu_self() + own0);
     let target = seen.recipients.load(Ordering::Relaxed) + (triggers.len() * per_trigger) as u64;
     let mut senders = Vec::new();
     let share = triggers.len().div_ceil(clients.max(1));
@@ -663,10 +665,12 @@ async fn daemon_round(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let total = triggers.len() * per_trigger;
-    let cpu = cpu_self() + cpu_of(daemon.child.id()) - cpu0;
+    let own = cpu_of(daemon.child.id());
+    let cpu = cpu_self() + own - cpu0;
     (
         total as f64 / start.elapsed().as_secs_f64(),
         cpu / total as u32,
+        (own - own0) / total as u32,
     )
 }
 
@@ -778,10 +782,23 @@ fn main() {
                 ))
             })
         };
-        // The order turns every round, so no side always runs first or last.
+        // The order changes every round, through all six orders of the three sides, so that over
+        // six rounds (the last round's last run included) each side runs right after each other
+        // side equally often. A run leaves the machine in a state the next one starts from: with
+        // the order only turning, this build's daemon always ran right after the baseline and
+        // the compared one right after it, and a build compared with a copy of itself came out
+        // 7% slower.
+        const ORDERS: [[usize; 3]; 6] = [
+            [0, 1, 2],
+            [1, 0, 2],
+            [0, 2, 1],
+            [2, 1, 0],
+            [1, 2, 0],
+            [2, 0, 1],
+        ];
         let (mut base, mut daemon_run, mut other_run) = (None, None, None);
-        for step in 0..3 {
-            match (r + step) % 3 {
+        for side in ORDERS[r % ORDERS.len()] {
+            match side {
                 0 => base = Some(run_baseline()),
                 1 => daemon_run = Some(run_daemon()),
                 _ => other_run = run_other(),
@@ -820,6 +837,7 @@ fn main() {
     let (daemon_rate, daemon_lo, daemon_hi) = median_of(&|r| r.daemon.0);
     let (base_bytes_us, ..) = median_of(&|r| r.baseline.1.as_secs_f64() * 1e6);
     let (daemon_us, ..) = median_of(&|r| r.daemon.1.as_secs_f64() * 1e6);
+    let (daemon_own_us, ..) = median_of(&|r| r.daemon.2.as_secs_f64() * 1e6);
     let base_bytes_cpu = Duration::from_secs_f64(base_bytes_us / 1e6);
     let daemon_cpu = Duration::from_secs_f64(daemon_us / 1e6);
 
@@ -942,6 +960,11 @@ fn main() {
         us(daemon_cpu)
     );
     println!(
+        "    of the daemon's {:.2} µs, its own process {:.2} µs; the benchmark's clients and sink the rest",
+        us(daemon_cpu),
+        daemon_own_us
+    );
+    println!(
         "    a daemon that reads, queues and sends each user needs at least {:.2} µs (from-triggers loop + queue alone): at most {:.0} recipients/s on 2 cores, {:.2} of the baseline",
         us(floor),
         cap,
@@ -968,10 +991,11 @@ fn main() {
         let (o_ratio, ..) = median(&|r| other(r).0 / r.baseline.0);
         let (o_rate, ..) = median(&|r| other(r).0);
         let (o_us, ..) = median(&|r| other(r).1.as_secs_f64() * 1e6);
+        let (o_own_us, ..) = median(&|r| other(r).2.as_secs_f64() * 1e6);
         let (cpu_vs, ..) = median(&|r| r.daemon.1.as_secs_f64() / other(r).1.as_secs_f64());
         println!("compared with {bin}, in the same rounds:");
         println!(
-            "  its daemon: {o_rate:.0} recipients/s, ratio to the baseline {o_ratio:.2}, {o_us:.2} µs CPU per recipient"
+            "  its daemon: {o_rate:.0} recipients/s, ratio to the baseline {o_ratio:.2}, {o_us:.2} µs CPU per recipient ({o_own_us:.2} µs its own process)"
         );
         println!(
             "  this build / compared: rate {vs:.2} (rounds {vs_lo:.2} to {vs_hi:.2}), CPU per recipient {cpu_vs:.2} (medians of the rounds)"
