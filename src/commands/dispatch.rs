@@ -82,25 +82,31 @@ impl Users {
             None => Users::Lines(LineSource::File(path.to_path_buf())),
         };
         let mut ids = HashSet::new();
-        users.each(path, |u| {
-            ids.insert(u.user_id);
-            Ok(())
-        })?;
+        if let Users::Lines(source) = &users {
+            source.each(path, |u| {
+                ids.insert(u.user_id);
+                Ok(())
+            })?;
+        }
         Ok((users, ids))
     }
 
-    /// Calls `f` with every user in order; a line that is not a user stops it with an error that
-    /// names the line.
+    /// Calls `f` with every user in order, handing each over; a line that is not a user stops
+    /// it with an error that names the line.
+    fn each(self, path: &Path, f: impl FnMut(User) -> Result<()>) -> Result<()> {
+        match self {
+            Users::Array(users) => users.into_iter().try_for_each(f),
+            Users::Lines(source) => source.each(path, f),
+        }
+    }
+}
+
+impl LineSource {
+    /// Reads the lines (again, for a file) and calls `f` with each user.
     fn each(&self, path: &Path, mut f: impl FnMut(User) -> Result<()>) -> Result<()> {
         let lines: Box<dyn Iterator<Item = std::io::Result<String>> + '_> = match self {
-            Users::Array(users) => {
-                for u in users {
-                    f(u.clone())?;
-                }
-                return Ok(());
-            }
-            Users::Lines(LineSource::Text(text)) => Box::new(text.lines().map(|l| Ok(l.into()))),
-            Users::Lines(LineSource::File(file)) => {
+            LineSource::Text(text) => Box::new(text.lines().map(|l| Ok(l.into()))),
+            LineSource::File(file) => {
                 let file = std::fs::File::open(file)
                     .with_context(|| format!("cannot read the users file {}", path.display()))?;
                 Box::new(BufReader::new(file).lines())

@@ -1098,6 +1098,51 @@ fn a_users_file_larger_than_a_trigger_is_sent_in_parts_and_a_rerun_sends_only_wh
 }
 
 #[test]
+fn a_users_file_as_a_json_array_is_sent_in_parts_too() {
+    let sink = Sink::ok();
+    let p = project(&sink, 100, "");
+    let d = open_daemon(&p, &[]);
+    let mut list = users(250);
+    // A user id seen earlier in the array is sent once.
+    list.push(list[3].clone());
+    p.write("users.json", &serde_json::to_string_pretty(&list).unwrap());
+    let run = |file: &str| {
+        p.run(&[
+            "dispatch",
+            "--url",
+            &d.url,
+            "--touchpoint",
+            "sms",
+            "--campaign",
+            "array",
+            "--users",
+            file,
+            "--param",
+            "text=会员日",
+            "--per-trigger",
+            "100",
+            "--wait",
+        ])
+    };
+    run("users.json")
+        .code(0)
+        .stderr_has("part 3 of 3: 50 accepted")
+        .stderr_has("3 dispatches: 250 delivered, 0 failed, 0 pending, 0 dead")
+        .stdout_has("\"accepted\": 250")
+        .stdout_has("the same `user_id` appears earlier in the users file");
+    let delivered = ids(&sink.delivered());
+    let unique: BTreeSet<&String> = delivered.iter().collect();
+    assert_eq!((delivered.len(), unique.len()), (250, 250));
+    // An array that does not parse is refused whole.
+    p.write("broken.json", "[{\"user_id\": \"a\"},");
+    run("broken.json")
+        .code(1)
+        .stderr_has("broken.json is not a JSON array of users");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.delivered().len(), 250);
+}
+
+#[test]
 fn slow_clients_are_cut_off() {
     use std::io::{Read, Write};
     let sink = Sink::ok();
