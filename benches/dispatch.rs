@@ -760,28 +760,18 @@ fn main() {
                 concurrency,
             ))
         };
-        let run_daemon = || {
+        let run = |daemon: &Daemon| {
             rt.block_on(daemon_round(
                 &client,
-                &daemon,
+                daemon,
                 &seen,
                 triggers.clone(),
                 per_trigger,
                 clients,
             ))
         };
-        let run_other = || {
-            other.as_ref().map(|(_, other)| {
-                rt.block_on(daemon_round(
-                    &client,
-                    other,
-                    &seen,
-                    triggers.clone(),
-                    per_trigger,
-                    clients,
-                ))
-            })
-        };
+        let run_daemon = || run(&daemon);
+        let run_other = || other.as_ref().map(|(_, other)| run(other));
         // The order changes every round, through all six orders of the three sides, so that over
         // six rounds (the last round's last run included) each side runs right after each other
         // side equally often. A run leaves the machine in a state the next one starts from: with
@@ -849,34 +839,15 @@ fn main() {
     } else {
         daemon_rate / 2.0
     };
-    let large = rt.block_on(latency_phase(
-        &client,
-        &daemon,
-        &seen,
-        &triggers,
-        per_trigger,
-        half_rate,
-        latency_seconds,
-    ));
     let small_triggers: Vec<Vec<u8>> = (0..64)
         .map(|i| trigger(&format!("lat{i}"), batch, 10_000_000 + i * batch))
         .collect();
     let small_rate = arg("--small-rate", 200_000) as f64;
-    let small = rt.block_on(latency_phase(
-        &client,
-        &daemon,
-        &seen,
-        &small_triggers,
-        batch,
-        small_rate,
-        latency_seconds,
-    ));
-    drop(daemon);
-    // The compared build at the same paces, after this build's phases.
-    let other_latency = other.as_ref().map(|(_, other)| {
+    // Both phases for one daemon: the rate phase's triggers at half rate, then one-batch ones.
+    let latency_of = |daemon: &Daemon| {
         let large = rt.block_on(latency_phase(
             &client,
-            other,
+            daemon,
             &seen,
             &triggers,
             per_trigger,
@@ -885,7 +856,7 @@ fn main() {
         ));
         let small = rt.block_on(latency_phase(
             &client,
-            other,
+            daemon,
             &seen,
             &small_triggers,
             batch,
@@ -893,7 +864,11 @@ fn main() {
             latency_seconds,
         ));
         (large, small)
-    });
+    };
+    let (large, small) = latency_of(&daemon);
+    drop(daemon);
+    // The compared build at the same paces, after this build's phases.
+    let other_latency = other.as_ref().map(|(_, other)| latency_of(other));
     let other_bin = other.map(|(bin, d)| {
         drop(d);
         bin
@@ -980,12 +955,8 @@ fn main() {
         rss as f64 / 1024.0
     );
     if let (Some(bin), Some((large, small))) = (other_bin, other_latency) {
-        let pairs: Vec<&Round> = rounds.iter().filter(|r| r.other.is_some()).collect();
-        let median = |f: &dyn Fn(&Round) -> f64| {
-            let mut v: Vec<f64> = pairs.iter().map(|r| f(r)).collect();
-            v.sort_by(f64::total_cmp);
-            (v[v.len() / 2], v[0], v[v.len() - 1])
-        };
+        // With `--compare`, every round ran the compared daemon too.
+        let median = median_of;
         let other = |r: &Round| r.other.unwrap_or_default();
         let (vs, vs_lo, vs_hi) = median(&|r| r.daemon.0 / other(r).0);
         let (o_ratio, ..) = median(&|r| other(r).0 / r.baseline.0);
