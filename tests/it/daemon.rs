@@ -45,6 +45,19 @@ fn ids(recipients: &[Value]) -> Vec<String> {
         .collect()
 }
 
+/// The sink received `n` recipients, each user once.
+fn assert_each_user_once(sink: &Sink, n: usize) {
+    let delivered = ids(&sink.delivered());
+    let unique: BTreeSet<&String> = delivered.iter().collect();
+    assert_eq!((delivered.len(), unique.len()), (n, n));
+}
+
+/// Nothing more reaches the sink after a file was refused: still `n` recipients.
+fn assert_nothing_more_sent(sink: &Sink, n: usize) {
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.delivered().len(), n);
+}
+
 #[test]
 fn ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params() {
     let sink = Sink::ok();
@@ -1080,9 +1093,7 @@ fn a_users_file_larger_than_a_trigger_is_sent_in_parts_and_a_rerun_sends_only_wh
         .stderr_has("3 dispatches: 2500 delivered, 0 failed, 0 pending, 0 dead")
         .stdout_has("\"accepted\": 2500")
         .stdout_has("the same `user_id` appears earlier in the users file");
-    let delivered = ids(&sink.delivered());
-    let unique: BTreeSet<&String> = delivered.iter().collect();
-    assert_eq!((delivered.len(), unique.len()), (2500, 2500));
+    assert_each_user_once(&sink, 2500);
     // Once more: everything answered from the daemon's record, nothing queued.
     run(&d.url)
         .code(0)
@@ -1093,8 +1104,7 @@ fn a_users_file_larger_than_a_trigger_is_sent_in_parts_and_a_rerun_sends_only_wh
     run(&d.url)
         .code(1)
         .stderr_has("users.ndjson line 2502: not a user");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sink.delivered().len(), 2500);
+    assert_nothing_more_sent(&sink, 2500);
 }
 
 #[test]
@@ -1130,16 +1140,13 @@ fn a_users_file_as_a_json_array_is_sent_in_parts_too() {
         .stderr_has("3 dispatches: 250 delivered, 0 failed, 0 pending, 0 dead")
         .stdout_has("\"accepted\": 250")
         .stdout_has("the same `user_id` appears earlier in the users file");
-    let delivered = ids(&sink.delivered());
-    let unique: BTreeSet<&String> = delivered.iter().collect();
-    assert_eq!((delivered.len(), unique.len()), (250, 250));
+    assert_each_user_once(&sink, 250);
     // An array that does not parse is refused whole.
     p.write("broken.json", "[{\"user_id\": \"a\"},");
     run("broken.json")
         .code(1)
         .stderr_has("broken.json is not a JSON array of users");
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sink.delivered().len(), 250);
+    assert_nothing_more_sent(&sink, 250);
 }
 
 #[test]
