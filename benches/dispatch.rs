@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use serde_json::{Value, json};
 use touchctl::channel::custom::{Envelope, body};
 use touchctl::dispatch::user::{RawTrigger, parse_users_json};
@@ -210,7 +211,7 @@ async fn baseline(
 /// nothing stored, no API, no queue.
 async fn baseline_from_triggers(
     url: &str,
-    triggers: Arc<Vec<Vec<u8>>>,
+    triggers: Arc<Vec<Bytes>>,
     batch: usize,
     concurrency: usize,
 ) -> (f64, Duration) {
@@ -270,7 +271,7 @@ async fn baseline_from_triggers(
 
 /// A ceiling for anything that reads every user once with the daemon's parser: the same triggers
 /// read (and dropped) on both cores, nothing else.
-fn parse_ceiling(triggers: &[Vec<u8>]) -> (f64, Duration) {
+fn parse_ceiling(triggers: &[Bytes]) -> (f64, Duration) {
     let (start, cpu0) = (Instant::now(), cpu_self());
     let users: usize = std::thread::scope(|s| {
         let halves: Vec<_> = (0..2)
@@ -295,7 +296,7 @@ fn parse_ceiling(triggers: &[Vec<u8>]) -> (f64, Duration) {
 /// the clock starts) screened and enqueued (stored form, fsync'd commit) from two threads, as the
 /// API's tasks do; then every batch claimed, read back and recorded as delivered. Returns the
 /// rate and the CPU time per recipient (every thread, the queue's writer included).
-fn queue_alone(triggers: &[Vec<u8>], batch: usize) -> (f64, Duration) {
+fn queue_alone(triggers: &[Bytes], batch: usize) -> (f64, Duration) {
     use touchctl::dispatch::queue::{After, Completion, NewDispatch, Queue, Users};
     use touchctl::dispatch::user::{parse_stored, screen};
     let dir = tempfile::tempdir().expect("temp dir");
@@ -481,7 +482,7 @@ fn apply(bin: &str, dir: &std::path::Path) {
 }
 
 /// Posts a trigger (already serialized, as a platform would have it) and returns the receipt.
-async fn post(client: &reqwest::Client, url: &str, trigger: Vec<u8>) -> Value {
+async fn post(client: &reqwest::Client, url: &str, trigger: Bytes) -> Value {
     let r = client
         .post(format!("{url}/v1/dispatch"))
         .header("content-type", "application/json")
@@ -553,7 +554,7 @@ async fn latency_phase(
     client: &reqwest::Client,
     daemon: &Daemon,
     seen: &Seen,
-    triggers: &[Vec<u8>],
+    triggers: &[Bytes],
     users: usize,
     rate: f64,
     seconds: usize,
@@ -636,7 +637,7 @@ async fn daemon_round(
     client: &reqwest::Client,
     daemon: &Daemon,
     seen: &Seen,
-    triggers: Arc<Vec<Vec<u8>>>,
+    triggers: Arc<Vec<Bytes>>,
     per_trigger: usize,
     clients: usize,
 ) -> (f64, Duration, Duration) {
@@ -712,8 +713,8 @@ fn main() {
     let dir = tmp.path();
     bench_project(TOUCHCTL, dir, &sink, batch);
 
-    let triggers: Vec<Vec<u8>> = (0..recipients.div_ceil(per_trigger))
-        .map(|t| trigger(&format!("c{t}"), per_trigger, t * per_trigger))
+    let triggers: Vec<Bytes> = (0..recipients.div_ceil(per_trigger))
+        .map(|t| Bytes::from(trigger(&format!("c{t}"), per_trigger, t * per_trigger)))
         .collect();
 
     // Warm the sink and both paths once.
@@ -839,8 +840,8 @@ fn main() {
     } else {
         daemon_rate / 2.0
     };
-    let small_triggers: Vec<Vec<u8>> = (0..64)
-        .map(|i| trigger(&format!("lat{i}"), batch, 10_000_000 + i * batch))
+    let small_triggers: Vec<Bytes> = (0..64)
+        .map(|i| Bytes::from(trigger(&format!("lat{i}"), batch, 10_000_000 + i * batch)))
         .collect();
     let small_rate = arg("--small-rate", 200_000) as f64;
     // Both phases for one daemon: the rate phase's triggers at half rate, then one-batch ones.
