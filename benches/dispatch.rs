@@ -867,6 +867,12 @@ fn main() {
         (large, small)
     };
     let (large, small) = latency_of(&daemon);
+    // Memory after the load, and after the allocator's purge delay idle (freed memory is kept
+    // that long for the next trigger before it may go back to the OS).
+    let rss_loaded = rss_kib(daemon.child.id());
+    let settle = Duration::from_millis(touchctl::allocator::PURGE_DELAY_MS as u64 + 2_000);
+    std::thread::sleep(settle);
+    let rss_settled = rss_kib(daemon.child.id());
     drop(daemon);
     // The compared build at the same paces, after this build's phases.
     let other_latency = other.as_ref().map(|(_, other)| latency_of(other));
@@ -954,6 +960,12 @@ fn main() {
     println!(
         "  daemon RSS idle with 10,000 touchpoints live: {:.1} MiB (target: under 64 MiB)",
         rss as f64 / 1024.0
+    );
+    println!(
+        "  daemon RSS right after the latency phases: {:.1} MiB; {} s later, idle: {:.1} MiB",
+        rss_loaded as f64 / 1024.0,
+        settle.as_secs(),
+        rss_settled as f64 / 1024.0
     );
     if let (Some(bin), Some((large, small))) = (other_bin, other_latency) {
         // With `--compare`, every round ran the compared daemon too.

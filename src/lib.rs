@@ -14,7 +14,13 @@
 //! | [`apply`] | running a plan against the registry, with per-change outcomes |
 //! | [`git`] | what commit the files came from; the files at another revision |
 //! | [`import`] | writing the TOML file of a live touchpoint |
+//! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
+//! | [`channel`] | the wire format of each channel: request, signing, what an answer means |
+//! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
+//! | [`store`] | owner-only SQLite files shared by the registry and the queue |
+//! | [`allocator`] | the binary allocator's tuning (how long freed memory is kept) |
 
+pub mod allocator;
 pub mod apply;
 pub mod channel;
 pub mod daemon;

@@ -9,10 +9,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 // Loading thousands of files allocates many small values on both cores; mimalloc keeps that fast.
+// Its purge delay is set in `touchctl::allocator`.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    touchctl::allocator::tune();
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
