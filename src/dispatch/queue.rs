@@ -211,27 +211,23 @@ pub type WireWriter<'a> = dyn Fn(&[&UserRef<'_>]) -> Vec<u8> + 'a;
 pub struct Storing<'q> {
     queue: &'q Queue,
     answer: std::sync::mpsc::Receiver<Result<Enqueued, QueueError>>,
-    /// Each batch's recipients for the wire, in batch order, as far as the memory budget went.
-    wire: Vec<Wire>,
+    /// The id the trigger is stored under, if it is stored.
+    dispatch_id: String,
+    /// How many of its batches, from the first, have their recipients kept in memory.
+    kept: usize,
 }
 
 impl Storing<'_> {
-    /// Waits until the trigger is on disk (fsync'd) and keeps its batches' recipients in memory
-    /// for the sender.
+    /// Waits until the trigger is on disk (fsync'd). If it was not stored (an error, or its
+    /// idempotency key was used before), the recipients kept for its batches are let go.
     pub fn wait(self) -> Result<Enqueued, QueueError> {
-        let enqueued = Queue::answer(self.answer)?;
-        if let Enqueued::New(receipt) = &enqueued {
-            for (i, wire) in self.wire.into_iter().enumerate() {
-                if !self
-                    .queue
-                    .fresh
-                    .put(batch_id(&receipt.dispatch_id, i), wire)
-                {
-                    break;
-                }
+        let enqueued = Queue::answer(self.answer);
+        if !matches!(enqueued, Ok(Enqueued::New(_))) {
+            for i in 0..self.kept {
+                self.queue.fresh.take(&batch_id(&self.dispatch_id, i));
             }
         }
-        Ok(enqueued)
+        enqueued
     }
 }
 
@@ -474,6 +470,9 @@ pub struct Queue {
 
 /// A trigger on its way to the writer thread.
 struct Job {
+    /// Chosen before the job goes to the writer, so its batches' recipients can be kept in
+    /// memory under their ids before the rows are committed (and so visible to the sender).
+    dispatch_id: String,
     head: TriggerHead,
     generation: u64,
     /// Users per batch and the batch's stored text.
@@ -782,7 +781,7 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
             return Ok(Enqueued::Repeat(receipt));
         }
     }
-    let dispatch_id = new_id("dsp");
+    let dispatch_id = job.dispatch_id.clone();
     let receipt = Receipt {
         dispatch_id: dispatch_id.clone(),
         accepted: job.accepted,
@@ -1193,7 +1192,9 @@ impl Queue {
             .chunks(size)
             .map(|c| (c.len(), super::user::store(c.iter().copied())))
             .collect();
+        let dispatch_id = new_id("dsp");
         let job = Job {
+            dispatch_id: dispatch_id.clone(),
             head: d.head.clone(),
             generation: d.generation,
             batches,
@@ -1202,9 +1203,12 @@ impl Queue {
             spans: Vec::new(),
         };
         let answer = self.send(|reply| Work::Enqueue(job, reply))?;
-        // Written while the writer stores the trigger and waits for the disk.
-        // Only as many as the memory budget keeps: the others are read from disk when sent.
-        let mut wire: Vec<Wire> = Vec::new();
+        // Written while the writer stores the trigger and waits for the disk, and kept as each is
+        // written: the rows become visible to the sender when the writer commits, and a batch
+        // claimed before its entry is here is read from disk (the entry would then never be
+        // taken). Only as many as the memory budget keeps: the others are read from disk when
+        // sent.
+        let mut kept = 0;
         if let Some(write) = d.wire {
             let mut room = self.fresh.room();
             for batch in d.users.chunks(size) {
@@ -1213,17 +1217,22 @@ impl Queue {
                     break;
                 };
                 room = left;
-                wire.push(Wire {
+                let wire = Wire {
                     generation: d.generation,
                     recipients,
                     count: batch.len() as u32,
-                });
+                };
+                if !self.fresh.put(batch_id(&dispatch_id, kept), wire) {
+                    break;
+                }
+                kept += 1;
             }
         }
         Ok(Storing {
             queue: self,
             answer,
-            wire,
+            dispatch_id,
+            kept,
         })
     }
 
@@ -1742,6 +1751,40 @@ mod tests {
         for c in &again {
             assert!(stored(c).is_ok(), "a retry reads the stored users");
         }
+    }
+
+    #[test]
+    fn recipients_are_kept_before_the_rows_are_visible_and_let_go_for_a_repeat() {
+        let (_d, q) = open();
+        let h = head(Some("k1"));
+        let ids = |c: &[&UserRef<'_>]| {
+            c.iter()
+                .map(|u| u.id.as_bytes())
+                .collect::<Vec<_>>()
+                .join(&b","[..])
+        };
+        let mut d = new(&h, 10);
+        d.wire = Some(&ids);
+        let storing = q.begin_enqueue(d).unwrap();
+        // Kept before the writer has answered: a claim right after its commit finds them all.
+        assert_eq!(q.fresh_usage().0, 3);
+        let Enqueued::New(first) = storing.wait().unwrap() else {
+            panic!("new")
+        };
+        let mut again = new(&h, 10);
+        again.wire = Some(&ids);
+        let Enqueued::Repeat(repeat) = q.enqueue(again).unwrap() else {
+            panic!("the same key again is a repeat")
+        };
+        assert_eq!(repeat, first);
+        assert_eq!(q.fresh_usage().0, 3, "the repeat's recipients are let go");
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(claimed.len(), 3);
+        assert!(
+            claimed.iter().all(|c| matches!(c.users, Users::Fresh(..))),
+            "the first trigger's batches are claimed from memory"
+        );
+        assert_eq!(q.fresh_usage(), (0, 0));
     }
 
     #[test]
