@@ -119,9 +119,9 @@ impl Fresh {
         true
     }
 
-    /// How many more bytes of recipients would be kept now. Writing recipients that would not
-    /// be kept is wasted work: their batches are read from disk when sent.
-    pub fn room(&self) -> usize {
+    /// How many more bytes of recipients would be kept now (stale entries dropped first).
+    #[cfg(test)]
+    fn room(&self) -> usize {
         let mut inner = self.lock();
         inner.drop_stale(Instant::now(), self.max_age);
         self.budget.saturating_sub(inner.bytes)

@@ -1206,17 +1206,12 @@ impl Queue {
         // Written while the writer stores the trigger and waits for the disk, and kept as each is
         // written: the rows become visible to the sender when the writer commits, and a batch
         // claimed before its entry is here is read from disk (the entry would then never be
-        // taken). Only as many as the memory budget keeps: the others are read from disk when
-        // sent.
+        // taken). Only as many as the memory budget keeps (`put` says when it is taken): the
+        // others are read from disk when sent.
         let mut kept = 0;
         if let Some(write) = d.wire {
-            let mut room = self.fresh.room();
             for batch in d.users.chunks(size) {
                 let recipients = write(batch);
-                let Some(left) = room.checked_sub(recipients.len()) else {
-                    break;
-                };
-                room = left;
                 let wire = Wire {
                     generation: d.generation,
                     recipients,
