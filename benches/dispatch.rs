@@ -378,6 +378,34 @@ fn cpu_self() -> Duration {
     time(usage.ru_utime) + time(usage.ru_stime)
 }
 
+/// The machine's clock ticks so far, from the first line of `/proc/stat`: all of them, and the
+/// ones the hypervisor gave to other guests while this one wanted to run (steal). None where
+/// there is no `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .map(|t| t.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice: guest time is already in
+    // user and nice.
+    let total = ticks.iter().take(8).sum();
+    Some((total, ticks.get(7).copied().unwrap_or(0)))
+}
+
+/// Runs `f` and returns its result with the share of the machine's CPU time that was stolen
+/// meanwhile (0 where it cannot be read): a shared machine's slow spell, made visible.
+fn with_steal<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let before = machine_ticks();
+    let out = f();
+    let share = match (before, machine_ticks()) {
+        (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => (s1 - s0) as f64 / (t1 - t0) as f64,
+        _ => 0.0,
+    };
+    (out, share)
+}
+
 /// CPU time (user and system) another process has used so far, from `/proc/PID/stat`.
 fn cpu_of(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
@@ -509,6 +537,8 @@ struct Latency {
     /// How long sending took (the pace kept is `count` triggers over this).
     sending: Duration,
     users: usize,
+    /// The share of the machine's CPU time stolen by the host during the phase.
+    steal: f64,
 }
 
 impl Latency {
@@ -531,7 +561,7 @@ impl Latency {
             self.count
         );
         println!(
-            "    the 202 alone: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; sent over {:.1} s ({:.0} recipients/s as paced); p99 of each second: {} ms",
+            "    the 202 alone: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; sent over {:.1} s ({:.0} recipients/s as paced); p99 of each second: {} ms; CPU stolen by the host: {:.0}%",
             ms(percentile(&self.accepted, 0.50)),
             ms(percentile(&self.accepted, 0.99)),
             ms(self.accepted.last().copied().unwrap_or_default()),
@@ -541,7 +571,8 @@ impl Latency {
                 .iter()
                 .map(|p| format!("{:.1}", ms(*p)))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            self.steal * 100.0
         );
     }
 }
@@ -617,6 +648,7 @@ async fn latency_phase(
         per_second_p99,
         sending,
         users,
+        steal: 0.0,
     }
 }
 
@@ -627,6 +659,9 @@ struct Round {
     daemon: (f64, Duration, Duration),
     /// The `--compare` build's daemon, when there is one.
     other: Option<(f64, Duration, Duration)>,
+    /// The share of the machine's CPU time stolen by the host during the baseline's run and
+    /// during the daemon's.
+    steal: [f64; 2],
 }
 
 /// The daemon's side of a round: every trigger POSTed from `clients` connections at once, as a
@@ -788,10 +823,17 @@ fn main() {
             [2, 0, 1],
         ];
         let (mut base, mut daemon_run, mut other_run) = (None, None, None);
+        let mut steal = [0.0; 2];
         for side in ORDERS[r % ORDERS.len()] {
             match side {
-                0 => base = Some(run_baseline()),
-                1 => daemon_run = Some(run_daemon()),
+                0 => {
+                    let (run, stolen) = with_steal(run_baseline);
+                    (base, steal[0]) = (Some(run), stolen);
+                }
+                1 => {
+                    let (run, stolen) = with_steal(run_daemon);
+                    (daemon_run, steal[1]) = (Some(run), stolen);
+                }
                 _ => other_run = run_other(),
             }
         }
@@ -806,16 +848,19 @@ fn main() {
             })
             .unwrap_or_default();
         eprintln!(
-            "  round {}/{rounds_n}: baseline {:.0}/s, daemon {:.0}/s, ratio {:.2}{compared}",
+            "  round {}/{rounds_n}: baseline {:.0}/s, daemon {:.0}/s, ratio {:.2}{compared} (CPU stolen by the host: {:.0}% / {:.0}%)",
             r + 1,
             base.0,
             daemon_run.0,
-            daemon_run.0 / base.0
+            daemon_run.0 / base.0,
+            steal[0] * 100.0,
+            steal[1] * 100.0
         );
         rounds.push(Round {
             baseline: base,
             daemon: daemon_run,
             other: other_run,
+            steal,
         });
     }
     let median_of = |f: &dyn Fn(&Round) -> f64| {
@@ -846,24 +891,30 @@ fn main() {
     let small_rate = arg("--small-rate", 200_000) as f64;
     // Both phases for one daemon: the rate phase's triggers at half rate, then one-batch ones.
     let latency_of = |daemon: &Daemon| {
-        let large = rt.block_on(latency_phase(
-            &client,
-            daemon,
-            &seen,
-            &triggers,
-            per_trigger,
-            half_rate,
-            latency_seconds,
-        ));
-        let small = rt.block_on(latency_phase(
-            &client,
-            daemon,
-            &seen,
-            &small_triggers,
-            batch,
-            small_rate,
-            latency_seconds,
-        ));
+        let (mut large, stolen) = with_steal(|| {
+            rt.block_on(latency_phase(
+                &client,
+                daemon,
+                &seen,
+                &triggers,
+                per_trigger,
+                half_rate,
+                latency_seconds,
+            ))
+        });
+        large.steal = stolen;
+        let (mut small, stolen) = with_steal(|| {
+            rt.block_on(latency_phase(
+                &client,
+                daemon,
+                &seen,
+                &small_triggers,
+                batch,
+                small_rate,
+                latency_seconds,
+            ))
+        });
+        small.steal = stolen;
         (large, small)
     };
     let (large, small) = latency_of(&daemon);
@@ -910,6 +961,11 @@ fn main() {
     );
     println!(
         "  ratio daemon / baseline: {ratio:.2}, median of {rounds_n} alternating rounds (range {ratio_lo:.2} to {ratio_hi:.2}; daemon {daemon_lo:.0} to {daemon_hi:.0}/s) (target: at least 0.50)"
+    );
+    let (base_steal, ..) = median_of(&|r| r.steal[0] * 100.0);
+    let (daemon_steal, _, daemon_steal_hi) = median_of(&|r| r.steal[1] * 100.0);
+    println!(
+        "  CPU stolen by the host (a shared machine's slow spell) during the rounds, medians: baseline {base_steal:.0}%, daemon {daemon_steal:.0}% (most in a daemon run {daemon_steal_hi:.0}%)"
     );
     println!(
         "  for comparison, from users already parsed (build bodies, POST):                     {:>9.0} recipients/s (daemon / this: {:.2})",
