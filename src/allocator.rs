@@ -41,6 +41,31 @@ pub fn release_unused() {
     unsafe { libmimalloc_sys::mi_collect(false) }
 }
 
+/// [`release_unused`] for the calling thread at most once per [`RELEASE_EVERY`]: for a
+/// runtime's worker threads as they go idle. mimalloc gives a thread's free pages back only when
+/// that thread collects (or allocates), so the daemon's timer alone, running on one thread, left
+/// the others holding what a load had freed.
+pub fn release_unused_now_and_then() {
+    use std::cell::Cell;
+    use std::time::Instant;
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    let due = LAST.with(|last| {
+        let due = last
+            .get()
+            .is_none_or(|at| now.duration_since(at) >= RELEASE_EVERY);
+        if due {
+            last.set(Some(now));
+        }
+        due
+    });
+    if due {
+        release_unused();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -337,7 +337,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             stop_rx.clone(),
         ))
     });
-    tokio::spawn(release_memory(stop_rx.clone()));
+    tokio::spawn(release_memory(queue.clone(), stop_rx.clone()));
     let server = tokio::spawn(serve(
         listener,
         api::router(app.clone()),
@@ -376,16 +376,23 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     Ok(())
 }
 
-/// Hands memory unused for the allocator's purge delay back to the OS, on a timer: the allocator
-/// itself looks for such memory only when it allocates, and a daemon held it long after a load.
-async fn release_memory(mut stop: watch::Receiver<bool>) {
+/// On a timer: drops the recipients kept in memory past their age limit (otherwise dropped only
+/// when the next trigger comes), then hands memory unused for the allocator's purge delay back to
+/// the OS (the allocator itself looks for such memory only when it allocates, and a daemon held it
+/// long after a load).
+async fn release_memory(queue: Arc<Queue>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(crate::allocator::RELEASE_EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        let _ = tokio::task::spawn_blocking(crate::allocator::release_unused).await;
+        let queue = queue.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            queue.expire_fresh();
+            crate::allocator::release_unused();
+        })
+        .await;
     }
 }
 

@@ -119,6 +119,20 @@ impl Fresh {
         true
     }
 
+    /// Drops the entries older than the age limit now. A put does that too, but an idle daemon
+    /// has no puts, and would keep whatever its last load left (a batch claimed before its
+    /// recipients were kept, say) up to the whole budget until the next trigger.
+    pub fn expire(&self) {
+        let mut inner = self.lock();
+        inner.drop_stale(Instant::now(), self.max_age);
+        if inner.map.is_empty() {
+            // A load's worth of slots is not needed while idle.
+            inner.order.clear();
+            inner.map.shrink_to_fit();
+            inner.order.shrink_to_fit();
+        }
+    }
+
     /// How many more bytes of recipients would be kept now (stale entries dropped first).
     #[cfg(test)]
     fn room(&self) -> usize {
@@ -202,6 +216,19 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         assert_eq!(f.room(), 100, "an entry too old takes no room");
         assert_eq!(f.usage(), (0, 0));
+    }
+
+    #[test]
+    fn old_entries_are_dropped_without_a_put() {
+        let f = Fresh::new(100, Duration::from_millis(500));
+        assert!(f.put("taken".into(), wire(10)) && f.take("taken").is_some());
+        assert!(f.put("a".into(), wire(10)));
+        f.expire();
+        assert_eq!(f.usage(), (1, 10), "not yet too old");
+        std::thread::sleep(Duration::from_millis(600));
+        f.expire();
+        assert_eq!(f.usage(), (0, 0));
+        assert_eq!(f.order_len(), 0, "no slots kept while idle");
     }
 
     #[test]

@@ -1236,6 +1236,11 @@ impl Queue {
         self.segments.read(span)
     }
 
+    /// Drops the recipients kept in memory longer than their age limit (see [`Fresh::expire`]).
+    pub fn expire_fresh(&self) {
+        self.fresh.expire();
+    }
+
     /// The batches kept in memory for the sender, and their bytes.
     pub fn fresh_usage(&self) -> (usize, usize) {
         self.fresh.usage()
