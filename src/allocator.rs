@@ -11,7 +11,9 @@
 //! mimalloc looks for memory past its delay only on some of its allocation paths, so a daemon
 //! held freed memory long after the delay: 140 MiB for 45 s after a load, then 70 MiB. The daemon
 //! calls [`release_unused`] every [`RELEASE_EVERY`]: 12 s after a load it then held 74 to
-//! 102 MiB. Idle RSS at start is unchanged.
+//! 102 MiB in one day's runs, 76 to 163 MiB in the next day's (the collect reaches the calling
+//! thread's free pages and the shared pool, not the pages other threads hold; README,
+//! Performance). Idle RSS at start is unchanged.
 
 /// mimalloc's option index of `purge_delay` (`mi_option_purge_delay` in `mimalloc.h`, the same
 /// in mimalloc 2 and 3; `libmimalloc-sys` exposes no constant for it).
@@ -39,31 +41,6 @@ pub const RELEASE_EVERY: std::time::Duration =
 pub fn release_unused() {
     // SAFETY: `mi_collect` may be called from any thread at any time.
     unsafe { libmimalloc_sys::mi_collect(false) }
-}
-
-/// [`release_unused`] for the calling thread at most once per [`RELEASE_EVERY`]: for a
-/// runtime's worker threads as they go idle. mimalloc gives a thread's free pages back only when
-/// that thread collects (or allocates), so the daemon's timer alone, running on one thread, left
-/// the others holding what a load had freed.
-pub fn release_unused_now_and_then() {
-    use std::cell::Cell;
-    use std::time::Instant;
-    thread_local! {
-        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
-    }
-    let now = Instant::now();
-    let due = LAST.with(|last| {
-        let due = last
-            .get()
-            .is_none_or(|at| now.duration_since(at) >= RELEASE_EVERY);
-        if due {
-            last.set(Some(now));
-        }
-        due
-    });
-    if due {
-        release_unused();
-    }
 }
 
 #[cfg(test)]

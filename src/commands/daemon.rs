@@ -41,7 +41,6 @@ pub(super) fn read_token(file: Option<&Path>) -> Result<Option<Secret>> {
 pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(touchctl::allocator::release_unused_now_and_then)
         .build()
         .context("cannot start the async runtime")
 }
