@@ -773,7 +773,15 @@ fn main() {
     // of the same load, not counted, warms each daemon and the baseline alike. Without it, in six
     // runs of five rounds, the daemon's first round was its slowest in four, and that round's
     // ratio the lowest of the run in the same four.
-    let warm = |daemon: &Daemon| {
+    let run_baseline = || {
+        rt.block_on(baseline_from_triggers(
+            &sink,
+            triggers.clone(),
+            batch,
+            concurrency,
+        ))
+    };
+    let run = |daemon: &Daemon| {
         rt.block_on(daemon_round(
             &client,
             daemon,
@@ -781,15 +789,10 @@ fn main() {
             triggers.clone(),
             per_trigger,
             clients,
-        ));
+        ))
     };
-    rt.block_on(baseline_from_triggers(
-        &sink,
-        triggers.clone(),
-        batch,
-        concurrency,
-    ));
-    warm(&daemon);
+    run_baseline();
+    run(&daemon);
     // `--compare BIN`: another build's daemon (its own registry and queue, the same sink), run in
     // the same rounds, so two builds are compared within one run rather than across runs.
     let other_tmp = tempfile::tempdir().unwrap();
@@ -797,7 +800,7 @@ fn main() {
         let dir = other_tmp.path();
         bench_project(&bin, dir, &sink, batch);
         let d = start_daemon(&bin, dir, &daemon_args);
-        warm(&d);
+        run(&d);
         (bin, d)
     });
     // The baseline and the daemon in alternating rounds (the order switching every round), each
@@ -805,24 +808,6 @@ fn main() {
     // both sides of a round alike, and the median of the rounds' ratios is the figure reported.
     let mut rounds: Vec<Round> = Vec::with_capacity(rounds_n);
     for r in 0..rounds_n {
-        let run_baseline = || {
-            rt.block_on(baseline_from_triggers(
-                &sink,
-                triggers.clone(),
-                batch,
-                concurrency,
-            ))
-        };
-        let run = |daemon: &Daemon| {
-            rt.block_on(daemon_round(
-                &client,
-                daemon,
-                &seen,
-                triggers.clone(),
-                per_trigger,
-                clients,
-            ))
-        };
         let run_daemon = || run(&daemon);
         let run_other = || other.as_ref().map(|(_, other)| run(other));
         // The order changes every round, through all six orders of the three sides, so that over
