@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::daemon_support::{PATIENCE, Sink, custom_touchpoint, http, users};
+use crate::daemon_support::{Daemon, PATIENCE, Sink, custom_touchpoint, http, users};
 use crate::support::{Project, repo_root};
 
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
@@ -23,7 +23,7 @@ fn project(sink: &Sink, batch_size: u32, extra: &str) -> Project {
     p
 }
 
-fn open_daemon(p: &Project, more: &[&str]) -> crate::daemon_support::Daemon {
+fn open_daemon(p: &Project, more: &[&str]) -> Daemon {
     let mut args = vec!["--insecure-no-auth", "--allow-private-network"];
     args.extend_from_slice(more);
     p.start_daemon(&args, &ENV)
@@ -52,9 +52,21 @@ fn assert_each_user_once(sink: &Sink, n: usize) {
     assert_eq!((delivered.len(), unique.len()), (n, n));
 }
 
-/// Nothing more reaches the sink after a file was refused: still `n` recipients.
-fn assert_nothing_more_sent(sink: &Sink, n: usize) {
-    std::thread::sleep(Duration::from_millis(300));
+/// Runs `refused`, a command that refuses its users file, and checks that nothing more reached
+/// the daemon or the sink: no trigger was answered meanwhile, nothing is pending, and the sink
+/// still has the `n` recipients it had.
+fn assert_nothing_more_sent(d: &Daemon, sink: &Sink, n: usize, refused: impl FnOnce()) {
+    let requests = d.metric("touchctl_dispatch_requests_total");
+    refused();
+    assert_eq!(
+        d.metric("touchctl_dispatch_requests_total"),
+        requests,
+        "a trigger reached the daemon"
+    );
+    // A batch is pending until its answer is recorded, and the sink records a request before it
+    // answers: with nothing pending, whatever was sent is in the sink.
+    let (_, status) = d.call("GET", "/v1/status", None);
+    assert_eq!(status["queue"]["pending_batches"], 0, "{status}");
     assert_eq!(sink.delivered().len(), n);
 }
 
@@ -426,7 +438,7 @@ fn a_broken_file_does_not_take_a_live_touchpoint_down() {
 
 /// Changes `sms`'s dynamic params (`phone` is sent as `mobile`, `tier` is added), applies the
 /// change and waits until the daemon uses it (generation 2).
-fn rename_phone_and_add_tier(p: &Project, d: &crate::daemon_support::Daemon) {
+fn rename_phone_and_add_tier(p: &Project, d: &Daemon) {
     let changed = p.read("touchpoints/sms.toml").replace(
         "phone = \"user.phone\"",
         "mobile = \"user.phone\"\ntier = \"user.tier\"",
@@ -571,14 +583,27 @@ fn a_git_source_reconciles_only_committed_content() {
     let (_, s) = d.call("GET", "/v1/status", None);
     assert_eq!(s["reconcile"]["commit"], first.as_str(), "{s}");
     assert_eq!(s["touchpoints"]["live"], 1);
-    // An uncommitted file changes nothing; committing it does.
+    // An uncommitted file changes nothing, even when a later commit is reconciled; committing
+    // it does.
     p.write(
         "touchpoints/points.toml",
         &custom_touchpoint("points", &sink.url, 100, ""),
     );
-    std::thread::sleep(Duration::from_millis(800));
-    let (_, s) = d.call("GET", "/v1/status", None);
-    assert_eq!(s["touchpoints"]["live"], 1, "{s}");
+    p.set(
+        "touchpoints/sms.toml",
+        "batch_size = 500",
+        "batch_size = 400",
+    );
+    p.git(&["commit", "-q", "-m", "sms", "--", "touchpoints/sms.toml"]);
+    let only_sms = p.git(&["rev-parse", "HEAD"]);
+    d.wait_until("/v1/status", "the commit was never reconciled", |_, s| {
+        s["reconcile"]["commit"] == only_sms.as_str()
+    });
+    // The registry is written before the reconcile's report: it shows what that reconcile did.
+    let ids: Vec<String> = p.query_all("SELECT id FROM touchpoints ORDER BY id");
+    assert_eq!(ids, ["sms"], "only committed content goes live");
+    let generation: i64 = p.query_one("SELECT generation FROM touchpoints WHERE id = 'sms'");
+    assert_eq!(generation, 2, "the committed change went live");
     let second = p.commit_all("points");
     let s = d.wait_until("/v1/status", "the commit was never reconciled", |_, s| {
         s["touchpoints"]["live"] == 2
@@ -601,14 +626,19 @@ fn an_idempotent_retrigger_queues_nothing() {
     let (code, again) = d.dispatch(&t);
     assert_eq!(code, 202);
     assert_eq!(again, first, "the first answer, again");
+    // The answer comes once the work is stored: nothing new is on record, nothing is pending,
+    // and (a batch being pending until the sink has it) the sink has only the first two.
+    let out = p.run(&["deliveries", "list", "--format", "json", "--limit", "0"]);
+    out.code(0);
+    let batches: Vec<Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(batches.len(), 2, "nothing was queued the second time");
+    assert_eq!(
+        d.metric("touchctl_recipients_accepted_total{touchpoint=\"sms\"}"),
+        700
+    );
     let (_, status) = d.call("GET", "/v1/status", None);
     assert_eq!(status["queue"]["pending_batches"], 0);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        sink.received().len(),
-        2,
-        "nothing was queued the second time"
-    );
+    assert_eq!(sink.received().len(), 2, "nothing was sent the second time");
     t["campaign"] = "another".into();
     let (code, e) = d.dispatch(&t);
     assert_eq!(code, 409);
@@ -814,7 +844,15 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
         (503, Vec::new(), String::new(), Duration::ZERO)
     }));
     let p = project(&sink, 100, "");
-    let d = open_daemon(&p, &[]);
+    // A second touchpoint, whose delivery shows that the sender claimed after the pause.
+    p.write(
+        "touchpoints/points.toml",
+        &custom_touchpoint("points", &sink.url, 100, ""),
+    );
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    // One request at a time, claimed oldest due first: the held batches, due before any later
+    // trigger, would be sent before it.
+    let d = open_daemon(&p, &["--max-in-flight", "1"]);
     let (_, r) = d.dispatch(&trigger(300));
     let id = r["dispatch_id"].as_str().unwrap().to_string();
     sink.wait_for("first attempts", |got| got.len() >= 3);
@@ -829,8 +867,21 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     sink.answer_with(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::ZERO)
     }));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sink.delivered().len(), 0, "held work is not sent");
+    let mut later = trigger(5);
+    later["touchpoint"] = "points".into();
+    let (code, r2) = d.dispatch(&later);
+    assert_eq!(code, 202, "{r2}");
+    assert_eq!(
+        d.wait_finished(r2["dispatch_id"].as_str().unwrap())["delivered"],
+        5
+    );
+    let delivered: Vec<Value> = sink
+        .received()
+        .iter()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body["touchpoint"].clone())
+        .collect();
+    assert_eq!(delivered, ["points"], "held work is not sent");
     p.run_env(&["plan"], &ENV)
         .stdout_has("sms (custom): paused through the admin API");
     d.call("POST", "/v1/touchpoints/sms/resume", None);
@@ -958,13 +1009,21 @@ fn the_daemon_refuses_to_start_open_to_the_network() {
 
 #[test]
 fn sigterm_drains_in_flight_deliveries() {
-    let sink = Sink::new(Arc::new(|_, _| {
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let a = arrived.clone();
+    let sink = Sink::new(Arc::new(move |_, _| {
+        a.fetch_add(1, Ordering::SeqCst);
         (200, Vec::new(), "{}".into(), Duration::from_millis(1500))
     }));
     let p = project(&sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(100));
-    std::thread::sleep(Duration::from_millis(400));
+    // The request is in flight once the sink has it (it answers 1.5 s later).
+    let deadline = Instant::now() + PATIENCE;
+    while arrived.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the batch was never sent");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let (code, log) = d.terminate();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("stopping: no new connections"));
@@ -1101,10 +1160,11 @@ fn a_users_file_larger_than_a_trigger_is_sent_in_parts_and_a_rerun_sends_only_wh
     // A file with a bad line is refused whole: no part of it is sent.
     lines.push("{\"user_id\": 7}".into());
     p.write("users.ndjson", &(lines.join("\n") + "\n"));
-    run(&d.url)
-        .code(1)
-        .stderr_has("users.ndjson line 2502: not a user");
-    assert_nothing_more_sent(&sink, 2500);
+    assert_nothing_more_sent(&d, &sink, 2500, || {
+        run(&d.url)
+            .code(1)
+            .stderr_has("users.ndjson line 2502: not a user");
+    });
 }
 
 #[test]
@@ -1143,10 +1203,11 @@ fn a_users_file_as_a_json_array_is_sent_in_parts_too() {
     assert_each_user_once(&sink, 250);
     // An array that does not parse is refused whole.
     p.write("broken.json", "[{\"user_id\": \"a\"},");
-    run("broken.json")
-        .code(1)
-        .stderr_has("broken.json is not a JSON array of users");
-    assert_nothing_more_sent(&sink, 250);
+    assert_nothing_more_sent(&d, &sink, 250, || {
+        run("broken.json")
+            .code(1)
+            .stderr_has("broken.json is not a JSON array of users");
+    });
 }
 
 #[test]
