@@ -840,22 +840,40 @@ fn api_errors_say_what_is_wrong() {
 
 #[test]
 fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
-    let sink = Sink::new(Arc::new(|_, _| {
-        (503, Vec::new(), String::new(), Duration::ZERO)
+    // The sender sends one request at a time, oldest due first. Its first request (to `points`)
+    // is held at the sink until `gate` opens: meanwhile `sms` gets work and is paused with none
+    // of it in flight. A later trigger to `points` then goes out only after whatever `sms` batch
+    // the sender would send.
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let gate = Arc::new(AtomicBool::new(false));
+    let (a, g) = (arrived.clone(), gate.clone());
+    let sink = Sink::new(Arc::new(move |n, _| {
+        a.fetch_add(1, Ordering::SeqCst);
+        let until = Instant::now() + PATIENCE;
+        while n == 0 && !g.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
     }));
     let p = project(&sink, 100, "");
-    // A second touchpoint, whose delivery shows that the sender claimed after the pause.
     p.write(
         "touchpoints/points.toml",
         &custom_touchpoint("points", &sink.url, 100, ""),
     );
     p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
-    // One request at a time, claimed oldest due first: the held batches, due before any later
-    // trigger, would be sent before it.
     let d = open_daemon(&p, &["--max-in-flight", "1"]);
-    let (_, r) = d.dispatch(&trigger(300));
+    let mut to_points = trigger(5);
+    to_points["touchpoint"] = "points".into();
+    let (code, r) = d.dispatch(&to_points);
+    assert_eq!(code, 202, "{r}");
+    let deadline = Instant::now() + PATIENCE;
+    while arrived.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the first batch was never sent");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (code, r) = d.dispatch(&trigger(300));
+    assert_eq!(code, 202, "{r}");
     let id = r["dispatch_id"].as_str().unwrap().to_string();
-    sink.wait_for("first attempts", |got| got.len() >= 3);
     let (code, tp) = d.call("POST", "/v1/touchpoints/sms/pause", None);
     assert_eq!(code, 200);
     assert_eq!(tp["paused"], true);
@@ -864,24 +882,19 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
         "the batches were never held",
         |_, s| s["batches"]["held"] == 3,
     );
-    sink.answer_with(Arc::new(|_, _| {
-        (200, Vec::new(), "{}".into(), Duration::ZERO)
-    }));
-    let mut later = trigger(5);
-    later["touchpoint"] = "points".into();
-    let (code, r2) = d.dispatch(&later);
-    assert_eq!(code, 202, "{r2}");
+    let (code, later) = d.dispatch(&to_points);
+    assert_eq!(code, 202, "{later}");
+    gate.store(true, Ordering::SeqCst);
     assert_eq!(
-        d.wait_finished(r2["dispatch_id"].as_str().unwrap())["delivered"],
+        d.wait_finished(later["dispatch_id"].as_str().unwrap())["delivered"],
         5
     );
-    let delivered: Vec<Value> = sink
+    let sent: Vec<Value> = sink
         .received()
         .iter()
-        .filter(|r| r.status == 200)
         .map(|r| r.body["touchpoint"].clone())
         .collect();
-    assert_eq!(delivered, ["points"], "held work is not sent");
+    assert_eq!(sent, ["points", "points"], "held work is not sent");
     p.run_env(&["plan"], &ENV)
         .stdout_has("sms (custom): paused through the admin API");
     d.call("POST", "/v1/touchpoints/sms/resume", None);
