@@ -2,12 +2,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::daemon_support::{Daemon, PATIENCE, Sink, custom_touchpoint, http, users};
+use crate::daemon_support::{
+    Arrivals, Daemon, PATIENCE, Sink, custom_touchpoint, holding_the_first, http, users,
+};
 use crate::support::{Project, repo_root};
 
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
@@ -171,6 +173,7 @@ fn signatures_verify_with_the_standard_webhooks_reference_library() {
             .arg(secret)
             .arg(&out)
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("python3 (the reference library is Python's `standardwebhooks`)"),
     );
@@ -181,8 +184,12 @@ fn signatures_verify_with_the_standard_webhooks_reference_library() {
     )
     .unwrap();
     let Some(port) = line.trim().strip_prefix("PORT ") else {
+        let _ = py.0.kill();
+        let _ = py.0.wait();
+        let mut said = String::new();
+        let _ = std::io::Read::read_to_string(&mut py.0.stderr.take().unwrap(), &mut said);
         panic!(
-            "the verifying sink did not start (pip install standardwebhooks; .ci/run does): {line}"
+            "the verifying sink did not start (pip install standardwebhooks; .ci/run does): {line}\n{said}"
         );
     };
     let url = format!("http://127.0.0.1:{port}");
@@ -489,26 +496,14 @@ fn batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time(
     // The daemon writes each batch's recipients when it accepts the trigger and keeps them in
     // memory. Here the first request is held until the params change, so the batches behind it
     // (one at a time) go out after the change and must be written anew.
-    let started = Arc::new(AtomicUsize::new(0));
+    let arrivals = Arrivals::default();
     let gate = Arc::new(AtomicBool::new(false));
-    let (s, g) = (started.clone(), gate.clone());
-    let sink = Sink::new(Arc::new(move |n, _| {
-        s.fetch_add(1, Ordering::SeqCst);
-        let until = Instant::now() + PATIENCE;
-        while n == 0 && !g.load(Ordering::SeqCst) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (200, Vec::new(), "{}".into(), Duration::ZERO)
-    }));
+    let sink = Sink::new(arrivals.counting(holding_the_first(gate.clone())));
     let p = project(&sink, 100, "");
     let d = open_daemon(&p, &["--concurrency", "1"]);
     let (_, r) = d.dispatch(&trigger(300));
     let id = r["dispatch_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + PATIENCE;
-    while started.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the first batch was never sent");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    arrivals.wait_for(1, "the first batch was never sent");
     rename_phone_and_add_tier(&p, &d);
     gate.store(true, Ordering::SeqCst);
     assert_eq!(d.wait_finished(&id)["delivered"], 300);
@@ -844,17 +839,9 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     // is held at the sink until `gate` opens: meanwhile `sms` gets work and is paused with none
     // of it in flight. A later trigger to `points` then goes out only after whatever `sms` batch
     // the sender would send.
-    let arrived = Arc::new(AtomicUsize::new(0));
+    let arrivals = Arrivals::default();
     let gate = Arc::new(AtomicBool::new(false));
-    let (a, g) = (arrived.clone(), gate.clone());
-    let sink = Sink::new(Arc::new(move |n, _| {
-        a.fetch_add(1, Ordering::SeqCst);
-        let until = Instant::now() + PATIENCE;
-        while n == 0 && !g.load(Ordering::SeqCst) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (200, Vec::new(), "{}".into(), Duration::ZERO)
-    }));
+    let sink = Sink::new(arrivals.counting(holding_the_first(gate.clone())));
     let p = project(&sink, 100, "");
     p.write(
         "touchpoints/points.toml",
@@ -866,11 +853,7 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     to_points["touchpoint"] = "points".into();
     let (code, r) = d.dispatch(&to_points);
     assert_eq!(code, 202, "{r}");
-    let deadline = Instant::now() + PATIENCE;
-    while arrived.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the first batch was never sent");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    arrivals.wait_for(1, "the first batch was never sent");
     let (code, r) = d.dispatch(&trigger(300));
     assert_eq!(code, 202, "{r}");
     let id = r["dispatch_id"].as_str().unwrap().to_string();
@@ -1022,21 +1005,15 @@ fn the_daemon_refuses_to_start_open_to_the_network() {
 
 #[test]
 fn sigterm_drains_in_flight_deliveries() {
-    let arrived = Arc::new(AtomicUsize::new(0));
-    let a = arrived.clone();
-    let sink = Sink::new(Arc::new(move |_, _| {
-        a.fetch_add(1, Ordering::SeqCst);
+    let arrivals = Arrivals::default();
+    let sink = Sink::new(arrivals.counting(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::from_millis(1500))
-    }));
+    })));
     let p = project(&sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(100));
     // The request is in flight once the sink has it (it answers 1.5 s later).
-    let deadline = Instant::now() + PATIENCE;
-    while arrived.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the batch was never sent");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    arrivals.wait_for(1, "the batch was never sent");
     let (code, log) = d.terminate();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("stopping: no new connections"));

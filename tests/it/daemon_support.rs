@@ -396,3 +396,38 @@ impl Daemon {
             .sum()
     }
 }
+
+/// Counts the requests a sink was asked to answer: they arrived, answered or not yet.
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<AtomicUsize>);
+
+impl Arrivals {
+    /// `answer`, counting each request as it arrives.
+    pub fn counting(&self, answer: Arc<Answer>) -> Arc<Answer> {
+        let count = self.0.clone();
+        Arc::new(move |n, body| {
+            count.fetch_add(1, Ordering::SeqCst);
+            answer(n, body)
+        })
+    }
+
+    /// Waits until at least `n` requests arrived; `what` says what never happened otherwise.
+    pub fn wait_for(&self, n: usize, what: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.0.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Answers 200 `{}`, holding the first request (for at most `PATIENCE`) until `gate` is set.
+pub fn holding_the_first(gate: Arc<std::sync::atomic::AtomicBool>) -> Arc<Answer> {
+    Arc::new(move |n, _| {
+        let until = Instant::now() + PATIENCE;
+        while n == 0 && !gate.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    })
+}
