@@ -6,7 +6,8 @@
 # SECONDS_PER_TARGET defaults to 600; TARGET defaults to every target (`cargo fuzz list`).
 # Installs cargo-fuzz when it is missing. Every target runs even when an earlier one crashed; the
 # script then exits 1, naming each target that crashed (its input is in fuzz/artifacts/TARGET/).
-# Exits 2 on a usage error. Build output goes to $CARGO_TARGET_DIR when set, else fuzz/target.
+# Exits 2 on a usage error (a bad number of seconds, an unknown target). Build output goes to
+# $CARGO_TARGET_DIR when set, else fuzz/target.
 set -euo pipefail
 
 usage() {
@@ -33,12 +34,19 @@ fi
 target_dir="${CARGO_TARGET_DIR:-$root/fuzz/target}"
 fuzz=(--fuzz-dir fuzz --target-dir "$target_dir")
 
+mapfile -t known < <(cargo fuzz list "${fuzz[@]:0:2}")
+[[ ${#known[@]} -gt 0 ]] || { echo "fuzz.sh: no fuzz targets found in fuzz/" >&2; exit 1; }
 if [[ $# -gt 0 ]]; then
     targets=("$@")
+    for target in "${targets[@]}"; do
+        if [[ " ${known[*]} " != *" $target "* ]]; then
+            echo "fuzz.sh: no fuzz target \`$target\`; the targets are: ${known[*]}" >&2
+            exit 2
+        fi
+    done
 else
-    mapfile -t targets < <(cargo fuzz list "${fuzz[@]:0:2}")
+    targets=("${known[@]}")
 fi
-[[ ${#targets[@]} -gt 0 ]] || { echo "fuzz.sh: no fuzz targets found in fuzz/" >&2; exit 1; }
 
 # Seeds: the committed ones, the regressions found earlier and, for the loader, every touchpoint
 # file of the repository (samples, examples and test fixtures).
@@ -55,7 +63,7 @@ seed() {
     fi
 }
 
-echo "fuzz.sh: building ${#targets[@]} target(s)" >&2
+echo "fuzz.sh: building the fuzz targets" >&2
 cargo fuzz build "${fuzz[@]}"
 
 crashed=()
