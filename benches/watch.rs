@@ -148,7 +148,7 @@ fn save(dir: &Path, k: usize, git_source: bool) {
         "Generated touchpoint number 0 for the plan benchmark.",
         &format!("Edited {k} times by the watch benchmark."),
     );
-    if k % 2 == 0 {
+    if k.is_multiple_of(2) {
         std::fs::write(&path, text).expect("write");
     } else {
         let tmp = path.with_file_name(format!(".{EDITED}.toml.tmp"));

@@ -17,13 +17,18 @@ pub struct Head {
 
 /// The git state of `dir`, or `None` when it is not inside a repository.
 pub fn head(dir: &Path) -> Option<Head> {
-    let repo = git2::Repository::discover(dir).ok()?;
+    head_in(&git2::Repository::discover(dir).ok()?, dir)
+}
+
+/// The git state of `dir` in `repo`, already open (a repository kept open reads its index again
+/// only when it changed), or `None` when `dir` is outside its work tree.
+pub fn head_in(repo: &git2::Repository, dir: &Path) -> Option<Head> {
     let commit = repo
         .head()
         .ok()
         .and_then(|h| h.peel_to_commit().ok())
         .map(|c| c.id().to_string());
-    let rel = relative(&repo, dir).ok()?;
+    let rel = relative(repo, dir).ok()?;
     let mut opts = git2::StatusOptions::new();
     opts.include_untracked(true).recurse_untracked_dirs(true);
     if !rel.as_os_str().is_empty() {
@@ -82,14 +87,40 @@ fn relative(repo: &git2::Repository, dir: &Path) -> Result<PathBuf, GitError> {
         .map_err(|_| outside())
 }
 
-/// Every `*.toml` file under `dir` as it was at revision `rev`, named as the same file in the work
-/// tree would be (`dir/sub/file.toml`), so that a file present on both sides has one name. Hidden
+/// The `*.toml` files under a folder at a git revision: their names and blob ids, and the
+/// repository to read them from.
+pub struct Listing {
+    /// The revision.
+    pub revision: Revision,
+    /// Each file, named as the same file in the work tree would be (`dir/sub/file.toml`), with its
+    /// blob id, in path order.
+    pub files: Vec<(PathBuf, git2::Oid)>,
+    repo: git2::Repository,
+}
+
+impl Listing {
+    /// Reads one file of the listing; a file that is not UTF-8 comes back as its diagnostic.
+    pub fn read(&self, path: &Path, oid: git2::Oid) -> Result<Source, Diagnostic> {
+        let name = path.display().to_string();
+        let parent = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        match self.repo.find_blob(oid) {
+            Ok(blob) => source_from_bytes(name, parent, blob.content().to_vec()),
+            Err(e) => Err(Diagnostic {
+                path: name,
+                line: 1,
+                column: 1,
+                severity: "error",
+                code: "io",
+                message: format!("cannot read the file from git: {}", e.message()),
+            }),
+        }
+    }
+}
+
+/// Every `*.toml` file under `dir` as it was at revision `rev`, unread (see [`Listing`]). Hidden
 /// folders and files are skipped, as when loading the work tree. A folder that did not exist at
-/// `rev` holds no files. Files that are not UTF-8 come back as diagnostics.
-pub fn sources_at(
-    dir: &Path,
-    rev: &str,
-) -> Result<(Revision, Vec<Result<Source, Diagnostic>>), GitError> {
+/// `rev` holds no files.
+pub fn list_at(dir: &Path, rev: &str) -> Result<Listing, GitError> {
     let repo =
         git2::Repository::discover(dir).map_err(|_| GitError::NotARepository(dir.to_path_buf()))?;
     let rel = relative(&repo, dir)?;
@@ -104,39 +135,57 @@ pub fn sources_at(
         rev: rev.to_string(),
         commit: commit.id().to_string(),
     };
-    let root = commit.tree()?;
-    let tree = if rel.as_os_str().is_empty() {
-        root
-    } else {
-        match root.get_path(&rel) {
-            Ok(entry) if entry.kind() == Some(git2::ObjectType::Tree) => {
-                entry.to_object(&repo)?.peel_to_tree()?
-            }
-            // The folder did not exist at that revision (or was a file).
-            _ => return Ok((revision, Vec::new())),
-        }
-    };
     let mut found: Vec<(PathBuf, git2::Oid)> = Vec::new();
-    tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
-        let Ok(name) = entry.name() else {
-            return git2::TreeWalkResult::Skip;
+    {
+        let root = commit.tree()?;
+        let tree = if rel.as_os_str().is_empty() {
+            Some(root)
+        } else {
+            match root.get_path(&rel) {
+                Ok(entry) if entry.kind() == Some(git2::ObjectType::Tree) => {
+                    Some(entry.to_object(&repo)?.peel_to_tree()?)
+                }
+                // The folder did not exist at that revision (or was a file).
+                _ => None,
+            }
         };
-        if name.starts_with('.') {
-            return git2::TreeWalkResult::Skip;
+        if let Some(tree) = tree {
+            tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
+                let Ok(name) = entry.name() else {
+                    return git2::TreeWalkResult::Skip;
+                };
+                if name.starts_with('.') {
+                    return git2::TreeWalkResult::Skip;
+                }
+                if entry.kind() == Some(git2::ObjectType::Blob) && name.ends_with(".toml") {
+                    found.push((dir.join(Path::new(parent).join(name)), entry.id()));
+                }
+                git2::TreeWalkResult::Ok
+            })?;
         }
-        if entry.kind() == Some(git2::ObjectType::Blob) && name.ends_with(".toml") {
-            found.push((Path::new(parent).join(name), entry.id()));
-        }
-        git2::TreeWalkResult::Ok
-    })?;
-    found.sort();
-    let mut sources = Vec::with_capacity(found.len());
-    for (path, oid) in found {
-        let blob = repo.find_blob(oid)?;
-        let path = dir.join(path);
-        let name = path.display().to_string();
-        let parent = path.parent().unwrap_or(dir).to_path_buf();
-        sources.push(source_from_bytes(name, parent, blob.content().to_vec()));
     }
-    Ok((revision, sources))
+    found.sort();
+    drop(commit);
+    Ok(Listing {
+        revision,
+        files: found,
+        repo,
+    })
+}
+
+/// Every `*.toml` file under `dir` as it was at revision `rev`, named as the same file in the work
+/// tree would be (`dir/sub/file.toml`), so that a file present on both sides has one name. Hidden
+/// folders and files are skipped, as when loading the work tree. A folder that did not exist at
+/// `rev` holds no files. Files that are not UTF-8 come back as diagnostics.
+pub fn sources_at(
+    dir: &Path,
+    rev: &str,
+) -> Result<(Revision, Vec<Result<Source, Diagnostic>>), GitError> {
+    let listing = list_at(dir, rev)?;
+    let sources = listing
+        .files
+        .iter()
+        .map(|(path, oid)| listing.read(path, *oid))
+        .collect();
+    Ok((listing.revision, sources))
 }

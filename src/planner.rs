@@ -1,7 +1,7 @@
 //! Gathers what a plan needs and makes it: the desired touchpoints (already loaded), their secrets
 //! resolved to keyed fingerprints, and the live state from the registry; then [`plan::diff`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -97,7 +97,43 @@ pub fn make_plan(
     registry: &dyn Registry,
 ) -> Result<Plan, PlanError> {
     let live = registry.list()?;
-    plan_against(desired, live, dir, registry)
+    plan_against(desired, live, source_of(dir), registry)
+}
+
+/// Makes the plan for the touchpoints `only` (desired, live or both) and leaves every other one
+/// out, as if it were unchanged: what apply would change for them. Each of them is read from the
+/// registry alone, so the cost follows their number, not the registry's. `source` is recorded as
+/// where the files came from.
+pub fn plan_only(
+    desired: &Desired,
+    only: &BTreeSet<String>,
+    source: Source,
+    registry: &dyn Registry,
+) -> Result<Plan, PlanError> {
+    let subset = Desired {
+        touchpoints: desired
+            .touchpoints
+            .iter()
+            .filter(|l| only.contains(l.touchpoint.id()))
+            .cloned()
+            .collect(),
+    };
+    let mut live = Vec::with_capacity(only.len());
+    for id in only {
+        live.extend(registry.get(id)?);
+    }
+    plan_against(&subset, live, source, registry)
+}
+
+/// Makes the plan that brings `registry` to `desired`, recording `source` as where the files came
+/// from (instead of asking git about their folder, as [`make_plan`] does).
+pub fn plan_from(
+    desired: &Desired,
+    source: Source,
+    registry: &dyn Registry,
+) -> Result<Plan, PlanError> {
+    let live = registry.list()?;
+    plan_against(desired, live, source, registry)
 }
 
 /// Loads the tree under `dir` and plans it against `registry`. The registry is read while the
@@ -106,7 +142,7 @@ pub fn plan_dir(dir: &Path, registry: &dyn Registry) -> Result<(Desired, Plan), 
     let (desired, live) = rayon::join(|| crate::load::load_dir(dir), || registry.list());
     let desired = desired?;
     let live = live.map_err(PlanError::from)?;
-    let plan = plan_against(&desired, live, dir, registry)?;
+    let plan = plan_against(&desired, live, source_of(dir), registry)?;
     Ok((desired, plan))
 }
 
@@ -124,7 +160,7 @@ pub enum TreeError {
 fn plan_against(
     desired: &Desired,
     live: Vec<crate::registry::Live>,
-    dir: &Path,
+    source: Source,
     registry: &dyn Registry,
 ) -> Result<Plan, PlanError> {
     let fps = fingerprints(desired, registry)?;
@@ -156,14 +192,15 @@ fn plan_against(
             backend: registry.describe(),
         }),
         base: None,
-        source: source_of(dir),
+        source,
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
     })
 }
 
-fn source_of(dir: &Path) -> Source {
+/// Where files read from `dir` come from: its git commit, and whether it has uncommitted changes.
+pub fn source_of(dir: &Path) -> Source {
     let head = crate::git::head(dir);
     Source {
         dir: dir.display().to_string(),
