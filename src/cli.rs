@@ -187,15 +187,20 @@ pub struct DaemonArgs {
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:8640", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
-    /// Reconcile the registry with the files: on every change (debounced) and every --interval.
-    /// A tree with problems changes nothing; the problems show at /v1/status and in the log.
+    /// Reconcile the registry with the files: on every change (once the files have been quiet
+    /// for 50 ms; only the files that changed are read again) and every --interval (every file
+    /// read again). A tree with problems changes nothing; the problems show at /v1/status and in
+    /// the log.
     #[arg(long)]
     pub watch: bool,
-    /// Where --watch reads the files: `worktree` (as on disk) or `git:REF` (only what is committed
-    /// at REF, e.g. git:main).
+    /// Where --watch reads the files. `worktree`: the files as they are on disk, committed or
+    /// not, as `apply --allow-dirty` applies them; touchpoints applied from uncommitted files are
+    /// recorded as from a dirty tree (in the registry, as `dirty` at /v1/status, and in the log).
+    /// `git:REF`: only what is committed at REF (e.g. git:main), to apply reviewed changes only.
     #[arg(long, default_value = "worktree", value_name = "SOURCE")]
     pub source: String,
-    /// How often to reconcile and re-read secrets even without a file event.
+    /// How often to reconcile (reading every file again) and re-read secrets even without a file
+    /// event.
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub interval: std::time::Duration,
     /// Deletes one reconcile may make at most (more refuses the whole reconcile).
