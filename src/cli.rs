@@ -107,7 +107,9 @@ pub enum Command {
         /// Also save the plan (JSON) to this file, for `touchctl apply FILE`.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        /// Exit 0 when there are no changes, 1 on error, 2 when there are changes.
+        /// Exit 0 when there are no changes, 1 on error, 2 when there are changes: creates,
+        /// updates, deletes. Drift counts as far as apply undoes it: a field changed outside apply
+        /// is an update; a pause is kept by apply, so it is not a change.
         #[arg(long)]
         detailed_exitcode: bool,
         /// Compare the files at this git revision (branch, tag, commit) with the work tree instead

@@ -83,7 +83,11 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
         );
     }
     if listed.is_empty() {
-        let _ = writeln!(head, "**No changes.**");
+        let _ = writeln!(
+            head,
+            "**No changes.**{}",
+            super::render::paused_note(plan.summary.paused)
+        );
     }
     b.push(&head);
 
@@ -122,7 +126,7 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
             if d.paused {
                 let _ = writeln!(
                     drift,
-                    "- `{}` ({}): paused through the admin API",
+                    "- `{}` ({}): paused through the admin API; not a change: apply keeps it paused",
                     d.id, d.kind
                 );
             }
