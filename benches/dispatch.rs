@@ -25,7 +25,6 @@
 //! phases, for an A/B of two builds within one run). With `BENCH_DAEMON_LOG` set, every line the
 //! daemon logs is shown (errors always are).
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +37,7 @@ use touchctl::model::{DynamicParams, ParamSource};
 
 mod support;
 use support::{
-    BENCH_ENV, Daemon, TOUCHCTL, arg, arg_str, cpu_of, cpu_self, percentile, start_daemon,
+    Daemon, TOUCHCTL, apply, arg, arg_str, cpu_of, cpu_self, percentile, rss_kib, start_daemon,
     with_steal,
 };
 
@@ -376,20 +375,6 @@ fn bench_project(bin: &str, dir: &std::path::Path, sink: &str, batch: usize) {
     apply(bin, dir);
 }
 
-fn apply(bin: &str, dir: &std::path::Path) {
-    let out = Command::new(bin)
-        .args(["apply", "--auto-approve", "-q"])
-        .current_dir(dir)
-        .envs(BENCH_ENV)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Posts a trigger (already serialized, as a platform would have it) and returns the receipt.
 async fn post(client: &reqwest::Client, url: &str, trigger: Bytes) -> Value {
     let r = client
@@ -589,18 +574,6 @@ async fn daemon_round(
         cpu / total as u32,
         (own - own0) / total as u32,
     )
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -23,8 +23,8 @@ use serde_json::Value;
 
 mod support;
 use support::{
-    BENCH_ENV, Daemon, TOUCHCTL, arg, arg_str, cpu_of, flag, percentile, start_daemon, touchpoint,
-    touchpoint_path, with_steal,
+    Daemon, TOUCHCTL, apply, arg, arg_str, cpu_of, flag, percentile, rss_kib, start_daemon,
+    touchpoint, touchpoint_path, with_steal,
 };
 
 /// The touchpoint that is edited: a custom one, so the daemon resolves its secrets too.
@@ -94,17 +94,7 @@ fn project(bin: &str, n: usize, plain: bool) -> tempfile::TempDir {
         git(dir, &["add", "-A"]);
         git(dir, &["commit", "-q", "-m", "touchpoints"]);
     }
-    let out = Command::new(bin)
-        .args(["apply", "--auto-approve", "-q"])
-        .current_dir(dir)
-        .envs(BENCH_ENV)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply(bin, dir);
     tmp
 }
 
@@ -340,8 +330,9 @@ fn main() {
             }
         );
         println!(
-            "    daemon CPU per edit (user and system, answering the polls included): {:.0} ms",
-            ms(side.cpu / edits as u32)
+            "    daemon CPU per edit (user and system, answering the polls included): {:.0} ms; resident memory after the edits: {} MiB",
+            ms(side.cpu / edits as u32),
+            rss_kib(side.daemon.child.id()) / 1024
         );
     }
     println!(

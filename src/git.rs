@@ -23,11 +23,7 @@ pub fn head(dir: &Path) -> Option<Head> {
 /// The git state of `dir` in `repo`, already open (a repository kept open reads its index again
 /// only when it changed), or `None` when `dir` is outside its work tree.
 pub fn head_in(repo: &git2::Repository, dir: &Path) -> Option<Head> {
-    let commit = repo
-        .head()
-        .ok()
-        .and_then(|h| h.peel_to_commit().ok())
-        .map(|c| c.id().to_string());
+    let commit = commit_in(repo);
     let rel = relative(repo, dir).ok()?;
     let mut opts = git2::StatusOptions::new();
     opts.include_untracked(true).recurse_untracked_dirs(true);
@@ -39,6 +35,15 @@ pub fn head_in(repo: &git2::Repository, dir: &Path) -> Option<Head> {
         .map(|s| s.iter().any(|e| !e.status().is_ignored()))
         .unwrap_or(true);
     Some(Head { commit, dirty })
+}
+
+/// The HEAD commit of `repo`, absent when it has no commits yet. Cheap, unlike [`head_in`], which
+/// also looks at every file for uncommitted changes.
+pub fn commit_in(repo: &git2::Repository) -> Option<String> {
+    repo.head()
+        .ok()
+        .and_then(|h| h.peel_to_commit().ok())
+        .map(|c| c.id().to_string())
 }
 
 /// Why the files at a revision could not be read.

@@ -57,6 +57,21 @@ pub fn touchpoint_path(i: usize) -> String {
     format!("group-{:02}/tp-{i:05}.toml", i % 50)
 }
 
+/// Applies the touchpoints in `dir` with `bin`, as the operator would: `touchctl apply`.
+pub fn apply(bin: &str, dir: &std::path::Path) {
+    let out = Command::new(bin)
+        .args(["apply", "--auto-approve", "-q"])
+        .current_dir(dir)
+        .envs(BENCH_ENV)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// CPU time (user and system) this process has used so far, all threads.
 pub fn cpu_self() -> Duration {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
@@ -112,6 +127,19 @@ pub fn with_steal<T>(f: impl FnOnce() -> T) -> (T, f64) {
         _ => 0.0,
     };
     (out, share)
+}
+
+/// A process's resident memory (VmRSS) in KiB, from `/proc/PID/status`; 0 where it cannot be read.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The value at fraction `p` of sorted durations (zero when there are none).

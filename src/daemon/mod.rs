@@ -182,31 +182,38 @@ pub enum StartError {
 
 /// Rebuilds the live set from the registry and holds or releases queued batches to match.
 pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
-    let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let live = app2.registry.list().map_err(|e| e.to_string())?;
-        app2.live.refresh(&live, reread_secrets);
-        sync_holds(&app2.queue, app2.live.as_ref()).map_err(|e| e.to_string())
+    update_live(app, move |app| {
+        let live = app.registry.list().map_err(|e| e.to_string())?;
+        app.live.refresh(&live, reread_secrets);
+        Ok(())
     })
     .await;
-    match result {
-        Ok(Ok(())) => app.wake.anything(),
-        Ok(Err(e)) => log(&format!("error: cannot read the registry: {e}")),
-        Err(e) => log(&format!("error: {e}")),
-    }
 }
 
 /// Brings the live set up to date for the touchpoints `ids` only (read again from the registry;
 /// gone when it no longer holds them), and holds or releases queued batches to match.
 async fn refresh_only(app: &Arc<App>, ids: Vec<String>) {
-    let app2 = app.clone();
-    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+    update_live(app, move |app| {
         let mut rows = Vec::with_capacity(ids.len());
         for id in ids {
-            let row = app2.registry.get(&id).map_err(|e| e.to_string())?;
+            let row = app.registry.get(&id).map_err(|e| e.to_string())?;
             rows.push((id, row));
         }
-        app2.live.update(rows);
+        app.live.update(rows);
+        Ok(())
+    })
+    .await;
+}
+
+/// Runs `update` of the live set away from the async threads, then holds or releases queued
+/// batches to match and wakes the sender; logs what failed.
+async fn update_live(
+    app: &Arc<App>,
+    update: impl FnOnce(&App) -> Result<(), String> + Send + 'static,
+) {
+    let app2 = app.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        update(&app2)?;
         sync_holds(&app2.queue, app2.live.as_ref()).map_err(|e| e.to_string())
     })
     .await;

@@ -263,12 +263,17 @@ impl Reconciler {
         };
         report.planned = plan.changes.len();
         report.commit = commit;
+        if settings.source == Source::Worktree {
+            report.commit = self.repo().and_then(crate::git::commit_in);
+        }
         if !plan.has_changes() {
             report.ok = true;
             return (report, Vec::new());
         }
         if settings.source == Source::Worktree {
-            let head = self.head();
+            let head = self
+                .repo()
+                .and_then(|repo| crate::git::head_in(repo, &settings.dir));
             plan.source.commit = head.as_ref().and_then(|h| h.commit.clone());
             plan.source.dirty = head.is_some_and(|h| h.dirty);
             report.commit = plan.source.commit.clone();
@@ -315,14 +320,13 @@ impl Reconciler {
         (report, written)
     }
 
-    /// The commit of the work tree and whether it has uncommitted changes (`None` outside a git
-    /// repository). The repository stays open between reconciles.
-    fn head(&mut self) -> Option<crate::git::Head> {
-        let dir = &self.settings.dir;
+    /// The work tree's git repository (`None` outside one), kept open between reconciles: it
+    /// then reads its index again only when the index changed.
+    fn repo(&mut self) -> Option<&git2::Repository> {
         if self.repo.is_none() {
-            self.repo = git2::Repository::discover(dir).ok();
+            self.repo = git2::Repository::discover(&self.settings.dir).ok();
         }
-        crate::git::head_in(self.repo.as_ref()?, dir)
+        self.repo.as_ref()
     }
 
     /// Reads the tree (the files that changed) from the work tree or the git ref.

@@ -347,6 +347,13 @@ mod tests {
         .unwrap();
     }
 
+    /// Takes every file held as settled, as if it had been written long before it was read.
+    fn settle(cache: &mut TreeCache) {
+        for c in cache.files.values_mut() {
+            c.settled = true;
+        }
+    }
+
     fn ids(d: &Desired) -> Vec<&str> {
         d.touchpoints.iter().map(|l| l.touchpoint.id()).collect()
     }
@@ -368,15 +375,11 @@ mod tests {
         // Just written, so not settled: read again, and nothing is taken for a change.
         let again = cache.load_dir(dir).unwrap();
         assert_eq!((again.read, again.changed.len()), (2, 0));
-        for c in cache.files.values_mut() {
-            c.settled = true;
-        }
+        settle(&mut cache);
         let settled = cache.load_dir(dir).unwrap();
         assert_eq!((settled.read, settled.changed.len()), (0, 0));
         assert_eq!(ids(&settled.desired), ["a", "b"]);
-        for c in cache.files.values_mut() {
-            c.settled = true;
-        }
+        settle(&mut cache);
         write(dir, "sub/b.toml", "b", "batch_size = 7\n");
         let edited = cache.load_dir(dir).unwrap();
         assert_eq!((edited.read, edited.changed), (1, set(&["b"])));
@@ -393,9 +396,7 @@ mod tests {
         write(dir, "c.toml", "c", "");
         let mut cache = TreeCache::default();
         cache.load_dir(dir).unwrap();
-        for c in cache.files.values_mut() {
-            c.settled = true;
-        }
+        settle(&mut cache);
         std::fs::create_dir_all(dir.join("moved")).unwrap();
         std::fs::rename(dir.join("a.toml"), dir.join("moved/a.toml")).unwrap();
         std::fs::remove_file(dir.join("b.toml")).unwrap();
@@ -419,9 +420,7 @@ mod tests {
         write(dir, "b.toml", "b", "");
         let mut cache = TreeCache::default();
         cache.load_dir(dir).unwrap();
-        for c in cache.files.values_mut() {
-            c.settled = true;
-        }
+        settle(&mut cache);
         write(dir, "b.toml", "a", "");
         match cache.load_dir(dir) {
             Err(LoadError::Invalid(d)) => {
