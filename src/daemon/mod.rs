@@ -23,7 +23,7 @@ use crate::model::Secret;
 use crate::registry::{Registry, SqliteRegistry};
 use live::LiveSet;
 use metrics::Metrics;
-use reconcile::{Reconciler, Report, Settings, Source, Trigger, Written};
+use reconcile::{Reconciler, Report, Settings, Source, Trigger};
 
 /// Writes one log line to standard error, with a timestamp.
 pub fn log(message: &str) {
@@ -511,14 +511,14 @@ async fn reconcile_now(app: &Arc<App>, reconciler: &Arc<Mutex<Reconciler>>, trig
     })
     .await;
     let (report, written) = match ran {
-        Ok(r) => r,
+        Ok((report, written)) => (report, Some(written)),
         Err(e) => (
             Report {
                 at: crate::registry::now(),
                 error: Some(e.to_string()),
                 ..Report::default()
             },
-            Written::Any,
+            None,
         ),
     };
     let previous = app
@@ -536,12 +536,17 @@ async fn reconcile_now(app: &Arc<App>, reconciler: &Arc<Mutex<Reconciler>>, trig
         }
     }
     app.metrics.reconciled(report.ok);
+    // Writes by other processes are noticed apart (see `supervise`).
     match written {
-        Written::Any => refresh(app, false).await,
-        Written::Only(ids) if ids.is_empty() => {}
-        Written::Only(ids) => refresh_only(app, ids).await,
+        Some(ids) if ids.is_empty() => {}
+        Some(ids) if ids.len() <= REFRESH_ONE_BY_ONE => refresh_only(app, ids).await,
+        _ => refresh(app, false).await,
     }
 }
+
+/// Up to this many touchpoints written by a reconcile are read again one by one for the live view;
+/// more, and the whole registry is read.
+const REFRESH_ONE_BY_ONE: usize = 64;
 
 /// How long the files must be quiet after an event before a reconcile reads them: editors and
 /// tools write a file in several steps (a temporary file, a rename, a truncate and a write), a

@@ -136,15 +136,6 @@ pub enum Trigger {
     Changed(Vec<PathBuf>),
 }
 
-/// The registry rows a reconcile wrote, for the daemon's view of them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Written {
-    /// Any of them: read the whole registry again.
-    Any,
-    /// Only these touchpoints (none when nothing was written).
-    Only(Vec<String>),
-}
-
 /// Keeps the registry in step with the files, one reconcile at a time, reading again only the
 /// files that changed and planning only their touchpoints, as long as that is safe: the last
 /// reconcile left the registry matching the files, and nobody else wrote to the registry since.
@@ -178,15 +169,16 @@ impl Reconciler {
         &self.settings
     }
 
-    /// Loads the files, plans against the registry, and applies the plan. `registry_version`
-    /// moves whenever another process commits to the registry (`None`: not known, so every
-    /// touchpoint is planned).
+    /// Loads the files, plans against the registry, and applies the plan; returns how it went
+    /// and the touchpoints whose registry rows it wrote. `registry_version` moves whenever
+    /// another process commits to the registry (`None`: not known, so every touchpoint is
+    /// planned).
     pub fn run(
         &mut self,
         trigger: &Trigger,
         registry: &dyn Registry,
         registry_version: Option<i64>,
-    ) -> (Report, Written) {
+    ) -> (Report, Vec<String>) {
         let everything = matches!(trigger, Trigger::Everything);
         if everything {
             self.cache.clear();
@@ -195,17 +187,11 @@ impl Reconciler {
             || self.plan_all
             || registry_version.is_none()
             || registry_version != self.registry_version;
-        // Until this one has left the registry matching the files.
+        // Until this one has left the registry matching the files (should it panic, too).
         self.plan_all = true;
         self.registry_version = registry_version;
-        let report = self.reconcile(trigger, plan_all, registry);
-        let (report, written) = report;
+        let (report, written) = self.reconcile(trigger, plan_all, registry);
         self.plan_all = !report.ok;
-        let written = if plan_all {
-            Written::Any
-        } else {
-            Written::Only(written)
-        };
         (report, written)
     }
 

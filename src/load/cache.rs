@@ -106,8 +106,9 @@ pub struct TreeCache {
 pub struct Reload {
     /// The whole tree, as a fresh load would give it.
     pub desired: Desired,
-    /// The ids of the touchpoints in the files read again and in the files gone since the last
-    /// load, as they were and as they are: every touchpoint whose desired state may have changed.
+    /// The ids of the touchpoints in the files that hold something else than at the last load
+    /// (another spec, another id, or problems), that are new, or that are gone: as they were and
+    /// as they are. Every touchpoint whose desired state may have changed.
     pub changed: BTreeSet<String>,
     /// How many files were read this time.
     pub read: usize,
@@ -125,16 +126,6 @@ impl TreeCache {
         self.files.clear();
     }
 
-    /// How many files it holds.
-    pub fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    /// Whether it holds no file.
-    pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
-    }
-
     /// Loads the tree under `dir` as [`super::load_dir`] does, reading only the files that changed.
     pub fn load_dir(&mut self, dir: &Path) -> Result<Reload, LoadError> {
         let started = SystemTime::now();
@@ -148,13 +139,10 @@ impl TreeCache {
                 Found::Refused(d) => Listed::Refused(d),
             })
             .collect();
-        let stale = self.stale(&listing);
-        let fresh: Vec<(usize, Checked)> = stale
+        let fresh: Vec<(usize, Checked)> = self
+            .stale(&listing)
             .into_par_iter()
-            .map(|i| match &listing[i] {
-                Listed::File(path, _) => (i, checked(read_source(path))),
-                Listed::Refused(_) => unreachable!("only files are read"),
-            })
+            .map(|(i, path)| (i, checked(read_source(path))))
             .collect();
         self.update(listing, fresh, started)
     }
@@ -167,17 +155,16 @@ impl TreeCache {
         mut read: impl FnMut(&Path, git2::Oid) -> Result<Source, Diagnostic>,
     ) -> Result<Reload, LoadError> {
         let started = SystemTime::now();
+        let oids: Vec<git2::Oid> = files.iter().map(|(_, oid)| *oid).collect();
         let listing: Vec<Listed> = files
             .into_iter()
             .map(|(path, oid)| Listed::File(path, Some(Stamp::Blob(oid))))
             .collect();
-        let stale = self.stale(&listing);
-        let sources: Vec<(usize, Result<Source, Diagnostic>)> = stale
+        // The repository is read from one thread; the files are checked on all.
+        let sources: Vec<(usize, Result<Source, Diagnostic>)> = self
+            .stale(&listing)
             .into_iter()
-            .map(|i| match &listing[i] {
-                Listed::File(path, Some(Stamp::Blob(oid))) => (i, read(path, *oid)),
-                _ => unreachable!("a git listing holds blobs only"),
-            })
+            .map(|(i, path)| (i, read(path, oids[i])))
             .collect();
         let fresh = sources
             .into_par_iter()
@@ -186,8 +173,8 @@ impl TreeCache {
         self.update(listing, fresh, started)
     }
 
-    /// The positions of the files of `listing` that must be read.
-    fn stale(&self, listing: &[Listed]) -> Vec<usize> {
+    /// The files of `listing` that must be read, with their positions.
+    fn stale<'a>(&self, listing: &'a [Listed]) -> Vec<(usize, &'a Path)> {
         listing
             .iter()
             .enumerate()
@@ -197,7 +184,7 @@ impl TreeCache {
                         .files
                         .get(path.as_os_str())
                         .is_some_and(|c| c.settled && c.stamp.is_some() && c.stamp == *stamp);
-                    (!kept).then_some(i)
+                    (!kept).then_some((i, path.as_path()))
                 }
                 Listed::Refused(_) => None,
             })
@@ -254,7 +241,15 @@ impl TreeCache {
                 }
                 None => match self.files.get_mut(&path) {
                     Some(kept) => kept.seen = load,
-                    None => unreachable!("a file not read is held"),
+                    // Every file not held is read; were one not, it must not look deleted.
+                    None => {
+                        order.push(Err(Checked::failed(super::file_diag(
+                            &Path::new(&path).display().to_string(),
+                            "io",
+                            "the file was not read: it is read again on the next reconcile".into(),
+                        ))));
+                        continue;
+                    }
                 },
             }
             order.push(Ok(path));
