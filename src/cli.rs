@@ -22,7 +22,8 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// Folder holding the touchpoint files (searched recursively for *.toml).
+    /// Folder holding the touchpoint files (searched recursively for *.toml; hidden entries
+    /// skipped; links to files inside it followed, other links are errors).
     #[arg(
         long,
         global = true,
