@@ -98,8 +98,9 @@ pub struct Listing {
     /// The revision.
     pub revision: Revision,
     /// Each file, named as the same file in the work tree would be (`dir/sub/file.toml`), with its
-    /// blob id, in path order.
-    pub files: Vec<(PathBuf, git2::Oid)>,
+    /// blob id (for a link, the id of the file it leads to), or why a link there is not followed;
+    /// in path order.
+    pub files: Vec<(PathBuf, Result<git2::Oid, Diagnostic>)>,
     repo: git2::Repository,
 }
 
@@ -123,8 +124,8 @@ impl Listing {
 }
 
 /// Every `*.toml` file under `dir` as it was at revision `rev`, unread (see [`Listing`]). Hidden
-/// folders and files are skipped, as when loading the work tree. A folder that did not exist at
-/// `rev` holds no files.
+/// folders and files are skipped, and links followed or refused, as when loading the work tree
+/// (links resolved within the revision). A folder that did not exist at `rev` holds no files.
 pub fn list_at(dir: &Path, rev: &str) -> Result<Listing, GitError> {
     let repo =
         git2::Repository::discover(dir).map_err(|_| GitError::NotARepository(dir.to_path_buf()))?;
@@ -140,11 +141,11 @@ pub fn list_at(dir: &Path, rev: &str) -> Result<Listing, GitError> {
         rev: rev.to_string(),
         commit: commit.id().to_string(),
     };
-    let mut found: Vec<(PathBuf, git2::Oid)> = Vec::new();
+    let mut found: Vec<(PathBuf, Result<git2::Oid, Diagnostic>)> = Vec::new();
     {
         let root = commit.tree()?;
         let tree = if rel.as_os_str().is_empty() {
-            Some(root)
+            Some(root.clone())
         } else {
             match root.get_path(&rel) {
                 Ok(entry) if entry.kind() == Some(git2::ObjectType::Tree) => {
@@ -154,6 +155,7 @@ pub fn list_at(dir: &Path, rev: &str) -> Result<Listing, GitError> {
                 _ => None,
             }
         };
+        let mut links: Vec<(PathBuf, git2::Oid)> = Vec::new();
         if let Some(tree) = tree {
             tree.walk(git2::TreeWalkMode::PreOrder, |parent, entry| {
                 let Ok(name) = entry.name() else {
@@ -162,14 +164,26 @@ pub fn list_at(dir: &Path, rev: &str) -> Result<Listing, GitError> {
                 if name.starts_with('.') {
                     return git2::TreeWalkResult::Skip;
                 }
-                if entry.kind() == Some(git2::ObjectType::Blob) && name.ends_with(".toml") {
-                    found.push((dir.join(Path::new(parent).join(name)), entry.id()));
+                let at = Path::new(parent).join(name);
+                if entry.filemode() == LINK {
+                    links.push((at, entry.id()));
+                } else if entry.kind() == Some(git2::ObjectType::Blob) && name.ends_with(".toml") {
+                    found.push((dir.join(at), Ok(entry.id())));
                 }
                 git2::TreeWalkResult::Ok
             })?;
         }
+        for (at, oid) in links {
+            let path = dir.join(&at);
+            let (shown, target, file) = link_target(&repo, &root, &rel, &rel.join(&at), oid);
+            match crate::load::link_rule(&path.display().to_string(), &shown, target) {
+                Ok(true) => found.extend(file.map(|oid| (path, Ok(oid)))),
+                Ok(false) => {}
+                Err(d) => found.push((path, Err(d))),
+            }
+        }
     }
-    found.sort();
+    found.sort_by(|a, b| a.0.cmp(&b.0));
     drop(commit);
     Ok(Listing {
         revision,
@@ -190,7 +204,124 @@ pub fn sources_at(
     let sources = listing
         .files
         .iter()
-        .map(|(path, oid)| listing.read(path, *oid))
+        .map(|(path, oid)| match oid {
+            Ok(oid) => listing.read(path, *oid),
+            Err(refused) => Err(refused.clone()),
+        })
         .collect();
     Ok((listing.revision, sources))
+}
+
+/// The file mode git gives a symbolic link.
+const LINK: i32 = 0o120000;
+
+/// How many links in a row are followed before a link is taken for a loop.
+const MOST_LINKS: usize = 8;
+
+/// Follows the link at `path` (in the repository, whose root tree at the revision is `root`; its
+/// blob `oid` holds the target) to what it finally leads to: the target as written, where it leads
+/// as the link rules see it, and the file's blob when it leads to a file. `folder` is the
+/// touchpoint folder in the repository.
+fn link_target(
+    repo: &git2::Repository,
+    root: &git2::Tree<'_>,
+    folder: &Path,
+    path: &Path,
+    oid: git2::Oid,
+) -> (String, crate::load::LinkTarget, Option<git2::Oid>) {
+    use crate::load::LinkTarget;
+    let (shown, target) = walk_link(repo, root, folder, path, oid);
+    match target {
+        Ok(file) => (shown, LinkTarget::File, Some(file)),
+        Err(target) => (shown, target, None),
+    }
+}
+
+/// [`link_target`]'s walk: the file's blob, or where the link leads instead.
+fn walk_link(
+    repo: &git2::Repository,
+    root: &git2::Tree<'_>,
+    folder: &Path,
+    path: &Path,
+    oid: git2::Oid,
+) -> (String, Result<git2::Oid, crate::load::LinkTarget>) {
+    use crate::load::LinkTarget;
+    let mut at = path.to_path_buf();
+    let mut oid = oid;
+    let mut shown = None;
+    for _ in 0..MOST_LINKS {
+        let target = match repo.find_blob(oid) {
+            Ok(blob) => String::from_utf8_lossy(blob.content()).into_owned(),
+            Err(e) => {
+                return (
+                    String::new(),
+                    Err(LinkTarget::Other(e.message().to_string())),
+                );
+            }
+        };
+        let shown = shown.get_or_insert_with(|| target.clone()).clone();
+        let Some(next) = lexical_join(at.parent().unwrap_or(Path::new("")), &target) else {
+            return (
+                shown,
+                Err(LinkTarget::Outside {
+                    target,
+                    folder: folder.display().to_string(),
+                }),
+            );
+        };
+        let entry = match root.get_path(&next) {
+            Ok(entry) => entry,
+            Err(_) => return (shown, Err(LinkTarget::Missing)),
+        };
+        if entry.kind() == Some(git2::ObjectType::Tree) {
+            return (shown, Err(LinkTarget::Folder));
+        }
+        if entry.filemode() == LINK {
+            at = next;
+            oid = entry.id();
+            continue;
+        }
+        if !next.starts_with(folder) {
+            return (
+                shown,
+                Err(LinkTarget::Outside {
+                    target: next.display().to_string(),
+                    folder: folder.display().to_string(),
+                }),
+            );
+        }
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return (shown, Err(LinkTarget::Other("not a file".into())));
+        }
+        return (shown, Ok(entry.id()));
+    }
+    (
+        shown.unwrap_or_default(),
+        Err(LinkTarget::Other(format!(
+            "more than {MOST_LINKS} links in a row"
+        ))),
+    )
+}
+
+/// `base` joined with a link's `target`, `.` and `..` resolved as written; `None` when it leaves
+/// the repository (an absolute target, or too many `..`).
+fn lexical_join(base: &Path, target: &str) -> Option<PathBuf> {
+    let target = Path::new(target);
+    if target.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::new();
+    for c in base.join(target).components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            std::path::Component::Normal(part) => out.push(part),
+            _ => return None,
+        }
+    }
+    Some(out)
 }

@@ -142,29 +142,34 @@ impl TreeCache {
         let fresh: Vec<(usize, Checked)> = self
             .stale(&listing)
             .into_par_iter()
-            .map(|(i, path)| (i, checked(read_source(path))))
+            .map(|(i, path, _)| (i, checked(read_source(path))))
             .collect();
         self.update(listing, fresh, started)
     }
 
-    /// Loads the files `(path, blob id)` of a git revision, in path order, reading with `read`
-    /// only the blobs that are not held already.
+    /// Loads the files `(path, blob id or why a link there is refused)` of a git revision, in
+    /// path order, reading with `read` only the blobs that are not held already.
     pub fn load_blobs(
         &mut self,
-        files: Vec<(PathBuf, git2::Oid)>,
+        files: Vec<(PathBuf, Result<git2::Oid, Diagnostic>)>,
         mut read: impl FnMut(&Path, git2::Oid) -> Result<Source, Diagnostic>,
     ) -> Result<Reload, LoadError> {
         let started = SystemTime::now();
-        let oids: Vec<git2::Oid> = files.iter().map(|(_, oid)| *oid).collect();
         let listing: Vec<Listed> = files
             .into_iter()
-            .map(|(path, oid)| Listed::File(path, Some(Stamp::Blob(oid))))
+            .map(|(path, oid)| match oid {
+                Ok(oid) => Listed::File(path, Some(Stamp::Blob(oid))),
+                Err(refused) => Listed::Refused(refused),
+            })
             .collect();
         // The repository is read from one thread; the files are checked on all.
         let sources: Vec<(usize, Result<Source, Diagnostic>)> = self
             .stale(&listing)
             .into_iter()
-            .map(|(i, path)| (i, read(path, oids[i])))
+            .filter_map(|(i, path, stamp)| match stamp {
+                Some(Stamp::Blob(oid)) => Some((i, read(path, oid))),
+                _ => None,
+            })
             .collect();
         let fresh = sources
             .into_par_iter()
@@ -173,8 +178,8 @@ impl TreeCache {
         self.update(listing, fresh, started)
     }
 
-    /// The files of `listing` that must be read, with their positions.
-    fn stale<'a>(&self, listing: &'a [Listed]) -> Vec<(usize, &'a Path)> {
+    /// The files of `listing` that must be read, with their positions and stamps.
+    fn stale<'a>(&self, listing: &'a [Listed]) -> Vec<(usize, &'a Path, Option<Stamp>)> {
         listing
             .iter()
             .enumerate()
@@ -184,7 +189,7 @@ impl TreeCache {
                         .files
                         .get(path.as_os_str())
                         .is_some_and(|c| c.settled && c.stamp.is_some() && c.stamp == *stamp);
-                    (!kept).then_some((i, path.as_path()))
+                    (!kept).then_some((i, path.as_path(), *stamp))
                 }
                 Listed::Refused(_) => None,
             })

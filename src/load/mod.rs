@@ -168,47 +168,69 @@ fn path_order(path: &Path) -> Vec<u8> {
         .collect()
 }
 
+/// Where a link leads, as far as the rules for links care.
+pub(crate) enum LinkTarget {
+    /// Nothing: the link is broken.
+    Missing,
+    /// A folder.
+    Folder,
+    /// Something outside the touchpoint folder (shown as resolved, with the folder).
+    Outside { target: String, folder: String },
+    /// Something that is not a regular file (a device, a FIFO), or cannot be looked at.
+    Other(String),
+    /// A regular file inside the touchpoint folder.
+    File,
+}
+
+/// The rule for links, for a work tree and a git revision alike: a link named `*.toml` is followed
+/// when it leads to a regular file inside the touchpoint folder; a link to a folder and a broken
+/// link are refused whatever their name (they could hide touchpoints, which would then look
+/// deleted); any other link is not a touchpoint file and is passed over. `Ok(true)`: follow it.
+pub(crate) fn link_rule(name: &str, shown: &str, target: LinkTarget) -> Result<bool, Diagnostic> {
+    let refuse = |message: String| Err(file_diag(name, "link", message));
+    let toml = name.ends_with(".toml");
+    match target {
+        LinkTarget::Missing => refuse(format!(
+            "this is a link to `{shown}`, which does not exist: point it at a touchpoint file inside the folder, or remove it (a link that leads nowhere could hide touchpoints, which would then look deleted)"
+        )),
+        LinkTarget::Folder => refuse(format!(
+            "this is a link to the folder `{shown}`; links to folders are not followed: move the files into the touchpoint folder, or link each file"
+        )),
+        _ if !toml => Ok(false),
+        LinkTarget::Outside { target, folder } => refuse(format!(
+            "this is a link to {target}, outside the touchpoint folder {folder}: touchpoint files must be inside it, so move the file in (a link to it from there is followed)"
+        )),
+        LinkTarget::Other(why) => refuse(format!(
+            "this is a link to `{shown}`, which is not a touchpoint file ({why}): link a touchpoint file"
+        )),
+        LinkTarget::File => Ok(true),
+    }
+}
+
 /// Where the link at `path` leads, as [`walk`] takes it; `root` is the folder, resolved.
 fn follow(path: &Path, root: &Path) -> Option<Found> {
     let name = path.display().to_string();
-    let refuse = |message: String| Some(Found::Refused(file_diag(&name, "link", message)));
     let shown = std::fs::read_link(path)
         .map(|t| t.display().to_string())
         .unwrap_or_default();
-    let Ok(target) = path.canonicalize() else {
-        return refuse(format!(
-            "this is a link to `{shown}`, which does not exist: point it at a touchpoint file inside the folder, or remove it (a link that leads nowhere could hide touchpoints, which would then look deleted)"
-        ));
+    let target = match path.canonicalize() {
+        Err(_) => LinkTarget::Missing,
+        Ok(target) => match std::fs::metadata(&target) {
+            Err(e) => LinkTarget::Other(format!("cannot look at it: {e}")),
+            Ok(m) if m.is_dir() => LinkTarget::Folder,
+            Ok(_) if !target.starts_with(root) => LinkTarget::Outside {
+                target: target.display().to_string(),
+                folder: root.display().to_string(),
+            },
+            Ok(m) if !m.is_file() => LinkTarget::Other("not a regular file".into()),
+            Ok(_) => LinkTarget::File,
+        },
     };
-    let meta = match std::fs::metadata(&target) {
-        Ok(m) => m,
-        Err(e) => {
-            return refuse(format!(
-                "cannot read where this link leads (`{shown}`): {e}"
-            ));
-        }
-    };
-    if meta.is_dir() {
-        return refuse(format!(
-            "this is a link to the folder `{shown}`; links to folders are not followed: move the files into the touchpoint folder, or link each file"
-        ));
+    match link_rule(&name, &shown, target) {
+        Ok(true) => Some(Found::File(path.to_path_buf())),
+        Ok(false) => None,
+        Err(d) => Some(Found::Refused(d)),
     }
-    if !is_toml(path) {
-        return None;
-    }
-    if !target.starts_with(root) {
-        return refuse(format!(
-            "this is a link to {}, outside the touchpoint folder {}: touchpoint files must be inside it, so move the file in (a link to it from there is followed)",
-            target.display(),
-            root.display()
-        ));
-    }
-    if !meta.is_file() {
-        return refuse(format!(
-            "this is a link to `{shown}`, which is not a regular file: link a touchpoint file"
-        ));
-    }
-    Some(Found::File(path.to_path_buf()))
 }
 
 /// Loads and checks every touchpoint file under `dir`.
@@ -277,7 +299,7 @@ pub fn source_from_bytes(name: String, dir: PathBuf, bytes: Vec<u8>) -> Result<S
     }
 }
 
-fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
+pub(crate) fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
     Diagnostic {
         path: name.to_string(),
         line: 1,

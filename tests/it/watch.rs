@@ -345,6 +345,46 @@ fn a_symlink_that_leaves_the_folder_or_leads_nowhere_is_an_error_not_a_delete() 
 }
 
 #[test]
+fn a_symlinked_touchpoint_file_at_a_git_revision_is_followed_as_in_the_work_tree() {
+    let p = Project::empty();
+    p.write("touchpoints/.versions/sms-v1.toml", &file("sms", 100));
+    link(&p, ".versions/sms-v1.toml");
+    p.write("touchpoints/b.toml", &file("b", 100));
+    p.git_init();
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    // The review view reads the revision from git: the same touchpoints as the work tree.
+    p.run(&["plan", "--base", "HEAD", "--detailed-exitcode"])
+        .code(0)
+        .stdout_has("No changes");
+    let d = watching(&p, &["--source", "git:main"]);
+    assert_eq!(status(&d)["ok"], true, "{}", status(&d));
+    // A committed link that leaves the folder is refused, and the touchpoint stays live.
+    p.write("sms-outside.toml", &file("sms", 70));
+    std::fs::remove_file(p.path().join("touchpoints/sms.toml")).unwrap();
+    link(&p, "../sms-outside.toml");
+    p.commit_all("sms from outside");
+    let s = d.wait_until(
+        "/v1/status",
+        "the committed link was never refused",
+        |_, s| s["reconcile"]["diagnostics"][0]["code"] == "link",
+    );
+    let message = s["reconcile"]["diagnostics"][0]["message"]
+        .as_str()
+        .unwrap();
+    assert!(
+        message.contains("outside the touchpoint folder"),
+        "{message}"
+    );
+    assert_eq!(generation(&d, "sms"), Some(1));
+    // The review of a fix names the link at the revision.
+    std::fs::remove_file(p.path().join("touchpoints/sms.toml")).unwrap();
+    p.write("touchpoints/sms.toml", &file("sms", 70));
+    p.run(&["plan", "--base", "HEAD"])
+        .code(1)
+        .stdout_has("HEAD:touchpoints/sms.toml:1:1: error[link]: this is a link to sms-outside.toml, outside the touchpoint folder touchpoints");
+}
+
+#[test]
 fn an_uncommitted_edit_applied_by_watch_is_recorded_and_shown_as_dirty() {
     let p = three();
     p.git_init();
