@@ -175,7 +175,11 @@ pub fn list_at(dir: &Path, rev: &str) -> Result<Listing, GitError> {
         }
         for (at, oid) in links {
             let path = dir.join(&at);
-            let (shown, target, file) = link_target(&repo, &root, &rel, &rel.join(&at), oid);
+            let (shown, leads) = link_target(&repo, &root, &rel, &rel.join(&at), oid);
+            let (target, file) = match leads {
+                Ok(file) => (crate::load::LinkTarget::File, Some(file)),
+                Err(target) => (target, None),
+            };
             match crate::load::link_rule(&path.display().to_string(), &shown, target) {
                 Ok(true) => found.extend(file.map(|oid| (path, Ok(oid)))),
                 Ok(false) => {}
@@ -219,26 +223,10 @@ const LINK: i32 = 0o120000;
 const MOST_LINKS: usize = 8;
 
 /// Follows the link at `path` (in the repository, whose root tree at the revision is `root`; its
-/// blob `oid` holds the target) to what it finally leads to: the target as written, where it leads
-/// as the link rules see it, and the file's blob when it leads to a file. `folder` is the
-/// touchpoint folder in the repository.
+/// blob `oid` holds the target) to what it finally leads to: the target as written, and the file's
+/// blob, or where it leads instead as the link rules see it. `folder` is the touchpoint folder in
+/// the repository.
 fn link_target(
-    repo: &git2::Repository,
-    root: &git2::Tree<'_>,
-    folder: &Path,
-    path: &Path,
-    oid: git2::Oid,
-) -> (String, crate::load::LinkTarget, Option<git2::Oid>) {
-    use crate::load::LinkTarget;
-    let (shown, target) = walk_link(repo, root, folder, path, oid);
-    match target {
-        Ok(file) => (shown, LinkTarget::File, Some(file)),
-        Err(target) => (shown, target, None),
-    }
-}
-
-/// [`link_target`]'s walk: the file's blob, or where the link leads instead.
-fn walk_link(
     repo: &git2::Repository,
     root: &git2::Tree<'_>,
     folder: &Path,
@@ -324,4 +312,25 @@ fn lexical_join(base: &Path, target: &str) -> Option<PathBuf> {
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_targets_resolve_as_written_and_never_above_the_repository() {
+        let join = |base: &str, target: &str| lexical_join(Path::new(base), target);
+        assert_eq!(
+            join("tp/sub", "../.v/sms.toml"),
+            Some(PathBuf::from("tp/.v/sms.toml"))
+        );
+        assert_eq!(
+            join("tp", "./a/./b.toml"),
+            Some(PathBuf::from("tp/a/b.toml"))
+        );
+        assert_eq!(join("tp", "../x.toml"), Some(PathBuf::from("x.toml")));
+        assert_eq!(join("tp", "../../x.toml"), None);
+        assert_eq!(join("tp", "/etc/passwd"), None);
+    }
 }
