@@ -237,9 +237,8 @@ impl Reconciler {
         } else {
             let mut only = reload.changed;
             if let (Trigger::Changed(paths), Source::Worktree) = (trigger, &settings.source) {
-                for path in paths.iter().filter(|p| !is_toml(p)) {
-                    only.extend(self.cache.secret_users(path));
-                }
+                let others = paths.iter().filter(|p| !is_toml(p)).map(PathBuf::as_path);
+                only.extend(self.cache.secret_users(others));
             }
             plan_only(&reload.desired, &only, unknown, registry)
         };

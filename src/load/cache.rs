@@ -279,13 +279,17 @@ impl TreeCache {
         })
     }
 
-    /// The ids of the touchpoints with a secret file reference that names `path` (compared as
-    /// written, relative parts resolved against the current folder, links not followed).
-    pub fn secret_users(&self, path: &Path) -> BTreeSet<String> {
-        let wanted = lexical(path);
+    /// The ids of the touchpoints with a secret file reference that names one of `paths`
+    /// (compared as written, relative parts resolved against the current folder, links not
+    /// followed).
+    pub fn secret_users<'a>(&self, paths: impl IntoIterator<Item = &'a Path>) -> BTreeSet<String> {
+        let wanted: std::collections::HashSet<PathBuf> = paths.into_iter().map(lexical).collect();
+        if wanted.is_empty() {
+            return BTreeSet::new();
+        }
         self.files
             .values()
-            .filter(|c| c.secret_files.contains(&wanted))
+            .filter(|c| c.secret_files.iter().any(|f| wanted.contains(f)))
             .filter_map(|c| c.checked.loaded())
             .map(|l| l.touchpoint.id().to_string())
             .collect()
@@ -467,7 +471,12 @@ mod tests {
         .unwrap();
         let mut cache = TreeCache::default();
         cache.load_dir(dir).unwrap();
-        assert_eq!(cache.secret_users(&dir.join("secrets/token")), set(&["b"]));
-        assert!(cache.secret_users(&dir.join("secrets/other")).is_empty());
+        let token = dir.join("secrets/token");
+        let other = dir.join("secrets/other");
+        assert_eq!(
+            cache.secret_users([token.as_path(), other.as_path()]),
+            set(&["b"])
+        );
+        assert!(cache.secret_users([other.as_path()]).is_empty());
     }
 }
