@@ -30,7 +30,8 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote a file, an endpoint or the daemon: escaped for the terminal.
+            eprintln!("error: {}", touchctl::term::escape_text(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

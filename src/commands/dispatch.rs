@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::{Map, Value, json};
 
 use touchctl::dispatch::{Rejected, TriggerHead, User};
+use touchctl::term::{self, escape, escape_text};
 
 use super::daemon::{read_token, runtime};
 use super::{FAILED, OK};
@@ -278,7 +279,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
             if !quiet {
                 eprintln!(
                     "The daemon is busy ({}); sending part {index} of {parts} again in {}s.",
-                    answer.message(),
+                    escape(answer.message()),
                     wait.as_secs()
                 );
             }
@@ -297,7 +298,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
                 "part {index} of {parts}: {} accepted, {} rejected ({}){}",
                 answer.doc["accepted"],
                 answer.doc["rejected"].as_array().map_or(0, Vec::len),
-                answer.doc["dispatch_id"].as_str().unwrap_or_default(),
+                escape(answer.doc["dispatch_id"].as_str().unwrap_or_default()),
                 if answer.replayed {
                     ", sent before: nothing new queued"
                 } else {
@@ -356,10 +357,10 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         }))
     };
     if let Some(summary) = &summary {
-        println!("{}", serde_json::to_string_pretty(summary)?);
+        println!("{}", term::json(serde_json::to_string_pretty(summary)?));
     }
     if let Some(error) = failed {
-        eprintln!("error: {error}");
+        eprintln!("error: {}", escape_text(&error));
         if receipts.is_empty() {
             return Ok(FAILED);
         }
@@ -404,7 +405,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
             }
             let [delivered, failed, pending, dead] = totals;
             let who = match ids.as_slice() {
-                [one] => one.clone(),
+                [one] => escape(one).into_owned(),
                 more => format!("{} dispatches", more.len()),
             };
             let line = format!(
