@@ -15,7 +15,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     touchctl::allocator::tune();
-    let cli = match cli::Cli::try_parse() {
+    let args = cli::hoist_leading_options(std::env::args_os());
+    let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

@@ -13,7 +13,7 @@ use touchctl::model::Secret;
 use touchctl::term::{self, escape};
 
 use super::{FAILED, OK};
-use crate::cli::{DaemonArgs, DeliveriesCommand, Global, ValidateFormat};
+use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global};
 
 /// The queue file: given, or `queue.db` beside the registry file.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
@@ -91,19 +91,19 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
     let queue = Queue::open(&path)?;
     match command {
         DeliveriesCommand::List {
-            status,
+            only,
             touchpoint,
             dispatch,
             limit,
             format,
         } => {
             let batches = queue.batches(&Filter {
-                state: status.clone(),
+                state: only.map(|s| s.as_str().to_string()),
                 touchpoint: touchpoint.clone(),
                 dispatch_id: dispatch.clone(),
                 limit: *limit,
             })?;
-            if *format == ValidateFormat::Json {
+            if *format == DeliveriesFormat::Json {
                 println!("{}", term::json(serde_json::to_string_pretty(&batches)?));
                 return Ok(OK);
             }
@@ -150,7 +150,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 );
             };
             let (attempts, failures) = queue.history(batch)?;
-            if *format == ValidateFormat::Json {
+            if *format == DeliveriesFormat::Json {
                 println!(
                     "{}",
                     term::json(serde_json::to_string_pretty(

@@ -30,15 +30,16 @@ const CHANGES: u8 = 2;
 
 /// Runs the parsed command line and returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
-    let g = &cli.global;
+    let g = &cli.global();
     match &cli.command {
-        Command::Validate { format } => validate(g, *format),
+        Command::Validate { format, .. } => validate(g, *format),
         Command::Schema { check, out } => schema_cmd(*check, out),
         Command::Plan {
             format,
             out,
             detailed_exitcode,
             base,
+            ..
         } => plan_cmd(
             g,
             *format,
@@ -52,6 +53,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             allow_delete,
             max_deletes,
             allow_dirty,
+            ..
         } => apply_cmd(
             g,
             plan.as_deref(),
@@ -63,13 +65,13 @@ pub fn run(cli: Cli) -> Result<u8> {
                 applied_by: whoami(),
             },
         ),
-        Command::Import { ids, all, out } => import_cmd(g, ids, *all, out.as_deref()),
+        Command::Import { ids, all, out, .. } => import_cmd(g, ids, *all, out.as_deref()),
         Command::Daemon(args) => daemon::daemon_cmd(g, args),
         Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
-        Command::Deliveries { command, queue } => {
+        Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }
-        Command::ForceUnlock { lock_id } => {
+        Command::ForceUnlock { lock_id, .. } => {
             let registry = open_registry(g)?;
             let held = registry.force_unlock(lock_id)?;
             println!(
