@@ -320,7 +320,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         if parts > 1 && !quiet {
             eprintln!(
                 "part {index} of {parts}: {} accepted, {} rejected ({}){}",
-                answer.doc["accepted"],
+                escape(&answer.doc["accepted"].to_string()),
                 answer.doc["rejected"].as_array().map_or(0, Vec::len),
                 escape(answer.doc["dispatch_id"].as_str().unwrap_or_default()),
                 if answer.replayed {

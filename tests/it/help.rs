@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::json;
 
-use crate::daemon_support::{Sink, custom_touchpoint, users};
+use crate::daemon_support::{Sink, custom_touchpoint, dispatch_args, users};
 use crate::support::{Project, Run, run_command};
 
 /// The options that were global before each command declared its own, and the commands that use
@@ -223,19 +223,7 @@ fn dispatch_help_and_its_401_name_the_api_token_variable() {
     p.write("wrong-token", "not-the-daemon-token-but-just-as-long!!!\n");
     p.write("token", &format!("{token}\n"));
     let dispatch = |extra: &[&str], env_token: Option<&str>| {
-        let mut args = vec![
-            "dispatch",
-            "--url",
-            &d.url,
-            "--touchpoint",
-            "sms",
-            "--campaign",
-            "c",
-            "--users",
-            "users.ndjson",
-            "--param",
-            "text=hi",
-        ];
+        let mut args = dispatch_args(&d.url, "sms");
         args.extend_from_slice(extra);
         let mut cmd = p.command(&args);
         cmd.env_remove("TOUCHCTL_API_TOKEN");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::daemon_support::{Sink, custom_touchpoint, users};
+use crate::daemon_support::{Sink, custom_touchpoint, dispatch_args, users};
 use crate::support::{Project, Run};
 
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
@@ -205,20 +205,9 @@ fn terminal_escapes_from_endpoints_and_user_ids_are_escaped_by_deliveries_and_di
     let file: String = list.iter().map(|u| format!("{u}\n")).collect();
     p.write("users.ndjson", &file);
     for touchpoint in ["sms", "push"] {
-        let run = p.run(&[
-            "dispatch",
-            "--url",
-            &d.url,
-            "--touchpoint",
-            touchpoint,
-            "--campaign",
-            "c",
-            "--users",
-            "users.ndjson",
-            "--param",
-            "text=hi",
-            "--wait",
-        ]);
+        let mut args = dispatch_args(&d.url, touchpoint);
+        args.push("--wait");
+        let run = p.run(&args);
         // Finished with failures: exit 1, and the receipt on stdout.
         run.code(1);
         let receipt = json_out("dispatch", &run);
@@ -262,17 +251,7 @@ fn terminal_escapes_from_endpoints_and_user_ids_are_escaped_by_deliveries_and_di
     );
 
     // The daemon's answers quote what it was sent; the error line escapes them.
-    let run = p.run(&[
-        "dispatch",
-        "--url",
-        &d.url,
-        "--touchpoint",
-        TITLE,
-        "--campaign",
-        "c",
-        "--users",
-        "users.ndjson",
-    ]);
+    let run = p.run(&dispatch_args(&d.url, TITLE));
     run.code(1).stderr_has("\\x1b]0;pwned\\x07");
     assert_escaped("dispatch to an unknown touchpoint", &run);
 }
