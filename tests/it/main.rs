@@ -7,6 +7,8 @@ mod ci_example;
 mod daemon;
 mod daemon_support;
 mod examples;
+mod help;
 mod plan_apply;
 mod review;
 mod schema;
+mod terminal_escapes;
