@@ -2047,6 +2047,40 @@ mod tests {
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
+    #[test]
+    fn replay_keeps_the_earlier_attempts() {
+        let (_d, q) = open();
+        let h = head(None);
+        let Enqueued::New(r) = q.enqueue(new(&h, 3)).unwrap() else {
+            panic!("new")
+        };
+        let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        q.record(vec![completion(&batch, After::RetryAt(0))])
+            .unwrap();
+        let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        assert_eq!(batch.attempts, 1);
+        q.record(vec![completion(&batch, After::Dead)]).unwrap();
+        assert_eq!(q.replay(&[], None).unwrap(), [batch.id.clone()]);
+        let again = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        assert_eq!(again.attempts, 0, "a replay starts a fresh attempt budget");
+        q.record(vec![completion(&again, After::Done)]).unwrap();
+        let (attempts, _) = q.history(&batch.id).unwrap();
+        let log: Vec<(u32, &str)> = attempts
+            .iter()
+            .map(|a| (a.attempt, a.outcome.as_str()))
+            .collect();
+        assert_eq!(log, [(1, "retry"), (2, "dead"), (3, "delivered")]);
+        let replays = q.replays(&batch.id).unwrap();
+        assert_eq!(replays.len(), 1);
+        assert_eq!((replays[0].after_attempt, replays[0].recipients), (2, 3));
+        let info = q.batches(&Filter::default()).unwrap().remove(0);
+        assert_eq!((info.state.as_str(), info.attempts), ("delivered", 3));
+        // Forgotten with its dispatch, replays too.
+        assert_eq!(q.prune(now_ms() + 1, 100).unwrap(), 1);
+        assert!(q.dispatch(&r.dispatch_id).unwrap().is_none());
+        assert!(q.replays(&batch.id).unwrap().is_empty());
+    }
+
     fn completion(c: &Claimed, after: After) -> Completion {
         Completion {
             batch_id: c.id.clone(),
