@@ -80,6 +80,12 @@ pub fn standing(host: &str, pid: u32, expires_at: Option<i64>, now_ms: i64) -> S
     }
 }
 
+/// Whether the lease is being renewed: it has an expiry, not passed yet, and its process is not
+/// known to be gone. Removing such a lease by hand (`touchctl force-unlock`) needs `--force`.
+pub fn renewed(host: &str, pid: u32, expires_at: Option<i64>, now_ms: i64) -> bool {
+    expires_at.is_some() && !standing(host, pid, expires_at, now_ms).free()
+}
+
 /// How a lease's expiry reads in a message: `expires at T` or `has no expiry (...)`.
 pub fn expiry_note(expires_at: Option<i64>, now_ms: i64) -> String {
     match expires_at {

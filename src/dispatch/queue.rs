@@ -20,6 +20,12 @@
 //! [`super::segments`] for why and for the rules that keep that crash-safe). Users that are
 //! rewritten (what is left of a partly delivered batch, a dead batch's users) and batches stored
 //! by older versions live in the `payloads` table instead.
+//!
+//! One daemon works a queue file at a time: it holds the `daemon` row as a lease that it renews
+//! (see [`crate::lease`]), taken over by a successor once its process is gone from this host or
+//! its lease expired. A replayed dead batch keeps its attempt log: its attempt budget starts
+//! again, later attempts are numbered on from the earlier ones (`attempt_base`), and the replay
+//! itself is recorded (`replays`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -1840,8 +1846,8 @@ impl Queue {
         let Some(held) = Self::held_slot(&tx).map_err(|e| self.err(e))? else {
             return Ok(None);
         };
-        let fresh = held.expires_at.is_some() && !held.standing(now_ms()).free();
-        if fresh && !force {
+        let renewed = crate::lease::renewed(&held.host, held.pid, held.expires_at, now_ms());
+        if renewed && !force {
             return Err(QueueError::SlotLive(Box::new(held)));
         }
         tx.execute("DELETE FROM daemon WHERE singleton = 1", [])
@@ -2060,7 +2066,10 @@ mod tests {
         let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
         assert_eq!(batch.attempts, 1);
         q.record(vec![completion(&batch, After::Dead)]).unwrap();
-        assert_eq!(q.replay(&[], None).unwrap(), [batch.id.clone()]);
+        assert_eq!(
+            q.replay(&[], None).unwrap(),
+            std::slice::from_ref(&batch.id)
+        );
         let again = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
         assert_eq!(again.attempts, 0, "a replay starts a fresh attempt budget");
         q.record(vec![completion(&again, After::Done)]).unwrap();
@@ -2079,6 +2088,52 @@ mod tests {
         assert_eq!(q.prune(now_ms() + 1, 100).unwrap(), 1);
         assert!(q.dispatch(&r.dispatch_id).unwrap().is_none());
         assert!(q.replays(&batch.id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_daemon_slot_is_a_lease_taken_over_once_expired_on_any_host() {
+        let (_d, q) = open();
+        let ttl = std::time::Duration::from_secs(60);
+        let taken = q.take_daemon_slot(ttl).unwrap();
+        assert!(taken.replaced.is_none());
+        assert!(q.renew_daemon_slot(&taken.lease_id, now_ms() + 1).unwrap());
+        assert!(!q.renew_daemon_slot("not-mine", now_ms()).unwrap());
+        // Left by another host (this test's pid, so a matching host name could not make it look
+        // gone): refused while fresh, taken over once expired.
+        let other = |expires_at: i64| {
+            lock(&q.accept)
+                .execute(
+                    "UPDATE daemon SET host = 'replaced-vm', pid = ?1, lease_id = 'theirs', expires_at = ?2",
+                    params![std::process::id(), expires_at],
+                )
+                .unwrap();
+        };
+        other(now_ms() + 60_000);
+        match q.take_daemon_slot(ttl) {
+            Err(e @ QueueError::Busy(_)) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("on replaced-vm") && shown.contains("its lease expires at"),
+                    "{shown}"
+                );
+            }
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        assert!(matches!(
+            q.release_daemon_slot(false),
+            Err(QueueError::SlotLive(_))
+        ));
+        other(now_ms() - 1);
+        let taken = q.take_daemon_slot(ttl).unwrap();
+        let (gone, standing) = taken.replaced.unwrap();
+        assert_eq!(gone.host, "replaced-vm");
+        assert!(matches!(standing, crate::lease::Standing::Expired(_)));
+        // The one taken over finds out at its next renewal.
+        assert!(!q.renew_daemon_slot("theirs", now_ms()).unwrap());
+        // Released by force: the holder finds out too, and the queue is free.
+        assert!(q.release_daemon_slot(true).unwrap().is_some());
+        assert!(!q.renew_daemon_slot(&taken.lease_id, now_ms()).unwrap());
+        assert!(q.release_daemon_slot(false).unwrap().is_none());
     }
 
     fn completion(c: &Claimed, after: After) -> Completion {

@@ -510,8 +510,9 @@ impl Registry for SqliteRegistry {
         let held = held_lock(&tx).map_err(|e| self.err(e))?;
         match held {
             Some(h) if h.lock_id == lock_id => {
-                let fresh = h.expires_at.is_some() && !h.standing(crate::store::now_ms()).free();
-                if fresh && !force {
+                let renewed =
+                    crate::lease::renewed(&h.host, h.pid, h.expires_at, crate::store::now_ms());
+                if renewed && !force {
                     return Err(RegistryError::LockLive(Box::new(h)));
                 }
                 tx.execute("DELETE FROM lock WHERE lock_id = ?1", [lock_id])

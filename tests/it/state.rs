@@ -123,6 +123,15 @@ fn an_empty_state_file_is_refused_not_taken_as_a_new_registry() {
     assert_eq!(p.read(".touchctl/state.db"), "", "left as it was");
     p.remove(".touchctl/state.db");
     p.run(&["apply", "--auto-approve"]).code(0);
+    // The queue file alike.
+    p.write(".touchctl/queue.db", "");
+    p.run(&["deliveries", "list"])
+        .code(1)
+        .stderr_has("the queue file .touchctl/queue.db is empty (0 bytes)");
+    p.run(&["daemon", "--insecure-no-auth", "--listen", "127.0.0.1:0"])
+        .code(1)
+        .stderr_has("the queue file .touchctl/queue.db is empty (0 bytes)");
+    assert_eq!(p.read(".touchctl/queue.db"), "", "left as it was");
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -399,6 +408,25 @@ fn deliveries_replay_keeps_the_earlier_attempts() {
     assert_eq!(json["batch"]["attempts"], 2, "{json}");
 }
 
+/// `touchctl dispatch` of the project's `users.json` to `sms` at the daemon `url`, with `more`.
+fn dispatch_file(p: &Project, url: &str, more: &[&str]) -> Run {
+    let mut args = vec![
+        "dispatch",
+        "--url",
+        url,
+        "--touchpoint",
+        "sms",
+        "--campaign",
+        "c",
+        "--param",
+        "text=hi",
+        "--users",
+        "users.json",
+    ];
+    args.extend_from_slice(more);
+    p.run(&args)
+}
+
 #[test]
 fn a_duplicate_attribute_or_user_id_key_in_a_user_is_refused() {
     let sink = Sink::ok();
@@ -442,21 +470,9 @@ fn a_duplicate_attribute_or_user_id_key_in_a_user_is_refused() {
         "users.json",
         r#"[{"user_id":"u1","attributes":{"phone":"1","phone":"2"}}]"#,
     );
-    p.run(&[
-        "dispatch",
-        "--url",
-        &d.url,
-        "--touchpoint",
-        "sms",
-        "--campaign",
-        "c",
-        "--param",
-        "text=hi",
-        "--users",
-        "users.json",
-    ])
-    .code(1)
-    .stderr_has("duplicate attribute `phone`");
+    dispatch_file(&p, &d.url, &[])
+        .code(1)
+        .stderr_has("duplicate attribute `phone`");
     assert!(sink.received().is_empty());
 }
 
@@ -500,23 +516,12 @@ fn an_idempotency_key_longer_than_256_bytes_is_refused() {
     assert_eq!(code, 202, "{answer}");
     // The client says so before sending, counting the `#N` it adds to each part's key.
     p.write("users.json", &serde_json::to_string(&users(3)).unwrap());
-    p.run(&[
-        "dispatch",
-        "--url",
+    let key = "k".repeat(255);
+    dispatch_file(
+        &p,
         &d.url,
-        "--touchpoint",
-        "sms",
-        "--campaign",
-        "c",
-        "--param",
-        "text=hi",
-        "--users",
-        "users.json",
-        "--per-trigger",
-        "1",
-        "--idempotency-key",
-        &"k".repeat(255),
-    ])
+        &["--per-trigger", "1", "--idempotency-key", &key],
+    )
     .code(1)
     .stderr_has("at most 256 bytes");
 }
