@@ -30,7 +30,8 @@ pub struct Global {
         env = "TOUCHCTL_DIR"
     )]
     pub dir: PathBuf,
-    /// The live registry: a SQLite state file, created (mode 0600) if missing.
+    /// The live registry: a SQLite state file, created (mode 0600) by the first command that writes
+    /// to it (apply, plan --out, the daemon); until then plan reads it as empty.
     #[arg(
         long,
         global = true,

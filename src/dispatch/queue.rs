@@ -176,12 +176,14 @@ pub enum QueueError {
     Write(String),
     /// Another daemon works this queue.
     #[error(
-        "another daemon ({0}) works this queue; one daemon per queue file, or deliveries would be sent twice. A daemon that stops renewing its hold is taken over once its lease expires; if that daemon is gone for good, `touchctl force-unlock --daemon` releases the queue now"
+        "another daemon ({0}; {note}) works this queue; one daemon per queue file, or deliveries would be sent twice. A daemon that stops renewing its hold is taken over once its lease expires; if that daemon is gone for good, `touchctl force-unlock --daemon` releases the queue now",
+        note = .0.expiry_note()
     )]
     Busy(Box<DaemonSlot>),
     /// `force-unlock --daemon` (without `--force`) of a daemon that still renews its hold.
     #[error(
-        "the daemon holding this queue ({0}) keeps renewing its hold, so it looks alive: stop it (SIGTERM) or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock --daemon --force`"
+        "the daemon holding this queue ({0}; {note}) keeps renewing its hold, so it looks alive: stop it (SIGTERM) or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock --daemon --force`",
+        note = .0.expiry_note()
     )]
     SlotLive(Box<DaemonSlot>),
     /// The queue file is empty.
@@ -219,17 +221,19 @@ impl DaemonSlot {
     pub fn standing(&self, now_ms: i64) -> crate::lease::Standing {
         crate::lease::standing(&self.host, self.pid, self.expires_at, now_ms)
     }
+
+    /// When its lease expires, for a message (see [`crate::lease::expiry_note`]).
+    pub fn expiry_note(&self) -> String {
+        crate::lease::expiry_note(self.expires_at, now_ms())
+    }
 }
 
 impl std::fmt::Display for DaemonSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "pid {} on {}, since {}; {}",
-            self.pid,
-            self.host,
-            self.started_at,
-            crate::lease::expiry_note(self.expires_at, now_ms())
+            "pid {} on {}, since {}",
+            self.pid, self.host, self.started_at
         )
     }
 }

@@ -103,19 +103,19 @@ impl LockInfo {
     pub fn standing(&self, now_ms: i64) -> crate::lease::Standing {
         crate::lease::standing(&self.host, self.pid, self.expires_at, now_ms)
     }
+
+    /// When its lease expires, for a message (see [`crate::lease::expiry_note`]).
+    pub fn expiry_note(&self) -> String {
+        crate::lease::expiry_note(self.expires_at, crate::store::now_ms())
+    }
 }
 
 impl std::fmt::Display for LockInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} by {} (pid {}) since {}, lock id {}; {}",
-            self.operation,
-            self.holder,
-            self.pid,
-            self.acquired_at,
-            self.lock_id,
-            crate::lease::expiry_note(self.expires_at, crate::store::now_ms())
+            "{} by {} (pid {}) since {}, lock id {}",
+            self.operation, self.holder, self.pid, self.acquired_at, self.lock_id
         )
     }
 }
@@ -124,10 +124,10 @@ impl std::fmt::Display for LockInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// Another writer holds the lock.
-    #[error("the registry is locked: {0}. Wait for it to finish: a lock whose holder stops renewing it is taken over once its lease expires. If that process is gone for good, `touchctl force-unlock {id}` removes the lock now", id = .0.lock_id)]
+    #[error("the registry is locked: {0}; {note}. Wait for it to finish: a lock whose holder stops renewing it is taken over once its lease expires. If that process is gone for good, `touchctl force-unlock {id}` removes the lock now", id = .0.lock_id, note = .0.expiry_note())]
     Locked(Box<LockInfo>),
     /// force-unlock (without `--force`) of a lock whose holder still renews it.
-    #[error("lock {id} is held: {0}. Its holder keeps renewing it, so it looks alive: stop it or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock {id} --force`", id = .0.lock_id)]
+    #[error("lock {id} is held: {0}; {note}. Its holder keeps renewing it, so it looks alive: stop it or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock {id} --force`", id = .0.lock_id, note = .0.expiry_note())]
     LockLive(Box<LockInfo>),
     /// The touchpoint changed since it was read.
     #[error(
