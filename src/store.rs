@@ -164,23 +164,19 @@ pub fn create_database(
 /// SQLite creates a database's `-shm` and `-wal` with the database file's mode. Opened while the
 /// database file was read-only (mode 0400), it leaves them read-only, and once the database is
 /// writable again every write fails with "attempt to write a readonly database". They are only
-/// SQLite's working files: when the database itself is writable, make them writable too.
+/// SQLite's working files: when this process may write the database, it makes them writable too
+/// (owner-only, as the database).
 fn repair_working_files(path: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let Ok(db) = std::fs::metadata(path) else {
-            return Ok(());
-        };
-        if db.permissions().mode() & 0o200 == 0 {
+        if !writable(path) {
             return Ok(());
         }
         for suffix in ["-shm", "-wal"] {
             let file = with_suffix(path, suffix);
-            let Ok(m) = std::fs::symlink_metadata(&file) else {
-                continue;
-            };
-            if m.is_file() && m.permissions().mode() & 0o200 == 0 {
+            let is_file = std::fs::symlink_metadata(&file).is_ok_and(|m| m.is_file());
+            if is_file && !writable(&file) {
                 std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).map_err(
                     |source| StoreError::ReadOnlyWorkingFile {
                         path: file.display().to_string(),
@@ -192,6 +188,17 @@ fn repair_working_files(path: &Path) -> Result<(), StoreError> {
     }
     let _ = path;
     Ok(())
+}
+
+/// Whether this process may write the file (which exists).
+#[cfg(unix)]
+fn writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
 }
 
 /// How long a connection waits for another one's lock before giving up.
