@@ -184,9 +184,30 @@ pub fn execute(
     opts: &ApplyOptions,
     progress: &mut dyn FnMut(&Outcome),
 ) -> Vec<Outcome> {
+    execute_holding(plan, registry, opts, &|| Ok(()), progress)
+}
+
+/// [`execute`] under the registry lock: `held` (e.g. [`crate::registry::LockGuard::held`]) is
+/// asked before each change, and once the lock is lost no further change is written (each is
+/// reported as not applied, with why).
+pub fn execute_holding(
+    plan: &Plan,
+    registry: &dyn Registry,
+    opts: &ApplyOptions,
+    held: &dyn Fn() -> Result<(), String>,
+    progress: &mut dyn FnMut(&Outcome),
+) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
+    let mut lost = None;
     for c in plan.changes.iter().filter(|c| c.action != Action::NoOp) {
+        if lost.is_none() {
+            lost = held().err();
+        }
         let result = match (c.action, &c.desired) {
+            _ if lost.is_some() => Err(format!(
+                "not applied: {}",
+                lost.as_deref().unwrap_or_default()
+            )),
             (Action::Create | Action::Update, Some(spec)) => {
                 let put = Put {
                     id: c.id.clone(),

@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 /// Manage marketing touchpoints (触点) as code: validate the TOML files, plan against the live
 /// registry, apply.
@@ -72,8 +72,9 @@ pub struct DirArg {
 /// `--state`, for the commands that use the registry (or, for `deliveries`, the queue beside it).
 #[derive(Debug, Args)]
 pub struct StateArg {
-    /// The live registry: a SQLite state file (mode 0600); the daemon's queue file is queue.db
-    /// beside it.
+    /// The live registry: a SQLite state file (mode 0600), created by the first command that
+    /// writes to it (apply, plan --out, the daemon); until then plan reads it as empty. The daemon's
+    /// queue file is queue.db beside it.
     // Global, so that `deliveries --state FILE list` and `deliveries list --state FILE` both work.
     #[arg(
         long,
@@ -323,15 +324,32 @@ pub enum Command {
         #[command(flatten)]
         state: StateArg,
     },
-    /// Remove the registry lock left by a writer that is gone for good.
+    /// Remove the registry lock, or release the queue from a daemon, left by a process that is
+    /// gone for good.
     ///
-    /// A lock held by a process that no longer runs on this host is recovered automatically; this
-    /// is for a holder on another machine. The lock id is in the "registry is locked" message.
-    #[command(after_help = "Example:
-  touchctl force-unlock 9c1e5f0a2b7d4e36    the lock id the \"registry is locked\" message names")]
+    /// A lock or queue held by a process that no longer runs on this host is taken over
+    /// automatically, and so is one whose holder stopped renewing its lease 30 s ago (its host was
+    /// replaced, say). This is for a holder you know is gone before then, or one from a touchctl
+    /// before leases. The lock id is in the "registry is locked" message; --daemon releases the
+    /// queue named in the "another daemon ... works this queue" message.
+    #[command(group(ArgGroup::new("what").required(true).args(["lock_id", "daemon"])))]
+    #[command(after_help = "Examples:
+  touchctl force-unlock 9c1e5f0a2b7d4e36    the lock id the \"registry is locked\" message names
+  touchctl force-unlock --daemon            release the queue from a daemon that is gone")]
     ForceUnlock {
-        /// The lock id to remove.
-        lock_id: String,
+        /// The registry lock id to remove.
+        lock_id: Option<String>,
+        /// Release the queue file from the daemon holding it, instead of a registry lock.
+        #[arg(long)]
+        daemon: bool,
+        /// Remove it even though its holder still renews its lease (so looks alive). Only when you
+        /// are sure it is gone: two writers at once could overwrite each other's changes, and two
+        /// daemons on one queue send deliveries twice.
+        #[arg(long)]
+        force: bool,
+        /// With --daemon: the queue file (default: queue.db beside --state).
+        #[arg(long, value_name = "PATH", requires = "daemon")]
+        queue: Option<PathBuf>,
         #[command(flatten)]
         state: StateArg,
     },
@@ -397,6 +415,10 @@ pub struct DaemonArgs {
     /// `0s` keeps everything.
     #[arg(long, default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
     pub retention: std::time::Duration,
+    /// How long the daemon's hold on its queue lasts unless renewed (it renews it every sixth of
+    /// that). Hidden: for tests, which cannot wait the 30 s default for a successor to take over.
+    #[arg(long, default_value = "30s", value_parser = parse_lease, value_name = "DURATION", hide = true)]
+    pub lease_ttl: std::time::Duration,
 }
 
 /// `touchctl dispatch` options.
@@ -613,6 +635,16 @@ pub fn hoist_leading_options(args: impl IntoIterator<Item = OsString>) -> Vec<Os
     out.extend_from_slice(&args[1..i]);
     out.extend_from_slice(&args[i + 1..]);
     out
+}
+
+fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    let ttl = parse_duration(s)?;
+    let range = std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+    if range.contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err("a lease lasts from 1s to 1h".into())
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -11,7 +11,8 @@ use crate::load::{Diagnostic, Source, source_from_bytes};
 pub struct Head {
     /// The HEAD commit, absent in a repository with no commits yet.
     pub commit: Option<String>,
-    /// Whether anything under the folder differs from HEAD (including untracked files).
+    /// Whether anything under the folder differs from HEAD (including untracked files), leaving
+    /// out `.touchctl` folders (touchctl's own state) at any depth.
     pub dirty: bool,
 }
 
@@ -31,9 +32,19 @@ pub fn head(dir: &Path) -> Option<Head> {
     }
     let dirty = repo
         .statuses(Some(&mut opts))
-        .map(|s| s.iter().any(|e| !e.status().is_ignored()))
+        .map(|s| {
+            s.iter()
+                .any(|e| !e.status().is_ignored() && !in_state_folder(e.path_bytes()))
+        })
         .unwrap_or(true);
     Some(Head { commit, dirty })
+}
+
+/// Whether a repository path is inside a `.touchctl` folder, at any depth: touchctl's own state
+/// (the registry, the queue) is never part of the desired state, whether or not the repository's
+/// `.gitignore` names it.
+fn in_state_folder(path: &[u8]) -> bool {
+    path.split(|&b| b == b'/').any(|part| part == b".touchctl")
 }
 
 /// Why the files at a revision could not be read.

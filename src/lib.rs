@@ -17,8 +17,9 @@
 //! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
 //! | [`channel`] | the wire format of each channel: request, signing, what an answer means |
 //! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
-//! | [`store`] | owner-only SQLite files shared by the registry and the queue |
 //! | [`term`] | text from files, endpoints and users escaped for a terminal (control and bidi characters) |
+//! | [`store`] | owner-only SQLite files shared by the registry and the queue, created whole |
+//! | [`lease`] | leases with a heartbeat: the registry lock and the daemon's hold on its queue |
 //! | [`allocator`] | the binary allocator's tuning (how long freed memory is kept) |
 
 pub mod allocator;
@@ -28,6 +29,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod git;
 pub mod import;
+pub mod lease;
 pub mod load;
 pub mod model;
 pub mod plan;

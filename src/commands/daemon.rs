@@ -70,6 +70,7 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         client_timeout: args.client_timeout,
         drain: args.drain_timeout,
         retention: args.retention,
+        lease_ttl: args.lease_ttl,
     };
     runtime()?.block_on(daemon::run(config, |_| {}))?;
     Ok(OK)
@@ -80,15 +81,38 @@ fn when(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Path>) -> Result<u8> {
-    let path = queue_path(g, queue);
+/// Opens the queue file, which only `touchctl daemon` creates.
+fn open_queue(path: &Path) -> Result<Queue> {
     if !path.exists() {
         bail!(
             "there is no queue file at {}: it is created by `touchctl daemon` (or point --queue at it)",
             path.display()
         );
     }
-    let queue = Queue::open(&path)?;
+    Ok(Queue::open(path)?)
+}
+
+/// `touchctl force-unlock --daemon`: releases the queue from the daemon holding it.
+pub fn release_queue_cmd(g: &Global, queue: Option<&Path>, force: bool) -> Result<u8> {
+    let path = queue_path(g, queue);
+    let queue = open_queue(&path)?;
+    match queue.release_daemon_slot(force)? {
+        Some(held) => println!(
+            "Released the queue {} from the daemon that held it ({}). The next daemon started on it takes it.",
+            escape(&path.display().to_string()),
+            escape(&held.to_string())
+        ),
+        None => println!(
+            "No daemon holds the queue {}; nothing to release.",
+            escape(&path.display().to_string())
+        ),
+    }
+    Ok(OK)
+}
+
+pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Path>) -> Result<u8> {
+    let path = queue_path(g, queue);
+    let queue = open_queue(&path)?;
     match command {
         DeliveriesCommand::List {
             only,
@@ -150,12 +174,16 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 );
             };
             let (attempts, failures) = queue.history(batch)?;
+            let replays = queue.replays(batch)?;
             if *format == DeliveriesFormat::Json {
                 println!(
                     "{}",
-                    term::json(serde_json::to_string_pretty(
-                        &json!({"batch": info, "attempts": attempts, "failed_recipients": failures})
-                    )?)
+                    term::json(serde_json::to_string_pretty(&json!({
+                        "batch": info,
+                        "attempts": attempts,
+                        "replays": replays,
+                        "failed_recipients": failures
+                    }))?)
                 );
                 return Ok(OK);
             }
@@ -180,7 +208,18 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 println!("  next attempt: {}", when(next));
             }
             println!("  attempts:");
+            let mut replays = replays.iter().peekable();
+            let replayed = |r: &touchctl::dispatch::queue::Replay| {
+                println!(
+                    "    replayed {}: {} recipient(s) due again, with a fresh attempt budget",
+                    when(r.at),
+                    r.recipients
+                );
+            };
             for a in &attempts {
+                while let Some(r) = replays.next_if(|r| r.after_attempt < a.attempt) {
+                    replayed(r);
+                }
                 println!(
                     "    #{} {} generation {} {} {}ms {} recipient(s){}",
                     a.attempt,
@@ -200,6 +239,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             if attempts.is_empty() {
                 println!("    none yet");
             }
+            replays.for_each(replayed);
             if !failures.is_empty() {
                 println!("  failed recipients:");
                 for f in &failures {

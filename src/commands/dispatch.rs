@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Map, Value, json};
 
-use touchctl::dispatch::{Rejected, TriggerHead, User};
+use touchctl::dispatch::{Rejected, TriggerHead, User, check_idempotency_key};
 use touchctl::term::{self, escape, escape_text};
 
 use super::daemon::{read_token, runtime};
@@ -215,6 +215,18 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
     let (users, mut ids) = Users::open(&args.users)?;
     let per = args.per_trigger.max(1);
     let parts = ids.len().div_ceil(per).max(1);
+    if let Some(key) = &args.idempotency_key {
+        // The daemon refuses a key it would not store: say so before sending anything.
+        let longest = part_key(Some(key), parts, parts).unwrap_or_default();
+        if let Err(e) = check_idempotency_key(&longest) {
+            let parted = if parts > 1 {
+                format!(" (counting the `#{parts}` added to the key of the last of {parts} parts)")
+            } else {
+                String::new()
+            };
+            bail!("--idempotency-key: {e}{parted}");
+        }
+    }
     let token = read_token(args.api_token_file.as_deref())?;
     let base = args.url.trim_end_matches('/').to_string();
     let quiet = g.quiet;

@@ -71,16 +71,19 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }
-        Command::ForceUnlock { lock_id, .. } => {
-            let registry = open_registry(g)?;
-            let held = registry.force_unlock(lock_id)?;
-            println!(
-                "Removed lock {} ({}).",
-                escape(&held.lock_id),
-                escape(&held.to_string())
-            );
-            Ok(OK)
-        }
+        Command::ForceUnlock {
+            lock_id,
+            daemon,
+            force,
+            queue,
+            ..
+        } => match lock_id {
+            _ if *daemon => daemon::release_queue_cmd(g, queue.as_deref(), *force),
+            Some(lock_id) => force_unlock(g, lock_id, *force),
+            None => {
+                bail!("name the registry lock id to remove, or pass --daemon to release the queue")
+            }
+        },
     }
 }
 
@@ -94,8 +97,39 @@ fn color(g: &Global) -> bool {
     }
 }
 
+/// Opens the registry; where there is no state file, a new registry that only a write creates.
 fn open_registry(g: &Global) -> Result<SqliteRegistry> {
     Ok(SqliteRegistry::open(&g.state)?)
+}
+
+fn force_unlock(g: &Global, lock_id: &str, force: bool) -> Result<u8> {
+    let registry = open_registry(g)?;
+    if registry.is_new() {
+        bail!(
+            "there is no registry at {}, so there is no lock to remove: check --state",
+            g.state.display()
+        );
+    }
+    let held = registry.force_unlock(lock_id, force)?;
+    println!(
+        "Removed lock {} ({}).",
+        escape(&held.lock_id),
+        escape(&held.to_string())
+    );
+    Ok(OK)
+}
+
+/// Takes the registry lock for apply, saying so when it was taken over from a holder that is gone.
+fn lock_for_apply(registry: &dyn Registry) -> Result<LockGuard<'_>> {
+    let guard = LockGuard::acquire(registry, "apply")?;
+    if let Some(old) = &guard.recovered {
+        eprintln!(
+            "warning: took over the registry lock ({}): {}",
+            escape(&old.to_string()),
+            old.standing(touchctl::store::now_ms()).why_free()
+        );
+    }
+    Ok(guard)
 }
 
 fn count_files(diagnostics: &[Diagnostic]) -> usize {
@@ -248,7 +282,16 @@ fn plan_cmd(
 ) -> Result<u8> {
     let plan = match base {
         Some(rev) => plan_against_base(g, rev)?,
-        None => plan_tree(g, &open_registry(g)?)?,
+        None => {
+            let registry = open_registry(g)?;
+            let plan = plan_tree(g, &registry)?;
+            // A saved plan is applied only to the registry it was made against: a new one is
+            // created now, with the keys the plan's fingerprints were made with.
+            if plan.is_some() && out.is_some() {
+                registry.persist()?;
+            }
+            plan
+        }
     };
     let Some(plan) = plan else {
         return Ok(FAILED);
@@ -327,13 +370,24 @@ fn apply_cmd(
 ) -> Result<u8> {
     let registry = open_registry(g)?;
     let saved_plan = saved.map(read_saved_plan).transpose()?;
-    let guard = LockGuard::acquire(&registry, "apply")?;
-    if let Some(old) = &guard.recovered {
-        eprintln!(
-            "warning: recovered the registry lock left by a process that is gone ({})",
-            escape(&old.to_string())
+    if let Some(made_against) = saved_plan.as_ref().and_then(|p| p.registry.as_ref())
+        && registry.is_new()
+    {
+        bail!(
+            "there is no registry at {}, and this plan was made against registry {} ({}): point --state at that registry, or make a new plan",
+            g.state.display(),
+            made_against.id,
+            made_against.backend
         );
     }
+    // A new registry has no file, so no one else can hold its lock: it is taken (and the file
+    // created) only once there is something to write, so that a refused or cancelled apply
+    // leaves nothing behind.
+    let early = if registry.is_new() {
+        None
+    } else {
+        Some(lock_for_apply(&registry)?)
+    };
     let plan = match saved_plan {
         Some(plan) => {
             apply::check_saved(&plan, &registry)?;
@@ -355,6 +409,10 @@ fn apply_cmd(
         eprintln!("Apply cancelled; nothing was changed.");
         return Ok(FAILED);
     }
+    let guard = match early {
+        Some(guard) => guard,
+        None => lock_for_apply(&registry)?,
+    };
     println!();
     let mut progress = |o: &Outcome| {
         let verb = match o.action {
@@ -370,7 +428,7 @@ fn apply_cmd(
             Err(e) => println!("  {verb} {id}: FAILED: {}", escape(&e.to_string())),
         }
     };
-    let outcomes = apply::execute(&plan, &registry, &opts, &mut progress);
+    let outcomes = apply::execute_holding(&plan, &registry, &opts, &|| guard.held(), &mut progress);
     drop(guard);
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     let count = |a: Action| {

@@ -16,10 +16,10 @@ use subtle::ConstantTimeEq;
 
 use super::App;
 use crate::channel::custom;
-use crate::dispatch::check_template_params;
 use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
 use crate::dispatch::user::{RawTrigger, UserRef, screen};
 use crate::dispatch::worker::Lookup;
+use crate::dispatch::{check_idempotency_key, check_template_params};
 
 /// The routes, with authentication in front of all of them.
 pub fn router(app: Arc<App>) -> Router {
@@ -224,6 +224,8 @@ fn process(
     };
     let head = &trigger.head;
     if let Some(key) = &head.idempotency_key {
+        check_idempotency_key(key)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", e))?;
         let earlier = app.queue.find_idempotent(key).map_err(queue_error)?;
         if let Some((touchpoint, campaign, receipt)) = earlier {
             if touchpoint == head.touchpoint && campaign == head.campaign {

@@ -75,6 +75,8 @@ pub struct Config {
     pub drain: Duration,
     /// How long fully delivered dispatches are kept; zero keeps them all.
     pub retention: Duration,
+    /// How long the daemon's hold on its queue lasts unless renewed (see [`crate::lease`]).
+    pub lease_ttl: Duration,
 }
 
 /// How many triggers are worked on at once: two per core, so one waiting for a lock or a page
@@ -154,7 +156,7 @@ impl App {
     }
 }
 
-/// Why the daemon could not start.
+/// Why the daemon could not start, or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// No token, and not allowed to run without one.
@@ -184,6 +186,14 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// The thread that renews the hold on the queue could not be started.
+    #[error("cannot start the thread that renews the hold on the queue: {0}")]
+    Heartbeat(std::io::Error),
+    /// The daemon lost its hold on the queue, so it stopped.
+    #[error(
+        "this daemon stopped: it no longer holds the queue ({0}), so another daemon may be working it. Start it again once no other daemon works this queue"
+    )]
+    LostQueue(String),
 }
 
 /// Rebuilds the live set from the registry and holds or releases queued batches to match.
@@ -245,14 +255,33 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         .build()
         .map_err(|e| StartError::Client(e.to_string()))?;
 
-    let registry = Arc::new(SqliteRegistry::open(&config.state)?);
+    let registry = Arc::new(SqliteRegistry::create(&config.state)?);
     registry.frugal()?;
     let queue = Arc::new(Queue::open(&config.queue)?);
-    if let Some((pid, since)) = queue.take_daemon_slot()? {
+    let taken = queue.take_daemon_slot(config.lease_ttl)?;
+    if let Some((gone, standing)) = &taken.replaced {
         log(&format!(
-            "took over the queue from a daemon that is gone (pid {pid}, since {since}); its unfinished batches are sent again"
+            "took over the queue from a daemon that is gone ({gone}): {}; its unfinished batches are sent again",
+            standing.why_free()
         ));
     }
+    let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let heartbeat = {
+        let (queue, lease_id) = (queue.clone(), taken.lease_id.clone());
+        crate::lease::Heartbeat::start(
+            "queue-lease",
+            config.lease_ttl,
+            Box::new(move |expires_at| {
+                queue
+                    .renew_daemon_slot(&lease_id, expires_at)
+                    .map_err(|e| e.to_string())
+            }),
+            move |why| {
+                let _ = lost_tx.send(why);
+            },
+        )
+        .map_err(StartError::Heartbeat)?
+    };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -362,10 +391,21 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         registry.describe(),
         config.queue.display()
     ));
+    let stop_signal = shutdown_signal();
     ready(addr);
 
-    shutdown_signal().await;
-    log("stopping: no new connections; finishing open requests and in-flight deliveries");
+    let lost = tokio::select! {
+        () = stop_signal => None,
+        Some(why) = lost_rx.recv() => Some(why),
+    };
+    match &lost {
+        None => {
+            log("stopping: no new connections; finishing open requests and in-flight deliveries")
+        }
+        Some(why) => log(&format!(
+            "error: this daemon no longer holds the queue ({why}); another daemon may be working it, so this one stops: no new connections; finishing open requests and in-flight deliveries"
+        )),
+    }
     app.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -375,11 +415,15 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         let _ = p.await;
     }
     drop(watcher);
-    if let Err(e) = queue.leave_daemon_slot() {
+    drop(heartbeat);
+    if let Err(e) = queue.leave_daemon_slot(&taken.lease_id) {
         log(&format!("error: {e}"));
     }
     log("stopped");
-    Ok(())
+    match lost {
+        None => Ok(()),
+        Some(why) => Err(StartError::LostQueue(why)),
+    }
 }
 
 /// On a timer: drops the recipients kept in memory past their age limit (otherwise dropped only
@@ -448,25 +492,37 @@ async fn prune(
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the future is
+/// first polled: a signal that comes right after the daemon says it listens must stop it, not
+/// kill it with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                (Ok(mut term), Err(_)) => {
+                    term.recv().await;
+                }
+                (Err(_), _) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

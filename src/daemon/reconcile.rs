@@ -150,7 +150,7 @@ pub fn reconcile(settings: &Settings, registry: &dyn Registry) -> Report {
     if let Err(e) = apply::check_guards(&plan, &opts) {
         return fail(report, e.to_string());
     }
-    let outcomes = apply::execute(&plan, registry, &opts, &mut |_| {});
+    let outcomes = apply::execute_holding(&plan, registry, &opts, &|| guard.held(), &mut |_| {});
     drop(guard);
     let mut failed = Vec::new();
     for o in &outcomes {

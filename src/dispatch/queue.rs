@@ -20,6 +20,12 @@
 //! [`super::segments`] for why and for the rules that keep that crash-safe). Users that are
 //! rewritten (what is left of a partly delivered batch, a dead batch's users) and batches stored
 //! by older versions live in the `payloads` table instead.
+//!
+//! One daemon works a queue file at a time: it holds the `daemon` row as a lease that it renews
+//! (see [`crate::lease`]), taken over by a successor once its process is gone from this host or
+//! its lease expired. A replayed dead batch keeps its attempt log: its attempt budget starts
+//! again, later attempts are numbered on from the earlier ones (`attempt_base`), and the replay
+//! itself is recorded (`replays`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -72,7 +78,8 @@ CREATE TABLE IF NOT EXISTS batches (
     updated_at  INTEGER NOT NULL,
     segment     INTEGER,
     seg_offset  INTEGER,
-    seg_length  INTEGER
+    seg_length  INTEGER,
+    attempt_base INTEGER NOT NULL DEFAULT 0 -- attempts made before the last replay
 );
 CREATE TABLE IF NOT EXISTS payloads (
     batch_id TEXT PRIMARY KEY,
@@ -102,11 +109,20 @@ CREATE TABLE IF NOT EXISTS failures (
     attempt  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS failures_batch ON failures(batch_id);
+CREATE TABLE IF NOT EXISTS replays (
+    batch_id      TEXT NOT NULL,
+    at            INTEGER NOT NULL,
+    after_attempt INTEGER NOT NULL,
+    recipients    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replays_batch ON replays(batch_id);
 CREATE TABLE IF NOT EXISTS daemon (
     singleton  INTEGER PRIMARY KEY CHECK (singleton = 1),
     pid        INTEGER NOT NULL,
     host       TEXT NOT NULL,
-    started_at TEXT NOT NULL
+    started_at TEXT NOT NULL,
+    lease_id   TEXT,   -- NULL from a touchctl before leases
+    expires_at INTEGER -- ms since the epoch
 );
 ";
 
@@ -160,16 +176,75 @@ pub enum QueueError {
     Write(String),
     /// Another daemon works this queue.
     #[error(
-        "another daemon (pid {pid} on {host}, since {started_at}) works this queue; one daemon per queue file, or deliveries would be sent twice"
+        "another daemon ({0}; {note}) works this queue; one daemon per queue file, or deliveries would be sent twice. A daemon that stops renewing its hold is taken over once its lease expires; if that daemon is gone for good, `touchctl force-unlock --daemon` releases the queue now",
+        note = .0.expiry_note()
     )]
-    Busy {
-        /// Its process id.
-        pid: u32,
-        /// Its host.
-        host: String,
-        /// When it started.
-        started_at: String,
+    Busy(Box<DaemonSlot>),
+    /// `force-unlock --daemon` (without `--force`) of a daemon that still renews its hold.
+    #[error(
+        "the daemon holding this queue ({0}; {note}) keeps renewing its hold, so it looks alive: stop it (SIGTERM) or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock --daemon --force`",
+        note = .0.expiry_note()
+    )]
+    SlotLive(Box<DaemonSlot>),
+    /// The queue file is empty.
+    #[error(
+        "the queue file {0} is empty (0 bytes), so it holds no queue; touchctl never leaves one empty. If it is a leftover, remove it and run again (a new queue is created); if your queue should be there, restore the file from a backup"
+    )]
+    Empty(String),
+    /// The queue file could not be opened.
+    #[error("queue {path}: {source}")]
+    Store {
+        /// The file.
+        path: String,
+        /// Why.
+        source: Box<store::StoreError>,
     },
+}
+
+/// The daemon working a queue file, as its slot records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSlot {
+    /// Its process id.
+    pub pid: u32,
+    /// Its host.
+    pub host: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// The random id of its hold; none from a touchctl before leases.
+    pub lease_id: Option<String>,
+    /// When its lease expires unless renewed (ms since the epoch).
+    pub expires_at: Option<i64>,
+}
+
+impl DaemonSlot {
+    /// Where this hold stands for a would-be successor at `now_ms`.
+    pub fn standing(&self, now_ms: i64) -> crate::lease::Standing {
+        crate::lease::standing(&self.host, self.pid, self.expires_at, now_ms)
+    }
+
+    /// When its lease expires, for a message (see [`crate::lease::expiry_note`]).
+    pub fn expiry_note(&self) -> String {
+        crate::lease::expiry_note(self.expires_at, now_ms())
+    }
+}
+
+impl std::fmt::Display for DaemonSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} on {}, since {}",
+            self.pid, self.host, self.started_at
+        )
+    }
+}
+
+/// This process's hold on the queue, from [`Queue::take_daemon_slot`].
+#[derive(Clone, Debug)]
+pub struct Taken {
+    /// The random id of the hold, to renew and leave it.
+    pub lease_id: String,
+    /// The daemon taken over, and why it could be, if there was one.
+    pub replaced: Option<(DaemonSlot, crate::lease::Standing)>,
 }
 
 /// What a trigger was answered: returned with 202, and again for a repeated idempotency key.
@@ -257,7 +332,7 @@ pub struct Claimed {
     pub users: Users,
     /// How many that is.
     pub remaining: u32,
-    /// Attempts made so far.
+    /// Attempts made so far, since its last replay (the retry budget counts these).
     pub attempts: u32,
     /// The campaign.
     pub campaign: String,
@@ -392,7 +467,7 @@ pub struct BatchInfo {
     pub delivered: u32,
     /// Failed for good.
     pub failed: u32,
-    /// Attempts made.
+    /// Attempts made in all (those before a replay too).
     pub attempts: u32,
     /// When the next attempt is due (ms since the epoch; pending only).
     pub next_at: Option<i64>,
@@ -400,6 +475,17 @@ pub struct BatchInfo {
     pub last_error: Option<String>,
     /// Last change (ms since the epoch).
     pub updated_at: i64,
+}
+
+/// A replay of a dead batch, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// The attempts made before it (the next attempt is numbered one more).
+    pub after_attempt: u32,
+    /// Recipients put back in the queue.
+    pub recipients: u32,
 }
 
 /// One attempt, as recorded.
@@ -841,12 +927,15 @@ fn write_record(
     {
         let mut attempt = tx
                 .prepare_cached(
+                    // Numbered on from the attempts made before the batch's last replay, which
+                    // stay in the log.
                     "INSERT OR REPLACE INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     VALUES (?1, ?2 + coalesce((SELECT attempt_base FROM batches WHERE id = ?1), 0), ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 ?;
         let mut failure = tx.prepare_cached(
-            "INSERT INTO failures (batch_id, user_id, reason, attempt) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO failures (batch_id, user_id, reason, attempt) \
+             VALUES (?1, ?2, ?3, ?4 + coalesce((SELECT attempt_base FROM batches WHERE id = ?1), 0))",
         )?;
         let mut update = tx.prepare_cached(
             "UPDATE batches SET attempts = ?2, delivered = delivered + ?3, failed = failed + ?4, \
@@ -954,6 +1043,7 @@ fn write_prune(
         for sql in [
             "DELETE FROM failures WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
             "DELETE FROM attempts WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+            "DELETE FROM replays WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
             "DELETE FROM payloads WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
             "DELETE FROM batches WHERE dispatch_id = ?1",
             "DELETE FROM dispatches WHERE id = ?1",
@@ -1030,19 +1120,34 @@ fn span_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Span>> {
     span_at(r, 0)
 }
 
-/// Adds the columns that point into segment files to a file from before format 3.
-fn add_segment_columns(conn: &mut Connection) -> rusqlite::Result<()> {
+/// Adds the columns files written by earlier versions lack: those that point into segment files
+/// (before format 3), the attempts made before a replay, and the daemon's lease.
+fn add_columns(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let has: i64 = tx.query_row(
-        "SELECT count(*) FROM pragma_table_info('batches') WHERE name = 'segment'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has == 0 {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        tx.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if !has("batches", "segment")? {
         tx.execute_batch(
             "ALTER TABLE batches ADD COLUMN segment INTEGER; \
              ALTER TABLE batches ADD COLUMN seg_offset INTEGER; \
              ALTER TABLE batches ADD COLUMN seg_length INTEGER;",
+        )?;
+    }
+    if !has("batches", "attempt_base")? {
+        tx.execute_batch(
+            "ALTER TABLE batches ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    if !has("daemon", "lease_id")? {
+        tx.execute_batch(
+            "ALTER TABLE daemon ADD COLUMN lease_id TEXT; \
+             ALTER TABLE daemon ADD COLUMN expires_at INTEGER;",
         )?;
     }
     tx.execute_batch(
@@ -1079,20 +1184,47 @@ impl Queue {
     /// Opens (creating owner-only if needed) the queue file.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let shown = path.display().to_string();
-        store::create_private(path).map_err(|source| QueueError::Io {
+        let io = |source| QueueError::Io {
             path: shown.clone(),
             source,
-        })?;
+        };
         let sql = |source| QueueError::Sqlite {
             path: shown.clone(),
             source,
         };
-        let mut accept = store::connect(path, Sync::Full).map_err(sql)?;
+        let opened = |e: store::StoreError| match e {
+            store::StoreError::Sqlite(source) => sql(source),
+            store::StoreError::Io(source) => io(source),
+            other => QueueError::Store {
+                path: shown.clone(),
+                source: Box::new(other),
+            },
+        };
+        match store::found(path).map_err(io)? {
+            store::Found::Empty => return Err(QueueError::Empty(shown)),
+            store::Found::Missing => {
+                let created = store::create_database(path, |c| {
+                    c.execute_batch(MIGRATION)?;
+                    c.execute(
+                        "INSERT INTO meta (key, value) VALUES ('format', ?1)",
+                        [FORMAT.to_string()],
+                    )
+                    .map(|_| ())
+                });
+                match created {
+                    // Another daemon created it at the same moment: open that one.
+                    Ok(()) | Err(store::StoreError::Exists) => {}
+                    Err(e) => return Err(opened(e)),
+                }
+            }
+            store::Found::File => {}
+        }
+        let mut accept = store::connect(path, Sync::Full).map_err(opened)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
         mark_format(&mut accept, &shown)?;
-        add_segment_columns(&mut accept).map_err(sql)?;
-        let work = store::connect(path, Sync::Normal).map_err(sql)?;
-        let write = store::connect(path, Sync::Full).map_err(sql)?;
+        add_columns(&mut accept).map_err(sql)?;
+        let work = store::connect(path, Sync::Normal).map_err(opened)?;
+        let write = store::connect(path, Sync::Full).map_err(opened)?;
         let pending = Arc::new(AtomicI64::new(0));
         let segments = Arc::new(Segments::new(path));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1452,7 +1584,7 @@ impl Queue {
         let conn = lock(&self.work);
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, dispatch_id, touchpoint, idx, count, state, held, size, remaining, delivered, failed, attempts, next_at, last_error, updated_at \
+                "SELECT id, dispatch_id, touchpoint, idx, count, state, held, size, remaining, delivered, failed, attempt_base + attempts, next_at, last_error, updated_at \
                  FROM batches WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR touchpoint = ?2) AND (?3 IS NULL OR dispatch_id = ?3) \
                  ORDER BY updated_at DESC, id DESC LIMIT ?4",
             )
@@ -1533,8 +1665,29 @@ impl Queue {
         Ok((attempts, failures))
     }
 
+    /// When each of a batch's replays happened, oldest first.
+    pub fn replays(&self, batch_id: &str) -> Result<Vec<Replay>, QueueError> {
+        let conn = lock(&self.work);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT at, after_attempt, recipients FROM replays WHERE batch_id = ?1 ORDER BY rowid",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([batch_id], |r| {
+            Ok(Replay {
+                at: r.get(0)?,
+                after_attempt: r.get(1)?,
+                recipients: r.get(2)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
     /// Puts dead batches back in the queue, due now, with a fresh attempt budget: the given ids,
-    /// or every dead batch (of `touchpoint`, if given). Returns the ids replayed.
+    /// or every dead batch (of `touchpoint`, if given). Returns the ids replayed. The attempts
+    /// made before stay in the log, later ones are numbered on from them, and the replay itself
+    /// is recorded (see [`Queue::replays`]).
     pub fn replay(
         &self,
         ids: &[String],
@@ -1563,7 +1716,14 @@ impl Queue {
         let now = now_ms();
         for (id, _) in &chosen {
             tx.execute(
-                "UPDATE batches SET state = 'pending', attempts = 0, next_at = ?2, updated_at = ?2 WHERE id = ?1",
+                "INSERT INTO replays (batch_id, at, after_attempt, recipients) \
+                 SELECT id, ?2, attempt_base + attempts, remaining FROM batches WHERE id = ?1",
+                params![id, now],
+            )
+            .map_err(|e| self.err(e))?;
+            tx.execute(
+                "UPDATE batches SET state = 'pending', attempt_base = attempt_base + attempts, attempts = 0, \
+                 next_at = ?2, updated_at = ?2 WHERE id = ?1",
                 params![id, now],
             )
             .map_err(|e| self.err(e))?;
@@ -1598,52 +1758,106 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
-    /// Marks this process as the daemon working the queue. A record left by a process that no
-    /// longer runs on this host is taken over (and returned); a live one is an error.
-    pub fn take_daemon_slot(&self) -> Result<Option<(u32, String)>, QueueError> {
+    /// The daemon holding the queue, if any.
+    fn held_slot(conn: &Connection) -> rusqlite::Result<Option<DaemonSlot>> {
+        conn.query_row(
+            "SELECT pid, host, started_at, lease_id, expires_at FROM daemon WHERE singleton = 1",
+            [],
+            |r| {
+                Ok(DaemonSlot {
+                    pid: r.get(0)?,
+                    host: r.get(1)?,
+                    started_at: r.get(2)?,
+                    lease_id: r.get(3)?,
+                    expires_at: r.get(4)?,
+                })
+            },
+        )
+        .optional()
+    }
+
+    /// Marks this process as the daemon working the queue, with a lease of term `ttl` that it
+    /// must renew ([`Queue::renew_daemon_slot`]; see [`crate::lease`]). A hold whose process no
+    /// longer runs on this host, or whose lease expired, is taken over (and returned); a live one
+    /// is an error. A hold naming this very process id on this host is a previous process that
+    /// had the same id (a restarted container's pid 1): a process does not start twice.
+    pub fn take_daemon_slot(&self, ttl: std::time::Duration) -> Result<Taken, QueueError> {
         let mut conn = lock(&self.accept);
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let held: Option<(u32, String, String)> = tx
-            .query_row(
-                "SELECT pid, host, started_at FROM daemon WHERE singleton = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+        let held = Self::held_slot(&tx).map_err(|e| self.err(e))?;
         let host = crate::registry::hostname();
-        let recovered = match held {
-            Some((pid, h, _)) if pid == std::process::id() && h == host => None,
-            Some((pid, h, started_at)) if h != host || store::process_alive(pid) => {
-                return Err(QueueError::Busy {
-                    pid,
-                    host: h,
-                    started_at,
-                });
+        let now = now_ms();
+        let replaced = match held {
+            Some(h) if h.pid == std::process::id() && h.host == host => {
+                Some((h, crate::lease::Standing::Gone))
             }
-            Some((pid, _, started_at)) => Some((pid, started_at)),
+            Some(h) => match h.standing(now) {
+                standing if standing.free() => Some((h, standing)),
+                _ => return Err(QueueError::Busy(Box::new(h))),
+            },
             None => None,
         };
+        let lease_id = store::random_hex(8);
         tx.execute(
-            "INSERT OR REPLACE INTO daemon (singleton, pid, host, started_at) VALUES (1, ?1, ?2, ?3)",
-            params![std::process::id(), host, crate::registry::now()],
+            "INSERT OR REPLACE INTO daemon (singleton, pid, host, started_at, lease_id, expires_at) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            params![
+                std::process::id(),
+                host,
+                crate::registry::now(),
+                lease_id,
+                crate::lease::expiry(now, ttl)
+            ],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(recovered)
+        Ok(Taken { lease_id, replaced })
     }
 
-    /// Gives the daemon slot up (on a clean stop).
-    pub fn leave_daemon_slot(&self) -> Result<(), QueueError> {
+    /// Pushes this process's hold to `expires_at` (ms since the epoch); whether it still holds
+    /// the queue (`false`: taken over, or released by `force-unlock --daemon`).
+    pub fn renew_daemon_slot(&self, lease_id: &str, expires_at: i64) -> Result<bool, QueueError> {
         lock(&self.accept)
             .execute(
-                "DELETE FROM daemon WHERE singleton = 1 AND pid = ?1",
-                [std::process::id()],
+                "UPDATE daemon SET expires_at = ?2 WHERE singleton = 1 AND lease_id = ?1",
+                params![lease_id, expires_at],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Gives the daemon slot up (on a clean stop), if this process still holds it.
+    pub fn leave_daemon_slot(&self, lease_id: &str) -> Result<(), QueueError> {
+        lock(&self.accept)
+            .execute(
+                "DELETE FROM daemon WHERE singleton = 1 AND lease_id = ?1",
+                [lease_id],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// Releases the queue from the daemon holding it, for an operator whose daemon is gone for
+    /// good; returns it (`None`: no daemon held the queue). Unless `force`, refuses while that
+    /// daemon keeps renewing its hold.
+    pub fn release_daemon_slot(&self, force: bool) -> Result<Option<DaemonSlot>, QueueError> {
+        let mut conn = lock(&self.accept);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let Some(held) = Self::held_slot(&tx).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let renewed = crate::lease::renewed(&held.host, held.pid, held.expires_at, now_ms());
+        if renewed && !force {
+            return Err(QueueError::SlotLive(Box::new(held)));
+        }
+        tx.execute("DELETE FROM daemon WHERE singleton = 1", [])
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(Some(held))
     }
 }
 
@@ -1843,6 +2057,89 @@ mod tests {
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
+    #[test]
+    fn replay_keeps_the_earlier_attempts() {
+        let (_d, q) = open();
+        let h = head(None);
+        let Enqueued::New(r) = q.enqueue(new(&h, 3)).unwrap() else {
+            panic!("new")
+        };
+        let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        q.record(vec![completion(&batch, After::RetryAt(0))])
+            .unwrap();
+        let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        assert_eq!(batch.attempts, 1);
+        q.record(vec![completion(&batch, After::Dead)]).unwrap();
+        assert_eq!(
+            q.replay(&[], None).unwrap(),
+            std::slice::from_ref(&batch.id)
+        );
+        let again = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        assert_eq!(again.attempts, 0, "a replay starts a fresh attempt budget");
+        q.record(vec![completion(&again, After::Done)]).unwrap();
+        let (attempts, _) = q.history(&batch.id).unwrap();
+        let log: Vec<(u32, &str)> = attempts
+            .iter()
+            .map(|a| (a.attempt, a.outcome.as_str()))
+            .collect();
+        assert_eq!(log, [(1, "retry"), (2, "dead"), (3, "delivered")]);
+        let replays = q.replays(&batch.id).unwrap();
+        assert_eq!(replays.len(), 1);
+        assert_eq!((replays[0].after_attempt, replays[0].recipients), (2, 3));
+        let info = q.batches(&Filter::default()).unwrap().remove(0);
+        assert_eq!((info.state.as_str(), info.attempts), ("delivered", 3));
+        // Forgotten with its dispatch, replays too.
+        assert_eq!(q.prune(now_ms() + 1, 100).unwrap(), 1);
+        assert!(q.dispatch(&r.dispatch_id).unwrap().is_none());
+        assert!(q.replays(&batch.id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_daemon_slot_is_a_lease_taken_over_once_expired_on_any_host() {
+        let (_d, q) = open();
+        let ttl = std::time::Duration::from_secs(60);
+        let taken = q.take_daemon_slot(ttl).unwrap();
+        assert!(taken.replaced.is_none());
+        assert!(q.renew_daemon_slot(&taken.lease_id, now_ms() + 1).unwrap());
+        assert!(!q.renew_daemon_slot("not-mine", now_ms()).unwrap());
+        // Left by another host (this test's pid, so a matching host name could not make it look
+        // gone): refused while fresh, taken over once expired.
+        let other = |expires_at: i64| {
+            lock(&q.accept)
+                .execute(
+                    "UPDATE daemon SET host = 'replaced-vm', pid = ?1, lease_id = 'theirs', expires_at = ?2",
+                    params![std::process::id(), expires_at],
+                )
+                .unwrap();
+        };
+        other(now_ms() + 60_000);
+        match q.take_daemon_slot(ttl) {
+            Err(e @ QueueError::Busy(_)) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("on replaced-vm") && shown.contains("its lease expires at"),
+                    "{shown}"
+                );
+            }
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        assert!(matches!(
+            q.release_daemon_slot(false),
+            Err(QueueError::SlotLive(_))
+        ));
+        other(now_ms() - 1);
+        let taken = q.take_daemon_slot(ttl).unwrap();
+        let (gone, standing) = taken.replaced.unwrap();
+        assert_eq!(gone.host, "replaced-vm");
+        assert!(matches!(standing, crate::lease::Standing::Expired(_)));
+        // The one taken over finds out at its next renewal.
+        assert!(!q.renew_daemon_slot("theirs", now_ms()).unwrap());
+        // Released by force: the holder finds out too, and the queue is free.
+        assert!(q.release_daemon_slot(true).unwrap().is_some());
+        assert!(!q.renew_daemon_slot(&taken.lease_id, now_ms()).unwrap());
+        assert!(q.release_daemon_slot(false).unwrap().is_none());
+    }
+
     fn completion(c: &Claimed, after: After) -> Completion {
         Completion {
             batch_id: c.id.clone(),
@@ -1971,13 +2268,20 @@ mod tests {
         let path = dir.path().join("queue.db");
         let old_users = crate::dispatch::user::store(users(2).into_iter());
         {
-            // The file as format 2 left it: no segment columns, users in `payloads`.
+            // The file as format 2 left it: no segment columns, users in `payloads`, no replays
+            // and no daemon lease.
             let conn = Connection::open(&path).unwrap();
-            let old = MIGRATION.replace(
-                "updated_at  INTEGER NOT NULL,\n    segment     INTEGER,\n    seg_offset  INTEGER,\n    seg_length  INTEGER\n",
-                "updated_at  INTEGER NOT NULL\n",
-            );
-            assert_ne!(old, MIGRATION);
+            let old = MIGRATION
+                .replace(
+                    "updated_at  INTEGER NOT NULL,\n    segment     INTEGER,\n    seg_offset  INTEGER,\n    seg_length  INTEGER,\n    attempt_base INTEGER NOT NULL DEFAULT 0 -- attempts made before the last replay\n",
+                    "updated_at  INTEGER NOT NULL\n",
+                )
+                .replace(
+                    "started_at TEXT NOT NULL,\n    lease_id   TEXT,   -- NULL from a touchctl before leases\n    expires_at INTEGER -- ms since the epoch\n",
+                    "started_at TEXT NOT NULL\n",
+                );
+            assert!(!old.contains("seg_offset") && !old.contains("attempt_base"));
+            assert!(!old.contains("lease_id"));
             conn.execute_batch(&old).unwrap();
             conn.execute_batch(
                 "INSERT INTO meta VALUES ('format', '2');

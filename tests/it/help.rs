@@ -27,7 +27,7 @@ fn expected() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("deliveries list", vec!["state", "queue"]),
         ("deliveries show", vec!["state", "queue"]),
         ("deliveries replay", vec!["state", "queue"]),
-        ("force-unlock", vec!["state"]),
+        ("force-unlock", vec!["state", "queue"]),
     ])
 }
 
