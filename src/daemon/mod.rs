@@ -233,7 +233,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(config.concurrency.max(8));
     if !config.allow_private_network {
-        client = client.dns_resolver(worker::PublicOnly);
+        client = client.dns_resolver(crate::channel::net_guard::PublicOnly);
     }
     let client = client
         .build()

@@ -10,3 +10,4 @@ mod examples;
 mod plan_apply;
 mod review;
 mod schema;
+mod server;
