@@ -148,6 +148,22 @@ impl App {
     }
 }
 
+/// The fewest characters an API token may have: 32 hex digits are 128 random bits, out of reach
+/// of guessing at any rate the API can answer.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Refuses an API token a client could guess, or could not send.
+fn check_token(token: &Secret) -> Result<(), StartError> {
+    let text = token.expose();
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(StartError::UnsendableToken);
+    }
+    if text.len() < MIN_TOKEN_LEN {
+        return Err(StartError::ShortToken(text.len()));
+    }
+    Ok(())
+}
+
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -156,6 +172,16 @@ pub enum StartError {
         "the API needs a token: set TOUCHCTL_API_TOKEN (or --api-token-file FILE); to run without one, listen on a loopback address and pass --insecure-no-auth"
     )]
     NoToken,
+    /// The API token is too short to resist guessing.
+    #[error(
+        "the API token is {0} characters long; it must be at least {MIN_TOKEN_LEN}, from a random source: make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
+    )]
+    ShortToken(usize),
+    /// The API token has characters a client cannot send in an `Authorization` header.
+    #[error(
+        "the API token may hold only visible ASCII characters (no spaces, tabs or line breaks): make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
+    )]
+    UnsendableToken,
     /// `--insecure-no-auth` on a non-loopback address.
     #[error(
         "--insecure-no-auth is only allowed on a loopback address ({0} is not): anyone who can reach it could dispatch"
@@ -218,7 +244,9 @@ fn sync_holds(
 /// Runs the daemon until SIGTERM or Ctrl-C. `ready` is called with the bound address once the API
 /// is listening.
 pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
-    if config.token.is_none() {
+    if let Some(token) = &config.token {
+        check_token(token)?;
+    } else {
         if !config.insecure_no_auth {
             return Err(StartError::NoToken);
         }

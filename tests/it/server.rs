@@ -1,10 +1,15 @@
 //! The daemon's server against hostile input: endpoints behind IPv6 forms of private addresses,
 //! connection floods at a low open-file limit, many large triggers at once, weak API tokens.
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
+
 use serde_json::json;
 
-use crate::daemon_support::{custom_touchpoint, users};
-use crate::support::Project;
+use crate::daemon_support::{PATIENCE, custom_touchpoint, http, users};
+use crate::support::{Project, Run};
 
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
 
@@ -50,6 +55,86 @@ fn ipv6_forms_of_private_addresses_are_refused() {
         assert!(
             error.starts_with("refused: [") && error.contains("--allow-private-network"),
             "{id} ({bare}): {error}"
+        );
+    }
+}
+
+/// A token a client could guess (one character was accepted), or one no client could send, keeps
+/// the daemon from starting, with how to make a good one; a good one works.
+#[test]
+fn a_short_api_token_is_refused() {
+    let p = Project::empty();
+    let daemon = ["daemon", "--listen", "127.0.0.1:0"];
+    for token in ["x", "0123456789abcdef0123456789abcde"] {
+        refused_start(&p, &daemon, &[("TOUCHCTL_API_TOKEN", token)])
+            .stderr_has(&format!(
+                "the API token is {} characters long; it must be at least 32, from a random source: make one with `openssl rand -hex 32`",
+                token.len()
+            ));
+    }
+    p.write("api-token", "short\n");
+    let with_file = [&daemon[..], &["--api-token-file", "api-token"]].concat();
+    refused_start(&p, &with_file, &[]).stderr_has("the API token is 5 characters long");
+    p.write("api-token", "0123456789abcdef 0123456789abcdef\n");
+    let with_file = [&daemon[..], &["--api-token-file", "api-token"]].concat();
+    refused_start(&p, &with_file, &[])
+        .stderr_has("the API token may hold only visible ASCII characters");
+
+    let good = "0123456789abcdef0123456789abcdef";
+    let d = p.start_daemon(&[], &[("TOUCHCTL_API_TOKEN", good)]);
+    let status = |token| http("GET", &format!("{}/v1/status", d.url), token, None).0;
+    assert_eq!(status(Some(good)), 200);
+    assert_eq!(status(None), 401);
+}
+
+/// Runs `touchctl` expecting it to refuse to start: its output once it exits with code 1. Fails
+/// as soon as it listens instead.
+fn refused_start(p: &Project, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut cmd = p.command(args);
+    cmd.env_remove("TOUCHCTL_API_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start touchctl");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let mut log = String::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                if line.contains("listening on") {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("`touchctl {}` started:\n{log}{line}", args.join(" "));
+                }
+                log.push_str(&line);
+                log.push('\n');
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                let status = child.wait().expect("wait");
+                let run = Run {
+                    code: status.code().unwrap_or(-1),
+                    stdout: String::new(),
+                    stderr: log,
+                };
+                run.code(1);
+                return run;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "touchctl neither started nor stopped:\n{log}"
         );
     }
 }
