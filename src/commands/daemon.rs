@@ -67,6 +67,7 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         max_body: args.max_body,
         max_queued: args.max_queued,
         client_timeout: args.client_timeout,
+        max_connections: args.max_connections.map(|n| n as usize),
         drain: args.drain_timeout,
         retention: args.retention,
     };

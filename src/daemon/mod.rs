@@ -5,6 +5,7 @@
 //! start.
 
 pub mod api;
+pub mod listen;
 pub mod live;
 pub mod metrics;
 pub mod reconcile;
@@ -65,6 +66,8 @@ pub struct Config {
     pub max_queued: u64,
     /// How long a request may take to send its headers, and its body.
     pub client_timeout: Duration,
+    /// API connections served at once; `None` for half the open-file limit (see [`listen`]).
+    pub max_connections: Option<usize>,
     /// How long to wait for in-flight work when stopping.
     pub drain: Duration,
     /// How long fully delivered dispatches are kept; zero keeps them all.
@@ -275,12 +278,10 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             "took over the queue from a daemon that is gone (pid {pid}, since {since}); its unfinished batches are sent again"
         ));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = listen::bind(config.listen).map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: config.listen,
         source,
@@ -366,12 +367,18 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         ))
     });
     tokio::spawn(release_memory(queue.clone(), stop_rx.clone()));
+    let (max_connections, warning) =
+        listen::max_connections(config.max_connections, listen::open_file_limit());
+    if let Some(w) = warning {
+        log(&w);
+    }
     let server = tokio::spawn(serve(
         listener,
         api::router(app.clone()),
         stop_rx,
         config.client_timeout,
         config.drain,
+        max_connections,
     ));
     log(&format!(
         "listening on http://{addr} (source {}, {}, registry {}, queue {})",
@@ -596,35 +603,69 @@ fn watch_files(
     Ok(debouncer)
 }
 
-/// Serves HTTP/1.1 until `stop`, cutting off clients that take longer than `client_timeout` to
-/// send their headers; then finishes the open connections (up to `drain`).
+/// Serves HTTP/1.1 until `stop`, at most `max_connections` connections at once (the next ones
+/// wait in the listen queue), pausing after failed accepts (see [`listen`]) and cutting off clients
+/// that take longer than `client_timeout` to send their headers; then finishes the open
+/// connections (up to `drain`).
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
     client_timeout: Duration,
     drain: Duration,
+    max_connections: usize,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut backoff = listen::Backoff::default();
+    let mut full = listen::FullLog::default();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let service = hyper_util::service::TowerToHyperService::new(router.clone());
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(client_timeout)
-                    .keep_alive(true);
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            _ = stop.changed() => break,
+        if slots.available_permits() == 0
+            && let Some(line) = full.full(max_connections, Instant::now())
+        {
+            log(&line);
         }
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) if listen::is_connection_error(&e) => continue,
+            Err(e) => {
+                let (pause, line) = backoff.failed(&e, Instant::now());
+                if let Some(line) = line {
+                    log(&line);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(client_timeout)
+            .keep_alive(true);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())

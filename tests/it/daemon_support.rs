@@ -37,6 +37,13 @@ impl Project {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        self.spawn_daemon(cmd)
+    }
+
+    /// Starts the daemon `cmd` runs (its standard error is read for the address); waits until it
+    /// listens.
+    pub fn spawn_daemon(&self, mut cmd: std::process::Command) -> Daemon {
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start the daemon");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
@@ -356,4 +363,11 @@ pub fn custom_touchpoint(id: &str, url: &str, batch_size: u32, extra: &str) -> S
     format!(
         "id = \"{id}\"\nname = \"{id}\"\nkind = \"custom\"\ncategory = \"notification\"\nurl = \"{url}/hook/{id}\"\nallow_insecure = true\nauth_token = {{ env = \"SINK_TOKEN\" }}\nbatch_size = {batch_size}\n{extra}\n[retry]\nattempts = 20\nbackoff = \"20ms\"\nmax_backoff = \"200ms\"\n\n[dynamic_params]\nphone = \"user.phone\"\nmember_id = \"user.member_id\"\n\n[[template_params]]\nname = \"text\"\ntype = \"string\"\nmax_length = 70\n"
     )
+}
+
+impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
 }

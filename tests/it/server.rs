@@ -2,13 +2,15 @@
 //! connection floods at a low open-file limit, many large triggers at once, weak API tokens.
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::daemon_support::{PATIENCE, custom_touchpoint, http, users};
+use crate::daemon_support::{Daemon, PATIENCE, custom_touchpoint, http, users};
 use crate::support::{Project, Run};
 
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
@@ -137,4 +139,119 @@ fn refused_start(p: &Project, args: &[&str], env: &[(&str, &str)]) -> Run {
             "touchctl neither started nor stopped:\n{log}"
         );
     }
+}
+
+/// The daemon `touchctl daemon --insecure-no-auth` with `more` arguments, limited to 128 open files.
+fn daemon_with_few_files(p: &Project, more: &[&str]) -> Daemon {
+    let mut args = vec!["daemon", "--listen", "127.0.0.1:0", "--insecure-no-auth"];
+    args.extend_from_slice(more);
+    let mut cmd = p.command(&args);
+    cmd.env_remove("TOUCHCTL_API_TOKEN").stdout(Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 128,
+                rlim_max: 128,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    p.spawn_daemon(cmd)
+}
+
+/// `n` connections to the daemon that send nothing.
+fn idle_connections(d: &Daemon, n: usize) -> Vec<TcpStream> {
+    let addr = d.url.trim_start_matches("http://");
+    (0..n)
+        .map(|i| TcpStream::connect(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect()
+}
+
+/// CPU time (user and system) the process has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // The fields after the command name (which may hold spaces) start with the state, field 3;
+    // utime and stime are fields 14 and 15, in clock ticks.
+    let after = &stat[stat.rfind(')').expect("a command name") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf reads a constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// The CPU time the process uses over `window`, against the wall clock.
+fn cpu_share(pid: u32, window: Duration) -> f64 {
+    let (cpu, wall) = (cpu_time(pid), Instant::now());
+    std::thread::sleep(window);
+    (cpu_time(pid) - cpu).as_secs_f64() / wall.elapsed().as_secs_f64()
+}
+
+/// Waits until the daemon's log holds `text`.
+fn wait_for_log(d: &Daemon, text: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while !d.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never logged {text:?}:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Out of file descriptors (a cap above the open-file limit, and 300 idle connections at a limit
+/// of 128), the accept loop pauses instead of spinning a core, says what to do, and serves again
+/// once connections close.
+#[test]
+fn accept_loop_on_emfile_does_not_spin() {
+    let p = Project::empty();
+    let d = daemon_with_few_files(&p, &["--max-connections", "1000"]);
+    assert!(
+        d.log()
+            .contains("--max-connections 1000 is more than half the open-file limit (128)"),
+        "{}",
+        d.log()
+    );
+    let flood = idle_connections(&d, 300);
+    wait_for_log(&d, "out of file descriptors");
+    let share = cpu_share(d.pid(), Duration::from_secs(3));
+    assert!(
+        share < 0.2,
+        "the daemon used {:.0}% of a core while out of file descriptors:\n{}",
+        share * 100.0,
+        d.log()
+    );
+    drop(flood);
+    let (code, _) = d.call("GET", "/v1/status", None);
+    assert_eq!(code, 200);
+}
+
+/// With the default cap (half the open-file limit), a flood of idle connections never uses up the
+/// descriptors: the API answers while the flood is held (each idle connection is closed after
+/// --client-timeout, making room for the next), and the daemon stays idle meanwhile.
+#[test]
+fn a_flood_of_idle_connections_does_not_starve_the_api() {
+    let p = Project::empty();
+    let d = daemon_with_few_files(&p, &["--client-timeout", "1s"]);
+    let flood = idle_connections(&d, 300);
+    wait_for_log(&d, "all 64 API connections are in use (--max-connections)");
+    let share = cpu_share(d.pid(), Duration::from_secs(2));
+    let (code, _) = d.call("GET", "/v1/status", None);
+    assert_eq!(code, 200);
+    drop(flood);
+    assert!(
+        share < 0.2,
+        "the daemon used {:.0}% of a core",
+        share * 100.0
+    );
+    assert!(
+        !d.log().contains("cannot accept"),
+        "the cap kept descriptors free:\n{}",
+        d.log()
+    );
 }
