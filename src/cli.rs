@@ -223,6 +223,11 @@ pub struct DaemonArgs {
     /// Largest request body, in bytes (413 beyond).
     #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
     pub max_body: usize,
+    /// Bytes of request bodies held in memory at once, from the first byte received until the
+    /// trigger is stored; a trigger past it gets 503 with Retry-After. At least --max-body
+    /// (default: twice --max-body, 128 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_memory: Option<usize>,
     /// Most recipients the queue holds before new triggers get 503 with Retry-After.
     #[arg(long, default_value_t = 10_000_000, value_name = "N")]
     pub max_queued: u64,

@@ -5,6 +5,7 @@
 //! start.
 
 pub mod api;
+pub mod body;
 pub mod listen;
 pub mod live;
 pub mod metrics;
@@ -62,6 +63,8 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Largest request body accepted.
     pub max_body: usize,
+    /// Bytes of request bodies held at once (see [`body`]); at least `max_body`.
+    pub max_body_memory: usize,
     /// Most recipients the queue holds before triggers get 503.
     pub max_queued: u64,
     /// How long a request may take to send its headers, and its body.
@@ -129,6 +132,8 @@ pub struct App {
     pub limits: Limits,
     /// About the daemon.
     pub info: Info,
+    /// The bytes of request bodies held at once.
+    pub bodies: body::Budget,
     /// Triggers being read, checked and handed to the queue at once: at most two per core (see
     /// `intake_permits`). A trigger lets go of its permit before it waits for the disk.
     pub intake: Arc<tokio::sync::Semaphore>,
@@ -185,6 +190,16 @@ pub enum StartError {
         "the API token may hold only visible ASCII characters (no spaces, tabs or line breaks): make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
     )]
     UnsendableToken,
+    /// The body memory budget cannot hold one body of the largest size.
+    #[error(
+        "--max-body-memory ({budget} bytes) is smaller than --max-body ({max_body} bytes), so the largest trigger could never be read: raise --max-body-memory or lower --max-body"
+    )]
+    BodyMemory {
+        /// `--max-body-memory`.
+        budget: usize,
+        /// `--max-body`.
+        max_body: usize,
+    },
     /// `--insecure-no-auth` on a non-loopback address.
     #[error(
         "--insecure-no-auth is only allowed on a loopback address ({0} is not): anyone who can reach it could dispatch"
@@ -257,6 +272,12 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             return Err(StartError::OpenToTheNetwork(config.listen));
         }
     }
+    if config.max_body_memory < config.max_body {
+        return Err(StartError::BodyMemory {
+            budget: config.max_body_memory,
+            max_body: config.max_body,
+        });
+    }
     // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut client = reqwest::Client::builder()
@@ -307,6 +328,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             registry: registry.describe(),
             queue: config.queue.display().to_string(),
         },
+        bodies: body::Budget::new(config.max_body_memory),
         intake: Arc::new(tokio::sync::Semaphore::new(intake_permits())),
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),
