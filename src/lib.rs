@@ -18,6 +18,7 @@
 //! | [`channel`] | the wire format of each channel: request, signing, what an answer means |
 //! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
 //! | [`store`] | owner-only SQLite files shared by the registry and the queue |
+//! | [`term`] | text from files, endpoints and users escaped for a terminal (control and bidi characters) |
 //! | [`allocator`] | the binary allocator's tuning (how long freed memory is kept) |
 
 pub mod allocator;
@@ -34,3 +35,4 @@ pub mod planner;
 pub mod registry;
 pub mod schema;
 pub mod store;
+pub mod term;

@@ -10,9 +10,10 @@ use serde_json::json;
 use touchctl::daemon::{self, reconcile::Source};
 use touchctl::dispatch::queue::{Filter, Queue};
 use touchctl::model::Secret;
+use touchctl::term::{self, escape};
 
 use super::{FAILED, OK};
-use crate::cli::{DaemonArgs, DeliveriesCommand, Global, ValidateFormat};
+use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global};
 
 /// The queue file: given, or `queue.db` beside the registry file.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
@@ -94,20 +95,20 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
     let queue = Queue::open(&path)?;
     match command {
         DeliveriesCommand::List {
-            status,
+            only,
             touchpoint,
             dispatch,
             limit,
             format,
         } => {
             let batches = queue.batches(&Filter {
-                state: status.clone(),
+                state: only.map(|s| s.as_str().to_string()),
                 touchpoint: touchpoint.clone(),
                 dispatch_id: dispatch.clone(),
                 limit: *limit,
             })?;
-            if *format == ValidateFormat::Json {
-                println!("{}", serde_json::to_string_pretty(&batches)?);
+            if *format == DeliveriesFormat::Json {
+                println!("{}", term::json(serde_json::to_string_pretty(&batches)?));
                 return Ok(OK);
             }
             if batches.is_empty() {
@@ -119,16 +120,17 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 "batch", "touchpoint", "state", "delivered", "remaining", "failed", "attempts"
             );
             for b in &batches {
+                // What an endpoint answered, and ids, are escaped: they reach a terminal.
                 let note = match (&b.held, &b.last_error) {
-                    (Some(h), _) => format!("held: {h}"),
-                    (None, Some(e)) => e.clone(),
+                    (Some(h), _) => format!("held: {}", escape(h)),
+                    (None, Some(e)) => escape(e).into_owned(),
                     (None, None) => String::new(),
                 };
                 println!(
                     "{:<40} {:<16} {:<9} {:>9} {:>9} {:>6} {:>8}  {} {}",
-                    b.id,
-                    b.touchpoint,
-                    b.state,
+                    escape(&b.id),
+                    escape(&b.touchpoint),
+                    escape(&b.state),
                     b.delivered,
                     b.remaining,
                     b.failed,
@@ -146,31 +148,32 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             })?;
             let Some(info) = found.into_iter().find(|b| &b.id == batch) else {
                 bail!(
-                    "no batch `{batch}` in {}: `touchctl deliveries list` shows them",
+                    "no batch `{}` in {}: `touchctl deliveries list` shows them",
+                    escape(batch),
                     path.display()
                 );
             };
             let (attempts, failures) = queue.history(batch)?;
-            if *format == ValidateFormat::Json {
+            if *format == DeliveriesFormat::Json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
+                    term::json(serde_json::to_string_pretty(
                         &json!({"batch": info, "attempts": attempts, "failed_recipients": failures})
-                    )?
+                    )?)
                 );
                 return Ok(OK);
             }
             println!(
                 "batch {} ({} of {} in dispatch {}) to `{}`: {}{}",
-                info.id,
+                escape(&info.id),
                 info.index + 1,
                 info.count,
-                info.dispatch_id,
-                info.touchpoint,
-                info.state,
+                escape(&info.dispatch_id),
+                escape(&info.touchpoint),
+                escape(&info.state),
                 info.held
                     .as_deref()
-                    .map(|h| format!(", held: {h}"))
+                    .map(|h| format!(", held: {}", escape(h)))
                     .unwrap_or_default()
             );
             println!(
@@ -193,10 +196,10 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                     a.recipients,
                     a.error
                         .as_deref()
-                        .map(|e| format!(": {e}"))
+                        .map(|e| format!(": {}", escape(e)))
                         .unwrap_or_default()
                 );
-                println!("       → {}", a.outcome);
+                println!("       → {}", escape(&a.outcome));
             }
             if attempts.is_empty() {
                 println!("    none yet");
@@ -204,7 +207,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             if !failures.is_empty() {
                 println!("  failed recipients:");
                 for f in &failures {
-                    println!("    {}: {}", f.user_id, f.reason);
+                    println!("    {}: {}", escape(&f.user_id), escape(&f.reason));
                 }
             }
             Ok(OK)
@@ -222,7 +225,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             let replayed = queue.replay(batches, touchpoint.as_deref())?;
             let missing: Vec<&String> = batches.iter().filter(|b| !replayed.contains(b)).collect();
             for id in &replayed {
-                println!("replayed {id}");
+                println!("replayed {}", escape(id));
             }
             println!("{} batch(es) back in the queue.", replayed.len());
             if !missing.is_empty() {
@@ -230,7 +233,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                     "error: not dead (or unknown), so not replayed: {}",
                     missing
                         .iter()
-                        .map(|s| s.as_str())
+                        .map(|s| escape(s))
                         .collect::<Vec<_>>()
                         .join(", ")
                 );

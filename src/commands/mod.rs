@@ -17,6 +17,7 @@ use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
 use touchctl::planner::{BaseError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
+use touchctl::term::{self, escape};
 
 use crate::cli::{Cli, ColorChoice, Command, Global, PlanFormat, ValidateFormat};
 
@@ -29,15 +30,16 @@ const CHANGES: u8 = 2;
 
 /// Runs the parsed command line and returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
-    let g = &cli.global;
+    let g = &cli.global();
     match &cli.command {
-        Command::Validate { format } => validate(g, *format),
+        Command::Validate { format, .. } => validate(g, *format),
         Command::Schema { check, out } => schema_cmd(*check, out),
         Command::Plan {
             format,
             out,
             detailed_exitcode,
             base,
+            ..
         } => plan_cmd(
             g,
             *format,
@@ -51,6 +53,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             allow_delete,
             max_deletes,
             allow_dirty,
+            ..
         } => apply_cmd(
             g,
             plan.as_deref(),
@@ -62,16 +65,20 @@ pub fn run(cli: Cli) -> Result<u8> {
                 applied_by: whoami(),
             },
         ),
-        Command::Import { ids, all, out } => import_cmd(g, ids, *all, out.as_deref()),
+        Command::Import { ids, all, out, .. } => import_cmd(g, ids, *all, out.as_deref()),
         Command::Daemon(args) => daemon::daemon_cmd(g, args),
         Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
-        Command::Deliveries { command, queue } => {
+        Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }
-        Command::ForceUnlock { lock_id } => {
+        Command::ForceUnlock { lock_id, .. } => {
             let registry = open_registry(g)?;
             let held = registry.force_unlock(lock_id)?;
-            println!("Removed lock {} ({held}).", held.lock_id);
+            println!(
+                "Removed lock {} ({}).",
+                escape(&held.lock_id),
+                escape(&held.to_string())
+            );
             Ok(OK)
         }
     }
@@ -152,7 +159,7 @@ fn validate(g: &Global, format: ValidateFormat) -> Result<u8> {
                 "touchpoints": count,
                 "diagnostics": diagnostics,
             });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            println!("{}", term::json(serde_json::to_string_pretty(&doc)?));
         }
         ValidateFormat::Text => {
             for d in &diagnostics {
@@ -252,13 +259,13 @@ fn plan_cmd(
             .with_context(|| format!("cannot write the plan to {}", path.display()))?;
     }
     match format {
-        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        PlanFormat::Json => println!("{}", term::json(serde_json::to_string_pretty(&plan)?)),
         PlanFormat::Markdown => print!("{}", render_markdown(&plan)),
         PlanFormat::Text => {
             print!("{}", render_text(&plan, TextOptions { color: color(g) }));
             if g.verbose {
                 for c in plan.changes.iter().filter(|c| c.action == Action::NoOp) {
-                    println!("  = {} ({}) unchanged", c.id, c.kind);
+                    println!("  = {} ({}) unchanged", escape(&c.id), escape(&c.kind));
                 }
             }
         }
@@ -322,7 +329,10 @@ fn apply_cmd(
     let saved_plan = saved.map(read_saved_plan).transpose()?;
     let guard = LockGuard::acquire(&registry, "apply")?;
     if let Some(old) = &guard.recovered {
-        eprintln!("warning: recovered the registry lock left by a process that is gone ({old})");
+        eprintln!(
+            "warning: recovered the registry lock left by a process that is gone ({})",
+            escape(&old.to_string())
+        );
     }
     let plan = match saved_plan {
         Some(plan) => {
@@ -353,10 +363,11 @@ fn apply_cmd(
             Action::Delete => "delete",
             Action::NoOp => "keep",
         };
+        let id = escape(&o.id);
         match &o.result {
-            Ok(Some(generation)) => println!("  {verb} {}: done (generation {generation})", o.id),
-            Ok(None) => println!("  {verb} {}: done", o.id),
-            Err(e) => println!("  {verb} {}: FAILED: {e}", o.id),
+            Ok(Some(generation)) => println!("  {verb} {id}: done (generation {generation})"),
+            Ok(None) => println!("  {verb} {id}: done"),
+            Err(e) => println!("  {verb} {id}: FAILED: {}", escape(&e.to_string())),
         }
     };
     let outcomes = apply::execute(&plan, &registry, &opts, &mut progress);
@@ -378,12 +389,12 @@ fn apply_cmd(
         println!("\nApply complete: {landed}.");
         return Ok(OK);
     }
-    let landed_ids: Vec<&str> = outcomes
+    let landed_ids: Vec<_> = outcomes
         .iter()
         .filter(|o| o.result.is_ok())
-        .map(|o| o.id.as_str())
+        .map(|o| escape(&o.id))
         .collect();
-    let failed_ids: Vec<&str> = failed.iter().map(|o| o.id.as_str()).collect();
+    let failed_ids: Vec<_> = failed.iter().map(|o| escape(&o.id)).collect();
     println!(
         "\nApply incomplete: {} of {} change(s) landed ({landed}).\n  landed: {}\n  not applied: {}\nThe registry holds every change that landed; fix the cause and run apply again to converge.",
         landed_ids.len(),
@@ -442,15 +453,15 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         match written_file {
             Ok(warnings) => {
                 written += 1;
+                let shown = escape(&path.display().to_string()).into_owned();
                 println!(
-                    "wrote {} ({} `{}`, generation {})",
-                    path.display(),
-                    live.kind,
-                    live.id,
+                    "wrote {shown} ({} `{}`, generation {})",
+                    escape(&live.kind),
+                    escape(&live.id),
                     live.generation
                 );
                 for w in warnings {
-                    eprintln!("warning: {}: {w}", path.display());
+                    eprintln!("warning: {shown}: {}", escape(&w));
                 }
             }
             Err(e) => problems.push(format!("{}: {e}", live.id)),
@@ -462,7 +473,7 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         );
     }
     for p in &problems {
-        eprintln!("error: {p}");
+        eprintln!("error: {}", escape(p));
     }
     Ok(if problems.is_empty() { OK } else { FAILED })
 }

@@ -27,9 +27,15 @@ use live::LiveSet;
 use metrics::Metrics;
 use reconcile::{Report, Settings, Source};
 
-/// Writes one log line to standard error, with a timestamp.
+/// Writes one log line to standard error, with a timestamp. The message is escaped
+/// ([`crate::term::escape`]): it may quote a file, an endpoint or a user, and a log is read in a
+/// terminal too; a line break in it cannot start a line that looks like another entry.
 pub fn log(message: &str) {
-    eprintln!("{} touchctl: {message}", crate::registry::now());
+    eprintln!(
+        "{} touchctl: {}",
+        crate::registry::now(),
+        crate::term::escape(message)
+    );
 }
 
 /// Everything the daemon is started with.

@@ -365,6 +365,24 @@ pub fn custom_touchpoint(id: &str, url: &str, batch_size: u32, extra: &str) -> S
     )
 }
 
+/// `touchctl dispatch` of `users.ndjson` (in the project) to `touchpoint` of the daemon at
+/// `url`, for campaign `c` with the template param `text=hi`; more arguments may follow.
+pub fn dispatch_args<'a>(url: &'a str, touchpoint: &'a str) -> Vec<&'a str> {
+    vec![
+        "dispatch",
+        "--url",
+        url,
+        "--touchpoint",
+        touchpoint,
+        "--campaign",
+        "c",
+        "--users",
+        "users.ndjson",
+        "--param",
+        "text=hi",
+    ]
+}
+
 impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {

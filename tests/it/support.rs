@@ -229,3 +229,13 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Runs a command built with [`Project::command`] (and changed as a test needs) to completion.
+pub fn run_command(cmd: &mut Command) -> Run {
+    let out = cmd.output().expect("run touchctl");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
