@@ -209,12 +209,22 @@ mod tests {
         is_public(&text.parse().unwrap_or_else(|e| panic!("{text}: {e}")))
     }
 
+    /// Fails naming every address of `cases` (address, what it is) that passes the check.
+    #[track_caller]
+    fn assert_refused(cases: &[(&str, &str)]) {
+        let passed: Vec<String> = cases
+            .iter()
+            .filter(|(ip, _)| public(ip))
+            .map(|(ip, what)| format!("{ip} ({what})"))
+            .collect();
+        assert!(passed.is_empty(), "passed the check: {passed:?}");
+    }
+
     /// The IPv6 forms that passed the check though they lead to a loopback, private or otherwise
     /// non-public IPv4 host, as a URL's host or a resolver's answer gives them.
     #[test]
     fn ipv6_forms_of_private_addresses_are_refused() {
-        let mut passed = Vec::new();
-        for (form, what) in [
+        assert_refused(&[
             ("::127.0.0.1", "IPv4-compatible loopback"),
             ("::10.0.0.1", "IPv4-compatible private"),
             (
@@ -233,18 +243,12 @@ mod tests {
             ("2002:c0a8:101::1", "6to4 of 192.168.1.1"),
             ("2002:a9fe:a9fe::", "6to4 of 169.254.169.254"),
             ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
-        ] {
-            if public(form) {
-                passed.push(format!("{form} ({what})"));
-            }
-        }
-        assert!(passed.is_empty(), "passed the check: {passed:?}");
+        ]);
     }
 
     #[test]
     fn special_ipv6_ranges_are_refused() {
-        let mut passed = Vec::new();
-        for (ip, what) in [
+        assert_refused(&[
             ("::", "unspecified"),
             ("::1", "loopback"),
             ("100::1", "discard-only"),
@@ -261,18 +265,12 @@ mod tests {
             ("ff02::1", "multicast"),
             ("4000::1", "unassigned"),
             ("1::1", "unassigned"),
-        ] {
-            if public(ip) {
-                passed.push(format!("{ip} ({what})"));
-            }
-        }
-        assert!(passed.is_empty(), "passed the check: {passed:?}");
+        ]);
     }
 
     #[test]
     fn special_ipv4_ranges_are_refused() {
-        let mut passed = Vec::new();
-        for (ip, what) in [
+        assert_refused(&[
             ("0.0.0.0", "this network"),
             ("0.1.2.3", "this network"),
             ("10.1.2.3", "private"),
@@ -295,12 +293,7 @@ mod tests {
             ("239.255.255.250", "multicast"),
             ("240.0.0.1", "reserved"),
             ("255.255.255.255", "broadcast"),
-        ] {
-            if public(ip) {
-                passed.push(format!("{ip} ({what})"));
-            }
-        }
-        assert!(passed.is_empty(), "passed the check: {passed:?}");
+        ]);
     }
 
     #[test]
