@@ -401,9 +401,18 @@ pub struct DaemonArgs {
     /// Largest request body, in bytes (413 beyond).
     #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
     pub max_body: usize,
+    /// Bytes of request bodies held in memory at once, from the first byte received until the
+    /// trigger is stored; a trigger past it gets 503 with Retry-After. At least --max-body
+    /// (default: twice --max-body, 128 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_memory: Option<usize>,
     /// Most recipients the queue holds before new triggers get 503 with Retry-After.
     #[arg(long, default_value_t = 10_000_000, value_name = "N")]
     pub max_queued: u64,
+    /// API connections served at once; the next ones wait until one closes (default: half the
+    /// open-file limit, `ulimit -n`, at most 1024).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
     /// How long a client may take to send its request headers, and its body.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub client_timeout: std::time::Duration,

@@ -15,7 +15,7 @@
 //! | [`git`] | what commit the files came from; the files at another revision |
 //! | [`import`] | writing the TOML file of a live touchpoint |
 //! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
-//! | [`channel`] | the wire format of each channel: request, signing, what an answer means |
+//! | [`channel`] | the wire format of each channel: request, signing, what an answer means; the network guard |
 //! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
 //! | [`term`] | text from files, endpoints and users escaped for a terminal (control and bidi characters) |
 //! | [`store`] | owner-only SQLite files shared by the registry and the queue, created whole |

@@ -66,8 +66,12 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         concurrency: args.concurrency,
         max_in_flight: args.max_in_flight,
         max_body: args.max_body,
+        max_body_memory: args
+            .max_body_memory
+            .unwrap_or(args.max_body.saturating_mul(2)),
         max_queued: args.max_queued,
         client_timeout: args.client_timeout,
+        max_connections: args.max_connections.map(|n| n as usize),
         drain: args.drain_timeout,
         retention: args.retention,
         lease_ttl: args.lease_ttl,

@@ -5,6 +5,8 @@
 //! start.
 
 pub mod api;
+pub mod body;
+pub mod listen;
 pub mod live;
 pub mod metrics;
 pub mod reconcile;
@@ -67,10 +69,14 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Largest request body accepted.
     pub max_body: usize,
+    /// Bytes of request bodies held at once (see [`body`]); at least `max_body`.
+    pub max_body_memory: usize,
     /// Most recipients the queue holds before triggers get 503.
     pub max_queued: u64,
     /// How long a request may take to send its headers, and its body.
     pub client_timeout: Duration,
+    /// API connections served at once; `None` for half the open-file limit (see [`listen`]).
+    pub max_connections: Option<usize>,
     /// How long to wait for in-flight work when stopping.
     pub drain: Duration,
     /// How long fully delivered dispatches are kept; zero keeps them all.
@@ -134,6 +140,8 @@ pub struct App {
     pub limits: Limits,
     /// About the daemon.
     pub info: Info,
+    /// The bytes of request bodies held at once.
+    pub bodies: body::Budget,
     /// Triggers being read, checked and handed to the queue at once: at most two per core (see
     /// `intake_permits`). A trigger lets go of its permit before it waits for the disk.
     pub intake: Arc<tokio::sync::Semaphore>,
@@ -156,6 +164,22 @@ impl App {
     }
 }
 
+/// The fewest characters an API token may have: 32 hex digits are 128 random bits, out of reach
+/// of guessing at any rate the API can answer.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Refuses an API token a client could guess, or could not send.
+fn check_token(token: &Secret) -> Result<(), StartError> {
+    let text = token.expose();
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(StartError::UnsendableToken);
+    }
+    if text.len() < MIN_TOKEN_LEN {
+        return Err(StartError::ShortToken(text.len()));
+    }
+    Ok(())
+}
+
 /// Why the daemon could not start, or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -164,6 +188,26 @@ pub enum StartError {
         "the API needs a token: set TOUCHCTL_API_TOKEN (or --api-token-file FILE); to run without one, listen on a loopback address and pass --insecure-no-auth"
     )]
     NoToken,
+    /// The API token is too short to resist guessing.
+    #[error(
+        "the API token is {0} characters long; it must be at least {MIN_TOKEN_LEN}, from a random source: make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
+    )]
+    ShortToken(usize),
+    /// The API token has characters a client cannot send in an `Authorization` header.
+    #[error(
+        "the API token may hold only visible ASCII characters (no spaces, tabs or line breaks): make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
+    )]
+    UnsendableToken,
+    /// The body memory budget cannot hold one body of the largest size.
+    #[error(
+        "--max-body-memory ({budget} bytes) is smaller than --max-body ({max_body} bytes), so the largest trigger could never be read: raise --max-body-memory or lower --max-body"
+    )]
+    BodyMemory {
+        /// `--max-body-memory`.
+        budget: usize,
+        /// `--max-body`.
+        max_body: usize,
+    },
     /// `--insecure-no-auth` on a non-loopback address.
     #[error(
         "--insecure-no-auth is only allowed on a loopback address ({0} is not): anyone who can reach it could dispatch"
@@ -234,13 +278,21 @@ fn sync_holds(
 /// Runs the daemon until SIGTERM or Ctrl-C. `ready` is called with the bound address once the API
 /// is listening.
 pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
-    if config.token.is_none() {
+    if let Some(token) = &config.token {
+        check_token(token)?;
+    } else {
         if !config.insecure_no_auth {
             return Err(StartError::NoToken);
         }
         if !config.listen.ip().is_loopback() {
             return Err(StartError::OpenToTheNetwork(config.listen));
         }
+    }
+    if config.max_body_memory < config.max_body {
+        return Err(StartError::BodyMemory {
+            budget: config.max_body_memory,
+            max_body: config.max_body,
+        });
     }
     // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -249,7 +301,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(config.concurrency.max(8));
     if !config.allow_private_network {
-        client = client.dns_resolver(worker::PublicOnly);
+        client = client.dns_resolver(crate::channel::net_guard::PublicOnly);
     }
     let client = client
         .build()
@@ -282,12 +334,10 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         )
         .map_err(StartError::Heartbeat)?
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let listener = listen::bind(config.listen).map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: config.listen,
         source,
@@ -313,6 +363,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             registry: registry.describe(),
             queue: config.queue.display().to_string(),
         },
+        bodies: body::Budget::new(config.max_body_memory),
         intake: Arc::new(tokio::sync::Semaphore::new(intake_permits())),
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),
@@ -373,12 +424,18 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         ))
     });
     tokio::spawn(release_memory(queue.clone(), stop_rx.clone()));
+    let (max_connections, warning) =
+        listen::max_connections(config.max_connections, listen::open_file_limit());
+    if let Some(w) = warning {
+        log(&w);
+    }
     let server = tokio::spawn(serve(
         listener,
         api::router(app.clone()),
         stop_rx,
         config.client_timeout,
         config.drain,
+        max_connections,
     ));
     log(&format!(
         "listening on http://{addr} (source {}, {}, registry {}, queue {})",
@@ -630,35 +687,69 @@ fn watch_files(
     Ok(debouncer)
 }
 
-/// Serves HTTP/1.1 until `stop`, cutting off clients that take longer than `client_timeout` to
-/// send their headers; then finishes the open connections (up to `drain`).
+/// Serves HTTP/1.1 until `stop`, at most `max_connections` connections at once (the next ones
+/// wait in the listen queue), pausing after failed accepts (see [`listen`]) and cutting off clients
+/// that take longer than `client_timeout` to send their headers; then finishes the open
+/// connections (up to `drain`).
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
     client_timeout: Duration,
     drain: Duration,
+    max_connections: usize,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut backoff = listen::Backoff::default();
+    let mut full = listen::FullLog::default();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let service = hyper_util::service::TowerToHyperService::new(router.clone());
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(client_timeout)
-                    .keep_alive(true);
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            _ = stop.changed() => break,
+        if slots.available_permits() == 0
+            && let Some(line) = full.full(max_connections, Instant::now())
+        {
+            log(&line);
         }
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) if listen::is_connection_error(&e) => continue,
+            Err(e) => {
+                let (pause, line) = backoff.failed(&e, Instant::now());
+                if let Some(line) = line {
+                    log(&line);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(client_timeout)
+            .keep_alive(true);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())

@@ -8,7 +8,6 @@
 //! disabled or gone is held in the queue, never dropped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use super::retry::{self, Next};
 use super::segments::Span;
 use super::user::{UserRef, parse_stored, store};
 use crate::channel::custom::{self, Envelope, Request, Response};
+use crate::channel::net_guard;
 use crate::model::{CustomSpec, Secret};
 use crate::store::now_ms;
 
@@ -626,55 +626,12 @@ impl Shared {
             .unwrap_or_else(|e| Err(e.to_string()))
     }
 
-    /// Refuses endpoints on loopback, private and link-local networks unless allowed.
+    /// Refuses endpoints on non-public networks unless allowed (see [`net_guard`]).
     async fn guard(&self, url: &str) -> Result<(), String> {
         if self.allow_private {
             return Ok(());
         }
-        let parsed = url::Url::parse(url).map_err(|e| format!("bad url: {e}"))?;
-        let port = parsed.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<IpAddr> = match parsed.host() {
-            Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
-            Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
-            Some(url::Host::Domain(d)) => match tokio::net::lookup_host((d, port)).await {
-                Ok(it) => it.map(|a| a.ip()).collect(),
-                // Resolution failing is the request's problem, reported (and retried) there.
-                Err(_) => return Ok(()),
-            },
-            None => return Err("the url has no host".into()),
-        };
-        match addrs.iter().find(|ip| !is_public(ip)) {
-            Some(ip) => Err(format!(
-                "refused: {} resolves to {ip}, a loopback, private or link-local address; the daemon sends there only when started with --allow-private-network",
-                parsed.host_str().unwrap_or_default()
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A DNS resolver that drops loopback, private and link-local addresses, so the address checked
-/// is the address connected to (a name cannot resolve to a public address for the check and a
-/// private one for the request).
-pub struct PublicOnly;
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let all: Vec<std::net::SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let public: Vec<std::net::SocketAddr> =
-                all.iter().copied().filter(|a| is_public(&a.ip())).collect();
-            if public.is_empty() {
-                let err: Box<dyn std::error::Error + Send + Sync> = format!(
-                    "{host} resolves only to loopback, private or link-local addresses; the daemon sends there only when started with --allow-private-network"
-                )
-                .into();
-                return Err(err);
-            }
-            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
-        })
+        net_guard::check_url(url).await.map_err(|e| e.to_string())
     }
 }
 
@@ -682,36 +639,6 @@ impl reqwest::dns::Resolve for PublicOnly {
 fn batch_created_ms(id: &str) -> Option<i64> {
     let hex = id.strip_prefix("dsp_")?.get(..11)?;
     i64::from_str_radix(hex, 16).ok()
-}
-
-/// Whether an address is on the public internet (not loopback, private, link-local, unspecified,
-/// shared, documentation or multicast).
-pub fn is_public(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])))
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(&IpAddr::V4(v4));
-            }
-            let seg = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (seg[0] & 0xfe00) == 0xfc00
-                || (seg[0] & 0xffc0) == 0xfe80)
-        }
-    }
 }
 
 fn unreadable(e: &str) -> String {
@@ -945,42 +872,6 @@ mod tests {
         wake.anything();
         wake.queued("sms");
         assert!(wake.wants_claim(&left_out), "anything else always claims");
-    }
-
-    #[test]
-    fn public_addresses_only() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.0.1",
-            "172.16.5.4",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-        ] {
-            let ip: IpAddr = private.parse().unwrap();
-            assert!(!is_public(&ip), "{private}");
-        }
-        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
-            let ip: IpAddr = public.parse().unwrap();
-            assert!(is_public(&ip), "{public}");
-        }
-    }
-
-    #[test]
-    fn the_resolver_drops_private_addresses() {
-        use reqwest::dns::Resolve;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let name: reqwest::dns::Name = "localhost".parse().unwrap();
-        let err = rt.block_on(PublicOnly.resolve(name)).err().unwrap();
-        assert!(err.to_string().contains("--allow-private-network"), "{err}");
     }
 
     #[test]

@@ -691,7 +691,7 @@ fn api_errors_say_what_is_wrong() {
     let p = project(&sink, 500, "");
     let env = [
         ("SINK_TOKEN", "sink-token-value"),
-        ("TOUCHCTL_API_TOKEN", "api-secret-token"),
+        ("TOUCHCTL_API_TOKEN", "api-secret-token-0123456789abcdef"),
     ];
     let d = p.start_daemon(
         &[
@@ -712,7 +712,7 @@ fn api_errors_say_what_is_wrong() {
         )
     };
     let json_body = |v: &Value| serde_json::to_vec(v).unwrap();
-    let tok = Some("api-secret-token");
+    let tok = Some("api-secret-token-0123456789abcdef");
     let (code, e) = post(None, "application/json", json_body(&trigger(1)));
     assert_eq!(
         (code, e["error"]["code"].as_str()),
@@ -804,7 +804,7 @@ fn api_errors_say_what_is_wrong() {
         (404, Some("not_found"))
     );
     // The token never appears in the log.
-    assert!(!d.log().contains("api-secret-token"));
+    assert!(!d.log().contains("api-secret-token-0123456789abcdef"));
     assert!(!d.log().contains("sink-token-value"));
 }
 

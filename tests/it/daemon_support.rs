@@ -37,6 +37,13 @@ impl Project {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        self.spawn_daemon(cmd)
+    }
+
+    /// Starts the daemon `cmd` runs (its standard error is read for the address); waits until it
+    /// listens.
+    pub fn spawn_daemon(&self, mut cmd: std::process::Command) -> Daemon {
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start the daemon");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
@@ -374,4 +381,11 @@ pub fn dispatch_args<'a>(url: &'a str, touchpoint: &'a str) -> Vec<&'a str> {
         "--param",
         "text=hi",
     ]
+}
+
+impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
 }

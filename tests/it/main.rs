@@ -11,5 +11,6 @@ mod help;
 mod plan_apply;
 mod review;
 mod schema;
+mod server;
 mod state;
 mod terminal_escapes;
