@@ -195,8 +195,8 @@ pub struct DaemonArgs {
     /// at REF, e.g. git:main).
     #[arg(long, default_value = "worktree", value_name = "SOURCE")]
     pub source: String,
-    /// How often to reconcile and re-read secrets even without a file event.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    /// How often to reconcile and re-read secrets even without a file event (at least 1s).
+    #[arg(long, default_value = "60s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub interval: std::time::Duration,
     /// Deletes one reconcile may make at most (more refuses the whole reconcile).
     #[arg(long, default_value_t = 5, value_name = "N")]
@@ -226,8 +226,8 @@ pub struct DaemonArgs {
     /// Most recipients the queue holds before new triggers get 503 with Retry-After.
     #[arg(long, default_value_t = 10_000_000, value_name = "N")]
     pub max_queued: u64,
-    /// How long a client may take to send its request headers, and its body.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    /// How long a client may take to send its request headers, and its body (at least 1s).
+    #[arg(long, default_value = "30s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub client_timeout: std::time::Duration,
     /// How long to wait for open requests and in-flight deliveries when stopping.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
@@ -325,4 +325,13 @@ pub enum DeliveriesCommand {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m)"))
+}
+
+/// A duration of a second or more: a shorter period would spin a timer or cut off every client.
+fn parse_second_or_more(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s} is too short: give at least 1s"));
+    }
+    Ok(d)
 }

@@ -360,9 +360,9 @@ pub async fn run(
             })
             .await
             {
-                Ok(Some(due)) => {
-                    Some(Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
-                }
+                Ok(Some(due)) => Instant::now().checked_add(Duration::from_millis(
+                    u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0),
+                )),
                 _ => None,
             };
         }
@@ -737,7 +737,7 @@ fn outcome(
         retry_after,
         retry::unit(),
     ) {
-        Next::RetryAfter(d) => After::RetryAt(now_ms() + d.as_millis() as i64),
+        Next::RetryAfter(d) => After::RetryAt(retry::due_at(now_ms(), d)),
         Next::DeadLetter => After::Dead,
     };
     let mut c = Completion {
