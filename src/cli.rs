@@ -285,7 +285,7 @@ pub enum DeliveriesCommand {
     /// List batches, newest first.
     List {
         /// Only batches in this state.
-        #[arg(long, value_parser = ["pending", "delivered", "dead"], value_name = "STATE")]
+        #[arg(long, value_parser = ["pending", "delivered", "failed", "dead"], value_name = "STATE")]
         status: Option<String>,
         /// Only batches of this touchpoint.
         #[arg(long)]

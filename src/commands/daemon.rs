@@ -70,7 +70,12 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         drain: args.drain_timeout,
         retention: args.retention,
     };
-    runtime()?.block_on(daemon::run(config, |_| {}))?;
+    let rt = runtime()?;
+    let result = rt.block_on(daemon::run(config, |_| {}));
+    // A blocking task still running (a DNS lookup that hangs, say) must not keep a daemon that
+    // has drained and recorded everything from exiting.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result?;
     Ok(OK)
 }
 
@@ -163,7 +168,10 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 info.count,
                 info.dispatch_id,
                 info.touchpoint,
-                info.state,
+                match info.state.as_str() {
+                    "failed" => "failed (every recipient failed for good; none was delivered)",
+                    other => other,
+                },
                 info.held
                     .as_deref()
                     .map(|h| format!(", held: {h}"))
