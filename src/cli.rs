@@ -229,7 +229,8 @@ pub struct DaemonArgs {
     /// How long a client may take to send its request headers, and its body (at least 1s).
     #[arg(long, default_value = "30s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub client_timeout: std::time::Duration,
-    /// How long to wait for open requests and in-flight deliveries when stopping.
+    /// How long to wait for open requests and in-flight deliveries when stopping. Deliveries still
+    /// in flight then are cut off, recorded as interrupted, and sent again on the next start.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
     /// How long a fully delivered dispatch (its batches, attempt log and idempotency key) is kept

@@ -45,10 +45,14 @@ impl Duration {
     }
 
     /// The length in whole milliseconds (every duration a file can write is whole milliseconds,
-    /// and fits: see [`FromStr`]).
+    /// and fits: see [`FromStr`]); a longer one, made in code, saturates.
     pub const fn as_millis(self) -> u64 {
-        // At most u64::MAX ms by construction, so the cast loses nothing.
-        self.0.as_millis() as u64
+        let ms = self.0.as_millis();
+        if ms > u64::MAX as u128 {
+            u64::MAX
+        } else {
+            ms as u64
+        }
     }
 }
 

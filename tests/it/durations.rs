@@ -46,6 +46,21 @@ fn send(d: &Daemon, n: usize) -> String {
     r["dispatch_id"].as_str().expect("dispatch id").to_string()
 }
 
+/// Sends 10 users to `sink` through a daemon, waits until the dispatch is finished and checks how
+/// many recipients were delivered and failed; returns the project and the dispatch's status.
+fn ten_users_to(sink: &Sink, delivered: u64, failed: u64) -> (Project, Value) {
+    let p = applied(&sink.url, "");
+    let d = start(&p, &[]);
+    let id = send(&d, 10);
+    let s = d.wait_finished(&id);
+    assert_eq!(
+        (s["delivered"].as_u64(), s["failed"].as_u64()),
+        (Some(delivered), Some(failed)),
+        "{s}"
+    );
+    (p, s)
+}
+
 /// An endpoint that takes connections, reads what comes and never answers.
 struct Hang {
     url: String,
@@ -187,11 +202,7 @@ fn a_retry_after_of_u64_max_seconds_or_in_the_year_2999_waits_max_backoff() {
         _ => (200, Vec::new(), "{}".into(), Duration::ZERO),
     }));
     // `max_backoff = "200ms"`: no wait may be longer, and with these answers none is shorter.
-    let p = applied(&sink.url, "");
-    let d = start(&p, &[]);
-    let id = send(&d, 10);
-    let s = d.wait_finished(&id);
-    assert_eq!(s["delivered"], 10, "{s}");
+    ten_users_to(&sink, 10, 0);
     let got = sink.received();
     assert_eq!(got.len(), 3);
     for pair in got.windows(2) {
@@ -213,24 +224,20 @@ fn a_2xx_with_an_invalid_failed_list_is_retried_as_a_malformed_answer() {
         };
         (200, Vec::new(), body.into(), Duration::ZERO)
     }));
-    let p = applied(&sink.url, "");
-    let d = start(&p, &[]);
-    let id = send(&d, 10);
-    let s = d.wait_finished(&id);
-    assert_eq!(
-        (s["delivered"].as_u64(), s["failed"].as_u64()),
-        (Some(10), Some(0)),
-        "{s}"
-    );
+    let (p, s) = ten_users_to(&sink, 10, 0);
     let got = sink.received();
     assert_eq!(got.len(), 2, "the whole batch is sent again");
     assert_eq!(got[1].body["recipients"].as_array().map(Vec::len), Some(10));
-    p.run(&["deliveries", "show", &format!("{id}_0")])
-        .code(0)
-        .stdout_has("HTTP 200 with a malformed answer: `failed` is a string, not a list")
-        .stdout_has("the whole batch is tried again")
-        .stdout_has("→ retry")
-        .stdout_has("→ delivered");
+    p.run(&[
+        "deliveries",
+        "show",
+        &format!("{}_0", s["dispatch_id"].as_str().unwrap()),
+    ])
+    .code(0)
+    .stdout_has("HTTP 200 with a malformed answer: `failed` is a string, not a list")
+    .stdout_has("the whole batch is tried again")
+    .stdout_has("→ retry")
+    .stdout_has("→ delivered");
 }
 
 #[test]
@@ -246,18 +253,10 @@ fn a_batch_whose_recipients_all_failed_shows_failed_not_delivered() {
         let answer = json!({ "failed": failed }).to_string();
         (200, Vec::new(), answer, Duration::ZERO)
     }));
-    let p = applied(&sink.url, "");
-    let d = start(&p, &[]);
-    let id = send(&d, 10);
-    let s = d.wait_finished(&id);
-    assert_eq!(
-        (s["delivered"].as_u64(), s["failed"].as_u64()),
-        (Some(0), Some(10)),
-        "{s}"
-    );
+    let (p, s) = ten_users_to(&sink, 0, 10);
     assert_eq!(s["batches"]["failed"], 1, "{s}");
     assert_eq!(s["batches"]["delivered"], 0, "{s}");
-    let batch = format!("{id}_0");
+    let batch = format!("{}_0", s["dispatch_id"].as_str().unwrap());
     let list = p.run(&["deliveries", "list"]);
     list.code(0);
     let row = list
