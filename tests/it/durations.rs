@@ -321,3 +321,39 @@ fn daemon_interval_0s_is_refused_instead_of_starting_without_its_timer() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_live_timeout_of_0s_from_an_older_version_holds_the_touchpoint_until_applied_again() {
+    let sink = Sink::ok();
+    let p = applied(&sink.url, "");
+    // What an older touchctl let through, and applied.
+    p.state_db()
+        .execute(
+            "UPDATE touchpoints SET spec = json_set(spec, '$.timeout', '0s') WHERE id = 'sms'",
+            [],
+        )
+        .expect("tamper with the registry");
+    let d = start(&p, &[]);
+    let sms = |d: &Daemon| {
+        let (code, body) = d.call("GET", "/v1/touchpoints", None);
+        assert_eq!(code, 200, "{body}");
+        body["touchpoints"]
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["id"] == "sms"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no sms in {body}"))
+    };
+    let held = sms(&d);
+    assert_eq!(held["ready"], false, "{held}");
+    let reason = held["held"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("`0s` is out of range: write a duration from 1s to 5m")
+            && reason.contains("correct its file and apply it"),
+        "{reason}"
+    );
+    // Applying the file (timeout 15s by default) makes it live again.
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    wait_until("sms never became ready", || sms(&d)["ready"] == true);
+    let id = send(&d, 10);
+    assert_eq!(d.wait_finished(&id)["delivered"], 10);
+}
