@@ -576,29 +576,30 @@ impl Shared {
             Some((wire, _)) => wire.count,
             None => users.len() as u32,
         };
-        let sending = async {
-            let guard = match &parsed {
-                Err(e) => Err(e.clone()),
-                Ok(_) => self.guard(&target.spec.url).await,
-            };
-            match guard {
-                Err(error) => Response::Final {
-                    status: None,
-                    error,
-                },
-                Ok(()) => {
-                    let env = Envelope {
-                        touchpoint: &batch.touchpoint,
-                        campaign: &batch.campaign,
-                        dispatch_id: &batch.dispatch_id,
-                        index: batch.index,
-                        count: batch.count,
-                        template: &batch.template_params,
-                    };
-                    let body = match &wire {
-                        Some((wire, _)) => custom::body_with(&env, &wire.recipients),
-                        None => custom::body(&env, users, &target.mapping),
-                    };
+        let guard = match &parsed {
+            Err(e) => Err(e.clone()),
+            Ok(_) => self.guard(&target.spec.url).await,
+        };
+        let response = match guard {
+            Err(error) => Some(Response::Final {
+                status: None,
+                error,
+            }),
+            Ok(()) => {
+                let env = Envelope {
+                    touchpoint: &batch.touchpoint,
+                    campaign: &batch.campaign,
+                    dispatch_id: &batch.dispatch_id,
+                    index: batch.index,
+                    count: batch.count,
+                    template: &batch.template_params,
+                };
+                let body = match &wire {
+                    Some((wire, _)) => custom::body_with(&env, &wire.recipients),
+                    None => custom::body(&env, users, &target.mapping),
+                };
+                unless_cut(
+                    &self.cut,
                     custom::send(
                         &self.client,
                         Request {
@@ -609,35 +610,21 @@ impl Shared {
                             body,
                             timeout: target.spec.timeout.get(),
                         },
-                    )
-                    .await
-                }
+                    ),
+                )
+                .await
             }
         };
-        let mut cut = self.cut.clone();
-        let response = tokio::select! {
-            response = sending => response,
-            // Dropping `sending` closes the connection: the endpoint may or may not have taken
-            // the batch, as after a timeout, and it comes again with the same `webhook-id`.
-            _ = cut.wait_for(|cut| *cut) => {
-                let completion = interrupted(
-                    &batch,
-                    &target,
-                    recipients,
-                    started_ms,
-                    started.elapsed(),
-                    self.drain,
-                );
-                self.observer.attempt(
-                    &batch.touchpoint,
-                    "interrupted",
-                    started.elapsed(),
-                    0,
-                    0,
-                );
-                let _ = self.record.send(completion);
-                return;
-            }
+        // Cut off: the request was dropped, which closed its connection. The endpoint may or may
+        // not have taken the batch, as after a timeout; it comes again with the same `webhook-id`.
+        let Some(response) = response else {
+            let latency = started.elapsed();
+            let completion =
+                interrupted(&batch, &target, recipients, started_ms, latency, self.drain);
+            self.observer
+                .attempt(&batch.touchpoint, "interrupted", latency, 0, 0);
+            let _ = self.record.send(completion);
+            return;
         };
         let latency = started.elapsed();
         if attempt == 1 {
@@ -793,6 +780,20 @@ pub fn is_public(ip: &IpAddr) -> bool {
 
 fn unreadable(e: &str) -> String {
     format!("the stored batch cannot be read ({e}); this is a touchctl bug, please report it")
+}
+
+/// `work`'s output, or `None` if the drain timeout runs out first (`cut` turns true), which drops
+/// `work` unfinished.
+async fn unless_cut<T>(
+    cut: &watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut cut = cut.clone();
+    tokio::select! {
+        done = work => Some(done),
+        // A sender gone is a stop as well.
+        _ = cut.wait_for(|cut| *cut) => None,
+    }
 }
 
 /// The record of an attempt cut off by the end of a drain (see [`After::Interrupted`]).
