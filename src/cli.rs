@@ -136,8 +136,10 @@ pub enum DeliveriesFormat {
 pub enum BatchState {
     /// Still to deliver: due, waiting for a retry, or held.
     Pending,
-    /// Sent; every recipient delivered or failed for good.
+    /// Sent; recipients delivered (some may have failed for good).
     Delivered,
+    /// Finished with every recipient failed for good, none delivered.
+    Failed,
     /// Dead-lettered after its last attempt; `deliveries replay` sends it again.
     Dead,
 }
@@ -148,6 +150,7 @@ impl BatchState {
         match self {
             BatchState::Pending => "pending",
             BatchState::Delivered => "delivered",
+            BatchState::Failed => "failed",
             BatchState::Dead => "dead",
         }
     }
@@ -373,8 +376,8 @@ pub struct DaemonArgs {
     /// at REF, e.g. git:main).
     #[arg(long, default_value = "worktree", value_name = "SOURCE")]
     pub source: String,
-    /// How often to reconcile and re-read secrets even without a file event.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    /// How often to reconcile and re-read secrets even without a file event (at least 1s).
+    #[arg(long, default_value = "60s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub interval: std::time::Duration,
     /// Deletes one reconcile may make at most (more refuses the whole reconcile).
     #[arg(long, default_value_t = 5, value_name = "N")]
@@ -413,10 +416,11 @@ pub struct DaemonArgs {
     /// open-file limit, `ulimit -n`, at most 1024).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
-    /// How long a client may take to send its request headers, and its body.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    /// How long a client may take to send its request headers, and its body (at least 1s).
+    #[arg(long, default_value = "30s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub client_timeout: std::time::Duration,
-    /// How long to wait for open requests and in-flight deliveries when stopping.
+    /// How long to wait for open requests and in-flight deliveries when stopping. Deliveries still
+    /// in flight then are cut off, recorded as interrupted, and sent again on the next start.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
     /// How long a fully delivered dispatch (its batches, attempt log and idempotency key) is kept
@@ -658,4 +662,13 @@ fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m)"))
+}
+
+/// A duration of a second or more: a shorter period would spin a timer or cut off every client.
+fn parse_second_or_more(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s} is too short: give at least 1s"));
+    }
+    Ok(d)
 }

@@ -76,7 +76,12 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         retention: args.retention,
         lease_ttl: args.lease_ttl,
     };
-    runtime()?.block_on(daemon::run(config, |_| {}))?;
+    let rt = runtime()?;
+    let result = rt.block_on(daemon::run(config, |_| {}));
+    // A blocking task still running (a DNS lookup that hangs, say) must not keep a daemon that
+    // has drained and recorded everything from exiting.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result?;
     Ok(OK)
 }
 
@@ -198,7 +203,11 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 info.count,
                 escape(&info.dispatch_id),
                 escape(&info.touchpoint),
-                escape(&info.state),
+                match info.state.as_str() {
+                    "failed" =>
+                        "failed (every recipient failed for good; none was delivered)".into(),
+                    other => escape(other),
+                },
                 info.held
                     .as_deref()
                     .map(|h| format!(", held: {}", escape(h)))

@@ -121,7 +121,9 @@ fn entry(l: &Live) -> Entry {
     let touchpoint = match Touchpoint::from_json(l.spec().value()) {
         Ok(tp) => tp,
         Err(e) => {
-            let reason = format!("its live spec cannot be read by this touchctl: {e}");
+            let reason = format!(
+                "its live spec cannot be read by this touchctl ({e}): correct its file and apply it; its batches wait until then"
+            );
             summary.held = Some(reason.clone());
             return Entry {
                 summary,

@@ -2,7 +2,10 @@
 //! `--watch`), and sends queued batches to the live touchpoints. Shutdown is done once, here: on
 //! SIGTERM or Ctrl-C the server stops accepting connections and finishes the open ones, the sender
 //! stops claiming and lets its requests finish, and the queue keeps whatever is left for the next
-//! start.
+//! start. Both wait at most `--drain-timeout` (at the same time, not one after the other): the
+//! requests to endpoints still in flight then are cut off and recorded as interrupted (see
+//! [`crate::dispatch::worker::run`]), so a hanging endpoint delays a stop by the drain timeout,
+//! not by its own `timeout`.
 
 pub mod api;
 pub mod body;

@@ -8,8 +8,10 @@
 //! such a record to a power cut only means a batch is sent again, with the same `webhook-id`.
 //!
 //! A batch is `pending` (due at `next_at`, or `held` because its touchpoint is paused or gone),
-//! `delivered`, or `dead` (dead-lettered; replayable). Which pending batches are being sent is
-//! kept in the sender's memory only: after a crash every pending batch is simply due again.
+//! `delivered` (every recipient delivered, or some delivered and the rest failed for good),
+//! `failed` (finished, but every recipient failed for good: nothing was delivered), or `dead`
+//! (dead-lettered; replayable). Which pending batches are being sent is kept in the sender's
+//! memory only: after a crash every pending batch is simply due again.
 //!
 //! Every write goes through one writer thread, so writers never wait on each other's locks:
 //! triggers arriving together share one commit and one fsync, and attempt records share commits
@@ -370,6 +372,10 @@ pub enum After {
     RetryAt(i64),
     /// Dead-lettered: the last attempt failed, or the failure is final.
     Dead,
+    /// Cut off by the daemon stopping before the endpoint answered: the attempt counts and is
+    /// logged, and the batch stays pending and due, so the next start sends it again (same
+    /// `webhook-id`), even when this was its last attempt.
+    Interrupted,
 }
 
 /// The result of one attempt, as the sender reports it.
@@ -425,7 +431,7 @@ pub struct DispatchStatus {
     pub dead: u64,
     /// Batches per state.
     pub batches: BatchCounts,
-    /// Whether every batch is delivered or dead.
+    /// Whether every batch is delivered, failed or dead.
     pub finished: bool,
 }
 
@@ -436,8 +442,10 @@ pub struct BatchCounts {
     pub pending: u64,
     /// Of the pending, held because the touchpoint is paused, disabled or gone.
     pub held: u64,
-    /// Delivered.
+    /// Delivered (some recipients may have failed for good).
     pub delivered: u64,
+    /// Finished with every recipient failed for good: nothing delivered.
+    pub failed: u64,
     /// Dead-lettered.
     pub dead: u64,
 }
@@ -455,7 +463,7 @@ pub struct BatchInfo {
     pub index: u32,
     /// Batches in the dispatch.
     pub count: u32,
-    /// `pending`, `delivered` or `dead`.
+    /// `pending`, `delivered`, `failed` (every recipient failed for good) or `dead`.
     pub state: String,
     /// Why a pending batch is held, if it is.
     pub held: Option<String>,
@@ -501,7 +509,8 @@ pub struct Attempt {
     pub latency_ms: i64,
     /// The HTTP status, if a response came.
     pub status: Option<u16>,
-    /// `delivered`, `partial`, `retry` or `dead`.
+    /// `delivered`, `failed` (every recipient it carried failed for good), `partial`, `retry`,
+    /// `interrupted` (cut off by the daemon stopping; sent again on the next start) or `dead`.
     pub outcome: String,
     /// Recipients in the request.
     pub recipients: u32,
@@ -512,7 +521,7 @@ pub struct Attempt {
 /// Which batches to list.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
-    /// Only this state (`pending`, `delivered`, `dead`).
+    /// Only this state (`pending`, `delivered`, `failed`, `dead`).
     pub state: Option<String>,
     /// Only this touchpoint.
     pub touchpoint: Option<String>,
@@ -937,10 +946,13 @@ fn write_record(
             "INSERT INTO failures (batch_id, user_id, reason, attempt) \
              VALUES (?1, ?2, ?3, ?4 + coalesce((SELECT attempt_base FROM batches WHERE id = ?1), 0))",
         )?;
+        // A batch finished with nothing delivered in any attempt is `failed`, not `delivered`.
         let mut update = tx.prepare_cached(
             "UPDATE batches SET attempts = ?2, delivered = delivered + ?3, failed = failed + ?4, \
                      remaining = coalesce(?5, remaining - ?3 - ?4), \
-                     state = ?6, next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
+                     state = CASE WHEN ?6 = 'delivered' AND delivered + ?3 = 0 AND failed + ?4 > 0 \
+                                  THEN 'failed' ELSE ?6 END, \
+                     next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
                      WHERE id = ?1",
         )?;
         // Rewritten users live in `payloads`; the batch stops pointing into its segment.
@@ -957,10 +969,15 @@ fn write_record(
         for c in done {
             let partial = c.delivered > 0 || !c.failed.is_empty();
             let (state, outcome, next_at) = match c.after {
+                After::Done if c.delivered == 0 && !c.failed.is_empty() => {
+                    ("delivered", "failed", None)
+                }
                 After::Done => ("delivered", "delivered", None),
                 After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
                 After::RetryAt(at) => ("pending", "retry", Some(at)),
                 After::Dead => ("dead", "dead", None),
+                // `next_at` stays as it was: at or before the claim, so due at once.
+                After::Interrupted => ("pending", "interrupted", None),
             };
             attempt.execute(params![
                 c.batch_id,
@@ -1034,7 +1051,7 @@ fn write_prune(
         .prepare_cached(
             "SELECT d.id FROM dispatches d WHERE d.created_at < ?1 \
              AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.dispatch_id = d.id \
-                             AND (b.state != 'delivered' OR b.updated_at >= ?1)) \
+                             AND (b.state NOT IN ('delivered', 'failed') OR b.updated_at >= ?1)) \
              LIMIT ?2",
         )?
         .query_map(params![before, limit as i64], |r| r.get(0))?
@@ -1156,6 +1173,31 @@ fn add_columns(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
+/// Puts right, once per file, what older versions recorded wrongly: a batch that finished with
+/// every recipient failed was marked `delivered`; and an endpoint's `Retry-After` could park a
+/// batch for centuries, where now no wait is longer than the longest `retry.max_backoff`.
+fn repair_once(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let done: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'repaired'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if done.is_none() {
+        tx.execute(
+            "UPDATE batches SET state = 'failed' WHERE state = 'delivered' AND delivered = 0 AND failed > 0",
+            [],
+        )?;
+        let latest = super::retry::due_at(now_ms(), crate::model::MaxBackoff::MAX.get());
+        tx.execute(
+            "UPDATE batches SET next_at = ?1 WHERE state = 'pending' AND next_at > ?1",
+            [latest],
+        )?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('repaired', '1')", [])?;
+    }
+    tx.commit()
+}
+
 /// A list of strings as a JSON array, for `json_each`.
 fn writer_gone() -> QueueError {
     QueueError::Write("the queue's writer thread stopped".into())
@@ -1223,6 +1265,7 @@ impl Queue {
         accept.execute_batch(MIGRATION).map_err(sql)?;
         mark_format(&mut accept, &shown)?;
         add_columns(&mut accept).map_err(sql)?;
+        repair_once(&mut accept).map_err(sql)?;
         let work = store::connect(path, Sync::Normal).map_err(opened)?;
         let write = store::connect(path, Sync::Full).map_err(opened)?;
         let pending = Arc::new(AtomicI64::new(0));
@@ -1549,7 +1592,8 @@ impl Queue {
                  coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0), \
                  coalesce(sum(CASE WHEN state = 'dead' THEN remaining END), 0), \
                  count(CASE WHEN state = 'pending' THEN 1 END), count(CASE WHEN state = 'pending' THEN held END), \
-                 count(CASE WHEN state = 'delivered' THEN 1 END), count(CASE WHEN state = 'dead' THEN 1 END) \
+                 count(CASE WHEN state = 'delivered' THEN 1 END), count(CASE WHEN state = 'dead' THEN 1 END), \
+                 count(CASE WHEN state = 'failed' THEN 1 END) \
                  FROM batches WHERE dispatch_id = ?1",
                 [id],
                 |r| {
@@ -1558,6 +1602,7 @@ impl Queue {
                         pending: n(4)?,
                         held: n(5)?,
                         delivered: n(6)?,
+                        failed: n(8)?,
                         dead: n(7)?,
                     };
                     Ok(DispatchStatus {
@@ -2423,5 +2468,130 @@ mod tests {
         let q = Queue::open(&d.path().join("q/queue.db")).unwrap();
         assert_eq!(q.pending_recipients(), 8);
         assert_eq!(q.claim(now_ms(), 10, &[], &[]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_batch_whose_recipients_all_failed_is_failed_not_delivered() {
+        let (_d, q) = open();
+        let h = head(None);
+        let Enqueued::New(r) = q.enqueue(new(&h, 8)).unwrap() else {
+            panic!("new")
+        };
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        let refused = |c: &Claimed, ids: &[&str], after: After| Completion {
+            delivered: 0,
+            failed: ids
+                .iter()
+                .map(|id| Rejected {
+                    user_id: id.to_string(),
+                    reason: "number on the blocklist".into(),
+                })
+                .collect(),
+            remaining: (after != After::Done).then(|| (Vec::new(), 2)),
+            ..completion(c, after)
+        };
+        // Batch 0: every recipient fails in its one attempt. Batch 1: two fail for good, two are
+        // retried, and fail for good in the second attempt.
+        q.record(vec![
+            refused(&claimed[0], &["u0", "u1", "u2", "u3"], After::Done),
+            refused(&claimed[1], &["u4", "u5"], After::RetryAt(now_ms())),
+        ])
+        .unwrap();
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(again.len(), 1);
+        q.record(vec![refused(&again[0], &["u6", "u7"], After::Done)])
+            .unwrap();
+        let state = |id: &str| {
+            q.batches(&Filter::default())
+                .unwrap()
+                .into_iter()
+                .find(|b| b.id == id)
+                .map(|b| (b.state, b.delivered, b.failed))
+                .unwrap()
+        };
+        assert_eq!(state(&claimed[0].id), ("failed".to_string(), 0, 4));
+        assert_eq!(state(&claimed[1].id), ("failed".to_string(), 0, 4));
+        let (attempts, _) = q.history(&claimed[1].id).unwrap();
+        let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["partial", "failed"]);
+        let s = q.dispatch(&r.dispatch_id).unwrap().unwrap();
+        assert_eq!((s.batches.failed, s.batches.delivered), (2, 0));
+        assert_eq!((s.delivered, s.failed, s.pending), (0, 8, 0));
+        assert!(s.finished);
+        let failed_only = Filter {
+            state: Some("failed".into()),
+            ..Filter::default()
+        };
+        assert_eq!(q.batches(&failed_only).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_interrupted_attempt_is_logged_and_its_batch_stays_due() {
+        let (_d, q) = open();
+        let h = head(None);
+        q.enqueue(new(&h, 4)).unwrap();
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        let cut = Completion {
+            status: None,
+            error: Some("interrupted".into()),
+            ..completion(&claimed[0], After::Interrupted)
+        };
+        q.record(vec![cut]).unwrap();
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(again.len(), 1, "due at once");
+        assert_eq!((again[0].attempts, again[0].remaining), (1, 4));
+        assert_eq!(stored(&again[0]).unwrap(), stored(&claimed[0]).unwrap());
+        q.record(vec![completion(&again[0], After::Done)]).unwrap();
+        let (attempts, _) = q.history(&claimed[0].id).unwrap();
+        let outcomes: Vec<(u32, &str)> = attempts
+            .iter()
+            .map(|a| (a.attempt, a.outcome.as_str()))
+            .collect();
+        assert_eq!(outcomes, [(1, "interrupted"), (2, "delivered")]);
+        assert_eq!(q.pending_recipients(), 0);
+    }
+
+    #[test]
+    fn batches_parked_for_centuries_or_all_failed_and_called_delivered_are_repaired_on_open() {
+        let (d, q) = open();
+        let h = head(None);
+        q.enqueue(new(&h, 12)).unwrap();
+        drop(q);
+        let path = d.path().join("q/queue.db");
+        {
+            // As an older version left them: one batch parked until 2999, one held there, and one
+            // whose every recipient failed recorded as delivered.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DELETE FROM meta WHERE key = 'repaired';
+                 UPDATE batches SET next_at = 32503680000000 WHERE idx IN (0, 1);
+                 UPDATE batches SET held = 'paused' WHERE idx = 1;
+                 UPDATE batches SET state = 'delivered', delivered = 0, failed = 4, remaining = 0 WHERE idx = 2;",
+            )
+            .unwrap();
+        }
+        let before = now_ms();
+        let q = Queue::open(&path).unwrap();
+        let batches = q.batches(&Filter::default()).unwrap();
+        let by_index = |i: u32| batches.iter().find(|b| b.index == i).unwrap();
+        let latest = before + 86_400_000;
+        for i in [0, 1] {
+            let next = by_index(i).next_at.unwrap();
+            assert!((before..=latest + 60_000).contains(&next), "{i}: {next}");
+        }
+        assert_eq!(by_index(2).state, "failed");
+        // Once per file: a later open leaves what it finds.
+        drop(q);
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE batches SET next_at = 32503680000000 WHERE idx = 0",
+                [],
+            )
+            .unwrap();
+        let q = Queue::open(&path).unwrap();
+        let batches = q.batches(&Filter::default()).unwrap();
+        let parked = batches.iter().find(|b| b.index == 0).unwrap();
+        assert_eq!(parked.next_at, Some(32_503_680_000_000));
     }
 }

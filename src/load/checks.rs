@@ -27,7 +27,7 @@ pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
     match &tp.spec {
         KindSpec::Custom(s) => {
             check_url(&mut out, vec![key("url")], &s.url, s.allow_insecure, "url");
-            if s.retry.backoff > s.retry.max_backoff {
+            if s.retry.backoff.get() > s.retry.max_backoff.get() {
                 out.push(issue(
                     "out-of-range",
                     vec![key("retry"), key("backoff")],

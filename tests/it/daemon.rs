@@ -919,6 +919,13 @@ fn retry_after_is_honoured() {
         }
     }));
     let p = project(&sink, 100, "");
+    // A Retry-After is honoured up to `max_backoff`: let it be longer than the 2s asked for.
+    p.set(
+        "touchpoints/sms.toml",
+        "max_backoff = \"200ms\"",
+        "max_backoff = \"5s\"",
+    );
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(10));
     d.wait_finished(r["dispatch_id"].as_str().unwrap());

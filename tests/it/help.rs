@@ -123,7 +123,7 @@ fn the_batch_state_filter_is_not_named_like_the_state_option() {
     let text = help(&p, "deliveries list").stdout;
     assert!(text.contains("--only <BATCH_STATE>"), "{text}");
     assert!(!text.contains("--status"), "{text}");
-    for value in ["pending", "delivered", "dead"] {
+    for value in ["pending", "delivered", "failed", "dead"] {
         assert!(text.contains(&format!("- {value}:")), "{value} in\n{text}");
     }
     // A queue file with nothing in it, so that listing runs.
@@ -137,7 +137,7 @@ fn the_batch_state_filter_is_not_named_like_the_state_option() {
     }
     p.run(&["deliveries", "list", "--only", "gone"])
         .code(1)
-        .stderr_has("[possible values: pending, delivered, dead]");
+        .stderr_has("[possible values: pending, delivered, failed, dead]");
 }
 
 #[test]

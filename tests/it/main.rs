@@ -6,6 +6,7 @@ mod bad_fixtures;
 mod ci_example;
 mod daemon;
 mod daemon_support;
+mod durations;
 mod examples;
 mod help;
 mod plan_apply;
