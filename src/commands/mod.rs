@@ -13,8 +13,9 @@ use serde_json::json;
 use touchctl::apply::{self, ApplyOptions, Outcome};
 use touchctl::import;
 use touchctl::load::{self, Diagnostic, LoadError};
+use touchctl::model::SecretPolicy;
 use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
-use touchctl::planner::{BaseError, TreeError, plan_base, plan_dir};
+use touchctl::planner::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
 use touchctl::term::{self, escape};
@@ -128,14 +129,26 @@ fn warn_if_empty(g: &Global, desired: &load::Desired) {
     }
 }
 
-/// Loads the tree and plans it; on invalid files prints every diagnostic and returns `None`.
+/// What secret references may read: the repository holding --dir, --secrets-dir, and the
+/// variables --secret-env-allow names.
+pub(crate) fn secret_policy(g: &Global) -> SecretPolicy {
+    SecretPolicy::new(touchctl::git::repository_root(&g.dir).as_deref())
+        .with_secrets_dir(g.secrets_dir.clone())
+        .with_env_allow(g.secret_env_allow.clone())
+}
+
+/// Loads the tree and plans it; on invalid files or secrets that cannot be read prints every
+/// diagnostic and returns `None`.
 fn plan_tree(g: &Global, registry: &dyn Registry) -> Result<Option<Plan>> {
-    match plan_dir(&g.dir, registry) {
+    match plan_dir(&g.dir, registry, &secret_policy(g)) {
         Ok((desired, plan)) => {
             warn_if_empty(g, &desired);
             Ok(Some(plan))
         }
-        Err(TreeError::Load(LoadError::Invalid(diagnostics))) => {
+        Err(
+            TreeError::Load(LoadError::Invalid(diagnostics))
+            | TreeError::Plan(PlanError::Secrets(diagnostics)),
+        ) => {
             report_invalid(&diagnostics);
             Ok(None)
         }
@@ -439,6 +452,7 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         Err(e) => return Err(e.into()),
     };
     let live = registry.list()?;
+    let policy = secret_policy(g);
     let (targets, mut problems) = import::select(&live, &desired, ids, all, &registry.describe());
     if all && targets.is_empty() && !g.quiet {
         println!("Nothing to import: every live touchpoint already has a file.");
@@ -449,7 +463,13 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
             Some(p) => p.to_path_buf(),
             None => import::default_path(&g.dir, live),
         };
-        let written_file = import::write(live, &path, Path::new(schema::DEFAULT_PATH), &registry);
+        let written_file = import::write(
+            live,
+            &path,
+            Path::new(schema::DEFAULT_PATH),
+            &registry,
+            &policy,
+        );
         match written_file {
             Ok(warnings) => {
                 written += 1;

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::dispatch::queue::Queue;
 use crate::dispatch::worker::{self, Directory, Lookup};
-use crate::model::Secret;
+use crate::model::{Secret, SecretPolicy};
 use crate::registry::{Registry, SqliteRegistry};
 use live::LiveSet;
 use metrics::Metrics;
@@ -75,6 +75,8 @@ pub struct Config {
     pub drain: Duration,
     /// How long fully delivered dispatches are kept; zero keeps them all.
     pub retention: Duration,
+    /// What secret references may read.
+    pub secrets: SecretPolicy,
 }
 
 /// How many triggers are worked on at once: two per core, so one waiting for a lock or a page
@@ -266,7 +268,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let app = Arc::new(App {
         registry: registry.clone(),
         queue: queue.clone(),
-        live: Arc::new(LiveSet::default()),
+        live: Arc::new(LiveSet::new(config.secrets.clone())),
         wake: Arc::new(worker::Wake::default()),
         metrics: Arc::new(Metrics::default()),
         token: config.token.clone(),
@@ -292,6 +294,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         dir: config.dir.clone(),
         source: config.source.clone(),
         max_deletes: config.max_deletes,
+        secrets: config.secrets.clone(),
     });
     if let Some(s) = &settings {
         reconcile_now(&app, s).await;

@@ -8,6 +8,7 @@ mod app_push;
 mod custom;
 mod params;
 mod secret;
+mod secret_policy;
 mod spec_json;
 mod units;
 mod wechat;
@@ -25,7 +26,8 @@ pub use params::{
     DynamicParams, MessageTemplate, MiniProgramLink, NAME_PATTERN, ParamSource, ParamType,
     SOURCE_PATTERN, TemplateParam, WECHAT_APP_ID_PATTERN,
 };
-pub use secret::{Fingerprinter, Secret, SecretError, SecretRef};
+pub use secret::{Fingerprinter, MAX_SECRET_BYTES, Secret, SecretError, SecretRef};
+pub use secret_policy::{EnvPattern, SecretPolicy, is_own_variable};
 pub use spec_json::SpecJson;
 pub use units::{DURATION_PATTERN, Duration, RATE_PATTERN, RateLimit, RateUnit};
 pub use wechat::{Permission, WechatAuth, WechatOaSpec};

@@ -139,14 +139,14 @@ fn env_secret_missing_is_a_clear_error() {
     p.set(
         "touchpoints/custom/sms.toml",
         "auth_token = { file = \"../../secrets/sandbox/sms_auth_token\" }",
-        "auth_token = { env = \"TOUCHCTL_TEST_SMS_TOKEN\" }",
+        "auth_token = { env = \"TEST_SMS_TOKEN\" }",
     );
     let run = p.run(&["plan"]);
     run.code(1);
-    run.stderr_has("touchpoints/custom/sms.toml: `auth_token` { env = \"TOUCHCTL_TEST_SMS_TOKEN\" }: environment variable TOUCHCTL_TEST_SMS_TOKEN is not set");
+    run.stdout_has("touchpoints/custom/sms.toml:10:22: error[secret-unreadable]: `auth_token` { env = \"TEST_SMS_TOKEN\" }: environment variable TEST_SMS_TOKEN is not set");
     let out = p
         .command(&["plan"])
-        .env("TOUCHCTL_TEST_SMS_TOKEN", "from-the-environment-55")
+        .env("TEST_SMS_TOKEN", "from-the-environment-55")
         .output()
         .unwrap();
     assert!(out.status.success());
