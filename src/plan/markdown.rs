@@ -86,7 +86,7 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
     if risky > 0 {
         let _ = writeln!(
             head,
-            "⚠️ **{risky} risky change(s)**: deletes, or changes to where deliveries go, credentials or batch size. Review them before merging.\n"
+            "⚠️ **{risky} risky change(s)**: deletes, new touchpoints (where they deliver and the secrets they send), or changes to where deliveries go, credentials or batch size. Review them before merging.\n"
         );
     }
     if listed.is_empty() {

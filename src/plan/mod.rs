@@ -146,8 +146,10 @@ pub struct Change {
     /// Keyed fingerprints of the desired secrets (creates and updates).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, String>,
-    /// Why a reviewer should look twice: `delete`, or the risky fields that change (where
-    /// deliveries go, credentials, batch size). Empty for creates and no-ops.
+    /// Why a reviewer should look twice: `delete`; for an update, the risky fields that change
+    /// (where deliveries go, credentials, batch size); for a create, where the new touchpoint
+    /// delivers (`url`, `api_base`, `allow_insecure` when on) and every secret it reads. Empty for
+    /// no-ops.
     #[serde(default)]
     pub risks: Vec<String>,
 }
@@ -169,21 +171,30 @@ pub const RISKY_FIELDS: &[&str] = &[
     "auth.component_app_id",
 ];
 
+/// The fields of a new touchpoint that say where its deliveries, and the secrets sent with them,
+/// go. A new touchpoint is a new destination for secrets: a file that names an endpoint of its own
+/// and a secret reference sends that secret there, so both are flagged, as for an update.
+pub const DESTINATION_FIELDS: &[&str] = &["url", "api_base"];
+
 /// The review flags of a change (see [`Change::risks`]).
 fn risks_of(action: Action, protected: bool, fields: &[FieldChange]) -> Vec<String> {
-    match action {
-        Action::Delete if protected => vec!["delete (protected)".into()],
-        Action::Delete => vec!["delete".into()],
-        Action::Update => fields
+    let flagged = |risky: &[&str]| {
+        fields
             .iter()
             .filter(|f| match f.path.as_str() {
                 // Turning TLS checks back on is no risk; turning them off is.
                 "allow_insecure" => f.after == Some(Value::Bool(true)),
-                path => f.sensitive || RISKY_FIELDS.contains(&path),
+                path => f.sensitive || risky.contains(&path),
             })
             .map(|f| f.path.clone())
-            .collect(),
-        Action::Create | Action::NoOp => Vec::new(),
+            .collect()
+    };
+    match action {
+        Action::Delete if protected => vec!["delete (protected)".into()],
+        Action::Delete => vec!["delete".into()],
+        Action::Update => flagged(RISKY_FIELDS),
+        Action::Create => flagged(DESTINATION_FIELDS),
+        Action::NoOp => Vec::new(),
     }
 }
 
@@ -347,10 +358,10 @@ fn create(d: &DesiredSpec<'_>) -> Change {
         live_generation: None,
         live_source: None,
         protected: false,
+        risks: risks_of(Action::Create, false, &fields),
         fields,
         desired: Some(d.spec.clone()),
         fingerprints: d.fingerprints.clone(),
-        risks: Vec::new(),
     }
 }
 
@@ -647,10 +658,13 @@ mod tests {
         let (changes, _) = diff(&[], &[live("a", json!({"id": "a", "protect": true}))]);
         assert_eq!(changes[0].risks, ["delete (protected)"]);
         let (changes, _) = diff(&[desired("a", &after, "fp1")], &[]);
-        assert!(
-            changes[0].risks.is_empty(),
-            "a create is reviewed as a whole"
+        assert_eq!(
+            changes[0].risks,
+            ["auth_token", "url"],
+            "a new touchpoint is a new destination for its secrets"
         );
+        let (changes, _) = diff(&[desired("a", &before, "fp1")], &[]);
+        assert_eq!(changes[0].risks, ["allow_insecure", "auth_token", "url"]);
     }
 
     #[test]
