@@ -185,6 +185,7 @@ fn plan_against(
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
+        mac: None,
     })
 }
 
@@ -290,6 +291,7 @@ pub fn plan_base(dir: &Path, rev: &str) -> Result<(Desired, Plan), BaseError> {
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
+        mac: None,
     };
     Ok((head, plan))
 }

@@ -14,7 +14,7 @@ use touchctl::apply::{self, ApplyOptions, Outcome};
 use touchctl::import;
 use touchctl::load::{self, Diagnostic, LoadError};
 use touchctl::model::SecretPolicy;
-use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
+use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text, seal};
 use touchctl::planner::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
@@ -261,7 +261,17 @@ fn plan_cmd(
 ) -> Result<u8> {
     let plan = match base {
         Some(rev) => plan_against_base(g, rev)?,
-        None => plan_tree(g, &open_registry(g)?)?,
+        None => {
+            let registry = open_registry(g)?;
+            let mut plan = plan_tree(g, &registry)?;
+            // A plan that leaves as JSON may come back to `apply FILE`: seal it to its content.
+            if let Some(plan) = &mut plan
+                && (out.is_some() || format == PlanFormat::Json)
+            {
+                seal(plan, registry.fingerprinter());
+            }
+            plan
+        }
     };
     let Some(plan) = plan else {
         return Ok(FAILED);

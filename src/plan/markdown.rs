@@ -327,6 +327,7 @@ mod tests {
             desired: None,
             fingerprints: Default::default(),
             risks: Vec::new(),
+            mac: None,
         }
     }
 
@@ -351,6 +352,7 @@ mod tests {
             },
             changes,
             drift: Vec::new(),
+            mac: None,
         }
     }
 

@@ -7,6 +7,7 @@
 
 mod markdown;
 mod render;
+mod seal;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 pub use markdown::{MARKDOWN_LIMIT, render_markdown};
 pub use render::{TextOptions, render_text};
+pub use seal::{Broken, seal, verify};
 
 use crate::model::{SECRET_FIELDS, SpecJson};
 use crate::registry::{Live, Provenance};
@@ -45,6 +47,10 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Live touchpoints changed outside apply.
     pub drift: Vec<Drift>,
+    /// The seal of a plan made against a registry: a keyed MAC over the whole plan (see
+    /// [`seal()`]), checked by `apply FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Drop for Plan {
@@ -152,6 +158,10 @@ pub struct Change {
     /// no-ops.
     #[serde(default)]
     pub risks: Vec<String>,
+    /// The seal of this change in a plan made against a registry: a keyed MAC over the change,
+    /// so that `apply FILE` can name a change edited since the plan was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// Fields whose change redirects deliveries, swaps the account or credentials they use, or changes
@@ -295,6 +305,7 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
             desired: None,
             fingerprints: BTreeMap::new(),
             risks: risks_of(Action::Delete, protected, &[]),
+            mac: None,
         });
     }
     changes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -362,6 +373,7 @@ fn create(d: &DesiredSpec<'_>) -> Change {
         fields,
         desired: Some(d.spec.clone()),
         fingerprints: d.fingerprints.clone(),
+        mac: None,
     }
 }
 
@@ -408,6 +420,7 @@ fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
         } else {
             BTreeMap::new()
         },
+        mac: None,
     }
 }
 
