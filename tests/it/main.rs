@@ -11,4 +11,5 @@ mod help;
 mod plan_apply;
 mod review;
 mod schema;
+mod secrets;
 mod terminal_escapes;
