@@ -1,5 +1,6 @@
 //! The desired-state types: what one touchpoint file says. These types are the single source of the
-//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O.
+//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O but
+//! reading a secret reference, as its [`SecretPolicy`] allows.
 //!
 //! A file is a [`Touchpoint`]: the [`Common`] fields every kind has, plus one [`KindSpec`] chosen by
 //! its `kind` field.

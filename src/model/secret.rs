@@ -23,7 +23,9 @@ pub enum SecretRef {
     /// Read the secret from an environment variable of the process running touchctl.
     Env {
         /// # Variable name
-        /// Name of the environment variable that holds the secret.
+        /// Name of the environment variable that holds the secret, as one line of text. Never
+        /// one of touchctl's own (`TOUCHCTL_*`); the operator may allow only some names
+        /// (`--secret-env-allow`).
         #[schemars(pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"))]
         env: String,
     },
@@ -31,7 +33,9 @@ pub enum SecretRef {
     /// Read the secret from a file (surrounding whitespace is trimmed).
     File {
         /// # File path
-        /// Path of the file holding the secret, relative to the touchpoint file that names it.
+        /// Path of the file holding the secret, relative to the touchpoint file that names it. It
+        /// must lead (links followed) into the repository or the operator's secrets folder
+        /// (`--secrets-dir`), to a regular file of at most 8 KiB holding one line of text.
         #[schemars(length(min = 1))]
         file: String,
     },

@@ -460,10 +460,30 @@ fn multi_line_auth_token_holds_the_touchpoint_in_the_daemon() {
     );
     p.run(&["apply", "--auto-approve"]).code(0);
     p.write("secrets/token", "sink-token\nsecond-line\n");
-    let d = p.start_daemon(&["--insecure-no-auth", "--allow-private-network"], &[]);
+    let d = p.start_daemon(
+        &["--insecure-no-auth", "--allow-private-network", "--watch"],
+        &[],
+    );
     let held = wait_held(&d, None, "sms", "holds a line break inside the value");
     assert!(held.starts_with("cannot read `auth_token`"), "{held}");
     let (code, body) = d.dispatch(&trigger());
     assert_eq!(code, 409, "{body}");
     assert!(sink.received().is_empty());
+    // The watch's reconcile reports it at the reference, as plan does, and changes nothing.
+    let status = d.wait_until("/v1/status", "a reconcile report", |_, s| {
+        s["reconcile"].is_object()
+    });
+    let report = &status["reconcile"];
+    assert_eq!(report["ok"], false, "{report}");
+    let diagnostic = &report["diagnostics"][0];
+    assert_eq!(diagnostic["code"], "secret-invalid-value", "{report}");
+    assert_eq!(
+        (
+            &diagnostic["path"],
+            &diagnostic["line"],
+            &diagnostic["column"]
+        ),
+        (&json!("touchpoints/sms.toml"), &json!(7), &json!(23)),
+        "{report}"
+    );
 }

@@ -111,8 +111,8 @@ impl Project {
         self
     }
 
-    /// A command running the binary in the project, with no inherited touchctl settings. The
-    /// project is not a git repository, so secret files outside `touchpoints/` need a secrets
+    /// A command running the binary in the project, with no inherited touchctl settings. Outside
+    /// git the repository is `touchpoints/` alone, so secret files beside it need a secrets
     /// folder: a project's `secrets/` is one, as an operator would configure it.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_touchctl"));
