@@ -126,27 +126,30 @@ impl SecretPolicy {
 
     /// Reads the variable `name`, if the policy allows it.
     pub(crate) fn read_env(&self, name: &str) -> Result<String, SecretError> {
+        // The schema keeps names to letters, digits and `_`; a spec from elsewhere (a registry
+        // row) might not, and the name is printed.
+        let shown_name = || name.escape_debug().to_string();
         if is_own_variable(name) {
-            return Err(SecretError::OwnVariable(name.to_string()));
+            return Err(SecretError::OwnVariable(shown_name()));
         }
         if !self.env_allow.is_empty() && !self.env_allow.iter().any(|p| p.matches(name)) {
             let allowed: Vec<String> = self.env_allow.iter().map(ToString::to_string).collect();
             return Err(SecretError::EnvNotAllowed {
-                name: name.to_string(),
+                name: shown_name(),
                 allowed: allowed.join(", "),
             });
         }
         let value = match std::env::var_os(name) {
             Some(v) if !v.is_empty() => v,
-            _ => return Err(SecretError::EnvMissing(name.to_string())),
+            _ => return Err(SecretError::EnvMissing(shown_name())),
         };
         if value.len() as u64 > MAX_SECRET_BYTES {
-            return Err(SecretError::EnvTooLarge(name.to_string()));
+            return Err(SecretError::EnvTooLarge(shown_name()));
         }
         let value = value
             .into_string()
-            .map_err(|_| SecretError::EnvNotUnicode(name.to_string()))?;
-        one_line(&value, || format!("environment variable {name}"))?;
+            .map_err(|_| SecretError::EnvNotUnicode(shown_name()))?;
+        one_line(&value, || format!("environment variable {}", shown_name()))?;
         Ok(value)
     }
 
@@ -207,19 +210,23 @@ impl SecretPolicy {
         {
             return Ok(());
         }
-        let mut allowed = match self.repository() {
-            Some(repo) => format!("the repository {}", shown(repo)),
-            None => "any repository (the touchpoint folder does not exist)".to_string(),
-        };
-        match (&self.secrets_dir, &secrets_dir) {
-            (Some(_), Some(Ok(dir))) => {
-                allowed += &format!(" and the secrets folder {}", shown(dir));
-            }
-            (Some(given), _) => {
-                allowed += &format!(" (the secrets folder {} does not exist)", shown(given));
-            }
-            (None, _) => allowed += " (no secrets folder is configured)",
+        let mut folders = Vec::new();
+        if let Some(repo) = self.repository() {
+            folders.push(format!("the repository {}", shown(repo)));
         }
+        let note = match (&self.secrets_dir, &secrets_dir) {
+            (Some(_), Some(Ok(dir))) => {
+                folders.push(format!("the secrets folder {}", shown(dir)));
+                String::new()
+            }
+            (Some(given), _) => format!(" (the secrets folder {} does not exist)", shown(given)),
+            (None, _) => " (no secrets folder is configured)".to_string(),
+        };
+        let allowed = if folders.is_empty() {
+            format!("every folder secrets may be read from{note}")
+        } else {
+            format!("{}{note}", folders.join(" and "))
+        };
         Err(SecretError::FileOutside {
             path: path.to_path_buf(),
             resolved: resolved.to_path_buf(),

@@ -534,6 +534,64 @@ fn flatten<'v>(v: &'v Value, prefix: String, out: &mut BTreeMap<String, &'v Valu
     }
 }
 
+/// Plans and changes for the unit tests of the renderings and the seal.
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::*;
+
+    /// An update of the custom touchpoint `id` that changes one field, `path`.
+    pub fn change(id: &str, path: &str, before: Value, after: Value) -> Change {
+        Change {
+            id: id.into(),
+            kind: "custom".into(),
+            action: Action::Update,
+            file: Some(format!("touchpoints/{id}.toml")),
+            moved_from: None,
+            live_generation: Some(1),
+            live_source: None,
+            protected: false,
+            fields: vec![FieldChange {
+                path: path.into(),
+                action: FieldAction::Update,
+                before: Some(before),
+                after: Some(after),
+                sensitive: false,
+                value_changed: false,
+            }],
+            desired: None,
+            fingerprints: BTreeMap::new(),
+            risks: Vec::new(),
+            mac: None,
+        }
+    }
+
+    /// A plan of `changes` (all updates) against registry `r`.
+    pub fn plan(changes: Vec<Change>) -> Plan {
+        Plan {
+            format_version: FORMAT_VERSION.into(),
+            touchctl_version: "0.0.0".into(),
+            created_at: "t".into(),
+            registry: Some(RegistryRef {
+                id: "r".into(),
+                backend: "sqlite x".into(),
+            }),
+            base: None,
+            source: Source {
+                dir: "touchpoints".into(),
+                commit: None,
+                dirty: false,
+            },
+            summary: Summary {
+                update: changes.len(),
+                ..Summary::default()
+            },
+            changes,
+            drift: Vec::new(),
+            mac: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

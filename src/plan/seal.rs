@@ -117,7 +117,7 @@ fn same(a: &str, b: &str) -> bool {
 mod tests {
     use super::*;
     use crate::model::SpecJson;
-    use crate::plan::{Action, FieldAction, FieldChange, RegistryRef, Source, Summary};
+    use crate::plan::samples;
     use serde_json::json;
 
     fn key() -> Fingerprinter {
@@ -125,55 +125,17 @@ mod tests {
     }
 
     fn change(id: &str) -> Change {
-        Change {
-            id: id.into(),
-            kind: "custom".into(),
-            action: Action::Update,
-            file: Some(format!("touchpoints/{id}.toml")),
-            moved_from: None,
-            live_generation: Some(1),
-            live_source: None,
-            protected: false,
-            fields: vec![FieldChange {
-                path: "batch_size".into(),
-                action: FieldAction::Update,
-                before: Some(json!(500)),
-                after: Some(json!(200)),
-                sensitive: false,
-                value_changed: false,
-            }],
-            desired: Some(SpecJson::from_value(
-                &json!({"id": id, "url": "https://a.example", "batch_size": 200}),
-            )),
-            fingerprints: [("auth_token".to_string(), "hmac-sha256:00".to_string())].into(),
-            risks: vec!["batch_size".into()],
-            mac: None,
-        }
+        let mut c = samples::change(id, "batch_size", json!(500), json!(200));
+        c.desired = Some(SpecJson::from_value(
+            &json!({"id": id, "url": "https://a.example", "batch_size": 200}),
+        ));
+        c.fingerprints = [("auth_token".to_string(), "hmac-sha256:00".to_string())].into();
+        c.risks = vec!["batch_size".into()];
+        c
     }
 
     fn sealed() -> Plan {
-        let mut plan = Plan {
-            format_version: "1".into(),
-            touchctl_version: "0.0.0".into(),
-            created_at: "2026-12-03T00:00:00Z".into(),
-            registry: Some(RegistryRef {
-                id: "r1".into(),
-                backend: "sqlite x".into(),
-            }),
-            base: None,
-            source: Source {
-                dir: "touchpoints".into(),
-                commit: None,
-                dirty: true,
-            },
-            summary: Summary {
-                update: 2,
-                ..Summary::default()
-            },
-            changes: vec![change("a"), change("b")],
-            drift: Vec::new(),
-            mac: None,
-        };
+        let mut plan = samples::plan(vec![change("a"), change("b")]);
         seal(&mut plan, &key());
         plan
     }
@@ -237,7 +199,7 @@ mod tests {
                 "a change copied from another plan",
                 |p| {
                     let mut other = sealed();
-                    other.created_at = "2026-12-04T00:00:00Z".into();
+                    other.created_at = "another time".into();
                     seal(&mut other, &key());
                     let mut copied = other.changes[0].clone();
                     copied.id = "c".into();
@@ -252,7 +214,7 @@ mod tests {
                 },
                 Broken::Header,
             ),
-            ("source.dirty", |p| p.source.dirty = false, Broken::Header),
+            ("source.dirty", |p| p.source.dirty = true, Broken::Header),
             ("summary", |p| p.summary.update = 1, Broken::Header),
             ("the seal removed", |p| p.mac = None, Broken::Unsealed),
         ];

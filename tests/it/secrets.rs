@@ -93,6 +93,22 @@ fn trigger() -> Value {
     })
 }
 
+/// A project whose touchpoint `sms` sends to `sink` with the token read from `secrets/NAME`, which
+/// holds `token`; applied.
+fn applied_with_token_file(sink: &Sink, name: &str, token: &str) -> Project {
+    let p = Project::empty();
+    p.write(&format!("secrets/{name}"), token);
+    p.write(
+        "touchpoints/sms.toml",
+        &custom_touchpoint("sms", &sink.url, 10, "").replace(
+            "{ env = \"SINK_TOKEN\" }",
+            &format!("{{ file = \"../secrets/{name}\" }}"),
+        ),
+    );
+    p.run(&["apply", "--auto-approve"]).code(0);
+    p
+}
+
 #[test]
 fn secret_file_outside_the_repository_is_refused() {
     let outside = tempfile::tempdir().unwrap();
@@ -191,17 +207,8 @@ fn the_daemons_api_token_is_never_sent_to_a_touchpoint() {
 #[test]
 fn the_daemons_api_token_file_is_never_a_secret_source() {
     let sink = Sink::ok();
-    let p = Project::empty();
-    p.write("secrets/api-token", "api-token-from-a-file\n");
-    p.write(
-        "touchpoints/sms.toml",
-        &custom_touchpoint("sms", &sink.url, 10, "").replace(
-            "{ env = \"SINK_TOKEN\" }",
-            "{ file = \"../secrets/api-token\" }",
-        ),
-    );
     // Planning alone cannot know which file a daemon will use for its token.
-    p.run(&["apply", "--auto-approve"]).code(0);
+    let p = applied_with_token_file(&sink, "api-token", "api-token-from-a-file\n");
     let d = p.start_daemon(
         &[
             "--allow-private-network",
@@ -259,16 +266,7 @@ fn secret_file_that_is_a_fifo_is_refused_without_hanging() {
 #[test]
 fn a_fifo_secret_holds_the_touchpoint_and_the_daemon_still_stops() {
     let sink = Sink::ok();
-    let p = Project::empty();
-    p.write("secrets/token", "sink-token\n");
-    p.write(
-        "touchpoints/sms.toml",
-        &custom_touchpoint("sms", &sink.url, 10, "").replace(
-            "{ env = \"SINK_TOKEN\" }",
-            "{ file = \"../secrets/token\" }",
-        ),
-    );
-    p.run(&["apply", "--auto-approve"]).code(0);
+    let p = applied_with_token_file(&sink, "token", "sink-token\n");
     p.remove("secrets/token");
     mkfifo(&p.path().join("secrets/token"));
     let d = p.start_daemon(&["--insecure-no-auth", "--allow-private-network"], &[]);
@@ -449,16 +447,7 @@ fn multi_line_auth_token_is_refused_where_it_is_resolved() {
 #[test]
 fn multi_line_auth_token_holds_the_touchpoint_in_the_daemon() {
     let sink = Sink::ok();
-    let p = Project::empty();
-    p.write("secrets/token", "sink-token\n");
-    p.write(
-        "touchpoints/sms.toml",
-        &custom_touchpoint("sms", &sink.url, 10, "").replace(
-            "{ env = \"SINK_TOKEN\" }",
-            "{ file = \"../secrets/token\" }",
-        ),
-    );
-    p.run(&["apply", "--auto-approve"]).code(0);
+    let p = applied_with_token_file(&sink, "token", "sink-token\n");
     p.write("secrets/token", "sink-token\nsecond-line\n");
     let d = p.start_daemon(
         &["--insecure-no-auth", "--allow-private-network", "--watch"],
