@@ -157,8 +157,7 @@ fn verify_seal(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> {
             ids.iter()
                 .map(|id| {
                     format!(
-                        "  {}: differs from the change that was planned (its spec, fields, fingerprints or file), or was not in the plan at all",
-                        id.escape_debug()
+                        "  {id}: differs from the change that was planned (its spec, fields, fingerprints or file), or was not in the plan at all"
                     )
                 })
                 .collect(),

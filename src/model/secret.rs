@@ -82,11 +82,11 @@ pub enum SecretError {
     /// The file does not exist.
     #[error(
         "secret file {} does not exist: create it, or correct the path (relative to the touchpoint file)",
-        shown(.0)
+        .0.display()
     )]
     FileMissing(PathBuf),
     /// The file could not be read.
-    #[error("cannot read secret file {}: {source}", shown(.path))]
+    #[error("cannot read secret file {}: {source}", .path.display())]
     FileUnreadable {
         /// The path as referenced.
         path: PathBuf,
@@ -96,8 +96,8 @@ pub enum SecretError {
     /// The file resolves (links followed) outside every folder secrets may be read from.
     #[error(
         "secret file {} resolves to {}, outside {allowed}: secrets are read only inside the repository or the secrets folder; move the file there, or point --secrets-dir (TOUCHCTL_SECRETS_DIR) at the folder that holds it",
-        shown(.path),
-        shown(.resolved)
+        .path.display(),
+        .resolved.display()
     )]
     FileOutside {
         /// The path as referenced.
@@ -110,7 +110,7 @@ pub enum SecretError {
     /// The file is one of touchctl's own (the daemon's API token file).
     #[error(
         "secret file {} is {what}, which is never a secret source: keep the secret in a file of its own and name that one",
-        shown(.path)
+        .path.display()
     )]
     OwnFile {
         /// The path as referenced.
@@ -121,7 +121,7 @@ pub enum SecretError {
     /// The path leads to a folder, FIFO, socket or device.
     #[error(
         "secret file {} is {kind}, not a regular file: point the reference at a file that holds the secret",
-        shown(.path)
+        .path.display()
     )]
     NotRegular {
         /// The path as referenced.
@@ -132,7 +132,7 @@ pub enum SecretError {
     /// The file is larger than [`MAX_SECRET_BYTES`].
     #[error(
         "secret file {} holds more than {MAX_SECRET_BYTES} bytes, the most a secret may have: point the reference at a file that holds only the secret",
-        shown(.0)
+        .0.display()
     )]
     FileTooLarge(PathBuf),
     /// The variable's value is larger than [`MAX_SECRET_BYTES`].
@@ -141,10 +141,10 @@ pub enum SecretError {
     )]
     EnvTooLarge(String),
     /// The file is not UTF-8 text.
-    #[error("secret file {} is not UTF-8 text: store the secret as text", shown(.0))]
+    #[error("secret file {} is not UTF-8 text: store the secret as text", .0.display())]
     NotText(PathBuf),
     /// The file exists but holds nothing.
-    #[error("secret file {} is empty", shown(.0))]
+    #[error("secret file {} is empty", .0.display())]
     FileEmpty(PathBuf),
     /// The value holds a line break or another control character, which no header or signature
     /// can carry.
@@ -179,16 +179,6 @@ impl SecretError {
             | SecretError::FileUnreadable { .. }
             | SecretError::FileEmpty(_) => "secret-unreadable",
         }
-    }
-}
-
-/// A path for a message, with control characters escaped so that it cannot drive a terminal.
-pub(crate) fn shown(path: &Path) -> String {
-    let text = path.display().to_string();
-    if text.chars().any(char::is_control) {
-        text.escape_debug().to_string()
-    } else {
-        text
     }
 }
 

@@ -23,7 +23,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use super::secret::{MAX_SECRET_BYTES, SecretError, shown};
+use super::secret::{MAX_SECRET_BYTES, SecretError};
 
 /// The prefix of touchctl's own environment variables.
 const OWN_PREFIX: &str = "TOUCHCTL_";
@@ -126,30 +126,27 @@ impl SecretPolicy {
 
     /// Reads the variable `name`, if the policy allows it.
     pub(crate) fn read_env(&self, name: &str) -> Result<String, SecretError> {
-        // The schema keeps names to letters, digits and `_`; a spec from elsewhere (a registry
-        // row) might not, and the name is printed.
-        let shown_name = || name.escape_debug().to_string();
         if is_own_variable(name) {
-            return Err(SecretError::OwnVariable(shown_name()));
+            return Err(SecretError::OwnVariable(name.to_string()));
         }
         if !self.env_allow.is_empty() && !self.env_allow.iter().any(|p| p.matches(name)) {
             let allowed: Vec<String> = self.env_allow.iter().map(ToString::to_string).collect();
             return Err(SecretError::EnvNotAllowed {
-                name: shown_name(),
+                name: name.to_string(),
                 allowed: allowed.join(", "),
             });
         }
         let value = match std::env::var_os(name) {
             Some(v) if !v.is_empty() => v,
-            _ => return Err(SecretError::EnvMissing(shown_name())),
+            _ => return Err(SecretError::EnvMissing(name.to_string())),
         };
         if value.len() as u64 > MAX_SECRET_BYTES {
-            return Err(SecretError::EnvTooLarge(shown_name()));
+            return Err(SecretError::EnvTooLarge(name.to_string()));
         }
         let value = value
             .into_string()
-            .map_err(|_| SecretError::EnvNotUnicode(shown_name()))?;
-        one_line(&value, || format!("environment variable {}", shown_name()))?;
+            .map_err(|_| SecretError::EnvNotUnicode(name.to_string()))?;
+        one_line(&value, || format!("environment variable {name}"))?;
         Ok(value)
     }
 
@@ -191,7 +188,7 @@ impl SecretPolicy {
         if value.is_empty() {
             return Err(SecretError::FileEmpty(path.to_path_buf()));
         }
-        one_line(value, || format!("secret file {}", shown(path)))?;
+        one_line(value, || format!("secret file {}", path.display()))?;
         Ok(value.to_string())
     }
 
@@ -212,14 +209,14 @@ impl SecretPolicy {
         }
         let mut folders = Vec::new();
         if let Some(repo) = self.repository() {
-            folders.push(format!("the repository {}", shown(repo)));
+            folders.push(format!("the repository {}", repo.display()));
         }
         let note = match (&self.secrets_dir, &secrets_dir) {
             (Some(_), Some(Ok(dir))) => {
-                folders.push(format!("the secrets folder {}", shown(dir)));
+                folders.push(format!("the secrets folder {}", dir.display()));
                 String::new()
             }
-            (Some(given), _) => format!(" (the secrets folder {} does not exist)", shown(given)),
+            (Some(given), _) => format!(" (the secrets folder {} does not exist)", given.display()),
             (None, _) => " (no secrets folder is configured)".to_string(),
         };
         let allowed = if folders.is_empty() {
