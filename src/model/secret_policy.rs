@@ -62,6 +62,8 @@ impl FromStr for EnvPattern {
             && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
         if valid {
             Ok(Self(text.to_string()))
+        } else if text.is_empty() {
+            Err("an entry of the list is empty: name variables, or prefixes ending in `*`, separated by commas (e.g. SMS_GATEWAY_TOKEN,WECHAT_*)".to_string())
         } else {
             Err(format!(
                 "`{}` is not a variable name or a prefix ending in `*` (e.g. SMS_GATEWAY_TOKEN or WECHAT_*)",
