@@ -12,6 +12,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use touchctl::model::EnvPattern;
 
 /// Manage marketing touchpoints (触点) as code: validate the TOML files, plan against the live
 /// registry, apply.
@@ -47,6 +48,10 @@ pub struct Global {
     pub quiet: bool,
     /// When to colour.
     pub color: ColorChoice,
+    /// A folder secret file references may also resolve into.
+    pub secrets_dir: Option<PathBuf>,
+    /// The variables secret references may name (any but `TOUCHCTL_*` when empty).
+    pub secret_env_allow: Vec<EnvPattern>,
 }
 
 impl Default for Global {
@@ -57,6 +62,8 @@ impl Default for Global {
             verbose: false,
             quiet: false,
             color: ColorChoice::Auto,
+            secrets_dir: None,
+            secret_env_allow: Vec::new(),
         }
     }
 }
@@ -84,6 +91,26 @@ pub struct StateArg {
         value_name = "FILE"
     )]
     pub state: PathBuf,
+}
+
+/// Where secret references may read from, for the commands that read secrets (plan, apply,
+/// import, daemon).
+#[derive(Debug, Args)]
+pub struct SecretsArgs {
+    /// A folder secret file references may also resolve into, besides the repository (the git
+    /// work tree holding --dir, or --dir itself outside git), e.g. /run/secrets.
+    #[arg(long, env = "TOUCHCTL_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// The environment variables secret references may name: comma-separated names, or prefixes
+    /// ending in `*` (e.g. SMS_GATEWAY_TOKEN,WECHAT_*). Default: any but touchctl's own
+    /// (TOUCHCTL_*), which are never a secret source.
+    #[arg(
+        long,
+        env = "TOUCHCTL_SECRET_ENV_ALLOW",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub secret_env_allow: Vec<EnvPattern>,
 }
 
 /// `-q`, for the commands that print more than what was asked.
@@ -222,6 +249,8 @@ pub enum Command {
         dir: DirArg,
         #[command(flatten)]
         state: StateArg,
+        #[command(flatten)]
+        secrets: SecretsArgs,
         /// More detail: also list unchanged touchpoints.
         #[arg(short, long, conflicts_with = "quiet")]
         verbose: bool,
@@ -257,6 +286,8 @@ pub enum Command {
         #[command(flatten)]
         state: StateArg,
         #[command(flatten)]
+        secrets: SecretsArgs,
+        #[command(flatten)]
         quiet: QuietArg,
         #[command(flatten)]
         color: ColorArg,
@@ -284,6 +315,8 @@ pub enum Command {
         dir: DirArg,
         #[command(flatten)]
         state: StateArg,
+        #[command(flatten)]
+        secrets: SecretsArgs,
         #[command(flatten)]
         quiet: QuietArg,
     },
@@ -365,6 +398,8 @@ pub struct DaemonArgs {
     pub dir: DirArg,
     #[command(flatten)]
     pub state: StateArg,
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:8640", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
@@ -538,54 +573,68 @@ impl Cli {
     /// The shared options as this command took them (the defaults for those it does not take).
     pub fn global(&self) -> Global {
         let mut g = Global::default();
-        let mut dir = |d: &DirArg| g.dir = d.dir.clone();
+        let mut secrets = None;
         match &self.command {
-            Command::Validate {
-                dir: d, quiet: q, ..
-            } => {
-                dir(d);
-                g.quiet = q.quiet;
+            Command::Validate { dir, quiet, .. } => {
+                (g.dir, g.quiet) = (dir.dir.clone(), quiet.quiet);
             }
             Command::Schema { .. } => {}
             Command::Plan {
-                dir: d,
-                state: s,
+                dir,
+                state,
+                secrets: s,
                 verbose,
-                quiet: q,
-                color: c,
+                quiet,
+                color,
                 ..
             } => {
-                dir(d);
-                (g.state, g.verbose, g.quiet, g.color) =
-                    (s.state.clone(), *verbose, q.quiet, c.color);
+                (g.dir, g.state, g.verbose, g.quiet, g.color) = (
+                    dir.dir.clone(),
+                    state.state.clone(),
+                    *verbose,
+                    quiet.quiet,
+                    color.color,
+                );
+                secrets = Some(s);
             }
             Command::Apply {
-                dir: d,
-                state: s,
-                quiet: q,
-                color: c,
+                dir,
+                state,
+                secrets: s,
+                quiet,
+                color,
                 ..
             } => {
-                dir(d);
-                (g.state, g.quiet, g.color) = (s.state.clone(), q.quiet, c.color);
+                (g.dir, g.state, g.quiet, g.color) = (
+                    dir.dir.clone(),
+                    state.state.clone(),
+                    quiet.quiet,
+                    color.color,
+                );
+                secrets = Some(s);
             }
             Command::Import {
-                dir: d,
-                state: s,
-                quiet: q,
+                dir,
+                state,
+                secrets: s,
+                quiet,
                 ..
             } => {
-                dir(d);
-                (g.state, g.quiet) = (s.state.clone(), q.quiet);
+                (g.dir, g.state, g.quiet) = (dir.dir.clone(), state.state.clone(), quiet.quiet);
+                secrets = Some(s);
             }
             Command::Daemon(args) => {
-                dir(&args.dir);
-                g.state = args.state.state.clone();
+                (g.dir, g.state) = (args.dir.dir.clone(), args.state.state.clone());
+                secrets = Some(&args.secrets);
             }
             Command::Dispatch(args) => g.quiet = args.quiet.quiet,
             Command::Deliveries { state: s, .. } | Command::ForceUnlock { state: s, .. } => {
                 g.state = s.state.clone();
             }
+        }
+        if let Some(s) = secrets {
+            g.secrets_dir = s.secrets_dir.clone();
+            g.secret_env_allow = s.secret_env_allow.clone();
         }
         g
     }
@@ -596,6 +645,8 @@ impl Cli {
 const LEADING_OPTIONS: &[(&str, bool)] = &[
     ("--dir", true),
     ("--state", true),
+    ("--secrets-dir", true),
+    ("--secret-env-allow", true),
     ("--color", true),
     ("--verbose", false),
     ("--quiet", false),

@@ -47,6 +47,18 @@ fn in_state_folder(path: &[u8]) -> bool {
     path.split(|&b| b == b'/').any(|part| part == b".touchctl")
 }
 
+/// The folder secret file references may resolve into: the work tree of the git repository holding
+/// `dir`, or `dir` itself when it is not in one (or is in a bare repository). `None` when `dir`
+/// does not exist.
+pub fn repository_root(dir: &Path) -> Option<PathBuf> {
+    let work_tree = git2::Repository::discover(dir)
+        .ok()
+        .and_then(|repo| repo.workdir().map(Path::to_path_buf));
+    work_tree
+        .and_then(|w| w.canonicalize().ok())
+        .or_else(|| dir.canonicalize().ok())
+}
+
 /// Why the files at a revision could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {

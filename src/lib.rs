@@ -5,11 +5,11 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`model`] | the serde + schemars types of a touchpoint file, secret references; no I/O |
+//! | [`model`] | the serde + schemars types of a touchpoint file; secret references and what they may read (the only I/O) |
 //! | [`schema`] | the JSON Schema generated from [`model`], its file and freshness check |
 //! | [`load`] | reading a tree of files, TOML spans, schema and cross-file checks, diagnostics |
 //! | [`registry`] | the live state: the `Registry` trait, its SQLite backend, locking, generations |
-//! | [`plan`] | the pure diff of desired against live, and its text, markdown and JSON renderings |
+//! | [`plan`] | the pure diff of desired against live, its renderings, the seal of a saved plan |
 //! | [`planner`] | gathering a plan's inputs: secret fingerprints, the live state |
 //! | [`apply`] | running a plan against the registry, with per-change outcomes |
 //! | [`git`] | what commit the files came from; the files at another revision |

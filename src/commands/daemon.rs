@@ -9,7 +9,7 @@ use serde_json::json;
 
 use touchctl::daemon::{self, reconcile::Source};
 use touchctl::dispatch::queue::{Filter, Queue};
-use touchctl::model::Secret;
+use touchctl::model::{Secret, SecretPolicy};
 use touchctl::term::{self, escape};
 
 use super::{FAILED, OK};
@@ -46,6 +46,15 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The secret policy of the daemon: as for plan, and its own API token file is never a source.
+fn daemon_secret_policy(g: &Global, token_file: Option<&Path>) -> SecretPolicy {
+    let policy = super::secret_policy(g);
+    match token_file {
+        Some(file) => policy.with_own_file(file, "the daemon's API token file"),
+        None => policy,
+    }
+}
+
 pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
     let source = Source::parse(&args.source).map_err(|e| anyhow!(e))?;
     if source != Source::Worktree && !args.watch {
@@ -75,6 +84,7 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         drain: args.drain_timeout,
         retention: args.retention,
         lease_ttl: args.lease_ttl,
+        secrets: daemon_secret_policy(g, args.api_token_file.as_deref()),
     };
     let rt = runtime()?;
     let result = rt.block_on(daemon::run(config, |_| {}));

@@ -13,8 +13,9 @@ use serde_json::json;
 use touchctl::apply::{self, ApplyOptions, Outcome};
 use touchctl::import;
 use touchctl::load::{self, Diagnostic, LoadError};
-use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
-use touchctl::planner::{BaseError, TreeError, plan_base, plan_dir};
+use touchctl::model::SecretPolicy;
+use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text, seal};
+use touchctl::planner::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
 use touchctl::term::{self, escape};
@@ -162,14 +163,26 @@ fn warn_if_empty(g: &Global, desired: &load::Desired) {
     }
 }
 
-/// Loads the tree and plans it; on invalid files prints every diagnostic and returns `None`.
+/// What secret references may read: the repository holding --dir, --secrets-dir, and the
+/// variables --secret-env-allow names.
+pub(crate) fn secret_policy(g: &Global) -> SecretPolicy {
+    SecretPolicy::new(touchctl::git::repository_root(&g.dir).as_deref())
+        .with_secrets_dir(g.secrets_dir.clone())
+        .with_env_allow(g.secret_env_allow.clone())
+}
+
+/// Loads the tree and plans it; on invalid files or secrets that cannot be read prints every
+/// diagnostic and returns `None`.
 fn plan_tree(g: &Global, registry: &dyn Registry) -> Result<Option<Plan>> {
-    match plan_dir(&g.dir, registry) {
+    match plan_dir(&g.dir, registry, &secret_policy(g)) {
         Ok((desired, plan)) => {
             warn_if_empty(g, &desired);
             Ok(Some(plan))
         }
-        Err(TreeError::Load(LoadError::Invalid(diagnostics))) => {
+        Err(
+            TreeError::Load(LoadError::Invalid(diagnostics))
+            | TreeError::Plan(PlanError::Secrets(diagnostics)),
+        ) => {
             report_invalid(&diagnostics);
             Ok(None)
         }
@@ -284,11 +297,17 @@ fn plan_cmd(
         Some(rev) => plan_against_base(g, rev)?,
         None => {
             let registry = open_registry(g)?;
-            let plan = plan_tree(g, &registry)?;
+            let mut plan = plan_tree(g, &registry)?;
             // A saved plan is applied only to the registry it was made against: a new one is
             // created now, with the keys the plan's fingerprints were made with.
             if plan.is_some() && out.is_some() {
                 registry.persist()?;
+            }
+            // A plan that leaves as JSON may come back to `apply FILE`: seal it to its content.
+            if let Some(plan) = &mut plan
+                && (out.is_some() || format == PlanFormat::Json)
+            {
+                seal(plan, registry.fingerprinter());
             }
             plan
         }
@@ -497,6 +516,7 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         Err(e) => return Err(e.into()),
     };
     let live = registry.list()?;
+    let policy = secret_policy(g);
     let (targets, mut problems) = import::select(&live, &desired, ids, all, &registry.describe());
     if all && targets.is_empty() && !g.quiet {
         println!("Nothing to import: every live touchpoint already has a file.");
@@ -507,7 +527,13 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
             Some(p) => p.to_path_buf(),
             None => import::default_path(&g.dir, live),
         };
-        let written_file = import::write(live, &path, Path::new(schema::DEFAULT_PATH), &registry);
+        let written_file = import::write(
+            live,
+            &path,
+            Path::new(schema::DEFAULT_PATH),
+            &registry,
+            &policy,
+        );
         match written_file {
             Ok(warnings) => {
                 written += 1;

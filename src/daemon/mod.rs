@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::dispatch::queue::Queue;
 use crate::dispatch::worker::{self, Directory, Lookup};
-use crate::model::Secret;
+use crate::model::{Secret, SecretPolicy};
 use crate::registry::{Registry, SqliteRegistry};
 use live::LiveSet;
 use metrics::Metrics;
@@ -86,6 +86,8 @@ pub struct Config {
     pub retention: Duration,
     /// How long the daemon's hold on its queue lasts unless renewed (see [`crate::lease`]).
     pub lease_ttl: Duration,
+    /// What secret references may read.
+    pub secrets: SecretPolicy,
 }
 
 /// How many triggers are worked on at once: two per core, so one waiting for a lock or a page
@@ -297,6 +299,8 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             max_body: config.max_body,
         });
     }
+    // Before anything says the daemon is up (its log line, `ready`): a SIGTERM from then on stops it.
+    let stop_signal = shutdown_signal();
     // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut client = reqwest::Client::builder()
@@ -348,7 +352,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let app = Arc::new(App {
         registry: registry.clone(),
         queue: queue.clone(),
-        live: Arc::new(LiveSet::default()),
+        live: Arc::new(LiveSet::new(config.secrets.clone())),
         wake: Arc::new(worker::Wake::default()),
         metrics: Arc::new(Metrics::default()),
         token: config.token.clone(),
@@ -375,6 +379,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         dir: config.dir.clone(),
         source: config.source.clone(),
         max_deletes: config.max_deletes,
+        secrets: config.secrets.clone(),
     });
     if let Some(s) = &settings {
         reconcile_now(&app, s).await;
@@ -451,7 +456,6 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         registry.describe(),
         config.queue.display()
     ));
-    let stop_signal = shutdown_signal();
     ready(addr);
 
     let lost = tokio::select! {

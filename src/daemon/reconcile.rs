@@ -8,8 +8,9 @@ use serde::Serialize;
 
 use crate::apply::{self, ApplyOptions};
 use crate::load::{Diagnostic, LoadError};
+use crate::model::SecretPolicy;
 use crate::plan::Action;
-use crate::planner::make_plan;
+use crate::planner::{PlanError, make_plan};
 use crate::registry::{LockGuard, Registry};
 
 /// Where the desired state is read.
@@ -97,6 +98,8 @@ pub struct Settings {
     pub source: Source,
     /// Refuse a reconcile that would delete more than this many touchpoints.
     pub max_deletes: usize,
+    /// What secret references may read.
+    pub secrets: SecretPolicy,
 }
 
 /// Loads the files, plans against the registry, and applies the plan.
@@ -124,8 +127,16 @@ pub fn reconcile(settings: &Settings, registry: &dyn Registry) -> Report {
         }
         Err(LoadFailure::Other(e)) => return fail(report, e),
     };
-    let mut plan = match make_plan(&desired, &settings.dir, registry) {
+    let mut plan = match make_plan(&desired, &settings.dir, registry, &settings.secrets) {
         Ok(p) => p,
+        Err(PlanError::Secrets(diagnostics)) => {
+            let error = format!(
+                "{} secret reference(s) cannot be read; the last good set keeps serving",
+                diagnostics.len()
+            );
+            report.diagnostics = diagnostics;
+            return fail(report, error);
+        }
         Err(e) => return fail(report, e.to_string()),
     };
     if let Source::Git(_) = settings.source {

@@ -1,5 +1,6 @@
 //! The desired-state types: what one touchpoint file says. These types are the single source of the
-//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O.
+//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O but
+//! reading a secret reference, as its [`SecretPolicy`] allows.
 //!
 //! A file is a [`Touchpoint`]: the [`Common`] fields every kind has, plus one [`KindSpec`] chosen by
 //! its `kind` field.
@@ -8,6 +9,7 @@ mod app_push;
 mod custom;
 mod params;
 mod secret;
+mod secret_policy;
 mod spec_json;
 mod units;
 mod wechat;
@@ -25,7 +27,8 @@ pub use params::{
     DynamicParams, MessageTemplate, MiniProgramLink, NAME_PATTERN, ParamSource, ParamType,
     SOURCE_PATTERN, TemplateParam, WECHAT_APP_ID_PATTERN,
 };
-pub use secret::{Fingerprinter, Secret, SecretError, SecretRef};
+pub use secret::{Fingerprinter, MAX_SECRET_BYTES, Secret, SecretError, SecretRef};
+pub use secret_policy::{EnvPattern, SecretPolicy, is_own_variable};
 pub use spec_json::SpecJson;
 pub use units::{
     DURATION_PATTERN, Duration, DurationIn, RATE_PATTERN, RateLimit, RateUnit, is_duration_format,

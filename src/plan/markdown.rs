@@ -86,7 +86,7 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
     if risky > 0 {
         let _ = writeln!(
             head,
-            "⚠️ **{risky} risky change(s)**: deletes, or changes to where deliveries go, credentials or batch size. Review them before merging.\n"
+            "⚠️ **{risky} risky change(s)**: deletes, new touchpoints (where they deliver and the secrets they send), or changes to where deliveries go, credentials or batch size. Review them before merging.\n"
         );
     }
     if listed.is_empty() {
@@ -303,55 +303,13 @@ fn code_safe(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{FieldAction, FieldChange, RegistryRef, Source, Summary};
+    use crate::plan::samples::{self, plan};
     use serde_json::json;
 
     fn change(id: &str, action: Action, description: &str) -> Change {
-        Change {
-            id: id.into(),
-            kind: "custom".into(),
-            action,
-            file: Some(format!("touchpoints/{id}.toml")),
-            moved_from: None,
-            live_generation: Some(1),
-            live_source: None,
-            protected: false,
-            fields: vec![FieldChange {
-                path: "description".into(),
-                action: FieldAction::Update,
-                before: Some(json!("old")),
-                after: Some(json!(description)),
-                sensitive: false,
-                value_changed: false,
-            }],
-            desired: None,
-            fingerprints: Default::default(),
-            risks: Vec::new(),
-        }
-    }
-
-    fn plan(changes: Vec<Change>) -> Plan {
-        Plan {
-            format_version: "1".into(),
-            touchctl_version: "0.0.0".into(),
-            created_at: "t".into(),
-            registry: Some(RegistryRef {
-                id: "r".into(),
-                backend: "sqlite x".into(),
-            }),
-            base: None,
-            source: Source {
-                dir: "touchpoints".into(),
-                commit: None,
-                dirty: false,
-            },
-            summary: Summary {
-                update: changes.len(),
-                ..Summary::default()
-            },
-            changes,
-            drift: Vec::new(),
-        }
+        let mut c = samples::change(id, "description", json!("old"), json!(description));
+        c.action = action;
+        c
     }
 
     #[test]

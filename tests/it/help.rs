@@ -11,17 +11,33 @@ use crate::support::{Project, Run, run_command};
 
 /// The options that were global before each command declared its own, and the commands that use
 /// each of them.
-const SHARED: [&str; 6] = ["dir", "state", "queue", "verbose", "quiet", "color"];
+const SHARED: [&str; 8] = [
+    "dir",
+    "state",
+    "queue",
+    "verbose",
+    "quiet",
+    "color",
+    "secrets-dir",
+    "secret-env-allow",
+];
+
+/// The options of the commands that read secrets.
+const SECRETS: [&str; 2] = ["secrets-dir", "secret-env-allow"];
 
 /// Every command (as its words) and the shared options it takes.
 fn expected() -> BTreeMap<&'static str, Vec<&'static str>> {
+    let with_secrets = |options: &[&'static str]| [options, &SECRETS[..]].concat();
     BTreeMap::from([
         ("validate", vec!["dir", "quiet"]),
         ("schema", vec![]),
-        ("plan", vec!["dir", "state", "verbose", "quiet", "color"]),
-        ("apply", vec!["dir", "state", "quiet", "color"]),
-        ("import", vec!["dir", "state", "quiet"]),
-        ("daemon", vec!["dir", "state", "queue"]),
+        (
+            "plan",
+            with_secrets(&["dir", "state", "verbose", "quiet", "color"]),
+        ),
+        ("apply", with_secrets(&["dir", "state", "quiet", "color"])),
+        ("import", with_secrets(&["dir", "state", "quiet"])),
+        ("daemon", with_secrets(&["dir", "state", "queue"])),
         ("dispatch", vec!["quiet"]),
         ("deliveries", vec!["state", "queue"]),
         ("deliveries list", vec!["state", "queue"]),

@@ -12,6 +12,7 @@ mod help;
 mod plan_apply;
 mod review;
 mod schema;
+mod secrets;
 mod server;
 mod state;
 mod terminal_escapes;

@@ -111,15 +111,22 @@ impl Project {
         self
     }
 
-    /// A command running the binary in the project, with no inherited touchctl settings.
+    /// A command running the binary in the project, with no inherited touchctl settings. Outside
+    /// git the repository is `touchpoints/` alone, so secret files beside it need a secrets
+    /// folder: a project's `secrets/` is one, as an operator would configure it.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_touchctl"));
         cmd.args(args)
             .current_dir(self.path())
             .env_remove("TOUCHCTL_DIR")
             .env_remove("TOUCHCTL_STATE")
+            .env_remove("TOUCHCTL_SECRETS_DIR")
+            .env_remove("TOUCHCTL_SECRET_ENV_ALLOW")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
+        if self.path().join("secrets").is_dir() {
+            cmd.env("TOUCHCTL_SECRETS_DIR", self.path().join("secrets"));
+        }
         cmd
     }
 
