@@ -149,13 +149,24 @@ pub enum ValidateFormat {
     Json,
 }
 
-/// Output formats of `deliveries list` and `deliveries show`.
+/// Output formats of `deliveries show`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeliveriesFormat {
-    /// A table (list) or a report (show) for people; text from endpoints is escaped.
+    /// A report for people; text from endpoints is escaped.
     Text,
-    /// The batches (list), or the batch with its attempts and failed recipients (show), as JSON.
+    /// The batch with its attempts, replays and failed recipients, as JSON.
     Json,
+}
+
+/// Output formats of `deliveries list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    /// A table for people; text from endpoints is escaped.
+    Text,
+    /// The batches as JSON.
+    Json,
+    /// Only the batch ids, one a line: for `deliveries show` and `deliveries replay`.
+    Ids,
 }
 
 /// The states a batch is in, for `deliveries list --only`.
@@ -401,7 +412,12 @@ pub struct DaemonArgs {
     #[command(flatten)]
     pub secrets: SecretsArgs,
     /// Where the API listens.
-    #[arg(long, default_value = "127.0.0.1:8640", value_name = "ADDR")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8640",
+        env = "TOUCHCTL_LISTEN",
+        value_name = "ADDR"
+    )]
     pub listen: std::net::SocketAddr,
     /// Reconcile the registry with the files: on every change (debounced) and every --interval.
     /// A tree with problems changes nothing; the problems show at /v1/status and in the log.
@@ -521,7 +537,8 @@ pub enum DeliveriesCommand {
     #[command(after_help = "Examples:
   touchctl deliveries list
   touchctl deliveries list --only dead --touchpoint sms
-  touchctl deliveries list --dispatch dsp_1a2013279ada69c38505917 --limit 0 --format json")]
+  touchctl deliveries list --dispatch dsp_1a2013279ada69c38505917 --limit 0 --format json
+  touchctl deliveries replay $(touchctl deliveries list --only dead --touchpoint sms --format ids)")]
     List {
         /// Only batches in this state.
         // `--status`, its former name, still works (hidden: it read like a sibling of --state).
@@ -537,8 +554,8 @@ pub enum DeliveriesCommand {
         #[arg(long, default_value_t = 50, value_name = "N")]
         limit: usize,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = DeliveriesFormat::Text)]
-        format: DeliveriesFormat,
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        format: ListFormat,
     },
     /// Show one batch: its state, every attempt (status, latency, generation, error) and the
     /// recipients that failed for good.

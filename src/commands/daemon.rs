@@ -13,7 +13,7 @@ use touchctl::model::{Secret, SecretPolicy};
 use touchctl::term::{self, escape};
 
 use super::{FAILED, OK};
-use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global};
+use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global, ListFormat};
 
 /// The queue file: given, or `queue.db` beside the registry file.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
@@ -146,9 +146,18 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 dispatch_id: dispatch.clone(),
                 limit: *limit,
             })?;
-            if *format == DeliveriesFormat::Json {
-                println!("{}", term::json(serde_json::to_string_pretty(&batches)?));
-                return Ok(OK);
+            match format {
+                ListFormat::Json => {
+                    println!("{}", term::json(serde_json::to_string_pretty(&batches)?));
+                    return Ok(OK);
+                }
+                ListFormat::Ids => {
+                    for b in &batches {
+                        println!("{}", escape(&b.id));
+                    }
+                    return Ok(OK);
+                }
+                ListFormat::Text => {}
             }
             if batches.is_empty() {
                 println!("No batches match.");

@@ -10,6 +10,7 @@ mod durations;
 mod examples;
 mod help;
 mod plan_apply;
+mod readme;
 mod review;
 mod schema;
 mod secrets;
