@@ -13,6 +13,7 @@ use rayon::prelude::*;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use touchctl::apply::{self, ApplyOptions};
 use touchctl::load;
+use touchctl::model::SecretPolicy;
 use touchctl::planner::{make_plan, plan_dir};
 use touchctl::registry::SqliteRegistry;
 
@@ -38,7 +39,8 @@ fn baseline(dir: &Path, validator: &jsonschema::Validator) -> usize {
 /// What `touchctl plan` does: load and check the tree, fingerprint secrets, read the registry, diff.
 fn plan(dir: &Path, state: &Path) -> usize {
     let registry = SqliteRegistry::open(state).expect("registry");
-    let (_desired, plan) = plan_dir(dir, &registry).expect("plan");
+    let policy = SecretPolicy::new(Some(dir));
+    let (_desired, plan) = plan_dir(dir, &registry, &policy).expect("plan");
     assert!(!plan.has_changes(), "the benchmark plans an unchanged tree");
     plan.summary.no_op
 }
@@ -86,7 +88,8 @@ fn main() {
             Err(e) => panic!("{e}"),
         };
         let registry = SqliteRegistry::open(&state).expect("registry");
-        let plan = make_plan(&desired, &dir, &registry).expect("plan");
+        let policy = SecretPolicy::new(Some(&dir));
+        let plan = make_plan(&desired, &dir, &registry, &policy).expect("plan");
         let opts = ApplyOptions {
             allow_delete: false,
             max_deletes: 0,

@@ -11,7 +11,8 @@ use crate::load::{Diagnostic, Source, source_from_bytes};
 pub struct Head {
     /// The HEAD commit, absent in a repository with no commits yet.
     pub commit: Option<String>,
-    /// Whether anything under the folder differs from HEAD (including untracked files).
+    /// Whether anything under the folder differs from HEAD (including untracked files), leaving
+    /// out `.touchctl` folders (touchctl's own state) at any depth.
     pub dirty: bool,
 }
 
@@ -32,7 +33,10 @@ pub fn head_in(repo: &git2::Repository, dir: &Path) -> Option<Head> {
     }
     let dirty = repo
         .statuses(Some(&mut opts))
-        .map(|s| s.iter().any(|e| !e.status().is_ignored()))
+        .map(|s| {
+            s.iter()
+                .any(|e| !e.status().is_ignored() && !in_state_folder(e.path_bytes()))
+        })
         .unwrap_or(true);
     Some(Head { commit, dirty })
 }
@@ -44,6 +48,25 @@ pub fn commit_in(repo: &git2::Repository) -> Option<String> {
         .ok()
         .and_then(|h| h.peel_to_commit().ok())
         .map(|c| c.id().to_string())
+}
+
+/// Whether a repository path is inside a `.touchctl` folder, at any depth: touchctl's own state
+/// (the registry, the queue) is never part of the desired state, whether or not the repository's
+/// `.gitignore` names it.
+fn in_state_folder(path: &[u8]) -> bool {
+    path.split(|&b| b == b'/').any(|part| part == b".touchctl")
+}
+
+/// The folder secret file references may resolve into: the work tree of the git repository holding
+/// `dir`, or `dir` itself when it is not in one (or is in a bare repository). `None` when `dir`
+/// does not exist.
+pub fn repository_root(dir: &Path) -> Option<PathBuf> {
+    let work_tree = git2::Repository::discover(dir)
+        .ok()
+        .and_then(|repo| repo.workdir().map(Path::to_path_buf));
+    work_tree
+        .and_then(|w| w.canonicalize().ok())
+        .or_else(|| dir.canonicalize().ok())
 }
 
 /// Why the files at a revision could not be read.

@@ -15,11 +15,12 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::App;
+use super::body::BodyError;
 use crate::channel::custom;
-use crate::dispatch::check_template_params;
 use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
 use crate::dispatch::user::{RawTrigger, UserRef, screen};
 use crate::dispatch::worker::Lookup;
+use crate::dispatch::{check_idempotency_key, check_template_params};
 
 /// The routes, with authentication in front of all of them.
 pub fn router(app: Arc<App>) -> Router {
@@ -162,20 +163,23 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
         }
     };
     let limits = &app.limits;
-    let bytes =
-        match tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body)).await {
-            Ok(b) => b?,
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    format!(
-                        "the request body did not arrive within {}",
-                        humantime::format_duration(limits.body_timeout)
-                    ),
-                ));
-            }
-        };
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let reading = app.bodies.read(body, limits.max_body, expects_continue);
+    let (bytes, held) = match tokio::time::timeout(limits.body_timeout, reading).await {
+        Ok(read) => read.map_err(body_error)?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {}",
+                    humantime::format_duration(limits.body_timeout)
+                ),
+            ));
+        }
+    };
     // Parsing, checking and storing are CPU and disk work: off the async threads, and only a few
     // triggers at a time. The others wait here, taking no CPU: a burst all worked on at once
     // shares the cores with the queue's writer thread, which every one of them then waits for,
@@ -189,22 +193,40 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
         .map_err(|e| internal(e.to_string()))?;
     drop(waiting);
     let app2 = app.clone();
-    match tokio::task::spawn_blocking(move || process(&app2, ndjson, &bytes, permit)).await {
+    let answer = tokio::task::spawn_blocking(move || {
+        let answer = process(&app2, ndjson, &bytes, permit);
+        // The body's share of the memory budget goes back with the body.
+        drop((bytes, held));
+        answer
+    })
+    .await;
+    match answer {
         Ok(result) => result,
         Err(e) => Err(internal(e.to_string())),
     }
 }
 
-async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, max).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            too_large(max)
-        } else {
-            malformed(format!("cannot read the request body: {e}"))
+fn body_error(e: BodyError) -> ApiError {
+    match e {
+        BodyError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
         }
-    })
+        BodyError::Busy { .. } => {
+            let mut busy = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "body_memory_full",
+                e.to_string(),
+            );
+            busy.retry_after = Some(BODY_MEMORY_RETRY_AFTER);
+            busy
+        }
+        BodyError::Read(_) => malformed(e.to_string()),
+    }
 }
+
+/// Seconds a trigger refused for want of body memory is told to wait: about what the daemon takes
+/// to store a trigger of the largest size.
+const BODY_MEMORY_RETRY_AFTER: u64 = 2;
 
 /// Checks a trigger against its touchpoint and stores it; the answer to send. The intake
 /// `permit` is let go once the CPU work is done, before waiting for the disk.
@@ -225,6 +247,8 @@ fn process(
     };
     let head = &trigger.head;
     if let Some(key) = &head.idempotency_key {
+        check_idempotency_key(key)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", e))?;
         let earlier = app.queue.find_idempotent(key).map_err(queue_error)?;
         if let Some((touchpoint, campaign, receipt)) = earlier {
             if touchpoint == head.touchpoint && campaign == head.campaign {
@@ -355,16 +379,6 @@ fn internal(message: String) -> ApiError {
         StatusCode::INTERNAL_SERVER_ERROR,
         "internal",
         format!("the daemon could not store or read the queue: {message}"),
-    )
-}
-
-fn too_large(max: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        format!(
-            "the request body is larger than {max} bytes: split the audience over several triggers, or start the daemon with a larger --max-body"
-        ),
     )
 }
 

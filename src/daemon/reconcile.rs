@@ -19,8 +19,9 @@ use serde::Serialize;
 
 use crate::apply::{self, ApplyOptions};
 use crate::load::{Diagnostic, LoadError, Reload, TreeCache};
+use crate::model::SecretPolicy;
 use crate::plan::Action;
-use crate::planner::{plan_from, plan_only};
+use crate::planner::{PlanError, plan_from, plan_only};
 use crate::registry::{LockGuard, Registry};
 
 /// Where the desired state is read.
@@ -123,6 +124,8 @@ pub struct Settings {
     pub source: Source,
     /// Refuse a reconcile that would delete more than this many touchpoints.
     pub max_deletes: usize,
+    /// What secret references may read.
+    pub secrets: SecretPolicy,
 }
 
 /// Why a reconcile runs, which says how much it reads and plans.
@@ -232,18 +235,27 @@ impl Reconciler {
             commit: commit.clone(),
             dirty: false,
         };
+        let policy = &settings.secrets;
         let plan = if plan_all {
-            plan_from(&reload.desired, unknown, registry)
+            plan_from(&reload.desired, unknown, registry, policy)
         } else {
             let mut only = reload.changed;
             if let (Trigger::Changed(paths), Source::Worktree) = (trigger, &settings.source) {
                 let others = paths.iter().filter(|p| !is_toml(p)).map(PathBuf::as_path);
                 only.extend(self.cache.secret_users(others));
             }
-            plan_only(&reload.desired, &only, unknown, registry)
+            plan_only(&reload.desired, &only, unknown, registry, policy)
         };
         let mut plan = match plan {
             Ok(p) => p,
+            Err(PlanError::Secrets(diagnostics)) => {
+                let error = format!(
+                    "{} secret reference(s) cannot be read; the last good set keeps serving",
+                    diagnostics.len()
+                );
+                report.diagnostics = diagnostics;
+                return fail(report, error);
+            }
             Err(e) => return fail(report, e.to_string()),
         };
         report.planned = plan.changes.len();
@@ -277,7 +289,8 @@ impl Reconciler {
         if let Err(e) = apply::check_guards(&plan, &opts) {
             return fail(report, e.to_string());
         }
-        let outcomes = apply::execute(&plan, registry, &opts, &mut |_| {});
+        let outcomes =
+            apply::execute_holding(&plan, registry, &opts, &|| guard.held(), &mut |_| {});
         drop(guard);
         let mut failed = Vec::new();
         let mut written = Vec::new();

@@ -46,6 +46,9 @@ pub struct Loaded {
     pub file: String,
     /// Directory secret file references resolve against.
     pub dir: PathBuf,
+    /// Where each secret reference sits in the file (line, column of its `env` or `file` value),
+    /// by field path, so a secret that cannot be read is reported at its line.
+    pub secret_at: Vec<(&'static str, (usize, usize))>,
 }
 
 /// The desired state: every touchpoint of the tree, sorted by id. The touchpoints are shared, so
@@ -529,12 +532,22 @@ fn check_file(source: Source) -> Checked {
         };
     }
     let spec = SpecJson::of(&touchpoint);
+    let secret_at = touchpoint
+        .secrets()
+        .into_iter()
+        .map(|(path, r)| {
+            let mut at: Vec<Segment> = path.split('.').map(|k| Segment::Key(k.into())).collect();
+            at.push(Segment::Key(r.source_key().into()));
+            (path, line_col(text, locate(&root, &at).value.start))
+        })
+        .collect();
     Checked {
         loaded: Some(Arc::new(Loaded {
             touchpoint,
             spec,
             file: source.name,
             dir: source.dir,
+            secret_at,
         })),
         id_at,
         diagnostics: Vec::new(),

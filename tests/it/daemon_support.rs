@@ -37,6 +37,13 @@ impl Project {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        self.spawn_daemon(cmd)
+    }
+
+    /// Starts the daemon `cmd` runs (its standard error is read for the address); waits until it
+    /// listens.
+    pub fn spawn_daemon(&self, mut cmd: std::process::Command) -> Daemon {
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start the daemon");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
@@ -356,4 +363,29 @@ pub fn custom_touchpoint(id: &str, url: &str, batch_size: u32, extra: &str) -> S
     format!(
         "id = \"{id}\"\nname = \"{id}\"\nkind = \"custom\"\ncategory = \"notification\"\nurl = \"{url}/hook/{id}\"\nallow_insecure = true\nauth_token = {{ env = \"SINK_TOKEN\" }}\nbatch_size = {batch_size}\n{extra}\n[retry]\nattempts = 20\nbackoff = \"20ms\"\nmax_backoff = \"200ms\"\n\n[dynamic_params]\nphone = \"user.phone\"\nmember_id = \"user.member_id\"\n\n[[template_params]]\nname = \"text\"\ntype = \"string\"\nmax_length = 70\n"
     )
+}
+
+/// `touchctl dispatch` of `users.ndjson` (in the project) to `touchpoint` of the daemon at
+/// `url`, for campaign `c` with the template param `text=hi`; more arguments may follow.
+pub fn dispatch_args<'a>(url: &'a str, touchpoint: &'a str) -> Vec<&'a str> {
+    vec![
+        "dispatch",
+        "--url",
+        url,
+        "--touchpoint",
+        touchpoint,
+        "--campaign",
+        "c",
+        "--users",
+        "users.ndjson",
+        "--param",
+        "text=hi",
+    ]
+}
+
+impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
 }
