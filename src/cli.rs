@@ -71,7 +71,8 @@ impl Default for Global {
 /// `--dir`, for the commands that read the touchpoint files.
 #[derive(Debug, Args)]
 pub struct DirArg {
-    /// Folder holding the touchpoint files (searched recursively for *.toml).
+    /// Folder holding the touchpoint files (searched recursively for *.toml; hidden entries
+    /// skipped; links to files inside it followed, other links are errors).
     #[arg(long, default_value = DEFAULT_DIR, env = "TOUCHCTL_DIR", value_name = "DIR")]
     pub dir: PathBuf,
 }
@@ -248,7 +249,9 @@ pub enum Command {
         /// Also save the plan (JSON) to this file, for `touchctl apply FILE`.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        /// Exit 0 when there are no changes, 1 on error, 2 when there are changes.
+        /// Exit 0 when there are no changes, 1 on error, 2 when there are changes: creates,
+        /// updates, deletes. Drift counts as far as apply undoes it: a field changed outside apply
+        /// is an update; a pause is kept by apply, so it is not a change.
         #[arg(long)]
         detailed_exitcode: bool,
         /// Compare the files at this git revision (branch, tag, commit) with the work tree instead
@@ -419,15 +422,20 @@ pub struct DaemonArgs {
         value_name = "ADDR"
     )]
     pub listen: std::net::SocketAddr,
-    /// Reconcile the registry with the files: on every change (debounced) and every --interval.
-    /// A tree with problems changes nothing; the problems show at /v1/status and in the log.
+    /// Reconcile the registry with the files: on every change (once the files have been quiet
+    /// for 50 ms; only the files that changed are read again) and every --interval (every file
+    /// read again). A tree with problems changes nothing; the problems show at /v1/status and in
+    /// the log.
     #[arg(long)]
     pub watch: bool,
-    /// Where --watch reads the files: `worktree` (as on disk) or `git:REF` (only what is committed
-    /// at REF, e.g. git:main).
+    /// Where --watch reads the files. `worktree`: the files as they are on disk, committed or
+    /// not, as `apply --allow-dirty` applies them; touchpoints applied from uncommitted files are
+    /// recorded as from a dirty tree (in the registry, as `dirty` at /v1/status, and in the log).
+    /// `git:REF`: only what is committed at REF (e.g. git:main), to apply reviewed changes only.
     #[arg(long, default_value = "worktree", value_name = "SOURCE")]
     pub source: String,
-    /// How often to reconcile and re-read secrets even without a file event (at least 1s).
+    /// How often to reconcile (reading every file again) and re-read secrets even without a file
+    /// event (at least 1s).
     #[arg(long, default_value = "60s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub interval: std::time::Duration,
     /// Deletes one reconcile may make at most (more refuses the whole reconcile).

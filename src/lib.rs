@@ -7,7 +7,7 @@
 //! |---|---|
 //! | [`model`] | the serde + schemars types of a touchpoint file; secret references and what they may read (the only I/O) |
 //! | [`schema`] | the JSON Schema generated from [`model`], its file and freshness check |
-//! | [`load`] | reading a tree of files, TOML spans, schema and cross-file checks, diagnostics |
+//! | [`load`] | reading a tree of files (again: only what changed), TOML spans, schema and cross-file checks, diagnostics |
 //! | [`registry`] | the live state: the `Registry` trait, its SQLite backend, locking, generations |
 //! | [`plan`] | the pure diff of desired against live, its renderings, the seal of a saved plan |
 //! | [`planner`] | gathering a plan's inputs: secret fingerprints, the live state |

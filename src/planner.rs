@@ -1,7 +1,7 @@
 //! Gathers what a plan needs and makes it: the desired touchpoints (already loaded), their secrets
 //! resolved to keyed fingerprints, and the live state from the registry; then [`plan::diff`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -116,7 +116,46 @@ pub fn make_plan(
     policy: &SecretPolicy,
 ) -> Result<Plan, PlanError> {
     let live = registry.list()?;
-    plan_against(desired, live, dir, registry, policy)
+    plan_against(desired, live, source_of(dir), registry, policy)
+}
+
+/// Makes the plan for the touchpoints `only` (desired, live or both) and leaves every other one
+/// out, as if it were unchanged: what apply would change for them. Each of them is read from the
+/// registry alone, so the cost follows their number, not the registry's. `source` is recorded as
+/// where the files came from; secrets are read as `policy` allows.
+pub fn plan_only(
+    desired: &Desired,
+    only: &BTreeSet<String>,
+    source: Source,
+    registry: &dyn Registry,
+    policy: &SecretPolicy,
+) -> Result<Plan, PlanError> {
+    let subset = Desired {
+        touchpoints: desired
+            .touchpoints
+            .iter()
+            .filter(|l| only.contains(l.touchpoint.id()))
+            .cloned()
+            .collect(),
+    };
+    let mut live = Vec::with_capacity(only.len());
+    for id in only {
+        live.extend(registry.get(id)?);
+    }
+    plan_against(&subset, live, source, registry, policy)
+}
+
+/// Makes the plan that brings `registry` to `desired`, recording `source` as where the files came
+/// from (instead of asking git about their folder, as [`make_plan`] does); secrets are read as
+/// `policy` allows.
+pub fn plan_from(
+    desired: &Desired,
+    source: Source,
+    registry: &dyn Registry,
+    policy: &SecretPolicy,
+) -> Result<Plan, PlanError> {
+    let live = registry.list()?;
+    plan_against(desired, live, source, registry, policy)
 }
 
 /// Loads the tree under `dir` and plans it against `registry`, reading secrets as `policy`
@@ -130,7 +169,7 @@ pub fn plan_dir(
     let (desired, live) = rayon::join(|| crate::load::load_dir(dir), || registry.list());
     let desired = desired?;
     let live = live.map_err(PlanError::from)?;
-    let plan = plan_against(&desired, live, dir, registry, policy)?;
+    let plan = plan_against(&desired, live, source_of(dir), registry, policy)?;
     Ok((desired, plan))
 }
 
@@ -148,7 +187,7 @@ pub enum TreeError {
 fn plan_against(
     desired: &Desired,
     live: Vec<crate::registry::Live>,
-    dir: &Path,
+    source: Source,
     registry: &dyn Registry,
     policy: &SecretPolicy,
 ) -> Result<Plan, PlanError> {
@@ -181,7 +220,7 @@ fn plan_against(
             backend: registry.describe(),
         }),
         base: None,
-        source: source_of(dir),
+        source,
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
@@ -189,7 +228,8 @@ fn plan_against(
     })
 }
 
-fn source_of(dir: &Path) -> Source {
+/// Where files read from `dir` come from: its git commit, and whether it has uncommitted changes.
+pub fn source_of(dir: &Path) -> Source {
     let head = crate::git::head(dir);
     Source {
         dir: dir.display().to_string(),

@@ -28,6 +28,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/dispatch", post(dispatch))
         .route("/v1/dispatches/{id}", get(dispatch_status))
         .route("/v1/touchpoints", get(touchpoints))
+        .route("/v1/touchpoints/{id}", get(touchpoint))
         .route("/v1/touchpoints/{id}/pause", post(pause))
         .route("/v1/touchpoints/{id}/resume", post(resume))
         .route("/v1/status", get(status))
@@ -262,15 +263,7 @@ fn process(
         }
     }
     let Some((summary, lookup)) = app.live.get(&head.touchpoint) else {
-        let ids = app.live.ids();
-        let hint = crate::load::did_you_mean(&head.touchpoint, ids.iter().map(String::as_str))
-            .map(|n| format!("; did you mean `{n}`?"))
-            .unwrap_or_default();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_touchpoint",
-            format!("no live touchpoint `{}`{hint}", head.touchpoint),
-        ));
+        return Err(unknown_touchpoint(app, &head.touchpoint));
     };
     let target = match lookup {
         Lookup::Ready(target) => target,
@@ -410,23 +403,31 @@ async fn dispatch_status(
     }
 }
 
-/// `GET /v1/touchpoints`.
-async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+/// Work waiting for each touchpoint: `(pending, held)` batches.
+async fn pending(
+    app: &Arc<App>,
+) -> Result<std::collections::HashMap<String, (u64, u64)>, ApiError> {
     let queue = app.queue.clone();
     let pending = blocking(move || queue.pending_touchpoints()).await?;
-    let pending: std::collections::HashMap<String, (u64, u64)> =
-        pending.into_iter().map(|(tp, p, h)| (tp, (p, h))).collect();
+    Ok(pending.into_iter().map(|(tp, p, h)| (tp, (p, h))).collect())
+}
+
+/// A live touchpoint as the API shows it, with the work waiting for it.
+fn shown(summary: &super::live::Summary, (pending, held): (u64, u64)) -> Value {
+    let mut v = serde_json::to_value(summary).unwrap_or_default();
+    v["pending_batches"] = pending.into();
+    v["held_batches"] = held.into();
+    v
+}
+
+/// `GET /v1/touchpoints`.
+async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let pending = pending(&app).await?;
     let list: Vec<Value> = app
         .live
         .summaries()
-        .into_iter()
-        .map(|s| {
-            let (p, h) = pending.get(&s.id).copied().unwrap_or_default();
-            let mut v = serde_json::to_value(&s).unwrap_or_default();
-            v["pending_batches"] = p.into();
-            v["held_batches"] = h.into();
-            v
-        })
+        .iter()
+        .map(|s| shown(s, pending.get(&s.id).copied().unwrap_or_default()))
         .collect();
     // Work parked for touchpoints that are gone stays visible.
     let gone: Vec<Value> = pending
@@ -437,6 +438,32 @@ async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> 
         })
         .collect();
     Ok(axum::Json(json!({"touchpoints": list, "gone_with_pending_work": gone})).into_response())
+}
+
+/// 404 for a touchpoint that is not live, with the nearest live id as a hint.
+fn unknown_touchpoint(app: &App, id: &str) -> ApiError {
+    let ids = app.live.ids();
+    let hint = crate::load::did_you_mean(id, ids.iter().map(String::as_str))
+        .map(|n| format!("; did you mean `{n}`?"))
+        .unwrap_or_default();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_touchpoint",
+        format!("no live touchpoint `{id}`{hint}"),
+    )
+}
+
+/// `GET /v1/touchpoints/{id}`: one live touchpoint, as listed by `GET /v1/touchpoints`.
+async fn touchpoint(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some((summary, _)) = app.live.get(&id) else {
+        return Err(unknown_touchpoint(&app, &id));
+    };
+    let pending = pending(&app).await?;
+    let waiting = pending.get(&id).copied().unwrap_or_default();
+    Ok(axum::Json(shown(&summary, waiting)).into_response())
 }
 
 async fn set_paused(app: Arc<App>, id: String, paused: bool) -> Result<Response, ApiError> {

@@ -89,6 +89,26 @@ impl LiveSet {
         *self.entries.write().unwrap_or_else(|p| p.into_inner()) = next;
     }
 
+    /// Replaces the entries of the touchpoints given with their registry rows (their secrets read
+    /// again); a touchpoint without a row is no longer live. The others stay as they are.
+    pub fn update(&self, rows: Vec<(String, Option<Live>)>) {
+        let fresh: Vec<(String, Option<Entry>)> = rows
+            .into_iter()
+            .map(|(id, row)| (id, row.as_ref().map(|l| entry(l, &self.policy))))
+            .collect();
+        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        for (id, e) in fresh {
+            match e {
+                Some(e) => {
+                    map.insert(id, e);
+                }
+                None => {
+                    map.remove(&id);
+                }
+            }
+        }
+    }
+
     /// Every live touchpoint, sorted by id.
     pub fn summaries(&self) -> Vec<Summary> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());

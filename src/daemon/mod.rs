@@ -28,7 +28,7 @@ use crate::model::{Secret, SecretPolicy};
 use crate::registry::{Registry, SqliteRegistry};
 use live::LiveSet;
 use metrics::Metrics;
-use reconcile::{Report, Settings, Source};
+use reconcile::{Reconciler, Report, Settings, Source, Trigger};
 
 /// Writes one log line to standard error, with a timestamp. The message is escaped
 /// ([`crate::term::escape`]): it may quote a file, an endpoint or a user, and a log is read in a
@@ -247,10 +247,38 @@ pub enum StartError {
 
 /// Rebuilds the live set from the registry and holds or releases queued batches to match.
 pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
+    update_live(app, move |app| {
+        let live = app.registry.list().map_err(|e| e.to_string())?;
+        app.live.refresh(&live, reread_secrets);
+        Ok(())
+    })
+    .await;
+}
+
+/// Brings the live set up to date for the touchpoints `ids` only (read again from the registry;
+/// gone when it no longer holds them), and holds or releases queued batches to match.
+async fn refresh_only(app: &Arc<App>, ids: Vec<String>) {
+    update_live(app, move |app| {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = app.registry.get(&id).map_err(|e| e.to_string())?;
+            rows.push((id, row));
+        }
+        app.live.update(rows);
+        Ok(())
+    })
+    .await;
+}
+
+/// Runs `update` of the live set away from the async threads, then holds or releases queued
+/// batches to match and wakes the sender; logs what failed.
+async fn update_live(
+    app: &Arc<App>,
+    update: impl FnOnce(&App) -> Result<(), String> + Send + 'static,
+) {
     let app2 = app.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let live = app2.registry.list().map_err(|e| e.to_string())?;
-        app2.live.refresh(&live, reread_secrets);
+        update(&app2)?;
         sync_holds(&app2.queue, app2.live.as_ref()).map_err(|e| e.to_string())
     })
     .await;
@@ -375,32 +403,38 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),
     });
-    let settings = config.watch.then(|| Settings {
-        dir: config.dir.clone(),
-        source: config.source.clone(),
-        max_deletes: config.max_deletes,
-        secrets: config.secrets.clone(),
+    let reconciler = config.watch.then(|| {
+        Arc::new(Mutex::new(Reconciler::new(Settings {
+            dir: config.dir.clone(),
+            source: config.source.clone(),
+            max_deletes: config.max_deletes,
+            secrets: config.secrets.clone(),
+        })))
     });
-    if let Some(s) = &settings {
-        reconcile_now(&app, s).await;
-    }
-    refresh(&app, true).await;
-
-    // Watch before saying we listen: an edit made right after start must not be missed.
-    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let watcher = settings
-        .as_ref()
-        .and_then(|s| match watch_files(s, events_tx) {
+    // Watch before the first reconcile: an edit made while it runs must not be missed.
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = reconciler.as_ref().and_then(|r| {
+        let settings = r
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settings()
+            .clone();
+        match watch_files(&settings, events_tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 log(&format!(
                     "error: cannot watch {} ({e}); reconciling every {} only",
-                    s.dir.display(),
+                    settings.dir.display(),
                     humantime::format_duration(config.interval)
                 ));
                 None
             }
-        });
+        }
+    });
+    if let Some(r) = &reconciler {
+        reconcile_now(&app, r, Trigger::Everything).await;
+    }
+    refresh(&app, true).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(worker::run(
         queue.clone(),
@@ -418,7 +452,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     ));
     let supervisor = tokio::spawn(supervise(
         app.clone(),
-        settings,
+        reconciler,
         events,
         config.interval,
         stop_rx.clone(),
@@ -590,21 +624,28 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Runs one reconcile and makes its result visible.
-async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
+/// Runs one reconcile, makes its result visible, and brings the live view up to date with what
+/// it wrote.
+async fn reconcile_now(app: &Arc<App>, reconciler: &Arc<Mutex<Reconciler>>, trigger: Trigger) {
     let registry = app.registry.clone();
-    let s = settings.clone();
-    let report = match tokio::task::spawn_blocking(move || {
-        reconcile::reconcile(&s, registry.as_ref())
+    let r = reconciler.clone();
+    let ran = tokio::task::spawn_blocking(move || {
+        let version = registry.data_version().ok();
+        r.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run(&trigger, registry.as_ref(), version)
     })
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => Report {
-            at: crate::registry::now(),
-            error: Some(e.to_string()),
-            ..Report::default()
-        },
+    .await;
+    let (report, written) = match ran {
+        Ok((report, written)) => (report, Some(written)),
+        Err(e) => (
+            Report {
+                at: crate::registry::now(),
+                error: Some(e.to_string()),
+                ..Report::default()
+            },
+            None,
+        ),
     };
     let previous = app
         .reconcile
@@ -621,13 +662,85 @@ async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
         }
     }
     app.metrics.reconciled(report.ok);
+    // Writes by other processes are noticed apart (see `supervise`).
+    match written {
+        Some(ids) if ids.is_empty() => {}
+        Some(ids) if ids.len() <= REFRESH_ONE_BY_ONE => refresh_only(app, ids).await,
+        _ => refresh(app, false).await,
+    }
+}
+
+/// Up to this many touchpoints written by a reconcile are read again one by one for the live view;
+/// more, and the whole registry is read.
+const REFRESH_ONE_BY_ONE: usize = 64;
+
+/// How long the files must be quiet after an event before a reconcile reads them: editors and
+/// tools write a file in several steps (a temporary file, a rename, a truncate and a write), a
+/// few milliseconds apart, and one reconcile should see them all.
+const QUIET: Duration = Duration::from_millis(50);
+
+/// A tree that keeps changing is reconciled at least this often.
+const BURST_AT_MOST: Duration = Duration::from_secs(1);
+
+/// The file events gathered into one reconcile.
+#[derive(Default)]
+struct Burst {
+    paths: std::collections::BTreeSet<PathBuf>,
+    /// The watcher lost events (its queue overflowed) or failed: read everything.
+    lost: bool,
+}
+
+impl Burst {
+    fn add(&mut self, event: notify::Result<notify::Event>) {
+        match event {
+            Ok(e) if e.need_rescan() => self.lost = true,
+            Ok(e) => self.paths.extend(e.paths),
+            Err(e) => {
+                log(&format!(
+                    "error: watching the files: {e}; reading every file again"
+                ));
+                self.lost = true;
+            }
+        }
+    }
+
+    fn trigger(self) -> Trigger {
+        if self.lost {
+            Trigger::Everything
+        } else {
+            Trigger::Changed(self.paths.into_iter().collect())
+        }
+    }
+}
+
+/// Gathers the events that follow `first` until the files have been quiet for [`QUIET`] (or
+/// [`BURST_AT_MOST`] has passed); `None` when the daemon is stopping.
+async fn gather(
+    first: notify::Result<notify::Event>,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Trigger> {
+    let mut burst = Burst::default();
+    burst.add(first);
+    let until = tokio::time::Instant::now() + BURST_AT_MOST;
+    loop {
+        let quiet = (tokio::time::Instant::now() + QUIET).min(until);
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(e) => burst.add(e),
+                None => return Some(burst.trigger()),
+            },
+            _ = tokio::time::sleep_until(quiet) => return Some(burst.trigger()),
+            _ = stop.changed() => return None,
+        }
+    }
 }
 
 /// Reconciles on file events and every `interval`, and notices registry writes by other processes.
 async fn supervise(
     app: Arc<App>,
-    settings: Option<Settings>,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<()>,
+    reconciler: Option<Arc<Mutex<Reconciler>>>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -637,16 +750,17 @@ async fn supervise(
     let mut seen = app.registry.data_version().ok();
     loop {
         tokio::select! {
-            Some(()) = events.recv() => {
-                while events.try_recv().is_ok() {}
-                if let Some(s) = &settings {
-                    reconcile_now(&app, s).await;
-                    refresh(&app, false).await;
+            Some(first) = events.recv() => {
+                let Some(trigger) = gather(first, &mut events, &mut stop).await else {
+                    break;
+                };
+                if let Some(r) = &reconciler {
+                    reconcile_now(&app, r, trigger).await;
                 }
             }
             _ = tick.tick() => {
-                if let Some(s) = &settings {
-                    reconcile_now(&app, s).await;
+                if let Some(r) = &reconciler {
+                    reconcile_now(&app, r, Trigger::Everything).await;
                 }
                 // Periodically re-read secrets too: a rotated secret file takes effect.
                 refresh(&app, true).await;
@@ -667,31 +781,31 @@ async fn supervise(
 }
 
 /// Watches the touchpoint folder (or, for a git source, the repository's git folder, where refs
-/// move) and sends a unit on each debounced burst of events.
+/// move) and sends every event that may be a change, or the watcher's error, as it comes.
 fn watch_files(
     settings: &Settings,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> Result<notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>, String> {
+    tx: tokio::sync::mpsc::UnboundedSender<notify::Result<notify::Event>>,
+) -> Result<notify::RecommendedWatcher, String> {
+    use notify::Watcher;
     let path: PathBuf = match &settings.source {
         Source::Worktree => settings.dir.clone(),
         Source::Git(_) => git2::Repository::discover(&settings.dir)
             .map(|r| r.path().to_path_buf())
             .map_err(|e| e.message().to_string())?,
     };
-    let mut debouncer = notify_debouncer_mini::new_debouncer(
-        Duration::from_millis(300),
-        move |result: notify_debouncer_mini::DebounceEventResult| {
-            if result.is_ok() {
-                let _ = tx.send(());
-            }
-        },
-    )
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening, reading and closing a file change nothing; and every reconcile opens files
+        // and folders, so taking those events for changes would start the next one, for ever.
+        if event.as_ref().is_ok_and(|e| e.kind.is_access()) {
+            return;
+        }
+        let _ = tx.send(event);
+    })
     .map_err(|e| e.to_string())?;
-    debouncer
-        .watcher()
+    watcher
         .watch(Path::new(&path), notify::RecursiveMode::Recursive)
         .map_err(|e| e.to_string())?;
-    Ok(debouncer)
+    Ok(watcher)
 }
 
 /// Serves HTTP/1.1 until `stop`, at most `max_connections` connections at once (the next ones
@@ -764,5 +878,49 @@ async fn serve(
         .is_err()
     {
         log("some API connections were still open after the drain timeout; closed them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_own_reads_are_not_file_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("touchpoints");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.toml"), "id = \"a\"\n").unwrap();
+        std::fs::write(dir.join("sub/b.toml"), "id = \"b\"\n").unwrap();
+        let settings = Settings {
+            dir: dir.clone(),
+            source: Source::Worktree,
+            max_deletes: 5,
+            secrets: crate::model::SecretPolicy::default(),
+        };
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = watch_files(&settings, tx).unwrap();
+        // What every reconcile does: walk the folders, open and read every file.
+        let _ = crate::load::load_dir(&dir);
+        // Then one change. Events come in order, so the first one must be this change's.
+        std::fs::write(dir.join("sentinel.toml"), "id = \"s\"\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match events.try_recv() {
+                Ok(Ok(event)) => {
+                    assert!(
+                        event.paths.iter().any(|p| p.ends_with("sentinel.toml")),
+                        "reading the files was taken for a change: {event:?}"
+                    );
+                    return;
+                }
+                Ok(Err(e)) => panic!("the watcher failed: {e}"),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    assert!(Instant::now() < deadline, "the change was never seen");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 }

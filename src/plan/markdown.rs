@@ -90,7 +90,11 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
         );
     }
     if listed.is_empty() {
-        let _ = writeln!(head, "**No changes.**");
+        let _ = writeln!(
+            head,
+            "**No changes.**{}",
+            super::render::paused_note(plan.summary.paused)
+        );
     }
     b.push(&head);
 
@@ -129,7 +133,7 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
             if d.paused {
                 let _ = writeln!(
                     drift,
-                    "- `{}` ({}): paused through the admin API",
+                    "- `{}` ({}): paused through the admin API; not a change: apply keeps it paused",
                     code_safe(&d.id),
                     html(&d.kind)
                 );

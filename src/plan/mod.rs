@@ -105,8 +105,13 @@ pub struct Summary {
     pub delete: usize,
     /// Touchpoints already as desired.
     pub no_op: usize,
-    /// Touchpoints changed outside apply.
+    /// Touchpoints changed outside apply (see [`Plan::drift`]). Not changes themselves: a field
+    /// changed outside apply is also an update (apply restores it), a pause is not (apply keeps
+    /// it).
     pub drift: usize,
+    /// Of the drifted touchpoints, those paused through the admin API.
+    #[serde(default)]
+    pub paused: usize,
 }
 
 /// What apply does to one touchpoint.
@@ -333,6 +338,7 @@ fn is_protected(spec: &Value) -> bool {
 pub fn summarize(changes: &[Change], drift: &[Drift]) -> Summary {
     let mut s = Summary {
         drift: drift.len(),
+        paused: drift.iter().filter(|d| d.paused).count(),
         ..Summary::default()
     };
     for c in changes {
@@ -347,7 +353,9 @@ pub fn summarize(changes: &[Change], drift: &[Drift]) -> Summary {
 }
 
 impl Plan {
-    /// Whether applying would change anything.
+    /// Whether applying would change anything: a create, an update or a delete. What
+    /// `--detailed-exitcode` reports. Drift is not counted by itself: a field changed outside
+    /// apply is an update too, and a pause is kept by apply.
     pub fn has_changes(&self) -> bool {
         self.changes.iter().any(|c| c.action != Action::NoOp)
     }

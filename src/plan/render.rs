@@ -94,7 +94,7 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
             if d.paused {
                 let _ = writeln!(
                     out,
-                    "  {mark} {} ({}): paused through the admin API",
+                    "  {mark} {} ({}): paused through the admin API; not a change: apply keeps it paused",
                     escape(&d.id),
                     escape(&d.kind)
                 );
@@ -117,11 +117,26 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
                 );
             }
             None => {
-                let _ = writeln!(out, "\nNo changes: the registry matches the files.");
+                let _ = writeln!(
+                    out,
+                    "\nNo changes: the registry matches the files.{}",
+                    paused_note(plan.summary.paused)
+                );
             }
         }
     }
     out
+}
+
+/// What a plan without changes says of its paused touchpoints (nothing when there are none).
+pub(super) fn paused_note(paused: usize) -> String {
+    match paused {
+        0 => String::new(),
+        1 => " 1 touchpoint is paused through the admin API, which is not a change: apply keeps it paused.".into(),
+        n => format!(
+            " {n} touchpoints are paused through the admin API, which is not a change: apply keeps them paused."
+        ),
+    }
 }
 
 /// Whether a change is listed: every change, and unchanged touchpoints whose file moved.
