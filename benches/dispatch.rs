@@ -25,8 +25,6 @@
 //! phases, for an A/B of two builds within one run). With `BENCH_DAEMON_LOG` set, every line the
 //! daemon logs is shown (errors always are).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,23 +35,11 @@ use touchctl::channel::custom::{Envelope, body};
 use touchctl::dispatch::user::{RawTrigger, parse_users_json};
 use touchctl::model::{DynamicParams, ParamSource};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// The value after `name`, as given.
-fn arg_str(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-}
+mod support;
+use support::{
+    Daemon, TOUCHCTL, apply, arg, arg_str, cpu_of, cpu_self, percentile, rss_kib, start_daemon,
+    with_steal,
+};
 
 /// Recipients and first-arrival times, as the sink saw them.
 #[derive(Default)]
@@ -366,125 +352,11 @@ fn queue_alone(triggers: &[Bytes], batch: usize) -> (f64, Duration) {
     (rate, (cpu_self() - cpu0) / delivered.max(1) as u32)
 }
 
-/// CPU time (user and system) this process has used so far, all threads.
-fn cpu_self() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage only writes the struct it is given.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
-    assert_eq!(rc, 0, "getrusage failed");
-    // SAFETY: initialised by the successful call above.
-    let usage = unsafe { usage.assume_init() };
-    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    time(usage.ru_utime) + time(usage.ru_stime)
-}
-
-/// The machine's clock ticks so far, from the first line of `/proc/stat`: all of them, and the
-/// ones the hypervisor gave to other guests while this one wanted to run (steal). None where
-/// there is no `/proc/stat`.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let ticks: Vec<u64> = line
-        .split_whitespace()
-        .map(|t| t.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal guest guest_nice: guest time is already in
-    // user and nice.
-    let total = ticks.iter().take(8).sum();
-    Some((total, ticks.get(7).copied().unwrap_or(0)))
-}
-
 /// Above this share of CPU time stolen by the host (percent, median of the daemon's runs), the
 /// benchmark says its figures are not of a 2-core machine. On a quiet host the daemon's runs see
 /// 0 to 3%; on 2026-12-03 every run whose daemon rounds lost 14% or more missed the rate target,
 /// and every run whose latency phase lost 14% or more missed the p99 one.
 const STEAL_NOTED: f64 = 5.0;
-
-/// Runs `f` and returns its result with the share of the machine's CPU time that was stolen
-/// meanwhile (0 where it cannot be read): a shared machine's slow spell, made visible.
-fn with_steal<T>(f: impl FnOnce() -> T) -> (T, f64) {
-    let before = machine_ticks();
-    let out = f();
-    let share = match (before, machine_ticks()) {
-        (Some((t0, s0)), Some((t1, s1))) if t1 > t0 => {
-            s1.saturating_sub(s0) as f64 / (t1 - t0) as f64
-        }
-        _ => 0.0,
-    };
-    (out, share)
-}
-
-/// CPU time (user and system) another process has used so far, from `/proc/PID/stat`.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
-    // The fields after the command name, which is in parentheses and may hold spaces: the
-    // first is field 3 (state), so utime (field 14) and stime (15) are at 11 and 12.
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 1..]
-        .split_whitespace()
-        .collect();
-    let ticks: u64 =
-        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Duration::from_secs_f64(ticks as f64 / hz)
-}
-
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// This build's `touchctl`.
-const TOUCHCTL: &str = env!("CARGO_BIN_EXE_touchctl");
-
-fn start_daemon(bin: &str, dir: &std::path::Path, extra: &[&str]) -> Daemon {
-    let mut child = Command::new(bin)
-        .args([
-            "daemon",
-            "--listen",
-            "127.0.0.1:0",
-            "--insecure-no-auth",
-            "--allow-private-network",
-        ])
-        .args(extra)
-        .current_dir(dir)
-        .env("BENCH_TOKEN", "bench-token")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the daemon");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
-            } else if std::env::var_os("BENCH_DAEMON_LOG").is_some()
-                || line.contains("error")
-                || line.contains("panicked")
-            {
-                // What went wrong in the daemon shows beside the benchmark's own failure.
-                eprintln!("  daemon: {line}");
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the daemon did not start");
-    Daemon { child, url }
-}
 
 fn touchpoint(id: &str, sink: &str, batch: usize) -> String {
     format!(
@@ -501,20 +373,6 @@ fn bench_project(bin: &str, dir: &std::path::Path, sink: &str, batch: usize) {
     )
     .unwrap();
     apply(bin, dir);
-}
-
-fn apply(bin: &str, dir: &std::path::Path) {
-    let out = Command::new(bin)
-        .args(["apply", "--auto-approve", "-q"])
-        .current_dir(dir)
-        .env("BENCH_TOKEN", "bench-token")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Posts a trigger (already serialized, as a platform would have it) and returns the receipt.
@@ -716,25 +574,6 @@ async fn daemon_round(
         cpu / total as u32,
         (own - own0) / total as u32,
     )
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
 fn main() {

@@ -13,34 +13,12 @@ use rayon::prelude::*;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use touchctl::apply::{self, ApplyOptions};
 use touchctl::load;
+use touchctl::model::SecretPolicy;
 use touchctl::planner::{make_plan, plan_dir};
 use touchctl::registry::SqliteRegistry;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// One realistic touchpoint file; the kind rotates so all four are measured.
-fn touchpoint(i: usize) -> String {
-    let head = format!(
-        "#:schema ../schemas/touchpoint.schema.json\nid = \"tp-{i:05}\"\nname = \"触点 {i}\"\ncategory = \"notification\"\ndescription = \"Generated touchpoint number {i} for the plan benchmark.\"\nlabels = {{ team = \"team-{}\", region = \"cn-east\" }}\n",
-        i % 17
-    );
-    let body = match i % 4 {
-        0 => format!(
-            "kind = \"custom\"\nurl = \"https://hooks-{i}.example.com/v1/trigger\"\nauth_token = {{ env = \"BENCH_TOKEN\" }}\nsigning_secret = {{ env = \"BENCH_SIGNING\" }}\nbatch_size = 500\ntimeout = \"10s\"\nrate_limit = \"50/s\"\n\n[retry]\nattempts = 8\nbackoff = \"2s\"\nmax_backoff = \"5m\"\n\n[dynamic_params]\nphone = \"user.phone\"\nmember_id = \"user.member_id\"\nnickname = {{ from = \"user.nickname\", optional = true }}\n\n[[template_params]]\nname = \"text\"\ntype = \"string\"\nmax_length = 300\n\n[[template_params]]\nname = \"link\"\ntype = \"url\"\nrequired = false\n"
-        ),
-        1 => "kind = \"wechat_official_account\"\napp_id = \"wx8a7c3e1f5b2d4690\"\nlinked_mini_programs = [\"wx1d2e3f4a5b6c7d8e\"]\n\n[auth]\nmode = \"direct\"\napp_secret = { env = \"BENCH_TOKEN\" }\n\n[dynamic_params]\nopenid = \"user.openid\"\n\n[[templates]]\nid = \"order_shipped\"\ntemplate_id = \"TM00015\"\nfields = [\"first\", \"keyword1\", \"remark\"]\nurl = \"https://m.example.com/orders\"\n\n[[templates]]\nid = \"member_day\"\ntemplate_id = \"TM00872\"\nfields = [\"first\", \"remark\"]\nmini_program = { app_id = \"wx1d2e3f4a5b6c7d8e\", page = \"pages/day\" }\n".to_string(),
-        2 => "kind = \"wecom\"\ncorp_id = \"ww4f1e2d3c4b5a6978\"\nagent_id = 1000005\nsecret = { env = \"BENCH_TOKEN\" }\nmessage = \"news\"\n\n[dynamic_params]\nuserid = \"user.wecom_userid\"\n\n[[templates]]\nid = \"arrivals\"\ntemplate_id = \"news-1\"\nfields = [\"title\", \"description\"]\nurl = \"https://m.example.com/new\"\n".to_string(),
-        _ => "kind = \"app_push\"\nprovider = \"getui\"\napp_id = \"Kq3Lm8Np2Rs5Tv7Wx9Yz1\"\napp_key = \"Ab4Cd6Ef8Gh0Ij2Kl4Mn6\"\nmaster_secret = { env = \"BENCH_TOKEN\" }\nbatch_size = 500\nttl = \"1d\"\ntitle = \"会员专享\"\n\n[dynamic_params]\ncid = \"user.getui_cid\"\n".to_string(),
-    };
-    head + &body
-}
+mod support;
+use support::{arg, touchpoint, touchpoint_path};
 
 fn files(dir: &Path) -> Vec<PathBuf> {
     load::discover(dir).expect("generated folder")
@@ -61,7 +39,8 @@ fn baseline(dir: &Path, validator: &jsonschema::Validator) -> usize {
 /// What `touchctl plan` does: load and check the tree, fingerprint secrets, read the registry, diff.
 fn plan(dir: &Path, state: &Path) -> usize {
     let registry = SqliteRegistry::open(state).expect("registry");
-    let (_desired, plan) = plan_dir(dir, &registry).expect("plan");
+    let policy = SecretPolicy::new(Some(dir));
+    let (_desired, plan) = plan_dir(dir, &registry, &policy).expect("plan");
     assert!(!plan.has_changes(), "the benchmark plans an unchanged tree");
     plan.summary.no_op
 }
@@ -87,16 +66,17 @@ fn main() {
     let rounds = arg("--rounds", 11).max(1);
     // SAFETY: set before any other thread exists.
     unsafe {
-        std::env::set_var("BENCH_TOKEN", "bench-token-value");
-        std::env::set_var("BENCH_SIGNING", "bench-signing-value");
+        for (name, value) in support::BENCH_ENV {
+            std::env::set_var(name, value);
+        }
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().join("touchpoints");
     std::fs::create_dir_all(&dir).expect("dir");
     for i in 0..n {
-        let sub = dir.join(format!("group-{:02}", i % 50));
-        std::fs::create_dir_all(&sub).expect("dir");
-        std::fs::write(sub.join(format!("tp-{i:05}.toml")), touchpoint(i)).expect("write");
+        let path = dir.join(touchpoint_path(i));
+        std::fs::create_dir_all(path.parent().expect("a sub-folder")).expect("dir");
+        std::fs::write(path, touchpoint(i)).expect("write");
     }
     let state = tmp.path().join("state.db");
     {
@@ -108,7 +88,8 @@ fn main() {
             Err(e) => panic!("{e}"),
         };
         let registry = SqliteRegistry::open(&state).expect("registry");
-        let plan = make_plan(&desired, &dir, &registry).expect("plan");
+        let policy = SecretPolicy::new(Some(&dir));
+        let plan = make_plan(&desired, &dir, &registry, &policy).expect("plan");
         let opts = ApplyOptions {
             allow_delete: false,
             max_deletes: 0,

@@ -1,9 +1,9 @@
-//! Runs a plan against the registry. First every guard (the plan is for this registry, nothing it
-//! touches changed since, deletes are allowed, protected touchpoints stay), then each change as its
-//! own compare-and-swap write. A failing change does not stop the others; the report says which
+//! Runs a plan against the registry. First every guard (the plan is for this registry and sealed
+//! under its key, nothing it touches changed since, deletes are allowed, protected touchpoints
+//! stay), then each change as its own compare-and-swap write. A failing change does not stop the others; the report says which
 //! landed and which did not, and running apply again converges.
 
-use crate::plan::{Action, Change, Plan};
+use crate::plan::{Action, Broken, Change, Plan};
 use crate::registry::{Provenance, Put, Registry};
 
 /// What apply is allowed to do.
@@ -42,6 +42,14 @@ pub enum Refused {
     /// The saved plan's format is not one this build reads.
     #[error("this plan has format_version {0}; this touchctl applies format_version {version}: make the plan again with this touchctl", version = crate::plan::FORMAT_VERSION)]
     Format(String),
+    /// The saved plan carries no seal.
+    #[error(
+        "this plan carries no seal (`mac`), so nothing shows that it is the plan that was made and reviewed: it was saved by an older touchctl, or its seal was removed. Make the plan again with `touchctl plan --out FILE`, review it, and apply that"
+    )]
+    Unsealed,
+    /// The saved plan was edited after it was made: what it would apply is not what it showed.
+    #[error("the plan file was changed after `touchctl plan` saved it, so what it would apply is not what was reviewed:\n{}\nNothing was applied. Make the plan again and review it; never edit a saved plan.", .0.join("\n"))]
+    Tampered(Vec<String>),
     /// Touchpoints changed live since the plan was made.
     #[error("the plan is stale: {} touchpoint(s) changed in the registry since it was made:\n{}\nRun plan again, review it, and apply the new plan.", .0.len(), .0.join("\n"))]
     Stale(Vec<String>),
@@ -88,6 +96,7 @@ pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> 
             this: registry.registry_id().to_string(),
         });
     }
+    verify_seal(plan, registry)?;
     let malformed: Vec<String> = plan
         .changes
         .iter()
@@ -138,6 +147,27 @@ pub fn check_saved(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> 
     }
 }
 
+/// Checks that the plan is the one `touchctl plan` sealed under this registry's key (see
+/// [`crate::plan::seal()`]), naming each change that is not.
+fn verify_seal(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> {
+    match crate::plan::verify(plan, registry.fingerprinter()) {
+        Ok(()) => Ok(()),
+        Err(Broken::Unsealed) => Err(Refused::Unsealed),
+        Err(Broken::Changes(ids)) => Err(Refused::Tampered(
+            ids.iter()
+                .map(|id| {
+                    format!(
+                        "  {id}: differs from the change that was planned (its spec, fields, fingerprints or file), or was not in the plan at all"
+                    )
+                })
+                .collect(),
+        )),
+        Err(Broken::Header) => Err(Refused::Tampered(vec![
+            "  the plan around the changes (its source, registry or summary) was edited, or a change was removed or reordered".into(),
+        ])),
+    }
+}
+
 /// Checks the delete guards: `--allow-delete`, `--max-deletes`, `protect = true`.
 pub fn check_guards(plan: &Plan, opts: &ApplyOptions) -> Result<(), Refused> {
     if plan.source.dirty && !opts.allow_dirty {
@@ -184,9 +214,30 @@ pub fn execute(
     opts: &ApplyOptions,
     progress: &mut dyn FnMut(&Outcome),
 ) -> Vec<Outcome> {
+    execute_holding(plan, registry, opts, &|| Ok(()), progress)
+}
+
+/// [`execute`] under the registry lock: `held` (e.g. [`crate::registry::LockGuard::held`]) is
+/// asked before each change, and once the lock is lost no further change is written (each is
+/// reported as not applied, with why).
+pub fn execute_holding(
+    plan: &Plan,
+    registry: &dyn Registry,
+    opts: &ApplyOptions,
+    held: &dyn Fn() -> Result<(), String>,
+    progress: &mut dyn FnMut(&Outcome),
+) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
+    let mut lost = None;
     for c in plan.changes.iter().filter(|c| c.action != Action::NoOp) {
+        if lost.is_none() {
+            lost = held().err();
+        }
         let result = match (c.action, &c.desired) {
+            _ if lost.is_some() => Err(format!(
+                "not applied: {}",
+                lost.as_deref().unwrap_or_default()
+            )),
             (Action::Create | Action::Update, Some(spec)) => {
                 let put = Put {
                     id: c.id.clone(),

@@ -1,8 +1,18 @@
 //! What the user typed: the command line, parsed by clap, with no I/O.
+//!
+//! Each command declares the options it uses, so its `--help` lists only those, with an example
+//! section. The shared ones (`--dir`, `--state`, `-q`, `-v`, `--color`) are small `Args` groups
+//! flattened into the commands that use them; [`Cli::global`] gathers them into one [`Global`] for
+//! the code that runs the command. They may still be written before the command, as when they
+//! were global (`touchctl --dir DIR validate`): [`hoist_leading_options`] moves them after it
+//! before clap parses, so a command that does not take one refuses it as clap refuses any
+//! unknown option.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use touchctl::model::EnvPattern;
 
 /// Manage marketing touchpoints (触点) as code: validate the TOML files, plan against the live
 /// registry, apply.
@@ -10,42 +20,113 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "touchctl", version, about, long_about = None)]
 #[command(
     after_help = "Exit codes: 0 success; 1 error (or invalid files); 2 changes present (plan --detailed-exitcode).\n\
-Typical flow: touchctl validate && touchctl plan && touchctl apply"
+Typical flow: touchctl validate && touchctl plan && touchctl apply\n\
+Each command's --help lists its options (--dir, --state, ... where they apply) and examples; those\n\
+options may also come before the command: touchctl --dir examples/production/touchpoints validate"
 )]
 pub struct Cli {
-    #[command(flatten)]
-    pub global: Global,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Options every command takes.
-#[derive(Debug, Args)]
+/// Where the touchpoint files are read when a command does not take `--dir`.
+const DEFAULT_DIR: &str = "touchpoints";
+/// The registry file when a command does not take `--state`.
+const DEFAULT_STATE: &str = ".touchctl/state.db";
+
+/// The shared options as the command took them, each at its default where the command does not
+/// take it.
+#[derive(Debug)]
 pub struct Global {
-    /// Folder holding the touchpoint files (searched recursively for *.toml).
-    #[arg(
-        long,
-        global = true,
-        default_value = "touchpoints",
-        env = "TOUCHCTL_DIR"
-    )]
+    /// The touchpoint folder.
     pub dir: PathBuf,
-    /// The live registry: a SQLite state file, created (mode 0600) if missing.
-    #[arg(
-        long,
-        global = true,
-        default_value = ".touchctl/state.db",
-        env = "TOUCHCTL_STATE"
-    )]
+    /// The registry file.
     pub state: PathBuf,
-    /// More detail (e.g. list unchanged touchpoints).
-    #[arg(short, long, global = true, conflicts_with = "quiet")]
+    /// More detail.
     pub verbose: bool,
     /// Only errors and the requested output.
-    #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// When to colour.
+    pub color: ColorChoice,
+    /// A folder secret file references may also resolve into.
+    pub secrets_dir: Option<PathBuf>,
+    /// The variables secret references may name (any but `TOUCHCTL_*` when empty).
+    pub secret_env_allow: Vec<EnvPattern>,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from(DEFAULT_DIR),
+            state: PathBuf::from(DEFAULT_STATE),
+            verbose: false,
+            quiet: false,
+            color: ColorChoice::Auto,
+            secrets_dir: None,
+            secret_env_allow: Vec::new(),
+        }
+    }
+}
+
+/// `--dir`, for the commands that read the touchpoint files.
+#[derive(Debug, Args)]
+pub struct DirArg {
+    /// Folder holding the touchpoint files (searched recursively for *.toml; hidden entries
+    /// skipped; links to files inside it followed, other links are errors).
+    #[arg(long, default_value = DEFAULT_DIR, env = "TOUCHCTL_DIR", value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// `--state`, for the commands that use the registry (or, for `deliveries`, the queue beside it).
+#[derive(Debug, Args)]
+pub struct StateArg {
+    /// The live registry: a SQLite state file (mode 0600), created by the first command that
+    /// writes to it (apply, plan --out, the daemon); until then plan reads it as empty. The daemon's
+    /// queue file is queue.db beside it.
+    // Global, so that `deliveries --state FILE list` and `deliveries list --state FILE` both work.
+    #[arg(
+        long,
+        global = true,
+        default_value = DEFAULT_STATE,
+        env = "TOUCHCTL_STATE",
+        value_name = "FILE"
+    )]
+    pub state: PathBuf,
+}
+
+/// Where secret references may read from, for the commands that read secrets (plan, apply,
+/// import, daemon).
+#[derive(Debug, Args)]
+pub struct SecretsArgs {
+    /// A folder secret file references may also resolve into, besides the repository (the git
+    /// work tree holding --dir, or --dir itself outside git), e.g. /run/secrets.
+    #[arg(long, env = "TOUCHCTL_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
+    /// The environment variables secret references may name: comma-separated names, or prefixes
+    /// ending in `*` (e.g. SMS_GATEWAY_TOKEN,WECHAT_*). Default: any but touchctl's own
+    /// (TOUCHCTL_*), which are never a secret source.
+    #[arg(
+        long,
+        env = "TOUCHCTL_SECRET_ENV_ALLOW",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub secret_env_allow: Vec<EnvPattern>,
+}
+
+/// `-q`, for the commands that print more than what was asked.
+#[derive(Debug, Args)]
+pub struct QuietArg {
+    /// Only errors and the requested output.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `--color`, for the commands that colour their output.
+#[derive(Debug, Args)]
+pub struct ColorArg {
     /// Colour in terminal output.
-    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, value_name = "WHEN")]
     pub color: ColorChoice,
 }
 
@@ -69,6 +150,51 @@ pub enum ValidateFormat {
     Json,
 }
 
+/// Output formats of `deliveries show`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeliveriesFormat {
+    /// A report for people; text from endpoints is escaped.
+    Text,
+    /// The batch with its attempts, replays and failed recipients, as JSON.
+    Json,
+}
+
+/// Output formats of `deliveries list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ListFormat {
+    /// A table for people; text from endpoints is escaped.
+    Text,
+    /// The batches as JSON.
+    Json,
+    /// Only the batch ids, one a line: for `deliveries show` and `deliveries replay`.
+    Ids,
+}
+
+/// The states a batch is in, for `deliveries list --only`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BatchState {
+    /// Still to deliver: due, waiting for a retry, or held.
+    Pending,
+    /// Sent; recipients delivered (some may have failed for good).
+    Delivered,
+    /// Finished with every recipient failed for good, none delivered.
+    Failed,
+    /// Dead-lettered after its last attempt; `deliveries replay` sends it again.
+    Dead,
+}
+
+impl BatchState {
+    /// The name the queue stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Pending => "pending",
+            BatchState::Delivered => "delivered",
+            BatchState::Failed => "failed",
+            BatchState::Dead => "dead",
+        }
+    }
+}
+
 /// Output formats of plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PlanFormat {
@@ -85,12 +211,23 @@ pub enum Command {
     /// Load and check every touchpoint file; report every problem at once.
     ///
     /// Exit 0 when the tree is valid, 1 when any file has a problem.
+    #[command(after_help = "Examples:
+  touchctl validate
+  touchctl validate --dir examples/production/touchpoints
+  touchctl validate --format json > diagnostics.json")]
     Validate {
         /// Output format.
         #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
         format: ValidateFormat,
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(flatten)]
+        quiet: QuietArg,
     },
     /// Write the JSON Schema of touchpoint files, generated from touchctl's types.
+    #[command(after_help = "Examples:
+  touchctl schema            write schemas/touchpoint.schema.json (commit it)
+  touchctl schema --check    in CI: exit 1 when the committed schema is stale")]
     Schema {
         /// Do not write; exit 1 if the file differs from what this touchctl generates.
         #[arg(long)]
@@ -100,6 +237,11 @@ pub enum Command {
         out: PathBuf,
     },
     /// Show what apply would change in the registry to match the files.
+    #[command(after_help = "Examples:
+  touchctl plan
+  touchctl plan --out plan.json && touchctl apply plan.json
+  touchctl plan --detailed-exitcode    exit 2 when there are changes (CI)
+  touchctl plan --base main --format markdown > comment.md    the pull-request view, no registry")]
     Plan {
         /// Output format.
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
@@ -107,7 +249,9 @@ pub enum Command {
         /// Also save the plan (JSON) to this file, for `touchctl apply FILE`.
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
-        /// Exit 0 when there are no changes, 1 on error, 2 when there are changes.
+        /// Exit 0 when there are no changes, 1 on error, 2 when there are changes: creates,
+        /// updates, deletes. Drift counts as far as apply undoes it: a field changed outside apply
+        /// is an update; a pause is kept by apply, so it is not a change.
         #[arg(long)]
         detailed_exitcode: bool,
         /// Compare the files at this git revision (branch, tag, commit) with the work tree instead
@@ -115,8 +259,25 @@ pub enum Command {
         /// secrets are compared by reference only.
         #[arg(long, value_name = "REV", conflicts_with = "out")]
         base: Option<String>,
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(flatten)]
+        state: StateArg,
+        #[command(flatten)]
+        secrets: SecretsArgs,
+        /// More detail: also list unchanged touchpoints.
+        #[arg(short, long, conflicts_with = "quiet")]
+        verbose: bool,
+        #[command(flatten)]
+        quiet: QuietArg,
+        #[command(flatten)]
+        color: ColorArg,
     },
     /// Make the registry match the files: a saved plan exactly, or plan, confirm and apply.
+    #[command(after_help = "Examples:
+  touchctl apply                   plan, confirm with 'yes', apply
+  touchctl apply plan.json         apply exactly the plan saved by `touchctl plan --out plan.json`
+  touchctl apply --auto-approve --allow-delete --max-deletes 1")]
     Apply {
         /// A plan saved by `touchctl plan --out FILE`. It is applied exactly, without a prompt, and
         /// refused if a touchpoint it changes has changed in the registry since.
@@ -134,11 +295,25 @@ pub enum Command {
         /// the commit with "dirty").
         #[arg(long)]
         allow_dirty: bool,
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(flatten)]
+        state: StateArg,
+        #[command(flatten)]
+        secrets: SecretsArgs,
+        #[command(flatten)]
+        quiet: QuietArg,
+        #[command(flatten)]
+        color: ColorArg,
     },
     /// Write the TOML file of a live touchpoint that has no file yet, to bring it under code.
     ///
     /// The file gets the `#:schema` line, secret references (never values), the canonical field
     /// order and no defaults, so that `touchctl plan` then shows no change for it.
+    #[command(after_help = "Examples:
+  touchctl import sms
+  touchctl import sms --out touchpoints/custom/sms.toml
+  touchctl import --all")]
     Import {
         /// The ids of the live touchpoints to import.
         #[arg(conflicts_with = "all")]
@@ -150,6 +325,14 @@ pub enum Command {
         /// from, when that was under --dir; otherwise `<dir>/<id>.toml`.
         #[arg(long, value_name = "FILE", conflicts_with = "all")]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        dir: DirArg,
+        #[command(flatten)]
+        state: StateArg,
+        #[command(flatten)]
+        secrets: SecretsArgs,
+        #[command(flatten)]
+        quiet: QuietArg,
     },
     /// Serve the dispatch API, keep the registry in step with the files, and deliver.
     ///
@@ -157,46 +340,103 @@ pub enum Command {
     /// to the live touchpoints with retries, and survive restarts. The API token comes from
     /// TOUCHCTL_API_TOKEN or --api-token-file. Stop with SIGTERM or Ctrl-C: open requests and
     /// in-flight deliveries finish first.
+    #[command(after_help = "Examples:
+  TOUCHCTL_API_TOKEN=\"$(cat /run/secrets/touchctl-api)\" touchctl daemon --listen 0.0.0.0:8640 --watch
+  touchctl daemon --api-token-file /run/secrets/touchctl-api --watch --source git:main
+  touchctl daemon --insecure-no-auth --allow-private-network    local testing, loopback only")]
     Daemon(DaemonArgs),
     /// Send a campaign trigger to a running daemon (POST /v1/dispatch).
     ///
     /// Users come from a file (or `-` for standard input): a JSON array of
     /// {"user_id", "attributes": {...}} or one such object per line. They are streamed as NDJSON.
+    ///
+    /// The daemon's API token is read from the environment variable TOUCHCTL_API_TOKEN, or from
+    /// the file given with --api-token-file; without one, only a daemon started with
+    /// --insecure-no-auth answers.
+    #[command(after_help = "Examples:
+  export TOUCHCTL_API_TOKEN=...    the daemon's API token (or --api-token-file FILE)
+  touchctl dispatch --touchpoint sms --campaign member-day --users users.ndjson \\
+      --param text=\"会员日满100减20\" --wait
+  touchctl dispatch --url http://10.0.0.5:8640 --touchpoint sms --campaign member-day \\
+      --users - --idempotency-key member-day-2026-12-03 < users.json")]
     Dispatch(DispatchArgs),
     /// The delivery log: list batches, show one with its attempts, replay dead-lettered ones.
+    #[command(after_help = "Examples:
+  touchctl deliveries list --only dead
+  touchctl deliveries show dsp_1a2013279ada69c38505917_0
+  touchctl deliveries replay --all --touchpoint sms")]
     Deliveries {
         #[command(subcommand)]
         command: DeliveriesCommand,
         /// The queue file (default: queue.db beside --state).
         #[arg(long, global = true, value_name = "PATH")]
         queue: Option<PathBuf>,
+        #[command(flatten)]
+        state: StateArg,
     },
-    /// Remove the registry lock left by a writer that is gone for good.
+    /// Remove the registry lock, or release the queue from a daemon, left by a process that is
+    /// gone for good.
     ///
-    /// A lock held by a process that no longer runs on this host is recovered automatically; this
-    /// is for a holder on another machine. The lock id is in the "registry is locked" message.
+    /// A lock or queue held by a process that no longer runs on this host is taken over
+    /// automatically, and so is one whose holder stopped renewing its lease 30 s ago (its host was
+    /// replaced, say). This is for a holder you know is gone before then, or one from a touchctl
+    /// before leases. The lock id is in the "registry is locked" message; --daemon releases the
+    /// queue named in the "another daemon ... works this queue" message.
+    #[command(group(ArgGroup::new("what").required(true).args(["lock_id", "daemon"])))]
+    #[command(after_help = "Examples:
+  touchctl force-unlock 9c1e5f0a2b7d4e36    the lock id the \"registry is locked\" message names
+  touchctl force-unlock --daemon            release the queue from a daemon that is gone")]
     ForceUnlock {
-        /// The lock id to remove.
-        lock_id: String,
+        /// The registry lock id to remove.
+        lock_id: Option<String>,
+        /// Release the queue file from the daemon holding it, instead of a registry lock.
+        #[arg(long)]
+        daemon: bool,
+        /// Remove it even though its holder still renews its lease (so looks alive). Only when you
+        /// are sure it is gone: two writers at once could overwrite each other's changes, and two
+        /// daemons on one queue send deliveries twice.
+        #[arg(long)]
+        force: bool,
+        /// With --daemon: the queue file (default: queue.db beside --state).
+        #[arg(long, value_name = "PATH", requires = "daemon")]
+        queue: Option<PathBuf>,
+        #[command(flatten)]
+        state: StateArg,
     },
 }
 
 /// `touchctl daemon` options.
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub state: StateArg,
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
     /// Where the API listens.
-    #[arg(long, default_value = "127.0.0.1:8640", value_name = "ADDR")]
+    #[arg(
+        long,
+        default_value = "127.0.0.1:8640",
+        env = "TOUCHCTL_LISTEN",
+        value_name = "ADDR"
+    )]
     pub listen: std::net::SocketAddr,
-    /// Reconcile the registry with the files: on every change (debounced) and every --interval.
-    /// A tree with problems changes nothing; the problems show at /v1/status and in the log.
+    /// Reconcile the registry with the files: on every change (once the files have been quiet
+    /// for 50 ms; only the files that changed are read again) and every --interval (every file
+    /// read again). A tree with problems changes nothing; the problems show at /v1/status and in
+    /// the log.
     #[arg(long)]
     pub watch: bool,
-    /// Where --watch reads the files: `worktree` (as on disk) or `git:REF` (only what is committed
-    /// at REF, e.g. git:main).
+    /// Where --watch reads the files. `worktree`: the files as they are on disk, committed or
+    /// not, as `apply --allow-dirty` applies them; touchpoints applied from uncommitted files are
+    /// recorded as from a dirty tree (in the registry, as `dirty` at /v1/status, and in the log).
+    /// `git:REF`: only what is committed at REF (e.g. git:main), to apply reviewed changes only.
     #[arg(long, default_value = "worktree", value_name = "SOURCE")]
     pub source: String,
-    /// How often to reconcile and re-read secrets even without a file event.
-    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    /// How often to reconcile (reading every file again) and re-read secrets even without a file
+    /// event (at least 1s).
+    #[arg(long, default_value = "60s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub interval: std::time::Duration,
     /// Deletes one reconcile may make at most (more refuses the whole reconcile).
     #[arg(long, default_value_t = 5, value_name = "N")]
@@ -223,13 +463,23 @@ pub struct DaemonArgs {
     /// Largest request body, in bytes (413 beyond).
     #[arg(long, default_value_t = 64 * 1024 * 1024, value_name = "BYTES")]
     pub max_body: usize,
+    /// Bytes of request bodies held in memory at once, from the first byte received until the
+    /// trigger is stored; a trigger past it gets 503 with Retry-After. At least --max-body
+    /// (default: twice --max-body, 128 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_memory: Option<usize>,
     /// Most recipients the queue holds before new triggers get 503 with Retry-After.
     #[arg(long, default_value_t = 10_000_000, value_name = "N")]
     pub max_queued: u64,
-    /// How long a client may take to send its request headers, and its body.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    /// API connections served at once; the next ones wait until one closes (default: half the
+    /// open-file limit, `ulimit -n`, at most 1024).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// How long a client may take to send its request headers, and its body (at least 1s).
+    #[arg(long, default_value = "30s", value_parser = parse_second_or_more, value_name = "DURATION")]
     pub client_timeout: std::time::Duration,
-    /// How long to wait for open requests and in-flight deliveries when stopping.
+    /// How long to wait for open requests and in-flight deliveries when stopping. Deliveries still
+    /// in flight then are cut off, recorded as interrupted, and sent again on the next start.
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub drain_timeout: std::time::Duration,
     /// How long a fully delivered dispatch (its batches, attempt log and idempotency key) is kept
@@ -237,6 +487,10 @@ pub struct DaemonArgs {
     /// `0s` keeps everything.
     #[arg(long, default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
     pub retention: std::time::Duration,
+    /// How long the daemon's hold on its queue lasts unless renewed (it renews it every sixth of
+    /// that). Hidden: for tests, which cannot wait the 30 s default for a successor to take over.
+    #[arg(long, default_value = "30s", value_parser = parse_lease, value_name = "DURATION", hide = true)]
+    pub lease_ttl: std::time::Duration,
 }
 
 /// `touchctl dispatch` options.
@@ -277,16 +531,27 @@ pub struct DispatchArgs {
     /// not accepted yet. A user id in more than one part is sent once.
     #[arg(long, default_value_t = 100_000, value_name = "N")]
     pub per_trigger: usize,
+    /// Read the daemon's API token from this file instead of TOUCHCTL_API_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub quiet: QuietArg,
 }
 
 /// `touchctl deliveries` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DeliveriesCommand {
     /// List batches, newest first.
+    #[command(after_help = "Examples:
+  touchctl deliveries list
+  touchctl deliveries list --only dead --touchpoint sms
+  touchctl deliveries list --dispatch dsp_1a2013279ada69c38505917 --limit 0 --format json
+  touchctl deliveries replay $(touchctl deliveries list --only dead --touchpoint sms --format ids)")]
     List {
         /// Only batches in this state.
-        #[arg(long, value_parser = ["pending", "delivered", "dead"], value_name = "STATE")]
-        status: Option<String>,
+        // `--status`, its former name, still works (hidden: it read like a sibling of --state).
+        #[arg(long, value_enum, alias = "status", value_name = "BATCH_STATE")]
+        only: Option<BatchState>,
         /// Only batches of this touchpoint.
         #[arg(long)]
         touchpoint: Option<String>,
@@ -294,23 +559,29 @@ pub enum DeliveriesCommand {
         #[arg(long)]
         dispatch: Option<String>,
         /// At most this many (0: all).
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_name = "N")]
         limit: usize,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
-        format: ValidateFormat,
+        #[arg(long, value_enum, default_value_t = ListFormat::Text)]
+        format: ListFormat,
     },
     /// Show one batch: its state, every attempt (status, latency, generation, error) and the
     /// recipients that failed for good.
+    #[command(after_help = "Examples:
+  touchctl deliveries show dsp_1a2013279ada69c38505917_0
+  touchctl deliveries show dsp_1a2013279ada69c38505917_0 --format json")]
     Show {
         /// The batch id (as listed; the `webhook-id` the endpoint saw).
         batch: String,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = ValidateFormat::Text)]
-        format: ValidateFormat,
+        #[arg(long, value_enum, default_value_t = DeliveriesFormat::Text)]
+        format: DeliveriesFormat,
     },
     /// Put dead-lettered batches back in the queue, due now, with a fresh attempt budget. A running
     /// daemon picks them up within a second.
+    #[command(after_help = "Examples:
+  touchctl deliveries replay dsp_1a2013279ada69c38505917_0
+  touchctl deliveries replay --all --touchpoint sms")]
     Replay {
         /// The batch ids to replay.
         batches: Vec<String>,
@@ -323,6 +594,157 @@ pub enum DeliveriesCommand {
     },
 }
 
+impl Cli {
+    /// The shared options as this command took them (the defaults for those it does not take).
+    pub fn global(&self) -> Global {
+        let mut g = Global::default();
+        let mut secrets = None;
+        match &self.command {
+            Command::Validate { dir, quiet, .. } => {
+                (g.dir, g.quiet) = (dir.dir.clone(), quiet.quiet);
+            }
+            Command::Schema { .. } => {}
+            Command::Plan {
+                dir,
+                state,
+                secrets: s,
+                verbose,
+                quiet,
+                color,
+                ..
+            } => {
+                (g.dir, g.state, g.verbose, g.quiet, g.color) = (
+                    dir.dir.clone(),
+                    state.state.clone(),
+                    *verbose,
+                    quiet.quiet,
+                    color.color,
+                );
+                secrets = Some(s);
+            }
+            Command::Apply {
+                dir,
+                state,
+                secrets: s,
+                quiet,
+                color,
+                ..
+            } => {
+                (g.dir, g.state, g.quiet, g.color) = (
+                    dir.dir.clone(),
+                    state.state.clone(),
+                    quiet.quiet,
+                    color.color,
+                );
+                secrets = Some(s);
+            }
+            Command::Import {
+                dir,
+                state,
+                secrets: s,
+                quiet,
+                ..
+            } => {
+                (g.dir, g.state, g.quiet) = (dir.dir.clone(), state.state.clone(), quiet.quiet);
+                secrets = Some(s);
+            }
+            Command::Daemon(args) => {
+                (g.dir, g.state) = (args.dir.dir.clone(), args.state.state.clone());
+                secrets = Some(&args.secrets);
+            }
+            Command::Dispatch(args) => g.quiet = args.quiet.quiet,
+            Command::Deliveries { state: s, .. } | Command::ForceUnlock { state: s, .. } => {
+                g.state = s.state.clone();
+            }
+        }
+        if let Some(s) = secrets {
+            g.secrets_dir = s.secrets_dir.clone();
+            g.secret_env_allow = s.secret_env_allow.clone();
+        }
+        g
+    }
+}
+
+/// Options that belong to commands but may be written before the command, as when they were
+/// global: each with whether it takes a value.
+const LEADING_OPTIONS: &[(&str, bool)] = &[
+    ("--dir", true),
+    ("--state", true),
+    ("--secrets-dir", true),
+    ("--secret-env-allow", true),
+    ("--color", true),
+    ("--verbose", false),
+    ("--quiet", false),
+];
+
+/// How many arguments from `args[i]` on are one leading option (with its value), if it is one.
+fn leading_option(args: &[OsString], i: usize) -> Option<usize> {
+    let arg = args.get(i)?.to_str()?;
+    if let Some(short) = arg.strip_prefix('-')
+        && !short.is_empty()
+        && short.chars().all(|c| c == 'v' || c == 'q')
+    {
+        return Some(1);
+    }
+    LEADING_OPTIONS.iter().find_map(|&(name, takes_value)| {
+        if arg == name {
+            Some(if takes_value && i + 1 < args.len() {
+                2
+            } else {
+                1
+            })
+        } else if takes_value && arg.strip_prefix(name)?.starts_with('=') {
+            Some(1)
+        } else {
+            None
+        }
+    })
+}
+
+/// The command line with the options written before the command moved right after it
+/// (`touchctl --state FILE apply` becomes `touchctl apply --state FILE`), so that clap finds them
+/// among the command's own options, or refuses them for a command that does not take them.
+/// Anything else is left as it is.
+pub fn hoist_leading_options(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let args: Vec<OsString> = args.into_iter().collect();
+    let mut i = 1;
+    while let Some(n) = leading_option(&args, i) {
+        i += n;
+    }
+    let is_command = args
+        .get(i)
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| !a.starts_with('-'));
+    if i == 1 || !is_command {
+        return args;
+    }
+    let mut out = Vec::with_capacity(args.len());
+    out.push(args[0].clone());
+    out.push(args[i].clone());
+    out.extend_from_slice(&args[1..i]);
+    out.extend_from_slice(&args[i + 1..]);
+    out
+}
+
+fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
+    let ttl = parse_duration(s)?;
+    let range = std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(3600);
+    if range.contains(&ttl) {
+        Ok(ttl)
+    } else {
+        Err("a lease lasts from 1s to 1h".into())
+    }
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 30s, 5m)"))
+}
+
+/// A duration of a second or more: a shorter period would spin a timer or cut off every client.
+fn parse_second_or_more(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!("{s} is too short: give at least 1s"));
+    }
+    Ok(d)
 }

@@ -11,7 +11,7 @@ use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::load::{Desired, LoadError, Source, did_you_mean, load_sources};
-use crate::model::{SECRET_FIELDS, SpecJson, Touchpoint};
+use crate::model::{SECRET_FIELDS, SecretPolicy, SpecJson, Touchpoint};
 use crate::registry::{Live, Registry};
 
 /// Why a touchpoint could not be written as a file.
@@ -112,13 +112,14 @@ pub fn default_path(dir: &Path, live: &Live) -> PathBuf {
 
 /// Writes the file of `live` at `path` (never over an existing file), then reads it back as plan
 /// would: the spec must come back the same, and every secret reference should resolve to the value
-/// the registry holds (by fingerprint). Returns what the user should know: references rewritten,
-/// secrets that do not resolve here or resolve to another value.
+/// the registry holds (by fingerprint), read as `policy` allows. Returns what the user should know:
+/// references rewritten, secrets that do not resolve here or resolve to another value.
 pub fn write(
     live: &Live,
     path: &Path,
     schema: &Path,
     registry: &dyn Registry,
+    policy: &SecretPolicy,
 ) -> Result<Vec<String>, ImportError> {
     let Rendered { text, rebased } = render(live, path, schema)?;
     let io = |path: &Path| {
@@ -156,7 +157,7 @@ pub fn write(
                 .to_string(),
         );
     }
-    match crate::planner::fingerprints(&back, registry) {
+    match crate::planner::fingerprints(&back, registry, policy) {
         Ok(fps) => {
             for (field, fp) in fps.first().into_iter().flatten() {
                 if live.fingerprints.get(field) != Some(fp) {

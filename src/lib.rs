@@ -5,19 +5,21 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`model`] | the serde + schemars types of a touchpoint file, secret references; no I/O |
+//! | [`model`] | the serde + schemars types of a touchpoint file; secret references and what they may read (the only I/O) |
 //! | [`schema`] | the JSON Schema generated from [`model`], its file and freshness check |
-//! | [`load`] | reading a tree of files, TOML spans, schema and cross-file checks, diagnostics |
+//! | [`load`] | reading a tree of files (again: only what changed), TOML spans, schema and cross-file checks, diagnostics |
 //! | [`registry`] | the live state: the `Registry` trait, its SQLite backend, locking, generations |
-//! | [`plan`] | the pure diff of desired against live, and its text, markdown and JSON renderings |
+//! | [`plan`] | the pure diff of desired against live, its renderings, the seal of a saved plan |
 //! | [`planner`] | gathering a plan's inputs: secret fingerprints, the live state |
 //! | [`apply`] | running a plan against the registry, with per-change outcomes |
 //! | [`git`] | what commit the files came from; the files at another revision |
 //! | [`import`] | writing the TOML file of a live touchpoint |
 //! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
-//! | [`channel`] | the wire format of each channel: request, signing, what an answer means |
+//! | [`channel`] | the wire format of each channel: request, signing, what an answer means; the network guard |
 //! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
-//! | [`store`] | owner-only SQLite files shared by the registry and the queue |
+//! | [`term`] | text from files, endpoints and users escaped for a terminal (control and bidi characters) |
+//! | [`store`] | owner-only SQLite files shared by the registry and the queue, created whole |
+//! | [`lease`] | leases with a heartbeat: the registry lock and the daemon's hold on its queue |
 //! | [`allocator`] | the binary allocator's tuning (how long freed memory is kept) |
 
 pub mod allocator;
@@ -27,6 +29,7 @@ pub mod daemon;
 pub mod dispatch;
 pub mod git;
 pub mod import;
+pub mod lease;
 pub mod load;
 pub mod model;
 pub mod plan;
@@ -34,3 +37,4 @@ pub mod planner;
 pub mod registry;
 pub mod schema;
 pub mod store;
+pub mod term;

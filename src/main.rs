@@ -15,7 +15,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     touchctl::allocator::tune();
-    let cli = match cli::Cli::try_parse() {
+    let args = cli::hoist_leading_options(std::env::args_os());
+    let cli = match cli::Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -30,7 +31,8 @@ fn main() -> ExitCode {
     match commands::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may quote a file, an endpoint or the daemon: escaped for the terminal.
+            eprintln!("error: {}", touchctl::term::escape_text(&format!("{e:#}")));
             ExitCode::from(1)
         }
     }

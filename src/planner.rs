@@ -1,22 +1,23 @@
 //! Gathers what a plan needs and makes it: the desired touchpoints (already loaded), their secrets
 //! resolved to keyed fingerprints, and the live state from the registry; then [`plan::diff`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::load::Desired;
-use crate::model::SecretRef;
+use crate::load::{Desired, Diagnostic};
+use crate::model::{SecretPolicy, SecretRef};
 use crate::plan::{self, DesiredSpec, Plan, RegistryRef, Source};
 use crate::registry::{Registry, RegistryError, now};
 
 /// Why a plan could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    /// Some secret references could not be read; every one is listed.
-    #[error("cannot read {} secret(s):\n{}", .0.len(), .0.join("\n"))]
-    Secrets(Vec<String>),
+    /// Some secret references could not be read, or were refused; each is a diagnostic at the
+    /// reference's line.
+    #[error("{} secret reference(s) cannot be read:\n{}", .0.len(), .0.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n"))]
+    Secrets(Vec<Diagnostic>),
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -39,11 +40,13 @@ fn key<'a>(r: &'a SecretRef, dir: &'a Path) -> Origin<'a> {
     }
 }
 
-/// Fingerprints every secret of every desired touchpoint under the registry's key. Each distinct
-/// secret is read and hashed once, however many touchpoints name it.
+/// Fingerprints every secret of every desired touchpoint under the registry's key, reading only
+/// what `policy` allows. Each distinct secret is read and hashed once, however many touchpoints
+/// name it.
 pub fn fingerprints(
     desired: &Desired,
     registry: &dyn Registry,
+    policy: &SecretPolicy,
 ) -> Result<Vec<BTreeMap<String, String>>, PlanError> {
     let mut distinct: Fast<Origin<'_>, (&SecretRef, &Path)> = Fast::default();
     for l in &desired.touchpoints {
@@ -52,17 +55,17 @@ pub fn fingerprints(
         }
     }
     let fp = registry.fingerprinter();
-    let resolved: Fast<Origin<'_>, Result<String, String>> = distinct
+    let resolved: Fast<Origin<'_>, Result<String, (&'static str, String)>> = distinct
         .into_par_iter()
         .map(|(o, (r, dir))| {
             let result = r
-                .resolve(dir)
+                .resolve(dir, policy)
                 .map(|secret| fp.fingerprint(&secret))
-                .map_err(|e| e.to_string());
+                .map_err(|e| (e.code(), e.to_string()));
             (o, result)
         })
         .collect();
-    let per_touchpoint: Vec<(BTreeMap<String, String>, Vec<String>)> = desired
+    let per_touchpoint: Vec<(BTreeMap<String, String>, Vec<Diagnostic>)> = desired
         .touchpoints
         .par_iter()
         .map(|l| {
@@ -73,13 +76,27 @@ pub fn fingerprints(
                     Ok(f) => {
                         out.insert(path.to_string(), f.clone());
                     }
-                    Err(e) => errors.push(format!("  {}: `{path}` {r}: {e}", l.file)),
+                    Err((code, e)) => {
+                        let (line, column) = l
+                            .secret_at
+                            .iter()
+                            .find(|(p, _)| *p == path)
+                            .map_or((1, 1), |(_, at)| *at);
+                        errors.push(Diagnostic {
+                            path: l.file.clone(),
+                            line,
+                            column,
+                            severity: "error",
+                            code,
+                            message: format!("`{path}` {r}: {e}"),
+                        });
+                    }
                 }
             }
             (out, errors)
         })
         .collect();
-    let errors: Vec<String> = per_touchpoint
+    let errors: Vec<Diagnostic> = per_touchpoint
         .iter()
         .flat_map(|(_, e)| e.iter().cloned())
         .collect();
@@ -90,23 +107,69 @@ pub fn fingerprints(
     }
 }
 
-/// Makes the plan that brings `registry` to `desired`, which was read from `dir`.
+/// Makes the plan that brings `registry` to `desired`, which was read from `dir`; secrets are read
+/// as `policy` allows.
 pub fn make_plan(
     desired: &Desired,
     dir: &Path,
     registry: &dyn Registry,
+    policy: &SecretPolicy,
 ) -> Result<Plan, PlanError> {
     let live = registry.list()?;
-    plan_against(desired, live, dir, registry)
+    plan_against(desired, live, source_of(dir), registry, policy)
 }
 
-/// Loads the tree under `dir` and plans it against `registry`. The registry is read while the
-/// files are parsed, since reading it is mostly waiting on one core.
-pub fn plan_dir(dir: &Path, registry: &dyn Registry) -> Result<(Desired, Plan), TreeError> {
+/// Makes the plan for the touchpoints `only` (desired, live or both) and leaves every other one
+/// out, as if it were unchanged: what apply would change for them. Each of them is read from the
+/// registry alone, so the cost follows their number, not the registry's. `source` is recorded as
+/// where the files came from; secrets are read as `policy` allows.
+pub fn plan_only(
+    desired: &Desired,
+    only: &BTreeSet<String>,
+    source: Source,
+    registry: &dyn Registry,
+    policy: &SecretPolicy,
+) -> Result<Plan, PlanError> {
+    let subset = Desired {
+        touchpoints: desired
+            .touchpoints
+            .iter()
+            .filter(|l| only.contains(l.touchpoint.id()))
+            .cloned()
+            .collect(),
+    };
+    let mut live = Vec::with_capacity(only.len());
+    for id in only {
+        live.extend(registry.get(id)?);
+    }
+    plan_against(&subset, live, source, registry, policy)
+}
+
+/// Makes the plan that brings `registry` to `desired`, recording `source` as where the files came
+/// from (instead of asking git about their folder, as [`make_plan`] does); secrets are read as
+/// `policy` allows.
+pub fn plan_from(
+    desired: &Desired,
+    source: Source,
+    registry: &dyn Registry,
+    policy: &SecretPolicy,
+) -> Result<Plan, PlanError> {
+    let live = registry.list()?;
+    plan_against(desired, live, source, registry, policy)
+}
+
+/// Loads the tree under `dir` and plans it against `registry`, reading secrets as `policy`
+/// allows. The registry is read while the files are parsed, since reading it is mostly waiting on
+/// one core.
+pub fn plan_dir(
+    dir: &Path,
+    registry: &dyn Registry,
+    policy: &SecretPolicy,
+) -> Result<(Desired, Plan), TreeError> {
     let (desired, live) = rayon::join(|| crate::load::load_dir(dir), || registry.list());
     let desired = desired?;
     let live = live.map_err(PlanError::from)?;
-    let plan = plan_against(&desired, live, dir, registry)?;
+    let plan = plan_against(&desired, live, source_of(dir), registry, policy)?;
     Ok((desired, plan))
 }
 
@@ -124,10 +187,11 @@ pub enum TreeError {
 fn plan_against(
     desired: &Desired,
     live: Vec<crate::registry::Live>,
-    dir: &Path,
+    source: Source,
     registry: &dyn Registry,
+    policy: &SecretPolicy,
 ) -> Result<Plan, PlanError> {
-    let fps = fingerprints(desired, registry)?;
+    let fps = fingerprints(desired, registry, policy)?;
     let specs: Vec<DesiredSpec<'_>> = desired
         .touchpoints
         .iter()
@@ -156,14 +220,16 @@ fn plan_against(
             backend: registry.describe(),
         }),
         base: None,
-        source: source_of(dir),
+        source,
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
+        mac: None,
     })
 }
 
-fn source_of(dir: &Path) -> Source {
+/// Where files read from `dir` come from: its git commit, and whether it has uncommitted changes.
+pub fn source_of(dir: &Path) -> Source {
     let head = crate::git::head(dir);
     Source {
         dir: dir.display().to_string(),
@@ -265,6 +331,7 @@ pub fn plan_base(dir: &Path, rev: &str) -> Result<(Desired, Plan), BaseError> {
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
+        mac: None,
     };
     Ok((head, plan))
 }

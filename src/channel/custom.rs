@@ -2,14 +2,16 @@
 //! batch with a Bearer token, Standard Webhooks signature headers when the touchpoint has a signing
 //! secret, and a JSON body of the campaign's template params and the batch's recipients. The
 //! answer decides the batch's fate: 2xx delivered (except the recipients a `failed` list names),
-//! 408/429/5xx and network errors retried, other statuses final.
+//! 408/429/5xx and network errors retried, other statuses final. A 2xx whose `failed` list cannot
+//! be read (not a list, an entry without a string `user_id`, a JSON body cut off or broken) is a
+//! malformed answer: the batch is retried whole, since which recipients failed is unknown. A 2xx
+//! body that is not a JSON object (empty, "OK") is no `failed` list at all: delivered.
 
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{KeyInit, Mac};
-use serde::Deserialize;
 
 use crate::dispatch::user::{Mapping, UserRef};
 use crate::model::Secret;
@@ -124,22 +126,101 @@ fn write_recipients<'a, 'b: 'a>(
 }
 
 /// A recipient the endpoint reports as failed in a 2xx answer.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FailedRecipient {
     /// The user.
     pub user_id: String,
     /// Why, as the endpoint says.
-    #[serde(default)]
     pub reason: String,
     /// Whether sending it again may succeed.
-    #[serde(default)]
     pub retry: bool,
 }
 
-#[derive(Deserialize)]
-struct Answer {
-    #[serde(default)]
-    failed: Vec<FailedRecipient>,
+/// The `failed` list of a 2xx answer: empty when the body is not a JSON object or has no list,
+/// or what is wrong with it. `cut` says the body was longer than [`MAX_RESPONSE`] and cut there.
+fn failed_list(body: &[u8], cut: bool) -> Result<Vec<FailedRecipient>, String> {
+    let text = body.trim_ascii();
+    if !text.starts_with(b"{") {
+        return Ok(Vec::new());
+    }
+    if cut {
+        return Err(format!(
+            "the answer is longer than {} KiB, so its `failed` list cannot be read whole",
+            MAX_RESPONSE / 1024
+        ));
+    }
+    let answer: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(text)
+        .map_err(|e| format!("the answer starts like a JSON object but is not valid JSON ({e})"))?;
+    let list = match answer.get("failed") {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Array(list)) => list,
+        Some(other) => {
+            return Err(format!(
+                "`failed` is {}, not a list of {{ \"user_id\", \"reason\", \"retry\" }} entries",
+                json_kind(other)
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let serde_json::Value::Object(entry) = entry else {
+            return Err(format!(
+                "`failed[{i}]` is {}, not an object with a `user_id`",
+                json_kind(entry)
+            ));
+        };
+        let user_id = match entry.get("user_id") {
+            Some(serde_json::Value::String(id)) if !id.is_empty() => id.clone(),
+            Some(serde_json::Value::String(_)) => {
+                return Err(format!("`failed[{i}].user_id` is empty"));
+            }
+            None => return Err(format!("`failed[{i}]` has no `user_id`")),
+            Some(other) => {
+                return Err(format!(
+                    "`failed[{i}].user_id` is {}, not a string",
+                    json_kind(other)
+                ));
+            }
+        };
+        let reason = match entry.get("reason") {
+            None | Some(serde_json::Value::Null) => String::new(),
+            Some(serde_json::Value::String(r)) => r.clone(),
+            Some(other) => {
+                return Err(format!(
+                    "`failed[{i}].reason` is {}, not a string",
+                    json_kind(other)
+                ));
+            }
+        };
+        let retry = match entry.get("retry") {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(format!(
+                    "`failed[{i}].retry` is {}, not true or false",
+                    json_kind(other)
+                ));
+            }
+        };
+        out.push(FailedRecipient {
+            user_id,
+            reason,
+            retry,
+        });
+    }
+    Ok(out)
+}
+
+/// What a JSON value is, for messages (never the value itself: it comes from the endpoint).
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// What the endpoint made of a batch.
@@ -218,14 +299,18 @@ pub async fn send(client: &reqwest::Client, req: Request<'_>) -> Response {
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| crate::dispatch::retry::parse_retry_after(v, std::time::SystemTime::now()));
-    let text = read_capped(response).await;
+    let (text, cut) = read_capped(response).await;
     match status {
-        200..=299 => {
-            let failed = serde_json::from_slice::<Answer>(&text)
-                .map(|a| a.failed)
-                .unwrap_or_default();
-            Response::Accepted { status, failed }
-        }
+        200..=299 => match failed_list(&text, cut) {
+            Ok(failed) => Response::Accepted { status, failed },
+            Err(problem) => Response::Retryable {
+                status: Some(status),
+                retry_after,
+                error: format!(
+                    "HTTP {status} with a malformed answer: {problem}; which recipients failed is unknown, so the whole batch is tried again (the answer must be empty, not JSON, or a JSON object whose `failed` is a list of {{ \"user_id\": string, \"reason\": string, \"retry\": boolean }})"
+                ),
+            },
+        },
         408 | 429 | 500..=599 => Response::Retryable {
             status: Some(status),
             retry_after,
@@ -244,16 +329,17 @@ pub async fn send(client: &reqwest::Client, req: Request<'_>) -> Response {
     }
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Vec<u8> {
+/// The body, up to [`MAX_RESPONSE`], and whether there was more.
+async fn read_capped(mut response: reqwest::Response) -> (Vec<u8>, bool) {
     let mut out = Vec::new();
     while let Ok(Some(chunk)) = response.chunk().await {
         let room = MAX_RESPONSE.saturating_sub(out.len());
         out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if out.len() >= MAX_RESPONSE {
-            break;
+        if chunk.len() > room {
+            return (out, true);
         }
     }
-    out
+    (out, false)
 }
 
 /// The start of an error body, for the attempt log.
@@ -360,6 +446,88 @@ mod tests {
         assert_eq!(
             body_with(&env, &recipients(&[], &mapping)),
             body(&env, &[], &mapping)
+        );
+    }
+
+    #[test]
+    fn a_2xx_with_an_invalid_failed_list_is_a_malformed_answer() {
+        for (body, problem) in [
+            (r#"{"failed": "all"}"#, "`failed` is a string, not a list"),
+            (
+                r#"{"failed": {"user_id": "u1"}}"#,
+                "`failed` is an object, not a list",
+            ),
+            (
+                r#"{"failed": ["u1"]}"#,
+                "`failed[0]` is a string, not an object",
+            ),
+            (
+                r#"{"failed": [{"id": "u1"}]}"#,
+                "`failed[0]` has no `user_id`",
+            ),
+            (
+                r#"{"failed": [{"user_id": 7}]}"#,
+                "`failed[0].user_id` is a number, not a string",
+            ),
+            (
+                r#"{"failed": [{"user_id": ""}]}"#,
+                "`failed[0].user_id` is empty",
+            ),
+            (
+                r#"{"failed": [{"user_id": "u1"}, {"user_id": "u2", "retry": "yes"}]}"#,
+                "`failed[1].retry` is a string, not true or false",
+            ),
+            (
+                r#"{"failed": [{"user_id": "u1", "reason": ["busy"]}]}"#,
+                "`failed[0].reason` is a list, not a string",
+            ),
+            (r#"{"failed": [{"user_id": "u1""#, "not valid JSON"),
+        ] {
+            let err = failed_list(body.as_bytes(), false).unwrap_err();
+            assert!(err.contains(problem), "{body}: {err}");
+        }
+        let err = failed_list(br#"{"failed": []}"#, true).unwrap_err();
+        assert!(err.contains("longer than 1024 KiB"), "{err}");
+    }
+
+    #[test]
+    fn a_2xx_without_a_failed_list_delivers_everyone_and_a_valid_list_is_read() {
+        for body in [
+            "",
+            "  ",
+            "OK",
+            "[]",
+            "{}",
+            r#"{"failed": null}"#,
+            r#"{"ok": true}"#,
+        ] {
+            assert_eq!(
+                failed_list(body.as_bytes(), false),
+                Ok(Vec::new()),
+                "{body}"
+            );
+        }
+        // A long answer that is not a JSON object is no list, whether it was cut or not.
+        assert_eq!(failed_list(b"<html>", true), Ok(Vec::new()));
+        let list = failed_list(
+            br#"{"failed": [{"user_id": "u1", "reason": "busy", "retry": true, "code": 17}, {"user_id": "u2", "reason": null}]}"#,
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            list,
+            vec![
+                FailedRecipient {
+                    user_id: "u1".into(),
+                    reason: "busy".into(),
+                    retry: true
+                },
+                FailedRecipient {
+                    user_id: "u2".into(),
+                    reason: String::new(),
+                    retry: false
+                },
+            ]
         );
     }
 }

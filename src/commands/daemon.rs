@@ -9,10 +9,11 @@ use serde_json::json;
 
 use touchctl::daemon::{self, reconcile::Source};
 use touchctl::dispatch::queue::{Filter, Queue};
-use touchctl::model::Secret;
+use touchctl::model::{Secret, SecretPolicy};
+use touchctl::term::{self, escape};
 
 use super::{FAILED, OK};
-use crate::cli::{DaemonArgs, DeliveriesCommand, Global, ValidateFormat};
+use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global, ListFormat};
 
 /// The queue file: given, or `queue.db` beside the registry file.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
@@ -45,6 +46,15 @@ pub(super) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The secret policy of the daemon: as for plan, and its own API token file is never a source.
+fn daemon_secret_policy(g: &Global, token_file: Option<&Path>) -> SecretPolicy {
+    let policy = super::secret_policy(g);
+    match token_file {
+        Some(file) => policy.with_own_file(file, "the daemon's API token file"),
+        None => policy,
+    }
+}
+
 pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
     let source = Source::parse(&args.source).map_err(|e| anyhow!(e))?;
     if source != Source::Worktree && !args.watch {
@@ -65,12 +75,23 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         concurrency: args.concurrency,
         max_in_flight: args.max_in_flight,
         max_body: args.max_body,
+        max_body_memory: args
+            .max_body_memory
+            .unwrap_or(args.max_body.saturating_mul(2)),
         max_queued: args.max_queued,
         client_timeout: args.client_timeout,
+        max_connections: args.max_connections.map(|n| n as usize),
         drain: args.drain_timeout,
         retention: args.retention,
+        lease_ttl: args.lease_ttl,
+        secrets: daemon_secret_policy(g, args.api_token_file.as_deref()),
     };
-    runtime()?.block_on(daemon::run(config, |_| {}))?;
+    let rt = runtime()?;
+    let result = rt.block_on(daemon::run(config, |_| {}));
+    // A blocking task still running (a DNS lookup that hangs, say) must not keep a daemon that
+    // has drained and recorded everything from exiting.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result?;
     Ok(OK)
 }
 
@@ -79,32 +100,64 @@ fn when(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Path>) -> Result<u8> {
-    let path = queue_path(g, queue);
+/// Opens the queue file, which only `touchctl daemon` creates.
+fn open_queue(path: &Path) -> Result<Queue> {
     if !path.exists() {
         bail!(
             "there is no queue file at {}: it is created by `touchctl daemon` (or point --queue at it)",
             path.display()
         );
     }
-    let queue = Queue::open(&path)?;
+    Ok(Queue::open(path)?)
+}
+
+/// `touchctl force-unlock --daemon`: releases the queue from the daemon holding it.
+pub fn release_queue_cmd(g: &Global, queue: Option<&Path>, force: bool) -> Result<u8> {
+    let path = queue_path(g, queue);
+    let queue = open_queue(&path)?;
+    match queue.release_daemon_slot(force)? {
+        Some(held) => println!(
+            "Released the queue {} from the daemon that held it ({}). The next daemon started on it takes it.",
+            escape(&path.display().to_string()),
+            escape(&held.to_string())
+        ),
+        None => println!(
+            "No daemon holds the queue {}; nothing to release.",
+            escape(&path.display().to_string())
+        ),
+    }
+    Ok(OK)
+}
+
+pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Path>) -> Result<u8> {
+    let path = queue_path(g, queue);
+    let queue = open_queue(&path)?;
     match command {
         DeliveriesCommand::List {
-            status,
+            only,
             touchpoint,
             dispatch,
             limit,
             format,
         } => {
             let batches = queue.batches(&Filter {
-                state: status.clone(),
+                state: only.map(|s| s.as_str().to_string()),
                 touchpoint: touchpoint.clone(),
                 dispatch_id: dispatch.clone(),
                 limit: *limit,
             })?;
-            if *format == ValidateFormat::Json {
-                println!("{}", serde_json::to_string_pretty(&batches)?);
-                return Ok(OK);
+            match format {
+                ListFormat::Json => {
+                    println!("{}", term::json(serde_json::to_string_pretty(&batches)?));
+                    return Ok(OK);
+                }
+                ListFormat::Ids => {
+                    for b in &batches {
+                        println!("{}", escape(&b.id));
+                    }
+                    return Ok(OK);
+                }
+                ListFormat::Text => {}
             }
             if batches.is_empty() {
                 println!("No batches match.");
@@ -115,16 +168,17 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 "batch", "touchpoint", "state", "delivered", "remaining", "failed", "attempts"
             );
             for b in &batches {
+                // What an endpoint answered, and ids, are escaped: they reach a terminal.
                 let note = match (&b.held, &b.last_error) {
-                    (Some(h), _) => format!("held: {h}"),
-                    (None, Some(e)) => e.clone(),
+                    (Some(h), _) => format!("held: {}", escape(h)),
+                    (None, Some(e)) => escape(e).into_owned(),
                     (None, None) => String::new(),
                 };
                 println!(
                     "{:<40} {:<16} {:<9} {:>9} {:>9} {:>6} {:>8}  {} {}",
-                    b.id,
-                    b.touchpoint,
-                    b.state,
+                    escape(&b.id),
+                    escape(&b.touchpoint),
+                    escape(&b.state),
                     b.delivered,
                     b.remaining,
                     b.failed,
@@ -142,31 +196,40 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             })?;
             let Some(info) = found.into_iter().find(|b| &b.id == batch) else {
                 bail!(
-                    "no batch `{batch}` in {}: `touchctl deliveries list` shows them",
+                    "no batch `{}` in {}: `touchctl deliveries list` shows them",
+                    escape(batch),
                     path.display()
                 );
             };
             let (attempts, failures) = queue.history(batch)?;
-            if *format == ValidateFormat::Json {
+            let replays = queue.replays(batch)?;
+            if *format == DeliveriesFormat::Json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &json!({"batch": info, "attempts": attempts, "failed_recipients": failures})
-                    )?
+                    term::json(serde_json::to_string_pretty(&json!({
+                        "batch": info,
+                        "attempts": attempts,
+                        "replays": replays,
+                        "failed_recipients": failures
+                    }))?)
                 );
                 return Ok(OK);
             }
             println!(
                 "batch {} ({} of {} in dispatch {}) to `{}`: {}{}",
-                info.id,
+                escape(&info.id),
                 info.index + 1,
                 info.count,
-                info.dispatch_id,
-                info.touchpoint,
-                info.state,
+                escape(&info.dispatch_id),
+                escape(&info.touchpoint),
+                match info.state.as_str() {
+                    "failed" =>
+                        "failed (every recipient failed for good; none was delivered)".into(),
+                    other => escape(other),
+                },
                 info.held
                     .as_deref()
-                    .map(|h| format!(", held: {h}"))
+                    .map(|h| format!(", held: {}", escape(h)))
                     .unwrap_or_default()
             );
             println!(
@@ -177,7 +240,18 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 println!("  next attempt: {}", when(next));
             }
             println!("  attempts:");
+            let mut replays = replays.iter().peekable();
+            let replayed = |r: &touchctl::dispatch::queue::Replay| {
+                println!(
+                    "    replayed {}: {} recipient(s) due again, with a fresh attempt budget",
+                    when(r.at),
+                    r.recipients
+                );
+            };
             for a in &attempts {
+                while let Some(r) = replays.next_if(|r| r.after_attempt < a.attempt) {
+                    replayed(r);
+                }
                 println!(
                     "    #{} {} generation {} {} {}ms {} recipient(s){}",
                     a.attempt,
@@ -189,18 +263,19 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                     a.recipients,
                     a.error
                         .as_deref()
-                        .map(|e| format!(": {e}"))
+                        .map(|e| format!(": {}", escape(e)))
                         .unwrap_or_default()
                 );
-                println!("       → {}", a.outcome);
+                println!("       → {}", escape(&a.outcome));
             }
             if attempts.is_empty() {
                 println!("    none yet");
             }
+            replays.for_each(replayed);
             if !failures.is_empty() {
                 println!("  failed recipients:");
                 for f in &failures {
-                    println!("    {}: {}", f.user_id, f.reason);
+                    println!("    {}: {}", escape(&f.user_id), escape(&f.reason));
                 }
             }
             Ok(OK)
@@ -218,7 +293,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
             let replayed = queue.replay(batches, touchpoint.as_deref())?;
             let missing: Vec<&String> = batches.iter().filter(|b| !replayed.contains(b)).collect();
             for id in &replayed {
-                println!("replayed {id}");
+                println!("replayed {}", escape(id));
             }
             println!("{} batch(es) back in the queue.", replayed.len());
             if !missing.is_empty() {
@@ -226,7 +301,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                     "error: not dead (or unknown), so not replayed: {}",
                     missing
                         .iter()
-                        .map(|s| s.as_str())
+                        .map(|s| escape(s))
                         .collect::<Vec<_>>()
                         .join(", ")
                 );

@@ -7,10 +7,11 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Map, Value, json};
 
-use touchctl::dispatch::{Rejected, TriggerHead, User};
+use touchctl::dispatch::{Rejected, TriggerHead, User, check_idempotency_key};
+use touchctl::term::{self, escape, escape_text};
 
 use super::daemon::{read_token, runtime};
 use super::{FAILED, OK};
@@ -183,6 +184,23 @@ struct Answer {
     text: String,
 }
 
+/// What to do when the daemon answers 401: the token is missing, or not the daemon's.
+fn unauthorized(base: &str, args: &DispatchArgs, had_token: bool) -> String {
+    let source = match &args.api_token_file {
+        Some(file) => format!("the token in {}", file.display()),
+        None => "TOUCHCTL_API_TOKEN".to_string(),
+    };
+    if had_token {
+        format!(
+            "the daemon at {base} refused the API token (HTTP 401): {source} must hold the token the daemon was started with (its TOUCHCTL_API_TOKEN or --api-token-file)"
+        )
+    } else {
+        format!(
+            "the daemon at {base} needs its API token (HTTP 401): set TOUCHCTL_API_TOKEN to the token the daemon was started with, or pass --api-token-file FILE"
+        )
+    }
+}
+
 impl Answer {
     fn message(&self) -> &str {
         self.doc
@@ -197,7 +215,19 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
     let (users, mut ids) = Users::open(&args.users)?;
     let per = args.per_trigger.max(1);
     let parts = ids.len().div_ceil(per).max(1);
-    let token = read_token(None)?;
+    if let Some(key) = &args.idempotency_key {
+        // The daemon refuses a key it would not store: say so before sending anything.
+        let longest = part_key(Some(key), parts, parts).unwrap_or_default();
+        if let Err(e) = check_idempotency_key(&longest) {
+            let parted = if parts > 1 {
+                format!(" (counting the `#{parts}` added to the key of the last of {parts} parts)")
+            } else {
+                String::new()
+            };
+            bail!("--idempotency-key: {e}{parted}");
+        }
+    }
+    let token = read_token(args.api_token_file.as_deref())?;
     let base = args.url.trim_end_matches('/').to_string();
     let quiet = g.quiet;
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -278,12 +308,19 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
             if !quiet {
                 eprintln!(
                     "The daemon is busy ({}); sending part {index} of {parts} again in {}s.",
-                    answer.message(),
+                    escape(answer.message()),
                     wait.as_secs()
                 );
             }
             std::thread::sleep(wait);
         };
+        if answer.status == reqwest::StatusCode::UNAUTHORIZED {
+            failed = Some(format!(
+                "{which}{}",
+                unauthorized(&base, args, token.is_some())
+            ));
+            return Ok(false);
+        }
         if answer.status.as_u16() != 202 {
             failed = Some(format!(
                 "{which}the daemon answered {}: {}",
@@ -295,9 +332,9 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         if parts > 1 && !quiet {
             eprintln!(
                 "part {index} of {parts}: {} accepted, {} rejected ({}){}",
-                answer.doc["accepted"],
+                escape(&answer.doc["accepted"].to_string()),
                 answer.doc["rejected"].as_array().map_or(0, Vec::len),
-                answer.doc["dispatch_id"].as_str().unwrap_or_default(),
+                escape(answer.doc["dispatch_id"].as_str().unwrap_or_default()),
                 if answer.replayed {
                     ", sent before: nothing new queued"
                 } else {
@@ -356,10 +393,10 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         }))
     };
     if let Some(summary) = &summary {
-        println!("{}", serde_json::to_string_pretty(summary)?);
+        println!("{}", term::json(serde_json::to_string_pretty(summary)?));
     }
     if let Some(error) = failed {
-        eprintln!("error: {error}");
+        eprintln!("error: {}", escape_text(&error));
         if receipts.is_empty() {
             return Ok(FAILED);
         }
@@ -387,13 +424,24 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
             let mut totals = [0u64; 4];
             let mut finished = true;
             for id in &ids {
-                let text = auth(client.get(format!("{base}/v1/dispatches/{id}")))
+                let response = auth(client.get(format!("{base}/v1/dispatches/{id}")))
                     .send()
-                    .await?
-                    .text()
-                    .await?;
+                    .await
+                    .with_context(|| format!("cannot reach the daemon at {base} to follow the delivery; `touchctl deliveries list --dispatch {id}` shows it"))?;
+                let status = response.status();
+                let text = response.text().await?;
+                if status == reqwest::StatusCode::UNAUTHORIZED {
+                    bail!("{}", unauthorized(&base, args, token.is_some()));
+                }
                 let s: Value = serde_json::from_str(&text)
                     .with_context(|| format!("the daemon's dispatch status is not JSON: {text}"))?;
+                if !status.is_success() {
+                    let message = s.pointer("/error/message").and_then(Value::as_str);
+                    bail!(
+                        "the daemon answered {status} for dispatch {id}: {}",
+                        message.unwrap_or(text.as_str())
+                    );
+                }
                 for (t, key) in totals
                     .iter_mut()
                     .zip(["delivered", "failed", "pending", "dead"])
@@ -404,7 +452,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
             }
             let [delivered, failed, pending, dead] = totals;
             let who = match ids.as_slice() {
-                [one] => one.clone(),
+                [one] => escape(one).into_owned(),
                 more => format!("{} dispatches", more.len()),
             };
             let line = format!(

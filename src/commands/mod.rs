@@ -13,10 +13,12 @@ use serde_json::json;
 use touchctl::apply::{self, ApplyOptions, Outcome};
 use touchctl::import;
 use touchctl::load::{self, Diagnostic, LoadError};
-use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text};
-use touchctl::planner::{BaseError, TreeError, plan_base, plan_dir};
+use touchctl::model::SecretPolicy;
+use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text, seal};
+use touchctl::planner::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
 use touchctl::schema::{self, Freshness};
+use touchctl::term::{self, escape};
 
 use crate::cli::{Cli, ColorChoice, Command, Global, PlanFormat, ValidateFormat};
 
@@ -29,15 +31,16 @@ const CHANGES: u8 = 2;
 
 /// Runs the parsed command line and returns the exit code.
 pub fn run(cli: Cli) -> Result<u8> {
-    let g = &cli.global;
+    let g = &cli.global();
     match &cli.command {
-        Command::Validate { format } => validate(g, *format),
+        Command::Validate { format, .. } => validate(g, *format),
         Command::Schema { check, out } => schema_cmd(*check, out),
         Command::Plan {
             format,
             out,
             detailed_exitcode,
             base,
+            ..
         } => plan_cmd(
             g,
             *format,
@@ -51,6 +54,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             allow_delete,
             max_deletes,
             allow_dirty,
+            ..
         } => apply_cmd(
             g,
             plan.as_deref(),
@@ -62,18 +66,25 @@ pub fn run(cli: Cli) -> Result<u8> {
                 applied_by: whoami(),
             },
         ),
-        Command::Import { ids, all, out } => import_cmd(g, ids, *all, out.as_deref()),
+        Command::Import { ids, all, out, .. } => import_cmd(g, ids, *all, out.as_deref()),
         Command::Daemon(args) => daemon::daemon_cmd(g, args),
         Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
-        Command::Deliveries { command, queue } => {
+        Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }
-        Command::ForceUnlock { lock_id } => {
-            let registry = open_registry(g)?;
-            let held = registry.force_unlock(lock_id)?;
-            println!("Removed lock {} ({held}).", held.lock_id);
-            Ok(OK)
-        }
+        Command::ForceUnlock {
+            lock_id,
+            daemon,
+            force,
+            queue,
+            ..
+        } => match lock_id {
+            _ if *daemon => daemon::release_queue_cmd(g, queue.as_deref(), *force),
+            Some(lock_id) => force_unlock(g, lock_id, *force),
+            None => {
+                bail!("name the registry lock id to remove, or pass --daemon to release the queue")
+            }
+        },
     }
 }
 
@@ -87,8 +98,39 @@ fn color(g: &Global) -> bool {
     }
 }
 
+/// Opens the registry; where there is no state file, a new registry that only a write creates.
 fn open_registry(g: &Global) -> Result<SqliteRegistry> {
     Ok(SqliteRegistry::open(&g.state)?)
+}
+
+fn force_unlock(g: &Global, lock_id: &str, force: bool) -> Result<u8> {
+    let registry = open_registry(g)?;
+    if registry.is_new() {
+        bail!(
+            "there is no registry at {}, so there is no lock to remove: check --state",
+            g.state.display()
+        );
+    }
+    let held = registry.force_unlock(lock_id, force)?;
+    println!(
+        "Removed lock {} ({}).",
+        escape(&held.lock_id),
+        escape(&held.to_string())
+    );
+    Ok(OK)
+}
+
+/// Takes the registry lock for apply, saying so when it was taken over from a holder that is gone.
+fn lock_for_apply(registry: &dyn Registry) -> Result<LockGuard<'_>> {
+    let guard = LockGuard::acquire(registry, "apply")?;
+    if let Some(old) = &guard.recovered {
+        eprintln!(
+            "warning: took over the registry lock ({}): {}",
+            escape(&old.to_string()),
+            old.standing(touchctl::store::now_ms()).why_free()
+        );
+    }
+    Ok(guard)
 }
 
 fn count_files(diagnostics: &[Diagnostic]) -> usize {
@@ -121,14 +163,26 @@ fn warn_if_empty(g: &Global, desired: &load::Desired) {
     }
 }
 
-/// Loads the tree and plans it; on invalid files prints every diagnostic and returns `None`.
+/// What secret references may read: the repository holding --dir, --secrets-dir, and the
+/// variables --secret-env-allow names.
+pub(crate) fn secret_policy(g: &Global) -> SecretPolicy {
+    SecretPolicy::new(touchctl::git::repository_root(&g.dir).as_deref())
+        .with_secrets_dir(g.secrets_dir.clone())
+        .with_env_allow(g.secret_env_allow.clone())
+}
+
+/// Loads the tree and plans it; on invalid files or secrets that cannot be read prints every
+/// diagnostic and returns `None`.
 fn plan_tree(g: &Global, registry: &dyn Registry) -> Result<Option<Plan>> {
-    match plan_dir(&g.dir, registry) {
+    match plan_dir(&g.dir, registry, &secret_policy(g)) {
         Ok((desired, plan)) => {
             warn_if_empty(g, &desired);
             Ok(Some(plan))
         }
-        Err(TreeError::Load(LoadError::Invalid(diagnostics))) => {
+        Err(
+            TreeError::Load(LoadError::Invalid(diagnostics))
+            | TreeError::Plan(PlanError::Secrets(diagnostics)),
+        ) => {
             report_invalid(&diagnostics);
             Ok(None)
         }
@@ -152,7 +206,7 @@ fn validate(g: &Global, format: ValidateFormat) -> Result<u8> {
                 "touchpoints": count,
                 "diagnostics": diagnostics,
             });
-            println!("{}", serde_json::to_string_pretty(&doc)?);
+            println!("{}", term::json(serde_json::to_string_pretty(&doc)?));
         }
         ValidateFormat::Text => {
             for d in &diagnostics {
@@ -241,7 +295,22 @@ fn plan_cmd(
 ) -> Result<u8> {
     let plan = match base {
         Some(rev) => plan_against_base(g, rev)?,
-        None => plan_tree(g, &open_registry(g)?)?,
+        None => {
+            let registry = open_registry(g)?;
+            let mut plan = plan_tree(g, &registry)?;
+            // A saved plan is applied only to the registry it was made against: a new one is
+            // created now, with the keys the plan's fingerprints were made with.
+            if plan.is_some() && out.is_some() {
+                registry.persist()?;
+            }
+            // A plan that leaves as JSON may come back to `apply FILE`: seal it to its content.
+            if let Some(plan) = &mut plan
+                && (out.is_some() || format == PlanFormat::Json)
+            {
+                seal(plan, registry.fingerprinter());
+            }
+            plan
+        }
     };
     let Some(plan) = plan else {
         return Ok(FAILED);
@@ -252,13 +321,13 @@ fn plan_cmd(
             .with_context(|| format!("cannot write the plan to {}", path.display()))?;
     }
     match format {
-        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        PlanFormat::Json => println!("{}", term::json(serde_json::to_string_pretty(&plan)?)),
         PlanFormat::Markdown => print!("{}", render_markdown(&plan)),
         PlanFormat::Text => {
             print!("{}", render_text(&plan, TextOptions { color: color(g) }));
             if g.verbose {
                 for c in plan.changes.iter().filter(|c| c.action == Action::NoOp) {
-                    println!("  = {} ({}) unchanged", c.id, c.kind);
+                    println!("  = {} ({}) unchanged", escape(&c.id), escape(&c.kind));
                 }
             }
         }
@@ -320,10 +389,24 @@ fn apply_cmd(
 ) -> Result<u8> {
     let registry = open_registry(g)?;
     let saved_plan = saved.map(read_saved_plan).transpose()?;
-    let guard = LockGuard::acquire(&registry, "apply")?;
-    if let Some(old) = &guard.recovered {
-        eprintln!("warning: recovered the registry lock left by a process that is gone ({old})");
+    if let Some(made_against) = saved_plan.as_ref().and_then(|p| p.registry.as_ref())
+        && registry.is_new()
+    {
+        bail!(
+            "there is no registry at {}, and this plan was made against registry {} ({}): point --state at that registry, or make a new plan",
+            g.state.display(),
+            made_against.id,
+            made_against.backend
+        );
     }
+    // A new registry has no file, so no one else can hold its lock: it is taken (and the file
+    // created) only once there is something to write, so that a refused or cancelled apply
+    // leaves nothing behind.
+    let early = if registry.is_new() {
+        None
+    } else {
+        Some(lock_for_apply(&registry)?)
+    };
     let plan = match saved_plan {
         Some(plan) => {
             apply::check_saved(&plan, &registry)?;
@@ -345,6 +428,10 @@ fn apply_cmd(
         eprintln!("Apply cancelled; nothing was changed.");
         return Ok(FAILED);
     }
+    let guard = match early {
+        Some(guard) => guard,
+        None => lock_for_apply(&registry)?,
+    };
     println!();
     let mut progress = |o: &Outcome| {
         let verb = match o.action {
@@ -353,13 +440,14 @@ fn apply_cmd(
             Action::Delete => "delete",
             Action::NoOp => "keep",
         };
+        let id = escape(&o.id);
         match &o.result {
-            Ok(Some(generation)) => println!("  {verb} {}: done (generation {generation})", o.id),
-            Ok(None) => println!("  {verb} {}: done", o.id),
-            Err(e) => println!("  {verb} {}: FAILED: {e}", o.id),
+            Ok(Some(generation)) => println!("  {verb} {id}: done (generation {generation})"),
+            Ok(None) => println!("  {verb} {id}: done"),
+            Err(e) => println!("  {verb} {id}: FAILED: {}", escape(&e.to_string())),
         }
     };
-    let outcomes = apply::execute(&plan, &registry, &opts, &mut progress);
+    let outcomes = apply::execute_holding(&plan, &registry, &opts, &|| guard.held(), &mut progress);
     drop(guard);
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     let count = |a: Action| {
@@ -378,12 +466,12 @@ fn apply_cmd(
         println!("\nApply complete: {landed}.");
         return Ok(OK);
     }
-    let landed_ids: Vec<&str> = outcomes
+    let landed_ids: Vec<_> = outcomes
         .iter()
         .filter(|o| o.result.is_ok())
-        .map(|o| o.id.as_str())
+        .map(|o| escape(&o.id))
         .collect();
-    let failed_ids: Vec<&str> = failed.iter().map(|o| o.id.as_str()).collect();
+    let failed_ids: Vec<_> = failed.iter().map(|o| escape(&o.id)).collect();
     println!(
         "\nApply incomplete: {} of {} change(s) landed ({landed}).\n  landed: {}\n  not applied: {}\nThe registry holds every change that landed; fix the cause and run apply again to converge.",
         landed_ids.len(),
@@ -428,6 +516,7 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         Err(e) => return Err(e.into()),
     };
     let live = registry.list()?;
+    let policy = secret_policy(g);
     let (targets, mut problems) = import::select(&live, &desired, ids, all, &registry.describe());
     if all && targets.is_empty() && !g.quiet {
         println!("Nothing to import: every live touchpoint already has a file.");
@@ -438,19 +527,25 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
             Some(p) => p.to_path_buf(),
             None => import::default_path(&g.dir, live),
         };
-        let written_file = import::write(live, &path, Path::new(schema::DEFAULT_PATH), &registry);
+        let written_file = import::write(
+            live,
+            &path,
+            Path::new(schema::DEFAULT_PATH),
+            &registry,
+            &policy,
+        );
         match written_file {
             Ok(warnings) => {
                 written += 1;
+                let shown = escape(&path.display().to_string()).into_owned();
                 println!(
-                    "wrote {} ({} `{}`, generation {})",
-                    path.display(),
-                    live.kind,
-                    live.id,
+                    "wrote {shown} ({} `{}`, generation {})",
+                    escape(&live.kind),
+                    escape(&live.id),
                     live.generation
                 );
                 for w in warnings {
-                    eprintln!("warning: {}: {w}", path.display());
+                    eprintln!("warning: {shown}: {}", escape(&w));
                 }
             }
             Err(e) => problems.push(format!("{}: {e}", live.id)),
@@ -462,7 +557,7 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
         );
     }
     for p in &problems {
-        eprintln!("error: {p}");
+        eprintln!("error: {}", escape(p));
     }
     Ok(if problems.is_empty() { OK } else { FAILED })
 }

@@ -15,11 +15,12 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::App;
+use super::body::BodyError;
 use crate::channel::custom;
-use crate::dispatch::check_template_params;
 use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
 use crate::dispatch::user::{RawTrigger, UserRef, screen};
 use crate::dispatch::worker::Lookup;
+use crate::dispatch::{check_idempotency_key, check_template_params};
 
 /// The routes, with authentication in front of all of them.
 pub fn router(app: Arc<App>) -> Router {
@@ -27,6 +28,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/dispatch", post(dispatch))
         .route("/v1/dispatches/{id}", get(dispatch_status))
         .route("/v1/touchpoints", get(touchpoints))
+        .route("/v1/touchpoints/{id}", get(touchpoint))
         .route("/v1/touchpoints/{id}/pause", post(pause))
         .route("/v1/touchpoints/{id}/resume", post(resume))
         .route("/v1/status", get(status))
@@ -161,20 +163,23 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
         }
     };
     let limits = &app.limits;
-    let bytes =
-        match tokio::time::timeout(limits.body_timeout, read_body(body, limits.max_body)).await {
-            Ok(b) => b?,
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "request_timeout",
-                    format!(
-                        "the request body did not arrive within {}",
-                        humantime::format_duration(limits.body_timeout)
-                    ),
-                ));
-            }
-        };
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let reading = app.bodies.read(body, limits.max_body, expects_continue);
+    let (bytes, held) = match tokio::time::timeout(limits.body_timeout, reading).await {
+        Ok(read) => read.map_err(body_error)?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {}",
+                    humantime::format_duration(limits.body_timeout)
+                ),
+            ));
+        }
+    };
     // Parsing, checking and storing are CPU and disk work: off the async threads, and only a few
     // triggers at a time. The others wait here, taking no CPU: a burst all worked on at once
     // shares the cores with the queue's writer thread, which every one of them then waits for,
@@ -188,22 +193,40 @@ async fn accept(app: &Arc<App>, headers: &HeaderMap, body: Body) -> Result<Respo
         .map_err(|e| internal(e.to_string()))?;
     drop(waiting);
     let app2 = app.clone();
-    match tokio::task::spawn_blocking(move || process(&app2, ndjson, &bytes, permit)).await {
+    let answer = tokio::task::spawn_blocking(move || {
+        let answer = process(&app2, ndjson, &bytes, permit);
+        // The body's share of the memory budget goes back with the body.
+        drop((bytes, held));
+        answer
+    })
+    .await;
+    match answer {
         Ok(result) => result,
         Err(e) => Err(internal(e.to_string())),
     }
 }
 
-async fn read_body(body: Body, max: usize) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, max).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-        {
-            too_large(max)
-        } else {
-            malformed(format!("cannot read the request body: {e}"))
+fn body_error(e: BodyError) -> ApiError {
+    match e {
+        BodyError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
         }
-    })
+        BodyError::Busy { .. } => {
+            let mut busy = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "body_memory_full",
+                e.to_string(),
+            );
+            busy.retry_after = Some(BODY_MEMORY_RETRY_AFTER);
+            busy
+        }
+        BodyError::Read(_) => malformed(e.to_string()),
+    }
 }
+
+/// Seconds a trigger refused for want of body memory is told to wait: about what the daemon takes
+/// to store a trigger of the largest size.
+const BODY_MEMORY_RETRY_AFTER: u64 = 2;
 
 /// Checks a trigger against its touchpoint and stores it; the answer to send. The intake
 /// `permit` is let go once the CPU work is done, before waiting for the disk.
@@ -224,6 +247,8 @@ fn process(
     };
     let head = &trigger.head;
     if let Some(key) = &head.idempotency_key {
+        check_idempotency_key(key)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", e))?;
         let earlier = app.queue.find_idempotent(key).map_err(queue_error)?;
         if let Some((touchpoint, campaign, receipt)) = earlier {
             if touchpoint == head.touchpoint && campaign == head.campaign {
@@ -238,15 +263,7 @@ fn process(
         }
     }
     let Some((summary, lookup)) = app.live.get(&head.touchpoint) else {
-        let ids = app.live.ids();
-        let hint = crate::load::did_you_mean(&head.touchpoint, ids.iter().map(String::as_str))
-            .map(|n| format!("; did you mean `{n}`?"))
-            .unwrap_or_default();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_touchpoint",
-            format!("no live touchpoint `{}`{hint}", head.touchpoint),
-        ));
+        return Err(unknown_touchpoint(app, &head.touchpoint));
     };
     let target = match lookup {
         Lookup::Ready(target) => target,
@@ -365,16 +382,6 @@ fn internal(message: String) -> ApiError {
     )
 }
 
-fn too_large(max: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "too_large",
-        format!(
-            "the request body is larger than {max} bytes: split the audience over several triggers, or start the daemon with a larger --max-body"
-        ),
-    )
-}
-
 fn malformed(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "malformed", message)
 }
@@ -396,23 +403,31 @@ async fn dispatch_status(
     }
 }
 
-/// `GET /v1/touchpoints`.
-async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+/// Work waiting for each touchpoint: `(pending, held)` batches.
+async fn pending(
+    app: &Arc<App>,
+) -> Result<std::collections::HashMap<String, (u64, u64)>, ApiError> {
     let queue = app.queue.clone();
     let pending = blocking(move || queue.pending_touchpoints()).await?;
-    let pending: std::collections::HashMap<String, (u64, u64)> =
-        pending.into_iter().map(|(tp, p, h)| (tp, (p, h))).collect();
+    Ok(pending.into_iter().map(|(tp, p, h)| (tp, (p, h))).collect())
+}
+
+/// A live touchpoint as the API shows it, with the work waiting for it.
+fn shown(summary: &super::live::Summary, (pending, held): (u64, u64)) -> Value {
+    let mut v = serde_json::to_value(summary).unwrap_or_default();
+    v["pending_batches"] = pending.into();
+    v["held_batches"] = held.into();
+    v
+}
+
+/// `GET /v1/touchpoints`.
+async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let pending = pending(&app).await?;
     let list: Vec<Value> = app
         .live
         .summaries()
-        .into_iter()
-        .map(|s| {
-            let (p, h) = pending.get(&s.id).copied().unwrap_or_default();
-            let mut v = serde_json::to_value(&s).unwrap_or_default();
-            v["pending_batches"] = p.into();
-            v["held_batches"] = h.into();
-            v
-        })
+        .iter()
+        .map(|s| shown(s, pending.get(&s.id).copied().unwrap_or_default()))
         .collect();
     // Work parked for touchpoints that are gone stays visible.
     let gone: Vec<Value> = pending
@@ -423,6 +438,32 @@ async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> 
         })
         .collect();
     Ok(axum::Json(json!({"touchpoints": list, "gone_with_pending_work": gone})).into_response())
+}
+
+/// 404 for a touchpoint that is not live, with the nearest live id as a hint.
+fn unknown_touchpoint(app: &App, id: &str) -> ApiError {
+    let ids = app.live.ids();
+    let hint = crate::load::did_you_mean(id, ids.iter().map(String::as_str))
+        .map(|n| format!("; did you mean `{n}`?"))
+        .unwrap_or_default();
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_touchpoint",
+        format!("no live touchpoint `{id}`{hint}"),
+    )
+}
+
+/// `GET /v1/touchpoints/{id}`: one live touchpoint, as listed by `GET /v1/touchpoints`.
+async fn touchpoint(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let Some((summary, _)) = app.live.get(&id) else {
+        return Err(unknown_touchpoint(&app, &id));
+    };
+    let pending = pending(&app).await?;
+    let waiting = pending.get(&id).copied().unwrap_or_default();
+    Ok(axum::Json(shown(&summary, waiting)).into_response())
 }
 
 async fn set_paused(app: Arc<App>, id: String, paused: bool) -> Result<Response, ApiError> {

@@ -1,7 +1,9 @@
 //! The daemon's view of the registry: every live touchpoint and whether it can be sent to now.
 //! Rebuilt from the registry after each reconcile, pause or resume, and whenever another process
 //! writes the registry; the sender reads it for every batch, so a change applies to every batch
-//! sent after it. Secrets are resolved here, once per change, never stored elsewhere.
+//! sent after it. Secrets are resolved here, once per change, never stored elsewhere, and only as
+//! the daemon's [`SecretPolicy`] allows: a reference it refuses, or a value that is not one line of
+//! text, holds the touchpoint with the reason instead of failing each of its batches.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,7 +13,7 @@ use serde::Serialize;
 
 use crate::channel::custom::signing_key;
 use crate::dispatch::worker::{Directory, Lookup, Target};
-use crate::model::{KindSpec, Touchpoint};
+use crate::model::{KindSpec, SecretPolicy, Touchpoint};
 use crate::registry::Live;
 
 /// One live touchpoint as the API shows it.
@@ -46,6 +48,7 @@ struct Entry {
 #[derive(Default)]
 pub struct LiveSet {
     entries: RwLock<HashMap<String, Entry>>,
+    policy: SecretPolicy,
 }
 
 /// Why a touchpoint that is gone holds its batches.
@@ -53,6 +56,14 @@ pub const GONE: &str =
     "the touchpoint is no longer in the registry; its batches stay parked until it is live again";
 
 impl LiveSet {
+    /// An empty set whose secrets are read as `policy` allows.
+    pub fn new(policy: SecretPolicy) -> Self {
+        Self {
+            entries: RwLock::default(),
+            policy,
+        }
+    }
+
     /// Rebuilds the set from the registry's touchpoints. Entries whose generation did not change
     /// are kept as they are unless `reread_secrets` (secret files may have been rotated).
     pub fn refresh(&self, live: &[Live], reread_secrets: bool) {
@@ -72,10 +83,30 @@ impl LiveSet {
                 );
                 continue;
             }
-            next.insert(l.id.clone(), entry(l));
+            next.insert(l.id.clone(), entry(l, &self.policy));
         }
         drop(old);
         *self.entries.write().unwrap_or_else(|p| p.into_inner()) = next;
+    }
+
+    /// Replaces the entries of the touchpoints given with their registry rows (their secrets read
+    /// again); a touchpoint without a row is no longer live. The others stay as they are.
+    pub fn update(&self, rows: Vec<(String, Option<Live>)>) {
+        let fresh: Vec<(String, Option<Entry>)> = rows
+            .into_iter()
+            .map(|(id, row)| (id, row.as_ref().map(|l| entry(l, &self.policy))))
+            .collect();
+        let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
+        for (id, e) in fresh {
+            match e {
+                Some(e) => {
+                    map.insert(id, e);
+                }
+                None => {
+                    map.remove(&id);
+                }
+            }
+        }
     }
 
     /// Every live touchpoint, sorted by id.
@@ -107,7 +138,7 @@ impl Directory for LiveSet {
     }
 }
 
-fn entry(l: &Live) -> Entry {
+fn entry(l: &Live, policy: &SecretPolicy) -> Entry {
     let mut summary = Summary {
         id: l.id.clone(),
         kind: l.kind.clone(),
@@ -121,7 +152,9 @@ fn entry(l: &Live) -> Entry {
     let touchpoint = match Touchpoint::from_json(l.spec().value()) {
         Ok(tp) => tp,
         Err(e) => {
-            let reason = format!("its live spec cannot be read by this touchctl: {e}");
+            let reason = format!(
+                "its live spec cannot be read by this touchctl ({e}): correct its file and apply it; its batches wait until then"
+            );
             summary.held = Some(reason.clone());
             return Entry {
                 summary,
@@ -135,7 +168,7 @@ fn entry(l: &Live) -> Entry {
     } else if !touchpoint.common.enabled {
         Lookup::Held("disabled (enabled = false)".into())
     } else {
-        ready(l, touchpoint)
+        ready(l, touchpoint, policy)
     };
     match &lookup {
         Lookup::Ready(_) => summary.ready = true,
@@ -146,7 +179,7 @@ fn entry(l: &Live) -> Entry {
 
 /// Resolves what sending needs. Secret file references resolve against the folder of the file
 /// the touchpoint was applied from, as they did for plan.
-fn ready(l: &Live, tp: Touchpoint) -> Lookup {
+fn ready(l: &Live, tp: Touchpoint, policy: &SecretPolicy) -> Lookup {
     let KindSpec::Custom(spec) = tp.spec else {
         return Lookup::Held(format!(
             "{} touchpoints are not dispatched by this version of the daemon yet",
@@ -159,7 +192,7 @@ fn ready(l: &Live, tp: Touchpoint) -> Lookup {
         .as_deref()
         .and_then(|f| Path::new(f).parent())
         .unwrap_or(Path::new("."));
-    let token = match spec.auth_token.resolve(base) {
+    let token = match spec.auth_token.resolve(base, policy) {
         Ok(t) => t,
         Err(e) => {
             return Lookup::Held(format!("cannot read `auth_token` {}: {e}", spec.auth_token));
@@ -167,7 +200,7 @@ fn ready(l: &Live, tp: Touchpoint) -> Lookup {
     };
     let signing_key = match &spec.signing_secret {
         None => None,
-        Some(r) => match r.resolve(base) {
+        Some(r) => match r.resolve(base, policy) {
             Ok(s) => match signing_key(&s) {
                 Ok(k) => Some(k),
                 Err(e) => return Lookup::Held(format!("`signing_secret` {r}: {e}")),

@@ -64,7 +64,7 @@ impl Default for Metrics {
         let attempts = Family::<Outcome, Counter>::default();
         registry.register(
             "delivery_attempts",
-            "Delivery attempts, by touchpoint and outcome (delivered, partial, retry, dead)",
+            "Delivery attempts, by touchpoint and outcome (delivered, failed, partial, retry, interrupted, dead)",
             attempts.clone(),
         );
         let delivered = Family::<Tp, Counter>::default();

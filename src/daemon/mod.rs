@@ -2,9 +2,14 @@
 //! `--watch`), and sends queued batches to the live touchpoints. Shutdown is done once, here: on
 //! SIGTERM or Ctrl-C the server stops accepting connections and finishes the open ones, the sender
 //! stops claiming and lets its requests finish, and the queue keeps whatever is left for the next
-//! start.
+//! start. Both wait at most `--drain-timeout` (at the same time, not one after the other): the
+//! requests to endpoints still in flight then are cut off and recorded as interrupted (see
+//! [`crate::dispatch::worker::run`]), so a hanging endpoint delays a stop by the drain timeout,
+//! not by its own `timeout`.
 
 pub mod api;
+pub mod body;
+pub mod listen;
 pub mod live;
 pub mod metrics;
 pub mod reconcile;
@@ -19,15 +24,21 @@ use tokio::sync::watch;
 
 use crate::dispatch::queue::Queue;
 use crate::dispatch::worker::{self, Directory, Lookup};
-use crate::model::Secret;
+use crate::model::{Secret, SecretPolicy};
 use crate::registry::{Registry, SqliteRegistry};
 use live::LiveSet;
 use metrics::Metrics;
-use reconcile::{Report, Settings, Source};
+use reconcile::{Reconciler, Report, Settings, Source, Trigger};
 
-/// Writes one log line to standard error, with a timestamp.
+/// Writes one log line to standard error, with a timestamp. The message is escaped
+/// ([`crate::term::escape`]): it may quote a file, an endpoint or a user, and a log is read in a
+/// terminal too; a line break in it cannot start a line that looks like another entry.
 pub fn log(message: &str) {
-    eprintln!("{} touchctl: {message}", crate::registry::now());
+    eprintln!(
+        "{} touchctl: {}",
+        crate::registry::now(),
+        crate::term::escape(message)
+    );
 }
 
 /// Everything the daemon is started with.
@@ -61,14 +72,22 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Largest request body accepted.
     pub max_body: usize,
+    /// Bytes of request bodies held at once (see [`body`]); at least `max_body`.
+    pub max_body_memory: usize,
     /// Most recipients the queue holds before triggers get 503.
     pub max_queued: u64,
     /// How long a request may take to send its headers, and its body.
     pub client_timeout: Duration,
+    /// API connections served at once; `None` for half the open-file limit (see [`listen`]).
+    pub max_connections: Option<usize>,
     /// How long to wait for in-flight work when stopping.
     pub drain: Duration,
     /// How long fully delivered dispatches are kept; zero keeps them all.
     pub retention: Duration,
+    /// How long the daemon's hold on its queue lasts unless renewed (see [`crate::lease`]).
+    pub lease_ttl: Duration,
+    /// What secret references may read.
+    pub secrets: SecretPolicy,
 }
 
 /// How many triggers are worked on at once: two per core, so one waiting for a lock or a page
@@ -126,6 +145,8 @@ pub struct App {
     pub limits: Limits,
     /// About the daemon.
     pub info: Info,
+    /// The bytes of request bodies held at once.
+    pub bodies: body::Budget,
     /// Triggers being read, checked and handed to the queue at once: at most two per core (see
     /// `intake_permits`). A trigger lets go of its permit before it waits for the disk.
     pub intake: Arc<tokio::sync::Semaphore>,
@@ -148,7 +169,23 @@ impl App {
     }
 }
 
-/// Why the daemon could not start.
+/// The fewest characters an API token may have: 32 hex digits are 128 random bits, out of reach
+/// of guessing at any rate the API can answer.
+pub const MIN_TOKEN_LEN: usize = 32;
+
+/// Refuses an API token a client could guess, or could not send.
+fn check_token(token: &Secret) -> Result<(), StartError> {
+    let text = token.expose();
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(StartError::UnsendableToken);
+    }
+    if text.len() < MIN_TOKEN_LEN {
+        return Err(StartError::ShortToken(text.len()));
+    }
+    Ok(())
+}
+
+/// Why the daemon could not start, or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// No token, and not allowed to run without one.
@@ -156,6 +193,26 @@ pub enum StartError {
         "the API needs a token: set TOUCHCTL_API_TOKEN (or --api-token-file FILE); to run without one, listen on a loopback address and pass --insecure-no-auth"
     )]
     NoToken,
+    /// The API token is too short to resist guessing.
+    #[error(
+        "the API token is {0} characters long; it must be at least {MIN_TOKEN_LEN}, from a random source: make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
+    )]
+    ShortToken(usize),
+    /// The API token has characters a client cannot send in an `Authorization` header.
+    #[error(
+        "the API token may hold only visible ASCII characters (no spaces, tabs or line breaks): make one with `openssl rand -hex 32` and set it as TOUCHCTL_API_TOKEN (or write it to the --api-token-file)"
+    )]
+    UnsendableToken,
+    /// The body memory budget cannot hold one body of the largest size.
+    #[error(
+        "--max-body-memory ({budget} bytes) is smaller than --max-body ({max_body} bytes), so the largest trigger could never be read: raise --max-body-memory or lower --max-body"
+    )]
+    BodyMemory {
+        /// `--max-body-memory`.
+        budget: usize,
+        /// `--max-body`.
+        max_body: usize,
+    },
     /// `--insecure-no-auth` on a non-loopback address.
     #[error(
         "--insecure-no-auth is only allowed on a loopback address ({0} is not): anyone who can reach it could dispatch"
@@ -178,14 +235,50 @@ pub enum StartError {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    /// The thread that renews the hold on the queue could not be started.
+    #[error("cannot start the thread that renews the hold on the queue: {0}")]
+    Heartbeat(std::io::Error),
+    /// The daemon lost its hold on the queue, so it stopped.
+    #[error(
+        "this daemon stopped: it no longer holds the queue ({0}), so another daemon may be working it. Start it again once no other daemon works this queue"
+    )]
+    LostQueue(String),
 }
 
 /// Rebuilds the live set from the registry and holds or releases queued batches to match.
 pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
+    update_live(app, move |app| {
+        let live = app.registry.list().map_err(|e| e.to_string())?;
+        app.live.refresh(&live, reread_secrets);
+        Ok(())
+    })
+    .await;
+}
+
+/// Brings the live set up to date for the touchpoints `ids` only (read again from the registry;
+/// gone when it no longer holds them), and holds or releases queued batches to match.
+async fn refresh_only(app: &Arc<App>, ids: Vec<String>) {
+    update_live(app, move |app| {
+        let mut rows = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = app.registry.get(&id).map_err(|e| e.to_string())?;
+            rows.push((id, row));
+        }
+        app.live.update(rows);
+        Ok(())
+    })
+    .await;
+}
+
+/// Runs `update` of the live set away from the async threads, then holds or releases queued
+/// batches to match and wakes the sender; logs what failed.
+async fn update_live(
+    app: &Arc<App>,
+    update: impl FnOnce(&App) -> Result<(), String> + Send + 'static,
+) {
     let app2 = app.clone();
     let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        let live = app2.registry.list().map_err(|e| e.to_string())?;
-        app2.live.refresh(&live, reread_secrets);
+        update(&app2)?;
         sync_holds(&app2.queue, app2.live.as_ref()).map_err(|e| e.to_string())
     })
     .await;
@@ -218,7 +311,9 @@ fn sync_holds(
 /// Runs the daemon until SIGTERM or Ctrl-C. `ready` is called with the bound address once the API
 /// is listening.
 pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), StartError> {
-    if config.token.is_none() {
+    if let Some(token) = &config.token {
+        check_token(token)?;
+    } else {
         if !config.insecure_no_auth {
             return Err(StartError::NoToken);
         }
@@ -226,6 +321,14 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             return Err(StartError::OpenToTheNetwork(config.listen));
         }
     }
+    if config.max_body_memory < config.max_body {
+        return Err(StartError::BodyMemory {
+            budget: config.max_body_memory,
+            max_body: config.max_body,
+        });
+    }
+    // Before anything says the daemon is up (its log line, `ready`): a SIGTERM from then on stops it.
+    let stop_signal = shutdown_signal();
     // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut client = reqwest::Client::builder()
@@ -233,26 +336,43 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
         .pool_max_idle_per_host(config.concurrency.max(8));
     if !config.allow_private_network {
-        client = client.dns_resolver(worker::PublicOnly);
+        client = client.dns_resolver(crate::channel::net_guard::PublicOnly);
     }
     let client = client
         .build()
         .map_err(|e| StartError::Client(e.to_string()))?;
 
-    let registry = Arc::new(SqliteRegistry::open(&config.state)?);
+    let registry = Arc::new(SqliteRegistry::create(&config.state)?);
     registry.frugal()?;
     let queue = Arc::new(Queue::open(&config.queue)?);
-    if let Some((pid, since)) = queue.take_daemon_slot()? {
+    let taken = queue.take_daemon_slot(config.lease_ttl)?;
+    if let Some((gone, standing)) = &taken.replaced {
         log(&format!(
-            "took over the queue from a daemon that is gone (pid {pid}, since {since}); its unfinished batches are sent again"
+            "took over the queue from a daemon that is gone ({gone}): {}; its unfinished batches are sent again",
+            standing.why_free()
         ));
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let heartbeat = {
+        let (queue, lease_id) = (queue.clone(), taken.lease_id.clone());
+        crate::lease::Heartbeat::start(
+            "queue-lease",
+            config.lease_ttl,
+            Box::new(move |expires_at| {
+                queue
+                    .renew_daemon_slot(&lease_id, expires_at)
+                    .map_err(|e| e.to_string())
+            }),
+            move |why| {
+                let _ = lost_tx.send(why);
+            },
+        )
+        .map_err(StartError::Heartbeat)?
+    };
+    let listener = listen::bind(config.listen).map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let addr = listener.local_addr().map_err(|source| StartError::Listen {
         addr: config.listen,
         source,
@@ -260,7 +380,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let app = Arc::new(App {
         registry: registry.clone(),
         queue: queue.clone(),
-        live: Arc::new(LiveSet::default()),
+        live: Arc::new(LiveSet::new(config.secrets.clone())),
         wake: Arc::new(worker::Wake::default()),
         metrics: Arc::new(Metrics::default()),
         token: config.token.clone(),
@@ -278,35 +398,43 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             registry: registry.describe(),
             queue: config.queue.display().to_string(),
         },
+        bodies: body::Budget::new(config.max_body_memory),
         intake: Arc::new(tokio::sync::Semaphore::new(intake_permits())),
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),
     });
-    let settings = config.watch.then(|| Settings {
-        dir: config.dir.clone(),
-        source: config.source.clone(),
-        max_deletes: config.max_deletes,
+    let reconciler = config.watch.then(|| {
+        Arc::new(Mutex::new(Reconciler::new(Settings {
+            dir: config.dir.clone(),
+            source: config.source.clone(),
+            max_deletes: config.max_deletes,
+            secrets: config.secrets.clone(),
+        })))
     });
-    if let Some(s) = &settings {
-        reconcile_now(&app, s).await;
-    }
-    refresh(&app, true).await;
-
-    // Watch before saying we listen: an edit made right after start must not be missed.
-    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let watcher = settings
-        .as_ref()
-        .and_then(|s| match watch_files(s, events_tx) {
+    // Watch before the first reconcile: an edit made while it runs must not be missed.
+    let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = reconciler.as_ref().and_then(|r| {
+        let settings = r
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .settings()
+            .clone();
+        match watch_files(&settings, events_tx) {
             Ok(w) => Some(w),
             Err(e) => {
                 log(&format!(
                     "error: cannot watch {} ({e}); reconciling every {} only",
-                    s.dir.display(),
+                    settings.dir.display(),
                     humantime::format_duration(config.interval)
                 ));
                 None
             }
-        });
+        }
+    });
+    if let Some(r) = &reconciler {
+        reconcile_now(&app, r, Trigger::Everything).await;
+    }
+    refresh(&app, true).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(worker::run(
         queue.clone(),
@@ -324,7 +452,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     ));
     let supervisor = tokio::spawn(supervise(
         app.clone(),
-        settings,
+        reconciler,
         events,
         config.interval,
         stop_rx.clone(),
@@ -338,12 +466,18 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         ))
     });
     tokio::spawn(release_memory(queue.clone(), stop_rx.clone()));
+    let (max_connections, warning) =
+        listen::max_connections(config.max_connections, listen::open_file_limit());
+    if let Some(w) = warning {
+        log(&w);
+    }
     let server = tokio::spawn(serve(
         listener,
         api::router(app.clone()),
         stop_rx,
         config.client_timeout,
         config.drain,
+        max_connections,
     ));
     log(&format!(
         "listening on http://{addr} (source {}, {}, registry {}, queue {})",
@@ -358,8 +492,18 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     ));
     ready(addr);
 
-    shutdown_signal().await;
-    log("stopping: no new connections; finishing open requests and in-flight deliveries");
+    let lost = tokio::select! {
+        () = stop_signal => None,
+        Some(why) = lost_rx.recv() => Some(why),
+    };
+    match &lost {
+        None => {
+            log("stopping: no new connections; finishing open requests and in-flight deliveries")
+        }
+        Some(why) => log(&format!(
+            "error: this daemon no longer holds the queue ({why}); another daemon may be working it, so this one stops: no new connections; finishing open requests and in-flight deliveries"
+        )),
+    }
     app.draining.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -369,11 +513,15 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         let _ = p.await;
     }
     drop(watcher);
-    if let Err(e) = queue.leave_daemon_slot() {
+    drop(heartbeat);
+    if let Err(e) = queue.leave_daemon_slot(&taken.lease_id) {
         log(&format!("error: {e}"));
     }
     log("stopped");
-    Ok(())
+    match lost {
+        None => Ok(()),
+        Some(why) => Err(StartError::LostQueue(why)),
+    }
 }
 
 /// On a timer: drops the recipients kept in memory past their age limit (otherwise dropped only
@@ -442,43 +590,62 @@ async fn prune(
     }
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the future is
+/// first polled: a signal that comes right after the daemon says it listens must stop it, not
+/// kill it with the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                (Ok(mut term), Err(_)) => {
+                    term.recv().await;
+                }
+                (Err(_), _) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
-/// Runs one reconcile and makes its result visible.
-async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
+/// Runs one reconcile, makes its result visible, and brings the live view up to date with what
+/// it wrote.
+async fn reconcile_now(app: &Arc<App>, reconciler: &Arc<Mutex<Reconciler>>, trigger: Trigger) {
     let registry = app.registry.clone();
-    let s = settings.clone();
-    let report = match tokio::task::spawn_blocking(move || {
-        reconcile::reconcile(&s, registry.as_ref())
+    let r = reconciler.clone();
+    let ran = tokio::task::spawn_blocking(move || {
+        let version = registry.data_version().ok();
+        r.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run(&trigger, registry.as_ref(), version)
     })
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => Report {
-            at: crate::registry::now(),
-            error: Some(e.to_string()),
-            ..Report::default()
-        },
+    .await;
+    let (report, written) = match ran {
+        Ok((report, written)) => (report, Some(written)),
+        Err(e) => (
+            Report {
+                at: crate::registry::now(),
+                error: Some(e.to_string()),
+                ..Report::default()
+            },
+            None,
+        ),
     };
     let previous = app
         .reconcile
@@ -495,13 +662,85 @@ async fn reconcile_now(app: &Arc<App>, settings: &Settings) {
         }
     }
     app.metrics.reconciled(report.ok);
+    // Writes by other processes are noticed apart (see `supervise`).
+    match written {
+        Some(ids) if ids.is_empty() => {}
+        Some(ids) if ids.len() <= REFRESH_ONE_BY_ONE => refresh_only(app, ids).await,
+        _ => refresh(app, false).await,
+    }
+}
+
+/// Up to this many touchpoints written by a reconcile are read again one by one for the live view;
+/// more, and the whole registry is read.
+const REFRESH_ONE_BY_ONE: usize = 64;
+
+/// How long the files must be quiet after an event before a reconcile reads them: editors and
+/// tools write a file in several steps (a temporary file, a rename, a truncate and a write), a
+/// few milliseconds apart, and one reconcile should see them all.
+const QUIET: Duration = Duration::from_millis(50);
+
+/// A tree that keeps changing is reconciled at least this often.
+const BURST_AT_MOST: Duration = Duration::from_secs(1);
+
+/// The file events gathered into one reconcile.
+#[derive(Default)]
+struct Burst {
+    paths: std::collections::BTreeSet<PathBuf>,
+    /// The watcher lost events (its queue overflowed) or failed: read everything.
+    lost: bool,
+}
+
+impl Burst {
+    fn add(&mut self, event: notify::Result<notify::Event>) {
+        match event {
+            Ok(e) if e.need_rescan() => self.lost = true,
+            Ok(e) => self.paths.extend(e.paths),
+            Err(e) => {
+                log(&format!(
+                    "error: watching the files: {e}; reading every file again"
+                ));
+                self.lost = true;
+            }
+        }
+    }
+
+    fn trigger(self) -> Trigger {
+        if self.lost {
+            Trigger::Everything
+        } else {
+            Trigger::Changed(self.paths.into_iter().collect())
+        }
+    }
+}
+
+/// Gathers the events that follow `first` until the files have been quiet for [`QUIET`] (or
+/// [`BURST_AT_MOST`] has passed); `None` when the daemon is stopping.
+async fn gather(
+    first: notify::Result<notify::Event>,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Trigger> {
+    let mut burst = Burst::default();
+    burst.add(first);
+    let until = tokio::time::Instant::now() + BURST_AT_MOST;
+    loop {
+        let quiet = (tokio::time::Instant::now() + QUIET).min(until);
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(e) => burst.add(e),
+                None => return Some(burst.trigger()),
+            },
+            _ = tokio::time::sleep_until(quiet) => return Some(burst.trigger()),
+            _ = stop.changed() => return None,
+        }
+    }
 }
 
 /// Reconciles on file events and every `interval`, and notices registry writes by other processes.
 async fn supervise(
     app: Arc<App>,
-    settings: Option<Settings>,
-    mut events: tokio::sync::mpsc::UnboundedReceiver<()>,
+    reconciler: Option<Arc<Mutex<Reconciler>>>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<notify::Result<notify::Event>>,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -511,16 +750,17 @@ async fn supervise(
     let mut seen = app.registry.data_version().ok();
     loop {
         tokio::select! {
-            Some(()) = events.recv() => {
-                while events.try_recv().is_ok() {}
-                if let Some(s) = &settings {
-                    reconcile_now(&app, s).await;
-                    refresh(&app, false).await;
+            Some(first) = events.recv() => {
+                let Some(trigger) = gather(first, &mut events, &mut stop).await else {
+                    break;
+                };
+                if let Some(r) = &reconciler {
+                    reconcile_now(&app, r, trigger).await;
                 }
             }
             _ = tick.tick() => {
-                if let Some(s) = &settings {
-                    reconcile_now(&app, s).await;
+                if let Some(r) = &reconciler {
+                    reconcile_now(&app, r, Trigger::Everything).await;
                 }
                 // Periodically re-read secrets too: a rotated secret file takes effect.
                 refresh(&app, true).await;
@@ -541,62 +781,96 @@ async fn supervise(
 }
 
 /// Watches the touchpoint folder (or, for a git source, the repository's git folder, where refs
-/// move) and sends a unit on each debounced burst of events.
+/// move) and sends every event that may be a change, or the watcher's error, as it comes.
 fn watch_files(
     settings: &Settings,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> Result<notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>, String> {
+    tx: tokio::sync::mpsc::UnboundedSender<notify::Result<notify::Event>>,
+) -> Result<notify::RecommendedWatcher, String> {
+    use notify::Watcher;
     let path: PathBuf = match &settings.source {
         Source::Worktree => settings.dir.clone(),
         Source::Git(_) => git2::Repository::discover(&settings.dir)
             .map(|r| r.path().to_path_buf())
             .map_err(|e| e.message().to_string())?,
     };
-    let mut debouncer = notify_debouncer_mini::new_debouncer(
-        Duration::from_millis(300),
-        move |result: notify_debouncer_mini::DebounceEventResult| {
-            if result.is_ok() {
-                let _ = tx.send(());
-            }
-        },
-    )
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Opening, reading and closing a file change nothing; and every reconcile opens files
+        // and folders, so taking those events for changes would start the next one, for ever.
+        if event.as_ref().is_ok_and(|e| e.kind.is_access()) {
+            return;
+        }
+        let _ = tx.send(event);
+    })
     .map_err(|e| e.to_string())?;
-    debouncer
-        .watcher()
+    watcher
         .watch(Path::new(&path), notify::RecursiveMode::Recursive)
         .map_err(|e| e.to_string())?;
-    Ok(debouncer)
+    Ok(watcher)
 }
 
-/// Serves HTTP/1.1 until `stop`, cutting off clients that take longer than `client_timeout` to
-/// send their headers; then finishes the open connections (up to `drain`).
+/// Serves HTTP/1.1 until `stop`, at most `max_connections` connections at once (the next ones
+/// wait in the listen queue), pausing after failed accepts (see [`listen`]) and cutting off clients
+/// that take longer than `client_timeout` to send their headers; then finishes the open
+/// connections (up to `drain`).
 async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
     client_timeout: Duration,
     drain: Duration,
+    max_connections: usize,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut backoff = listen::Backoff::default();
+    let mut full = listen::FullLog::default();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let _ = stream.set_nodelay(true);
-                let service = hyper_util::service::TowerToHyperService::new(router.clone());
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(client_timeout)
-                    .keep_alive(true);
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            _ = stop.changed() => break,
+        if slots.available_permits() == 0
+            && let Some(line) = full.full(max_connections, Instant::now())
+        {
+            log(&line);
         }
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff.succeeded();
+                stream
+            }
+            Err(e) if listen::is_connection_error(&e) => continue,
+            Err(e) => {
+                let (pause, line) = backoff.failed(&e, Instant::now());
+                if let Some(line) = line {
+                    log(&line);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = stop.changed() => break,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(client_timeout)
+            .keep_alive(true);
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(slot);
+        });
     }
     drop(listener);
     if tokio::time::timeout(drain, graceful.shutdown())
@@ -604,5 +878,49 @@ async fn serve(
         .is_err()
     {
         log("some API connections were still open after the drain timeout; closed them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_daemons_own_reads_are_not_file_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("touchpoints");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.toml"), "id = \"a\"\n").unwrap();
+        std::fs::write(dir.join("sub/b.toml"), "id = \"b\"\n").unwrap();
+        let settings = Settings {
+            dir: dir.clone(),
+            source: Source::Worktree,
+            max_deletes: 5,
+            secrets: crate::model::SecretPolicy::default(),
+        };
+        let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = watch_files(&settings, tx).unwrap();
+        // What every reconcile does: walk the folders, open and read every file.
+        let _ = crate::load::load_dir(&dir);
+        // Then one change. Events come in order, so the first one must be this change's.
+        std::fs::write(dir.join("sentinel.toml"), "id = \"s\"\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match events.try_recv() {
+                Ok(Ok(event)) => {
+                    assert!(
+                        event.paths.iter().any(|p| p.ends_with("sentinel.toml")),
+                        "reading the files was taken for a change: {event:?}"
+                    );
+                    return;
+                }
+                Ok(Err(e)) => panic!("the watcher failed: {e}"),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    assert!(Instant::now() < deadline, "the change was never seen");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 }

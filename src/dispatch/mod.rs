@@ -20,6 +20,31 @@ use crate::model::{ParamType, TemplateParam};
 /// The longest `user_id` accepted.
 pub const MAX_USER_ID: usize = 256;
 
+/// The longest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// Why an idempotency key is refused, if it is: empty, longer than [`MAX_IDEMPOTENCY_KEY`] bytes,
+/// or holding a control character. Keys are stored with every dispatch and compared on every
+/// trigger: a bound keeps that cheap.
+pub fn check_idempotency_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("`idempotency_key` is empty: leave it out, or give a key such as `spring-sale-2026-03-01`".into());
+    }
+    if key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(format!(
+            "`idempotency_key` is {} bytes long; it takes at most {MAX_IDEMPOTENCY_KEY} bytes (a UUID, or the campaign and a date, fits)",
+            key.len()
+        ));
+    }
+    if let Some(c) = key.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "`idempotency_key` holds the control character U+{:04X}: use printable characters only",
+            u32::from(c)
+        ));
+    }
+    Ok(())
+}
+
 /// A triggered user as a client writes it: an id and the attributes dynamic params are mapped
 /// from. (The daemon reads users without copying them: see [`user::UserRef`].)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -27,9 +52,39 @@ pub const MAX_USER_ID: usize = 256;
 pub struct User {
     /// The platform's id of the user.
     pub user_id: String,
-    /// What the platform knows of the user (`phone`, `member_id`, ...).
-    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    /// What the platform knows of the user (`phone`, `member_id`, ...). Each name once.
+    #[serde(
+        default,
+        skip_serializing_if = "Map::is_empty",
+        deserialize_with = "attributes_once"
+    )]
     pub attributes: Map<String, Value>,
+}
+
+/// Reads a user's attributes, refusing a name given twice (a map would keep the last one
+/// silently; the daemon refuses the user).
+fn attributes_once<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object of attributes")
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(
+            self,
+            mut map: M,
+        ) -> Result<Self::Value, M::Error> {
+            let mut out = Map::new();
+            while let Some((k, v)) = map.next_entry::<String, Value>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(user::duplicate_attribute(&k)));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V)
 }
 
 /// The head of a trigger: everything but the users. A JSON trigger carries its users in `users`;
@@ -179,6 +234,51 @@ mod tests {
 
     fn map(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap()
+    }
+
+    #[test]
+    fn an_idempotency_key_longer_than_256_bytes_is_refused() {
+        assert_eq!(check_idempotency_key(&"杭".repeat(85)), Ok(()));
+        assert_eq!(
+            check_idempotency_key(&"k".repeat(MAX_IDEMPOTENCY_KEY)),
+            Ok(())
+        );
+        let long = check_idempotency_key(&"k".repeat(1024 * 1024)).unwrap_err();
+        assert!(
+            long.contains("1048576 bytes long; it takes at most 256 bytes"),
+            "{long}"
+        );
+        assert!(
+            check_idempotency_key(&"杭".repeat(86))
+                .unwrap_err()
+                .contains("258 bytes")
+        );
+        assert!(
+            check_idempotency_key("a\nb")
+                .unwrap_err()
+                .contains("U+000A")
+        );
+        assert!(
+            check_idempotency_key("a\u{1b}[31m")
+                .unwrap_err()
+                .contains("U+001B")
+        );
+        assert!(check_idempotency_key("").unwrap_err().contains("empty"));
+    }
+
+    #[test]
+    fn a_client_user_with_an_attribute_given_twice_is_refused() {
+        let err = serde_json::from_str::<User>(r#"{"user_id":"u","attributes":{"a":1,"a":2}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("duplicate attribute `a`"), "{err}");
+        let err = serde_json::from_str::<User>(r#"{"user_id":"u","user_id":"v"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("duplicate field `user_id`"), "{err}");
+        let user: User =
+            serde_json::from_str(r#"{"user_id":"u","attributes":{"a":1,"b":2}}"#).unwrap();
+        assert_eq!(user.attributes.len(), 2);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! such a record to a power cut only means a batch is sent again, with the same `webhook-id`.
 //!
 //! A batch is `pending` (due at `next_at`, or `held` because its touchpoint is paused or gone),
-//! `delivered`, or `dead` (dead-lettered; replayable). Which pending batches are being sent is
-//! kept in the sender's memory only: after a crash every pending batch is simply due again.
+//! `delivered` (every recipient delivered, or some delivered and the rest failed for good),
+//! `failed` (finished, but every recipient failed for good: nothing was delivered), or `dead`
+//! (dead-lettered; replayable). Which pending batches are being sent is kept in the sender's
+//! memory only: after a crash every pending batch is simply due again.
 //!
 //! Every write goes through one writer thread, so writers never wait on each other's locks:
 //! triggers arriving together share one commit and one fsync, and attempt records share commits
@@ -20,6 +22,12 @@
 //! [`super::segments`] for why and for the rules that keep that crash-safe). Users that are
 //! rewritten (what is left of a partly delivered batch, a dead batch's users) and batches stored
 //! by older versions live in the `payloads` table instead.
+//!
+//! One daemon works a queue file at a time: it holds the `daemon` row as a lease that it renews
+//! (see [`crate::lease`]), taken over by a successor once its process is gone from this host or
+//! its lease expired. A replayed dead batch keeps its attempt log: its attempt budget starts
+//! again, later attempts are numbered on from the earlier ones (`attempt_base`), and the replay
+//! itself is recorded (`replays`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -72,7 +80,8 @@ CREATE TABLE IF NOT EXISTS batches (
     updated_at  INTEGER NOT NULL,
     segment     INTEGER,
     seg_offset  INTEGER,
-    seg_length  INTEGER
+    seg_length  INTEGER,
+    attempt_base INTEGER NOT NULL DEFAULT 0 -- attempts made before the last replay
 );
 CREATE TABLE IF NOT EXISTS payloads (
     batch_id TEXT PRIMARY KEY,
@@ -102,11 +111,20 @@ CREATE TABLE IF NOT EXISTS failures (
     attempt  INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS failures_batch ON failures(batch_id);
+CREATE TABLE IF NOT EXISTS replays (
+    batch_id      TEXT NOT NULL,
+    at            INTEGER NOT NULL,
+    after_attempt INTEGER NOT NULL,
+    recipients    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replays_batch ON replays(batch_id);
 CREATE TABLE IF NOT EXISTS daemon (
     singleton  INTEGER PRIMARY KEY CHECK (singleton = 1),
     pid        INTEGER NOT NULL,
     host       TEXT NOT NULL,
-    started_at TEXT NOT NULL
+    started_at TEXT NOT NULL,
+    lease_id   TEXT,   -- NULL from a touchctl before leases
+    expires_at INTEGER -- ms since the epoch
 );
 ";
 
@@ -160,16 +178,75 @@ pub enum QueueError {
     Write(String),
     /// Another daemon works this queue.
     #[error(
-        "another daemon (pid {pid} on {host}, since {started_at}) works this queue; one daemon per queue file, or deliveries would be sent twice"
+        "another daemon ({0}; {note}) works this queue; one daemon per queue file, or deliveries would be sent twice. A daemon that stops renewing its hold is taken over once its lease expires; if that daemon is gone for good, `touchctl force-unlock --daemon` releases the queue now",
+        note = .0.expiry_note()
     )]
-    Busy {
-        /// Its process id.
-        pid: u32,
-        /// Its host.
-        host: String,
-        /// When it started.
-        started_at: String,
+    Busy(Box<DaemonSlot>),
+    /// `force-unlock --daemon` (without `--force`) of a daemon that still renews its hold.
+    #[error(
+        "the daemon holding this queue ({0}; {note}) keeps renewing its hold, so it looks alive: stop it (SIGTERM) or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock --daemon --force`",
+        note = .0.expiry_note()
+    )]
+    SlotLive(Box<DaemonSlot>),
+    /// The queue file is empty.
+    #[error(
+        "the queue file {0} is empty (0 bytes), so it holds no queue; touchctl never leaves one empty. If it is a leftover, remove it and run again (a new queue is created); if your queue should be there, restore the file from a backup"
+    )]
+    Empty(String),
+    /// The queue file could not be opened.
+    #[error("queue {path}: {source}")]
+    Store {
+        /// The file.
+        path: String,
+        /// Why.
+        source: Box<store::StoreError>,
     },
+}
+
+/// The daemon working a queue file, as its slot records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonSlot {
+    /// Its process id.
+    pub pid: u32,
+    /// Its host.
+    pub host: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// The random id of its hold; none from a touchctl before leases.
+    pub lease_id: Option<String>,
+    /// When its lease expires unless renewed (ms since the epoch).
+    pub expires_at: Option<i64>,
+}
+
+impl DaemonSlot {
+    /// Where this hold stands for a would-be successor at `now_ms`.
+    pub fn standing(&self, now_ms: i64) -> crate::lease::Standing {
+        crate::lease::standing(&self.host, self.pid, self.expires_at, now_ms)
+    }
+
+    /// When its lease expires, for a message (see [`crate::lease::expiry_note`]).
+    pub fn expiry_note(&self) -> String {
+        crate::lease::expiry_note(self.expires_at, now_ms())
+    }
+}
+
+impl std::fmt::Display for DaemonSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} on {}, since {}",
+            self.pid, self.host, self.started_at
+        )
+    }
+}
+
+/// This process's hold on the queue, from [`Queue::take_daemon_slot`].
+#[derive(Clone, Debug)]
+pub struct Taken {
+    /// The random id of the hold, to renew and leave it.
+    pub lease_id: String,
+    /// The daemon taken over, and why it could be, if there was one.
+    pub replaced: Option<(DaemonSlot, crate::lease::Standing)>,
 }
 
 /// What a trigger was answered: returned with 202, and again for a repeated idempotency key.
@@ -257,7 +334,7 @@ pub struct Claimed {
     pub users: Users,
     /// How many that is.
     pub remaining: u32,
-    /// Attempts made so far.
+    /// Attempts made so far, since its last replay (the retry budget counts these).
     pub attempts: u32,
     /// The campaign.
     pub campaign: String,
@@ -295,6 +372,10 @@ pub enum After {
     RetryAt(i64),
     /// Dead-lettered: the last attempt failed, or the failure is final.
     Dead,
+    /// Cut off by the daemon stopping before the endpoint answered: the attempt counts and is
+    /// logged, and the batch stays pending and due, so the next start sends it again (same
+    /// `webhook-id`), even when this was its last attempt.
+    Interrupted,
 }
 
 /// The result of one attempt, as the sender reports it.
@@ -350,7 +431,7 @@ pub struct DispatchStatus {
     pub dead: u64,
     /// Batches per state.
     pub batches: BatchCounts,
-    /// Whether every batch is delivered or dead.
+    /// Whether every batch is delivered, failed or dead.
     pub finished: bool,
 }
 
@@ -361,8 +442,10 @@ pub struct BatchCounts {
     pub pending: u64,
     /// Of the pending, held because the touchpoint is paused, disabled or gone.
     pub held: u64,
-    /// Delivered.
+    /// Delivered (some recipients may have failed for good).
     pub delivered: u64,
+    /// Finished with every recipient failed for good: nothing delivered.
+    pub failed: u64,
     /// Dead-lettered.
     pub dead: u64,
 }
@@ -380,7 +463,7 @@ pub struct BatchInfo {
     pub index: u32,
     /// Batches in the dispatch.
     pub count: u32,
-    /// `pending`, `delivered` or `dead`.
+    /// `pending`, `delivered`, `failed` (every recipient failed for good) or `dead`.
     pub state: String,
     /// Why a pending batch is held, if it is.
     pub held: Option<String>,
@@ -392,7 +475,7 @@ pub struct BatchInfo {
     pub delivered: u32,
     /// Failed for good.
     pub failed: u32,
-    /// Attempts made.
+    /// Attempts made in all (those before a replay too).
     pub attempts: u32,
     /// When the next attempt is due (ms since the epoch; pending only).
     pub next_at: Option<i64>,
@@ -400,6 +483,17 @@ pub struct BatchInfo {
     pub last_error: Option<String>,
     /// Last change (ms since the epoch).
     pub updated_at: i64,
+}
+
+/// A replay of a dead batch, as recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// When (ms since the epoch).
+    pub at: i64,
+    /// The attempts made before it (the next attempt is numbered one more).
+    pub after_attempt: u32,
+    /// Recipients put back in the queue.
+    pub recipients: u32,
 }
 
 /// One attempt, as recorded.
@@ -415,7 +509,8 @@ pub struct Attempt {
     pub latency_ms: i64,
     /// The HTTP status, if a response came.
     pub status: Option<u16>,
-    /// `delivered`, `partial`, `retry` or `dead`.
+    /// `delivered`, `failed` (every recipient it carried failed for good), `partial`, `retry`,
+    /// `interrupted` (cut off by the daemon stopping; sent again on the next start) or `dead`.
     pub outcome: String,
     /// Recipients in the request.
     pub recipients: u32,
@@ -426,7 +521,7 @@ pub struct Attempt {
 /// Which batches to list.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
-    /// Only this state (`pending`, `delivered`, `dead`).
+    /// Only this state (`pending`, `delivered`, `failed`, `dead`).
     pub state: Option<String>,
     /// Only this touchpoint.
     pub touchpoint: Option<String>,
@@ -841,17 +936,23 @@ fn write_record(
     {
         let mut attempt = tx
                 .prepare_cached(
+                    // Numbered on from the attempts made before the batch's last replay, which
+                    // stay in the log.
                     "INSERT OR REPLACE INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                     VALUES (?1, ?2 + coalesce((SELECT attempt_base FROM batches WHERE id = ?1), 0), ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 ?;
         let mut failure = tx.prepare_cached(
-            "INSERT INTO failures (batch_id, user_id, reason, attempt) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO failures (batch_id, user_id, reason, attempt) \
+             VALUES (?1, ?2, ?3, ?4 + coalesce((SELECT attempt_base FROM batches WHERE id = ?1), 0))",
         )?;
+        // A batch finished with nothing delivered in any attempt is `failed`, not `delivered`.
         let mut update = tx.prepare_cached(
             "UPDATE batches SET attempts = ?2, delivered = delivered + ?3, failed = failed + ?4, \
                      remaining = coalesce(?5, remaining - ?3 - ?4), \
-                     state = ?6, next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
+                     state = CASE WHEN ?6 = 'delivered' AND delivered + ?3 = 0 AND failed + ?4 > 0 \
+                                  THEN 'failed' ELSE ?6 END, \
+                     next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
                      WHERE id = ?1",
         )?;
         // Rewritten users live in `payloads`; the batch stops pointing into its segment.
@@ -868,10 +969,15 @@ fn write_record(
         for c in done {
             let partial = c.delivered > 0 || !c.failed.is_empty();
             let (state, outcome, next_at) = match c.after {
+                After::Done if c.delivered == 0 && !c.failed.is_empty() => {
+                    ("delivered", "failed", None)
+                }
                 After::Done => ("delivered", "delivered", None),
                 After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
                 After::RetryAt(at) => ("pending", "retry", Some(at)),
                 After::Dead => ("dead", "dead", None),
+                // `next_at` stays as it was: at or before the claim, so due at once.
+                After::Interrupted => ("pending", "interrupted", None),
             };
             attempt.execute(params![
                 c.batch_id,
@@ -945,7 +1051,7 @@ fn write_prune(
         .prepare_cached(
             "SELECT d.id FROM dispatches d WHERE d.created_at < ?1 \
              AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.dispatch_id = d.id \
-                             AND (b.state != 'delivered' OR b.updated_at >= ?1)) \
+                             AND (b.state NOT IN ('delivered', 'failed') OR b.updated_at >= ?1)) \
              LIMIT ?2",
         )?
         .query_map(params![before, limit as i64], |r| r.get(0))?
@@ -954,6 +1060,7 @@ fn write_prune(
         for sql in [
             "DELETE FROM failures WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
             "DELETE FROM attempts WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
+            "DELETE FROM replays WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
             "DELETE FROM payloads WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ?1)",
             "DELETE FROM batches WHERE dispatch_id = ?1",
             "DELETE FROM dispatches WHERE id = ?1",
@@ -1030,24 +1137,64 @@ fn span_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Span>> {
     span_at(r, 0)
 }
 
-/// Adds the columns that point into segment files to a file from before format 3.
-fn add_segment_columns(conn: &mut Connection) -> rusqlite::Result<()> {
+/// Adds the columns files written by earlier versions lack: those that point into segment files
+/// (before format 3), the attempts made before a replay, and the daemon's lease.
+fn add_columns(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let has: i64 = tx.query_row(
-        "SELECT count(*) FROM pragma_table_info('batches') WHERE name = 'segment'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has == 0 {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        tx.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, column],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if !has("batches", "segment")? {
         tx.execute_batch(
             "ALTER TABLE batches ADD COLUMN segment INTEGER; \
              ALTER TABLE batches ADD COLUMN seg_offset INTEGER; \
              ALTER TABLE batches ADD COLUMN seg_length INTEGER;",
         )?;
     }
+    if !has("batches", "attempt_base")? {
+        tx.execute_batch(
+            "ALTER TABLE batches ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;",
+        )?;
+    }
+    if !has("daemon", "lease_id")? {
+        tx.execute_batch(
+            "ALTER TABLE daemon ADD COLUMN lease_id TEXT; \
+             ALTER TABLE daemon ADD COLUMN expires_at INTEGER;",
+        )?;
+    }
     tx.execute_batch(
         "CREATE INDEX IF NOT EXISTS batches_segment ON batches(segment) WHERE segment IS NOT NULL;",
     )?;
+    tx.commit()
+}
+
+/// Puts right, once per file, what older versions recorded wrongly: a batch that finished with
+/// every recipient failed was marked `delivered`; and an endpoint's `Retry-After` could park a
+/// batch for centuries, where now no wait is longer than the longest `retry.max_backoff`.
+fn repair_once(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let done: Option<String> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'repaired'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if done.is_none() {
+        tx.execute(
+            "UPDATE batches SET state = 'failed' WHERE state = 'delivered' AND delivered = 0 AND failed > 0",
+            [],
+        )?;
+        let latest = super::retry::due_at(now_ms(), crate::model::MaxBackoff::MAX.get());
+        tx.execute(
+            "UPDATE batches SET next_at = ?1 WHERE state = 'pending' AND next_at > ?1",
+            [latest],
+        )?;
+        tx.execute("INSERT INTO meta (key, value) VALUES ('repaired', '1')", [])?;
+    }
     tx.commit()
 }
 
@@ -1079,20 +1226,48 @@ impl Queue {
     /// Opens (creating owner-only if needed) the queue file.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let shown = path.display().to_string();
-        store::create_private(path).map_err(|source| QueueError::Io {
+        let io = |source| QueueError::Io {
             path: shown.clone(),
             source,
-        })?;
+        };
         let sql = |source| QueueError::Sqlite {
             path: shown.clone(),
             source,
         };
-        let mut accept = store::connect(path, Sync::Full).map_err(sql)?;
+        let opened = |e: store::StoreError| match e {
+            store::StoreError::Sqlite(source) => sql(source),
+            store::StoreError::Io(source) => io(source),
+            other => QueueError::Store {
+                path: shown.clone(),
+                source: Box::new(other),
+            },
+        };
+        match store::found(path).map_err(io)? {
+            store::Found::Empty => return Err(QueueError::Empty(shown)),
+            store::Found::Missing => {
+                let created = store::create_database(path, |c| {
+                    c.execute_batch(MIGRATION)?;
+                    c.execute(
+                        "INSERT INTO meta (key, value) VALUES ('format', ?1)",
+                        [FORMAT.to_string()],
+                    )
+                    .map(|_| ())
+                });
+                match created {
+                    // Another daemon created it at the same moment: open that one.
+                    Ok(()) | Err(store::StoreError::Exists) => {}
+                    Err(e) => return Err(opened(e)),
+                }
+            }
+            store::Found::File => {}
+        }
+        let mut accept = store::connect(path, Sync::Full).map_err(opened)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
         mark_format(&mut accept, &shown)?;
-        add_segment_columns(&mut accept).map_err(sql)?;
-        let work = store::connect(path, Sync::Normal).map_err(sql)?;
-        let write = store::connect(path, Sync::Full).map_err(sql)?;
+        add_columns(&mut accept).map_err(sql)?;
+        repair_once(&mut accept).map_err(sql)?;
+        let work = store::connect(path, Sync::Normal).map_err(opened)?;
+        let write = store::connect(path, Sync::Full).map_err(opened)?;
         let pending = Arc::new(AtomicI64::new(0));
         let segments = Arc::new(Segments::new(path));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1417,7 +1592,8 @@ impl Queue {
                  coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0), \
                  coalesce(sum(CASE WHEN state = 'dead' THEN remaining END), 0), \
                  count(CASE WHEN state = 'pending' THEN 1 END), count(CASE WHEN state = 'pending' THEN held END), \
-                 count(CASE WHEN state = 'delivered' THEN 1 END), count(CASE WHEN state = 'dead' THEN 1 END) \
+                 count(CASE WHEN state = 'delivered' THEN 1 END), count(CASE WHEN state = 'dead' THEN 1 END), \
+                 count(CASE WHEN state = 'failed' THEN 1 END) \
                  FROM batches WHERE dispatch_id = ?1",
                 [id],
                 |r| {
@@ -1426,6 +1602,7 @@ impl Queue {
                         pending: n(4)?,
                         held: n(5)?,
                         delivered: n(6)?,
+                        failed: n(8)?,
                         dead: n(7)?,
                     };
                     Ok(DispatchStatus {
@@ -1452,7 +1629,7 @@ impl Queue {
         let conn = lock(&self.work);
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, dispatch_id, touchpoint, idx, count, state, held, size, remaining, delivered, failed, attempts, next_at, last_error, updated_at \
+                "SELECT id, dispatch_id, touchpoint, idx, count, state, held, size, remaining, delivered, failed, attempt_base + attempts, next_at, last_error, updated_at \
                  FROM batches WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR touchpoint = ?2) AND (?3 IS NULL OR dispatch_id = ?3) \
                  ORDER BY updated_at DESC, id DESC LIMIT ?4",
             )
@@ -1533,8 +1710,29 @@ impl Queue {
         Ok((attempts, failures))
     }
 
+    /// When each of a batch's replays happened, oldest first.
+    pub fn replays(&self, batch_id: &str) -> Result<Vec<Replay>, QueueError> {
+        let conn = lock(&self.work);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT at, after_attempt, recipients FROM replays WHERE batch_id = ?1 ORDER BY rowid",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([batch_id], |r| {
+            Ok(Replay {
+                at: r.get(0)?,
+                after_attempt: r.get(1)?,
+                recipients: r.get(2)?,
+            })
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+
     /// Puts dead batches back in the queue, due now, with a fresh attempt budget: the given ids,
-    /// or every dead batch (of `touchpoint`, if given). Returns the ids replayed.
+    /// or every dead batch (of `touchpoint`, if given). Returns the ids replayed. The attempts
+    /// made before stay in the log, later ones are numbered on from them, and the replay itself
+    /// is recorded (see [`Queue::replays`]).
     pub fn replay(
         &self,
         ids: &[String],
@@ -1563,7 +1761,14 @@ impl Queue {
         let now = now_ms();
         for (id, _) in &chosen {
             tx.execute(
-                "UPDATE batches SET state = 'pending', attempts = 0, next_at = ?2, updated_at = ?2 WHERE id = ?1",
+                "INSERT INTO replays (batch_id, at, after_attempt, recipients) \
+                 SELECT id, ?2, attempt_base + attempts, remaining FROM batches WHERE id = ?1",
+                params![id, now],
+            )
+            .map_err(|e| self.err(e))?;
+            tx.execute(
+                "UPDATE batches SET state = 'pending', attempt_base = attempt_base + attempts, attempts = 0, \
+                 next_at = ?2, updated_at = ?2 WHERE id = ?1",
                 params![id, now],
             )
             .map_err(|e| self.err(e))?;
@@ -1598,52 +1803,106 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
-    /// Marks this process as the daemon working the queue. A record left by a process that no
-    /// longer runs on this host is taken over (and returned); a live one is an error.
-    pub fn take_daemon_slot(&self) -> Result<Option<(u32, String)>, QueueError> {
+    /// The daemon holding the queue, if any.
+    fn held_slot(conn: &Connection) -> rusqlite::Result<Option<DaemonSlot>> {
+        conn.query_row(
+            "SELECT pid, host, started_at, lease_id, expires_at FROM daemon WHERE singleton = 1",
+            [],
+            |r| {
+                Ok(DaemonSlot {
+                    pid: r.get(0)?,
+                    host: r.get(1)?,
+                    started_at: r.get(2)?,
+                    lease_id: r.get(3)?,
+                    expires_at: r.get(4)?,
+                })
+            },
+        )
+        .optional()
+    }
+
+    /// Marks this process as the daemon working the queue, with a lease of term `ttl` that it
+    /// must renew ([`Queue::renew_daemon_slot`]; see [`crate::lease`]). A hold whose process no
+    /// longer runs on this host, or whose lease expired, is taken over (and returned); a live one
+    /// is an error. A hold naming this very process id on this host is a previous process that
+    /// had the same id (a restarted container's pid 1): a process does not start twice.
+    pub fn take_daemon_slot(&self, ttl: std::time::Duration) -> Result<Taken, QueueError> {
         let mut conn = lock(&self.accept);
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let held: Option<(u32, String, String)> = tx
-            .query_row(
-                "SELECT pid, host, started_at FROM daemon WHERE singleton = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(|e| self.err(e))?;
+        let held = Self::held_slot(&tx).map_err(|e| self.err(e))?;
         let host = crate::registry::hostname();
-        let recovered = match held {
-            Some((pid, h, _)) if pid == std::process::id() && h == host => None,
-            Some((pid, h, started_at)) if h != host || store::process_alive(pid) => {
-                return Err(QueueError::Busy {
-                    pid,
-                    host: h,
-                    started_at,
-                });
+        let now = now_ms();
+        let replaced = match held {
+            Some(h) if h.pid == std::process::id() && h.host == host => {
+                Some((h, crate::lease::Standing::Gone))
             }
-            Some((pid, _, started_at)) => Some((pid, started_at)),
+            Some(h) => match h.standing(now) {
+                standing if standing.free() => Some((h, standing)),
+                _ => return Err(QueueError::Busy(Box::new(h))),
+            },
             None => None,
         };
+        let lease_id = store::random_hex(8);
         tx.execute(
-            "INSERT OR REPLACE INTO daemon (singleton, pid, host, started_at) VALUES (1, ?1, ?2, ?3)",
-            params![std::process::id(), host, crate::registry::now()],
+            "INSERT OR REPLACE INTO daemon (singleton, pid, host, started_at, lease_id, expires_at) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5)",
+            params![
+                std::process::id(),
+                host,
+                crate::registry::now(),
+                lease_id,
+                crate::lease::expiry(now, ttl)
+            ],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(recovered)
+        Ok(Taken { lease_id, replaced })
     }
 
-    /// Gives the daemon slot up (on a clean stop).
-    pub fn leave_daemon_slot(&self) -> Result<(), QueueError> {
+    /// Pushes this process's hold to `expires_at` (ms since the epoch); whether it still holds
+    /// the queue (`false`: taken over, or released by `force-unlock --daemon`).
+    pub fn renew_daemon_slot(&self, lease_id: &str, expires_at: i64) -> Result<bool, QueueError> {
         lock(&self.accept)
             .execute(
-                "DELETE FROM daemon WHERE singleton = 1 AND pid = ?1",
-                [std::process::id()],
+                "UPDATE daemon SET expires_at = ?2 WHERE singleton = 1 AND lease_id = ?1",
+                params![lease_id, expires_at],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+    }
+
+    /// Gives the daemon slot up (on a clean stop), if this process still holds it.
+    pub fn leave_daemon_slot(&self, lease_id: &str) -> Result<(), QueueError> {
+        lock(&self.accept)
+            .execute(
+                "DELETE FROM daemon WHERE singleton = 1 AND lease_id = ?1",
+                [lease_id],
             )
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// Releases the queue from the daemon holding it, for an operator whose daemon is gone for
+    /// good; returns it (`None`: no daemon held the queue). Unless `force`, refuses while that
+    /// daemon keeps renewing its hold.
+    pub fn release_daemon_slot(&self, force: bool) -> Result<Option<DaemonSlot>, QueueError> {
+        let mut conn = lock(&self.accept);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let Some(held) = Self::held_slot(&tx).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let renewed = crate::lease::renewed(&held.host, held.pid, held.expires_at, now_ms());
+        if renewed && !force {
+            return Err(QueueError::SlotLive(Box::new(held)));
+        }
+        tx.execute("DELETE FROM daemon WHERE singleton = 1", [])
+            .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(Some(held))
     }
 }
 
@@ -1843,6 +2102,89 @@ mod tests {
         assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
+    #[test]
+    fn replay_keeps_the_earlier_attempts() {
+        let (_d, q) = open();
+        let h = head(None);
+        let Enqueued::New(r) = q.enqueue(new(&h, 3)).unwrap() else {
+            panic!("new")
+        };
+        let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        q.record(vec![completion(&batch, After::RetryAt(0))])
+            .unwrap();
+        let batch = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        assert_eq!(batch.attempts, 1);
+        q.record(vec![completion(&batch, After::Dead)]).unwrap();
+        assert_eq!(
+            q.replay(&[], None).unwrap(),
+            std::slice::from_ref(&batch.id)
+        );
+        let again = q.claim(now_ms(), 1, &[], &[]).unwrap().remove(0);
+        assert_eq!(again.attempts, 0, "a replay starts a fresh attempt budget");
+        q.record(vec![completion(&again, After::Done)]).unwrap();
+        let (attempts, _) = q.history(&batch.id).unwrap();
+        let log: Vec<(u32, &str)> = attempts
+            .iter()
+            .map(|a| (a.attempt, a.outcome.as_str()))
+            .collect();
+        assert_eq!(log, [(1, "retry"), (2, "dead"), (3, "delivered")]);
+        let replays = q.replays(&batch.id).unwrap();
+        assert_eq!(replays.len(), 1);
+        assert_eq!((replays[0].after_attempt, replays[0].recipients), (2, 3));
+        let info = q.batches(&Filter::default()).unwrap().remove(0);
+        assert_eq!((info.state.as_str(), info.attempts), ("delivered", 3));
+        // Forgotten with its dispatch, replays too.
+        assert_eq!(q.prune(now_ms() + 1, 100).unwrap(), 1);
+        assert!(q.dispatch(&r.dispatch_id).unwrap().is_none());
+        assert!(q.replays(&batch.id).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_daemon_slot_is_a_lease_taken_over_once_expired_on_any_host() {
+        let (_d, q) = open();
+        let ttl = std::time::Duration::from_secs(60);
+        let taken = q.take_daemon_slot(ttl).unwrap();
+        assert!(taken.replaced.is_none());
+        assert!(q.renew_daemon_slot(&taken.lease_id, now_ms() + 1).unwrap());
+        assert!(!q.renew_daemon_slot("not-mine", now_ms()).unwrap());
+        // Left by another host (this test's pid, so a matching host name could not make it look
+        // gone): refused while fresh, taken over once expired.
+        let other = |expires_at: i64| {
+            lock(&q.accept)
+                .execute(
+                    "UPDATE daemon SET host = 'replaced-vm', pid = ?1, lease_id = 'theirs', expires_at = ?2",
+                    params![std::process::id(), expires_at],
+                )
+                .unwrap();
+        };
+        other(now_ms() + 60_000);
+        match q.take_daemon_slot(ttl) {
+            Err(e @ QueueError::Busy(_)) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("on replaced-vm") && shown.contains("its lease expires at"),
+                    "{shown}"
+                );
+            }
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        assert!(matches!(
+            q.release_daemon_slot(false),
+            Err(QueueError::SlotLive(_))
+        ));
+        other(now_ms() - 1);
+        let taken = q.take_daemon_slot(ttl).unwrap();
+        let (gone, standing) = taken.replaced.unwrap();
+        assert_eq!(gone.host, "replaced-vm");
+        assert!(matches!(standing, crate::lease::Standing::Expired(_)));
+        // The one taken over finds out at its next renewal.
+        assert!(!q.renew_daemon_slot("theirs", now_ms()).unwrap());
+        // Released by force: the holder finds out too, and the queue is free.
+        assert!(q.release_daemon_slot(true).unwrap().is_some());
+        assert!(!q.renew_daemon_slot(&taken.lease_id, now_ms()).unwrap());
+        assert!(q.release_daemon_slot(false).unwrap().is_none());
+    }
+
     fn completion(c: &Claimed, after: After) -> Completion {
         Completion {
             batch_id: c.id.clone(),
@@ -2014,13 +2356,20 @@ mod tests {
         let path = dir.path().join("queue.db");
         let old_users = crate::dispatch::user::store(users(2).into_iter());
         {
-            // The file as format 2 left it: no segment columns, users in `payloads`.
+            // The file as format 2 left it: no segment columns, users in `payloads`, no replays
+            // and no daemon lease.
             let conn = Connection::open(&path).unwrap();
-            let old = MIGRATION.replace(
-                "updated_at  INTEGER NOT NULL,\n    segment     INTEGER,\n    seg_offset  INTEGER,\n    seg_length  INTEGER\n",
-                "updated_at  INTEGER NOT NULL\n",
-            );
-            assert_ne!(old, MIGRATION);
+            let old = MIGRATION
+                .replace(
+                    "updated_at  INTEGER NOT NULL,\n    segment     INTEGER,\n    seg_offset  INTEGER,\n    seg_length  INTEGER,\n    attempt_base INTEGER NOT NULL DEFAULT 0 -- attempts made before the last replay\n",
+                    "updated_at  INTEGER NOT NULL\n",
+                )
+                .replace(
+                    "started_at TEXT NOT NULL,\n    lease_id   TEXT,   -- NULL from a touchctl before leases\n    expires_at INTEGER -- ms since the epoch\n",
+                    "started_at TEXT NOT NULL\n",
+                );
+            assert!(!old.contains("seg_offset") && !old.contains("attempt_base"));
+            assert!(!old.contains("lease_id"));
             conn.execute_batch(&old).unwrap();
             conn.execute_batch(
                 "INSERT INTO meta VALUES ('format', '2');
@@ -2162,5 +2511,130 @@ mod tests {
         let q = Queue::open(&d.path().join("q/queue.db")).unwrap();
         assert_eq!(q.pending_recipients(), 8);
         assert_eq!(q.claim(now_ms(), 10, &[], &[]).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_batch_whose_recipients_all_failed_is_failed_not_delivered() {
+        let (_d, q) = open();
+        let h = head(None);
+        let Enqueued::New(r) = q.enqueue(new(&h, 8)).unwrap() else {
+            panic!("new")
+        };
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        let refused = |c: &Claimed, ids: &[&str], after: After| Completion {
+            delivered: 0,
+            failed: ids
+                .iter()
+                .map(|id| Rejected {
+                    user_id: id.to_string(),
+                    reason: "number on the blocklist".into(),
+                })
+                .collect(),
+            remaining: (after != After::Done).then(|| (Vec::new(), 2)),
+            ..completion(c, after)
+        };
+        // Batch 0: every recipient fails in its one attempt. Batch 1: two fail for good, two are
+        // retried, and fail for good in the second attempt.
+        q.record(vec![
+            refused(&claimed[0], &["u0", "u1", "u2", "u3"], After::Done),
+            refused(&claimed[1], &["u4", "u5"], After::RetryAt(now_ms())),
+        ])
+        .unwrap();
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(again.len(), 1);
+        q.record(vec![refused(&again[0], &["u6", "u7"], After::Done)])
+            .unwrap();
+        let state = |id: &str| {
+            q.batches(&Filter::default())
+                .unwrap()
+                .into_iter()
+                .find(|b| b.id == id)
+                .map(|b| (b.state, b.delivered, b.failed))
+                .unwrap()
+        };
+        assert_eq!(state(&claimed[0].id), ("failed".to_string(), 0, 4));
+        assert_eq!(state(&claimed[1].id), ("failed".to_string(), 0, 4));
+        let (attempts, _) = q.history(&claimed[1].id).unwrap();
+        let outcomes: Vec<&str> = attempts.iter().map(|a| a.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["partial", "failed"]);
+        let s = q.dispatch(&r.dispatch_id).unwrap().unwrap();
+        assert_eq!((s.batches.failed, s.batches.delivered), (2, 0));
+        assert_eq!((s.delivered, s.failed, s.pending), (0, 8, 0));
+        assert!(s.finished);
+        let failed_only = Filter {
+            state: Some("failed".into()),
+            ..Filter::default()
+        };
+        assert_eq!(q.batches(&failed_only).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_interrupted_attempt_is_logged_and_its_batch_stays_due() {
+        let (_d, q) = open();
+        let h = head(None);
+        q.enqueue(new(&h, 4)).unwrap();
+        let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        let cut = Completion {
+            status: None,
+            error: Some("interrupted".into()),
+            ..completion(&claimed[0], After::Interrupted)
+        };
+        q.record(vec![cut]).unwrap();
+        let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
+        assert_eq!(again.len(), 1, "due at once");
+        assert_eq!((again[0].attempts, again[0].remaining), (1, 4));
+        assert_eq!(stored(&again[0]).unwrap(), stored(&claimed[0]).unwrap());
+        q.record(vec![completion(&again[0], After::Done)]).unwrap();
+        let (attempts, _) = q.history(&claimed[0].id).unwrap();
+        let outcomes: Vec<(u32, &str)> = attempts
+            .iter()
+            .map(|a| (a.attempt, a.outcome.as_str()))
+            .collect();
+        assert_eq!(outcomes, [(1, "interrupted"), (2, "delivered")]);
+        assert_eq!(q.pending_recipients(), 0);
+    }
+
+    #[test]
+    fn batches_parked_for_centuries_or_all_failed_and_called_delivered_are_repaired_on_open() {
+        let (d, q) = open();
+        let h = head(None);
+        q.enqueue(new(&h, 12)).unwrap();
+        drop(q);
+        let path = d.path().join("q/queue.db");
+        {
+            // As an older version left them: one batch parked until 2999, one held there, and one
+            // whose every recipient failed recorded as delivered.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "DELETE FROM meta WHERE key = 'repaired';
+                 UPDATE batches SET next_at = 32503680000000 WHERE idx IN (0, 1);
+                 UPDATE batches SET held = 'paused' WHERE idx = 1;
+                 UPDATE batches SET state = 'delivered', delivered = 0, failed = 4, remaining = 0 WHERE idx = 2;",
+            )
+            .unwrap();
+        }
+        let before = now_ms();
+        let q = Queue::open(&path).unwrap();
+        let batches = q.batches(&Filter::default()).unwrap();
+        let by_index = |i: u32| batches.iter().find(|b| b.index == i).unwrap();
+        let latest = before + 86_400_000;
+        for i in [0, 1] {
+            let next = by_index(i).next_at.unwrap();
+            assert!((before..=latest + 60_000).contains(&next), "{i}: {next}");
+        }
+        assert_eq!(by_index(2).state, "failed");
+        // Once per file: a later open leaves what it finds.
+        drop(q);
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE batches SET next_at = 32503680000000 WHERE idx = 0",
+                [],
+            )
+            .unwrap();
+        let q = Queue::open(&path).unwrap();
+        let batches = q.batches(&Filter::default()).unwrap();
+        let parked = batches.iter().find(|b| b.index == 0).unwrap();
+        assert_eq!(parked.next_at, Some(32_503_680_000_000));
     }
 }

@@ -1,6 +1,8 @@
 //! When to try a failed batch again: exponential backoff from the touchpoint's `retry.backoff`,
 //! capped at `retry.max_backoff`, with full jitter so that many batches failing together do not
-//! come back together; a `Retry-After` from the endpoint is honoured (as a lower bound).
+//! come back together; a `Retry-After` from the endpoint is honoured (as a lower bound), up to
+//! `retry.max_backoff` too: an endpoint cannot park a batch for longer than its touchpoint allows,
+//! whatever number or date it sends. Arithmetic on waits saturates.
 
 use std::time::Duration;
 
@@ -26,16 +28,25 @@ pub fn next(policy: &Retry, attempts_made: u32, retry_after: Option<Duration>, u
     let cap = policy.max_backoff.get().max(base);
     let exp = attempts_made.saturating_sub(1).min(30);
     let ceiling = base.saturating_mul(1u32 << exp).min(cap);
-    // Full jitter, but never less than half the ceiling: the backoff still grows.
+    // Full jitter, but never less than half the ceiling: the backoff still grows. (The factor is
+    // at most 1, so the product cannot overflow.)
     let jittered = ceiling.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0));
-    Next::RetryAfter(retry_after.map_or(jittered, |ra| jittered.max(ra)))
+    Next::RetryAfter(retry_after.map_or(jittered, |ra| jittered.max(ra.min(cap))))
 }
 
-/// Parses a `Retry-After` header: delay seconds, or an HTTP date.
+/// When a wait of `wait` from `now_ms` (ms since the epoch) ends, saturating instead of wrapping.
+pub fn due_at(now_ms: i64, wait: Duration) -> i64 {
+    now_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Parses a `Retry-After` header: delay seconds, or an HTTP date. A number of seconds too large
+/// for a `u64` saturates (it is capped by [`next`] anyway); a date in the past means now.
 pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
     }
     let at = httpdate(value)?;
     Some(at.duration_since(now).unwrap_or_default())
@@ -68,13 +79,13 @@ pub fn unit() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Duration as D;
+    use crate::model::{Backoff, MaxBackoff};
 
     fn policy(attempts: u32, backoff: u64, max: u64) -> Retry {
         Retry {
             attempts,
-            backoff: D::from_secs(backoff),
-            max_backoff: D::from_secs(max),
+            backoff: Backoff::from_secs(backoff),
+            max_backoff: MaxBackoff::from_secs(max),
         }
     }
 
@@ -111,5 +122,52 @@ mod tests {
             Some(Duration::from_secs(60))
         );
         assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn retry_after_18446744073709551615_waits_max_backoff_instead_of_dead_lettering() {
+        let p = policy(12, 1, 600);
+        let now = humantime::parse_rfc3339("2026-11-22T08:00:00Z").unwrap();
+        for header in ["18446744073709551615", "99999999999999999999999999"] {
+            let ra = parse_retry_after(header, now);
+            assert_eq!(ra, Some(Duration::from_secs(u64::MAX)), "{header}");
+            assert_eq!(
+                next(&p, 1, ra, 0.0),
+                Next::RetryAfter(Duration::from_secs(600)),
+                "{header}"
+            );
+        }
+        // The time it is due saturates instead of wrapping into the past.
+        let wait = Duration::from_secs(u64::MAX);
+        assert_eq!(due_at(1_795_000_000_000, wait), i64::MAX);
+        assert_eq!(
+            due_at(1_795_000_000_000, Duration::from_secs(600)),
+            1_795_000_600_000
+        );
+    }
+
+    #[test]
+    fn retry_after_in_the_year_2999_waits_max_backoff_instead_of_parking_for_ever() {
+        let p = policy(12, 1, 600);
+        let now = humantime::parse_rfc3339("2026-11-22T08:00:00Z").unwrap();
+        for header in ["Tue, 01 Jan 2999 00:00:00 GMT", "2999-01-01T00:00:00Z"] {
+            let ra = parse_retry_after(header, now).unwrap();
+            assert!(ra > Duration::from_secs(900 * 365 * 86_400), "{header}");
+            assert_eq!(
+                next(&p, 3, Some(ra), 1.0),
+                Next::RetryAfter(Duration::from_secs(600)),
+                "{header}"
+            );
+        }
+        // A date in the past is no wait at all; the backoff stands.
+        let past = parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now);
+        assert_eq!(past, Some(Duration::ZERO));
+        assert_eq!(
+            next(&p, 1, past, 1.0),
+            Next::RetryAfter(Duration::from_secs(1))
+        );
+        for bad in ["-1", "1.5", "", "soon"] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad}");
+        }
     }
 }

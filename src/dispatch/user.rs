@@ -162,6 +162,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
                 let mut id: Option<Cow<'a, str>> = None;
                 let mut attributes = None;
                 while let Some(Text(key)) = map.next_key::<Text<'de>>()? {
+                    // A key given twice would be read as one of its values here and as the other
+                    // by another reader: refused, whichever.
+                    let again = match key.as_ref() {
+                        "user_id" => id.is_some(),
+                        "attributes" => attributes.is_some(),
+                        _ => false,
+                    };
+                    if again {
+                        return Err(de::Error::custom(format!(
+                            "duplicate key `{key}` in a user: give it once"
+                        )));
+                    }
                     match key.as_ref() {
                         "user_id" => {
                             id = Some(
@@ -231,11 +243,38 @@ impl<'de: 'a, 'a> Deserialize<'de> for Attributes<'a> {
                 while let Some((Text(k), v)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
                     out.push((k, v.get()));
                 }
-                Ok(Attributes(out))
+                match first_repeat(&out) {
+                    Some(name) => Err(de::Error::custom(duplicate_attribute(name))),
+                    None => Ok(Attributes(out)),
+                }
             }
         }
         d.deserialize_map(V(std::marker::PhantomData))
     }
+}
+
+/// Why a user with an attribute given twice is refused: a dynamic param would pick one of its
+/// values, and the same user read back from the queue, or by the customer's endpoint, the other.
+pub fn duplicate_attribute(name: &str) -> String {
+    format!("duplicate attribute `{name}` in a user: give each attribute once")
+}
+
+/// The first attribute name given a second time, if any.
+fn first_repeat<'b>(attributes: &'b [(Cow<'_, str>, &str)]) -> Option<&'b str> {
+    // Most users have a handful of attributes: comparing them costs less than hashing. A set
+    // keeps a user with thousands of them from costing their square.
+    const SCAN: usize = 16;
+    if attributes.len() <= SCAN {
+        return (1..attributes.len())
+            .find(|&i| attributes[..i].iter().any(|(k, _)| *k == attributes[i].0))
+            .map(|i| attributes[i].0.as_ref());
+    }
+    let mut seen: HashSet<&str, foldhash::fast::RandomState> =
+        HashSet::with_capacity_and_hasher(attributes.len(), Default::default());
+    attributes
+        .iter()
+        .map(|(k, _)| k.as_ref())
+        .find(|k| !seen.insert(k))
 }
 
 /// A trigger read from a request body, its users borrowed from it.
@@ -684,6 +723,54 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_duplicate_attribute_or_user_id_key_in_a_user_is_refused() {
+        let json = |users: &str| {
+            RawTrigger::from_json(
+                format!(r#"{{"touchpoint":"t","campaign":"c","users":[{users}]}}"#).as_bytes(),
+            )
+            .err()
+        };
+        let ndjson = |user: &str| {
+            RawTrigger::from_ndjson(
+                format!("{{\"touchpoint\":\"t\",\"campaign\":\"c\"}}\n{user}\n").as_bytes(),
+            )
+            .err()
+        };
+        let many: String = (0..40)
+            .map(|i| format!(r#""a{i}":{i},"#))
+            .collect::<String>()
+            + r#""a7":0"#;
+        let many = format!(r#"{{"user_id":"u","attributes":{{{many}}}}}"#);
+        for (user, says) in [
+            (
+                r#"{"user_id":"u","attributes":{"phone":"1","phone":"2"}}"#,
+                "duplicate attribute `phone` in a user",
+            ),
+            (many.as_str(), "duplicate attribute `a7` in a user"),
+            (
+                r#"{"user_id":"u","user_id":"v"}"#,
+                "duplicate key `user_id` in a user",
+            ),
+            (
+                r#"{"user_id":"u","attributes":{"a":1},"attributes":{"a":2}}"#,
+                "duplicate key `attributes` in a user",
+            ),
+        ] {
+            for err in [json(user), ndjson(user)] {
+                let err = err.unwrap_or_else(|| panic!("accepted {user}"));
+                assert!(err.contains(says), "{err}");
+            }
+        }
+        // The same name in different users, or nested in a value, is no repeat.
+        assert!(
+            json(
+                r#"{"user_id":"u","attributes":{"a":{"a":1}}},{"user_id":"v","attributes":{"a":1}}"#
+            )
+            .is_none()
+        );
     }
 
     #[test]

@@ -8,7 +8,6 @@
 //! disabled or gone is held in the queue, never dropped.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use super::retry::{self, Next};
 use super::segments::Span;
 use super::user::{UserRef, parse_stored, store};
 use crate::channel::custom::{self, Envelope, Request, Response};
+use crate::channel::net_guard;
 use crate::model::{CustomSpec, Secret};
 use crate::store::now_ms;
 
@@ -186,8 +186,14 @@ struct Lane {
     rate: Option<f64>,
 }
 
-/// The sender, running until `stop` turns true; then it stops claiming, lets in-flight requests
-/// finish (up to `Config::drain`) and records them.
+/// How long requests cut off at the end of a drain get to record their interruption before their
+/// tasks are aborted (which leaves their batches pending, unrecorded, as a crash would).
+const CUT_GRACE: Duration = Duration::from_secs(1);
+
+/// The sender, running until `stop` turns true; then it stops claiming and lets in-flight requests
+/// finish, for up to `Config::drain`. Requests still in flight then are cut off (their connections
+/// closed) and recorded as interrupted: their batches stay pending and are sent again on the next
+/// start, so stopping never waits for a touchpoint's timeout.
 pub async fn run(
     queue: Arc<Queue>,
     directory: Arc<dyn Directory>,
@@ -212,6 +218,9 @@ pub async fn run(
     let mut lanes: HashMap<String, Lane> = HashMap::new();
     let mut in_flight = 0usize;
     let mut waiting = 0usize;
+    // Turns true when the drain timeout runs out: requests still in flight give up then.
+    let (cut_tx, cut_rx) = watch::channel(false);
+    let mut sends = tokio::task::JoinSet::new();
     let shared = Arc::new(Shared {
         queue: queue.clone(),
         directory: directory.clone(),
@@ -220,6 +229,8 @@ pub async fn run(
         record: record_tx,
         observer: observer.clone(),
         busy: busy.clone(),
+        cut: cut_rx,
+        drain: config.drain,
     });
     // The queue is asked for work only when there may be some it has not given yet: at the
     // start, when woken (a trigger, a retry on record, a resume, ...), when a timer falls due,
@@ -232,6 +243,8 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
+        // Forget the tasks that finished (their outcome went through `done_rx`).
+        while sends.try_join_next().is_some() {}
         while let Ok(tp) = done_rx.try_recv() {
             in_flight -= 1;
             if let Some(lane) = lanes.get_mut(&tp) {
@@ -322,7 +335,7 @@ pub async fn run(
                 in_flight += 1;
                 let shared = shared.clone();
                 let done = done_tx.clone();
-                tokio::spawn(async move {
+                sends.spawn(async move {
                     let tp = batch.touchpoint.clone();
                     shared.send(batch).await;
                     let _ = done.send(tp);
@@ -360,9 +373,9 @@ pub async fn run(
             })
             .await
             {
-                Ok(Some(due)) => {
-                    Some(Instant::now() + Duration::from_millis((due - now_ms()).max(0) as u64))
-                }
+                Ok(Some(due)) => Instant::now().checked_add(Duration::from_millis(
+                    u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0),
+                )),
                 _ => None,
             };
         }
@@ -384,21 +397,52 @@ pub async fn run(
             _ = stop.changed() => {}
         }
     }
-    // Drain: let in-flight requests finish, then record them.
-    let deadline = Instant::now() + config.drain;
-    while in_flight > 0 {
-        match tokio::time::timeout_at(deadline.into(), done_rx.recv()).await {
-            Ok(Some(_)) => in_flight -= 1,
-            _ => break,
-        }
-    }
+    // Drain: let in-flight requests finish (each records its outcome), up to the drain timeout.
+    // A drain timeout too long to add to the clock is no limit.
+    let deadline = Instant::now().checked_add(config.drain);
+    in_flight -= finished_by(&mut done_rx, in_flight, deadline).await;
     if in_flight > 0 {
         observer.problem(&format!(
-            "{in_flight} request(s) still in flight after the drain timeout; their batches are sent again on the next start"
+            "{in_flight} request(s) still in flight after the drain timeout ({}): cut off and recorded as interrupted; their batches are sent again on the next start",
+            humantime::format_duration(config.drain)
         ));
+        let _ = cut_tx.send(true);
+        // Each records its interruption at once; anything still running after a moment is
+        // aborted, its batch left pending as after a crash.
+        let grace = Instant::now().checked_add(CUT_GRACE);
+        in_flight -= finished_by(&mut done_rx, in_flight, grace).await;
+        if in_flight > 0 {
+            observer.problem(&format!(
+                "{in_flight} request(s) did not stop when cut off; aborted unrecorded, their batches are sent again on the next start"
+            ));
+        }
     }
+    sends.shutdown().await;
     drop(shared);
     let _ = recorder.await;
+}
+
+/// Waits until `in_flight` sends have finished or `deadline` (if any) passes; returns how many did.
+async fn finished_by(
+    done: &mut mpsc::UnboundedReceiver<String>,
+    in_flight: usize,
+    deadline: Option<Instant>,
+) -> usize {
+    let mut finished = 0;
+    while finished < in_flight {
+        let next = match deadline {
+            Some(at) => tokio::time::timeout_at(at.into(), done.recv())
+                .await
+                .ok()
+                .flatten(),
+            None => done.recv().await,
+        };
+        if next.is_none() {
+            break;
+        }
+        finished += 1;
+    }
+    finished
 }
 
 async fn run_blocking<T: Send + 'static>(
@@ -485,6 +529,10 @@ struct Shared {
     record: mpsc::UnboundedSender<Completion>,
     observer: Arc<dyn Observer>,
     busy: Busy,
+    /// True once the drain timeout ran out: requests in flight give up.
+    cut: watch::Receiver<bool>,
+    /// The drain timeout, for the record of an interrupted attempt.
+    drain: Duration,
 }
 
 impl Shared {
@@ -533,10 +581,10 @@ impl Shared {
             Ok(_) => self.guard(&target.spec.url).await,
         };
         let response = match guard {
-            Err(error) => Response::Final {
+            Err(error) => Some(Response::Final {
                 status: None,
                 error,
-            },
+            }),
             Ok(()) => {
                 let env = Envelope {
                     touchpoint: &batch.touchpoint,
@@ -550,19 +598,33 @@ impl Shared {
                     Some((wire, _)) => custom::body_with(&env, &wire.recipients),
                     None => custom::body(&env, users, &target.mapping),
                 };
-                custom::send(
-                    &self.client,
-                    Request {
-                        url: &target.spec.url,
-                        token: &target.token,
-                        signing_key: target.signing_key.as_deref(),
-                        msg_id: &batch.id,
-                        body,
-                        timeout: target.spec.timeout.get(),
-                    },
+                unless_cut(
+                    &self.cut,
+                    custom::send(
+                        &self.client,
+                        Request {
+                            url: &target.spec.url,
+                            token: &target.token,
+                            signing_key: target.signing_key.as_deref(),
+                            msg_id: &batch.id,
+                            body,
+                            timeout: target.spec.timeout.get(),
+                        },
+                    ),
                 )
                 .await
             }
+        };
+        // Cut off: the request was dropped, which closed its connection. The endpoint may or may
+        // not have taken the batch, as after a timeout; it comes again with the same `webhook-id`.
+        let Some(response) = response else {
+            let latency = started.elapsed();
+            let completion =
+                interrupted(&batch, &target, recipients, started_ms, latency, self.drain);
+            self.observer
+                .attempt(&batch.touchpoint, "interrupted", latency, 0, 0);
+            let _ = self.record.send(completion);
+            return;
         };
         let latency = started.elapsed();
         if attempt == 1 {
@@ -603,10 +665,12 @@ impl Shared {
             &batch, &target, recipients, users, response, started_ms, latency,
         );
         let label = match completion.after {
+            After::Done if completion.delivered == 0 && !completion.failed.is_empty() => "failed",
             After::Done => "delivered",
             After::RetryAt(_) if completion.delivered > 0 => "partial",
             After::RetryAt(_) => "retry",
             After::Dead => "dead",
+            After::Interrupted => "interrupted",
         };
         self.observer.attempt(
             &batch.touchpoint,
@@ -626,55 +690,12 @@ impl Shared {
             .unwrap_or_else(|e| Err(e.to_string()))
     }
 
-    /// Refuses endpoints on loopback, private and link-local networks unless allowed.
+    /// Refuses endpoints on non-public networks unless allowed (see [`net_guard`]).
     async fn guard(&self, url: &str) -> Result<(), String> {
         if self.allow_private {
             return Ok(());
         }
-        let parsed = url::Url::parse(url).map_err(|e| format!("bad url: {e}"))?;
-        let port = parsed.port_or_known_default().unwrap_or(443);
-        let addrs: Vec<IpAddr> = match parsed.host() {
-            Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
-            Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
-            Some(url::Host::Domain(d)) => match tokio::net::lookup_host((d, port)).await {
-                Ok(it) => it.map(|a| a.ip()).collect(),
-                // Resolution failing is the request's problem, reported (and retried) there.
-                Err(_) => return Ok(()),
-            },
-            None => return Err("the url has no host".into()),
-        };
-        match addrs.iter().find(|ip| !is_public(ip)) {
-            Some(ip) => Err(format!(
-                "refused: {} resolves to {ip}, a loopback, private or link-local address; the daemon sends there only when started with --allow-private-network",
-                parsed.host_str().unwrap_or_default()
-            )),
-            None => Ok(()),
-        }
-    }
-}
-
-/// A DNS resolver that drops loopback, private and link-local addresses, so the address checked
-/// is the address connected to (a name cannot resolve to a public address for the check and a
-/// private one for the request).
-pub struct PublicOnly;
-
-impl reqwest::dns::Resolve for PublicOnly {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let all: Vec<std::net::SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let public: Vec<std::net::SocketAddr> =
-                all.iter().copied().filter(|a| is_public(&a.ip())).collect();
-            if public.is_empty() {
-                let err: Box<dyn std::error::Error + Send + Sync> = format!(
-                    "{host} resolves only to loopback, private or link-local addresses; the daemon sends there only when started with --allow-private-network"
-                )
-                .into();
-                return Err(err);
-            }
-            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
-        })
+        net_guard::check_url(url).await.map_err(|e| e.to_string())
     }
 }
 
@@ -684,38 +705,50 @@ fn batch_created_ms(id: &str) -> Option<i64> {
     i64::from_str_radix(hex, 16).ok()
 }
 
-/// Whether an address is on the public internet (not loopback, private, link-local, unspecified,
-/// shared, documentation or multicast).
-pub fn is_public(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (64..128).contains(&o[1])))
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(&IpAddr::V4(v4));
-            }
-            let seg = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (seg[0] & 0xfe00) == 0xfc00
-                || (seg[0] & 0xffc0) == 0xfe80)
-        }
+fn unreadable(e: &str) -> String {
+    format!("the stored batch cannot be read ({e}); this is a touchctl bug, please report it")
+}
+
+/// `work`'s output, or `None` if the drain timeout runs out first (`cut` turns true), which drops
+/// `work` unfinished.
+async fn unless_cut<T>(
+    cut: &watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut cut = cut.clone();
+    tokio::select! {
+        done = work => Some(done),
+        // A sender gone is a stop as well.
+        _ = cut.wait_for(|cut| *cut) => None,
     }
 }
 
-fn unreadable(e: &str) -> String {
-    format!("the stored batch cannot be read ({e}); this is a touchctl bug, please report it")
+/// The record of an attempt cut off by the end of a drain (see [`After::Interrupted`]).
+fn interrupted(
+    batch: &Claimed,
+    target: &Target,
+    recipients: u32,
+    started_ms: i64,
+    latency: Duration,
+    drain: Duration,
+) -> Completion {
+    Completion {
+        batch_id: batch.id.clone(),
+        attempt: batch.attempts + 1,
+        generation: target.generation,
+        started_ms,
+        latency_ms: i64::try_from(latency.as_millis()).unwrap_or(i64::MAX),
+        status: None,
+        recipients,
+        delivered: 0,
+        failed: Vec::new(),
+        remaining: None,
+        after: After::Interrupted,
+        error: Some(format!(
+            "interrupted: the daemon was stopping and its drain timeout ({}) ran out before the endpoint answered; the batch is sent again (same webhook-id) when the daemon next starts",
+            humantime::format_duration(drain)
+        )),
+    }
 }
 
 /// Turns a response into the batch's next state. `users` are the batch's users when the response
@@ -737,7 +770,7 @@ fn outcome(
         retry_after,
         retry::unit(),
     ) {
-        Next::RetryAfter(d) => After::RetryAt(now_ms() + d.as_millis() as i64),
+        Next::RetryAfter(d) => After::RetryAt(retry::due_at(now_ms(), d)),
         Next::DeadLetter => After::Dead,
     };
     let mut c = Completion {
@@ -963,42 +996,6 @@ mod tests {
         wake.anything();
         wake.queued("sms");
         assert!(wake.wants_claim(&left_out), "anything else always claims");
-    }
-
-    #[test]
-    fn public_addresses_only() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.0.1",
-            "172.16.5.4",
-            "169.254.169.254",
-            "0.0.0.0",
-            "100.64.0.1",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-        ] {
-            let ip: IpAddr = private.parse().unwrap();
-            assert!(!is_public(&ip), "{private}");
-        }
-        for public in ["93.184.216.34", "2606:2800:220:1::1"] {
-            let ip: IpAddr = public.parse().unwrap();
-            assert!(is_public(&ip), "{public}");
-        }
-    }
-
-    #[test]
-    fn the_resolver_drops_private_addresses() {
-        use reqwest::dns::Resolve;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let name: reqwest::dns::Name = "localhost".parse().unwrap();
-        let err = rt.block_on(PublicOnly.resolve(name)).err().unwrap();
-        assert!(err.to_string().contains("--allow-private-network"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 use super::diagnostic::{Issue, Target};
 use super::schema_errors::did_you_mean;
 use super::toml_json::{Segment, dotted};
-use crate::model::{DynamicParams, KindSpec, MessageTemplate, NAME_PATTERN, ParamType, Touchpoint};
+use crate::model::{
+    DynamicParams, KindSpec, MessageTemplate, NAME_PATTERN, ParamType, SecretError, SecretRef,
+    Touchpoint, is_own_variable,
+};
 
 fn key(k: &str) -> Segment {
     Segment::Key(k.to_string())
@@ -27,7 +30,7 @@ pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
     match &tp.spec {
         KindSpec::Custom(s) => {
             check_url(&mut out, vec![key("url")], &s.url, s.allow_insecure, "url");
-            if s.retry.backoff > s.retry.max_backoff {
+            if s.retry.backoff.get() > s.retry.max_backoff.get() {
                 out.push(issue(
                     "out-of-range",
                     vec![key("retry"), key("backoff")],
@@ -88,7 +91,28 @@ pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
         }
     }
     check_dynamic_params(&mut out, &tp.spec, tp.spec.dynamic_params());
+    check_secret_sources(&mut out, tp);
     out
+}
+
+/// touchctl's own variables are never a secret source, whatever the environment holds; the rest of
+/// the confinement depends on the machine and is checked where secrets are read.
+fn check_secret_sources(out: &mut Vec<Issue>, tp: &Touchpoint) {
+    for (path, r) in tp.secrets() {
+        if let SecretRef::Env { env } = r
+            && is_own_variable(env)
+        {
+            let mut at: Vec<Segment> = path.split('.').map(key).collect();
+            at.push(key("env"));
+            let refused = SecretError::OwnVariable(env.clone());
+            out.push(issue(
+                refused.code(),
+                at,
+                Target::Value,
+                format!("`{path}`: {refused}"),
+            ));
+        }
+    }
 }
 
 fn check_api_base(out: &mut Vec<Issue>, api_base: Option<&str>, allow_insecure: bool) {

@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::term::escape;
+
 /// A problem in a file: where it is, its stable code, and a message that says what to do.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Diagnostic {
@@ -21,12 +23,20 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+/// One line for a person: the path and the message are escaped ([`crate::term::escape`]), since
+/// both can hold what a file's author wrote (a file name, a field name, a value). The JSON form
+/// (`Serialize`) carries them exactly.
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{}:{}:{}: {}[{}]: {}",
-            self.path, self.line, self.column, self.severity, self.code, self.message
+            escape(&self.path),
+            self.line,
+            self.column,
+            self.severity,
+            self.code,
+            escape(&self.message)
         )
     }
 }

@@ -2,18 +2,20 @@
 //! revision), checked against the schema and by the cross-field and cross-file rules. All problems
 //! are collected at once as [`Diagnostic`]s; a tree with any of them yields none of its touchpoints.
 
+mod cache;
 mod checks;
 mod diagnostic;
 mod schema_errors;
 mod toml_json;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 use serde_json::Value;
 use toml::de::DeTable;
 
+pub use cache::{Reload, Stamp, TreeCache};
 pub use diagnostic::Diagnostic;
 use diagnostic::{Issue, Target};
 pub use schema_errors::did_you_mean;
@@ -44,13 +46,17 @@ pub struct Loaded {
     pub file: String,
     /// Directory secret file references resolve against.
     pub dir: PathBuf,
+    /// Where each secret reference sits in the file (line, column of its `env` or `file` value),
+    /// by field path, so a secret that cannot be read is reported at its line.
+    pub secret_at: Vec<(&'static str, (usize, usize))>,
 }
 
-/// The desired state: every touchpoint of the tree, sorted by id.
+/// The desired state: every touchpoint of the tree, sorted by id. The touchpoints are shared, so
+/// that a tree read again after a change keeps those of the files that did not change.
 #[derive(Clone, Debug, Default)]
 pub struct Desired {
     /// Sorted by id; ids are unique.
-    pub touchpoints: Vec<Loaded>,
+    pub touchpoints: Vec<Arc<Loaded>>,
 }
 
 impl Drop for Desired {
@@ -83,14 +89,45 @@ pub enum LoadError {
     Invalid(Vec<Diagnostic>),
 }
 
-/// The `*.toml` files under `dir`, recursively, in path order (hidden folders skipped).
+/// The `*.toml` files under `dir`, recursively, in path order (hidden folders skipped; links
+/// followed as [`load_dir`] follows them, those it refuses left out).
 pub fn discover(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    Ok(walk(dir)?
+        .into_iter()
+        .filter_map(|f| match f {
+            Found::File(path) => Some(path),
+            Found::Refused(_) => None,
+        })
+        .collect())
+}
+
+/// What the walk of a tree found.
+pub(crate) enum Found {
+    /// A `*.toml` file, or a link to one inside the folder.
+    File(PathBuf),
+    /// A link that is not followed: a diagnostic, so that the touchpoints it may have held are
+    /// not taken for deleted.
+    Refused(Diagnostic),
+}
+
+fn is_toml(path: &Path) -> bool {
+    path.extension().is_some_and(|x| x == "toml")
+}
+
+/// Every `*.toml` file under `dir` and every link that cannot be followed, in path order. Hidden
+/// files and folders are skipped. A link is followed when it leads to a regular file inside `dir`
+/// (as resolved, links and `..` included); any other link is a diagnostic: a link to a folder
+/// (files could be loaded twice, or from anywhere), a link that leaves the folder, and a broken
+/// link. Links whose name and target are not touchpoint files are passed over like other files.
+pub(crate) fn walk(dir: &Path) -> Result<Vec<Found>, LoadError> {
     if !dir.is_dir() {
         return Err(LoadError::NoDir(dir.to_path_buf()));
     }
-    let mut files = Vec::new();
+    let mut found = Vec::new();
+    let mut root: Option<PathBuf> = None;
+    // Not sorted by the walk (which finds each name's place anew for every comparison): sorted
+    // once at the end, in the same order.
     let walker = walkdir::WalkDir::new(dir)
-        .sort_by_file_name()
         .into_iter()
         .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
     for entry in walker {
@@ -100,32 +137,122 @@ pub fn discover(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
                 .into_io_error()
                 .unwrap_or_else(|| std::io::Error::other("folder loop")),
         })?;
-        if entry.file_type().is_file() && entry.path().extension().is_some_and(|x| x == "toml") {
-            files.push(entry.into_path());
+        if entry.file_type().is_symlink() {
+            let root = match &root {
+                Some(r) => r,
+                None => root.insert(dir.canonicalize().map_err(|source| LoadError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?),
+            };
+            found.extend(follow(entry.path(), root));
+        } else if entry.file_type().is_file() && is_toml(entry.path()) {
+            found.push(Found::File(entry.into_path()));
         }
     }
-    Ok(files)
+    found.sort_by_cached_key(|f| {
+        let path = match f {
+            Found::File(path) => path.as_path(),
+            Found::Refused(d) => Path::new(&d.path),
+        };
+        path_order(path)
+    });
+    Ok(found)
+}
+
+/// A key that sorts paths as a walk of sorted folders meets them: name by name (`a/b` before
+/// `a.toml`), so the separator sorts before every other byte.
+fn path_order(path: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|&b| if b == b'/' { 0 } else { b })
+        .collect()
+}
+
+/// Where a link leads, as far as the rules for links care.
+pub(crate) enum LinkTarget {
+    /// Nothing: the link is broken.
+    Missing,
+    /// A folder.
+    Folder,
+    /// Something outside the touchpoint folder (shown as resolved, with the folder).
+    Outside { target: String, folder: String },
+    /// Something that is not a regular file (a device, a FIFO), or cannot be looked at.
+    Other(String),
+    /// A regular file inside the touchpoint folder.
+    File,
+}
+
+/// The rule for links, for a work tree and a git revision alike: a link named `*.toml` is followed
+/// when it leads to a regular file inside the touchpoint folder; a link to a folder and a broken
+/// link are refused whatever their name (they could hide touchpoints, which would then look
+/// deleted); any other link is not a touchpoint file and is passed over. `Ok(true)`: follow it.
+pub(crate) fn link_rule(name: &str, shown: &str, target: LinkTarget) -> Result<bool, Diagnostic> {
+    let refuse = |message: String| Err(file_diag(name, "link", message));
+    let toml = name.ends_with(".toml");
+    match target {
+        LinkTarget::Missing => refuse(format!(
+            "this is a link to `{shown}`, which does not exist: point it at a touchpoint file inside the folder, or remove it (a link that leads nowhere could hide touchpoints, which would then look deleted)"
+        )),
+        LinkTarget::Folder => refuse(format!(
+            "this is a link to the folder `{shown}`; links to folders are not followed: move the files into the touchpoint folder, or link each file"
+        )),
+        _ if !toml => Ok(false),
+        LinkTarget::Outside { target, folder } => refuse(format!(
+            "this is a link to {target}, outside the touchpoint folder {folder}: touchpoint files must be inside it, so move the file in (a link to it from there is followed)"
+        )),
+        LinkTarget::Other(why) => refuse(format!(
+            "this is a link to `{shown}`, which is not a touchpoint file ({why}): link a touchpoint file"
+        )),
+        LinkTarget::File => Ok(true),
+    }
+}
+
+/// Where the link at `path` leads, as [`walk`] takes it; `root` is the folder, resolved.
+fn follow(path: &Path, root: &Path) -> Option<Found> {
+    let name = path.display().to_string();
+    let shown = std::fs::read_link(path)
+        .map(|t| t.display().to_string())
+        .unwrap_or_default();
+    let target = match path.canonicalize() {
+        Err(_) => LinkTarget::Missing,
+        Ok(target) => match std::fs::metadata(&target) {
+            Err(e) => LinkTarget::Other(format!("cannot look at it: {e}")),
+            Ok(m) if m.is_dir() => LinkTarget::Folder,
+            Ok(_) if !target.starts_with(root) => LinkTarget::Outside {
+                target: target.display().to_string(),
+                folder: root.display().to_string(),
+            },
+            Ok(m) if !m.is_file() => LinkTarget::Other("not a regular file".into()),
+            Ok(_) => LinkTarget::File,
+        },
+    };
+    match link_rule(&name, &shown, target) {
+        Ok(true) => Some(Found::File(path.to_path_buf())),
+        Ok(false) => None,
+        Err(d) => Some(Found::Refused(d)),
+    }
 }
 
 /// Loads and checks every touchpoint file under `dir`.
 pub fn load_dir(dir: &Path) -> Result<Desired, LoadError> {
-    let files = discover(dir)?;
     // One pass per file, read and check together, so each file is parsed while it is in cache.
-    let checked = files
-        .par_iter()
-        .map(|path| checked(read_source(path)))
+    let checked: Vec<Checked> = walk(dir)?
+        .into_par_iter()
+        .map(|found| match found {
+            Found::File(path) => checked(read_source(&path)),
+            Found::Refused(d) => Checked::failed(d),
+        })
         .collect();
-    combine(checked)
+    combine(&checked)
 }
 
 fn checked(source: Result<Source, Diagnostic>) -> Checked {
     match source {
         Ok(source) => check_file(source),
-        Err(d) => Checked {
-            loaded: None,
-            id_at: (1, 1),
-            diagnostics: vec![d],
-        },
+        Err(d) => Checked::failed(d),
     }
 }
 
@@ -155,7 +282,7 @@ fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
     })
 }
 
-fn read_source(path: &Path) -> Result<Source, Diagnostic> {
+pub(crate) fn read_source(path: &Path) -> Result<Source, Diagnostic> {
     let name = path.display().to_string();
     let bytes = read_small(path)
         .map_err(|e| file_diag(&name, "io", format!("cannot read the file: {e}")))?;
@@ -175,7 +302,7 @@ pub fn source_from_bytes(name: String, dir: PathBuf, bytes: Vec<u8>) -> Result<S
     }
 }
 
-fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
+pub(crate) fn file_diag(name: &str, code: &'static str, message: String) -> Diagnostic {
     Diagnostic {
         path: name.to_string(),
         line: 1,
@@ -247,27 +374,48 @@ pub fn check_spec(spec: &Value) -> Result<(), String> {
 }
 
 /// The outcome of checking one file.
-struct Checked {
-    loaded: Option<Loaded>,
+#[derive(Clone)]
+pub(crate) struct Checked {
+    loaded: Option<Arc<Loaded>>,
     /// Where the `id` value sits, for duplicate-id messages.
     id_at: (usize, usize),
     diagnostics: Vec<Diagnostic>,
 }
 
+impl Checked {
+    /// A file that could not be read or followed.
+    fn failed(d: Diagnostic) -> Self {
+        Checked {
+            loaded: None,
+            id_at: (1, 1),
+            diagnostics: vec![d],
+        }
+    }
+
+    /// The touchpoint it holds, when it passed every check of its own.
+    pub(crate) fn loaded(&self) -> Option<&Arc<Loaded>> {
+        self.loaded.as_ref()
+    }
+}
+
 /// Checks already-read files (e.g. from a git revision) as one tree; a file that could not be read
 /// comes as its diagnostic.
 pub fn load_sources(sources: Vec<Result<Source, Diagnostic>>) -> Result<Desired, LoadError> {
-    combine(sources.into_par_iter().map(checked).collect())
+    let checked: Vec<Checked> = sources.into_par_iter().map(checked).collect();
+    combine(&checked)
 }
 
-/// Joins the per-file outcomes: cross-file checks (unique ids), and every diagnostic or the tree.
-fn combine(checked: Vec<Checked>) -> Result<Desired, LoadError> {
+/// Joins the per-file outcomes, in path order: cross-file checks (unique ids), and every
+/// diagnostic or the tree.
+pub(crate) fn combine<'a>(
+    checked: impl IntoIterator<Item = &'a Checked>,
+) -> Result<Desired, LoadError> {
     let mut diagnostics = Vec::new();
-    let mut entries = Vec::with_capacity(checked.len());
+    let mut entries = Vec::new();
     for c in checked {
-        diagnostics.extend(c.diagnostics);
-        if let Some(loaded) = c.loaded {
-            entries.push((loaded, c.id_at));
+        diagnostics.extend(c.diagnostics.iter().cloned());
+        if let Some(loaded) = &c.loaded {
+            entries.push((loaded.clone(), c.id_at));
         }
     }
     // A stable sort keeps files in path order within an id, so the first file of an id is the
@@ -384,13 +532,23 @@ fn check_file(source: Source) -> Checked {
         };
     }
     let spec = SpecJson::of(&touchpoint);
+    let secret_at = touchpoint
+        .secrets()
+        .into_iter()
+        .map(|(path, r)| {
+            let mut at: Vec<Segment> = path.split('.').map(|k| Segment::Key(k.into())).collect();
+            at.push(Segment::Key(r.source_key().into()));
+            (path, line_col(text, locate(&root, &at).value.start))
+        })
+        .collect();
     Checked {
-        loaded: Some(Loaded {
+        loaded: Some(Arc::new(Loaded {
             touchpoint,
             spec,
             file: source.name,
             dir: source.dir,
-        }),
+            secret_at,
+        })),
         id_at,
         diagnostics: Vec::new(),
     }
@@ -399,6 +557,27 @@ fn check_file(source: Source) -> Checked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_are_listed_in_the_order_of_a_walk_of_sorted_folders() {
+        let paths = [
+            "t/a.toml",
+            "t/a/b.toml",
+            "t/a/a.toml",
+            "t/a-b.toml",
+            "t/a0.toml",
+            "t/ab/c.toml",
+            "t/A.toml",
+            "t/é.toml",
+            "t/a.toml.d/x.toml",
+        ];
+        let mut by_key: Vec<&Path> = paths.iter().map(Path::new).collect();
+        by_key.sort_by_cached_key(|p| path_order(p));
+        let mut by_name = by_key.clone();
+        // `Path` orders name by name, as a walk of sorted folders meets them.
+        by_name.sort();
+        assert_eq!(by_key, by_name);
+    }
 
     #[test]
     fn read_small_reads_small_and_large_files_whole() {

@@ -11,7 +11,8 @@ use serde_json::Value;
 use super::diagnostic::{Issue, Target};
 use super::toml_json::{Segment, dotted};
 use crate::model::{
-    DURATION_PATTERN, ID_PATTERN, NAME_PATTERN, RATE_PATTERN, SOURCE_PATTERN, WECHAT_APP_ID_PATTERN,
+    DURATION_PATTERN, ID_PATTERN, NAME_PATTERN, RATE_PATTERN, SOURCE_PATTERN,
+    WECHAT_APP_ID_PATTERN, duration_range, is_duration_format,
 };
 
 /// Validates `doc` against the touchpoint schema and explains every error.
@@ -196,10 +197,16 @@ fn explain(err: &ValidationError<'_>, schema: &Value, doc: &Value, out: &mut Vec
                 .and_then(Value::as_str)
             {
                 Some(p) if p == DURATION_PATTERN => {
-                    " holding a duration such as \"10s\", \"2m\" or \"1d\""
+                    " holding a duration such as \"10s\", \"2m\" or \"1d\"".to_string()
                 }
-                Some(p) if p == RATE_PATTERN => " holding a rate such as \"50/s\"",
-                _ => "",
+                Some(p) => match duration_range(p) {
+                    Some((lo, hi)) => {
+                        format!(" holding a duration from {lo} to {hi}")
+                    }
+                    None if p == RATE_PATTERN => " holding a rate such as \"50/s\"".to_string(),
+                    None => String::new(),
+                },
+                None => String::new(),
             };
             push(
                 "type",
@@ -280,16 +287,37 @@ fn explain(err: &ValidationError<'_>, schema: &Value, doc: &Value, out: &mut Vec
                 enum_message(&at, value, &allowed),
             );
         }
-        ValidationErrorKind::Pattern { pattern } => push(
-            "invalid-format",
-            Target::Value,
-            format!(
-                "{} {}, found {}",
-                field(&at),
-                describe_pattern(pattern),
-                show(value)
+        ValidationErrorKind::Pattern { pattern } => match duration_range(pattern) {
+            // Written as a duration, but too short or too long for this field.
+            Some((lo, hi)) if value.as_str().is_some_and(is_duration_format) => push(
+                "out-of-range",
+                Target::Value,
+                format!(
+                    "{} must be between {lo} and {hi}, found {}",
+                    field(&at),
+                    show(value)
+                ),
             ),
-        ),
+            Some((lo, hi)) => push(
+                "invalid-format",
+                Target::Value,
+                format!(
+                    "{} must be a duration from {lo} to {hi}: a whole number and a unit (ms, s, m, h or d), found {}",
+                    field(&at),
+                    show(value)
+                ),
+            ),
+            None => push(
+                "invalid-format",
+                Target::Value,
+                format!(
+                    "{} {}, found {}",
+                    field(&at),
+                    describe_pattern(pattern),
+                    show(value)
+                ),
+            ),
+        },
         other => push(
             "invalid-value",
             Target::Value,

@@ -5,10 +5,14 @@ use serde::{Deserialize, Serialize};
 
 use super::params::DynamicParams;
 use super::secret::SecretRef;
-use super::units::Duration;
+use super::units::DurationIn;
 
 /// The largest batch a push provider is sent.
 pub const MAX_PUSH_BATCH: u32 = 1000;
+
+/// An app push `ttl`: 1s to 3d. Getui keeps an offline message at most three days (its `ttl` runs
+/// to 3 × 24 × 3600 × 1000 ms); under a second nothing is kept for a device that is offline.
+pub type PushTtl = DurationIn<1_000, 259_200_000>;
 
 /// An app push channel.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -35,9 +39,10 @@ pub struct AppPushSpec {
     #[schemars(range(min = 1, max = MAX_PUSH_BATCH))]
     pub batch_size: u32,
     /// # Time to live
-    /// How long the provider keeps an undelivered message, e.g. "1d".
+    /// How long the provider keeps an undelivered message, from 1s to 3d, e.g. "1d". Getui keeps an
+    /// offline message at most three days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<Duration>,
+    pub ttl: Option<PushTtl>,
     /// # Default title
     /// Notification title used when a campaign gives none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

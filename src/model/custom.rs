@@ -6,10 +6,21 @@ use serde::{Deserialize, Serialize};
 
 use super::params::{DynamicParams, TemplateParam};
 use super::secret::SecretRef;
-use super::units::{Duration, RateLimit};
+use super::units::{DurationIn, RateLimit};
 
 /// The largest batch a custom endpoint can be sent (the console's 不大于 500).
 pub const MAX_CUSTOM_BATCH: u32 = 500;
+
+/// A request's `timeout`: 1s to 5m. Below a second, a TLS handshake to a distant endpoint alone
+/// can use it up, and `0s` fails every request; a batch of at most 500 recipients needs no more
+/// than minutes, and a longer wait holds a lane's slot and the daemon's shutdown.
+pub type Timeout = DurationIn<1_000, 300_000>;
+/// `retry.backoff`, the first wait: 10ms to 1h. Short waits suit an endpoint on the same network
+/// (and tests); a first wait over an hour makes the retries a dead letter in disguise.
+pub type Backoff = DurationIn<10, 3_600_000>;
+/// `retry.max_backoff`, the longest wait, and the cap on an endpoint's `Retry-After`: 100ms to 1d.
+/// A day covers a platform's daily quota; a longer wait parks recipients past any campaign's use.
+pub type MaxBackoff = DurationIn<100, 86_400_000>;
 
 /// A custom touchpoint: batches of triggered users POSTed to the customer's endpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -32,9 +43,10 @@ pub struct CustomSpec {
     #[schemars(range(min = 1, max = MAX_CUSTOM_BATCH))]
     pub batch_size: u32,
     /// # Timeout
-    /// How long one request may take, e.g. "10s".
+    /// How long one request may take, from 1s to 5m, e.g. "10s". Below a second a TLS handshake to
+    /// a distant endpoint can use it up; longer than minutes only holds up the lane and shutdown.
     #[serde(default = "default_timeout")]
-    pub timeout: Duration,
+    pub timeout: Timeout,
     /// # Allow insecure
     /// Permit an `http:` URL (local testing only).
     #[serde(default)]
@@ -67,13 +79,16 @@ pub struct Retry {
     #[schemars(range(min = 1, max = 100))]
     pub attempts: u32,
     /// # Backoff
-    /// Wait before the first retry; doubles on each further retry.
+    /// Wait before the first retry, from 10ms to 1h; doubles on each further retry (with jitter).
+    /// A first wait over an hour would make the retries a dead letter in disguise.
     #[serde(default = "default_backoff")]
-    pub backoff: Duration,
+    pub backoff: Backoff,
     /// # Maximum backoff
-    /// The longest wait between two attempts.
+    /// The longest wait between two attempts, from 100ms to 1d; also the longest an endpoint's
+    /// `Retry-After` is honoured. A day covers a platform's daily quota; longer parks recipients
+    /// past any campaign's use.
     #[serde(default = "default_max_backoff")]
-    pub max_backoff: Duration,
+    pub max_backoff: MaxBackoff,
 }
 
 impl Default for Retry {
@@ -89,15 +104,15 @@ impl Default for Retry {
 fn default_batch_size() -> u32 {
     100
 }
-fn default_timeout() -> Duration {
-    Duration::from_secs(15)
+fn default_timeout() -> Timeout {
+    const { Timeout::from_secs(15) }
 }
 fn default_attempts() -> u32 {
     12
 }
-fn default_backoff() -> Duration {
-    Duration::from_secs(1)
+fn default_backoff() -> Backoff {
+    const { Backoff::from_secs(1) }
 }
-fn default_max_backoff() -> Duration {
-    Duration::from_secs(600)
+fn default_max_backoff() -> MaxBackoff {
+    const { MaxBackoff::from_secs(600) }
 }

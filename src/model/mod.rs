@@ -1,5 +1,6 @@
 //! The desired-state types: what one touchpoint file says. These types are the single source of the
-//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O.
+//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O but
+//! reading a secret reference, as its [`SecretPolicy`] allows.
 //!
 //! A file is a [`Touchpoint`]: the [`Common`] fields every kind has, plus one [`KindSpec`] chosen by
 //! its `kind` field.
@@ -8,6 +9,7 @@ mod app_push;
 mod custom;
 mod params;
 mod secret;
+mod secret_policy;
 mod spec_json;
 mod units;
 mod wechat;
@@ -19,15 +21,18 @@ use std::collections::BTreeMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-pub use app_push::{AppPushSpec, MAX_PUSH_BATCH, PushProvider};
-pub use custom::{CustomSpec, MAX_CUSTOM_BATCH, Retry};
+pub use app_push::{AppPushSpec, MAX_PUSH_BATCH, PushProvider, PushTtl};
+pub use custom::{Backoff, CustomSpec, MAX_CUSTOM_BATCH, MaxBackoff, Retry, Timeout};
 pub use params::{
     DynamicParams, MessageTemplate, MiniProgramLink, NAME_PATTERN, ParamSource, ParamType,
     SOURCE_PATTERN, TemplateParam, WECHAT_APP_ID_PATTERN,
 };
-pub use secret::{Fingerprinter, Secret, SecretError, SecretRef};
+pub use secret::{Fingerprinter, MAX_SECRET_BYTES, Secret, SecretError, SecretRef};
+pub use secret_policy::{EnvPattern, SecretPolicy, is_own_variable};
 pub use spec_json::SpecJson;
-pub use units::{DURATION_PATTERN, Duration, RATE_PATTERN, RateLimit, RateUnit};
+pub use units::{
+    DURATION_PATTERN, Duration, DurationIn, RATE_PATTERN, RateLimit, RateUnit, is_duration_format,
+};
 pub use wechat::{Permission, WechatAuth, WechatOaSpec};
 pub use wecom::{WecomMessage, WecomSpec};
 
@@ -54,6 +59,29 @@ const COMMON_FIELDS: &[&str] = &[
     "description",
     "labels",
 ];
+
+/// The range of the bounded duration field whose schema pattern is `pattern`, if it is one: what
+/// to tell a user whose value the pattern refused. Every [`DurationIn`] a field uses is listed
+/// here (a test walks the schema to make sure).
+pub fn duration_range(pattern: &str) -> Option<(Duration, Duration)> {
+    static RANGES: std::sync::OnceLock<Vec<(String, Duration, Duration)>> =
+        std::sync::OnceLock::new();
+    let ranges = RANGES.get_or_init(|| {
+        [
+            (Timeout::MIN, Timeout::MAX),
+            (Backoff::MIN, Backoff::MAX),
+            (MaxBackoff::MIN, MaxBackoff::MAX),
+            (PushTtl::MIN, PushTtl::MAX),
+        ]
+        .into_iter()
+        .map(|(lo, hi)| (units::range_pattern(lo, hi), lo, hi))
+        .collect()
+    });
+    ranges
+        .iter()
+        .find(|(p, _, _)| p == pattern)
+        .map(|(_, lo, hi)| (*lo, *hi))
+}
 
 /// Pattern every touchpoint id must match.
 pub const ID_PATTERN: &str = r"^[a-z][a-z0-9_-]{0,62}$";
@@ -302,6 +330,39 @@ impl JsonSchema for Touchpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_duration_field_of_the_schema_has_a_known_range() {
+        fn patterns<'v>(v: &'v serde_json::Value, out: &mut Vec<&'v str>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    if let Some(p) = map.get("pattern").and_then(serde_json::Value::as_str) {
+                        out.push(p);
+                    }
+                    map.values().for_each(|v| patterns(v, out));
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|v| patterns(v, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        patterns(crate::schema::schema(), &mut found);
+        let mut durations = 0;
+        for p in found {
+            let validator =
+                jsonschema::validator_for(&serde_json::json!({ "pattern": p })).unwrap();
+            // A pattern that takes one of these is a duration field's.
+            let takes_durations = ["1s", "10s", "1m", "1h", "1d"]
+                .iter()
+                .any(|s| validator.is_valid(&serde_json::json!(s)));
+            if takes_durations && p != DURATION_PATTERN {
+                assert!(duration_range(p).is_some(), "unlisted duration pattern {p}");
+                durations += 1;
+            }
+        }
+        // timeout, retry.backoff, retry.max_backoff, ttl.
+        assert_eq!(durations, 4);
+    }
 
     #[test]
     fn kind_names_match_serde() {

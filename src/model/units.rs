@@ -38,6 +38,24 @@ impl Duration {
     }
 }
 
+impl Duration {
+    /// A duration of whole milliseconds.
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(std::time::Duration::from_millis(ms))
+    }
+
+    /// The length in whole milliseconds (every duration a file can write is whole milliseconds,
+    /// and fits: see [`FromStr`]); a longer one, made in code, saturates.
+    pub const fn as_millis(self) -> u64 {
+        let ms = self.0.as_millis();
+        if ms > u64::MAX as u128 {
+            u64::MAX
+        } else {
+            ms as u64
+        }
+    }
+}
+
 impl FromStr for Duration {
     type Err = String;
 
@@ -99,6 +117,217 @@ impl JsonSchema for Duration {
             "description": "A whole number and a unit: ms, s, m, h or d (e.g. \"500ms\", \"10s\", \"2m\").",
         })
     }
+}
+
+/// A [`Duration`] that one field accepts only from `MIN_MS` to `MAX_MS` milliseconds, both
+/// included. Parsing refuses anything outside (so a spec read back from the registry cannot hold
+/// it either), and the schema's pattern admits exactly the values in range, so an editor flags
+/// `timeout = "0s"` as `validate` does. Each field names its own alias with its bounds and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DurationIn<const MIN_MS: u64, const MAX_MS: u64>(Duration);
+
+impl<const MIN_MS: u64, const MAX_MS: u64> DurationIn<MIN_MS, MAX_MS> {
+    /// The shortest duration accepted.
+    pub const MIN: Duration = Duration::from_millis(MIN_MS);
+    /// The longest duration accepted.
+    pub const MAX: Duration = Duration::from_millis(MAX_MS);
+
+    /// A duration of whole seconds, for defaults and constants: out of range, it fails to compile
+    /// in a `const` item (and panics elsewhere), so use [`DurationIn::new`] for values from input.
+    pub const fn from_secs(secs: u64) -> Self {
+        assert!(
+            MIN_MS <= MAX_MS && secs <= MAX_MS / 1000 && secs * 1000 >= MIN_MS,
+            "duration out of the field's range"
+        );
+        Self(Duration::from_secs(secs))
+    }
+
+    /// `d`, or why it is out of range.
+    pub fn new(d: Duration) -> Result<Self, String> {
+        if d < Self::MIN || d > Self::MAX {
+            return Err(format!(
+                "`{d}` is out of range: write a duration from {} to {}",
+                Self::MIN,
+                Self::MAX
+            ));
+        }
+        Ok(Self(d))
+    }
+
+    /// The standard-library duration.
+    pub fn get(self) -> std::time::Duration {
+        self.0.get()
+    }
+
+    /// The schema pattern: a duration in range, in any unit (see [`range_pattern`]).
+    pub fn pattern() -> String {
+        range_pattern(Self::MIN, Self::MAX)
+    }
+}
+
+impl<const MIN_MS: u64, const MAX_MS: u64> fmt::Display for DurationIn<MIN_MS, MAX_MS> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<const MIN_MS: u64, const MAX_MS: u64> FromStr for DurationIn<MIN_MS, MAX_MS> {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse::<Duration>() {
+            Ok(d) => Self::new(d),
+            // A well-formed number too large for any duration is out of range too.
+            Err(_) if is_duration_format(s) => Err(format!(
+                "`{s}` is out of range: write a duration from {} to {}",
+                Self::MIN,
+                Self::MAX
+            )),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl<const MIN_MS: u64, const MAX_MS: u64> Serialize for DurationIn<MIN_MS, MAX_MS> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de, const MIN_MS: u64, const MAX_MS: u64> Deserialize<'de> for DurationIn<MIN_MS, MAX_MS> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = Cow::<str>::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl<const MIN_MS: u64, const MAX_MS: u64> JsonSchema for DurationIn<MIN_MS, MAX_MS> {
+    // Each field's range is its own: written out where the field is, not shared under one name.
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        format!("Duration_{MIN_MS}ms_{MAX_MS}ms").into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": Self::pattern(),
+            "description": format!(
+                "A duration from {} to {}: a whole number and a unit, ms, s, m, h or d (e.g. \"10s\", \"2m\").",
+                Self::MIN,
+                Self::MAX
+            ),
+        })
+    }
+}
+
+/// Whether `s` is written as a duration (a whole number and a unit), whatever its size.
+pub fn is_duration_format(s: &str) -> bool {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    digits > 0 && UNITS.iter().any(|(unit, _)| *unit == &s[digits..])
+}
+
+/// A regular expression (ECMA-262 and Rust `regex` alike) matching exactly the duration strings
+/// from `min` to `max`: for each unit, the whole numbers that times the unit fall in range (with
+/// any leading zeros, as the parser takes them). A unit no whole number fits is left out.
+pub fn range_pattern(min: Duration, max: Duration) -> String {
+    let (lo_ms, hi_ms) = (min.as_millis(), max.as_millis());
+    let mut units = Vec::new();
+    // Longest unit first, "ms" last: the order [`UNITS`] keeps.
+    for (unit, factor) in UNITS {
+        // The factors fit u64; so do the quotients.
+        let factor = factor as u64;
+        let lo = lo_ms.div_ceil(factor);
+        let hi = hi_ms / factor;
+        if lo > hi {
+            continue;
+        }
+        let mut numbers = Vec::new();
+        if lo == 0 {
+            numbers.push("0".to_string());
+        }
+        int_range(lo.max(1), hi, &mut numbers);
+        if numbers.is_empty() {
+            continue;
+        }
+        units.push(format!("(?:{}){unit}", numbers.join("|")));
+    }
+    format!("^0*(?:{})$", units.join("|"))
+}
+
+/// Alternatives matching the whole numbers `lo..=hi` (no leading zeros; `lo` at least 1).
+fn int_range(lo: u64, hi: u64, out: &mut Vec<String>) {
+    if lo > hi {
+        return;
+    }
+    let (l, h) = (lo.to_string(), hi.to_string());
+    if l.len() < h.len() {
+        // Up to the largest number of `lo`'s length, then the rest. `l.len()` is below 20, the
+        // length of u64::MAX, so the power fits.
+        let top = 10u64.pow(l.len() as u32) - 1;
+        out.extend(same_length(&l, &top.to_string()));
+        int_range(top + 1, hi, out);
+    } else {
+        out.extend(same_length(&l, &h));
+    }
+}
+
+/// Alternatives matching the digit strings from `lo` to `hi`, both of the same length.
+fn same_length(lo: &str, hi: &str) -> Vec<String> {
+    if lo == hi {
+        return vec![lo.to_string()];
+    }
+    let (a, rest_lo) = lo.split_at(1);
+    let (b, rest_hi) = hi.split_at(1);
+    if rest_lo.is_empty() {
+        return vec![format!("[{a}-{b}]")];
+    }
+    if a == b {
+        return same_length(rest_lo, rest_hi)
+            .into_iter()
+            .map(|p| format!("{a}{p}"))
+            .collect();
+    }
+    let digit = |s: &str| s.bytes().next().map_or(0, |c| c - b'0');
+    let (mut first, mut last) = (digit(a), digit(b));
+    let mut out = Vec::new();
+    if !rest_lo.bytes().all(|c| c == b'0') {
+        let nines = "9".repeat(rest_lo.len());
+        out.extend(
+            same_length(rest_lo, &nines)
+                .into_iter()
+                .map(|p| format!("{a}{p}")),
+        );
+        first += 1;
+    }
+    let mut tail = Vec::new();
+    if !rest_hi.bytes().all(|c| c == b'9') {
+        let zeros = "0".repeat(rest_hi.len());
+        tail = same_length(&zeros, rest_hi)
+            .into_iter()
+            .map(|p| format!("{b}{p}"))
+            .collect();
+        // `b` is above `a`, so at least 1.
+        last -= 1;
+    }
+    if first <= last {
+        let class = if first == last {
+            first.to_string()
+        } else {
+            format!("[{first}-{last}]")
+        };
+        let any = if rest_lo.len() == 1 {
+            "[0-9]".to_string()
+        } else {
+            format!("[0-9]{{{}}}", rest_lo.len())
+        };
+        out.push(format!("{class}{any}"));
+    }
+    out.extend(tail);
+    out
 }
 
 /// The unit a rate limit counts per.
@@ -252,6 +481,90 @@ mod tests {
         }
         for s in ["50/s", "1/h", "0/s", "50/d", "5"] {
             assert_eq!(rate(s), s.parse::<RateLimit>().is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn timeout_0s_and_backoff_100000000000d_are_refused() {
+        use crate::model::{Backoff, MaxBackoff, PushTtl, Timeout};
+        let err = "0s".parse::<Timeout>().unwrap_err();
+        assert_eq!(err, "`0s` is out of range: write a duration from 1s to 5m");
+        let err = "100000000000d".parse::<Backoff>().unwrap_err();
+        assert_eq!(
+            err,
+            "`100000000000d` is out of range: write a duration from 10ms to 1h"
+        );
+        // Too large for any duration: out of range as well, not "not a duration".
+        let err = "99999999999999999999s".parse::<Timeout>().unwrap_err();
+        assert!(err.contains("out of range"), "{err}");
+        assert!(
+            "10 s"
+                .parse::<Timeout>()
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!("2d".parse::<MaxBackoff>().is_err());
+        assert!("4d".parse::<PushTtl>().is_err());
+        for (ok, canonical) in [("1s", "1s"), ("300s", "5m"), ("1000ms", "1s")] {
+            assert_eq!(ok.parse::<Timeout>().unwrap().to_string(), canonical);
+        }
+        assert_eq!("1d".parse::<MaxBackoff>().unwrap().get().as_secs(), 86_400);
+        assert_eq!("3d".parse::<PushTtl>().unwrap().get().as_secs(), 259_200);
+        // A value read back (from the registry, say) is held to the range too.
+        let read: Result<Timeout, _> = serde_json::from_value(serde_json::json!("0s"));
+        assert!(read.is_err());
+    }
+
+    #[test]
+    fn range_patterns_match_exactly_the_durations_in_range() {
+        let ranges: [(u64, u64); 8] = [
+            (1_000, 300_000),
+            (10, 3_600_000),
+            (100, 86_400_000),
+            (1_000, 259_200_000),
+            (0, 1),
+            (1, u64::MAX),
+            (999, 1_001),
+            (59_999, 7_200_001),
+        ];
+        for (lo, hi) in ranges {
+            let (min, max) = (Duration::from_millis(lo), Duration::from_millis(hi));
+            let pattern = range_pattern(min, max);
+            let matches = regex_lite(&pattern);
+            let mut tried = 0;
+            for (unit, factor) in UNITS {
+                let factor = factor as u64;
+                // Around both ends, around every power of ten, and a few inside.
+                let mut numbers: Vec<u64> = vec![0, 1, 2, 9, 10, 11];
+                for edge in [
+                    lo / factor,
+                    lo.div_ceil(factor),
+                    hi / factor,
+                    hi.div_ceil(factor),
+                ] {
+                    numbers.extend([edge.saturating_sub(1), edge, edge.saturating_add(1)]);
+                }
+                for p in 1..20u32 {
+                    let ten = 10u64.pow(p);
+                    numbers.extend([ten - 1, ten, ten + 1]);
+                }
+                numbers.extend((1..40).map(|i| lo / factor + i * 7919));
+                for n in numbers {
+                    for s in [format!("{n}{unit}"), format!("00{n}{unit}")] {
+                        let in_range = s.parse::<Duration>().is_ok_and(|d| min <= d && d <= max);
+                        assert_eq!(
+                            matches(&s),
+                            in_range,
+                            "{s} against {lo}..={hi} ms: {pattern}"
+                        );
+                        tried += 1;
+                    }
+                }
+            }
+            assert!(tried > 300);
+            for s in ["", "s", "1", "1.5s", "-1s", "1 s", "1sec", "0x10s"] {
+                assert!(!matches(s), "{s}");
+            }
         }
     }
 

@@ -1,11 +1,18 @@
 //! Renders a plan as a pull-request comment: a summary table a reviewer reads in seconds (touchpoint,
 //! kind, action, risk), then each change folded in `<details>`, secrets only as references. The
 //! comment stays under [`MARKDOWN_LIMIT`] characters; what does not fit is named as cut.
+//!
+//! Text from files or the registry is escaped twice over: control and bidi characters with
+//! [`crate::term::escape`] (a comment is read in terminals and in `gh` too, and a bidi control
+//! would reorder what the reviewer sees), then for the markdown around it: no backtick can close
+//! an inline code span, no `|` a table cell, no `<` open a tag in a summary, and a diff's fence is
+//! longer than any run of backticks in it.
 
 use std::fmt::Write;
 
 use super::render::{Paint, action_style, field_line, short, shown};
 use super::{Action, Change, Plan};
+use crate::term::escape;
 
 /// The most characters a rendered comment has (GitHub refuses comments over 65,536).
 pub const MARKDOWN_LIMIT: usize = 65_000;
@@ -79,11 +86,15 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
     if risky > 0 {
         let _ = writeln!(
             head,
-            "⚠️ **{risky} risky change(s)**: deletes, or changes to where deliveries go, credentials or batch size. Review them before merging.\n"
+            "⚠️ **{risky} risky change(s)**: deletes, new touchpoints (where they deliver and the secrets they send), or changes to where deliveries go, credentials or batch size. Review them before merging.\n"
         );
     }
     if listed.is_empty() {
-        let _ = writeln!(head, "**No changes.**");
+        let _ = writeln!(
+            head,
+            "**No changes.**{}",
+            super::render::paused_note(plan.summary.paused)
+        );
     }
     b.push(&head);
 
@@ -122,16 +133,17 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
             if d.paused {
                 let _ = writeln!(
                     drift,
-                    "- `{}` ({}): paused through the admin API",
-                    d.id, d.kind
+                    "- `{}` ({}): paused through the admin API; not a change: apply keeps it paused",
+                    code_safe(&d.id),
+                    html(&d.kind)
                 );
             }
             for f in &d.fields {
                 let _ = writeln!(
                     drift,
                     "- `{}` ({}): `{}` changed",
-                    d.id,
-                    d.kind,
+                    code_safe(&d.id),
+                    html(&d.kind),
                     code_safe(&f.path)
                 );
             }
@@ -192,7 +204,11 @@ fn table_row(c: &Change) -> String {
         let list: Vec<String> = c.risks.iter().map(|r| format!("`{}`", cell(r))).collect();
         format!("⚠️ {}", list.join(", "))
     };
-    format!("| `{}` | {} | {action} | {risk} |\n", c.id, c.kind)
+    format!(
+        "| `{}` | {} | {action} | {risk} |\n",
+        cell(&c.id),
+        html(&c.kind).replace('|', "\\|")
+    )
 }
 
 fn details(c: &Change, p: &Paint, show_live_commit: bool) -> String {
@@ -270,9 +286,10 @@ fn fence_for(body: &str) -> String {
     "`".repeat((longest + 1).max(3))
 }
 
-/// Text for inside `<summary>`.
+/// Text for inside `<summary>` or plain markdown text.
 fn html(s: &str) -> String {
-    s.replace('&', "&amp;")
+    escape(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
@@ -282,63 +299,21 @@ fn cell(s: &str) -> String {
     code_safe(s).replace('|', "\\|")
 }
 
-/// Text for inside single-backtick inline code.
+/// Text for inside single-backtick inline code (line breaks are escaped).
 fn code_safe(s: &str) -> String {
-    s.replace('`', "'").replace('\n', " ")
+    escape(s).replace('`', "'")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{FieldAction, FieldChange, RegistryRef, Source, Summary};
+    use crate::plan::samples::{self, plan};
     use serde_json::json;
 
     fn change(id: &str, action: Action, description: &str) -> Change {
-        Change {
-            id: id.into(),
-            kind: "custom".into(),
-            action,
-            file: Some(format!("touchpoints/{id}.toml")),
-            moved_from: None,
-            live_generation: Some(1),
-            live_source: None,
-            protected: false,
-            fields: vec![FieldChange {
-                path: "description".into(),
-                action: FieldAction::Update,
-                before: Some(json!("old")),
-                after: Some(json!(description)),
-                sensitive: false,
-                value_changed: false,
-            }],
-            desired: None,
-            fingerprints: Default::default(),
-            risks: Vec::new(),
-        }
-    }
-
-    fn plan(changes: Vec<Change>) -> Plan {
-        Plan {
-            format_version: "1".into(),
-            touchctl_version: "0.0.0".into(),
-            created_at: "t".into(),
-            registry: Some(RegistryRef {
-                id: "r".into(),
-                backend: "sqlite x".into(),
-            }),
-            base: None,
-            source: Source {
-                dir: "touchpoints".into(),
-                commit: None,
-                dirty: false,
-            },
-            summary: Summary {
-                update: changes.len(),
-                ..Summary::default()
-            },
-            changes,
-            drift: Vec::new(),
-        }
+        let mut c = samples::change(id, "description", json!("old"), json!(description));
+        c.action = action;
+        c
     }
 
     #[test]
@@ -365,6 +340,46 @@ mod tests {
         assert!(!out.contains("Cut to fit"));
         assert!(out.contains("<code>a</code>"));
         assert!(out.contains("~ description: \"old\" → \"new\""));
+    }
+
+    #[test]
+    fn terminal_escapes_in_file_names_cannot_break_out_of_a_table_cell_or_code_span() {
+        let mut moved = change("a", Action::NoOp, "same");
+        moved.fields.clear();
+        moved.moved_from = Some("x|y`z\x1b[2J\n| injected | row |\u{202e}.toml".into());
+        let mut updated = change("b", Action::Update, "new \x1b]0;pwned\x07 \u{9b}");
+        updated.file = Some("touchpoints/\x1b]0;pwned\x07.toml".into());
+        updated.risks = vec!["url`|\x1b".into()];
+        let out = render_limited(&plan(vec![moved, updated]), 20_000);
+        assert!(
+            !out.chars()
+                .any(|c| c.is_control() && c != '\n' || c == '\u{202e}'),
+            "{}",
+            out.escape_debug()
+        );
+        let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(rows.len(), 2, "{out}");
+        for row in rows {
+            let cells = row.split('|').count() - row.matches("\\|").count();
+            assert_eq!(cells, 6, "four cells in {row}");
+            assert_eq!(
+                row.matches('`').count() % 2,
+                0,
+                "code spans closed in {row}"
+            );
+        }
+        assert!(
+            out.contains("(from `x\\|y'z\\x1b[2J\\n\\| injected \\| row \\|\\u{202e}.toml`)"),
+            "{out}"
+        );
+        assert!(
+            out.contains("File `touchpoints/\\x1b]0;pwned\\x07.toml`"),
+            "{out}"
+        );
+        assert!(
+            out.contains("→ \"new \\u001b]0;pwned\\u0007 \\x9b\""),
+            "{out}"
+        );
     }
 
     #[test]

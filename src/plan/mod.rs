@@ -7,6 +7,7 @@
 
 mod markdown;
 mod render;
+mod seal;
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,7 @@ use serde_json::Value;
 
 pub use markdown::{MARKDOWN_LIMIT, render_markdown};
 pub use render::{TextOptions, render_text};
+pub use seal::{Broken, seal, verify};
 
 use crate::model::{SECRET_FIELDS, SpecJson};
 use crate::registry::{Live, Provenance};
@@ -45,6 +47,10 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Live touchpoints changed outside apply.
     pub drift: Vec<Drift>,
+    /// The seal of a plan made against a registry: a keyed MAC over the whole plan (see
+    /// [`seal()`]), checked by `apply FILE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Drop for Plan {
@@ -99,8 +105,13 @@ pub struct Summary {
     pub delete: usize,
     /// Touchpoints already as desired.
     pub no_op: usize,
-    /// Touchpoints changed outside apply.
+    /// Touchpoints changed outside apply (see [`Plan::drift`]). Not changes themselves: a field
+    /// changed outside apply is also an update (apply restores it), a pause is not (apply keeps
+    /// it).
     pub drift: usize,
+    /// Of the drifted touchpoints, those paused through the admin API.
+    #[serde(default)]
+    pub paused: usize,
 }
 
 /// What apply does to one touchpoint.
@@ -146,10 +157,16 @@ pub struct Change {
     /// Keyed fingerprints of the desired secrets (creates and updates).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fingerprints: BTreeMap<String, String>,
-    /// Why a reviewer should look twice: `delete`, or the risky fields that change (where
-    /// deliveries go, credentials, batch size). Empty for creates and no-ops.
+    /// Why a reviewer should look twice: `delete`; for an update, the risky fields that change
+    /// (where deliveries go, credentials, batch size); for a create, where the new touchpoint
+    /// delivers (`url`, `api_base`, `allow_insecure` when on) and every secret it reads. Empty for
+    /// no-ops.
     #[serde(default)]
     pub risks: Vec<String>,
+    /// The seal of this change in a plan made against a registry: a keyed MAC over the change,
+    /// so that `apply FILE` can name a change edited since the plan was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 /// Fields whose change redirects deliveries, swaps the account or credentials they use, or changes
@@ -169,21 +186,30 @@ pub const RISKY_FIELDS: &[&str] = &[
     "auth.component_app_id",
 ];
 
+/// The fields of a new touchpoint that say where its deliveries, and the secrets sent with them,
+/// go. A new touchpoint is a new destination for secrets: a file that names an endpoint of its own
+/// and a secret reference sends that secret there, so both are flagged, as for an update.
+pub const DESTINATION_FIELDS: &[&str] = &["url", "api_base"];
+
 /// The review flags of a change (see [`Change::risks`]).
 fn risks_of(action: Action, protected: bool, fields: &[FieldChange]) -> Vec<String> {
-    match action {
-        Action::Delete if protected => vec!["delete (protected)".into()],
-        Action::Delete => vec!["delete".into()],
-        Action::Update => fields
+    let flagged = |risky: &[&str]| {
+        fields
             .iter()
             .filter(|f| match f.path.as_str() {
                 // Turning TLS checks back on is no risk; turning them off is.
                 "allow_insecure" => f.after == Some(Value::Bool(true)),
-                path => f.sensitive || RISKY_FIELDS.contains(&path),
+                path => f.sensitive || risky.contains(&path),
             })
             .map(|f| f.path.clone())
-            .collect(),
-        Action::Create | Action::NoOp => Vec::new(),
+            .collect()
+    };
+    match action {
+        Action::Delete if protected => vec!["delete (protected)".into()],
+        Action::Delete => vec!["delete".into()],
+        Action::Update => flagged(RISKY_FIELDS),
+        Action::Create => flagged(DESTINATION_FIELDS),
+        Action::NoOp => Vec::new(),
     }
 }
 
@@ -284,6 +310,7 @@ pub fn diff(desired: &[DesiredSpec<'_>], live: &[Live]) -> (Vec<Change>, Vec<Dri
             desired: None,
             fingerprints: BTreeMap::new(),
             risks: risks_of(Action::Delete, protected, &[]),
+            mac: None,
         });
     }
     changes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -311,6 +338,7 @@ fn is_protected(spec: &Value) -> bool {
 pub fn summarize(changes: &[Change], drift: &[Drift]) -> Summary {
     let mut s = Summary {
         drift: drift.len(),
+        paused: drift.iter().filter(|d| d.paused).count(),
         ..Summary::default()
     };
     for c in changes {
@@ -325,7 +353,9 @@ pub fn summarize(changes: &[Change], drift: &[Drift]) -> Summary {
 }
 
 impl Plan {
-    /// Whether applying would change anything.
+    /// Whether applying would change anything: a create, an update or a delete. What
+    /// `--detailed-exitcode` reports. Drift is not counted by itself: a field changed outside
+    /// apply is an update too, and a pause is kept by apply.
     pub fn has_changes(&self) -> bool {
         self.changes.iter().any(|c| c.action != Action::NoOp)
     }
@@ -347,10 +377,11 @@ fn create(d: &DesiredSpec<'_>) -> Change {
         live_generation: None,
         live_source: None,
         protected: false,
+        risks: risks_of(Action::Create, false, &fields),
         fields,
         desired: Some(d.spec.clone()),
         fingerprints: d.fingerprints.clone(),
-        risks: Vec::new(),
+        mac: None,
     }
 }
 
@@ -397,6 +428,7 @@ fn update(d: &DesiredSpec<'_>, l: &Live) -> Change {
         } else {
             BTreeMap::new()
         },
+        mac: None,
     }
 }
 
@@ -506,6 +538,64 @@ fn flatten<'v>(v: &'v Value, prefix: String, out: &mut BTreeMap<String, &'v Valu
         }
         _ => {
             out.insert(prefix, v);
+        }
+    }
+}
+
+/// Plans and changes for the unit tests of the renderings and the seal.
+#[cfg(test)]
+pub(crate) mod samples {
+    use super::*;
+
+    /// An update of the custom touchpoint `id` that changes one field, `path`.
+    pub fn change(id: &str, path: &str, before: Value, after: Value) -> Change {
+        Change {
+            id: id.into(),
+            kind: "custom".into(),
+            action: Action::Update,
+            file: Some(format!("touchpoints/{id}.toml")),
+            moved_from: None,
+            live_generation: Some(1),
+            live_source: None,
+            protected: false,
+            fields: vec![FieldChange {
+                path: path.into(),
+                action: FieldAction::Update,
+                before: Some(before),
+                after: Some(after),
+                sensitive: false,
+                value_changed: false,
+            }],
+            desired: None,
+            fingerprints: BTreeMap::new(),
+            risks: Vec::new(),
+            mac: None,
+        }
+    }
+
+    /// A plan of `changes` (all updates) against registry `r`.
+    pub fn plan(changes: Vec<Change>) -> Plan {
+        Plan {
+            format_version: FORMAT_VERSION.into(),
+            touchctl_version: "0.0.0".into(),
+            created_at: "t".into(),
+            registry: Some(RegistryRef {
+                id: "r".into(),
+                backend: "sqlite x".into(),
+            }),
+            base: None,
+            source: Source {
+                dir: "touchpoints".into(),
+                commit: None,
+                dirty: false,
+            },
+            summary: Summary {
+                update: changes.len(),
+                ..Summary::default()
+            },
+            changes,
+            drift: Vec::new(),
+            mac: None,
         }
     }
 }
@@ -647,10 +737,13 @@ mod tests {
         let (changes, _) = diff(&[], &[live("a", json!({"id": "a", "protect": true}))]);
         assert_eq!(changes[0].risks, ["delete (protected)"]);
         let (changes, _) = diff(&[desired("a", &after, "fp1")], &[]);
-        assert!(
-            changes[0].risks.is_empty(),
-            "a create is reviewed as a whole"
+        assert_eq!(
+            changes[0].risks,
+            ["auth_token", "url"],
+            "a new touchpoint is a new destination for its secrets"
         );
+        let (changes, _) = diff(&[desired("a", &before, "fp1")], &[]);
+        assert_eq!(changes[0].risks, ["allow_insecure", "auth_token", "url"]);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Renders a plan for a terminal: a summary line, then each change with its fields, secrets only as
 //! `(sensitive)`, long or multi-line strings as a line diff, and drift in a section of its own.
+//! Everything that comes from a file or the registry (ids, file names, field paths with their
+//! label keys, values) is escaped with [`crate::term::escape`] before it is painted, so a file
+//! cannot send control sequences to a reviewer's terminal.
 
 use std::fmt::Write;
 
@@ -7,6 +10,7 @@ use anstyle::{AnsiColor, Style};
 use serde_json::Value;
 
 use super::{Action, Change, FieldAction, FieldChange, Plan};
+use crate::term::escape;
 
 /// How to render text.
 #[derive(Clone, Copy, Debug, Default)]
@@ -56,7 +60,7 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
         let _ = writeln!(
             out,
             "Comparing the touchpoints at {} ({}) with the work tree{}.",
-            base.rev,
+            escape(&base.rev),
             short(&base.commit),
             if plan.source.dirty {
                 ", which has uncommitted changes"
@@ -90,12 +94,13 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
             if d.paused {
                 let _ = writeln!(
                     out,
-                    "  {mark} {} ({}): paused through the admin API",
-                    d.id, d.kind
+                    "  {mark} {} ({}): paused through the admin API; not a change: apply keeps it paused",
+                    escape(&d.id),
+                    escape(&d.kind)
                 );
             }
             for f in &d.fields {
-                let _ = write!(out, "  {mark} {} ({}): ", d.id, d.kind);
+                let _ = write!(out, "  {mark} {} ({}): ", escape(&d.id), escape(&d.kind));
                 let mut line = String::new();
                 field_line(&mut line, &p, f, "");
                 out.push_str(line.trim_start());
@@ -105,14 +110,33 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
     if !plan.has_changes() {
         match &plan.base {
             Some(base) => {
-                let _ = writeln!(out, "\nNo changes: the work tree matches {}.", base.rev);
+                let _ = writeln!(
+                    out,
+                    "\nNo changes: the work tree matches {}.",
+                    escape(&base.rev)
+                );
             }
             None => {
-                let _ = writeln!(out, "\nNo changes: the registry matches the files.");
+                let _ = writeln!(
+                    out,
+                    "\nNo changes: the registry matches the files.{}",
+                    paused_note(plan.summary.paused)
+                );
             }
         }
     }
     out
+}
+
+/// What a plan without changes says of its paused touchpoints (nothing when there are none).
+pub(super) fn paused_note(paused: usize) -> String {
+    match paused {
+        0 => String::new(),
+        1 => " 1 touchpoint is paused through the admin API, which is not a change: apply keeps it paused.".into(),
+        n => format!(
+            " {n} touchpoints are paused through the admin API, which is not a change: apply keeps them paused."
+        ),
+    }
 }
 
 /// Whether a change is listed: every change, and unchanged touchpoints whose file moved.
@@ -142,14 +166,14 @@ fn render_change(out: &mut String, p: &Paint, c: &Change, show_live_commit: bool
         "{} {} {} ({})",
         p.paint(color, mark),
         p.paint(color, word),
-        p.bold(&c.id),
-        c.kind
+        p.bold(&escape(&c.id)),
+        escape(&c.kind)
     );
     if let Some(file) = &c.file {
-        let _ = write!(head, "  {file}");
+        let _ = write!(head, "  {}", escape(file));
     }
     if let Some(from) = &c.moved_from {
-        let _ = write!(head, " (moved from {from})");
+        let _ = write!(head, " (moved from {})", escape(from));
     }
     if show_live_commit
         && let Some(src) = &c.live_source
@@ -182,13 +206,13 @@ fn render_change(out: &mut String, p: &Paint, c: &Change, show_live_commit: bool
 fn show(v: Option<&Value>) -> String {
     match v {
         None => "(none)".into(),
-        Some(v) => v.to_string(),
+        Some(v) => escape(&v.to_string()).into_owned(),
     }
 }
 
 fn show_ref(v: Option<&Value>) -> String {
     match v.and_then(Value::as_object).and_then(|m| m.iter().next()) {
-        Some((k, val)) => format!("{{ {k} = {val} }}"),
+        Some((k, val)) => format!("{{ {} = {} }}", escape(k), escape(&val.to_string())),
         None => "(none)".into(),
     }
 }
@@ -206,7 +230,7 @@ pub(super) fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &
         FieldAction::Update => ("~", AnsiColor::Yellow),
     };
     let mark = p.paint(color, mark);
-    let path = &f.path;
+    let path = escape(&f.path);
     if f.sensitive {
         let text = match f.action {
             FieldAction::Add => format!("{} (sensitive)", show_ref(f.after.as_ref())),
@@ -251,7 +275,7 @@ pub(super) fn field_line(out: &mut String, p: &Paint, f: &FieldChange, indent: &
         let (old, new) = (terminated(old), terminated(new));
         let diff = similar::TextDiff::from_lines(&old, &new);
         for change in diff.iter_all_changes() {
-            let line = change.value().trim_end_matches('\n');
+            let line = escape(change.value().trim_end_matches('\n'));
             let row = match change.tag() {
                 similar::ChangeTag::Delete => p.paint(AnsiColor::Red, &format!("- {line}")),
                 similar::ChangeTag::Insert => p.paint(AnsiColor::Green, &format!("+ {line}")),

@@ -4,7 +4,8 @@
 //!
 //! Writers take the registry lock (one at a time) and every write is a compare-and-swap on the
 //! touchpoint's generation, so a change made by someone else since a plan was computed is refused
-//! instead of overwritten.
+//! instead of overwritten. The lock is a lease (see [`crate::lease`]): [`LockGuard`] renews it
+//! while its holder works, and a successor takes over one whose holder is gone.
 
 mod sqlite;
 
@@ -92,6 +93,21 @@ pub struct LockInfo {
     pub operation: String,
     /// When it took the lock (RFC 3339).
     pub acquired_at: String,
+    /// When its lease expires unless renewed (ms since the epoch); none for a lock taken by a
+    /// touchctl from before leases.
+    pub expires_at: Option<i64>,
+}
+
+impl LockInfo {
+    /// Where this lock stands for a would-be successor at `now_ms`.
+    pub fn standing(&self, now_ms: i64) -> crate::lease::Standing {
+        crate::lease::standing(&self.host, self.pid, self.expires_at, now_ms)
+    }
+
+    /// When its lease expires, for a message (see [`crate::lease::expiry_note`]).
+    pub fn expiry_note(&self) -> String {
+        crate::lease::expiry_note(self.expires_at, crate::store::now_ms())
+    }
 }
 
 impl std::fmt::Display for LockInfo {
@@ -108,8 +124,11 @@ impl std::fmt::Display for LockInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// Another writer holds the lock.
-    #[error("the registry is locked: {0}. Wait for it to finish; if that process is gone for good, run `touchctl force-unlock {id}`", id = .0.lock_id)]
+    #[error("the registry is locked: {0}; {note}. Wait for it to finish: a lock whose holder stops renewing it is taken over once its lease expires. If that process is gone for good, `touchctl force-unlock {id}` removes the lock now", id = .0.lock_id, note = .0.expiry_note())]
     Locked(Box<LockInfo>),
+    /// force-unlock (without `--force`) of a lock whose holder still renews it.
+    #[error("lock {id} is held: {0}; {note}. Its holder keeps renewing it, so it looks alive: stop it or wait for it. If you are sure it is gone (its host was replaced, say), run `touchctl force-unlock {id} --force`", id = .0.lock_id, note = .0.expiry_note())]
+    LockLive(Box<LockInfo>),
     /// The touchpoint changed since it was read.
     #[error(
         "touchpoint `{id}` changed in the registry since it was read (expected generation {expected}, found {found}): run plan again"
@@ -161,6 +180,32 @@ pub enum RegistryError {
         /// Why.
         source: std::io::Error,
     },
+    /// The state file could not be opened.
+    #[error("state database {path}: {source}")]
+    Store {
+        /// The state file.
+        path: String,
+        /// Why.
+        source: Box<crate::store::StoreError>,
+    },
+    /// The state file is empty.
+    #[error(
+        "the state file {0} is empty (0 bytes), so it holds no registry; touchctl never leaves one empty. If it is a leftover (of a copy or a full disk, say), remove it and run again: a new registry is created. If your registry should be there, restore the file from a backup"
+    )]
+    Empty(String),
+    /// The state file holds no registry id.
+    #[error(
+        "the state file {0} holds no registry id, so it is not a touchctl registry: point --state at your registry, or remove the file if it is a leftover"
+    )]
+    NotARegistry(String),
+    /// Another process created the state file while this one worked from a new registry.
+    #[error(
+        "the registry ({0}) was created by another process while this one worked from a new, empty registry; nothing was written: run the command again"
+    )]
+    CreatedMeanwhile(String),
+    /// The thread that renews the lock could not be started.
+    #[error("cannot start the thread that renews the registry lock: {0}")]
+    Heartbeat(std::io::Error),
     /// A stored spec is not valid JSON.
     #[error("the registry row of `{id}` is corrupt: {source}")]
     Corrupt {
@@ -184,12 +229,18 @@ pub trait Registry: Send + Sync {
     /// One live touchpoint.
     fn get(&self, id: &str) -> Result<Option<Live>, RegistryError>;
     /// Takes the writer lock for `operation`, failing fast if someone else holds it. A lock left by a
-    /// process on this host that no longer runs is taken over; the old holder is returned then.
+    /// process on this host that no longer runs, or whose lease expired, is taken over; the old
+    /// holder is returned then. Use [`LockGuard`], which renews the lease while it is held.
     fn lock(&self, operation: &str) -> Result<(LockInfo, Option<LockInfo>), RegistryError>;
+    /// How long a lock's lease lasts unless renewed.
+    fn lease_ttl(&self) -> std::time::Duration;
+    /// Renews lock `lock_id`'s lease when called, from any thread (see [`crate::lease::Renew`]).
+    fn renewer(&self, lock_id: &str) -> crate::lease::Renew;
     /// Releases a lock this process holds.
     fn unlock(&self, lock_id: &str) -> Result<(), RegistryError>;
-    /// Removes a lock whatever holds it (for a holder that is gone for good).
-    fn force_unlock(&self, lock_id: &str) -> Result<LockInfo, RegistryError>;
+    /// Removes lock `lock_id` whatever holds it (for a holder that is gone for good). Unless
+    /// `force`, refuses while its holder keeps renewing its lease.
+    fn force_unlock(&self, lock_id: &str, force: bool) -> Result<LockInfo, RegistryError>;
     /// Writes a touchpoint if its generation is still `expected` (`None`: it must not exist yet).
     /// Returns the new generation.
     fn put(&self, put: &Put, expected: Option<u64>) -> Result<u64, RegistryError>;
@@ -199,31 +250,58 @@ pub trait Registry: Send + Sync {
     fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError>;
 }
 
-/// Holds the registry lock and releases it when dropped, whatever happens in between.
+/// Holds the registry lock, renews its lease on a thread of its own, and releases it when
+/// dropped, whatever happens in between.
 pub struct LockGuard<'r> {
     registry: &'r dyn Registry,
     /// The lock held.
     pub info: LockInfo,
-    /// A stale lock that was taken over, if any.
+    /// A lock that was taken over (its process gone, or its lease expired), if any.
     pub recovered: Option<LockInfo>,
+    heartbeat: Option<crate::lease::Heartbeat>,
 }
 
 impl<'r> LockGuard<'r> {
     /// Takes the lock.
     pub fn acquire(registry: &'r dyn Registry, operation: &str) -> Result<Self, RegistryError> {
         let (info, recovered) = registry.lock(operation)?;
-        Ok(Self {
+        let mut guard = Self {
             registry,
             info,
             recovered,
-        })
+            heartbeat: None,
+        };
+        guard.heartbeat = Some(
+            crate::lease::Heartbeat::start(
+                "registry-lock",
+                registry.lease_ttl(),
+                registry.renewer(&guard.info.lock_id),
+                |_| {},
+            )
+            .map_err(RegistryError::Heartbeat)?,
+        );
+        Ok(guard)
+    }
+
+    /// `Err` with why once the lock is no longer held (taken over or force-unlocked): a writer
+    /// must stop then.
+    pub fn held(&self) -> Result<(), String> {
+        match self.heartbeat.as_ref().and_then(|h| h.lost()) {
+            Some(why) => Err(format!(
+                "the registry lock {} is no longer held: {why}",
+                self.info.lock_id
+            )),
+            None => Ok(()),
+        }
     }
 }
 
 impl Drop for LockGuard<'_> {
     fn drop(&mut self) {
+        drop(self.heartbeat.take());
         // Nothing useful can be done if releasing fails: the lock then shows as held by a process
-        // that is gone, which the next writer on this host recovers.
+        // that is gone, which the next writer on this host recovers (and anyone, once its lease
+        // expires).
         let _ = self.registry.unlock(&self.info.lock_id);
     }
 }

@@ -1,16 +1,29 @@
 //! The embedded registry: one SQLite file (default `.touchctl/state.db`, mode 0600) in WAL mode.
 //! Writes are `BEGIN IMMEDIATE` transactions, so the generation check and the write are atomic
 //! even with several processes on one file.
+//!
+//! Only a write creates the file. Opened where no file is, the registry is a new, empty one held
+//! in memory (with its id and fingerprint key already chosen, so a plan made against it stays
+//! valid), and its first write (a lock, a put) creates the file whole, with those keys (see
+//! [`crate::store::create_database`]). A command that only reads, or that fails before writing,
+//! leaves no file behind. An empty (0-byte) file is refused, never taken for a new registry.
+//!
+//! The registry lock is a lease (see [`crate::lease`]): the holder's [`super::LockGuard`] renews
+//! it while it works; a lock left by a process that no longer runs on this host is taken over at
+//! once, and one whose lease expired (its host gone, say) by anyone.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::{Live, LockInfo, Provenance, Put, Registry, RegistryError, hostname, now, whoami};
 use crate::model::{Fingerprinter, SpecJson};
+use crate::store::{Found, StoreError};
 
 /// The on-disk format this build writes and understands.
 const FORMAT: i64 = 1;
@@ -41,94 +54,196 @@ CREATE TABLE IF NOT EXISTS lock (
     pid         INTEGER NOT NULL,
     host        TEXT NOT NULL,
     operation   TEXT NOT NULL,
-    acquired_at TEXT NOT NULL
+    acquired_at TEXT NOT NULL,
+    expires_at  INTEGER -- ms since the epoch; NULL from a touchctl before leases
 );
 ";
 
 /// The SQLite-backed registry.
 pub struct SqliteRegistry {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    /// Shared with the lock's heartbeat, which renews through it.
+    conn: Arc<Mutex<Connection>>,
+    /// No file yet: the connection is to an empty registry in memory (see the module docs).
+    new: AtomicBool,
     registry_id: String,
+    /// The fingerprint key as stored (hex), to write into the file when it is created.
+    key_text: String,
     fingerprinter: Fingerprinter,
     /// See [`SqliteRegistry::frugal`].
-    frugal: std::sync::atomic::AtomicBool,
+    frugal: AtomicBool,
+    /// How long a lock lasts unless renewed.
+    lease: Duration,
+}
+
+/// Writes a new registry's tables and keys.
+fn init(conn: &Connection, registry_id: &str, key: &str) -> rusqlite::Result<()> {
+    conn.execute_batch(MIGRATION)?;
+    let mut insert = conn.prepare("INSERT INTO meta (key, value) VALUES (?1, ?2)")?;
+    insert.execute(params!["format", FORMAT.to_string()])?;
+    insert.execute(params!["registry_id", registry_id])?;
+    insert.execute(params!["fingerprint_key", key])?;
+    Ok(())
+}
+
+/// Adds what files written by earlier versions lack: the lock's lease expiry.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(MIGRATION)?;
+    let has: i64 = conn.query_row(
+        "SELECT count(*) FROM pragma_table_info('lock') WHERE name = 'expires_at'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        conn.execute_batch("ALTER TABLE lock ADD COLUMN expires_at INTEGER")?;
+    }
+    Ok(())
 }
 
 impl SqliteRegistry {
-    /// Opens the state file, creating it (and its folder) if needed, owner-only.
+    /// Opens the state file; where there is none, a new registry that the first write creates
+    /// (owner-only, in an owner-only folder). An empty file is refused.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
         let shown = path.display().to_string();
-        let io = |source| RegistryError::Io {
+        let found = crate::store::found(path).map_err(|source| RegistryError::Io {
             path: shown.clone(),
             source,
+        })?;
+        match found {
+            Found::Empty => Err(RegistryError::Empty(shown)),
+            Found::Missing => Self::new_in_memory(path),
+            Found::File => Self::open_file(path),
+        }
+    }
+
+    /// Opens the state file, creating it now if there is none (for a daemon, which other
+    /// processes must see write to the file).
+    pub fn create(path: &Path) -> Result<Self, RegistryError> {
+        let registry = Self::open(path)?;
+        registry.persist()?;
+        Ok(registry)
+    }
+
+    fn new_in_memory(path: &Path) -> Result<Self, RegistryError> {
+        let sql = |source| RegistryError::Sqlite {
+            path: path.display().to_string(),
+            source,
         };
-        crate::store::create_private(path).map_err(io)?;
+        let conn = Connection::open_in_memory().map_err(sql)?;
+        let (id, key) = (crate::store::random_hex(16), crate::store::random_hex(32));
+        init(&conn, &id, &key).map_err(sql)?;
+        Ok(Self::assemble(path, conn, true, id, key))
+    }
+
+    fn open_file(path: &Path) -> Result<Self, RegistryError> {
+        let shown = path.display().to_string();
         let sql = |source| RegistryError::Sqlite {
             path: shown.clone(),
             source,
         };
-        let mut conn = crate::store::connect(path, crate::store::Sync::Full).map_err(sql)?;
-        // Reading every row for a plan is faster from a memory map than through read() calls.
-        conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)
-            .map_err(sql)?;
-        conn.execute_batch(MIGRATION).map_err(sql)?;
-
-        let (registry_id, key) = {
-            // IMMEDIATE: two processes opening a new file at once must not both create its keys.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql)?;
-            let get = |k: &str| -> Result<Option<String>, rusqlite::Error> {
-                tx.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
-                    .optional()
-            };
-            let format: Option<String> = get("format").map_err(sql)?;
-            let format: i64 = format.and_then(|f| f.parse().ok()).unwrap_or(FORMAT);
-            if format > FORMAT {
-                return Err(RegistryError::TooNew {
-                    path: shown,
-                    found: format,
-                    supported: FORMAT,
-                });
-            }
-            let ensure = |k: &str, make: &dyn Fn() -> String| -> Result<String, rusqlite::Error> {
-                if let Some(v) = get(k)? {
-                    return Ok(v);
-                }
-                let v = make();
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                    params![k, v],
-                )?;
-                Ok(v)
-            };
-            ensure("format", &|| FORMAT.to_string()).map_err(sql)?;
-            let id = ensure("registry_id", &|| crate::store::random_hex(16)).map_err(sql)?;
-            let key = ensure("fingerprint_key", &|| crate::store::random_hex(32)).map_err(sql)?;
-            tx.commit().map_err(sql)?;
-            (id, key)
+        let conn = Self::connect(path, false)?;
+        // A file this build cannot write (read-only to this user) can still be read: its
+        // migration waits for a writer.
+        if let Err(e) = migrate(&conn)
+            && e.sqlite_error_code() != Some(rusqlite::ErrorCode::ReadOnly)
+        {
+            return Err(sql(e));
+        }
+        let get = |k: &str| -> Result<Option<String>, RegistryError> {
+            conn.query_row("SELECT value FROM meta WHERE key = ?1", [k], |r| r.get(0))
+                .optional()
+                .map_err(sql)
         };
-        let key = hex::decode(&key).unwrap_or_else(|_| key.into_bytes());
-        Ok(Self {
+        let format: i64 = get("format")?
+            .and_then(|f| f.parse().ok())
+            .unwrap_or(FORMAT);
+        if format > FORMAT {
+            return Err(RegistryError::TooNew {
+                path: shown,
+                found: format,
+                supported: FORMAT,
+            });
+        }
+        let (Some(id), Some(key)) = (get("registry_id")?, get("fingerprint_key")?) else {
+            return Err(RegistryError::NotARegistry(shown));
+        };
+        Ok(Self::assemble(path, conn, false, id, key))
+    }
+
+    fn assemble(path: &Path, conn: Connection, new: bool, id: String, key: String) -> Self {
+        let bytes = hex::decode(&key).unwrap_or_else(|_| key.clone().into_bytes());
+        Self {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
-            registry_id,
-            fingerprinter: Fingerprinter::new(key),
-            frugal: std::sync::atomic::AtomicBool::new(false),
-        })
+            conn: Arc::new(Mutex::new(conn)),
+            new: AtomicBool::new(new),
+            registry_id: id,
+            key_text: key,
+            fingerprinter: Fingerprinter::new(bytes),
+            frugal: AtomicBool::new(false),
+            lease: crate::lease::TTL,
+        }
+    }
+
+    /// A connection to the file, set up for plans or (`frugal`) for a long-running process.
+    fn connect(path: &Path, frugal: bool) -> Result<Connection, RegistryError> {
+        let conn = crate::store::connect(path, crate::store::Sync::Full)
+            .map_err(|e| store_error(path, e))?;
+        Self::tune(&conn, frugal).map_err(|source| RegistryError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(conn)
+    }
+
+    fn tune(conn: &Connection, frugal: bool) -> rusqlite::Result<()> {
+        if frugal {
+            conn.pragma_update(None, "mmap_size", 0)?;
+            conn.pragma_update(None, "cache_size", -512)
+        } else {
+            // Reading every row for a plan is faster from a memory map than through read() calls.
+            conn.pragma_update(None, "mmap_size", 256 * 1024 * 1024)
+        }
+    }
+
+    /// Whether there is no file yet (see the module docs).
+    pub fn is_new(&self) -> bool {
+        self.new.load(Ordering::Acquire)
+    }
+
+    /// Creates the file, if there is none yet, with this registry's id and key. Fails if another
+    /// process created one since this registry was opened: what was planned against the new,
+    /// empty registry may not hold for that one.
+    pub fn persist(&self) -> Result<(), RegistryError> {
+        if !self.is_new() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        if !self.is_new() {
+            return Ok(());
+        }
+        crate::store::create_database(&self.path, |c| init(c, &self.registry_id, &self.key_text))
+            .map_err(|e| match e {
+            StoreError::Exists => RegistryError::CreatedMeanwhile(self.describe()),
+            other => store_error(&self.path, other),
+        })?;
+        *conn = Self::connect(&self.path, self.frugal.load(Ordering::Relaxed))?;
+        self.new.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Sets how long a lock taken through this registry lasts unless renewed (default
+    /// [`crate::lease::TTL`]).
+    pub fn with_lease(mut self, ttl: Duration) -> Self {
+        self.lease = ttl;
+        self
     }
 
     /// Sets the registry up for a long-running process, whose resident memory should not grow
     /// with the file: reads through a small page cache instead of a memory map, and decodes on the
     /// calling thread (memory freed by idle worker threads is slow to go back to the system).
     pub fn frugal(&self) -> Result<(), RegistryError> {
-        self.frugal
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        let conn = self.conn();
-        conn.pragma_update(None, "mmap_size", 0)
-            .and_then(|()| conn.pragma_update(None, "cache_size", -512))
-            .map_err(|e| self.err(e))
+        self.frugal.store(true, Ordering::Relaxed);
+        Self::tune(&self.conn(), true).map_err(|e| self.err(e))
     }
 
     /// Changes whenever another connection commits to the file: a cheap way to notice an apply
@@ -147,9 +262,7 @@ impl SqliteRegistry {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the connection leaves SQLite itself consistent (transactions roll
-        // back on drop), so a poisoned mutex is safe to keep using.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock_conn(&self.conn)
     }
 
     fn generation(tx: &Connection, id: &str) -> Result<Option<u64>, rusqlite::Error> {
@@ -166,7 +279,7 @@ impl SqliteRegistry {
 /// Who holds the registry lock, if anyone.
 fn held_lock(conn: &Connection) -> rusqlite::Result<Option<LockInfo>> {
     conn.query_row(
-        "SELECT lock_id, holder, pid, host, operation, acquired_at FROM lock WHERE singleton = 1",
+        "SELECT lock_id, holder, pid, host, operation, acquired_at, expires_at FROM lock WHERE singleton = 1",
         [],
         |r| {
             Ok(LockInfo {
@@ -176,10 +289,38 @@ fn held_lock(conn: &Connection) -> rusqlite::Result<Option<LockInfo>> {
                 host: r.get(3)?,
                 operation: r.get(4)?,
                 acquired_at: r.get(5)?,
+                expires_at: r.get(6)?,
             })
         },
     )
     .optional()
+}
+
+/// Pushes lock `lock_id`'s lease to `expires_at`; whether it is still held by that id.
+fn renew(conn: &Connection, lock_id: &str, expires_at: i64) -> rusqlite::Result<bool> {
+    conn.execute(
+        "UPDATE lock SET expires_at = ?2 WHERE singleton = 1 AND lock_id = ?1",
+        params![lock_id, expires_at],
+    )
+    .map(|n| n == 1)
+}
+
+fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    // A panic while holding the connection leaves SQLite itself consistent (transactions roll
+    // back on drop), so a poisoned mutex is safe to keep using.
+    conn.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn store_error(path: &Path, e: StoreError) -> RegistryError {
+    let path = path.display().to_string();
+    match e {
+        StoreError::Sqlite(source) => RegistryError::Sqlite { path, source },
+        StoreError::Io(source) => RegistryError::Io { path, source },
+        other => RegistryError::Store {
+            path,
+            source: Box::new(other),
+        },
+    }
 }
 
 type Row = (
@@ -294,14 +435,15 @@ impl Registry for SqliteRegistry {
     }
 
     fn lock(&self, operation: &str) -> Result<(LockInfo, Option<LockInfo>), RegistryError> {
+        self.persist()?;
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
         let held = held_lock(&tx).map_err(|e| self.err(e))?;
-        let host = hostname();
+        let now_ms = crate::store::now_ms();
         let recovered = match held {
-            Some(h) if h.host == host && !crate::store::process_alive(h.pid) => Some(h),
+            Some(h) if h.standing(now_ms).free() => Some(h),
             Some(h) => return Err(RegistryError::Locked(Box::new(h))),
             None => None,
         };
@@ -309,20 +451,22 @@ impl Registry for SqliteRegistry {
             lock_id: crate::store::random_hex(8),
             holder: whoami(),
             pid: std::process::id(),
-            host,
+            host: hostname(),
             operation: operation.to_string(),
             acquired_at: now(),
+            expires_at: Some(crate::lease::expiry(now_ms, self.lease)),
         };
         tx.execute(
-            "INSERT OR REPLACE INTO lock (singleton, lock_id, holder, pid, host, operation, acquired_at) \
-             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT OR REPLACE INTO lock (singleton, lock_id, holder, pid, host, operation, acquired_at, expires_at) \
+             VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 info.lock_id,
                 info.holder,
                 info.pid,
                 info.host,
                 info.operation,
-                info.acquired_at
+                info.acquired_at,
+                info.expires_at
             ],
         )
         .map_err(|e| self.err(e))?;
@@ -330,14 +474,35 @@ impl Registry for SqliteRegistry {
         Ok((info, recovered))
     }
 
+    fn lease_ttl(&self) -> Duration {
+        self.lease
+    }
+
+    fn renewer(&self, lock_id: &str) -> crate::lease::Renew {
+        let (conn, lock_id) = (self.conn.clone(), lock_id.to_string());
+        Box::new(move |expires_at| {
+            renew(&lock_conn(&conn), &lock_id, expires_at).map_err(|e| e.to_string())
+        })
+    }
+
     fn unlock(&self, lock_id: &str) -> Result<(), RegistryError> {
+        if self.is_new() {
+            return Ok(());
+        }
         self.conn()
             .execute("DELETE FROM lock WHERE lock_id = ?1", [lock_id])
             .map_err(|e| self.err(e))?;
         Ok(())
     }
 
-    fn force_unlock(&self, lock_id: &str) -> Result<LockInfo, RegistryError> {
+    fn force_unlock(&self, lock_id: &str, force: bool) -> Result<LockInfo, RegistryError> {
+        let not_locked = |held: Option<LockInfo>| RegistryError::NotLocked {
+            given: lock_id.to_string(),
+            held: held.map(Box::new),
+        };
+        if self.is_new() {
+            return Err(not_locked(None));
+        }
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -345,19 +510,26 @@ impl Registry for SqliteRegistry {
         let held = held_lock(&tx).map_err(|e| self.err(e))?;
         match held {
             Some(h) if h.lock_id == lock_id => {
+                let renewed =
+                    crate::lease::renewed(&h.host, h.pid, h.expires_at, crate::store::now_ms());
+                if renewed && !force {
+                    return Err(RegistryError::LockLive(Box::new(h)));
+                }
                 tx.execute("DELETE FROM lock WHERE lock_id = ?1", [lock_id])
                     .map_err(|e| self.err(e))?;
                 tx.commit().map_err(|e| self.err(e))?;
                 Ok(h)
             }
-            held => Err(RegistryError::NotLocked {
-                given: lock_id.to_string(),
-                held: held.map(Box::new),
-            }),
+            held => Err(not_locked(held)),
         }
     }
 
     fn put(&self, put: &Put, expected: Option<u64>) -> Result<u64, RegistryError> {
+        // Only a write that can succeed creates the file.
+        if self.is_new() && expected.is_some() {
+            return Err(conflict(&put.id, expected, None));
+        }
+        self.persist()?;
         let spec = put.spec.as_str();
         let fingerprints =
             serde_json::to_string(&put.fingerprints).unwrap_or_else(|_| "{}".to_string());
@@ -398,6 +570,9 @@ impl Registry for SqliteRegistry {
     }
 
     fn delete(&self, id: &str, expected: u64) -> Result<(), RegistryError> {
+        if self.is_new() {
+            return Err(conflict(id, Some(expected), None));
+        }
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -413,6 +588,9 @@ impl Registry for SqliteRegistry {
     }
 
     fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError> {
+        if self.is_new() {
+            return Err(RegistryError::NotFound(id.to_string()));
+        }
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -490,7 +668,7 @@ mod tests {
     fn second_lock_names_the_holder_and_dead_holders_are_recovered() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let a = SqliteRegistry::open(&path).unwrap();
+        let a = SqliteRegistry::create(&path).unwrap();
         let b = SqliteRegistry::open(&path).unwrap();
         let (held, _) = a.lock("apply").unwrap();
         match b.lock("apply") {
@@ -499,14 +677,202 @@ mod tests {
         }
         a.unlock(&held.lock_id).unwrap();
         // A holder on this host whose process is gone: pretend with a pid that cannot exist.
-        b.conn()
-            .execute(
-                "INSERT INTO lock VALUES (1, 'dead', 'x@y', 2147483646, ?1, 'apply', 'then')",
-                [hostname()],
-            )
-            .unwrap();
+        insert_lock(&b, "dead", 2147483646, &hostname(), None);
         let (_, recovered) = b.lock("apply").unwrap();
         assert_eq!(recovered.unwrap().lock_id, "dead");
+    }
+
+    fn insert_lock(reg: &SqliteRegistry, id: &str, pid: u32, host: &str, expires_at: Option<i64>) {
+        reg.conn()
+            .execute(
+                "INSERT OR REPLACE INTO lock (singleton, lock_id, holder, pid, host, operation, acquired_at, expires_at) \
+                 VALUES (1, ?1, 'ops@there', ?2, ?3, 'apply', '2026-01-01T00:00:00Z', ?4)",
+                params![id, pid, host, expires_at],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn a_lock_left_on_a_replaced_host_is_taken_over_once_its_lease_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = SqliteRegistry::create(&dir.path().join("state.db")).unwrap();
+        let now = crate::store::now_ms();
+        // Another host: its process cannot be looked at, only its lease. (This test's own pid, so
+        // that a host name that happened to match could not make it look gone.)
+        let me = std::process::id();
+        insert_lock(&reg, "fresh", me, "replaced-vm", Some(now + 60_000));
+        match reg.lock("apply") {
+            Err(e @ RegistryError::Locked(_)) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("(pid ") && shown.contains("its lease expires at "),
+                    "{shown}"
+                );
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        // From a touchctl before leases: no expiry, so only force-unlock frees it.
+        insert_lock(&reg, "old", me, "replaced-vm", None);
+        assert!(matches!(reg.lock("apply"), Err(RegistryError::Locked(_))));
+        insert_lock(&reg, "expired", me, "replaced-vm", Some(now - 1));
+        let (held, recovered) = reg.lock("apply").unwrap();
+        let recovered = recovered.unwrap();
+        assert_eq!(recovered.lock_id, "expired");
+        assert!(matches!(
+            recovered.standing(now),
+            crate::lease::Standing::Expired(_)
+        ));
+        assert!(held.expires_at.unwrap() > now);
+    }
+
+    #[test]
+    fn a_held_lock_is_renewed_and_a_lost_one_stops_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let reg = SqliteRegistry::create(&path)
+            .unwrap()
+            .with_lease(Duration::from_millis(300));
+        let other = SqliteRegistry::open(&path).unwrap();
+        let guard = super::super::LockGuard::acquire(&reg, "apply").unwrap();
+        let first = guard.info.expires_at.unwrap();
+        // Well past the first term: the heartbeat must have renewed it for it still to be held.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let expiry = || {
+            held_lock(&other.conn())
+                .unwrap()
+                .unwrap()
+                .expires_at
+                .unwrap()
+        };
+        while crate::store::now_ms() < first + 600 || expiry() <= first {
+            assert!(std::time::Instant::now() < deadline, "never renewed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(matches!(other.lock("apply"), Err(RegistryError::Locked(_))));
+        assert_eq!(guard.held(), Ok(()));
+        // Forced away: the holder learns it at its next renewal, and stops writing.
+        other.force_unlock(&guard.info.lock_id, true).unwrap();
+        while guard.held().is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the loss was never noticed"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(guard.held().unwrap_err().contains("no longer held"));
+        drop(guard);
+        other.lock("apply").unwrap();
+    }
+
+    #[test]
+    fn force_unlock_refuses_a_fresh_lease_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = SqliteRegistry::create(&dir.path().join("state.db")).unwrap();
+        let now = crate::store::now_ms();
+        insert_lock(
+            &reg,
+            "fresh",
+            std::process::id(),
+            "replaced-vm",
+            Some(now + 60_000),
+        );
+        match reg.force_unlock("fresh", false) {
+            Err(e @ RegistryError::LockLive(_)) => {
+                assert!(
+                    e.to_string()
+                        .contains("touchctl force-unlock fresh --force"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected LockLive, got {other:?}"),
+        }
+        assert_eq!(reg.force_unlock("fresh", true).unwrap().lock_id, "fresh");
+        // Expired, or from a touchctl before leases: no --force needed.
+        insert_lock(&reg, "expired", 1, "replaced-vm", Some(now - 1));
+        reg.force_unlock("expired", false).unwrap();
+        insert_lock(&reg, "old", 1, "replaced-vm", None);
+        reg.force_unlock("old", false).unwrap();
+        assert!(matches!(
+            reg.force_unlock("old", false),
+            Err(RegistryError::NotLocked { held: None, .. })
+        ));
+    }
+
+    #[test]
+    fn a_registry_file_is_created_by_its_first_write_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".touchctl/state.db");
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert!(reg.is_new() && reg.list().unwrap().is_empty());
+        assert!(reg.get("a").unwrap().is_none());
+        assert!(reg.set_paused("a", true).is_err());
+        assert!(reg.delete("a", 1).is_err());
+        assert!(reg.put(&put("a", json!({"v": 1})), Some(1)).is_err());
+        assert!(
+            !dir.path().join(".touchctl").exists(),
+            "reads and failed writes create nothing"
+        );
+        let fingerprint = reg
+            .fingerprinter()
+            .fingerprint(&crate::model::Secret::new("s"));
+        assert_eq!(reg.put(&put("a", json!({"v": 1})), None).unwrap(), 1);
+        assert!(!reg.is_new() && path.exists());
+        // The file keeps the id and key the registry had before it existed, so a plan made then
+        // still applies.
+        let again = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(again.registry_id(), reg.registry_id());
+        assert_eq!(
+            again
+                .fingerprinter()
+                .fingerprint(&crate::model::Secret::new("s")),
+            fingerprint
+        );
+        assert_eq!(again.get("a").unwrap().unwrap().generation, 1);
+        // Nothing but the file: no temporary file, -wal or -shm of it left beside.
+        drop((again, reg));
+        let left: Vec<String> = std::fs::read_dir(dir.path().join(".touchctl"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["state.db"]);
+    }
+
+    #[test]
+    fn two_new_registries_cannot_both_create_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let a = SqliteRegistry::open(&path).unwrap();
+        let b = SqliteRegistry::open(&path).unwrap();
+        a.put(&put("a", json!({"v": 1})), None).unwrap();
+        match b.lock("apply") {
+            Err(e @ RegistryError::CreatedMeanwhile(_)) => {
+                assert!(e.to_string().contains("run the command again"), "{e}");
+            }
+            other => panic!("expected CreatedMeanwhile, got {other:?}"),
+        }
+        assert_eq!(
+            SqliteRegistry::open(&path).unwrap().registry_id(),
+            a.registry_id()
+        );
+    }
+
+    #[test]
+    fn an_empty_state_file_is_refused_not_taken_as_a_new_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        std::fs::write(&path, b"").unwrap();
+        match SqliteRegistry::open(&path) {
+            Err(e @ RegistryError::Empty(_)) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("is empty (0 bytes)") && shown.contains("remove it"),
+                    "{shown}"
+                );
+            }
+            Err(other) => panic!("expected Empty, got {other:?}"),
+            Ok(_) => panic!("an empty file was taken as a registry"),
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left as it was");
     }
 
     #[cfg(unix)]
@@ -515,8 +881,9 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.db");
-        SqliteRegistry::open(&path).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
+        SqliteRegistry::create(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("sub")), 0o700);
     }
 }

@@ -716,7 +716,7 @@ fn api_errors_say_what_is_wrong() {
     let p = project(&sink, 500, "");
     let env = [
         ("SINK_TOKEN", "sink-token-value"),
-        ("TOUCHCTL_API_TOKEN", "api-secret-token"),
+        ("TOUCHCTL_API_TOKEN", "api-secret-token-0123456789abcdef"),
     ];
     let d = p.start_daemon(
         &[
@@ -737,7 +737,7 @@ fn api_errors_say_what_is_wrong() {
         )
     };
     let json_body = |v: &Value| serde_json::to_vec(v).unwrap();
-    let tok = Some("api-secret-token");
+    let tok = Some("api-secret-token-0123456789abcdef");
     let (code, e) = post(None, "application/json", json_body(&trigger(1)));
     assert_eq!(
         (code, e["error"]["code"].as_str()),
@@ -829,7 +829,7 @@ fn api_errors_say_what_is_wrong() {
         (404, Some("not_found"))
     );
     // The token never appears in the log.
-    assert!(!d.log().contains("api-secret-token"));
+    assert!(!d.log().contains("api-secret-token-0123456789abcdef"));
     assert!(!d.log().contains("sink-token-value"));
 }
 
@@ -966,6 +966,13 @@ fn retry_after_is_honoured() {
         }
     }));
     let p = project(&sink, 100, "");
+    // A Retry-After is honoured up to `max_backoff`: let it be longer than the 2s asked for.
+    p.set(
+        "touchpoints/sms.toml",
+        "max_backoff = \"200ms\"",
+        "max_backoff = \"5s\"",
+    );
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(10));
     d.wait_finished(r["dispatch_id"].as_str().unwrap());

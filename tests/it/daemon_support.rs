@@ -39,6 +39,13 @@ impl Project {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        self.spawn_daemon(cmd)
+    }
+
+    /// Starts the daemon `cmd` runs (its standard error is read for the address); waits until it
+    /// listens.
+    pub fn spawn_daemon(&self, mut cmd: std::process::Command) -> Daemon {
+        cmd.stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start the daemon");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
@@ -430,4 +437,29 @@ pub fn holding_the_first(gate: Arc<std::sync::atomic::AtomicBool>) -> Arc<Answer
         }
         (200, Vec::new(), "{}".into(), Duration::ZERO)
     })
+}
+
+/// `touchctl dispatch` of `users.ndjson` (in the project) to `touchpoint` of the daemon at
+/// `url`, for campaign `c` with the template param `text=hi`; more arguments may follow.
+pub fn dispatch_args<'a>(url: &'a str, touchpoint: &'a str) -> Vec<&'a str> {
+    vec![
+        "dispatch",
+        "--url",
+        url,
+        "--touchpoint",
+        touchpoint,
+        "--campaign",
+        "c",
+        "--users",
+        "users.ndjson",
+        "--param",
+        "text=hi",
+    ]
+}
+
+impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
 }

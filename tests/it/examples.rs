@@ -1,5 +1,7 @@
 //! Every example under `examples/` validates and plans.
 
+use std::path::Path;
+
 use crate::support::{Project, copy_dir, repo_root};
 
 /// The names inside `{ env = "NAME" }` references of a file.
@@ -21,26 +23,32 @@ fn every_example_validates_and_plans() {
         }
         seen += 1;
         let p = Project::empty();
+        let mounted = tempfile::tempdir().unwrap();
+        let run_secrets = mounted.path().display().to_string();
         copy_dir(&example.join("touchpoints"), &p.path().join("touchpoints"));
         copy_dir(&repo_root().join("schemas"), &p.path().join("schemas"));
         let mut envs = Vec::new();
         for file in touchctl::load::discover(&p.path().join("touchpoints")).unwrap() {
             let mut text = std::fs::read_to_string(&file).unwrap();
             envs.extend(env_refs(&text));
-            // Secrets mounted at absolute paths in production: stand-ins inside the project.
+            // Secrets mounted at /run/secrets in production: stand-ins in a folder of the same
+            // role, outside the repository, named by --secrets-dir as in production.
             if text.contains("{ file = \"/run/secrets/") {
-                text = text.replace("{ file = \"/run/secrets/", "{ file = \"../run-secrets/");
+                text = text.replace(
+                    "{ file = \"/run/secrets/",
+                    &format!("{{ file = \"{run_secrets}/"),
+                );
                 std::fs::write(&file, text).unwrap();
             }
         }
-        std::fs::create_dir_all(p.path().join("run-secrets")).unwrap();
-        p.write(
-            "run-secrets/wechat_oa_refresh_token",
+        std::fs::write(
+            Path::new(&run_secrets).join("wechat_oa_refresh_token"),
             "stand-in-refresh-token",
-        );
+        )
+        .unwrap();
         let run = p.run(&["validate"]);
         run.code(0);
-        let mut cmd = p.command(&["plan", "--detailed-exitcode"]);
+        let mut cmd = p.command(&["--secrets-dir", &run_secrets, "plan", "--detailed-exitcode"]);
         for name in &envs {
             cmd.env(name, format!("stand-in-{name}"));
         }

@@ -111,15 +111,22 @@ impl Project {
         self
     }
 
-    /// A command running the binary in the project, with no inherited touchctl settings.
+    /// A command running the binary in the project, with no inherited touchctl settings. Outside
+    /// git the repository is `touchpoints/` alone, so secret files beside it need a secrets
+    /// folder: a project's `secrets/` is one, as an operator would configure it.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_touchctl"));
         cmd.args(args)
             .current_dir(self.path())
             .env_remove("TOUCHCTL_DIR")
             .env_remove("TOUCHCTL_STATE")
+            .env_remove("TOUCHCTL_SECRETS_DIR")
+            .env_remove("TOUCHCTL_SECRET_ENV_ALLOW")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null());
+        if self.path().join("secrets").is_dir() {
+            cmd.env("TOUCHCTL_SECRETS_DIR", self.path().join("secrets"));
+        }
         cmd
     }
 
@@ -227,5 +234,15 @@ pub fn copy_dir(from: &Path, to: &Path) {
         } else {
             std::fs::copy(entry.path(), &target).expect("copy file");
         }
+    }
+}
+
+/// Runs a command built with [`Project::command`] (and changed as a test needs) to completion.
+pub fn run_command(cmd: &mut Command) -> Run {
+    let out = cmd.output().expect("run touchctl");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
