@@ -210,6 +210,19 @@ pub(crate) fn link_rule(name: &str, shown: &str, target: LinkTarget) -> Result<b
     }
 }
 
+/// A resolved path as a message shows it: relative to the current folder when it is below it
+/// (as the paths the user typed are), otherwise whole.
+fn as_shown(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| cwd.canonicalize().ok())
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 /// Where the link at `path` leads, as [`walk`] takes it; `root` is the folder, resolved.
 fn follow(path: &Path, root: &Path) -> Option<Found> {
     let name = path.display().to_string();
@@ -222,8 +235,8 @@ fn follow(path: &Path, root: &Path) -> Option<Found> {
             Err(e) => LinkTarget::Other(format!("cannot look at it: {e}")),
             Ok(m) if m.is_dir() => LinkTarget::Folder,
             Ok(_) if !target.starts_with(root) => LinkTarget::Outside {
-                target: target.display().to_string(),
-                folder: root.display().to_string(),
+                target: as_shown(&target),
+                folder: as_shown(root),
             },
             Ok(m) if !m.is_file() => LinkTarget::Other("not a regular file".into()),
             Ok(_) => LinkTarget::File,
