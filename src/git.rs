@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::load::{Diagnostic, Source, source_from_bytes};
+use crate::load::{Diagnostic, Source, source_from_blob};
 
 /// The commit and cleanliness of the repository holding a folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,7 +133,7 @@ impl Listing {
         let name = path.display().to_string();
         let parent = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         match self.repo.find_blob(oid) {
-            Ok(blob) => source_from_bytes(name, parent, blob.content().to_vec()),
+            Ok(blob) => source_from_blob(name, parent, &blob),
             Err(e) => Err(Diagnostic {
                 path: name,
                 line: 1,

@@ -210,6 +210,19 @@ pub(crate) fn link_rule(name: &str, shown: &str, target: LinkTarget) -> Result<b
     }
 }
 
+/// A resolved path as a message shows it: relative to the current folder when it is below it
+/// (as the paths the user typed are), otherwise whole.
+fn as_shown(path: &Path) -> String {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| cwd.canonicalize().ok())
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf))
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .unwrap_or_else(|| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 /// Where the link at `path` leads, as [`walk`] takes it; `root` is the folder, resolved.
 fn follow(path: &Path, root: &Path) -> Option<Found> {
     let name = path.display().to_string();
@@ -222,8 +235,8 @@ fn follow(path: &Path, root: &Path) -> Option<Found> {
             Err(e) => LinkTarget::Other(format!("cannot look at it: {e}")),
             Ok(m) if m.is_dir() => LinkTarget::Folder,
             Ok(_) if !target.starts_with(root) => LinkTarget::Outside {
-                target: target.display().to_string(),
-                folder: root.display().to_string(),
+                target: as_shown(&target),
+                folder: as_shown(root),
             },
             Ok(m) if !m.is_file() => LinkTarget::Other("not a regular file".into()),
             Ok(_) => LinkTarget::File,
@@ -256,16 +269,41 @@ fn checked(source: Result<Source, Diagnostic>) -> Checked {
     }
 }
 
-/// Reads a whole file. Touchpoint files are small: reading into a reusable buffer per thread, then
-/// copying out exactly what was read, saves the `fstat` and `lseek` that `std::fs::read` spends on
-/// sizing its buffer, which adds up over thousands of files.
-fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
+/// The most a touchpoint file may hold. A real one holds a few KiB; anyone who can open a pull
+/// request can add a file, and a huge one must not be read into memory whole (by `plan`, the
+/// daemon or `plan --base`).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The diagnostic of a file larger than [`MAX_FILE_BYTES`].
+fn too_large(name: &str, size: u64) -> Diagnostic {
+    file_diag(
+        name,
+        "io",
+        format!(
+            "the file holds {size} bytes, more than the {} KiB a touchpoint file may hold: one touchpoint per file, with its secrets in files of their own",
+            MAX_FILE_BYTES / 1024
+        ),
+    )
+}
+
+/// Why a file was not read.
+enum ReadError {
+    Io(std::io::Error),
+    TooLarge(u64),
+}
+
+/// Reads a whole file of at most [`MAX_FILE_BYTES`] (a larger one is not read past that bound).
+/// Touchpoint files are small: reading into a reusable buffer per thread, then copying out exactly
+/// what was read, saves the `fstat` and `lseek` that `std::fs::read` spends on sizing its buffer,
+/// which adds up over thousands of files.
+fn read_small(path: &Path) -> Result<Vec<u8>, ReadError> {
     use std::cell::RefCell;
     use std::io::Read;
     thread_local! {
         static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 16 * 1024]);
     }
-    let mut file = std::fs::File::open(path)?;
+    let file = std::fs::File::open(path).map_err(ReadError::Io)?;
+    let mut file = file.take(MAX_FILE_BYTES + 1);
     SCRATCH.with_borrow_mut(|buf| {
         let mut len = 0;
         loop {
@@ -273,10 +311,14 @@ fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
                 buf.resize(buf.len() * 2, 0);
             }
             match file.read(&mut buf[len..]) {
+                Ok(0) if len as u64 > MAX_FILE_BYTES => {
+                    let size = std::fs::metadata(path).map_or(len as u64, |m| m.len());
+                    return Err(ReadError::TooLarge(size));
+                }
                 Ok(0) => return Ok(buf[..len].to_vec()),
                 Ok(n) => len += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(ReadError::Io(e)),
             }
         }
     })
@@ -284,10 +326,25 @@ fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
 
 pub(crate) fn read_source(path: &Path) -> Result<Source, Diagnostic> {
     let name = path.display().to_string();
-    let bytes = read_small(path)
-        .map_err(|e| file_diag(&name, "io", format!("cannot read the file: {e}")))?;
+    let bytes = read_small(path).map_err(|e| match e {
+        ReadError::Io(e) => file_diag(&name, "io", format!("cannot read the file: {e}")),
+        ReadError::TooLarge(size) => too_large(&name, size),
+    })?;
     let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     source_from_bytes(name, dir, bytes)
+}
+
+/// A file at a git revision, of at most [`MAX_FILE_BYTES`], as a [`Source`].
+pub fn source_from_blob(
+    name: String,
+    dir: PathBuf,
+    blob: &git2::Blob<'_>,
+) -> Result<Source, Diagnostic> {
+    let size = blob.size() as u64;
+    if size > MAX_FILE_BYTES {
+        return Err(too_large(&name, size));
+    }
+    source_from_bytes(name, dir, blob.content().to_vec())
 }
 
 /// A file's bytes as a [`Source`], or the `encoding` diagnostic when they are not UTF-8.
@@ -586,8 +643,34 @@ mod tests {
             let path = dir.path().join(format!("f{size}"));
             let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
             std::fs::write(&path, &data).unwrap();
-            assert_eq!(read_small(&path).unwrap(), data, "size {size}");
+            assert!(
+                matches!(read_small(&path), Ok(read) if read == data),
+                "size {size}"
+            );
         }
         assert!(read_small(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_touchpoint_file_larger_than_the_bound_is_refused_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.toml");
+        let most = MAX_FILE_BYTES as usize;
+        std::fs::write(&path, "#".repeat(most)).unwrap();
+        assert!(
+            read_source(&path).is_ok(),
+            "a file of exactly the bound is read"
+        );
+        std::fs::write(&path, "#".repeat(most + 1)).unwrap();
+        let d = read_source(&path).unwrap_err();
+        assert_eq!(d.code, "io");
+        assert!(
+            d.message.starts_with(&format!(
+                "the file holds {} bytes, more than the 1024 KiB",
+                most + 1
+            )),
+            "{}",
+            d.message
+        );
     }
 }

@@ -252,6 +252,10 @@ fn fixture_files_point_at_the_schema() {
     let mut wrong = Vec::new();
     for case in cases() {
         for file in toml_files(&case) {
+            // A link is a case of its own (`error[link]`), not a touchpoint file.
+            if file.is_symlink() {
+                continue;
+            }
             let bytes = std::fs::read(&file).expect("read fixture");
             let first = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
             let Some(rel) = first.strip_prefix(b"#:schema ") else {

@@ -471,3 +471,24 @@ fn import_refuses_what_it_cannot_do_cleanly() {
         .code(1)
         .stderr_has("fix them first");
 }
+
+/// A file anyone can add in a pull request is not read whole however large it is: in the work
+/// tree and at a git revision alike it is refused, at its path, with the bound.
+#[test]
+fn a_touchpoint_file_larger_than_a_mebibyte_is_refused_unread() {
+    let p = Project::with_samples();
+    p.git_init();
+    let huge = format!("# {}\n", "x".repeat(1024 * 1024));
+    p.write("touchpoints/huge.toml", &huge);
+    let expected = format!(
+        "touchpoints/huge.toml:1:1: error[io]: the file holds {} bytes, more than the 1024 KiB a touchpoint file may hold",
+        huge.len()
+    );
+    p.run(&["validate"]).code(1).stdout_has(&expected);
+    // At the revision only: the blob is refused by its size, before its content is read.
+    p.commit_all("a huge file");
+    p.remove("touchpoints/huge.toml");
+    let run = p.run(&["plan", "--base", "HEAD"]);
+    run.code(1);
+    run.stdout_has(&format!("HEAD:{expected}"));
+}
