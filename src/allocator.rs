@@ -46,23 +46,72 @@ pub fn release_unused() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::c_long;
+
+    /// Set in the environment of this test binary run again as a child.
+    const CHILD: &str = "ALLOCATOR_TEST_CHILD";
+
+    /// mimalloc reads its environment once per process: each case runs this test binary again,
+    /// with `MIMALLOC_PURGE_DELAY` set to `env` (or unset), for
+    /// [`the_purge_delay_is_tuned_unless_the_environment_sets_it`] alone. Returns the purge delay
+    /// the child saw before and after [`tune`].
+    fn child(env: Option<&str>) -> (c_long, c_long) {
+        let test = format!(
+            "{}::the_purge_delay_is_tuned_unless_the_environment_sets_it",
+            module_path!()
+                .split_once("::")
+                .map_or(module_path!(), |(_, m)| m)
+        );
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            // Both names of the option (`reset_delay` is its name from before mimalloc 2.1).
+            .env_remove("MIMALLOC_PURGE_DELAY")
+            .env_remove("MIMALLOC_RESET_DELAY");
+        if let Some(value) = env {
+            cmd.env("MIMALLOC_PURGE_DELAY", value);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("PURGE_DELAY "))
+            .and_then(|l| l.split_once(' '))
+            .and_then(|(b, a)| Some((b.parse().ok()?, a.parse().ok()?)));
+        seen.unwrap_or_else(|| panic!("the child did not run {test}:\n{stdout}"))
+    }
 
     #[test]
-    fn the_purge_delay_option_is_the_one_set() {
-        // The linked mimalloc's default purge delay is 1000 ms, and no other option of it has that
-        // default: reading it at this index shows the index names that option.
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+    fn the_purge_delay_is_tuned_unless_the_environment_sets_it() {
+        if std::env::var_os(CHILD).is_some() {
+            // SAFETY: plain getters and setters of an integer option, in a process that is this
+            // test alone.
+            let (before, after) = unsafe {
+                let before = libmimalloc_sys::mi_option_get(PURGE_DELAY);
+                tune();
+                (before, libmimalloc_sys::mi_option_get(PURGE_DELAY))
+            };
+            // On a line of its own: the harness has written the test's name without a newline.
+            println!("\nPURGE_DELAY {before} {after}");
             return;
         }
-        // SAFETY: plain getters and setters of an integer option.
-        unsafe {
-            assert_eq!(libmimalloc_sys::mi_option_get(PURGE_DELAY), 1000);
-            tune();
-            assert_eq!(
-                libmimalloc_sys::mi_option_get(PURGE_DELAY),
-                PURGE_DELAY_MS as std::ffi::c_long
-            );
-            libmimalloc_sys::mi_option_set(PURGE_DELAY, 1000);
-        }
+        // The linked mimalloc's default purge delay is 1000 ms, and no other option of it has that
+        // default: reading it at this index shows the index names that option.
+        assert_eq!(
+            child(None),
+            (1000, PURGE_DELAY_MS as c_long),
+            "without the variable: mimalloc's default, then ours"
+        );
+        // The operator's value is read at this index too, and tune leaves it.
+        assert_eq!(
+            child(Some("2500")),
+            (2500, 2500),
+            "with MIMALLOC_PURGE_DELAY=2500"
+        );
     }
 }

@@ -103,7 +103,11 @@ impl Fresh {
     /// Keeps a batch's recipients; whether they were kept. When the budget is taken, new entries
     /// are not kept (the batches waiting longest, next to be sent, keep theirs).
     pub fn put(&self, batch_id: String, wire: Wire) -> bool {
-        let now = Instant::now();
+        self.put_at(batch_id, wire, Instant::now())
+    }
+
+    /// [`Fresh::put`] at `now` (tests set the clock).
+    fn put_at(&self, batch_id: String, wire: Wire, now: Instant) -> bool {
         let mut inner = self.lock();
         inner.drop_stale(now, self.max_age);
         if inner.bytes + wire.recipients.len() > self.budget {
@@ -123,8 +127,13 @@ impl Fresh {
     /// has no puts, and would keep whatever its last load left (a batch claimed before its
     /// recipients were kept, say) up to the whole budget until the next trigger.
     pub fn expire(&self) {
+        self.expire_at(Instant::now());
+    }
+
+    /// [`Fresh::expire`] at `now` (tests set the clock).
+    fn expire_at(&self, now: Instant) {
         let mut inner = self.lock();
-        inner.drop_stale(Instant::now(), self.max_age);
+        inner.drop_stale(now, self.max_age);
         if inner.map.is_empty() {
             // A load's worth of slots is not needed while idle.
             inner.order.clear();
@@ -135,9 +144,9 @@ impl Fresh {
 
     /// How many more bytes of recipients would be kept now (stale entries dropped first).
     #[cfg(test)]
-    fn room(&self) -> usize {
+    fn room(&self, now: Instant) -> usize {
         let mut inner = self.lock();
-        inner.drop_stale(Instant::now(), self.max_age);
+        inner.drop_stale(now, self.max_age);
         self.budget.saturating_sub(inner.bytes)
     }
 
@@ -198,7 +207,7 @@ mod tests {
         assert!(f.take("a").is_some());
         assert!(f.put("c".into(), wire(10)), "room again once one is taken");
         assert_eq!(f.usage(), (2, 20));
-        assert_eq!(f.room(), 5);
+        assert_eq!(f.room(Instant::now()), 5);
         assert!(
             !f.put("big".into(), wire(26)),
             "larger than the whole budget"
@@ -207,26 +216,35 @@ mod tests {
 
     #[test]
     fn old_entries_are_dropped() {
-        let f = Fresh::new(100, Duration::ZERO);
-        assert!(f.put("a".into(), wire(10)));
-        std::thread::sleep(Duration::from_millis(2));
-        assert!(f.put("b".into(), wire(10)));
+        let f = Fresh::new(100, Duration::from_secs(1));
+        let start = Instant::now();
+        assert!(f.put_at("a".into(), wire(10), start));
+        let later = start + Duration::from_millis(1001);
+        assert!(f.put_at("b".into(), wire(10), later));
         assert_eq!(f.take("a"), None, "older than the age limit");
         assert_eq!(f.usage(), (1, 10));
-        std::thread::sleep(Duration::from_millis(2));
-        assert_eq!(f.room(), 100, "an entry too old takes no room");
+        assert_eq!(
+            f.room(later + Duration::from_secs(1)),
+            90,
+            "an entry as old as the limit is kept"
+        );
+        assert_eq!(
+            f.room(later + Duration::from_millis(1001)),
+            100,
+            "an entry too old takes no room"
+        );
         assert_eq!(f.usage(), (0, 0));
     }
 
     #[test]
     fn old_entries_are_dropped_without_a_put() {
         let f = Fresh::new(100, Duration::from_millis(500));
-        assert!(f.put("taken".into(), wire(10)) && f.take("taken").is_some());
-        assert!(f.put("a".into(), wire(10)));
-        f.expire();
+        let start = Instant::now();
+        assert!(f.put_at("taken".into(), wire(10), start) && f.take("taken").is_some());
+        assert!(f.put_at("a".into(), wire(10), start));
+        f.expire_at(start + Duration::from_millis(500));
         assert_eq!(f.usage(), (1, 10), "not yet too old");
-        std::thread::sleep(Duration::from_millis(600));
-        f.expire();
+        f.expire_at(start + Duration::from_millis(501));
         assert_eq!(f.usage(), (0, 0));
         assert_eq!(f.order_len(), 0, "no slots kept while idle");
     }

@@ -2263,19 +2263,62 @@ mod tests {
         assert_eq!((s.delivered, s.pending), (4, 4));
     }
 
+    /// When the writer last swept the segment files, as it recorded it.
+    fn swept_at(q: &Queue) -> Option<String> {
+        lock(&q.work)
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'segments_swept_at'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .unwrap()
+    }
+
+    /// Waits (at most 10 s) until no one holds the lock of the segment file at `path` (a writer
+    /// holds it while it may append, a sweep from before it reads the rows until the file is
+    /// deleted or kept); returns the file, locked.
+    fn lock_segment(path: &Path) -> std::fs::File {
+        let file = std::fs::File::open(path)
+            .unwrap_or_else(|e| panic!("the segment {}: {e}", path.display()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while file.try_lock().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} stayed locked",
+                path.display()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        file
+    }
+
     #[test]
     fn a_segment_a_pending_batch_points_into_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("queue.db");
         let h = head(None);
-        {
+        let swept = {
             let q = Queue::open(&path).unwrap();
             q.enqueue(new(&h, 3)).unwrap();
-        }
+            swept_at(&q)
+        };
+        let files = segment_files(&path);
+        assert_eq!(files.len(), 1, "{files:?}");
+        let segment = super::super::segments::dir_of(&path).join(&files[0]);
+        // Its writer is gone once its lock is free: the next writer's sweep looks at it.
+        drop(lock_segment(&segment));
         let q = Queue::open(&path).unwrap();
-        // The first sweep runs within a second of opening; give it three.
-        std::thread::sleep(std::time::Duration::from_secs(3));
-        assert_eq!(segment_files(&path).len(), 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while swept_at(&q) == swept {
+            assert!(std::time::Instant::now() < deadline, "no sweep ran");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // A sweep keeps the lock of a file it deletes until the file is gone: with the lock ours,
+        // that sweep is over, and the file is still there.
+        let locked = lock_segment(&segment);
+        assert_eq!(segment_files(&path), files);
+        drop(locked);
         let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
         assert_eq!(claimed.len(), 1);
         assert_eq!(

@@ -2,12 +2,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::daemon_support::{PATIENCE, Sink, custom_touchpoint, http, users};
+use crate::daemon_support::{
+    Arrivals, Daemon, PATIENCE, Sink, custom_touchpoint, holding_the_first, http, users,
+};
 use crate::support::{Project, repo_root};
 
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
@@ -23,7 +25,7 @@ fn project(sink: &Sink, batch_size: u32, extra: &str) -> Project {
     p
 }
 
-fn open_daemon(p: &Project, more: &[&str]) -> crate::daemon_support::Daemon {
+fn open_daemon(p: &Project, more: &[&str]) -> Daemon {
     let mut args = vec!["--insecure-no-auth", "--allow-private-network"];
     args.extend_from_slice(more);
     p.start_daemon(&args, &ENV)
@@ -52,9 +54,21 @@ fn assert_each_user_once(sink: &Sink, n: usize) {
     assert_eq!((delivered.len(), unique.len()), (n, n));
 }
 
-/// Nothing more reaches the sink after a file was refused: still `n` recipients.
-fn assert_nothing_more_sent(sink: &Sink, n: usize) {
-    std::thread::sleep(Duration::from_millis(300));
+/// Runs `refused`, a command that refuses its users file, and checks that nothing more reached
+/// the daemon or the sink: no trigger was answered meanwhile, nothing is pending, and the sink
+/// still has the `n` recipients it had.
+fn assert_nothing_more_sent(d: &Daemon, sink: &Sink, n: usize, refused: impl FnOnce()) {
+    let requests = d.metric("touchctl_dispatch_requests_total");
+    refused();
+    assert_eq!(
+        d.metric("touchctl_dispatch_requests_total"),
+        requests,
+        "a trigger reached the daemon"
+    );
+    // A batch is pending until its answer is recorded, and the sink records a request before it
+    // answers: with nothing pending, whatever was sent is in the sink.
+    let (_, status) = d.call("GET", "/v1/status", None);
+    assert_eq!(status["queue"]["pending_batches"], 0, "{status}");
     assert_eq!(sink.delivered().len(), n);
 }
 
@@ -159,6 +173,7 @@ fn signatures_verify_with_the_standard_webhooks_reference_library() {
             .arg(secret)
             .arg(&out)
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("python3 (the reference library is Python's `standardwebhooks`)"),
     );
@@ -169,8 +184,12 @@ fn signatures_verify_with_the_standard_webhooks_reference_library() {
     )
     .unwrap();
     let Some(port) = line.trim().strip_prefix("PORT ") else {
+        let _ = py.0.kill();
+        let _ = py.0.wait();
+        let mut said = String::new();
+        let _ = std::io::Read::read_to_string(&mut py.0.stderr.take().unwrap(), &mut said);
         panic!(
-            "the verifying sink did not start (pip install standardwebhooks; .ci/run does): {line}"
+            "the verifying sink did not start (pip install standardwebhooks; .ci/run does): {line}\n{said}"
         );
     };
     let url = format!("http://127.0.0.1:{port}");
@@ -426,7 +445,7 @@ fn a_broken_file_does_not_take_a_live_touchpoint_down() {
 
 /// Changes `sms`'s dynamic params (`phone` is sent as `mobile`, `tier` is added), applies the
 /// change and waits until the daemon uses it (generation 2).
-fn rename_phone_and_add_tier(p: &Project, d: &crate::daemon_support::Daemon) {
+fn rename_phone_and_add_tier(p: &Project, d: &Daemon) {
     let changed = p.read("touchpoints/sms.toml").replace(
         "phone = \"user.phone\"",
         "mobile = \"user.phone\"\ntier = \"user.tier\"",
@@ -477,26 +496,14 @@ fn batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time(
     // The daemon writes each batch's recipients when it accepts the trigger and keeps them in
     // memory. Here the first request is held until the params change, so the batches behind it
     // (one at a time) go out after the change and must be written anew.
-    let started = Arc::new(AtomicUsize::new(0));
+    let arrivals = Arrivals::default();
     let gate = Arc::new(AtomicBool::new(false));
-    let (s, g) = (started.clone(), gate.clone());
-    let sink = Sink::new(Arc::new(move |n, _| {
-        s.fetch_add(1, Ordering::SeqCst);
-        let until = Instant::now() + PATIENCE;
-        while n == 0 && !g.load(Ordering::SeqCst) && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        (200, Vec::new(), "{}".into(), Duration::ZERO)
-    }));
+    let sink = Sink::new(arrivals.counting(holding_the_first(gate.clone())));
     let p = project(&sink, 100, "");
     let d = open_daemon(&p, &["--concurrency", "1"]);
     let (_, r) = d.dispatch(&trigger(300));
     let id = r["dispatch_id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + PATIENCE;
-    while started.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the first batch was never sent");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    arrivals.wait_for(1, "the first batch was never sent");
     rename_phone_and_add_tier(&p, &d);
     gate.store(true, Ordering::SeqCst);
     assert_eq!(d.wait_finished(&id)["delivered"], 300);
@@ -571,14 +578,27 @@ fn a_git_source_reconciles_only_committed_content() {
     let (_, s) = d.call("GET", "/v1/status", None);
     assert_eq!(s["reconcile"]["commit"], first.as_str(), "{s}");
     assert_eq!(s["touchpoints"]["live"], 1);
-    // An uncommitted file changes nothing; committing it does.
+    // An uncommitted file changes nothing, even when a later commit is reconciled; committing
+    // it does.
     p.write(
         "touchpoints/points.toml",
         &custom_touchpoint("points", &sink.url, 100, ""),
     );
-    std::thread::sleep(Duration::from_millis(800));
-    let (_, s) = d.call("GET", "/v1/status", None);
-    assert_eq!(s["touchpoints"]["live"], 1, "{s}");
+    p.set(
+        "touchpoints/sms.toml",
+        "batch_size = 500",
+        "batch_size = 400",
+    );
+    p.git(&["commit", "-q", "-m", "sms", "--", "touchpoints/sms.toml"]);
+    let only_sms = p.git(&["rev-parse", "HEAD"]);
+    d.wait_until("/v1/status", "the commit was never reconciled", |_, s| {
+        s["reconcile"]["commit"] == only_sms.as_str()
+    });
+    // The registry is written before the reconcile's report: it shows what that reconcile did.
+    let ids: Vec<String> = p.query_all("SELECT id FROM touchpoints ORDER BY id");
+    assert_eq!(ids, ["sms"], "only committed content goes live");
+    let generation: i64 = p.query_one("SELECT generation FROM touchpoints WHERE id = 'sms'");
+    assert_eq!(generation, 2, "the committed change went live");
     let second = p.commit_all("points");
     let s = d.wait_until("/v1/status", "the commit was never reconciled", |_, s| {
         s["touchpoints"]["live"] == 2
@@ -601,14 +621,19 @@ fn an_idempotent_retrigger_queues_nothing() {
     let (code, again) = d.dispatch(&t);
     assert_eq!(code, 202);
     assert_eq!(again, first, "the first answer, again");
+    // The answer comes once the work is stored: nothing new is on record, nothing is pending,
+    // and (a batch being pending until the sink has it) the sink has only the first two.
+    let out = p.run(&["deliveries", "list", "--format", "json", "--limit", "0"]);
+    out.code(0);
+    let batches: Vec<Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(batches.len(), 2, "nothing was queued the second time");
+    assert_eq!(
+        d.metric("touchctl_recipients_accepted_total{touchpoint=\"sms\"}"),
+        700
+    );
     let (_, status) = d.call("GET", "/v1/status", None);
     assert_eq!(status["queue"]["pending_batches"], 0);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        sink.received().len(),
-        2,
-        "nothing was queued the second time"
-    );
+    assert_eq!(sink.received().len(), 2, "nothing was sent the second time");
     t["campaign"] = "another".into();
     let (code, e) = d.dispatch(&t);
     assert_eq!(code, 409);
@@ -810,14 +835,28 @@ fn api_errors_say_what_is_wrong() {
 
 #[test]
 fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
-    let sink = Sink::new(Arc::new(|_, _| {
-        (503, Vec::new(), String::new(), Duration::ZERO)
-    }));
+    // The sender sends one request at a time, oldest due first. Its first request (to `points`)
+    // is held at the sink until `gate` opens: meanwhile `sms` gets work and is paused with none
+    // of it in flight. A later trigger to `points` then goes out only after whatever `sms` batch
+    // the sender would send.
+    let arrivals = Arrivals::default();
+    let gate = Arc::new(AtomicBool::new(false));
+    let sink = Sink::new(arrivals.counting(holding_the_first(gate.clone())));
     let p = project(&sink, 100, "");
-    let d = open_daemon(&p, &[]);
-    let (_, r) = d.dispatch(&trigger(300));
+    p.write(
+        "touchpoints/points.toml",
+        &custom_touchpoint("points", &sink.url, 100, ""),
+    );
+    p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
+    let d = open_daemon(&p, &["--max-in-flight", "1"]);
+    let mut to_points = trigger(5);
+    to_points["touchpoint"] = "points".into();
+    let (code, r) = d.dispatch(&to_points);
+    assert_eq!(code, 202, "{r}");
+    arrivals.wait_for(1, "the first batch was never sent");
+    let (code, r) = d.dispatch(&trigger(300));
+    assert_eq!(code, 202, "{r}");
     let id = r["dispatch_id"].as_str().unwrap().to_string();
-    sink.wait_for("first attempts", |got| got.len() >= 3);
     let (code, tp) = d.call("POST", "/v1/touchpoints/sms/pause", None);
     assert_eq!(code, 200);
     assert_eq!(tp["paused"], true);
@@ -826,11 +865,19 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
         "the batches were never held",
         |_, s| s["batches"]["held"] == 3,
     );
-    sink.answer_with(Arc::new(|_, _| {
-        (200, Vec::new(), "{}".into(), Duration::ZERO)
-    }));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sink.delivered().len(), 0, "held work is not sent");
+    let (code, later) = d.dispatch(&to_points);
+    assert_eq!(code, 202, "{later}");
+    gate.store(true, Ordering::SeqCst);
+    assert_eq!(
+        d.wait_finished(later["dispatch_id"].as_str().unwrap())["delivered"],
+        5
+    );
+    let sent: Vec<Value> = sink
+        .received()
+        .iter()
+        .map(|r| r.body["touchpoint"].clone())
+        .collect();
+    assert_eq!(sent, ["points", "points"], "held work is not sent");
     p.run_env(&["plan"], &ENV)
         .stdout_has("sms (custom): paused through the admin API");
     d.call("POST", "/v1/touchpoints/sms/resume", None);
@@ -965,13 +1012,15 @@ fn the_daemon_refuses_to_start_open_to_the_network() {
 
 #[test]
 fn sigterm_drains_in_flight_deliveries() {
-    let sink = Sink::new(Arc::new(|_, _| {
+    let arrivals = Arrivals::default();
+    let sink = Sink::new(arrivals.counting(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::from_millis(1500))
-    }));
+    })));
     let p = project(&sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(100));
-    std::thread::sleep(Duration::from_millis(400));
+    // The request is in flight once the sink has it (it answers 1.5 s later).
+    arrivals.wait_for(1, "the batch was never sent");
     let (code, log) = d.terminate();
     assert_eq!(code, 0, "{log}");
     assert!(log.contains("stopping: no new connections"));
@@ -1108,10 +1157,11 @@ fn a_users_file_larger_than_a_trigger_is_sent_in_parts_and_a_rerun_sends_only_wh
     // A file with a bad line is refused whole: no part of it is sent.
     lines.push("{\"user_id\": 7}".into());
     p.write("users.ndjson", &(lines.join("\n") + "\n"));
-    run(&d.url)
-        .code(1)
-        .stderr_has("users.ndjson line 2502: not a user");
-    assert_nothing_more_sent(&sink, 2500);
+    assert_nothing_more_sent(&d, &sink, 2500, || {
+        run(&d.url)
+            .code(1)
+            .stderr_has("users.ndjson line 2502: not a user");
+    });
 }
 
 #[test]
@@ -1150,10 +1200,11 @@ fn a_users_file_as_a_json_array_is_sent_in_parts_too() {
     assert_each_user_once(&sink, 250);
     // An array that does not parse is refused whole.
     p.write("broken.json", "[{\"user_id\": \"a\"},");
-    run("broken.json")
-        .code(1)
-        .stderr_has("broken.json is not a JSON array of users");
-    assert_nothing_more_sent(&sink, 250);
+    assert_nothing_more_sent(&d, &sink, 250, || {
+        run("broken.json")
+            .code(1)
+            .stderr_has("broken.json is not a JSON array of users");
+    });
 }
 
 #[test]

@@ -22,6 +22,8 @@ pub struct Daemon {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
     log: Arc<Mutex<String>>,
+    /// Closed by the log reader once the daemon's standard error ends.
+    log_done: Mutex<std::sync::mpsc::Receiver<()>>,
 }
 
 impl Project {
@@ -48,8 +50,11 @@ impl Project {
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, log_done) = std::sync::mpsc::channel::<()>();
         let log2 = log.clone();
         std::thread::spawn(move || {
+            // Dropped when the loop ends: the log is complete.
+            let _done = done_tx;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("listening on ").nth(1) {
                     let url = rest
@@ -78,6 +83,7 @@ impl Project {
             child: Some(child),
             url,
             log,
+            log_done: Mutex::new(log_done),
         }
     }
 }
@@ -88,7 +94,8 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
-    /// SIGTERM, then waits for it to exit; returns the exit code and its log.
+    /// SIGTERM, then waits for it to exit and for its log to end; returns the exit code and the
+    /// whole log.
     pub fn terminate(mut self) -> (i32, String) {
         let mut child = self.child.take().expect("running");
         // SAFETY: sending a signal to our own child process.
@@ -98,7 +105,14 @@ impl Daemon {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
-                std::thread::sleep(Duration::from_millis(100));
+                // Its last lines may still be on their way to the reader: wait for the end.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ended = self.log_done.lock().unwrap().recv_timeout(left);
+                assert!(
+                    matches!(ended, Err(std::sync::mpsc::RecvTimeoutError::Disconnected)),
+                    "the daemon exited but its log did not end:\n{}",
+                    self.log()
+                );
                 return (status.code().unwrap_or(-1), self.log());
             }
             assert!(
@@ -363,6 +377,66 @@ pub fn custom_touchpoint(id: &str, url: &str, batch_size: u32, extra: &str) -> S
     format!(
         "id = \"{id}\"\nname = \"{id}\"\nkind = \"custom\"\ncategory = \"notification\"\nurl = \"{url}/hook/{id}\"\nallow_insecure = true\nauth_token = {{ env = \"SINK_TOKEN\" }}\nbatch_size = {batch_size}\n{extra}\n[retry]\nattempts = 20\nbackoff = \"20ms\"\nmax_backoff = \"200ms\"\n\n[dynamic_params]\nphone = \"user.phone\"\nmember_id = \"user.member_id\"\n\n[[template_params]]\nname = \"text\"\ntype = \"string\"\nmax_length = 70\n"
     )
+}
+
+impl Daemon {
+    /// The sum of every series of the counter or gauge `name` at `/metrics` (0 when it has none
+    /// yet), e.g. `touchctl_dispatch_requests_total` over all its statuses.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (code, body) = self.call("GET", "/metrics", None);
+        assert_eq!(code, 200, "{body}");
+        let text = body["raw"].as_str().expect("the metrics as text");
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(name)?;
+                let value = if rest.starts_with('{') {
+                    rest.split_once("} ")?.1
+                } else {
+                    rest.strip_prefix(' ')?
+                };
+                Some(
+                    value
+                        .parse::<u64>()
+                        .unwrap_or_else(|e| panic!("{line}: {e}")),
+                )
+            })
+            .sum()
+    }
+}
+
+/// Counts the requests a sink was asked to answer: they arrived, answered or not yet.
+#[derive(Clone, Default)]
+pub struct Arrivals(Arc<AtomicUsize>);
+
+impl Arrivals {
+    /// `answer`, counting each request as it arrives.
+    pub fn counting(&self, answer: Arc<Answer>) -> Arc<Answer> {
+        let count = self.0.clone();
+        Arc::new(move |n, body| {
+            count.fetch_add(1, Ordering::SeqCst);
+            answer(n, body)
+        })
+    }
+
+    /// Waits until at least `n` requests arrived; `what` says what never happened otherwise.
+    pub fn wait_for(&self, n: usize, what: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.0.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Answers 200 `{}`, holding the first request (for at most `PATIENCE`) until `gate` is set.
+pub fn holding_the_first(gate: Arc<std::sync::atomic::AtomicBool>) -> Arc<Answer> {
+    Arc::new(move |n, _| {
+        let until = Instant::now() + PATIENCE;
+        while n == 0 && !gate.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (200, Vec::new(), "{}".into(), Duration::ZERO)
+    })
 }
 
 /// `touchctl dispatch` of `users.ndjson` (in the project) to `touchpoint` of the daemon at

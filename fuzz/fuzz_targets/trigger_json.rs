@@ -1,0 +1,8 @@
+//! A `POST /v1/dispatch` body as JSON through the intake's parser and checks (see `src/lib.rs`).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(trigger) = touchctl::dispatch::user::RawTrigger::from_json(data) {
+        touchctl_fuzz::check_trigger(&trigger);
+    }
+});
