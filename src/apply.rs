@@ -64,6 +64,12 @@ pub enum Refused {
         "the touchpoint folder has uncommitted changes (see `git status`), so the registry could not record which commit each touchpoint came from: commit them first, or pass --allow-dirty to apply them anyway (recorded as a dirty tree)"
     )]
     Dirty,
+    /// A saved plan was made from files with uncommitted changes: it records that, whatever the
+    /// folder holds now.
+    #[error(
+        "this plan was made while the touchpoint folder had uncommitted changes, so the registry could not record which commit its touchpoints came from (committing since does not change the plan): make the plan again from the committed files (`touchctl plan --out FILE`), or pass --allow-dirty to apply it anyway (recorded as a dirty tree)"
+    )]
+    DirtyPlan,
 }
 
 /// How one change went.
@@ -166,6 +172,15 @@ fn verify_seal(plan: &Plan, registry: &dyn Registry) -> Result<(), Refused> {
             "  the plan around the changes (its source, registry or summary) was edited, or a change was removed or reordered".into(),
         ])),
     }
+}
+
+/// Refuses a saved plan made from uncommitted files, unless `--allow-dirty`: said of the plan, since
+/// the folder may be clean by now.
+pub fn check_saved_source(plan: &Plan, opts: &ApplyOptions) -> Result<(), Refused> {
+    if plan.source.dirty && !opts.allow_dirty {
+        return Err(Refused::DirtyPlan);
+    }
+    Ok(())
 }
 
 /// Checks the delete guards: `--allow-delete`, `--max-deletes`, `protect = true`.

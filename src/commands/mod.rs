@@ -410,6 +410,7 @@ fn apply_cmd(
     let plan = match saved_plan {
         Some(plan) => {
             apply::check_saved(&plan, &registry)?;
+            apply::check_saved_source(&plan, &opts)?;
             plan
         }
         None => match plan_tree(g, &registry)? {

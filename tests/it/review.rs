@@ -492,3 +492,28 @@ fn a_touchpoint_file_larger_than_a_mebibyte_is_refused_unread() {
     run.code(1);
     run.stdout_has(&format!("HEAD:{expected}"));
 }
+
+/// A plan saved from uncommitted files stays a plan of a dirty tree after they are committed:
+/// apply says so of the plan, instead of sending the reader to a `git status` that is clean.
+#[test]
+fn a_plan_saved_from_a_dirty_tree_says_so_after_the_tree_is_committed() {
+    let p = Project::with_samples();
+    p.git_init();
+    p.run(&["apply", "--auto-approve"]).code(0);
+    p.set(
+        "touchpoints/custom/sms.toml",
+        "batch_size = 500",
+        "batch_size = 200",
+    );
+    p.run(&["plan", "--out", "plan.json"]).code(0);
+    p.commit_all("smaller batches");
+    let run = p.run(&["apply", "plan.json"]);
+    run.code(1).stderr_has(
+        "error: this plan was made while the touchpoint folder had uncommitted changes, so the registry could not record which commit its touchpoints came from (committing since does not change the plan): make the plan again",
+    );
+    assert!(!run.all().contains("git status"), "{}", run.all());
+    p.run(&["plan", "--out", "plan.json"]).code(0);
+    p.run(&["apply", "plan.json"])
+        .code(0)
+        .stdout_has("update sms: done (generation 2)");
+}
