@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use serde_json::{Value, json};
-use touchctl::channel::custom::{Envelope, body};
-use touchctl::dispatch::user::{RawTrigger, parse_users_json};
+use touchctl::channel::custom::{Envelope, body_with};
+use touchctl::dispatch::user::{Mapping, RawTrigger, UserRef, parse_users_json, recipients};
 use touchctl::model::{DynamicParams, ParamSource};
 
 mod support;
@@ -191,6 +191,12 @@ async fn baseline(
     (rate, (cpu_self() - cpu0) / recipients as u32)
 }
 
+/// A custom touchpoint's request body for `users`, written as the daemon writes it.
+fn body(env: &Envelope<'_>, users: &[UserRef<'_>], mapping: &Mapping) -> Vec<u8> {
+    let refs: Vec<&UserRef<'_>> = users.iter().collect();
+    body_with(env, &recipients(&refs, mapping))
+}
+
 /// The second baseline: the same bare loop, but starting from the triggers as the daemon gets
 /// them (serialized): each is read with the daemon's parser (`RawTrigger::from_json`) on one of two
 /// threads, its bodies built with the same code and POSTed with the same concurrency. Still
@@ -298,7 +304,7 @@ fn queue_alone(triggers: &[Bytes], batch: usize) -> (f64, Duration) {
             let (queue, parsed, params) = (&queue, &parsed, &params);
             s.spawn(move || {
                 for trigger in parsed.iter().skip(k).step_by(2) {
-                    let (users, rejected) = screen(&trigger.users, params);
+                    let (users, rejected) = screen(&trigger.users, &Mapping::new(params));
                     queue
                         .enqueue(NewDispatch {
                             head: &trigger.head,

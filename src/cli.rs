@@ -511,6 +511,19 @@ pub struct DispatchArgs {
     /// A template param as JSON: `--param-json points=100` (repeatable).
     #[arg(long = "param-json", value_name = "NAME=JSON")]
     pub params_json: Vec<String>,
+    /// The template to send, by its `id` in the touchpoint's `[[templates]]` (Official Account,
+    /// WeCom); its fields come from `--param`.
+    #[arg(long, value_name = "ID")]
+    pub template: Option<String>,
+    /// App push: the notification title (instead of the touchpoint's `title`).
+    #[arg(long)]
+    pub title: Option<String>,
+    /// App push: the notification body (instead of the touchpoint's `body`).
+    #[arg(long)]
+    pub body: Option<String>,
+    /// App push: data handed to the app with the notification.
+    #[arg(long)]
+    pub payload: Option<String>,
     /// Makes the trigger idempotent: the same key again queues nothing and returns the first answer.
     #[arg(long, value_name = "KEY")]
     pub idempotency_key: Option<String>,

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use touchctl::channel::custom::{self, Envelope};
-use touchctl::dispatch::check_template_params;
+use touchctl::channel::custom::check_template_params;
 use touchctl::dispatch::user::{self, Mapping, RawTrigger, UserRef};
 use touchctl::load::{self, LoadError};
 use touchctl::model::{CustomSpec, KindSpec, SpecJson, Touchpoint};

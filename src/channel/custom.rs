@@ -7,14 +7,19 @@
 //! malformed answer: the batch is retried whole, since which recipients failed is unknown. A 2xx
 //! body that is not a JSON object (empty, "OK") is no `failed` list at all: delivered.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{KeyInit, Mac};
 
-use crate::dispatch::user::{Mapping, UserRef};
-use crate::model::Secret;
+use futures_util::future::BoxFuture;
+use serde_json::{Map, Value};
+
+use super::answer::{describe, excerpt, parse_retry_after, read_capped};
+use super::{Channel, Miss, Outgoing, Report, Rest, Unavailable};
+use crate::model::{CustomSpec, ParamType, Retry, Secret, SecretPolicy, TemplateParam};
 
 /// The most of a response body read (the `failed` list of a batch of 500 fits easily).
 const MAX_RESPONSE: usize = 1024 * 1024;
@@ -59,26 +64,11 @@ pub struct Envelope<'a> {
     pub template: &'a str,
 }
 
-/// The request body of one batch.
-pub fn body(env: &Envelope<'_>, users: &[UserRef<'_>], mapping: &Mapping) -> Vec<u8> {
-    let mut out = head(env, users.len() * 96);
-    write_recipients(&mut out, users.iter(), mapping);
-    out.extend_from_slice(b"]}");
-    out
-}
-
-/// The request body of one batch whose recipients were written already (see [`recipients`]).
+/// The request body of one batch, its recipients written as [`super::recipients`] writes them.
 pub fn body_with(env: &Envelope<'_>, recipients: &[u8]) -> Vec<u8> {
     let mut out = head(env, recipients.len());
     out.extend_from_slice(recipients);
     out.extend_from_slice(b"]}");
-    out
-}
-
-/// A batch's recipients as [`body`] writes them, to pass to [`body_with`] later.
-pub fn recipients<'a, 'b: 'a>(users: &[&'a UserRef<'b>], mapping: &Mapping) -> Vec<u8> {
-    let mut out = Vec::with_capacity(users.len() * 96);
-    write_recipients(&mut out, users.iter().copied(), mapping);
     out
 }
 
@@ -110,19 +100,6 @@ fn head(env: &Envelope<'_>, more: usize) -> Vec<u8> {
     });
     out.extend_from_slice(b",\"recipients\":[");
     out
-}
-
-fn write_recipients<'a, 'b: 'a>(
-    out: &mut Vec<u8>,
-    users: impl Iterator<Item = &'a UserRef<'b>>,
-    mapping: &Mapping,
-) {
-    for (i, user) in users.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        user.write_recipient(out, mapping);
-    }
 }
 
 /// A recipient the endpoint reports as failed in a 2xx answer.
@@ -298,8 +275,8 @@ pub async fn send(client: &reqwest::Client, req: Request<'_>) -> Response {
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| crate::dispatch::retry::parse_retry_after(v, std::time::SystemTime::now()));
-    let (text, cut) = read_capped(response).await;
+        .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
+    let (text, cut) = read_capped(response, MAX_RESPONSE).await;
     match status {
         200..=299 => match failed_list(&text, cut) {
             Ok(failed) => Response::Accepted { status, failed },
@@ -329,53 +306,280 @@ pub async fn send(client: &reqwest::Client, req: Request<'_>) -> Response {
     }
 }
 
-/// The body, up to [`MAX_RESPONSE`], and whether there was more.
-async fn read_capped(mut response: reqwest::Response) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = MAX_RESPONSE.saturating_sub(out.len());
-        out.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if chunk.len() > room {
-            return (out, true);
+/// A live custom touchpoint: its settings and resolved secrets.
+pub struct CustomChannel {
+    spec: CustomSpec,
+    token: Secret,
+    signing_key: Option<Vec<u8>>,
+}
+
+impl CustomChannel {
+    /// A channel with these secrets already resolved.
+    pub fn new(spec: CustomSpec, token: Secret, signing_key: Option<Vec<u8>>) -> Self {
+        Self {
+            spec,
+            token,
+            signing_key,
         }
     }
-    (out, false)
+
+    /// Resolves the touchpoint's secrets (file references relative to `base`).
+    pub fn open(
+        spec: &CustomSpec,
+        base: &std::path::Path,
+        policy: &SecretPolicy,
+    ) -> Result<Self, Unavailable> {
+        let token = spec.auth_token.resolve(base, policy).map_err(|e| {
+            Unavailable(format!("cannot read `auth_token` {}: {e}", spec.auth_token))
+        })?;
+        let signing_key = match &spec.signing_secret {
+            None => None,
+            Some(r) => {
+                let s = r
+                    .resolve(base, policy)
+                    .map_err(|e| Unavailable(format!("cannot read `signing_secret` {r}: {e}")))?;
+                Some(
+                    signing_key(&s)
+                        .map_err(|e| Unavailable(format!("`signing_secret` {r}: {e}")))?,
+                )
+            }
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            token,
+            signing_key,
+        })
+    }
 }
 
-/// The start of an error body, for the attempt log.
-fn excerpt(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    if text.is_empty() {
-        return String::new();
+impl Channel for CustomChannel {
+    fn batch_size(&self) -> usize {
+        (self.spec.batch_size as usize).max(1)
     }
-    let cut: String = text.chars().take(200).collect();
-    let more = if cut.len() < text.len() { "…" } else { "" };
-    format!(": {cut}{more}")
+
+    fn endpoint(&self) -> &str {
+        &self.spec.url
+    }
+
+    fn retry(&self) -> Retry {
+        self.spec.retry.clone()
+    }
+
+    fn rate_limit(&self) -> Option<f64> {
+        self.spec.rate_limit.map(|r| r.per_second())
+    }
+
+    fn check(
+        &self,
+        message: &super::Message,
+        params: &Map<String, Value>,
+    ) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if message.template.is_some() {
+            problems.push(
+                "`template` names a template, but a custom touchpoint has none: give its template params in `template_params`"
+                    .to_string(),
+            );
+        }
+        for (field, given) in [
+            ("title", &message.title),
+            ("body", &message.body),
+            ("payload", &message.payload),
+        ] {
+            if given.is_some() {
+                problems.push(format!(
+                    "`{field}` is for app push touchpoints; a custom touchpoint takes its text in `template_params`"
+                ));
+            }
+        }
+        if let Err(more) = check_template_params(&self.spec.template_params, params) {
+            problems.extend(more);
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn send<'a>(&'a self, batch: Outgoing<'a>) -> BoxFuture<'a, Report> {
+        Box::pin(async move {
+            let env = Envelope {
+                touchpoint: batch.touchpoint,
+                campaign: batch.campaign,
+                dispatch_id: batch.dispatch_id,
+                index: batch.index,
+                count: batch.count,
+                template: batch.template_params,
+            };
+            let response = send(
+                batch.client,
+                Request {
+                    url: &self.spec.url,
+                    token: &self.token,
+                    signing_key: self.signing_key.as_deref(),
+                    msg_id: batch.batch_id,
+                    body: body_with(&env, batch.recipients),
+                    timeout: self.spec.timeout.get(),
+                },
+            )
+            .await;
+            report(response)
+        })
+    }
 }
 
-fn describe(e: &reqwest::Error, timeout: Duration) -> String {
-    if e.is_timeout() {
-        return format!("timed out after {}", humantime::format_duration(timeout));
+/// What an answer means for the batch's recipients.
+fn report(response: Response) -> Report {
+    match response {
+        Response::Accepted { status, failed } => Report {
+            status: Some(status),
+            error: None,
+            misses: failed
+                .into_iter()
+                .map(|f| Miss {
+                    user_id: f.user_id,
+                    retry: f.retry,
+                    reason: if f.reason.is_empty() {
+                        "refused by the endpoint".into()
+                    } else {
+                        f.reason
+                    },
+                })
+                .collect(),
+            rest: Rest::Delivered,
+            signal: None,
+        },
+        Response::Retryable {
+            status,
+            retry_after,
+            error,
+        } => Report::retry(status, retry_after, error),
+        Response::Final { status, error } => Report::dead(status, error),
     }
-    let mut text = if e.is_connect() {
-        "cannot connect".to_string()
+}
+
+/// Checks a trigger's template params against the touchpoint's declarations; every problem is
+/// named. Values of undeclared names are refused too: a typo must not be sent silently.
+pub fn check_template_params(
+    decls: &[TemplateParam],
+    given: &Map<String, Value>,
+) -> Result<(), Vec<String>> {
+    let mut problems = Vec::new();
+    for d in decls {
+        match given.get(&d.name) {
+            None | Some(Value::Null) if d.required => problems.push(format!(
+                "template param `{}` is required{}",
+                d.name,
+                d.description
+                    .as_deref()
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default()
+            )),
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                if let Err(p) = check_value(d, v) {
+                    problems.push(p);
+                }
+            }
+        }
+    }
+    let declared: HashSet<&str> = decls.iter().map(|d| d.name.as_str()).collect();
+    for name in given.keys().filter(|k| !declared.contains(k.as_str())) {
+        let names: Vec<&str> = decls.iter().map(|d| d.name.as_str()).collect();
+        let hint = match crate::load::did_you_mean(name, names.iter().copied()) {
+            Some(near) => format!("; did you mean `{near}`?"),
+            None if names.is_empty() => "; the touchpoint declares none".to_string(),
+            None => format!("; it declares {}", quoted(&names)),
+        };
+        problems.push(format!(
+            "`{name}` is not a template param of this touchpoint{hint}"
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
     } else {
-        "request failed".to_string()
-    };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+        Err(problems)
     }
-    text
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn check_value(d: &TemplateParam, v: &Value) -> Result<(), String> {
+    let name = &d.name;
+    let found = || match v {
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+        Value::Null => "null",
+    };
+    let ok = match d.kind {
+        ParamType::String | ParamType::Url => v.is_string(),
+        ParamType::Integer => v.is_i64() || v.is_u64(),
+        ParamType::Number => v.is_number(),
+        ParamType::Boolean => v.is_boolean(),
+    };
+    if !ok {
+        let want = match d.kind {
+            ParamType::String => "a string",
+            ParamType::Url => "a URL string",
+            ParamType::Integer => "an integer",
+            ParamType::Number => "a number",
+            ParamType::Boolean => "true or false",
+        };
+        return Err(format!(
+            "template param `{name}` must be {want}, found {}",
+            found()
+        ));
+    }
+    if let Value::String(s) = v {
+        if let Some(max) = d.max_length {
+            let len = s.chars().count();
+            if len > max as usize {
+                return Err(format!(
+                    "template param `{name}` is {len} characters long; it takes at most {max}"
+                ));
+            }
+        }
+        if d.kind == ParamType::Url {
+            let good = url::Url::parse(s)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !good {
+                return Err(format!(
+                    "template param `{name}` must be an absolute http(s) URL, found {s:?}"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn decl(name: &str, kind: ParamType, required: bool, max: Option<u32>) -> TemplateParam {
+        TemplateParam {
+            name: name.into(),
+            kind,
+            required,
+            max_length: max,
+            description: None,
+        }
+    }
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap()
+    }
 
     /// The example of the Standard Webhooks specification.
     #[test]
@@ -391,13 +595,6 @@ mod tests {
 
     #[test]
     fn body_has_the_documented_shape() {
-        let mut params = crate::model::DynamicParams::new();
-        params.insert(
-            "phone".into(),
-            crate::model::ParamSource::Attribute("user.phone".into()),
-        );
-        let stored = r#"[{"user_id":"u1","attributes":{"phone":"13800000000","tier":"gold"}}]"#;
-        let users = crate::dispatch::user::parse_users_json(stored.as_bytes()).unwrap();
         let env = Envelope {
             touchpoint: "sms",
             campaign: "spring",
@@ -406,47 +603,25 @@ mod tests {
             count: 4,
             template: r#"{"text":"hi"}"#,
         };
-        let v: serde_json::Value =
-            serde_json::from_slice(&body(&env, &users, &Mapping::new(&params))).unwrap();
+        let recipients =
+            br#"{"user_id":"u1","phone":"13800000000"},{"user_id":"u2","phone":"139"}"#;
+        let v: serde_json::Value = serde_json::from_slice(&body_with(&env, recipients)).unwrap();
         assert_eq!(
             v,
             json!({
                 "type": "touchpoint.dispatch", "touchpoint": "sms", "campaign": "spring",
                 "dispatch_id": "dsp_1", "batch": {"index": 0, "count": 4},
                 "template": {"text": "hi"},
-                "recipients": [{"user_id": "u1", "phone": "13800000000"}]
+                "recipients": [{"user_id": "u1", "phone": "13800000000"}, {"user_id": "u2", "phone": "139"}]
             })
         );
-    }
-
-    #[test]
-    fn recipients_written_ahead_make_the_same_body() {
-        let mut params = crate::model::DynamicParams::new();
-        params.insert(
-            "phone".into(),
-            crate::model::ParamSource::Attribute("user.phone".into()),
-        );
-        let mapping = Mapping::new(&params);
-        let stored = r#"[{"user_id":"u1","attributes":{"phone":"138"}},{"user_id":"u\"2","attributes":{"phone":null}},{"user_id":"u3","attributes":{"phone":{"a":1}}}]"#;
-        let users = crate::dispatch::user::parse_users_json(stored.as_bytes()).unwrap();
-        let env = Envelope {
-            touchpoint: "sms",
-            campaign: "spring",
-            dispatch_id: "dsp_1",
-            index: 2,
-            count: 3,
+        let empty = Envelope {
             template: "",
+            ..env
         };
-        let refs: Vec<_> = users.iter().collect();
-        let ahead = body_with(&env, &recipients(&refs, &mapping));
-        assert_eq!(
-            String::from_utf8(ahead).unwrap(),
-            String::from_utf8(body(&env, &users, &mapping)).unwrap()
-        );
-        assert_eq!(
-            body_with(&env, &recipients(&[], &mapping)),
-            body(&env, &[], &mapping)
-        );
+        let v: serde_json::Value = serde_json::from_slice(&body_with(&empty, b"")).unwrap();
+        assert_eq!(v["template"], json!({}));
+        assert_eq!(v["recipients"], json!([]));
     }
 
     #[test]
@@ -528,6 +703,36 @@ mod tests {
                     retry: false
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn template_params_are_checked_and_every_problem_named() {
+        let decls = [
+            decl("text", ParamType::String, true, Some(5)),
+            decl("link", ParamType::Url, false, None),
+            decl("points", ParamType::Integer, false, None),
+        ];
+        assert!(check_template_params(&decls, &map(json!({"text": "hi"}))).is_ok());
+        let problems = check_template_params(
+            &decls,
+            &map(json!({"link": "ftp://x", "points": 1.5, "txt": "hi"})),
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "template param `text` is required",
+                "template param `link` must be an absolute http(s) URL, found \"ftp://x\"",
+                "template param `points` must be an integer, found a number",
+                "`txt` is not a template param of this touchpoint; did you mean `text`?",
+            ]
+        );
+        let long =
+            check_template_params(&decls, &map(json!({"text": "短信内容太长了"}))).unwrap_err();
+        assert_eq!(
+            long,
+            ["template param `text` is 7 characters long; it takes at most 5"]
         );
     }
 }

@@ -278,6 +278,10 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
             campaign: args.campaign.clone(),
             idempotency_key: part_key(args.idempotency_key.as_deref(), index, parts),
             template_params: params.clone(),
+            template: args.template.clone(),
+            title: args.title.clone(),
+            body: args.body.clone(),
+            payload: args.payload.clone(),
         };
         let body = ndjson(&head, part)?;
         let n = part.len();

@@ -16,11 +16,10 @@ use subtle::ConstantTimeEq;
 
 use super::App;
 use super::body::BodyError;
-use crate::channel::custom;
-use crate::dispatch::queue::{Enqueued, NewDispatch, QueueError};
-use crate::dispatch::user::{RawTrigger, UserRef, screen};
-use crate::dispatch::worker::Lookup;
-use crate::dispatch::{check_idempotency_key, check_template_params};
+use crate::dispatch::intake::{self, IntakeError};
+use crate::dispatch::queue::QueueError;
+use crate::dispatch::user::RawTrigger;
+use crate::dispatch::worker::{Directory, Why};
 
 /// The routes, with authentication in front of all of them.
 pub fn router(app: Arc<App>) -> Router {
@@ -245,100 +244,54 @@ fn process(
             ))
         })?
     };
-    let head = &trigger.head;
-    if let Some(key) = &head.idempotency_key {
-        check_idempotency_key(key)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", e))?;
-        let earlier = app.queue.find_idempotent(key).map_err(queue_error)?;
-        if let Some((touchpoint, campaign, receipt)) = earlier {
-            if touchpoint == head.touchpoint && campaign == head.campaign {
-                return Ok(receipt_response(&receipt, true));
-            }
-            return Err(queue_error(QueueError::IdempotencyConflict {
-                key: key.clone(),
-                touchpoint,
-                campaign,
-                dispatch_id: receipt.dispatch_id,
-            }));
-        }
+    let taken = intake::take(
+        &app.queue,
+        app.live.as_ref(),
+        app.limits.max_queued,
+        &trigger,
+        // The CPU work is done: the next trigger may start while this one waits for the disk.
+        move || drop(permit),
+    )
+    .map_err(intake_error)?;
+    if !taken.replayed {
+        app.wake.queued(&trigger.head.touchpoint);
+        app.metrics
+            .accepted(&trigger.head.touchpoint, taken.accepted, taken.rejected);
     }
-    let Some((summary, lookup)) = app.live.get(&head.touchpoint) else {
-        return Err(unknown_touchpoint(app, &head.touchpoint));
-    };
-    let target = match lookup {
-        Lookup::Ready(target) => target,
-        Lookup::Held(reason) => {
-            let code = if summary.paused {
-                "touchpoint_paused"
-            } else if !summary.enabled {
-                "touchpoint_disabled"
-            } else {
-                "touchpoint_unavailable"
-            };
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                code,
-                format!(
-                    "touchpoint `{}` does not accept dispatches now: {reason}",
-                    head.touchpoint
-                ),
-            ));
+    Ok(receipt_response(&taken.receipt, taken.replayed))
+}
+
+/// The HTTP answer to a trigger not taken in.
+fn intake_error(e: IntakeError) -> ApiError {
+    let message = e.to_string();
+    match e {
+        IntakeError::BadIdempotencyKey(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", message)
         }
-    };
-    let spec = &target.spec;
-    if let Err(problems) = check_template_params(&spec.template_params, &head.template_params) {
-        return Err(ApiError::new(
+        IntakeError::UnknownTouchpoint { .. } => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_touchpoint", message)
+        }
+        IntakeError::NotAccepting { why, .. } => {
+            let code = match why {
+                Why::Paused => "touchpoint_paused",
+                Why::Disabled => "touchpoint_disabled",
+                Why::Platform => "touchpoint_held",
+                Why::Unavailable | Why::Gone => "touchpoint_unavailable",
+            };
+            ApiError::new(StatusCode::CONFLICT, code, message)
+        }
+        IntakeError::BadTemplate { problems, .. } => ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "bad_template_params",
-            format!(
-                "the template params do not match touchpoint `{}`: {}",
-                head.touchpoint,
-                problems.join("; ")
-            ),
+            message,
         )
-        .with("problems", json!(problems)));
-    }
-    let pending = app.queue.pending_recipients();
-    if pending + trigger.users.len() as u64 > app.limits.max_queued {
-        let mut e = ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "queue_full",
-            format!(
-                "the queue holds {pending} recipients and takes at most {}; try again later",
-                app.limits.max_queued
-            ),
-        );
-        e.retry_after = Some(10);
-        return Err(e);
-    }
-    let (accepted, rejected) = screen(&trigger.users, &spec.dynamic_params);
-    let (n_accepted, n_rejected) = (accepted.len(), rejected.len());
-    let batch_size = (spec.batch_size as usize).max(1);
-    // The users are parsed now: each batch's recipients are written once, here, and kept in
-    // memory for the sender, which then need not read them back from disk.
-    let wire = |batch: &[&UserRef<'_>]| custom::recipients(batch, &target.mapping);
-    let storing = app
-        .queue
-        .begin_enqueue(NewDispatch {
-            head,
-            generation: target.generation,
-            batch_size,
-            users: accepted,
-            rejected,
-            wire: Some(&wire),
-        })
-        .map_err(queue_error)?;
-    // The CPU work is done: the next trigger may start while this one waits for the disk.
-    drop(permit);
-    let enqueued = storing.wait().map_err(queue_error)?;
-    match enqueued {
-        Enqueued::New(receipt) => {
-            app.wake.queued(&head.touchpoint);
-            app.metrics
-                .accepted(&head.touchpoint, n_accepted, n_rejected);
-            Ok(receipt_response(&receipt, false))
+        .with("problems", json!(problems)),
+        IntakeError::QueueFull { .. } => {
+            let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", message);
+            e.retry_after = Some(10);
+            e
         }
-        Enqueued::Repeat(receipt) => Ok(receipt_response(&receipt, true)),
+        IntakeError::Queue(q) => queue_error(q),
     }
 }
 
@@ -484,6 +437,10 @@ async fn set_paused(app: Arc<App>, id: String, paused: bool) -> Result<Response,
             ));
         }
         Err(e) => return Err(internal(e.to_string())),
+    }
+    if !paused {
+        // A resume also releases what the platform said (held, waiting): the next batch asks it again.
+        app.live.release(&id);
     }
     super::refresh(&app, false).await;
     super::log(&format!(

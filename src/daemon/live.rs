@@ -4,6 +4,13 @@
 //! sent after it. Secrets are resolved here, once per change, never stored elsewhere, and only as
 //! the daemon's [`SecretPolicy`] allows: a reference it refuses, or a value that is not one line of
 //! text, holds the touchpoint with the reason instead of failing each of its batches.
+//!
+//! On top of what the registry says, the platforms have their word: a channel that reads "your
+//! configuration is wrong" (a bad secret, template id, IP not whitelisted) holds its touchpoint,
+//! and one that reads "slow down" (a rate limit, a daily quota) makes it wait until a given time.
+//! Such a state belongs to the generation it was said of: a changed spec (a new generation), a
+//! re-read of its secrets (a rotated credential is tried again), or a resume through the API
+//! releases it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,10 +18,11 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::channel::custom::signing_key;
-use crate::dispatch::worker::{Directory, Lookup, Target};
-use crate::model::{KindSpec, SecretPolicy, Touchpoint};
+use crate::channel::{self, Signal};
+use crate::dispatch::worker::{Directory, Lookup, Target, Why};
+use crate::model::{SecretPolicy, Touchpoint};
 use crate::registry::Live;
+use crate::store::now_ms;
 
 /// One live touchpoint as the API shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -31,9 +39,18 @@ pub struct Summary {
     pub paused: bool,
     /// Whether batches are sent to it now.
     pub ready: bool,
+    /// `ready`, `paused`, `held` (disabled, unusable, or refused by its platform) or `waiting`
+    /// (the platform asked to wait; triggers are still accepted).
+    pub state: &'static str,
     /// Why not, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub held: Option<String>,
+    /// The platform's code, when the platform held it or made it wait.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// When sending resumes, for `waiting` (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
     /// The commit it was applied from.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commit: Option<String>,
@@ -44,11 +61,23 @@ struct Entry {
     lookup: Lookup,
 }
 
+/// What a platform said of a touchpoint's generation.
+#[derive(Clone, Debug)]
+struct Said {
+    generation: u64,
+    /// Waiting until this time (ms since the epoch); `None` holds it.
+    until: Option<i64>,
+    code: String,
+    reason: String,
+}
+
 /// The live touchpoints.
 #[derive(Default)]
 pub struct LiveSet {
     entries: RwLock<HashMap<String, Entry>>,
+    said: RwLock<HashMap<String, Said>>,
     policy: SecretPolicy,
+    shared: Arc<channel::Shared>,
 }
 
 /// Why a touchpoint that is gone holds its batches.
@@ -60,8 +89,15 @@ impl LiveSet {
     pub fn new(policy: SecretPolicy) -> Self {
         Self {
             entries: RwLock::default(),
+            said: RwLock::default(),
             policy,
+            shared: Arc::default(),
         }
+    }
+
+    /// What the channels share (access tokens).
+    pub fn shared(&self) -> &Arc<channel::Shared> {
+        &self.shared
     }
 
     /// Rebuilds the set from the registry's touchpoints. Entries whose generation did not change
@@ -83,10 +119,28 @@ impl LiveSet {
                 );
                 continue;
             }
-            next.insert(l.id.clone(), entry(l, &self.policy));
+            next.insert(l.id.clone(), entry(l, &self.policy, &self.shared));
         }
         drop(old);
+        // A platform's word stands for the generation it was said of, until secrets are re-read.
+        self.said
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, s| {
+                !reread_secrets
+                    && next
+                        .get(id)
+                        .is_some_and(|e| e.summary.generation == s.generation)
+            });
         *self.entries.write().unwrap_or_else(|p| p.into_inner()) = next;
+    }
+
+    /// Forgets what platforms said of `id` (it was resumed through the API).
+    pub fn release(&self, id: &str) {
+        self.said
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
     }
 
     /// Replaces the entries of the touchpoints given with their registry rows (their secrets read
@@ -94,8 +148,19 @@ impl LiveSet {
     pub fn update(&self, rows: Vec<(String, Option<Live>)>) {
         let fresh: Vec<(String, Option<Entry>)> = rows
             .into_iter()
-            .map(|(id, row)| (id, row.as_ref().map(|l| entry(l, &self.policy))))
+            .map(|(id, row)| {
+                (
+                    id,
+                    row.as_ref().map(|l| entry(l, &self.policy, &self.shared)),
+                )
+            })
             .collect();
+        {
+            let mut said = self.said.write().unwrap_or_else(|p| p.into_inner());
+            for (id, _) in &fresh {
+                said.remove(id);
+            }
+        }
         let mut map = self.entries.write().unwrap_or_else(|p| p.into_inner());
         for (id, e) in fresh {
             match e {
@@ -112,7 +177,12 @@ impl LiveSet {
     /// Every live touchpoint, sorted by id.
     pub fn summaries(&self) -> Vec<Summary> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<Summary> = map.values().map(|e| e.summary.clone()).collect();
+        let said = self.said.read().unwrap_or_else(|p| p.into_inner());
+        let now = now_ms();
+        let mut out: Vec<Summary> = map
+            .values()
+            .map(|e| with_word(e, said.get(&e.summary.id), now).0)
+            .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         out
     }
@@ -120,25 +190,112 @@ impl LiveSet {
     /// One touchpoint: its summary and where it stands.
     pub fn get(&self, id: &str) -> Option<(Summary, Lookup)> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        map.get(id).map(|e| (e.summary.clone(), e.lookup.clone()))
-    }
-
-    /// The ids, for did-you-mean hints.
-    pub fn ids(&self) -> Vec<String> {
-        let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        map.keys().cloned().collect()
+        let said = self.said.read().unwrap_or_else(|p| p.into_inner());
+        map.get(id).map(|e| with_word(e, said.get(id), now_ms()))
     }
 }
 
 impl Directory for LiveSet {
     fn lookup(&self, touchpoint: &str) -> Lookup {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
-        map.get(touchpoint)
-            .map_or_else(|| Lookup::Held(GONE.to_string()), |e| e.lookup.clone())
+        let Some(e) = map.get(touchpoint) else {
+            return Lookup::Held(Why::Gone, GONE.to_string());
+        };
+        if let Lookup::Ready(_) = &e.lookup {
+            let said = self.said.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = said.get(touchpoint) {
+                return with_word(e, Some(s), now_ms()).1;
+            }
+        }
+        e.lookup.clone()
+    }
+
+    fn signal(&self, touchpoint: &str, generation: u64, signal: &Signal) {
+        let live = {
+            let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
+            map.get(touchpoint).map(|e| e.summary.generation)
+        };
+        if live != Some(generation) {
+            // Said of settings that are gone already.
+            return;
+        }
+        let said = match signal {
+            Signal::Hold { code, reason } => Said {
+                generation,
+                until: None,
+                code: code.clone(),
+                reason: reason.clone(),
+            },
+            Signal::Wait { wait, code, reason } => Said {
+                generation,
+                until: Some(crate::dispatch::retry::due_at(now_ms(), *wait)),
+                code: code.clone(),
+                reason: reason.clone(),
+            },
+        };
+        let mut map = self.said.write().unwrap_or_else(|p| p.into_inner());
+        // A hold is not shortened into a wait by a late answer of a request sent before it.
+        if said.until.is_some() && map.get(touchpoint).is_some_and(|s| s.until.is_none()) {
+            return;
+        }
+        map.insert(touchpoint.to_string(), said);
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
     }
 }
 
-fn entry(l: &Live, policy: &SecretPolicy) -> Entry {
+/// An entry as it stands once what its platform said is taken into account.
+fn with_word(e: &Entry, said: Option<&Said>, now: i64) -> (Summary, Lookup) {
+    let mut summary = e.summary.clone();
+    let (Lookup::Ready(target), Some(s)) = (&e.lookup, said) else {
+        return (summary, e.lookup.clone());
+    };
+    if s.generation != summary.generation {
+        return (summary, e.lookup.clone());
+    }
+    summary.code = Some(s.code.clone());
+    match s.until {
+        None => {
+            let reason = format!(
+                "held: the platform refused its configuration ({}): {}; fix the file or its secret and apply it, or resume it through the API once fixed outside touchctl",
+                s.code, s.reason
+            );
+            summary.ready = false;
+            summary.state = "held";
+            summary.held = Some(reason.clone());
+            (summary, Lookup::Held(Why::Platform, reason))
+        }
+        Some(until) if until > now => {
+            let reason = format!("waiting: {} ({})", s.reason, s.code);
+            summary.state = "waiting";
+            summary.held = Some(reason.clone());
+            summary.until = Some(rfc3339(until));
+            (
+                summary,
+                Lookup::Waiting {
+                    target: target.clone(),
+                    until,
+                    reason,
+                },
+            )
+        }
+        Some(_) => {
+            summary.code = None;
+            (summary, e.lookup.clone())
+        }
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn entry(l: &Live, policy: &SecretPolicy, shared: &Arc<channel::Shared>) -> Entry {
     let mut summary = Summary {
         id: l.id.clone(),
         kind: l.kind.clone(),
@@ -146,7 +303,10 @@ fn entry(l: &Live, policy: &SecretPolicy) -> Entry {
         enabled: true,
         paused: l.paused,
         ready: false,
+        state: "held",
         held: None,
+        code: None,
+        until: None,
         commit: l.source.commit.clone(),
     };
     let touchpoint = match Touchpoint::from_json(l.spec().value()) {
@@ -158,62 +318,54 @@ fn entry(l: &Live, policy: &SecretPolicy) -> Entry {
             summary.held = Some(reason.clone());
             return Entry {
                 summary,
-                lookup: Lookup::Held(reason),
+                lookup: Lookup::Held(Why::Unavailable, reason),
             };
         }
     };
     summary.enabled = touchpoint.common.enabled;
     let lookup = if l.paused {
-        Lookup::Held("paused through the API; resume it to send".into())
+        Lookup::Held(
+            Why::Paused,
+            "paused through the API; resume it to send".into(),
+        )
     } else if !touchpoint.common.enabled {
-        Lookup::Held("disabled (enabled = false)".into())
+        Lookup::Held(Why::Disabled, "disabled (enabled = false)".into())
     } else {
-        ready(l, touchpoint, policy)
+        ready(l, touchpoint, policy, shared)
     };
     match &lookup {
-        Lookup::Ready(_) => summary.ready = true,
-        Lookup::Held(reason) => summary.held = Some(reason.clone()),
+        Lookup::Ready(_) | Lookup::Waiting { .. } => {
+            summary.ready = true;
+            summary.state = "ready";
+        }
+        Lookup::Held(why, reason) => {
+            summary.held = Some(reason.clone());
+            summary.state = if *why == Why::Paused {
+                "paused"
+            } else {
+                "held"
+            };
+        }
     }
     Entry { summary, lookup }
 }
 
-/// Resolves what sending needs. Secret file references resolve against the folder of the file
-/// the touchpoint was applied from, as they did for plan.
-fn ready(l: &Live, tp: Touchpoint, policy: &SecretPolicy) -> Lookup {
-    let KindSpec::Custom(spec) = tp.spec else {
-        return Lookup::Held(format!(
-            "{} touchpoints are not dispatched by this version of the daemon yet",
-            l.kind
-        ));
-    };
+/// Opens the touchpoint's channel. Secret file references resolve against the folder of the
+/// file the touchpoint was applied from, as they did for plan.
+fn ready(l: &Live, tp: Touchpoint, policy: &SecretPolicy, shared: &Arc<channel::Shared>) -> Lookup {
     let base = l
         .source
         .file
         .as_deref()
         .and_then(|f| Path::new(f).parent())
         .unwrap_or(Path::new("."));
-    let token = match spec.auth_token.resolve(base, policy) {
-        Ok(t) => t,
-        Err(e) => {
-            return Lookup::Held(format!("cannot read `auth_token` {}: {e}", spec.auth_token));
-        }
-    };
-    let signing_key = match &spec.signing_secret {
-        None => None,
-        Some(r) => match r.resolve(base, policy) {
-            Ok(s) => match signing_key(&s) {
-                Ok(k) => Some(k),
-                Err(e) => return Lookup::Held(format!("`signing_secret` {r}: {e}")),
-            },
-            Err(e) => return Lookup::Held(format!("cannot read `signing_secret` {r}: {e}")),
-        },
-    };
-    Lookup::Ready(Arc::new(Target {
-        id: l.id.clone(),
-        generation: l.generation,
-        mapping: crate::dispatch::user::Mapping::new(&spec.dynamic_params),
-        spec,
-        token,
-        signing_key,
-    }))
+    match channel::open(&tp, base, policy, shared) {
+        Ok(channel) => Lookup::Ready(Arc::new(Target {
+            id: l.id.clone(),
+            generation: l.generation,
+            mapping: crate::dispatch::user::Mapping::new(tp.spec.dynamic_params()),
+            channel,
+        })),
+        Err(e) => Lookup::Held(Why::Unavailable, e.0),
+    }
 }

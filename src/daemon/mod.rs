@@ -296,11 +296,11 @@ fn sync_holds(
 ) -> Result<(), crate::dispatch::queue::QueueError> {
     for (tp, _pending, held) in queue.pending_touchpoints()? {
         match live.lookup(&tp) {
-            Lookup::Ready(_) if held > 0 => {
+            Lookup::Ready(_) | Lookup::Waiting { .. } if held > 0 => {
                 queue.hold(&tp, None)?;
             }
-            Lookup::Ready(_) => {}
-            Lookup::Held(reason) => {
+            Lookup::Ready(_) | Lookup::Waiting { .. } => {}
+            Lookup::Held(_, reason) => {
                 queue.hold(&tp, Some(&reason))?;
             }
         }

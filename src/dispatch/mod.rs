@@ -4,18 +4,17 @@
 //! long to wait before a retry. [`queue`] stores the batches; [`worker`] sends them.
 
 pub mod fresh;
+pub mod intake;
 pub mod queue;
 pub mod retry;
 pub mod segments;
 pub mod user;
 pub mod worker;
 
-use std::collections::HashSet;
-
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::{ParamType, TemplateParam};
+use crate::channel::Message;
 
 /// The longest `user_id` accepted.
 pub const MAX_USER_ID: usize = 256;
@@ -89,7 +88,7 @@ fn attributes_once<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String,
 
 /// The head of a trigger: everything but the users. A JSON trigger carries its users in `users`;
 /// an NDJSON trigger sends this on its first line and one user per following line.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerHead {
     /// The touchpoint id.
@@ -103,6 +102,30 @@ pub struct TriggerHead {
     /// Values for the touchpoint's template params, once for the whole audience.
     #[serde(default)]
     pub template_params: Map<String, Value>,
+    /// The `id` of one of the touchpoint's `[[templates]]` (Official Account, WeCom).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// App push: the notification title, instead of the touchpoint's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// App push: the notification body, instead of the touchpoint's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// App push: data for the app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+}
+
+impl TriggerHead {
+    /// What the trigger asks the channel to send besides its template params.
+    pub fn message(&self) -> Message {
+        Message {
+            template: self.template.clone(),
+            title: self.title.clone(),
+            body: self.body.clone(),
+            payload: self.payload.clone(),
+        }
+    }
 }
 
 /// A user that was not queued, and why.
@@ -114,127 +137,9 @@ pub struct Rejected {
     pub reason: String,
 }
 
-/// Checks a trigger's template params against the touchpoint's declarations; every problem is
-/// named. Values of undeclared names are refused too: a typo must not be sent silently.
-pub fn check_template_params(
-    decls: &[TemplateParam],
-    given: &Map<String, Value>,
-) -> Result<(), Vec<String>> {
-    let mut problems = Vec::new();
-    for d in decls {
-        match given.get(&d.name) {
-            None | Some(Value::Null) if d.required => problems.push(format!(
-                "template param `{}` is required{}",
-                d.name,
-                d.description
-                    .as_deref()
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default()
-            )),
-            None | Some(Value::Null) => {}
-            Some(v) => {
-                if let Err(p) = check_value(d, v) {
-                    problems.push(p);
-                }
-            }
-        }
-    }
-    let declared: HashSet<&str> = decls.iter().map(|d| d.name.as_str()).collect();
-    for name in given.keys().filter(|k| !declared.contains(k.as_str())) {
-        let names: Vec<&str> = decls.iter().map(|d| d.name.as_str()).collect();
-        let hint = match crate::load::did_you_mean(name, names.iter().copied()) {
-            Some(near) => format!("; did you mean `{near}`?"),
-            None if names.is_empty() => "; the touchpoint declares none".to_string(),
-            None => format!("; it declares {}", quoted(&names)),
-        };
-        problems.push(format!(
-            "`{name}` is not a template param of this touchpoint{hint}"
-        ));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
-}
-
-fn quoted(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("`{n}`"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn check_value(d: &TemplateParam, v: &Value) -> Result<(), String> {
-    let name = &d.name;
-    let found = || match v {
-        Value::String(_) => "a string",
-        Value::Number(_) => "a number",
-        Value::Bool(_) => "a boolean",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-        Value::Null => "null",
-    };
-    let ok = match d.kind {
-        ParamType::String | ParamType::Url => v.is_string(),
-        ParamType::Integer => v.is_i64() || v.is_u64(),
-        ParamType::Number => v.is_number(),
-        ParamType::Boolean => v.is_boolean(),
-    };
-    if !ok {
-        let want = match d.kind {
-            ParamType::String => "a string",
-            ParamType::Url => "a URL string",
-            ParamType::Integer => "an integer",
-            ParamType::Number => "a number",
-            ParamType::Boolean => "true or false",
-        };
-        return Err(format!(
-            "template param `{name}` must be {want}, found {}",
-            found()
-        ));
-    }
-    if let Value::String(s) = v {
-        if let Some(max) = d.max_length {
-            let len = s.chars().count();
-            if len > max as usize {
-                return Err(format!(
-                    "template param `{name}` is {len} characters long; it takes at most {max}"
-                ));
-            }
-        }
-        if d.kind == ParamType::Url {
-            let good = url::Url::parse(s)
-                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-            if !good {
-                return Err(format!(
-                    "template param `{name}` must be an absolute http(s) URL, found {s:?}"
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
-
-    fn decl(name: &str, kind: ParamType, required: bool, max: Option<u32>) -> TemplateParam {
-        TemplateParam {
-            name: name.into(),
-            kind,
-            required,
-            max_length: max,
-            description: None,
-        }
-    }
-
-    fn map(v: Value) -> Map<String, Value> {
-        v.as_object().cloned().unwrap()
-    }
 
     #[test]
     fn an_idempotency_key_longer_than_256_bytes_is_refused() {
@@ -279,35 +184,5 @@ mod tests {
         let user: User =
             serde_json::from_str(r#"{"user_id":"u","attributes":{"a":1,"b":2}}"#).unwrap();
         assert_eq!(user.attributes.len(), 2);
-    }
-
-    #[test]
-    fn template_params_are_checked_and_every_problem_named() {
-        let decls = [
-            decl("text", ParamType::String, true, Some(5)),
-            decl("link", ParamType::Url, false, None),
-            decl("points", ParamType::Integer, false, None),
-        ];
-        assert!(check_template_params(&decls, &map(json!({"text": "hi"}))).is_ok());
-        let problems = check_template_params(
-            &decls,
-            &map(json!({"link": "ftp://x", "points": 1.5, "txt": "hi"})),
-        )
-        .unwrap_err();
-        assert_eq!(
-            problems,
-            [
-                "template param `text` is required",
-                "template param `link` must be an absolute http(s) URL, found \"ftp://x\"",
-                "template param `points` must be an integer, found a number",
-                "`txt` is not a template param of this touchpoint; did you mean `text`?",
-            ]
-        );
-        let long =
-            check_template_params(&decls, &map(json!({"text": "短信内容太长了"}))).unwrap_err();
-        assert_eq!(
-            long,
-            ["template param `text` is 7 characters long; it takes at most 5"]
-        );
     }
 }

@@ -46,8 +46,9 @@ use crate::store::{self, Sync, now_ms};
 /// length-prefixed form (files from before the format was recorded count as 1). 2: batches may be
 /// in the split form too. A touchctl refuses a file of a newer format rather than dead-letter
 /// batches it cannot read. 3: new batches keep their users in segment files (see
-/// [`super::segments`]).
-const FORMAT: i64 = 3;
+/// [`super::segments`]). 4: a dispatch may carry a channel message (`dispatches.message`: the
+/// template it names, app push title/body/payload).
+const FORMAT: i64 = 4;
 
 const MIGRATION: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS dispatches (
     template_params TEXT NOT NULL,
     generation      INTEGER NOT NULL,
     receipt         TEXT NOT NULL,
-    created_at      INTEGER NOT NULL
+    created_at      INTEGER NOT NULL,
+    message         TEXT -- JSON of the trigger's channel message; NULL when it has none
 );
 CREATE TABLE IF NOT EXISTS batches (
     id          TEXT PRIMARY KEY,
@@ -340,6 +342,8 @@ pub struct Claimed {
     pub campaign: String,
     /// The template params, as JSON (an object).
     pub template_params: String,
+    /// The trigger's channel message, as JSON, if it has one (see [`crate::channel::Message`]).
+    pub message: Option<String>,
 }
 
 /// A claimed batch's users.
@@ -376,6 +380,13 @@ pub enum After {
     /// logged, and the batch stays pending and due, so the next start sends it again (same
     /// `webhook-id`), even when this was its last attempt.
     Interrupted,
+    /// The platform rejected the touchpoint's configuration: the attempt is logged but not
+    /// counted against the retry budget, and the batch stays pending, held with this reason,
+    /// until the touchpoint is released.
+    Parked(String),
+    /// The platform asked to wait (a rate limit, a daily quota): the attempt is logged but not
+    /// counted, and the batch is due again at this time (ms since the epoch).
+    Deferred(i64),
 }
 
 /// The result of one attempt, as the sender reports it.
@@ -583,7 +594,7 @@ type Reply = std::sync::mpsc::SyncSender<Result<Enqueued, QueueError>>;
 /// What the writer thread writes.
 enum Work {
     /// A trigger; its commit must be fsync'd before the reply.
-    Enqueue(Job, Reply),
+    Enqueue(Box<Job>, Reply),
     /// Attempt outcomes; a killed process must not lose them, a power cut may.
     Record(
         Vec<Completion>,
@@ -885,8 +896,8 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
     };
     let now = now_ms();
     tx.execute(
-        "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at, message) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             dispatch_id,
             job.head.touchpoint,
@@ -895,7 +906,11 @@ fn write_job(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Enqueued, JobE
             serde_json::to_string(&job.head.template_params).unwrap_or_default(),
             job.generation as i64,
             serde_json::to_string(&receipt).unwrap_or_default(),
-            now
+            now,
+            {
+                let message = job.head.message();
+                (!message.is_empty()).then(|| serde_json::to_string(&message).unwrap_or_default())
+            }
         ],
     )?;
     let mut insert = tx.prepare_cached(
@@ -947,12 +962,17 @@ fn write_record(
              VALUES (?1, ?2, ?3, ?4 + coalesce((SELECT attempt_base FROM batches WHERE id = ?1), 0))",
         )?;
         // A batch finished with nothing delivered in any attempt is `failed`, not `delivered`.
+        // An attempt that does not count (parked, deferred) moves the log's numbering on through
+        // `attempt_base` instead, so the next attempt gets a number of its own.
         let mut update = tx.prepare_cached(
-            "UPDATE batches SET attempts = ?2, delivered = delivered + ?3, failed = failed + ?4, \
+            "UPDATE batches SET attempts = CASE WHEN ?10 THEN attempts ELSE ?2 END, \
+                     attempt_base = attempt_base + CASE WHEN ?10 THEN 1 ELSE 0 END, \
+                     delivered = delivered + ?3, failed = failed + ?4, \
                      remaining = coalesce(?5, remaining - ?3 - ?4), \
                      state = CASE WHEN ?6 = 'delivered' AND delivered + ?3 = 0 AND failed + ?4 > 0 \
                                   THEN 'failed' ELSE ?6 END, \
-                     next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9 \
+                     next_at = coalesce(?7, next_at), last_error = ?8, updated_at = ?9, \
+                     held = ?11 \
                      WHERE id = ?1",
         )?;
         // Rewritten users live in `payloads`; the batch stops pointing into its segment.
@@ -978,6 +998,13 @@ fn write_record(
                 After::Dead => ("dead", "dead", None),
                 // `next_at` stays as it was: at or before the claim, so due at once.
                 After::Interrupted => ("pending", "interrupted", None),
+                After::Parked(_) => ("pending", "held", None),
+                After::Deferred(at) => ("pending", "deferred", Some(at)),
+            };
+            let uncounted = matches!(c.after, After::Parked(_) | After::Deferred(_));
+            let held = match &c.after {
+                After::Parked(reason) => Some(reason.as_str()),
+                _ => None,
             };
             attempt.execute(params![
                 c.batch_id,
@@ -1007,7 +1034,9 @@ fn write_record(
                 state,
                 next_at,
                 c.error,
-                now
+                now,
+                uncounted,
+                held
             ])?;
             if c.after == After::Done {
                 // Delivered: the users are not needed any more; the log keeps the counts.
@@ -1099,6 +1128,20 @@ fn mark_format(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
             });
         }
     };
+    if known < 4 {
+        let has_message: bool = tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('dispatches') WHERE name = 'message'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql)?
+            > 0;
+        if !has_message {
+            tx.execute("ALTER TABLE dispatches ADD COLUMN message TEXT", [])
+                .map_err(sql)?;
+        }
+    }
     if known < FORMAT {
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?1)",
@@ -1111,7 +1154,7 @@ fn mark_format(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
 
 /// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
 const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params, \
-     b.segment, b.seg_offset, b.seg_length \
+     b.segment, b.seg_offset, b.seg_length, d.message \
      FROM batches b JOIN dispatches d ON d.id = b.dispatch_id LEFT JOIN payloads p ON p.batch_id = b.id \
      WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1 \
      AND b.touchpoint NOT IN (SELECT value FROM json_each(?2)) \
@@ -1377,7 +1420,7 @@ impl Queue {
             rejected: d.rejected,
             spans: Vec::new(),
         };
-        let answer = self.send(|reply| Work::Enqueue(job, reply))?;
+        let answer = self.send(|reply| Work::Enqueue(Box::new(job), reply))?;
         // Written while the writer stores the trigger and waits for the disk, and kept as each is
         // written: the rows become visible to the sender when the writer commits, and a batch
         // claimed before its entry is here is read from disk (the entry would then never be
@@ -1485,6 +1528,7 @@ impl Queue {
                         attempts: r.get(7)?,
                         campaign: r.get(8)?,
                         template_params: r.get(9)?,
+                        message: r.get(13)?,
                     },
                     span,
                 ))
@@ -1546,6 +1590,17 @@ impl Queue {
             .execute(
                 "UPDATE batches SET held = ?2 WHERE touchpoint = ?1 AND state = 'pending' AND held IS NOT ?2",
                 params![touchpoint, reason],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Makes the pending batches of `touchpoint` due no sooner than `until` (ms since the epoch):
+    /// the platform asked to wait. Returns how many were moved.
+    pub fn defer(&self, touchpoint: &str, until: i64) -> Result<usize, QueueError> {
+        lock(&self.work)
+            .execute(
+                "UPDATE batches SET next_at = ?2 WHERE touchpoint = ?1 AND state = 'pending' AND next_at < ?2",
+                params![touchpoint, until],
             )
             .map_err(|e| self.err(e))
     }
@@ -1917,6 +1972,7 @@ mod tests {
             campaign: "c1".into(),
             idempotency_key: key.map(str::to_string),
             template_params: json!({"text": "hi"}).as_object().cloned().unwrap(),
+            ..TriggerHead::default()
         }
     }
 
@@ -2367,8 +2423,13 @@ mod tests {
                 .replace(
                     "started_at TEXT NOT NULL,\n    lease_id   TEXT,   -- NULL from a touchctl before leases\n    expires_at INTEGER -- ms since the epoch\n",
                     "started_at TEXT NOT NULL\n",
+                )
+                .replace(
+                    "created_at      INTEGER NOT NULL,\n    message         TEXT -- JSON of the trigger's channel message; NULL when it has none\n",
+                    "created_at      INTEGER NOT NULL\n",
                 );
             assert!(!old.contains("seg_offset") && !old.contains("attempt_base"));
+            assert!(!old.contains("message"), "the file has no message column");
             assert!(!old.contains("lease_id"));
             conn.execute_batch(&old).unwrap();
             conn.execute_batch(

@@ -39,33 +39,7 @@ pub fn due_at(now_ms: i64, wait: Duration) -> i64 {
     now_ms.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Parses a `Retry-After` header: delay seconds, or an HTTP date. A number of seconds too large
-/// for a `u64` saturates (it is capped by [`next`] anyway); a date in the past means now.
-pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(Duration::from_secs(
-            value.parse::<u64>().unwrap_or(u64::MAX),
-        ));
-    }
-    let at = httpdate(value)?;
-    Some(at.duration_since(now).unwrap_or_default())
-}
-
-fn httpdate(value: &str) -> Option<std::time::SystemTime> {
-    humantime::parse_rfc3339_weak(value).ok().or_else(|| {
-        // IMF-fixdate: "Sun, 06 Nov 1994 08:49:37 GMT".
-        let parts: Vec<&str> = value.split_whitespace().collect();
-        let [_, day, month, year, time, "GMT"] = parts.as_slice() else {
-            return None;
-        };
-        let months = [
-            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-        ];
-        let m = months.iter().position(|x| x == month)? + 1;
-        humantime::parse_rfc3339(&format!("{year}-{m:02}-{day:0>2}T{time}Z")).ok()
-    })
-}
+pub use crate::channel::answer::parse_retry_after;
 
 /// A random number in `[0, 1)`.
 pub fn unit() -> f64 {

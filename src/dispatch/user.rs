@@ -150,6 +150,19 @@ impl<'a> UserRef<'a> {
     }
 }
 
+/// A batch's recipients as the channels receive them: each user written by
+/// [`UserRef::write_recipient`], separated by commas (see [`crate::channel`]).
+pub fn recipients<'a, 'b: 'a>(users: &[&'a UserRef<'b>], mapping: &Mapping) -> Vec<u8> {
+    let mut out = Vec::with_capacity(users.len() * 96);
+    for (i, user) in users.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        user.write_recipient(&mut out, mapping);
+    }
+    out
+}
+
 impl<'de: 'a, 'a> Deserialize<'de> for UserRef<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
@@ -306,6 +319,10 @@ impl<'a> RawTrigger<'a> {
         let t: JsonTrigger<'a> = serde_json::from_str(text).map_err(|e| e.to_string())?;
         Ok(Self {
             head: TriggerHead {
+                template: None,
+                title: None,
+                body: None,
+                payload: None,
                 touchpoint: t.touchpoint,
                 campaign: t.campaign,
                 idempotency_key: t.idempotency_key,
@@ -368,16 +385,15 @@ fn utf8(body: &[u8]) -> Result<&str, String> {
 /// A user id seen twice is queued once.
 pub fn screen<'a, 'b>(
     users: &'b [UserRef<'a>],
-    params: &DynamicParams,
+    mapping: &Mapping,
 ) -> (Vec<&'b UserRef<'a>>, Vec<Rejected>) {
-    let mapping = Mapping::new(params);
     // foldhash: fast on short keys, and seeded per set, so ids cannot be chosen to collide.
     let mut seen: HashSet<&str, foldhash::fast::RandomState> =
         HashSet::with_capacity_and_hasher(users.len(), Default::default());
     let mut accepted = Vec::with_capacity(users.len());
     let mut rejected = Vec::new();
     for user in users {
-        let verdict = user.check(&mapping).and_then(|()| {
+        let verdict = user.check(mapping).and_then(|()| {
             if seen.insert(user.id.as_ref()) {
                 Ok(())
             } else {
@@ -585,7 +601,7 @@ mod tests {
         assert!(matches!(users[0].id, Cow::Owned(_)) && users[0].id == "u1");
         assert!(matches!(users[1].id, Cow::Borrowed("u2")));
         assert!(matches!(users[1].attributes[0].0, Cow::Borrowed("phone")));
-        let (ok, rejected) = screen(&users, &params());
+        let (ok, rejected) = screen(&users, &Mapping::new(&params()));
         assert_eq!(ok.len(), 1);
         assert_eq!(
             rejected,

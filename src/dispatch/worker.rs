@@ -17,10 +17,8 @@ use super::Rejected;
 use super::queue::{After, Claimed, Completion, Queue, Users};
 use super::retry::{self, Next};
 use super::segments::Span;
-use super::user::{UserRef, parse_stored, store};
-use crate::channel::custom::{self, Envelope, Request, Response};
-use crate::channel::net_guard;
-use crate::model::{CustomSpec, Secret};
+use super::user::{Mapping, UserRef, parse_stored, store};
+use crate::channel::{Channel, Message, Outgoing, Report, Rest, Signal, net_guard};
 use crate::store::now_ms;
 
 /// Tells the sender there may be work it has not claimed: new batches of a touchpoint (a trigger),
@@ -78,21 +76,40 @@ impl Wake {
     }
 }
 
-/// A live custom touchpoint, ready to send to.
-#[derive(Debug)]
+/// A live touchpoint, ready to send to.
 pub struct Target {
     /// The touchpoint id.
     pub id: String,
     /// The registry generation these settings are from.
     pub generation: u64,
-    /// Its settings.
-    pub spec: CustomSpec,
-    /// The resolved Bearer token.
-    pub token: Secret,
-    /// The resolved Standard Webhooks key, when it signs.
-    pub signing_key: Option<Vec<u8>>,
+    /// Its channel, secrets resolved.
+    pub channel: Arc<dyn Channel>,
     /// Its dynamic params, prepared for writing recipients.
-    pub mapping: super::user::Mapping,
+    pub mapping: Mapping,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("id", &self.id)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a touchpoint is not sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Paused through the API.
+    Paused,
+    /// `enabled = false`.
+    Disabled,
+    /// The platform rejected its configuration (see [`Signal::Hold`]).
+    Platform,
+    /// Its spec or secrets cannot be used by this touchctl.
+    Unavailable,
+    /// Not in the registry.
+    Gone,
 }
 
 /// Where a touchpoint stands for sending.
@@ -100,14 +117,29 @@ pub struct Target {
 pub enum Lookup {
     /// Live and enabled: send with these settings.
     Ready(Arc<Target>),
+    /// Live, but the platform asked to wait (a rate limit, a daily quota): its batches are due
+    /// again at `until` (ms since the epoch). Triggers are still accepted.
+    Waiting {
+        /// Its settings.
+        target: Arc<Target>,
+        /// When sending resumes.
+        until: i64,
+        /// What the platform said.
+        reason: String,
+    },
     /// Not sendable now; its batches wait, held with this reason.
-    Held(String),
+    Held(Why, String),
 }
 
 /// The live touchpoints, as the daemon keeps them current.
 pub trait Directory: Send + Sync + 'static {
     /// Where `touchpoint` stands.
     fn lookup(&self, touchpoint: &str) -> Lookup;
+    /// The platform said `signal` of `touchpoint` as it was at `generation`: hold it, or make it
+    /// wait. A signal about an older generation than the live one is ignored.
+    fn signal(&self, touchpoint: &str, generation: u64, signal: &Signal);
+    /// The live touchpoint ids (for did-you-mean hints).
+    fn ids(&self) -> Vec<String>;
 }
 
 /// What the worker reports as it goes (metrics, logs).
@@ -127,6 +159,8 @@ pub trait Observer: Send + Sync + 'static {
     fn problem(&self, message: &str);
     /// The queue was asked for batches and gave `batches`.
     fn claimed(&self, _batches: usize) {}
+    /// A platform held a touchpoint or made it wait.
+    fn signal(&self, _touchpoint: &str, _signal: &Signal) {}
 }
 
 /// How hard the worker pushes.
@@ -184,6 +218,27 @@ struct Lane {
     bucket: Option<Bucket>,
     /// The rate the bucket was made for, to notice a changed `rate_limit`.
     rate: Option<f64>,
+}
+
+/// How the batches of a touchpoint that cannot be sent to now wait in the queue.
+enum Park {
+    /// Held with this reason until the touchpoint is released.
+    Held(String),
+    /// Due again at this time (ms since the epoch).
+    Until(i64),
+}
+
+impl Park {
+    async fn apply(self, queue: &Arc<Queue>, touchpoint: &str, observer: &dyn Observer) {
+        let tp = touchpoint.to_string();
+        let result = match self {
+            Park::Held(reason) => run_blocking(queue, move |q| q.hold(&tp, Some(&reason))).await,
+            Park::Until(at) => run_blocking(queue, move |q| q.defer(&tp, at)).await,
+        };
+        if let Err(e) = result {
+            observer.problem(&format!("cannot hold batches: {e}"));
+        }
+    }
 }
 
 /// How long requests cut off at the end of a drain get to record their interruption before their
@@ -309,13 +364,26 @@ pub async fn run(
             }
             let target = match directory.lookup(tp) {
                 Lookup::Ready(t) => t,
-                Lookup::Held(reason) => {
+                Lookup::Waiting { until, .. } => {
                     waiting -= lane.waiting.len();
-                    held.push((tp.clone(), reason, std::mem::take(&mut lane.waiting)));
+                    held.push((
+                        tp.clone(),
+                        Park::Until(until),
+                        std::mem::take(&mut lane.waiting),
+                    ));
+                    continue;
+                }
+                Lookup::Held(_, reason) => {
+                    waiting -= lane.waiting.len();
+                    held.push((
+                        tp.clone(),
+                        Park::Held(reason),
+                        std::mem::take(&mut lane.waiting),
+                    ));
                     continue;
                 }
             };
-            let rate = target.spec.rate_limit.map(|r| r.per_second());
+            let rate = target.channel.rate_limit();
             if lane.rate != rate {
                 lane.rate = rate;
                 lane.bucket = rate.map(Bucket::new);
@@ -342,11 +410,8 @@ pub async fn run(
                 });
             }
         }
-        for (tp, reason, batches) in held {
-            let result = run_blocking(&queue, move |q| q.hold(&tp, Some(&reason))).await;
-            if let Err(e) = result {
-                observer.problem(&format!("cannot hold batches: {e}"));
-            }
+        for (tp, park, batches) in held {
+            park.apply(&queue, &tp, observer.as_ref()).await;
             let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
             for batch in batches {
                 b.remove(&batch.id);
@@ -540,12 +605,14 @@ impl Shared {
         // The touchpoint as it is now, not as it was when the batch was queued or claimed.
         let target = match self.directory.lookup(&batch.touchpoint) {
             Lookup::Ready(t) => t,
-            Lookup::Held(reason) => {
-                let tp = batch.touchpoint.clone();
-                let held = run_blocking(&self.queue, move |q| q.hold(&tp, Some(&reason))).await;
-                if let Err(e) = held {
-                    self.observer.problem(&format!("cannot hold a batch: {e}"));
-                }
+            other => {
+                let park = match other {
+                    Lookup::Waiting { until, .. } => Park::Until(until),
+                    Lookup::Held(_, reason) => Park::Held(reason),
+                    Lookup::Ready(_) => unreachable!("matched above"),
+                };
+                park.apply(&self.queue, &batch.touchpoint, self.observer.as_ref())
+                    .await;
                 self.busy
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -576,48 +643,51 @@ impl Shared {
             Some((wire, _)) => wire.count,
             None => users.len() as u32,
         };
-        let guard = match &parsed {
-            Err(e) => Err(e.clone()),
-            Ok(_) => self.guard(&target.spec.url).await,
+        let message: Result<Message, String> = match &batch.message {
+            None => Ok(Message::default()),
+            Some(text) => serde_json::from_str(text).map_err(|e| unreadable(&e.to_string())),
         };
-        let response = match guard {
-            Err(error) => Some(Response::Final {
-                status: None,
-                error,
-            }),
-            Ok(()) => {
-                let env = Envelope {
-                    touchpoint: &batch.touchpoint,
-                    campaign: &batch.campaign,
-                    dispatch_id: &batch.dispatch_id,
-                    index: batch.index,
-                    count: batch.count,
-                    template: &batch.template_params,
-                };
-                let body = match &wire {
-                    Some((wire, _)) => custom::body_with(&env, &wire.recipients),
-                    None => custom::body(&env, users, &target.mapping),
+        let ready = match (&parsed, &message) {
+            (Err(e), _) | (_, Err(e)) => Err(e.clone()),
+            (Ok(_), Ok(message)) => self
+                .guard(target.channel.endpoint())
+                .await
+                .map(|()| message),
+        };
+        let report = match ready {
+            Err(error) => Some(Report::dead(None, error)),
+            Ok(message) => {
+                let written;
+                let recipient_bytes: &[u8] = match &wire {
+                    Some((wire, _)) => &wire.recipients,
+                    None => {
+                        let refs: Vec<&UserRef<'_>> = users.iter().collect();
+                        written = super::user::recipients(&refs, &target.mapping);
+                        &written
+                    }
                 };
                 unless_cut(
                     &self.cut,
-                    custom::send(
-                        &self.client,
-                        Request {
-                            url: &target.spec.url,
-                            token: &target.token,
-                            signing_key: target.signing_key.as_deref(),
-                            msg_id: &batch.id,
-                            body,
-                            timeout: target.spec.timeout.get(),
-                        },
-                    ),
+                    target.channel.send(Outgoing {
+                        client: &self.client,
+                        batch_id: &batch.id,
+                        touchpoint: &batch.touchpoint,
+                        campaign: &batch.campaign,
+                        dispatch_id: &batch.dispatch_id,
+                        index: batch.index,
+                        count: batch.count,
+                        template_params: &batch.template_params,
+                        message,
+                        recipients: recipient_bytes,
+                        recipient_count: recipients,
+                    }),
                 )
                 .await
             }
         };
-        // Cut off: the request was dropped, which closed its connection. The endpoint may or may
-        // not have taken the batch, as after a timeout; it comes again with the same `webhook-id`.
-        let Some(response) = response else {
+        // Cut off: the request was dropped, which closed its connection. The platform may or may
+        // not have taken the batch, as after a timeout; it comes again with the same batch id.
+        let Some(report) = report else {
             let latency = started.elapsed();
             let completion =
                 interrupted(&batch, &target, recipients, started_ms, latency, self.drain);
@@ -634,35 +704,39 @@ impl Shared {
                     .first_attempt_delay(Duration::from_millis((started_ms - q).max(0) as u64));
             }
         }
+        if let Some(signal) = &report.signal {
+            self.directory
+                .signal(&batch.touchpoint, target.generation, signal);
+            self.observer.signal(&batch.touchpoint, signal);
+        }
         // A partial answer to recipients sent from memory: which ones to retry is worked out from
         // the stored users, read now.
-        let late = match (&wire, &response) {
-            (Some((_, span)), Response::Accepted { failed, .. }) if !failed.is_empty() => {
-                Some(self.read_span(*span).await)
-            }
+        let late = match &wire {
+            Some((_, span)) if !report.misses.is_empty() => Some(self.read_span(*span).await),
             _ => None,
         };
         let late_parsed = late.as_ref().map(|stored| match stored {
             Ok(stored) => parse_stored(stored).map_err(|e| unreadable(&e)),
             Err(e) => Err(e.clone()),
         });
-        let (response, users) = match (&late_parsed, response) {
-            (Some(Err(e)), Response::Accepted { status, failed }) => (
-                Response::Retryable {
-                    status: Some(status),
-                    retry_after: None,
-                    error: format!(
-                        "HTTP {status} with {} recipient(s) failed, and the batch's stored users cannot be read to retry only those ({e}): the whole batch is tried again",
-                        failed.len()
-                    ),
+        let (report, users) = match (&late_parsed, report) {
+            (Some(Err(e)), report) => (
+                Report {
+                    misses: Vec::new(),
+                    rest: Rest::Retry { after: None },
+                    error: Some(format!(
+                        "{} recipient(s) were not delivered, and the batch's stored users cannot be read to retry only those ({e}): the whole batch is tried again",
+                        report.misses.len()
+                    )),
+                    ..report
                 },
                 users,
             ),
-            (Some(Ok(late)), response) => (response, late.as_slice()),
-            (_, response) => (response, users),
+            (Some(Ok(late)), report) => (report, late.as_slice()),
+            (None, report) => (report, users),
         };
         let completion = outcome(
-            &batch, &target, recipients, users, response, started_ms, latency,
+            &batch, &target, recipients, users, report, started_ms, latency,
         );
         let label = match completion.after {
             After::Done if completion.delivered == 0 && !completion.failed.is_empty() => "failed",
@@ -671,6 +745,8 @@ impl Shared {
             After::RetryAt(_) => "retry",
             After::Dead => "dead",
             After::Interrupted => "interrupted",
+            After::Parked(_) => "held",
+            After::Deferred(_) => "deferred",
         };
         self.observer.attempt(
             &batch.touchpoint,
@@ -751,106 +827,97 @@ fn interrupted(
     }
 }
 
-/// Turns a response into the batch's next state. `users` are the batch's users when the response
-/// is a partial one (or when they were read to send them); `recipients` how many were sent.
+/// Turns a channel's report into the batch's next state. `users` are the batch's users when the
+/// report names recipients (or when they were read to send them); `recipients` how many were sent.
 fn outcome(
     batch: &Claimed,
     target: &Target,
     recipients: u32,
     users: &[UserRef<'_>],
-    response: Response,
+    report: Report,
     started_ms: i64,
     latency: Duration,
 ) -> Completion {
     let attempt = batch.attempts + 1;
-    let policy = &target.spec.retry;
-    let retry_at = |retry_after: Option<Duration>| match retry::next(
-        policy,
-        attempt,
-        retry_after,
-        retry::unit(),
-    ) {
-        Next::RetryAfter(d) => After::RetryAt(retry::due_at(now_ms(), d)),
-        Next::DeadLetter => After::Dead,
-    };
+    let policy = target.channel.retry();
     let mut c = Completion {
         batch_id: batch.id.clone(),
         attempt,
         generation: target.generation,
         started_ms,
-        latency_ms: latency.as_millis() as i64,
-        status: None,
+        latency_ms: i64::try_from(latency.as_millis()).unwrap_or(i64::MAX),
+        status: report.status,
         recipients,
         delivered: 0,
         failed: Vec::new(),
         remaining: None,
         after: After::Dead,
-        error: None,
+        error: report.error,
     };
-    match response {
-        Response::Accepted { status, failed } if failed.is_empty() => {
-            c.status = Some(status);
-            c.delivered = c.recipients;
-            c.after = After::Done;
-        }
-        Response::Accepted { status, failed } => {
-            c.status = Some(status);
-            let sent: std::collections::HashSet<&str> =
-                users.iter().map(|u| u.id.as_ref()).collect();
-            let mut retry_ids = std::collections::HashSet::new();
-            for f in &failed {
-                // Only recipients of this batch count; anything else the endpoint says is noise.
-                if !sent.contains(f.user_id.as_str()) {
-                    continue;
-                }
-                if f.retry {
-                    retry_ids.insert(f.user_id.as_str());
-                } else if !c.failed.iter().any(|r| r.user_id == f.user_id) {
-                    c.failed.push(Rejected {
-                        user_id: f.user_id.clone(),
-                        reason: if f.reason.is_empty() {
-                            "refused by the endpoint".into()
-                        } else {
-                            f.reason.clone()
-                        },
-                    });
-                }
-            }
-            let failed_ids: std::collections::HashSet<&str> =
-                c.failed.iter().map(|r| r.user_id.as_str()).collect();
-            let retry_users: Vec<&UserRef<'_>> = users
-                .iter()
-                .filter(|u| {
-                    retry_ids.contains(u.id.as_ref()) && !failed_ids.contains(u.id.as_ref())
-                })
-                .collect();
-            c.delivered = (users.len() - retry_users.len() - c.failed.len()) as u32;
-            if retry_users.is_empty() {
+    let retry_after = match &report.rest {
+        Rest::Retry { after } => *after,
+        _ => None,
+    };
+    // Where recipients left to send go: parked or deferred at the platform's word, otherwise
+    // retried under the touchpoint's policy.
+    let again = match &report.signal {
+        Some(Signal::Hold { reason, .. }) => After::Parked(reason.clone()),
+        Some(Signal::Wait { wait, .. }) => After::Deferred(retry::due_at(now_ms(), *wait)),
+        None => match retry::next(&policy, attempt, retry_after, retry::unit()) {
+            Next::RetryAfter(d) => After::RetryAt(retry::due_at(now_ms(), d)),
+            Next::DeadLetter => After::Dead,
+        },
+    };
+    if report.misses.is_empty() {
+        match report.rest {
+            Rest::Delivered => {
+                c.delivered = recipients;
                 c.after = After::Done;
-            } else {
-                c.error = Some(format!(
-                    "{} recipient(s) to retry, as the endpoint asked",
-                    retry_users.len()
-                ));
-                c.remaining = Some((store(retry_users.iter().copied()), retry_users.len() as u32));
-                c.after = retry_at(None);
             }
+            Rest::Retry { .. } => c.after = again,
+            Rest::Dead => c.after = After::Dead,
         }
-        Response::Retryable {
-            status,
-            retry_after,
-            error,
-        } => {
-            c.status = status;
-            c.error = Some(error);
-            c.after = retry_at(retry_after);
+        return c;
+    }
+    let sent: HashSet<&str> = users.iter().map(|u| u.id.as_ref()).collect();
+    let mut retry_ids = HashSet::new();
+    let mut failed_ids = HashSet::new();
+    for m in &report.misses {
+        // Only recipients of this batch count; anything else the platform says is noise.
+        if !sent.contains(m.user_id.as_str()) {
+            continue;
         }
-        Response::Final { status, error } => {
-            c.status = status;
-            c.error = Some(error);
-            c.after = After::Dead;
+        if m.retry {
+            retry_ids.insert(m.user_id.as_str());
+        } else if failed_ids.insert(m.user_id.as_str()) {
+            c.failed.push(Rejected {
+                user_id: m.user_id.clone(),
+                reason: m.reason.clone(),
+            });
         }
     }
+    let named = |u: &&UserRef<'_>| {
+        let id = u.id.as_ref();
+        !failed_ids.contains(id) && (retry_ids.contains(id) || report.rest != Rest::Delivered)
+    };
+    let left: Vec<&UserRef<'_>> = users.iter().filter(named).collect();
+    c.delivered = (users.len() - left.len() - c.failed.len()) as u32;
+    if left.is_empty() {
+        c.after = After::Done;
+        return c;
+    }
+    if c.error.is_none() {
+        c.error = Some(format!(
+            "{} recipient(s) to retry, as the endpoint asked",
+            left.len()
+        ));
+    }
+    c.remaining = Some((store(left.iter().copied()), left.len() as u32));
+    c.after = if report.rest == Rest::Dead {
+        After::Dead
+    } else {
+        again
+    };
     c
 }
 
@@ -877,6 +944,10 @@ mod tests {
         fn lookup(&self, _: &str) -> Lookup {
             Lookup::Ready(self.0.clone())
         }
+        fn signal(&self, _: &str, _: u64, _: &Signal) {}
+        fn ids(&self) -> Vec<String> {
+            vec![self.0.id.clone()]
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -896,7 +967,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let spec: CustomSpec = toml::from_str(&format!(
+        let spec: crate::model::CustomSpec = toml::from_str(&format!(
             "url = \"{url}\"\nallow_insecure = true\nauth_token = {{ env = \"UNUSED\" }}\nbatch_size = 1\n"
         ))
         .unwrap();
@@ -904,9 +975,11 @@ mod tests {
             id: "slow".into(),
             generation: 1,
             mapping: super::super::user::Mapping::new(&spec.dynamic_params),
-            spec,
-            token: Secret::new("t"),
-            signing_key: None,
+            channel: Arc::new(crate::channel::custom::CustomChannel::new(
+                spec,
+                crate::model::Secret::new("t"),
+                None,
+            )),
         };
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(Queue::open(&dir.path().join("queue.db")).unwrap());
@@ -921,8 +994,7 @@ mod tests {
         let head = super::super::TriggerHead {
             touchpoint: "slow".into(),
             campaign: "c".into(),
-            idempotency_key: None,
-            template_params: serde_json::Map::new(),
+            ..Default::default()
         };
         queue
             .enqueue(super::super::queue::NewDispatch {
