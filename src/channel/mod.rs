@@ -26,6 +26,7 @@ pub mod custom;
 pub mod net_guard;
 pub mod template;
 pub mod token;
+pub mod wechat;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -319,6 +320,9 @@ pub fn open(
     let _ = shared;
     match &touchpoint.spec {
         KindSpec::Custom(spec) => Ok(Arc::new(custom::CustomChannel::open(spec, base, policy)?)),
+        KindSpec::WechatOfficialAccount(spec) => Ok(Arc::new(wechat::WechatChannel::open(
+            spec, base, policy, shared,
+        )?)),
         other => Err(Unavailable(format!(
             "{} touchpoints are not dispatched by this version of the daemon yet",
             other.name()
