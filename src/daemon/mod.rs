@@ -130,7 +130,7 @@ pub struct Info {
 /// The daemon's shared state.
 pub struct App {
     /// The registry.
-    pub registry: Arc<SqliteRegistry>,
+    pub registry: Arc<dyn Registry>,
     /// The queue.
     pub queue: Arc<Queue>,
     /// The live touchpoints.
