@@ -27,6 +27,7 @@ pub mod tokens;
 
 mod sink;
 mod wechat;
+mod wecom;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -267,6 +268,12 @@ fn router(state: Shared) -> Router {
         .route(
             "/cgi-bin/message/template/send",
             post(wechat::template_send),
+        )
+        .route("/cgi-bin/gettoken", get(wecom::token))
+        .route("/cgi-bin/message/send", post(wecom::message_send))
+        .route(
+            "/cgi-bin/externalcontact/add_msg_template",
+            post(wecom::add_msg_template),
         )
         .route("/_sandbox/webhooks/{name}", post(sink::webhook))
         .route("/_sandbox/messages", get(list_messages))

@@ -161,18 +161,20 @@ fn account_of(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Result<usize, R
 }
 
 async fn send_answer(s: &Shared, q: Option<&str>, body: &[u8], entry: &mut Entry) -> Response {
+    let doc = parse_json(body);
+    let touser = doc
+        .as_ref()
+        .and_then(|d| d.get("touser"))
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty());
+    entry.recipients = touser.map(str::to_string).into_iter().collect();
     let i = match account_of(s, q, entry) {
         Ok(i) => i,
         Err(r) => return r,
     };
-    let Some(doc) = parse_json(body) else {
+    let Some(doc) = doc.as_ref() else {
         return error(entry, 47001);
     };
-    let touser = doc
-        .get("touser")
-        .and_then(Value::as_str)
-        .filter(|t| !t.is_empty());
-    entry.recipients = touser.map(str::to_string).into_iter().collect();
     let recipients = entry.recipients.clone();
     let verdict = s.faults(entry, Endpoint::Send, &recipients).await;
     if let Some(r) = verdict.refuse {
