@@ -25,8 +25,10 @@ pub mod faults;
 pub mod messages;
 pub mod tokens;
 
+mod getui;
 mod sink;
 mod wechat;
+mod wecom;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -138,6 +140,7 @@ struct Sandbox {
     oa_sent: Mutex<Recent<(usize, String, String), u64>>,
     /// Custom: (account, webhook-id) seen.
     webhooks: Mutex<Recent<(usize, String), ()>>,
+    getui: Mutex<getui::Tasks>,
     next_msgid: AtomicU64,
     stop: watch::Receiver<bool>,
 }
@@ -187,6 +190,7 @@ impl Sandbox {
             faults: Mutex::default(),
             oa_sent: Mutex::new(Recent::new(OA_DEDUP, MAX_KEYS)),
             webhooks: Mutex::new(Recent::new(DAY, MAX_KEYS)),
+            getui: Mutex::new(getui::Tasks::new(MAX_KEYS)),
             next_msgid: AtomicU64::new(first_msgid()),
             stop,
         }
@@ -268,6 +272,15 @@ fn router(state: Shared) -> Router {
             "/cgi-bin/message/template/send",
             post(wechat::template_send),
         )
+        .route("/cgi-bin/gettoken", get(wecom::token))
+        .route("/cgi-bin/message/send", post(wecom::message_send))
+        .route(
+            "/cgi-bin/externalcontact/add_msg_template",
+            post(wecom::add_msg_template),
+        )
+        .route("/v2/{app_id}/auth", post(getui::auth))
+        .route("/v2/{app_id}/push/list/message", post(getui::list_message))
+        .route("/v2/{app_id}/push/list/cid", post(getui::list_cid))
         .route("/_sandbox/webhooks/{name}", post(sink::webhook))
         .route("/_sandbox/messages", get(list_messages))
         .route(
