@@ -2,14 +2,11 @@
 //! touchpoint to the real `touchctl sandbox`, driven through the sandbox's fault API.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::daemon_support::{Daemon, PATIENCE, http};
+use crate::daemon_support::{Daemon, PATIENCE, SandboxProcess};
 use crate::support::Project;
 
 const OA: &str = "touchpoints/channels/wechat-oa.toml";
@@ -18,62 +15,24 @@ const SECRET: &str = "secrets/sandbox/oa_app_secret";
 /// A running `touchctl sandbox`, over its own copy of the samples (so the daemon's copy may hold
 /// another secret).
 struct Sandbox {
-    child: Child,
-    url: String,
-    log: Arc<Mutex<String>>,
+    process: SandboxProcess,
     _project: Project,
+}
+
+impl std::ops::Deref for Sandbox {
+    type Target = SandboxProcess;
+    fn deref(&self) -> &SandboxProcess {
+        &self.process
+    }
 }
 
 impl Sandbox {
     fn start() -> Self {
         let project = Project::with_samples();
-        let mut child = project
-            .command(&["sandbox", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the sandbox");
-        let log = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let log2 = log.clone();
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = err.read_to_string(&mut text);
-            log2.lock().unwrap().push_str(&text);
-        });
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut first = String::new();
-        out.read_line(&mut first).expect("the sandbox's first line");
-        let url = first
-            .trim()
-            .strip_prefix("touchctl sandbox: listening on ")
-            .unwrap_or_else(|| {
-                panic!(
-                    "not the sandbox's first line: {first:?}: {}",
-                    log.lock().unwrap()
-                )
-            })
-            .to_string();
-        // The rest of its output is read so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in out.lines().map_while(Result::ok) {});
         Self {
-            child,
-            url,
-            log,
+            process: project.start_sandbox(&[]),
             _project: project,
         }
-    }
-
-    /// `GET /_sandbox/messages?query`.
-    fn messages(&self, query: &str) -> Vec<Value> {
-        let (code, body) = http(
-            "GET",
-            &format!("{}/_sandbox/messages?{query}", self.url),
-            None,
-            None,
-        );
-        assert_eq!(code, 200, "{body}");
-        body["messages"].as_array().cloned().unwrap_or_default()
     }
 
     /// The template sends it received.
@@ -81,35 +40,17 @@ impl Sandbox {
         self.messages("channel=oa&kind=message")
     }
 
-    /// `POST /_sandbox/faults`.
-    fn faults(&self, rules: Value) {
-        let (code, body) = http(
-            "POST",
-            &format!("{}/_sandbox/faults", self.url),
-            None,
-            Some(("application/json", rules.to_string().into_bytes())),
-        );
-        assert_eq!(code, 200, "{body}: {}", self.log.lock().unwrap());
-    }
-
-    /// Waits until `done` accepts what it received.
-    fn wait_for(&self, what: &str, deadline: Duration, done: impl Fn(&[Value]) -> bool) {
-        let until = Instant::now() + deadline;
+    /// Waits until `done` accepts what it received on the OA endpoints.
+    fn wait_for(&self, what: &str, done: impl Fn(&[Value]) -> bool) {
+        let until = Instant::now() + PATIENCE;
         loop {
             let got = self.messages("channel=oa");
             if done(&got) {
                 return;
             }
-            assert!(Instant::now() < until, "{what}: {got:?}");
+            assert!(Instant::now() < until, "{what}: {got:?}\n{}", self.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -259,12 +200,12 @@ fn oa_tokens_expired_mid_run_are_fetched_again_and_no_one_gets_two_messages() {
     let sandbox = Sandbox::start();
     let p = project(&sandbox);
     let d = daemon(&p);
-    sandbox.faults(json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "slow", "delay": "30ms"}]));
+    sandbox.faults(&json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "slow", "delay": "30ms"}]));
     let id = dispatch(&d, &trigger("expiry", 60));
-    sandbox.wait_for("the run started", PATIENCE, |got| {
+    sandbox.wait_for("the run started", |got| {
         got.iter().filter(|m| m["kind"] == "message").count() >= 8
     });
-    sandbox.faults(json!([{"channel": "oa", "action": "expire_tokens"}]));
+    sandbox.faults(&json!([{"channel": "oa", "action": "expire_tokens"}]));
     let s = d.wait_finished(&id);
     assert_eq!(s["delivered"], 60, "{s}");
     let sends = sandbox.sends();
@@ -287,7 +228,7 @@ fn oa_rate_limits_make_the_touchpoint_wait_then_everyone_is_delivered() {
     let sandbox = Sandbox::start();
     let p = project(&sandbox);
     let d = daemon(&p);
-    sandbox.faults(json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "rate_limit", "code": 45011, "count": 1}]));
+    sandbox.faults(&json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "rate_limit", "code": 45011, "count": 1}]));
     let id = dispatch(&d, &trigger("limited", 5));
     let tp = touchpoint(&d, "the touchpoint never waited", |t| {
         t["state"] == "waiting"
@@ -341,7 +282,7 @@ fn oa_busy_answers_retry_those_recipients() {
     let sandbox = Sandbox::start();
     let p = project(&sandbox);
     let d = daemon(&p);
-    sandbox.faults(json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "error", "code": -1, "count": 2}]));
+    sandbox.faults(&json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "error", "code": -1, "count": 2}]));
     let id = dispatch(&d, &trigger("busy", 4));
     let s = d.wait_finished(&id);
     assert_eq!(s["delivered"], 4, "{s}");
@@ -361,7 +302,7 @@ fn oa_users_the_platform_refuses_fail_alone_with_its_code() {
     let sandbox = Sandbox::start();
     let p = project(&sandbox);
     let d = daemon(&p);
-    sandbox.faults(json!([
+    sandbox.faults(&json!([
         {"channel": "oa", "action": "fail_users", "ids": ["o1"], "code": 43004},
         {"channel": "oa", "action": "fail_users", "ids": ["o3"], "code": 43019},
     ]));
@@ -428,10 +369,10 @@ fn oa_a_refused_secret_holds_the_touchpoint_until_a_fixed_one_is_applied() {
 fn oa_kill_9_mid_run_loses_nothing_and_sends_no_one_twice() {
     let sandbox = Sandbox::start();
     let p = project(&sandbox);
-    sandbox.faults(json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "slow", "delay": "60ms"}]));
+    sandbox.faults(&json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "slow", "delay": "60ms"}]));
     let d = daemon(&p);
     let id = dispatch(&d, &trigger("crash", 300));
-    sandbox.wait_for("the run started", PATIENCE, |got| {
+    sandbox.wait_for("the run started", |got| {
         got.iter().filter(|m| m["kind"] == "message").count() >= 40
     });
     d.kill9();
