@@ -373,7 +373,7 @@ impl Channel for WechatChannel {
             let asked = Instant::now();
             match self.token(client).await {
                 Ok(t) if t.fetched < asked => Ok(format!(
-                    "app id {}: the access token in use is valid",
+                    "app id {}: the access token in use is still fresh (not fetched again: a new one would retire it within 5 minutes)",
                     self.app_id
                 )),
                 Ok(_) => Ok(format!(
@@ -1312,7 +1312,7 @@ authorizer_refresh_token = { env = "B" }"#,
         // A probe finds the token in use, and fetches none.
         let probed = run.channel.probe(&run.client).await.unwrap();
         assert!(
-            probed.contains("the access token in use is valid"),
+            probed.contains("the access token in use is still fresh"),
             "{probed}"
         );
         assert_eq!(run.shared.tokens.fetches(), 1);

@@ -421,3 +421,26 @@ fn oa_kill_9_mid_run_loses_nothing_and_sends_no_one_twice() {
         .collect();
     assert_eq!(distinct.len(), 300);
 }
+
+#[test]
+fn oa_plan_refresh_shows_a_refused_secret_without_it() {
+    let sandbox = Sandbox::start();
+    let p = Project::with_samples();
+    p.set(OA, "http://127.0.0.1:8641", &sandbox.url);
+    let right = p.read(SECRET);
+    let plan = |p: &Project| p.run(&["plan", "--refresh", "--allow-private-network"]);
+    let good = plan(&p);
+    good.code(0);
+    assert!(!good.stdout.contains("! wechat-oa"), "{}", good.all());
+
+    p.write(SECRET, "not-the-app-secret\n");
+    let bad = plan(&p);
+    bad.code(0)
+        .stdout_has("! wechat-oa: 40125 invalid appsecret rid: ")
+        .stdout_has("WeChat refused the AppSecret: put the account's current AppSecret");
+    assert!(!bad.all().contains("not-the-app-secret"), "{}", bad.all());
+    assert!(!bad.all().contains(right.trim()), "{}", bad.all());
+    // Two token requests: the good plan's and the bad one's; no message.
+    assert_eq!(sandbox.messages("channel=oa&kind=token").len(), 2);
+    assert!(sandbox.sends().is_empty());
+}
