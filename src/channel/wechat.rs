@@ -231,6 +231,17 @@ impl WechatChannel {
                     return Sent::Stopped(token_failure(f));
                 }
             };
+            let miss = |retry: bool, reason: String| {
+                let user_id = msg.user_id.clone();
+                Sent::Miss(
+                    status,
+                    Miss {
+                        user_id,
+                        retry,
+                        reason,
+                    },
+                )
+            };
             match send_meaning(code, &errmsg, &msg.personal) {
                 Meaning::Delivered => return Sent::Delivered(status),
                 Meaning::Token if !refreshed => {
@@ -238,37 +249,13 @@ impl WechatChannel {
                     self.shared.tokens.invalidate(self.key, &token).await;
                 }
                 Meaning::Token => {
-                    return Sent::Miss(
-                        status,
-                        Miss {
-                            user_id: msg.user_id.clone(),
-                            retry: true,
-                            reason: format!(
-                                "{code} {errmsg}: refused a token fetched just now; retried later"
-                            ),
-                        },
+                    return miss(
+                        true,
+                        format!("{code} {errmsg}: refused a token fetched just now; retried later"),
                     );
                 }
-                Meaning::User => {
-                    return Sent::Miss(
-                        status,
-                        Miss {
-                            user_id: msg.user_id.clone(),
-                            retry: false,
-                            reason: format!("{code} {errmsg}"),
-                        },
-                    );
-                }
-                Meaning::Later => {
-                    return Sent::Miss(
-                        status,
-                        Miss {
-                            user_id: msg.user_id.clone(),
-                            retry: true,
-                            reason: format!("{code} {errmsg}; retried later"),
-                        },
-                    );
-                }
+                Meaning::User => return miss(false, format!("{code} {errmsg}")),
+                Meaning::Later => return miss(true, format!("{code} {errmsg}; retried later")),
                 Meaning::Wait(until) => {
                     stop.store(true, Ordering::SeqCst);
                     return Sent::Stopped(Stop::Signal(Some(status), wait(until, code, &errmsg)));

@@ -94,6 +94,15 @@ fn dispatch(d: &Daemon, trigger: &Value) -> String {
     r["dispatch_id"].as_str().unwrap().to_string()
 }
 
+/// Waits until the dispatch is finished; returns how many recipients were delivered and failed.
+fn outcome(d: &Daemon, id: &str) -> (u64, u64) {
+    let s = d.wait_finished(id);
+    (
+        s["delivered"].as_u64().unwrap(),
+        s["failed"].as_u64().unwrap(),
+    )
+}
+
 /// How many sends delivered each openid, a duplicate not counted.
 fn deliveries(sends: &[Value]) -> BTreeMap<String, usize> {
     let mut out = BTreeMap::new();
@@ -138,12 +147,7 @@ fn oa_sends_one_template_message_per_recipient_with_one_token() {
     let p = project(&sandbox);
     let d = daemon(&p);
     let id = dispatch(&d, &trigger("happy", 3));
-    let s = d.wait_finished(&id);
-    assert_eq!(
-        (s["delivered"].as_u64(), s["failed"].as_u64()),
-        (Some(3), Some(0)),
-        "{s}"
-    );
+    assert_eq!(outcome(&d, &id), (3, 0));
     let tokens = sandbox.messages("channel=oa&kind=token");
     assert_eq!(tokens.len(), 1, "{tokens:?}");
     assert_eq!(tokens[0]["touchpoint"], "wechat-oa");
@@ -206,8 +210,7 @@ fn oa_tokens_expired_mid_run_are_fetched_again_and_no_one_gets_two_messages() {
         got.iter().filter(|m| m["kind"] == "message").count() >= 8
     });
     sandbox.faults(&json!([{"channel": "oa", "action": "expire_tokens"}]));
-    let s = d.wait_finished(&id);
-    assert_eq!(s["delivered"], 60, "{s}");
+    assert_eq!(outcome(&d, &id), (60, 0));
     let sends = sandbox.sends();
     let refused = sends
         .iter()
@@ -284,8 +287,7 @@ fn oa_busy_answers_retry_those_recipients() {
     let d = daemon(&p);
     sandbox.faults(&json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "error", "code": -1, "count": 2}]));
     let id = dispatch(&d, &trigger("busy", 4));
-    let s = d.wait_finished(&id);
-    assert_eq!(s["delivered"], 4, "{s}");
+    assert_eq!(outcome(&d, &id), (4, 0));
     let sends = sandbox.sends();
     assert_eq!(
         sends.iter().filter(|m| m["answer"]["code"] == -1).count(),
@@ -307,12 +309,7 @@ fn oa_users_the_platform_refuses_fail_alone_with_its_code() {
         {"channel": "oa", "action": "fail_users", "ids": ["o3"], "code": 43019},
     ]));
     let id = dispatch(&d, &trigger("refused", 5));
-    let s = d.wait_finished(&id);
-    assert_eq!(
-        (s["delivered"].as_u64(), s["failed"].as_u64()),
-        (Some(3), Some(2)),
-        "{s}"
-    );
+    assert_eq!(outcome(&d, &id), (3, 2));
     let sends = sandbox.sends();
     let got = deliveries(&sends);
     assert_eq!(got.keys().collect::<Vec<_>>(), ["o0", "o2", "o4"]);
@@ -355,8 +352,7 @@ fn oa_a_refused_secret_holds_the_touchpoint_until_a_fixed_one_is_applied() {
     p.run(&["apply", "--auto-approve"])
         .code(0)
         .stdout_has("(sensitive value changed)");
-    let s = d.wait_finished(&id);
-    assert_eq!(s["delivered"], 3, "{s}");
+    assert_eq!(outcome(&d, &id), (3, 0));
     each_once(&sandbox.sends(), 3);
     touchpoint(&d, "the touchpoint was never ready again", |t| {
         t["state"] == "ready"
@@ -383,12 +379,7 @@ fn oa_kill_9_mid_run_loses_nothing_and_sends_no_one_twice() {
     );
 
     let d = daemon(&p);
-    let s = d.wait_finished(&id);
-    assert_eq!(
-        (s["delivered"].as_u64(), s["failed"].as_u64()),
-        (Some(300), Some(0)),
-        "{s}"
-    );
+    assert_eq!(outcome(&d, &id), (300, 0));
     let sends = sandbox.sends();
     each_once(&sends, 300);
     // The batches cut off were sent again whole; WeChat recognised the messages already sent.
