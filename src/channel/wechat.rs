@@ -5,8 +5,8 @@
 //! A token comes from `GET /cgi-bin/token` (client_credential, the account's app id and AppSecret)
 //! and is shared by every worker through [`super::Shared::tokens`], keyed by the API base URL, the
 //! app id and the secret (a rotated secret is a new credential): the first batch that needs it
-//! fetches it, the others wait for that fetch. It is used until five minutes before its
-//! `expires_in` ends. Each call of `/cgi-bin/token` issues a new token and leaves the previous one
+//! fetches it, the others wait for that fetch. It is used until shortly before its `expires_in`
+//! ends (five minutes before, for WeChat's two hours). Each call of `/cgi-bin/token` issues a new token and leaves the previous one
 //! working for five more minutes only, so tokens are fetched no more than that: when WeChat refuses
 //! one (40001, 40014, 42001) it is dropped — once, however many requests were refused together —
 //! and the request is sent again once with a new one. `plan --refresh` ([`Channel::probe`]) uses
