@@ -26,6 +26,7 @@ pub mod custom;
 pub mod net_guard;
 pub mod template;
 pub mod token;
+pub mod wecom;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -316,9 +317,11 @@ pub fn open(
     policy: &SecretPolicy,
     shared: &Arc<Shared>,
 ) -> Result<Arc<dyn Channel>, Unavailable> {
-    let _ = shared;
     match &touchpoint.spec {
         KindSpec::Custom(spec) => Ok(Arc::new(custom::CustomChannel::open(spec, base, policy)?)),
+        KindSpec::Wecom(spec) => Ok(Arc::new(wecom::WecomChannel::open(
+            spec, base, policy, shared,
+        )?)),
         other => Err(Unavailable(format!(
             "{} touchpoints are not dispatched by this version of the daemon yet",
             other.name()
