@@ -422,7 +422,7 @@ impl WecomChannel {
         let token = self
             .token(client, &self.app)
             .await
-            .map_err(|f| f.describe())?;
+            .map_err(|f| format!("gettoken with `secret`: {}", f.describe()))?;
         let url = self
             .url(
                 "/cgi-bin/agent/get",
@@ -434,10 +434,15 @@ impl WecomChannel {
             .map_err(|f| f.describe())?;
         let (status, answer) = call(client.get(url), Quote::Excerpt)
             .await
-            .map_err(|f| f.describe())?;
+            .map_err(|f| format!("agent/get: {}", f.describe()))?;
         match classify(answer.errcode, Stage::Send) {
             Class::Ok => {}
-            class => return Err(self.failure(class, status, &answer, &self.app).describe()),
+            class => {
+                return Err(format!(
+                    "agent/get: {}",
+                    self.failure(class, status, &answer, &self.app).describe()
+                ));
+            }
         }
         let name = answer
             .name
@@ -451,7 +456,7 @@ impl WecomChannel {
         if let Some(contact) = &self.contact {
             self.token(client, contact)
                 .await
-                .map_err(|f| f.describe())?;
+                .map_err(|f| format!("gettoken with `contact_secret`: {}", f.describe()))?;
             out.push_str("; `contact_secret` gets a token");
         }
         Ok(out)
@@ -513,15 +518,14 @@ struct Answer {
 }
 
 impl Answer {
-    /// `errcode errmsg`, the message cut short.
+    /// `errcode errmsg`: the message up to its `, hint: [...], from ip: ...` tail (the code says
+    /// what the rest would), cut short.
     fn said(&self) -> String {
-        let msg: String = self.errmsg.trim().chars().take(MAX_ERRMSG).collect();
-        let more = if msg.len() < self.errmsg.trim().len() {
-            "…"
-        } else {
-            ""
-        };
-        format!("{} {msg}{more}", self.errcode)
+        let msg = self.errmsg.trim();
+        let msg = msg.split(", hint: [").next().unwrap_or(msg).trim();
+        let cut: String = msg.chars().take(MAX_ERRMSG).collect();
+        let more = if cut.len() < msg.len() { "…" } else { "" };
+        format!("{} {cut}{more}", self.errcode)
             .trim_end()
             .to_string()
     }
@@ -1444,7 +1448,10 @@ url = "https://m.example.com/day"
             panic!("held: {report:?}");
         };
         assert_eq!(code, "40001");
-        assert!(reason.starts_with("40001 invalid credential"), "{reason}");
+        assert!(
+            reason.starts_with("40001 invalid credential: WeCom refused the `secret`"),
+            "{reason}"
+        );
         assert!(
             reason.contains("point `secret` at the current Secret"),
             "{reason}"
@@ -1679,7 +1686,7 @@ url = "https://m.example.com/day"
         );
         let e = ch.probe(&client).await.unwrap_err();
         assert!(
-            e.starts_with("40056 invalid agentid: agent 1000005 is not an app of corp"),
+            e.starts_with("agent/get: 40056 invalid agentid: agent 1000005 is not an app of corp"),
             "{e}"
         );
         let ch = live(&stub, TEXT).await;
@@ -1689,6 +1696,10 @@ url = "https://m.example.com/day"
             json!({"errcode": 40013, "errmsg": "invalid corpid"}),
         );
         let e = ch.probe(&client).await.unwrap_err();
-        assert!(e.contains("check `corp_id`") && !e.contains(SECRET), "{e}");
+        assert!(
+            e.starts_with("gettoken with `secret`: 40013 invalid corpid: WeCom does not know")
+                && !e.contains(SECRET),
+            "{e}"
+        );
     }
 }
