@@ -251,7 +251,11 @@ impl WecomChannel {
                 status,
                 reason: format!(
                     "{said}: WeCom's rate limit; this touchpoint sends again in {}",
-                    humantime::format_duration(wait)
+                    // Whole seconds read better, and the wait is never shorter than said.
+                    humantime::format_duration(Duration::from_secs(
+                        wait.as_secs()
+                            .saturating_add(u64::from(wait.subsec_nanos() > 0))
+                    ))
                 ),
                 wait,
                 code,
