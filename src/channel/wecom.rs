@@ -3,7 +3,8 @@
 //!
 //! - **Tokens**: `GET /cgi-bin/gettoken?corpid&corpsecret`, cached per corp id and secret in
 //!   [`Shared::tokens`] for its `expires_in`. Members are sent with the app `secret`'s token,
-//!   customers with the `contact_secret`'s. A send answered 40014/42001 (or 40001) drops the token,
+//!   customers with the `contact_secret`'s (a members touchpoint does not read its contact
+//!   secret). A send answered 40014/42001 (or 40001) drops the token,
 //!   fetches a new one and is sent again once; a second refusal is retried later.
 //! - **Members** (`audience = "members"`): one `POST /cgi-bin/message/send` per batch, up to 1000
 //!   `userid`s joined by `|` in `touser`, with `agentid` and the message type's body (the field
@@ -98,14 +99,16 @@ impl WecomChannel {
                 .map_err(|e| Unavailable(format!("cannot read `{field}` {r}: {e}")))
         };
         let app = resolve("secret", &spec.secret)?;
-        let contact = match &spec.contact_secret {
-            Some(r) => Some(resolve("contact_secret", r)?),
-            None => None,
+        // Members are sent with the app secret alone: a contact secret they do not use is not read.
+        let contact = match (&spec.contact_secret, spec.audience) {
+            (Some(r), WecomAudience::Customers) => Some(resolve("contact_secret", r)?),
+            _ => None,
         };
         Self::new(spec.clone(), app, contact, shared)
     }
 
-    /// A channel with these secrets already resolved: the app `secret` and the `contact_secret`.
+    /// A channel with these secrets already resolved: the app `secret` and, for customers, the
+    /// `contact_secret` (ignored for members).
     pub fn new(
         spec: WecomSpec,
         secret: Secret,
@@ -133,7 +136,9 @@ impl WecomChannel {
             secret,
         };
         let app = credential("secret", secret);
-        let contact = contact_secret.map(|s| credential("contact_secret", s));
+        let contact = contact_secret
+            .filter(|_| spec.audience == WecomAudience::Customers)
+            .map(|s| credential("contact_secret", s));
         let base = spec
             .api_base
             .as_deref()
@@ -149,12 +154,9 @@ impl WecomChannel {
         })
     }
 
-    /// The credential messages are sent with.
+    /// The credential messages are sent with: the contact secret's for customers.
     fn sender(&self) -> &Credential {
-        match (self.spec.audience, &self.contact) {
-            (WecomAudience::Customers, Some(c)) => c,
-            _ => &self.app,
-        }
+        self.contact.as_ref().unwrap_or(&self.app)
     }
 
     /// `{base}{path}` with `query`; the values are encoded.
@@ -1162,6 +1164,16 @@ url = "https://m.example.com/day"
             .err()
             .unwrap();
         assert!(e.0.contains("needs `contact_secret`"), "{e}");
+        // Members are sent with the app secret, whatever else the file names.
+        let members = WecomChannel::new(
+            spec("contact_secret = { env = \"UNUSED\" }\n"),
+            Secret::new(SECRET),
+            Some(Secret::new(CONTACT)),
+            &Arc::default(),
+        )
+        .unwrap();
+        assert!(members.contact.is_none());
+        assert_eq!(members.sender().field, "secret");
     }
 
     #[test]
