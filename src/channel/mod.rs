@@ -27,6 +27,7 @@ pub mod net_guard;
 pub mod template;
 pub mod token;
 pub mod wechat;
+pub mod wecom;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -317,10 +318,12 @@ pub fn open(
     policy: &SecretPolicy,
     shared: &Arc<Shared>,
 ) -> Result<Arc<dyn Channel>, Unavailable> {
-    let _ = shared;
     match &touchpoint.spec {
         KindSpec::Custom(spec) => Ok(Arc::new(custom::CustomChannel::open(spec, base, policy)?)),
         KindSpec::WechatOfficialAccount(spec) => Ok(Arc::new(wechat::WechatChannel::open(
+            spec, base, policy, shared,
+        )?)),
+        KindSpec::Wecom(spec) => Ok(Arc::new(wecom::WecomChannel::open(
             spec, base, policy, shared,
         )?)),
         other => Err(Unavailable(format!(

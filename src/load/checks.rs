@@ -1,5 +1,6 @@
 //! Checks the schema cannot express: URL schemes and hosts, mini programs a template may open, the
-//! address param a channel needs, duplicate names inside a file, and consistent retry settings.
+//! address param a channel needs, duplicate names inside a file, consistent retry settings, and
+//! WeCom's audience and message rules (which fields and link each message type's templates take).
 
 use std::collections::BTreeSet;
 
@@ -7,8 +8,8 @@ use super::diagnostic::{Issue, Target};
 use super::schema_errors::did_you_mean;
 use super::toml_json::{Segment, dotted};
 use crate::model::{
-    DynamicParams, KindSpec, MessageTemplate, NAME_PATTERN, ParamType, SecretError, SecretRef,
-    Touchpoint, is_own_variable,
+    DynamicParams, KindSpec, LinkRule, MAX_NOTICE_ITEMS, MessageTemplate, NAME_PATTERN, ParamType,
+    SecretError, SecretRef, Touchpoint, WecomAudience, WecomSpec, is_own_variable,
 };
 
 fn key(k: &str) -> Segment {
@@ -85,6 +86,7 @@ pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
         KindSpec::Wecom(s) => {
             check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
             check_templates(&mut out, &s.templates, &s.linked_mini_programs);
+            check_wecom(&mut out, s);
         }
         KindSpec::AppPush(s) => {
             check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
@@ -212,6 +214,178 @@ fn check_templates(out: &mut Vec<Issue>, templates: &[MessageTemplate], linked: 
     }
 }
 
+/// WeCom: what the audience needs, and each template against its message type's rules
+/// ([`crate::model::WecomMessage::rules`]).
+fn check_wecom(out: &mut Vec<Issue>, s: &WecomSpec) {
+    let message = s.message.name();
+    match s.audience {
+        WecomAudience::Customers if s.contact_secret.is_none() => out.push(issue(
+            "missing-field",
+            vec![key("audience")],
+            Target::Value,
+            "`audience = \"customers\"` sends 客户联系 mass messages with the customer contact secret: add `contact_secret = { env = \"...\" }` (WeCom admin console: 客户联系 → API → Secret)".into(),
+        )),
+        WecomAudience::Members if s.sender.is_some() => out.push(issue(
+            "invalid-value",
+            vec![key("sender")],
+            Target::Key,
+            "`sender` is the member who sends a 客户联系 mass message: it applies to `audience = \"customers\"` only; remove it, or set the audience".into(),
+        )),
+        _ => {}
+    }
+    let Some(rules) = s.rules() else {
+        out.push(issue(
+            "invalid-value",
+            vec![key("message")],
+            Target::Value,
+            format!("`message = \"{message}\"` cannot be sent to customers: a 客户联系 mass message takes `text` or `news`"),
+        ));
+        return;
+    };
+    let takes = |name: &str| rules.required.contains(&name) || rules.optional.contains(&name);
+    let listed = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let allowed = if rules.optional.is_empty() {
+        listed(rules.required)
+    } else {
+        format!(
+            "{}, and optionally {}",
+            listed(rules.required),
+            listed(rules.optional)
+        )
+    };
+    for (i, t) in s.templates.iter().enumerate() {
+        let at = |field: &str| vec![key("templates"), Segment::Index(i), key(field)];
+        let missing: Vec<&str> = rules
+            .required
+            .iter()
+            .copied()
+            .filter(|f| !t.fields.iter().any(|g| g == f))
+            .collect();
+        if !missing.is_empty() {
+            out.push(issue(
+                "template-fields",
+                if t.fields.is_empty() { vec![key("templates"), Segment::Index(i), key("fields")] } else { at("fields") },
+                if t.fields.is_empty() { Target::Table } else { Target::Value },
+                format!(
+                    "template `{}`: a `{message}` message needs the field(s) {}: its fields are {allowed}",
+                    t.id,
+                    listed(&missing)
+                ),
+            ));
+        }
+        let mut items = 0;
+        for (j, f) in t.fields.iter().enumerate() {
+            if takes(f) {
+                continue;
+            }
+            if rules.items {
+                items += 1;
+                continue;
+            }
+            let hint = did_you_mean(f, rules.required.iter().chain(rules.optional).copied())
+                .map(|n| format!("did you mean `{n}`? "))
+                .unwrap_or_default();
+            out.push(issue(
+                "template-fields",
+                vec![key("templates"), Segment::Index(i), key("fields"), Segment::Index(j)],
+                Target::Value,
+                format!(
+                    "template `{}`: `{f}` is not a part of a `{message}` message; {hint}its fields are {allowed}",
+                    t.id
+                ),
+            ));
+        }
+        if items > MAX_NOTICE_ITEMS {
+            out.push(issue(
+                "out-of-range",
+                at("fields"),
+                Target::Value,
+                format!(
+                    "template `{}` has {items} fields shown as items besides `title` and `description`; a mini program notice shows at most {MAX_NOTICE_ITEMS}",
+                    t.id
+                ),
+            ));
+        }
+        check_wecom_link(out, s, i, t, rules.link);
+    }
+}
+
+/// A WeCom template's `url` and `mini_program` against what its message type opens.
+fn check_wecom_link(
+    out: &mut Vec<Issue>,
+    s: &WecomSpec,
+    i: usize,
+    t: &MessageTemplate,
+    rule: LinkRule,
+) {
+    let message = s.message.name();
+    let at = |field: &str| vec![key("templates"), Segment::Index(i), key(field)];
+    let (url_ok, mini_ok) = match rule {
+        LinkRule::None => (false, false),
+        LinkRule::Url => (true, false),
+        LinkRule::UrlOrMiniProgram => (true, true),
+        LinkRule::MiniProgram => (false, true),
+    };
+    let opens = match rule {
+        LinkRule::None => "nothing",
+        LinkRule::Url => "a web page",
+        LinkRule::UrlOrMiniProgram => "a web page or a mini program page",
+        LinkRule::MiniProgram => "a mini program page",
+    };
+    let whom = if s.audience == WecomAudience::Customers {
+        " sent to customers (a link attachment)"
+    } else {
+        ""
+    };
+    if t.url.is_some() && !url_ok {
+        out.push(issue(
+            "invalid-value",
+            at("url"),
+            Target::Key,
+            format!(
+                "template `{}`: a `{message}` message{whom} opens {opens}, not `url`: remove it",
+                t.id
+            ),
+        ));
+    }
+    if t.mini_program.is_some() && !mini_ok {
+        out.push(issue(
+            "invalid-value",
+            at("mini_program"),
+            Target::Key,
+            format!("template `{}`: a `{message}` message{whom} opens {opens}, not `mini_program`: remove it", t.id),
+        ));
+    }
+    let needed = match rule {
+        LinkRule::None => None,
+        LinkRule::Url if t.url.is_none() => Some("add `url = \"https://...\"`"),
+        LinkRule::UrlOrMiniProgram if t.url.is_none() && t.mini_program.is_none() => Some(
+            "add `url = \"https://...\"` or `mini_program = { app_id = \"wx...\", page = \"...\" }`",
+        ),
+        LinkRule::MiniProgram if t.mini_program.is_none() => Some(
+            "add `mini_program = { app_id = \"wx...\", page = \"...\" }`, a mini program of `linked_mini_programs`",
+        ),
+        _ => None,
+    };
+    if let Some(what) = needed {
+        out.push(issue(
+            "missing-field",
+            vec![key("templates"), Segment::Index(i), key("url")],
+            Target::Table,
+            format!(
+                "template `{}`: a `{message}` message{whom} opens {opens}: {what}",
+                t.id
+            ),
+        ));
+    }
+}
+
 fn is_wechat_app_id(s: &str) -> bool {
     s.len() == 18
         && s.starts_with("wx")
@@ -251,8 +425,12 @@ fn check_dynamic_params(out: &mut Vec<Issue>, spec: &KindSpec, params: &DynamicP
                     if params.is_empty() { vec![] } else { vec![key("dynamic_params")] },
                     if params.is_empty() { Target::Table } else { Target::Key },
                     format!(
-                        "a touchpoint of kind `{}` addresses users by `{address}`: add `{address} = \"user.{address}\"` to [dynamic_params]{hint}",
-                        spec.name()
+                        "a touchpoint of kind `{}`{} addresses users by `{address}`: add `{address} = \"user.{address}\"` to [dynamic_params]{hint}",
+                        spec.name(),
+                        match spec {
+                            KindSpec::Wecom(s) => format!(" sending to {}", s.audience.name()),
+                            _ => String::new(),
+                        }
                     ),
                 ));
             }

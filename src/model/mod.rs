@@ -34,7 +34,7 @@ pub use units::{
     DURATION_PATTERN, Duration, DurationIn, RATE_PATTERN, RateLimit, RateUnit, is_duration_format,
 };
 pub use wechat::{Permission, WechatAuth, WechatOaSpec};
-pub use wecom::{WecomMessage, WecomSpec};
+pub use wecom::{FieldRules, LinkRule, MAX_NOTICE_ITEMS, WecomAudience, WecomMessage, WecomSpec};
 
 /// The dotted paths of every secret field of every kind. A path names one field of one kind only, so
 /// the set can be used on a spec without knowing its kind.
@@ -185,12 +185,13 @@ impl KindSpec {
         }
     }
 
-    /// The recipient field a channel kind addresses users by (`openid`, `userid`, `cid`); none for custom.
+    /// The recipient field a channel kind addresses users by (`openid`, `userid` or
+    /// `external_userid` by the WeCom audience, `cid`); none for custom.
     pub fn address_param(&self) -> Option<&'static str> {
         match self {
             KindSpec::Custom(_) => None,
             KindSpec::WechatOfficialAccount(_) => Some("openid"),
-            KindSpec::Wecom(_) => Some("userid"),
+            KindSpec::Wecom(s) => Some(s.audience.address_param()),
             KindSpec::AppPush(_) => Some("cid"),
         }
     }

@@ -4,6 +4,7 @@ mod support;
 
 mod bad_fixtures;
 mod channel_oa;
+mod channel_wecom;
 mod ci_example;
 mod daemon;
 mod daemon_support;

@@ -216,7 +216,7 @@ fn stale_saved_plan_is_refused_naming_each_touchpoint() {
     p.set(
         "touchpoints/channels/wecom.toml",
         "message = \"news\"",
-        "message = \"text\"",
+        "message = \"textcard\"",
     );
     p.run(&["plan", "--out", "plan.json"]).code(0);
     // Someone else changes sms (a pause) and app-push (an apply) after the plan.
