@@ -24,6 +24,8 @@ pub enum Kind {
     Token,
     /// A send, push or webhook.
     Message,
+    /// A question about an app (WeCom `agent/get`), sent by `plan --refresh`.
+    Query,
 }
 
 impl Kind {
@@ -32,6 +34,7 @@ impl Kind {
         match s {
             "token" => Some(Kind::Token),
             "message" => Some(Kind::Message),
+            "query" => Some(Kind::Query),
             _ => None,
         }
     }

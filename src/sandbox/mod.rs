@@ -274,6 +274,7 @@ fn router(state: Shared) -> Router {
         )
         .route("/cgi-bin/gettoken", get(wecom::token))
         .route("/cgi-bin/message/send", post(wecom::message_send))
+        .route("/cgi-bin/agent/get", get(wecom::agent_get))
         .route(
             "/cgi-bin/externalcontact/add_msg_template",
             post(wecom::add_msg_template),

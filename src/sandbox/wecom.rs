@@ -13,6 +13,9 @@
 //!   Recipients a fault fails come back in `invaliduser` (`unlicenseduser` for code 701016); when
 //!   none is left, 81013. Departments and tags are unknown here: they come back in
 //!   `invalidparty` / `invalidtag`.
+//! - `GET /cgi-bin/agent/get?access_token=&agentid=`: the token errors above; 41011 no `agentid`;
+//!   40056 an `agentid` that is not the app of the token's secret; otherwise the app's details
+//!   (its name is the touchpoint's id).
 //! - `POST /cgi-bin/externalcontact/add_msg_template?access_token=`: only with the
 //!   `contact_secret`'s token (else 48002 `api forbidden`); 40058 more than 10,000
 //!   `external_userid`s; 44004 neither `text.content` nor `attachments`; answers a `msgid` and a
@@ -204,6 +207,52 @@ fn owner_of(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Result<Owner, i64
         }
         _ => Err(40014),
     }
+}
+
+/// `GET /cgi-bin/agent/get`.
+pub(super) async fn agent_get(
+    State(s): State<Shared>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(q): RawQuery,
+) -> Response {
+    let mut entry = Entry::new(
+        Channel::Wecom,
+        Kind::Query,
+        "/cgi-bin/agent/get".into(),
+        b"",
+    );
+    let answer = agent_answer(&s, peer.ip(), q.as_deref(), &mut entry);
+    s.record(entry);
+    answer
+}
+
+fn agent_answer(s: &Shared, ip: IpAddr, q: Option<&str>, entry: &mut Entry) -> Response {
+    let owner = match owner_of(s, q, entry) {
+        Ok(o) => o,
+        Err(code) => return error(entry, ip, code),
+    };
+    let asked = query(q)
+        .get("agentid")
+        .and_then(|a| a.trim().parse::<u64>().ok());
+    let Some(asked) = asked else {
+        return error(entry, ip, 41011);
+    };
+    let account = &s.accounts.wecom[owner.account];
+    if owner.contact || asked != u64::from(account.agent_id) {
+        return error(entry, ip, 40056);
+    }
+    reply(
+        entry,
+        0,
+        "ok",
+        &json!({
+            "errcode": 0, "errmsg": "ok", "agentid": account.agent_id, "name": account.id,
+            "square_logo_url": "", "description": "", "close": 0, "redirect_domain": "",
+            "report_location_flag": 0, "isreportenter": 0, "home_url": "",
+            "allow_userinfos": {"user": []}, "allow_partys": {"partyid": []},
+            "allow_tags": {"tagid": []}
+        }),
+    )
 }
 
 /// `POST /cgi-bin/message/send`.

@@ -495,12 +495,14 @@ impl Project {
         let out = banner.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                {
+                    let mut o = out.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
                 if let Some(url) = line.strip_prefix("touchctl sandbox: listening on ") {
                     let _ = tx.send(url.to_string());
                 }
-                let mut o = out.lock().unwrap();
-                o.push_str(&line);
-                o.push('\n');
             }
         });
         let err = errors.clone();
@@ -530,6 +532,19 @@ impl Project {
 }
 
 impl SandboxProcess {
+    /// Its standard output once it holds `lines` lines (the accounts are printed after the
+    /// listening line), waiting for them up to [`PATIENCE`].
+    pub fn banner_lines(&self, lines: usize) -> String {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let banner = self.banner.lock().unwrap().clone();
+            if banner.lines().count() >= lines || std::time::Instant::now() > deadline {
+                return banner;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// Everything it wrote to standard error so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()

@@ -150,7 +150,7 @@ fn ends_with_rid(msg: &str) -> bool {
 #[test]
 fn sandbox_prints_where_it_listens_and_each_account_it_serves() {
     let (_p, s) = start();
-    let banner = s.banner.lock().unwrap().clone();
+    let banner = s.banner_lines(6);
     let lines: Vec<&str> = banner.lines().collect();
     assert_eq!(
         lines[0],
@@ -838,7 +838,7 @@ fn sandbox_leaves_out_a_touchpoint_whose_secret_cannot_be_read() {
     let p = Project::with_samples();
     p.remove("secrets/sandbox/getui_master_secret");
     let s = p.start_sandbox(&[]);
-    let banner = s.banner.lock().unwrap().clone();
+    let banner = s.banner_lines(5);
     assert!(!banner.contains("app-push"), "{banner}");
     assert!(banner.contains("serving wechat-oa"), "{banner}");
     let warning = "warning: app-push: cannot read its secret `master_secret`";
