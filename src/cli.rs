@@ -374,6 +374,36 @@ pub enum Command {
         #[command(flatten)]
         state: StateArg,
     },
+    /// Serve local stand-ins for the WeChat Official Account, WeCom and Getui APIs and a webhook
+    /// sink for custom touchpoints, to try everything without accounts.
+    ///
+    /// The platform endpoints are served at their real paths and answer as the real services do
+    /// (their success envelopes, error codes and messages, HTTP statuses, token lifetimes), knowing
+    /// the credentials of the touchpoints in --dir: point a touchpoint's `api_base` at the sandbox
+    /// (custom touchpoints: a url of http://ADDR/_sandbox/webhooks/NAME, with allow_insecure).
+    /// Served: OA direct mode (GET /cgi-bin/token, POST /cgi-bin/message/template/send); WeCom
+    /// (GET /cgi-bin/gettoken, POST /cgi-bin/message/send, POST
+    /// /cgi-bin/externalcontact/add_msg_template); Getui v2 (POST /v2/{appId}/auth,
+    /// /v2/{appId}/push/list/message, /v2/{appId}/push/list/cid); POST /_sandbox/webhooks/NAME
+    /// (Bearer token and Standard Webhooks signature checked).
+    ///
+    /// GET /_sandbox/messages[?channel=oa|wecom|getui|custom][&touchpoint=ID][&kind=token|message]
+    /// lists what it received, oldest first (the last 100,000 requests, and at most 256 MiB of
+    /// their bodies). POST /_sandbox/faults takes a JSON list of rules injecting failures
+    /// ({"channel", "match": {"touchpoint", "endpoint": "token"|"send"}, "action", "count"}, actions
+    /// expire_tokens, rate_limit {code}, fail_users {ids, code}, error {code | http_status}, slow
+    /// {delay}); DELETE /_sandbox/faults clears them. Everything is kept in memory only, nothing
+    /// between runs. Request bodies over 16 MiB are refused (413). Stop with Ctrl-C or SIGTERM.
+    #[command(after_help = "Examples:
+  touchctl sandbox                                 the sample touchpoints, on 127.0.0.1:8641
+  touchctl sandbox --listen 127.0.0.1:0 --token-ttl 60s
+  curl -s 'http://127.0.0.1:8641/_sandbox/messages?channel=oa'
+  curl -s -X POST http://127.0.0.1:8641/_sandbox/faults \\
+      -d '[{\"channel\": \"oa\", \"action\": \"rate_limit\", \"code\": 45011, \"count\": 2}]'
+  curl -s -X POST http://127.0.0.1:8641/_sandbox/faults \\
+      -d '[{\"channel\": \"wecom\", \"action\": \"fail_users\", \"ids\": [\"zhangsan\"]}]'
+  curl -s -X DELETE http://127.0.0.1:8641/_sandbox/faults")]
+    Sandbox(SandboxArgs),
     /// Remove the registry lock, or release the queue from a daemon, left by a process that is
     /// gone for good.
     ///
@@ -491,6 +521,26 @@ pub struct DaemonArgs {
     /// that). Hidden: for tests, which cannot wait the 30 s default for a successor to take over.
     #[arg(long, default_value = "30s", value_parser = parse_lease, value_name = "DURATION", hide = true)]
     pub lease_ttl: std::time::Duration,
+}
+
+/// `touchctl sandbox` options.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+    #[command(flatten)]
+    pub secrets: SecretsArgs,
+    /// Where the sandbox listens (port 0 picks a free port; the first line printed names it).
+    #[arg(long, default_value = "127.0.0.1:8641", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Listen on an address other than loopback. The sandbox knows your touchpoints'
+    /// credentials and accepts anyone: only on a network you trust.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Shorten token lifetimes to this (1s to 1d): WeChat and WeCom tokens last 7200s, Getui
+    /// tokens a day, unless this is shorter. `expires_in` and `expire_time` say so.
+    #[arg(long, value_parser = parse_token_ttl, value_name = "DURATION")]
+    pub token_ttl: Option<std::time::Duration>,
 }
 
 /// `touchctl dispatch` options.
@@ -665,6 +715,10 @@ impl Cli {
                 (g.dir, g.state) = (args.dir.dir.clone(), args.state.state.clone());
                 secrets = Some(&args.secrets);
             }
+            Command::Sandbox(args) => {
+                g.dir = args.dir.dir.clone();
+                secrets = Some(&args.secrets);
+            }
             Command::Dispatch(args) => g.quiet = args.quiet.quiet,
             Command::Deliveries { state: s, .. } | Command::ForceUnlock { state: s, .. } => {
                 g.state = s.state.clone();
@@ -747,6 +801,15 @@ fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
     } else {
         Err("a lease lasts from 1s to 1h".into())
     }
+}
+
+/// A token lifetime: from a second to a day.
+fn parse_token_ttl(s: &str) -> Result<std::time::Duration, String> {
+    let d = parse_second_or_more(s)?;
+    if d > std::time::Duration::from_secs(86_400) {
+        return Err(format!("{s} is too long: tokens last a day at most (1d)"));
+    }
+    Ok(d)
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

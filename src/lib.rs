@@ -17,6 +17,7 @@
 //! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
 //! | [`channel`] | the wire format of each channel: request, signing, what an answer means; the network guard |
 //! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
+//! | [`sandbox`] | `touchctl sandbox`: stand-ins for the OA, WeCom and Getui APIs and a webhook sink, at their real paths; injected faults |
 //! | [`term`] | text from files, endpoints and users escaped for a terminal (control and bidi characters) |
 //! | [`store`] | owner-only SQLite files shared by the registry and the queue, created whole |
 //! | [`lease`] | leases with a heartbeat: the registry lock and the daemon's hold on its queue |
@@ -35,6 +36,7 @@ pub mod model;
 pub mod plan;
 pub mod planner;
 pub mod registry;
+pub mod sandbox;
 pub mod schema;
 pub mod store;
 pub mod term;

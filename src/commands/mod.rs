@@ -3,6 +3,7 @@
 
 mod daemon;
 mod dispatch;
+mod sandbox;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
@@ -69,6 +70,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Import { ids, all, out, .. } => import_cmd(g, ids, *all, out.as_deref()),
         Command::Daemon(args) => daemon::daemon_cmd(g, args),
         Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
+        Command::Sandbox(args) => sandbox::sandbox_cmd(g, args),
         Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }

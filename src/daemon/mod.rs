@@ -593,7 +593,7 @@ async fn prune(
 /// SIGTERM or Ctrl-C. The handlers are installed when this is called, not when the future is
 /// first polled: a signal that comes right after the daemon says it listens must stop it, not
 /// kill it with the default action.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
