@@ -10,7 +10,8 @@
 //! 2. `POST /push/list/cid` pushes that task to the batch's cids (each once, however many users
 //!    share a device), synchronously (`is_async: false`), so the answer gives each cid's status:
 //!    `successed_*` is delivered, anything else fails the users of that cid for good, with the
-//!    status as the reason. Pushing the same task to a cid again does not deliver it twice.
+//!    status as the reason (`target user is invalid` with its code, 20001, as when Getui refuses a
+//!    whole list so). Pushing the same task to a cid again does not deliver it twice.
 //!
 //! Every request carries the app's token in the `token` header, from `POST /auth` (`sign` = hex
 //! SHA-256 of app key, timestamp and master secret), kept in the shared [`super::token::Tokens`]
@@ -57,6 +58,9 @@ pub const MAX_PAYLOAD: usize = 3072;
 
 /// The recipient field holding the device's client id.
 const CID: &str = "cid";
+
+/// The status (and 20001 message) of a cid that is not a device of this app.
+const INVALID_TARGET: &str = "target user is invalid";
 
 /// A live Getui touchpoint: its settings, its master secret and where its requests go.
 pub struct GetuiChannel {
@@ -471,6 +475,8 @@ fn statuses(
     for cid in cids {
         let (retry, reason) = match per_cid.get(cid) {
             Some(Value::String(s)) if s.starts_with("successed") => continue,
+            // Getui documents this status as a message of code 20001.
+            Some(Value::String(s)) if s == INVALID_TARGET => (false, format!("20001 {s}")),
             Some(Value::String(s)) => (false, clip(s)),
             Some(other) => (false, clip(&other.to_string())),
             None => {
@@ -717,12 +723,16 @@ pub fn reaction(step: Step, status: u16, code: i64, msg: &str, now: i64) -> Reac
         20001 if step == Step::Auth => hold(
             "check `app_key` and `master_secret` against the app in the Getui console, then apply the fixed touchpoint or secret",
         ),
-        20001 if step == Step::Cid && msg.contains("target user is invalid") => {
-            Reaction::AllInvalid {
-                status,
-                reason: said,
-            }
-        }
+        20001 if step == Step::Cid && msg.contains(INVALID_TARGET) => Reaction::AllInvalid {
+            status,
+            reason: said,
+        },
+        20001 if step == Step::Cid && msg.contains("taskid") => Reaction::Dead {
+            status,
+            error: format!(
+                "{path}: Getui no longer knows the batch's push task ({said}): its `ttl` ran out before these devices were pushed, so the notification is not sent; replay with a longer `ttl` if it is still wanted"
+            ),
+        },
         20001 if msg.contains("permission") => {
             hold("the app lacks a permission this push needs: enable it in the Getui console")
         }
@@ -968,7 +978,8 @@ mod tests {
         ];
         let a = audience(&recipients);
         let data = map(json!({"RASL_1": {
-            "c1": "successed_online", "c2": "target user is invalid", "c3": "successed_ignore"
+            "c1": "successed_online", "c2": "target user is invalid", "c3": "successed_ignore",
+            "c5": "successed_offline"
         }}));
         let report = statuses(200, "RASL_1", &data, &a.cids, &a.users, Vec::new());
         assert_eq!(report.rest, Rest::Delivered);
@@ -978,7 +989,7 @@ mod tests {
                 Miss {
                     user_id: "u2".into(),
                     retry: false,
-                    reason: "target user is invalid".into()
+                    reason: "20001 target user is invalid".into()
                 },
                 Miss {
                     user_id: "u4".into(),
@@ -1096,6 +1107,7 @@ mod tests {
                 "hold 20001",
             ),
             (Step::Message, 400, 22002, "invalid task", "dead"),
+            (Step::Cid, 400, 20001, "taskid is invalid", "dead"),
             (Step::Message, 403, 30001, "", "hold 30001"),
             (Step::Message, 403, 30018, "", "hold 30018"),
             (Step::Message, 404, 404, "", "retry"),
@@ -1339,7 +1351,7 @@ mod tests {
             [Miss {
                 user_id: "u2".into(),
                 retry: false,
-                reason: "target user is invalid".into()
+                reason: "20001 target user is invalid".into()
             }]
         );
         let report = send(&c, "dsp_1_1", &[("u3", "c3")]).await;
