@@ -130,9 +130,9 @@ impl Tasks {
     }
 }
 
-/// Reads the body as a JSON object, or the code-1 answer.
-fn body_object(entry: &mut Entry, body: &[u8]) -> Result<Map<String, Value>, Response> {
-    super::parse_json(body).ok_or_else(|| answer(entry, 1, "request body is not json", None))
+/// The answer to a body that is not a JSON object: code 1.
+fn not_json(entry: &mut Entry) -> Response {
+    answer(entry, 1, "request body is not json", None)
 }
 
 /// `POST /v2/{appId}/auth`.
@@ -158,9 +158,8 @@ async fn auth_answer(s: &Shared, app_id: &str, body: &[u8], entry: &mut Entry) -
     if let Some(r) = verdict.refuse {
         return refuse(entry, r, 10005, error);
     }
-    let doc = match body_object(entry, body) {
-        Ok(d) => d,
-        Err(r) => return r,
+    let Some(doc) = super::parse_json(body) else {
+        return not_json(entry);
     };
     let text = |k: &str| match doc.get(k) {
         Some(Value::String(v)) if !v.is_empty() => Some(v.clone()),
@@ -212,23 +211,18 @@ async fn auth_answer(s: &Shared, app_id: &str, body: &[u8], entry: &mut Entry) -
     )
 }
 
-/// The account of the request's `token` header, when it is valid and of the path's app; else the
-/// 10001 answer.
-fn account_of(
-    s: &Shared,
-    app_id: &str,
-    headers: &HeaderMap,
-    entry: &mut Entry,
-) -> Result<usize, Response> {
+/// The account of the request's `token` header, when it is valid and of the path's app (else
+/// the answer is 10001).
+fn account_of(s: &Shared, app_id: &str, headers: &HeaderMap, entry: &mut Entry) -> Option<usize> {
     let path_account = s.accounts.getui.iter().position(|a| a.app_id == app_id);
     entry.touchpoint = path_account.and_then(|i| s.name(Channel::Getui, i));
     let token = headers.get("token").and_then(|v| v.to_str().ok());
     let standing = token.map_or(Standing::Unknown, |t| lock(&s.tokens).standing(t, now()));
     match standing {
         Standing::Valid(o) if o.channel == Channel::Getui && Some(o.account) == path_account => {
-            Ok(o.account)
+            Some(o.account)
         }
-        _ => Err(error(entry, 10001)),
+        _ => None,
     }
 }
 
@@ -261,10 +255,9 @@ fn bad_push_message(doc: &Map<String, Value>) -> Option<String> {
     }
     if let Some(n) = pm.get("notification") {
         for field in ["title", "body"] {
-            if !n
-                .get(field)
+            if n.get(field)
                 .and_then(Value::as_str)
-                .is_some_and(|t| !t.is_empty())
+                .is_none_or(str::is_empty)
             {
                 return Some(format!("notification.{field} can not be empty"));
             }
@@ -292,17 +285,15 @@ async fn message_answer(
     body: &[u8],
     entry: &mut Entry,
 ) -> Response {
-    let i = match account_of(s, app_id, headers, entry) {
-        Ok(i) => i,
-        Err(r) => return r,
+    let Some(i) = account_of(s, app_id, headers, entry) else {
+        return error(entry, 10001);
     };
     let verdict = s.faults(entry, Endpoint::Send, &[]).await;
     if let Some(r) = verdict.refuse {
         return refuse(entry, r, 10005, error);
     }
-    let doc = match body_object(entry, body) {
-        Ok(d) => d,
-        Err(r) => return r,
+    let Some(doc) = super::parse_json(body) else {
+        return not_json(entry);
     };
     let request_id = match doc.get("request_id") {
         None | Some(Value::Null) => return invalid(entry, "request_id can not be empty"),
@@ -400,9 +391,8 @@ async fn cid_answer(
     if let Some(Ok(c)) = &listed {
         entry.recipients = c.clone();
     }
-    let i = match account_of(s, app_id, headers, entry) {
-        Ok(i) => i,
-        Err(r) => return r,
+    let Some(i) = account_of(s, app_id, headers, entry) else {
+        return error(entry, 10001);
     };
     let recipients = entry.recipients.clone();
     let verdict = s.faults(entry, Endpoint::Send, &recipients).await;
@@ -410,7 +400,7 @@ async fn cid_answer(
         return refuse(entry, r, 10005, error);
     }
     let (Some(doc), Some(listed)) = (doc, listed) else {
-        return answer(entry, 1, "request body is not json", None);
+        return not_json(entry);
     };
     let cids = match listed {
         Ok(c) => c,

@@ -140,12 +140,12 @@ pub(super) async fn template_send(
     answer
 }
 
-/// The account a token was issued to, or the error answer: 41001 missing, 40001 unknown (or
+/// The account a token was issued to, or the error code: 41001 missing, 40001 unknown (or
 /// another channel's), 42001 expired.
-fn account_of(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Result<usize, Response> {
+fn account_of(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Result<usize, i64> {
     let q = query(q);
     let Some(token) = q.get("access_token").filter(|t| !t.is_empty()) else {
-        return Err(error(entry, 41001));
+        return Err(41001);
     };
     match lock(&s.tokens).standing(token, now()) {
         Standing::Valid(o) if o.channel == Channel::Oa => {
@@ -154,9 +154,9 @@ fn account_of(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Result<usize, R
         }
         Standing::Expired(o) if o.channel == Channel::Oa => {
             entry.touchpoint = s.name(Channel::Oa, o.account);
-            Err(error(entry, 42001))
+            Err(42001)
         }
-        _ => Err(error(entry, 40001)),
+        _ => Err(40001),
     }
 }
 
@@ -170,7 +170,7 @@ async fn send_answer(s: &Shared, q: Option<&str>, body: &[u8], entry: &mut Entry
     entry.recipients = touser.map(str::to_string).into_iter().collect();
     let i = match account_of(s, q, entry) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(code) => return error(entry, code),
     };
     let Some(doc) = doc.as_ref() else {
         return error(entry, 47001);

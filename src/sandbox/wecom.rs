@@ -186,11 +186,12 @@ async fn token_answer(s: &Shared, ip: IpAddr, q: Option<&str>, entry: &mut Entry
     )
 }
 
-/// The owner of the request's token, or the error answer.
-fn owner_of(s: &Shared, ip: IpAddr, q: Option<&str>, entry: &mut Entry) -> Result<Owner, Response> {
+/// The owner of the request's token, or the error code: 41001 missing, 40014 unknown (or another
+/// channel's), 42001 expired.
+fn owner_of(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Result<Owner, i64> {
     let q = query(q);
     let Some(token) = q.get("access_token").filter(|t| !t.is_empty()) else {
-        return Err(error(entry, ip, 41001));
+        return Err(41001);
     };
     match lock(&s.tokens).standing(token, now()) {
         Standing::Valid(o) if o.channel == Channel::Wecom => {
@@ -199,9 +200,9 @@ fn owner_of(s: &Shared, ip: IpAddr, q: Option<&str>, entry: &mut Entry) -> Resul
         }
         Standing::Expired(o) if o.channel == Channel::Wecom => {
             entry.touchpoint = s.name(Channel::Wecom, o.account);
-            Err(error(entry, ip, 42001))
+            Err(42001)
         }
-        _ => Err(error(entry, ip, 40014)),
+        _ => Err(40014),
     }
 }
 
@@ -274,9 +275,9 @@ async fn send_answer(
 ) -> Response {
     let doc = parse_json(body);
     entry.recipients = doc.as_ref().map(|d| ids(d, "touser")).unwrap_or_default();
-    let owner = match owner_of(s, ip, q, entry) {
+    let owner = match owner_of(s, q, entry) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(code) => return error(entry, ip, code),
     };
     let Some(doc) = doc else {
         return error(entry, ip, 47001);
@@ -385,9 +386,9 @@ async fn template_answer(
                 .collect()
         })
         .unwrap_or_default();
-    let owner = match owner_of(s, ip, q, entry) {
+    let owner = match owner_of(s, q, entry) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(code) => return error(entry, ip, code),
     };
     let Some(doc) = doc else {
         return error(entry, ip, 47001);

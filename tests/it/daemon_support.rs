@@ -463,3 +463,129 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 }
+
+/// A running `touchctl sandbox`.
+pub struct SandboxProcess {
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// What it printed on standard output, the listening line included.
+    pub banner: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Project {
+    /// Starts `touchctl sandbox` in the project on a random loopback port, with `args` added;
+    /// waits for its "listening" line.
+    pub fn start_sandbox(&self, args: &[&str]) -> SandboxProcess {
+        let mut all = vec!["sandbox", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let mut cmd = self.command(&all);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start the sandbox");
+        let (stdout, stderr) = (
+            child.stdout.take().expect("stdout"),
+            child.stderr.take().expect("stderr"),
+        );
+        let (banner, errors) = (
+            Arc::new(Mutex::new(String::new())),
+            Arc::new(Mutex::new(String::new())),
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = banner.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("touchctl sandbox: listening on ") {
+                    let _ = tx.send(url.to_string());
+                }
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
+        let err = errors.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut e = err.lock().unwrap();
+                e.push_str(&line);
+                e.push('\n');
+            }
+        });
+        let Ok(url) = rx.recv_timeout(PATIENCE) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the sandbox did not start listening:\n{}{}",
+                banner.lock().unwrap(),
+                errors.lock().unwrap()
+            );
+        };
+        SandboxProcess {
+            child: Some(child),
+            url,
+            banner,
+            stderr: errors,
+        }
+    }
+}
+
+impl SandboxProcess {
+    /// Everything it wrote to standard error so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// `GET /_sandbox/messages` with a query (`channel=oa&kind=message`, or empty): the entries.
+    pub fn messages(&self, query: &str) -> Vec<Value> {
+        let (code, body) = http(
+            "GET",
+            &format!("{}/_sandbox/messages?{query}", self.url),
+            None,
+            None,
+        );
+        assert_eq!(code, 200, "{body}");
+        body["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `POST /_sandbox/faults` with a list of rules; returns the active list.
+    pub fn faults(&self, rules: &Value) -> Value {
+        let (code, body) = http(
+            "POST",
+            &format!("{}/_sandbox/faults", self.url),
+            None,
+            Some(("application/json", serde_json::to_vec(rules).unwrap())),
+        );
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// SIGTERM, then waits for it to exit; returns the exit code.
+    pub fn terminate(mut self) -> i32 {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sandbox did not stop on SIGTERM:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for SandboxProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

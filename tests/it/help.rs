@@ -44,6 +44,7 @@ fn expected() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("deliveries show", vec!["state", "queue"]),
         ("deliveries replay", vec!["state", "queue"]),
         ("force-unlock", vec!["state", "queue"]),
+        ("sandbox", with_secrets(&["dir"])),
     ])
 }
 

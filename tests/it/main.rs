@@ -13,6 +13,7 @@ mod help;
 mod plan_apply;
 mod readme;
 mod review;
+mod sandbox;
 mod schema;
 mod secrets;
 mod server;
