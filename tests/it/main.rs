@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_fixtures;
+mod channel_getui;
 mod ci_example;
 mod daemon;
 mod daemon_support;
