@@ -241,7 +241,8 @@ pub enum Command {
   touchctl plan
   touchctl plan --out plan.json && touchctl apply plan.json
   touchctl plan --detailed-exitcode    exit 2 when there are changes (CI)
-  touchctl plan --base main --format markdown > comment.md    the pull-request view, no registry")]
+  touchctl plan --base main --format markdown > comment.md    the pull-request view, no registry
+  touchctl plan --refresh    also check the platforms' credentials live (warnings only)")]
     Plan {
         /// Output format.
         #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
@@ -259,6 +260,14 @@ pub enum Command {
         /// secrets are compared by reference only.
         #[arg(long, value_name = "REV", conflicts_with = "out")]
         base: Option<String>,
+        /// Also check each channel touchpoint live (WeChat, WeCom, Getui): its credentials get a
+        /// token, its app exists. Problems are warnings on the plan; the exit code is unchanged.
+        #[arg(long)]
+        refresh: bool,
+        /// With --refresh: check platforms at loopback, private and link-local addresses too
+        /// (a local sandbox), which are refused otherwise, as the daemon refuses them.
+        #[arg(long, requires = "refresh")]
+        allow_private_network: bool,
         #[command(flatten)]
         dir: DirArg,
         #[command(flatten)]

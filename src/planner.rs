@@ -224,6 +224,7 @@ fn plan_against(
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
+        warnings: Vec::new(),
         mac: None,
     })
 }
@@ -331,7 +332,94 @@ pub fn plan_base(dir: &Path, rev: &str) -> Result<(Desired, Plan), BaseError> {
         summary: plan::summarize(&changes, &drift),
         changes,
         drift,
+        warnings: Vec::new(),
         mac: None,
     };
     Ok((head, plan))
+}
+
+/// How long `plan --refresh` waits for one touchpoint's platform.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `plan --refresh`: checks each channel touchpoint of `desired` live — its credentials get a
+/// token, its app exists — and returns a warning for each problem (an unreachable platform
+/// included). Endpoints on non-public networks are refused unless `allow_private`, as the daemon
+/// refuses them. Custom touchpoints are not checked (a request to them would be a delivery).
+pub fn refresh(
+    desired: &crate::load::Desired,
+    policy: &SecretPolicy,
+    allow_private: bool,
+) -> Vec<plan::Warning> {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return vec![plan::Warning {
+                touchpoint: String::new(),
+                message: format!("cannot check the platforms: {e}"),
+            }];
+        }
+    };
+    let shared = std::sync::Arc::new(crate::channel::Shared::default());
+    let client = match crate::channel::net_guard::client_with(allow_private, 2) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![plan::Warning {
+                touchpoint: String::new(),
+                message: format!("cannot check the platforms: {e}"),
+            }];
+        }
+    };
+    runtime.block_on(async {
+        let checks = desired
+            .touchpoints
+            .iter()
+            .filter(|l| !matches!(l.touchpoint.spec, crate::model::KindSpec::Custom(_)))
+            .map(|l| {
+                let (shared, client) = (shared.clone(), client.clone());
+                async move {
+                    let id = l.touchpoint.common.id.clone();
+                    let problem = probe(l, policy, &shared, &client, allow_private).await;
+                    problem.map(|message| plan::Warning {
+                        touchpoint: id,
+                        message,
+                    })
+                }
+            });
+        futures_util::future::join_all(checks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    })
+}
+
+/// One touchpoint's check: the problem, if there is one.
+async fn probe(
+    l: &crate::load::Loaded,
+    policy: &SecretPolicy,
+    shared: &std::sync::Arc<crate::channel::Shared>,
+    client: &reqwest::Client,
+    allow_private: bool,
+) -> Option<String> {
+    let channel = match crate::channel::open(&l.touchpoint, &l.dir, policy, shared) {
+        Ok(c) => c,
+        Err(e) => return Some(format!("not checked: {e}")),
+    };
+    if !allow_private && let Err(e) = crate::channel::net_guard::check_url(channel.endpoint()).await
+    {
+        return Some(format!(
+            "not checked: {e} (plan --refresh --allow-private-network checks it anyway)"
+        ));
+    }
+    match tokio::time::timeout(PROBE_TIMEOUT, channel.probe(client)).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(problem)) => Some(problem),
+        Err(_) => Some(format!(
+            "the platform did not answer within {}",
+            humantime::format_duration(PROBE_TIMEOUT)
+        )),
+    }
 }

@@ -27,6 +27,7 @@ pub mod getui;
 pub mod net_guard;
 pub mod template;
 pub mod token;
+pub mod wechat;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -319,6 +320,9 @@ pub fn open(
 ) -> Result<Arc<dyn Channel>, Unavailable> {
     match &touchpoint.spec {
         KindSpec::Custom(spec) => Ok(Arc::new(custom::CustomChannel::open(spec, base, policy)?)),
+        KindSpec::WechatOfficialAccount(spec) => Ok(Arc::new(wechat::WechatChannel::open(
+            spec, base, policy, shared,
+        )?)),
         KindSpec::AppPush(spec) => match spec.provider {
             PushProvider::Getui => Ok(Arc::new(getui::GetuiChannel::open(
                 spec, base, policy, shared,

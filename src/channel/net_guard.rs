@@ -63,6 +63,22 @@ pub enum Refused {
     },
 }
 
+/// The HTTP client every channel request goes through: no redirects followed (recipients' data
+/// must not follow one), and, unless `allow_private`, a resolver that refuses non-public
+/// addresses. `idle_per_host` connections are kept open per host.
+pub fn client_with(allow_private: bool, idle_per_host: usize) -> Result<reqwest::Client, String> {
+    // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
+        .pool_max_idle_per_host(idle_per_host);
+    if !allow_private {
+        client = client.dns_resolver(PublicOnly);
+    }
+    client.build().map_err(|e| e.to_string())
+}
+
 /// Checks that `url` leads only to public addresses: its IP literal, or every address its name
 /// resolves to. A name that does not resolve passes: the request then fails, and is retried, as
 /// any other network error.

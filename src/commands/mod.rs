@@ -41,6 +41,8 @@ pub fn run(cli: Cli) -> Result<u8> {
             out,
             detailed_exitcode,
             base,
+            refresh,
+            allow_private_network,
             ..
         } => plan_cmd(
             g,
@@ -48,6 +50,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             out.as_deref(),
             *detailed_exitcode,
             base.as_deref(),
+            refresh.then_some(*allow_private_network),
         ),
         Command::Apply {
             plan,
@@ -294,12 +297,21 @@ fn plan_cmd(
     out: Option<&Path>,
     detailed_exitcode: bool,
     base: Option<&str>,
+    refresh: Option<bool>,
 ) -> Result<u8> {
     let plan = match base {
-        Some(rev) => plan_against_base(g, rev)?,
+        Some(rev) => plan_against_base(g, rev)?.map(|mut plan| {
+            if let Some(allow_private) = refresh {
+                plan.warnings = refresh_warnings(g, allow_private);
+            }
+            plan
+        }),
         None => {
             let registry = open_registry(g)?;
             let mut plan = plan_tree(g, &registry)?;
+            if let (Some(plan), Some(allow_private)) = (&mut plan, refresh) {
+                plan.warnings = refresh_warnings(g, allow_private);
+            }
             // A saved plan is applied only to the registry it was made against: a new one is
             // created now, with the keys the plan's fingerprints were made with.
             if plan.is_some() && out.is_some() {
@@ -348,6 +360,18 @@ fn plan_cmd(
     } else {
         OK
     })
+}
+
+/// `plan --refresh`: the channel touchpoints of the tree checked live (the tree loaded already, so
+/// it loads again without error).
+fn refresh_warnings(g: &Global, allow_private: bool) -> Vec<touchctl::plan::Warning> {
+    match load::load_dir(&g.dir) {
+        Ok(desired) => touchctl::planner::refresh(&desired, &secret_policy(g), allow_private),
+        Err(e) => vec![touchctl::plan::Warning {
+            touchpoint: String::new(),
+            message: format!("not checked: {e}"),
+        }],
+    }
 }
 
 fn read_saved_plan(path: &Path) -> Result<Plan> {

@@ -467,6 +467,7 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let stats = blocking(move || queue.stats()).await?;
     let summaries = app.live.summaries();
     let ready = summaries.iter().filter(|s| s.ready).count();
+    let count = |state: &str| summaries.iter().filter(|s| s.state == state).count();
     let reconcile = app.last_reconcile();
     Ok(axum::Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -479,7 +480,18 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
         "registry": app.info.registry,
         "queue_file": app.info.queue,
         "reconcile": reconcile,
-        "touchpoints": {"live": summaries.len(), "ready": ready, "held": summaries.len() - ready},
+        "touchpoints": {
+            "live": summaries.len(),
+            "ready": ready,
+            "held": summaries.len() - ready,
+            "paused": count("paused"),
+            "waiting": count("waiting"),
+            "held_by_platform": summaries
+                .iter()
+                .filter(|s| s.state == "held" && s.code.is_some())
+                .map(|s| json!({"id": s.id, "code": s.code, "reason": s.held}))
+                .collect::<Vec<_>>(),
+        },
         "queue": stats,
     }))
     .into_response())
@@ -489,7 +501,7 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
 async fn metrics(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let queue = app.queue.clone();
     let stats = blocking(move || queue.stats()).await?;
-    let text = app.metrics.render(&stats, app.live.summaries().len());
+    let text = app.metrics.render(&stats, &app.live.summaries());
     Ok((
         [(
             header::CONTENT_TYPE,

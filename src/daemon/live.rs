@@ -15,6 +15,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
+#[cfg(test)]
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -367,5 +369,96 @@ fn ready(l: &Live, tp: Touchpoint, policy: &SecretPolicy, shared: &Arc<channel::
             channel,
         })),
         Err(e) => Lookup::Held(Why::Unavailable, e.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SpecJson;
+    use crate::registry::Provenance;
+    use serde_json::json;
+
+    fn row(generation: u64) -> Live {
+        let spec = json!({
+            "id": "sms", "name": "SMS", "kind": "custom", "category": "notification",
+            "url": "https://sms.example.com/hook", "auth_token": {"env": "PATH"}
+        });
+        Live {
+            id: "sms".into(),
+            kind: "custom".into(),
+            applied_spec: SpecJson::from_value(&spec),
+            drifted_spec: None,
+            fingerprints: Default::default(),
+            generation,
+            paused: false,
+            applied_at: "t".into(),
+            applied_by: "u@h".into(),
+            source: Provenance::default(),
+        }
+    }
+
+    fn hold() -> Signal {
+        Signal::Hold {
+            code: "40125".into(),
+            reason: "invalid appsecret".into(),
+        }
+    }
+
+    fn state(set: &LiveSet) -> (&'static str, Option<String>) {
+        let (s, _) = set.get("sms").unwrap();
+        (s.state, s.code)
+    }
+
+    #[test]
+    fn a_platform_hold_lasts_until_a_new_generation_a_reread_or_a_resume() {
+        let set = LiveSet::new(SecretPolicy::default());
+        set.refresh(&[row(1)], false);
+        assert_eq!(state(&set), ("ready", None));
+        // Said of an older generation: ignored.
+        set.signal("sms", 0, &hold());
+        assert!(matches!(set.lookup("sms"), Lookup::Ready(_)));
+        set.signal("sms", 1, &hold());
+        assert_eq!(state(&set), ("held", Some("40125".into())));
+        match set.lookup("sms") {
+            Lookup::Held(Why::Platform, reason) => {
+                assert!(reason.contains("40125"), "{reason}");
+                assert!(reason.contains("invalid appsecret"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A refresh that changes nothing keeps it held.
+        set.refresh(&[row(1)], false);
+        assert_eq!(state(&set).0, "held");
+        // Secrets read again: tried again.
+        set.refresh(&[row(1)], true);
+        assert_eq!(state(&set).0, "ready");
+        set.signal("sms", 1, &hold());
+        // A new generation (a changed spec applied).
+        set.refresh(&[row(2)], false);
+        assert_eq!(state(&set).0, "ready");
+        set.signal("sms", 2, &hold());
+        set.release("sms");
+        assert_eq!(state(&set).0, "ready");
+    }
+
+    #[test]
+    fn a_wait_accepts_triggers_and_ends_by_itself_but_never_shortens_a_hold() {
+        let set = LiveSet::new(SecretPolicy::default());
+        set.refresh(&[row(1)], false);
+        let wait = |d: Duration| Signal::Wait {
+            wait: d,
+            code: "45009".into(),
+            reason: "reach max api daily quota limit".into(),
+        };
+        set.signal("sms", 1, &wait(Duration::from_secs(3600)));
+        assert_eq!(state(&set), ("waiting", Some("45009".into())));
+        assert!(matches!(set.lookup("sms"), Lookup::Waiting { .. }));
+        assert!(set.get("sms").unwrap().0.until.is_some());
+        set.signal("sms", 1, &wait(Duration::ZERO));
+        assert_eq!(state(&set).0, "ready", "a wait that is over");
+        set.signal("sms", 1, &hold());
+        set.signal("sms", 1, &wait(Duration::from_secs(60)));
+        assert_eq!(state(&set).0, "held");
     }
 }

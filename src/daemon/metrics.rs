@@ -10,6 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::channel::Signal;
 use crate::dispatch::queue::Stats;
 use crate::dispatch::worker::Observer;
 
@@ -34,6 +35,19 @@ struct Status {
     status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabel {
+    touchpoint: String,
+    signal: &'static str,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+    code: String,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +57,8 @@ pub struct Metrics {
     accepted: Family<Tp, Counter>,
     rejected: Family<Tp, Counter>,
     requests: Family<Status, Counter>,
+    signals: Family<SignalLabel, Counter>,
+    states: Family<StateLabel, Gauge>,
     latency: Histogram,
     first_attempt: Histogram,
     pending_batches: Gauge,
@@ -66,6 +82,18 @@ impl Default for Metrics {
             "delivery_attempts",
             "Delivery attempts, by touchpoint and outcome (delivered, failed, partial, retry, interrupted, dead)",
             attempts.clone(),
+        );
+        let signals = Family::<SignalLabel, Counter>::default();
+        registry.register(
+            "platform_signals",
+            "Touchpoints held (signal=hold: the platform refused the configuration) or made to wait (signal=wait: a rate limit or quota) by their platform, by the platform's code",
+            signals.clone(),
+        );
+        let states = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "touchpoints",
+            "Live touchpoints by state (ready, paused, held, waiting) and, when their platform held them or made them wait, its code",
+            states.clone(),
         );
         let delivered = Family::<Tp, Counter>::default();
         registry.register(
@@ -175,6 +203,8 @@ impl Default for Metrics {
             accepted,
             rejected,
             requests,
+            signals,
+            states,
             latency,
             first_attempt,
             pending_batches,
@@ -194,7 +224,17 @@ impl Default for Metrics {
 
 impl Metrics {
     /// The text exposition, with the queue gauges set from `stats`.
-    pub fn render(&self, stats: &Stats, live: usize) -> String {
+    pub fn render(&self, stats: &Stats, touchpoints: &[super::live::Summary]) -> String {
+        let live = touchpoints.len();
+        self.states.clear();
+        for s in touchpoints {
+            self.states
+                .get_or_create(&StateLabel {
+                    state: s.state,
+                    code: s.code.clone().unwrap_or_default(),
+                })
+                .inc();
+        }
         let set = |g: &Gauge, v: u64| {
             g.set(i64::try_from(v).unwrap_or(i64::MAX));
         };
@@ -284,6 +324,32 @@ impl Observer for Metrics {
         crate::daemon::log(&format!("error: {message}"));
     }
 
+    fn signal(&self, touchpoint: &str, signal: &Signal) {
+        let (kind, what) = match signal {
+            Signal::Hold { .. } => (
+                "hold",
+                "held: the platform refused its configuration; its batches are parked until a changed spec or secret is applied, or it is resumed",
+            ),
+            Signal::Wait { .. } => ("wait", "waiting: the platform asked to slow down"),
+        };
+        self.signals
+            .get_or_create(&SignalLabel {
+                touchpoint: touchpoint.to_string(),
+                signal: kind,
+                code: signal.code().to_string(),
+            })
+            .inc();
+        let wait = match signal {
+            Signal::Wait { wait, .. } => format!(" for {}", humantime::format_duration(*wait)),
+            Signal::Hold { .. } => String::new(),
+        };
+        crate::daemon::log(&format!(
+            "`{touchpoint}` {what}{wait} ({} {})",
+            signal.code(),
+            signal.reason()
+        ));
+    }
+
     fn claimed(&self, batches: usize) {
         if batches == 0 {
             self.claims_found_none.inc();
@@ -305,6 +371,7 @@ impl Drop for IntakeWaiting<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::Signal;
     use crate::dispatch::worker::Observer;
 
     #[test]
@@ -317,12 +384,69 @@ mod tests {
             dead_batches: 1,
             dead_recipients: 500,
         };
-        assert!(m.render(&stats, 3).contains("touchctl_problems_total 0\n"));
+        assert!(
+            m.render(&stats, &[])
+                .contains("touchctl_problems_total 0\n")
+        );
         m.problem("cannot record deliveries (retrying): disk full");
-        let text = m.render(&stats, 3);
+        let text = m.render(&stats, &[]);
         assert!(text.contains("touchctl_problems_total 1\n"), "{text}");
         assert!(
             text.contains("touchctl_queue_pending_recipients 900\n"),
+            "{text}"
+        );
+    }
+
+    fn summary(id: &str, state: &'static str, code: Option<&str>) -> super::super::live::Summary {
+        super::super::live::Summary {
+            id: id.into(),
+            kind: "wechat_official_account".into(),
+            generation: 1,
+            enabled: true,
+            paused: state == "paused",
+            ready: matches!(state, "ready" | "waiting"),
+            state,
+            held: None,
+            code: code.map(str::to_string),
+            until: None,
+            commit: None,
+        }
+    }
+
+    #[test]
+    fn touchpoints_are_counted_by_state_and_platform_code() {
+        let m = Metrics::default();
+        let text = m.render(
+            &Stats::default(),
+            &[
+                summary("a", "ready", None),
+                summary("b", "ready", None),
+                summary("c", "held", Some("40125")),
+                summary("d", "waiting", Some("45009")),
+                summary("e", "paused", None),
+            ],
+        );
+        for line in [
+            "touchctl_touchpoints{state=\"ready\",code=\"\"} 2\n",
+            "touchctl_touchpoints{state=\"held\",code=\"40125\"} 1\n",
+            "touchctl_touchpoints{state=\"waiting\",code=\"45009\"} 1\n",
+            "touchctl_touchpoints{state=\"paused\",code=\"\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        // A touchpoint released since is not counted held any more.
+        let text = m.render(&Stats::default(), &[summary("c", "ready", None)]);
+        assert!(!text.contains("state=\"held\""), "{text}");
+        m.signal(
+            "c",
+            &Signal::Hold {
+                code: "40125".into(),
+                reason: "invalid appsecret".into(),
+            },
+        );
+        let text = m.render(&Stats::default(), &[]);
+        assert!(
+            text.contains("touchctl_platform_signals_total{touchpoint=\"c\",signal=\"hold\",code=\"40125\"} 1\n"),
             "{text}"
         );
     }
@@ -331,7 +455,7 @@ mod tests {
     fn claims_are_counted_by_whether_they_found_work() {
         let m = Metrics::default();
         let count = |m: &Metrics, found: &str| {
-            let text = m.render(&Stats::default(), 1);
+            let text = m.render(&Stats::default(), &[]);
             let prefix = format!("touchctl_queue_claims_total{{found=\"{found}\"}} ");
             text.lines()
                 .find_map(|l| l.strip_prefix(prefix.as_str()))
@@ -350,7 +474,7 @@ mod tests {
         let m = Metrics::default();
         let stats = Stats::default();
         let waiting = |m: &Metrics| {
-            let text = m.render(&stats, 1);
+            let text = m.render(&stats, &[]);
             text.lines()
                 .find_map(|l| l.strip_prefix("touchctl_intake_waiting "))
                 .map(str::to_string)

@@ -130,7 +130,7 @@ pub struct Info {
 /// The daemon's shared state.
 pub struct App {
     /// The registry.
-    pub registry: Arc<SqliteRegistry>,
+    pub registry: Arc<dyn Registry>,
     /// The queue.
     pub queue: Arc<Queue>,
     /// The live touchpoints.
@@ -329,18 +329,11 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     }
     // Before anything says the daemon is up (its log line, `ready`): a SIGTERM from then on stops it.
     let stop_signal = shutdown_signal();
-    // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("touchctl/", env!("CARGO_PKG_VERSION")))
-        .pool_max_idle_per_host(config.concurrency.max(8));
-    if !config.allow_private_network {
-        client = client.dns_resolver(crate::channel::net_guard::PublicOnly);
-    }
-    let client = client
-        .build()
-        .map_err(|e| StartError::Client(e.to_string()))?;
+    let client = crate::channel::net_guard::client_with(
+        config.allow_private_network,
+        config.concurrency.max(8),
+    )
+    .map_err(StartError::Client)?;
 
     let registry = Arc::new(SqliteRegistry::create(&config.state)?);
     registry.frugal()?;

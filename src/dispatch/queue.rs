@@ -1128,20 +1128,6 @@ fn mark_format(conn: &mut Connection, path: &str) -> Result<(), QueueError> {
             });
         }
     };
-    if known < 4 {
-        let has_message: bool = tx
-            .query_row(
-                "SELECT count(*) FROM pragma_table_info('dispatches') WHERE name = 'message'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(sql)?
-            > 0;
-        if !has_message {
-            tx.execute("ALTER TABLE dispatches ADD COLUMN message TEXT", [])
-                .map_err(sql)?;
-        }
-    }
     if known < FORMAT {
         tx.execute(
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?1)",
@@ -1181,7 +1167,8 @@ fn span_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Span>> {
 }
 
 /// Adds the columns files written by earlier versions lack: those that point into segment files
-/// (before format 3), the attempts made before a replay, and the daemon's lease.
+/// (before format 3), the attempts made before a replay, the daemon's lease, and a dispatch's
+/// channel message (before format 4).
 fn add_columns(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
@@ -1203,6 +1190,9 @@ fn add_columns(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.execute_batch(
             "ALTER TABLE batches ADD COLUMN attempt_base INTEGER NOT NULL DEFAULT 0;",
         )?;
+    }
+    if !has("dispatches", "message")? {
+        tx.execute_batch("ALTER TABLE dispatches ADD COLUMN message TEXT;")?;
     }
     if !has("daemon", "lease_id")? {
         tx.execute_batch(

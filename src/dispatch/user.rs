@@ -307,6 +307,14 @@ struct JsonTrigger<'a> {
     idempotency_key: Option<String>,
     #[serde(default)]
     template_params: Map<String, Value>,
+    #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    body: Option<String>,
+    #[serde(default)]
+    payload: Option<String>,
     #[serde(default, borrow)]
     users: Vec<UserRef<'a>>,
 }
@@ -319,10 +327,10 @@ impl<'a> RawTrigger<'a> {
         let t: JsonTrigger<'a> = serde_json::from_str(text).map_err(|e| e.to_string())?;
         Ok(Self {
             head: TriggerHead {
-                template: None,
-                title: None,
-                body: None,
-                payload: None,
+                template: t.template,
+                title: t.title,
+                body: t.body,
+                payload: t.payload,
                 touchpoint: t.touchpoint,
                 campaign: t.campaign,
                 idempotency_key: t.idempotency_key,
@@ -578,6 +586,7 @@ pub fn store<'a, 'b: 'a>(users: impl ExactSizeIterator<Item = &'a UserRef<'b>> +
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::channel::Message;
     use crate::model::ParamSource;
 
     fn params() -> DynamicParams {
@@ -786,6 +795,25 @@ mod tests {
                 r#"{"user_id":"u","attributes":{"a":{"a":1}}},{"user_id":"v","attributes":{"a":1}}"#
             )
             .is_none()
+        );
+    }
+
+    #[test]
+    fn a_json_trigger_names_its_template_and_app_push_text_as_an_ndjson_head_does() {
+        let head = r#""touchpoint":"t","campaign":"c","template":"order_shipped","title":"Hi","body":"B","payload":"P""#;
+        let json = RawTrigger::from_json(format!("{{{head},\"users\":[]}}").as_bytes())
+            .unwrap()
+            .head;
+        let nd = format!("{{{head}}}\n");
+        assert_eq!(json, RawTrigger::from_ndjson(nd.as_bytes()).unwrap().head);
+        assert_eq!(
+            json.message(),
+            Message {
+                template: Some("order_shipped".into()),
+                title: Some("Hi".into()),
+                body: Some("B".into()),
+                payload: Some("P".into()),
+            }
         );
     }
 

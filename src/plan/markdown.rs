@@ -127,6 +127,25 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
         }
     }
 
+    if !plan.warnings.is_empty() {
+        let mut warnings =
+            String::from("#### Warnings (`plan --refresh` checked the platforms)\n\n");
+        for w in &plan.warnings {
+            if w.touchpoint.is_empty() {
+                let _ = writeln!(warnings, "- {}", html(&w.message));
+            } else {
+                let _ = writeln!(
+                    warnings,
+                    "- `{}`: {}",
+                    code_safe(&w.touchpoint),
+                    html(&w.message)
+                );
+            }
+        }
+        warnings.push('\n');
+        b.push(&warnings);
+    }
+
     if !plan.drift.is_empty() {
         let mut drift = String::from("#### Drift (changed outside of apply)\n\n");
         for d in &plan.drift {

@@ -47,6 +47,10 @@ pub struct Plan {
     pub changes: Vec<Change>,
     /// Live touchpoints changed outside apply.
     pub drift: Vec<Drift>,
+    /// What `plan --refresh` found when it checked the channel touchpoints live (credentials,
+    /// apps); warnings only: they change neither the plan nor the exit code.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<Warning>,
     /// The seal of a plan made against a registry: a keyed MAC over the whole plan (see
     /// [`seal()`]), checked by `apply FILE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +67,15 @@ impl Drop for Plan {
                 .for_each(drop);
         }
     }
+}
+
+/// A problem `plan --refresh` found with a touchpoint's live configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warning {
+    /// The touchpoint.
+    pub touchpoint: String,
+    /// What is wrong, as the platform said it (its code first), and what to do. No secret.
+    pub message: String,
 }
 
 /// The registry a plan was made against.
@@ -595,6 +608,7 @@ pub(crate) mod samples {
             },
             changes,
             drift: Vec::new(),
+            warnings: Vec::new(),
             mac: None,
         }
     }

@@ -107,6 +107,26 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
             }
         }
     }
+    if !plan.warnings.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{} (plan --refresh checked the platforms; nothing above changes because of them):",
+            p.bold("Warnings")
+        );
+        for w in &plan.warnings {
+            let mark = p.paint(AnsiColor::Yellow, "!");
+            if w.touchpoint.is_empty() {
+                let _ = writeln!(out, "  {mark} {}", escape(&w.message));
+            } else {
+                let _ = writeln!(
+                    out,
+                    "  {mark} {}: {}",
+                    escape(&w.touchpoint),
+                    escape(&w.message)
+                );
+            }
+        }
+    }
     if !plan.has_changes() {
         match &plan.base {
             Some(base) => {

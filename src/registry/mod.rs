@@ -224,6 +224,9 @@ pub trait Registry: Send + Sync {
     fn registry_id(&self) -> &str;
     /// The keyed hash for secret fingerprints.
     fn fingerprinter(&self) -> &Fingerprinter;
+    /// A value that changes whenever another process writes the registry: a cheap way for a
+    /// long-running process to notice an apply made elsewhere.
+    fn data_version(&self) -> Result<i64, RegistryError>;
     /// Every live touchpoint, sorted by id.
     fn list(&self) -> Result<Vec<Live>, RegistryError>;
     /// One live touchpoint.

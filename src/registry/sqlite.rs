@@ -246,14 +246,6 @@ impl SqliteRegistry {
         Self::tune(&self.conn(), true).map_err(|e| self.err(e))
     }
 
-    /// Changes whenever another connection commits to the file: a cheap way to notice an apply
-    /// made by another process.
-    pub fn data_version(&self) -> Result<i64, RegistryError> {
-        self.conn()
-            .query_row("PRAGMA data_version", [], |r| r.get(0))
-            .map_err(|e| self.err(e))
-    }
-
     fn err(&self, source: rusqlite::Error) -> RegistryError {
         RegistryError::Sqlite {
             path: self.path.display().to_string(),
@@ -389,6 +381,13 @@ fn decode(row: Row) -> Result<Live, RegistryError> {
 }
 
 impl Registry for SqliteRegistry {
+    /// Changes whenever another connection commits to the file.
+    fn data_version(&self) -> Result<i64, RegistryError> {
+        self.conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
     fn describe(&self) -> String {
         format!("sqlite {}", self.path.display())
     }

@@ -4,6 +4,7 @@ mod support;
 
 mod bad_fixtures;
 mod channel_getui;
+mod channel_oa;
 mod ci_example;
 mod daemon;
 mod daemon_support;
