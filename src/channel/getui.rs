@@ -32,7 +32,7 @@ use futures_util::future::BoxFuture;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::answer::{describe, read_capped};
+use super::answer::{describe, read_capped, to_next_minute, to_quota_reset};
 use super::token::{CredentialKey, Token};
 use super::{Channel, Message, Miss, Outgoing, Report, Rest, Shared, Unavailable};
 use crate::model::{AppPushSpec, MAX_PUSH_BATCH, Secret, SecretPolicy};
@@ -704,9 +704,9 @@ pub fn reaction(step: Step, status: u16, code: i64, msg: &str, now: i64) -> Reac
             status,
             msg: msg.to_string(),
         },
-        10003 | 10005 | 30014 | 30015 => wait(until_next_minute(now), "at the next minute"),
+        10003 | 10005 | 30014 | 30015 => wait(to_next_minute(now), "at the next minute"),
         30007..=30010 => wait(
-            until_next_china_midnight(now),
+            to_quota_reset(now),
             "at the next midnight in China (00:00 UTC+8), when daily totals reset",
         ),
         2 | 30019 => retry(),
@@ -750,21 +750,6 @@ pub fn reaction(step: Step, status: u16, code: i64, msg: &str, now: i64) -> Reac
         ),
         _ => retry(),
     }
-}
-
-/// From `now` (ms since the epoch) to the start of the next minute.
-pub fn until_next_minute(now: i64) -> Duration {
-    const MINUTE: i64 = 60_000;
-    Duration::from_millis((MINUTE - now.rem_euclid(MINUTE)) as u64)
-}
-
-/// From `now` (ms since the epoch) to the next 00:00 China Standard Time (UTC+8), when Getui's
-/// daily totals reset.
-pub fn until_next_china_midnight(now: i64) -> Duration {
-    const DAY: i64 = 86_400_000;
-    const OFFSET: i64 = 8 * 3_600_000;
-    let local = now.saturating_add(OFFSET);
-    Duration::from_millis((DAY - local.rem_euclid(DAY)) as u64)
 }
 
 /// Checks a trigger against the touchpoint: no template, no template params, a non-empty
@@ -1060,9 +1045,10 @@ mod tests {
             Reaction::Hold { code, .. } => format!("hold {code}"),
             Reaction::Wait { wait, .. } => format!("wait {}s", wait.as_secs()),
         };
-        // NOW is 02:28:31.917 UTC, 10:28:31.917 in China.
-        let minute = "wait 28s";
-        let midnight = "wait 48688s";
+        // NOW is 02:28:31.917 UTC, 10:28:31.917 in China; waits end a second after the limit
+        // resets.
+        let minute = "wait 29s";
+        let midnight = "wait 48689s";
         for (step, status, code, msg, want) in [
             (Step::Message, 401, 10001, "token expired", "reauth"),
             (Step::Cid, 401, 10001, "", "reauth"),
@@ -1134,27 +1120,6 @@ mod tests {
             unreachable!()
         };
         assert_eq!(reason, "20001 target user is invalid");
-    }
-
-    #[test]
-    fn waits_end_at_the_next_minute_or_the_next_midnight_in_china() {
-        assert_eq!(until_next_minute(60_000), Duration::from_secs(60));
-        assert_eq!(until_next_minute(60_001), Duration::from_millis(59_999));
-        // 2020-12-16 15:59:59.500 UTC is 23:59:59.500 in China.
-        let before = 1_608_134_399_500;
-        assert_eq!(
-            until_next_china_midnight(before),
-            Duration::from_millis(500)
-        );
-        // 16:00 UTC is midnight in China: the next one is a day later.
-        assert_eq!(
-            until_next_china_midnight(before + 500),
-            Duration::from_secs(86_400)
-        );
-        assert_eq!(
-            until_next_china_midnight(i64::MAX),
-            until_next_china_midnight(i64::MAX)
-        );
     }
 
     #[test]
@@ -1470,7 +1435,7 @@ mod tests {
             panic!("{report:?}")
         };
         assert_eq!(code, "10005");
-        assert!(wait <= Duration::from_secs(60) && wait > Duration::ZERO);
+        assert!(wait <= Duration::from_secs(61) && wait > Duration::from_secs(1));
 
         let stub = Arc::new(Stub::default());
         stub.then("push/list/message", 503, json!("busy"));
