@@ -341,3 +341,18 @@ fn getui_a_bad_master_secret_holds_the_touchpoint_until_the_fixed_one_is_applied
     assert_eq!(app_push(&d)["state"], "ready");
     assert_eq!(delivered(&s), cids(1..4));
 }
+
+#[test]
+fn getui_plan_refresh_shows_a_refused_master_secret_as_a_warning() {
+    let (p, _s) = setup();
+    let good = p.run(&["plan", "--refresh", "--allow-private-network"]);
+    good.code(0)
+        .stdout_has("Plan: 0 to create, 0 to update, 0 to delete");
+    assert!(!good.stdout.contains("app-push:"), "{}", good.stdout);
+    p.write(SECRET, "not-the-master-secret\n");
+    let out = p.run(&["plan", "--refresh", "--allow-private-network"]);
+    out.code(0).stdout_has(
+        "! app-push: Getui refused auth (20001 sign is invalid): check `app_key` and `master_secret` against the app in the Getui console",
+    );
+    assert!(!out.all().contains("not-the-master-secret"));
+}
