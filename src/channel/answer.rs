@@ -1,6 +1,6 @@
 //! Reading a platform's or endpoint's answer: a body read up to a bound, an excerpt for the attempt
-//! log, a network error in words (never with the URL: its query may carry an access token), and
-//! `Retry-After`.
+//! log, a network error in words (never with the URL: its query may carry an access token),
+//! `Retry-After`, and when the platforms' limits reset (per minute; per day at midnight in China).
 
 use std::time::Duration;
 
@@ -74,4 +74,20 @@ fn httpdate(value: &str) -> Option<std::time::SystemTime> {
         let m = months.iter().position(|x| x == month)? + 1;
         humantime::parse_rfc3339(&format!("{year}-{m:02}-{day:0>2}T{time}Z")).ok()
     })
+}
+
+/// From `now_ms` (ms since the epoch) to one second into the next minute, when per-minute limits
+/// (WeChat 45011, Getui 10005/30015) have reset whatever the two clocks' skew.
+pub fn to_next_minute(now_ms: i64) -> Duration {
+    const MINUTE: i64 = 60_000;
+    Duration::from_millis((MINUTE - now_ms.rem_euclid(MINUTE)) as u64 + 1_000)
+}
+
+/// From `now_ms` to one second past the next 00:00 in UTC+8 (China Standard Time), when WeChat's
+/// daily quotas and Getui's daily totals reset.
+pub fn to_quota_reset(now_ms: i64) -> Duration {
+    const DAY: i64 = 86_400_000;
+    const UTC8: i64 = 8 * 3_600_000;
+    let into_day = now_ms.saturating_add(UTC8).rem_euclid(DAY);
+    Duration::from_millis((DAY - into_day) as u64 + 1_000)
 }

@@ -23,6 +23,7 @@
 
 pub mod answer;
 pub mod custom;
+pub mod getui;
 pub mod net_guard;
 pub mod template;
 pub mod token;
@@ -37,7 +38,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::model::{KindSpec, Retry, SecretPolicy, Touchpoint};
+use crate::model::{KindSpec, PushProvider, Retry, SecretPolicy, Touchpoint};
 
 /// What a trigger asks to send besides its template params: the template it names and, for app
 /// push, the notification's text (DESIGN.md section 5, "Triggers for every kind").
@@ -326,10 +327,11 @@ pub fn open(
         KindSpec::Wecom(spec) => Ok(Arc::new(wecom::WecomChannel::open(
             spec, base, policy, shared,
         )?)),
-        other => Err(Unavailable(format!(
-            "{} touchpoints are not dispatched by this version of the daemon yet",
-            other.name()
-        ))),
+        KindSpec::AppPush(spec) => match spec.provider {
+            PushProvider::Getui => Ok(Arc::new(getui::GetuiChannel::open(
+                spec, base, policy, shared,
+            )?)),
+        },
     }
 }
 

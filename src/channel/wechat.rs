@@ -54,7 +54,7 @@ use futures_util::stream::FuturesUnordered;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::answer::{describe, excerpt, read_capped};
+use super::answer::{describe, excerpt, read_capped, to_next_minute, to_quota_reset};
 use super::token::{CredentialKey, Token};
 use super::{
     Channel, Message, Miss, Outgoing, Report, Rest, Shared, Signal, Unavailable, template,
@@ -733,20 +733,6 @@ fn wait(until: Wait, code: i64, errmsg: &str) -> Signal {
         code: code.to_string(),
         reason: format!("{code} {errmsg}: sending waits until {when}"),
     }
-}
-
-/// From `now_ms` (ms since the epoch) to one second into the next minute.
-fn to_next_minute(now_ms: i64) -> Duration {
-    const MINUTE: i64 = 60_000;
-    Duration::from_millis((MINUTE - now_ms.rem_euclid(MINUTE)) as u64 + 1_000)
-}
-
-/// From `now_ms` to one second past the next 00:00 in UTC+8, when WeChat's daily quotas reset.
-fn to_quota_reset(now_ms: i64) -> Duration {
-    const DAY: i64 = 86_400_000;
-    const UTC8: i64 = 8 * 3_600_000;
-    let into_day = now_ms.saturating_add(UTC8).rem_euclid(DAY);
-    Duration::from_millis((DAY - into_day) as u64 + 1_000)
 }
 
 /// The batch's report from each recipient's outcome (`misses`: those not sent at all).

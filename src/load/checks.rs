@@ -8,8 +8,9 @@ use super::diagnostic::{Issue, Target};
 use super::schema_errors::did_you_mean;
 use super::toml_json::{Segment, dotted};
 use crate::model::{
-    DynamicParams, KindSpec, LinkRule, MAX_NOTICE_ITEMS, MessageTemplate, NAME_PATTERN, ParamType,
-    SecretError, SecretRef, Touchpoint, WecomAudience, WecomSpec, is_own_variable,
+    AppPushSpec, DynamicParams, KindSpec, LinkRule, MAX_NOTICE_ITEMS, MessageTemplate,
+    NAME_PATTERN, ParamType, SecretError, SecretRef, Touchpoint, WecomAudience, WecomSpec,
+    is_own_variable,
 };
 
 fn key(k: &str) -> Segment {
@@ -90,6 +91,7 @@ pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
         }
         KindSpec::AppPush(s) => {
             check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
+            check_push(&mut out, s);
         }
     }
     check_dynamic_params(&mut out, &tp.spec, tp.spec.dynamic_params());
@@ -112,6 +114,37 @@ fn check_secret_sources(out: &mut Vec<Issue>, tp: &Touchpoint) {
                 at,
                 Target::Value,
                 format!("`{path}`: {refused}"),
+            ));
+        }
+    }
+}
+
+/// App push: the API's version is not part of `api_base`, and the default texts go to every
+/// recipient alike, so they hold no placeholders.
+fn check_push(out: &mut Vec<Issue>, s: &AppPushSpec) {
+    if let Some(base) = &s.api_base
+        && let Ok(url) = url::Url::parse(base)
+        && url
+            .path_segments()
+            .is_some_and(|mut segments| segments.any(|p| p == "v2"))
+    {
+        out.push(issue(
+            "invalid-url",
+            vec![key("api_base")],
+            Target::Value,
+            "`api_base` holds the API version (`/v2`), which touchctl adds itself (`{api_base}/v2/{app_id}/...`): write only the scheme and host, e.g. https://restapi.getui.com".to_string(),
+        ));
+    }
+    for (field, text) in [("title", &s.title), ("body", &s.body)] {
+        let Some(text) = text else { continue };
+        if let Some(name) = crate::channel::template::placeholders(text).first() {
+            out.push(issue(
+                "invalid-value",
+                vec![key(field)],
+                Target::Value,
+                format!(
+                    "`{field}` holds the placeholder `{{{{{name}}}}}`, but one push sends the same text to every recipient: write it without placeholders"
+                ),
             ));
         }
     }

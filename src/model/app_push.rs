@@ -44,19 +44,25 @@ pub struct AppPushSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<PushTtl>,
     /// # Default title
-    /// Notification title used when a campaign gives none.
+    /// Notification title used when a trigger gives none, 1 to 50 characters (Getui's limit). The
+    /// same text goes to every recipient, so it cannot hold `{{name}}` placeholders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 50))]
     pub title: Option<String>,
     /// # Default body
-    /// Notification body used when a campaign gives none.
+    /// Notification body used when a trigger gives none, 1 to 256 characters (Getui's limit). The
+    /// same text goes to every recipient, so it cannot hold `{{name}}` placeholders.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub body: Option<String>,
     /// # Dynamic params
     /// Per-recipient fields; must include `cid`, the device's client id.
     #[serde(default)]
     pub dynamic_params: DynamicParams,
     /// # API base URL
-    /// Base URL of the provider's API; defaults to the real service. Point it at `touchctl sandbox` to test.
+    /// Base URL of the provider's API, without a path: requests go to `{api_base}/v2/{app_id}/...`.
+    /// Defaults to the real service (`https://restapi.getui.com`). Point it at `touchctl sandbox`
+    /// (e.g. `http://127.0.0.1:8641`, with `allow_insecure = true`) to test.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_base: Option<String>,
     /// # Allow insecure

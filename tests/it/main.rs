@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_fixtures;
+mod channel_getui;
 mod channel_oa;
 mod channel_wecom;
 mod ci_example;
