@@ -403,7 +403,8 @@ pub enum Command {
     /// expire_tokens, rate_limit {code}, fail_users {ids, code}, error {code | http_status}, slow
     /// {delay}); DELETE /_sandbox/faults clears them. Everything is kept in memory only, nothing
     /// between runs. Request bodies over 16 MiB are refused (413). Stop with Ctrl-C or SIGTERM.
-    #[command(after_help = "Examples:
+    #[command(
+        after_help = "Examples:
   touchctl sandbox                                 the sample touchpoints, on 127.0.0.1:8641
   touchctl sandbox --listen 127.0.0.1:0 --token-ttl 60s
   curl -s 'http://127.0.0.1:8641/_sandbox/messages?channel=oa'
@@ -411,7 +412,10 @@ pub enum Command {
       -d '[{\"channel\": \"oa\", \"action\": \"rate_limit\", \"code\": 45011, \"count\": 2}]'
   curl -s -X POST http://127.0.0.1:8641/_sandbox/faults \\
       -d '[{\"channel\": \"wecom\", \"action\": \"fail_users\", \"ids\": [\"zhangsan\"]}]'
-  curl -s -X DELETE http://127.0.0.1:8641/_sandbox/faults")]
+  curl -s -X DELETE http://127.0.0.1:8641/_sandbox/faults
+  touchctl sandbox messages                        what a running sandbox received, a line each",
+        args_conflicts_with_subcommands = true
+    )]
     Sandbox(SandboxArgs),
     /// Remove the registry lock, or release the queue from a daemon, left by a process that is
     /// gone for good.
@@ -550,6 +554,49 @@ pub struct SandboxArgs {
     /// tokens a day, unless this is shorter. `expires_in` and `expire_time` say so.
     #[arg(long, value_parser = parse_token_ttl, value_name = "DURATION")]
     pub token_ttl: Option<std::time::Duration>,
+    #[command(subcommand)]
+    pub command: Option<SandboxCommand>,
+}
+
+/// What `touchctl sandbox` does besides serving.
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Show what a running sandbox received (GET /_sandbox/messages): one line per request, its
+    /// channel, touchpoint, recipients, what it carried and how the sandbox answered.
+    #[command(after_help = "Examples:
+  touchctl sandbox messages
+  touchctl sandbox messages --channel oa --kind all
+  touchctl sandbox messages --format json | jq '.messages | length'")]
+    Messages {
+        /// The sandbox.
+        #[arg(
+            long,
+            env = "TOUCHCTL_SANDBOX_URL",
+            default_value = "http://127.0.0.1:8641"
+        )]
+        url: String,
+        /// Only this channel.
+        #[arg(long, value_parser = ["oa", "wecom", "getui", "custom"])]
+        channel: Option<String>,
+        /// Only this touchpoint.
+        #[arg(long, value_name = "ID")]
+        touchpoint: Option<String>,
+        /// Which requests: messages (sends, pushes, webhooks), tokens, queries, or all.
+        #[arg(long, default_value = "message", value_parser = ["message", "token", "query", "all"])]
+        kind: String,
+        /// Output format: a line per request, or the sandbox's JSON as it is.
+        #[arg(long, value_enum, default_value_t = MessagesFormat::Text)]
+        format: MessagesFormat,
+    },
+}
+
+/// Output formats of `sandbox messages`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MessagesFormat {
+    /// A line per request.
+    Text,
+    /// The sandbox's JSON, as it answered.
+    Json,
 }
 
 /// `touchctl dispatch` options.
