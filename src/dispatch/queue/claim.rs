@@ -1,0 +1,259 @@
+//! The sender's side: claiming due batches (from memory when just queued), when the next is due,
+//! holding and deferring a touchpoint's batches, and what an attempt reports back.
+
+use rusqlite::params;
+
+use super::writer::Work;
+use super::{Queue, QueueError, json_list, lock};
+use crate::dispatch::Rejected;
+use crate::dispatch::fresh::Wire;
+use crate::dispatch::segments::Span;
+
+/// A batch claimed by the sender.
+#[derive(Clone, Debug)]
+pub struct Claimed {
+    /// The batch id: the `webhook-id`, the same on every attempt.
+    pub id: String,
+    /// Its dispatch.
+    pub dispatch_id: String,
+    /// Its index in the dispatch.
+    pub index: u32,
+    /// How many batches the dispatch has.
+    pub count: u32,
+    /// The touchpoint.
+    pub touchpoint: String,
+    /// The users still to deliver.
+    pub users: Users,
+    /// How many that is.
+    pub remaining: u32,
+    /// Attempts made so far, since its last replay (the retry budget counts these).
+    pub attempts: u32,
+    /// The campaign.
+    pub campaign: String,
+    /// The template params, as JSON (an object).
+    pub template_params: String,
+    /// The trigger's channel message, as JSON, if it has one (see [`crate::channel::Message`]).
+    pub message: Option<String>,
+}
+
+/// A claimed batch's users.
+#[derive(Clone, Debug)]
+pub enum Users {
+    /// In their stored form (see [`crate::dispatch::user::store`]), or why they cannot be read.
+    Stored(Result<Vec<u8>, String>),
+    /// As written on the wire when the batch was queued by this process (see [`crate::dispatch::fresh`]),
+    /// not read from disk. They are the batch's users as stored at the span (a batch whose users
+    /// are rewritten stops pointing into its segment), read with [`Queue::read_span`] when needed.
+    Fresh(Wire, Span),
+}
+
+impl Users {
+    /// The stored form, reading it from the segment when the batch was claimed from memory.
+    pub fn stored(self, queue: &Queue) -> Result<Vec<u8>, String> {
+        match self {
+            Users::Stored(users) => users,
+            Users::Fresh(_, span) => queue.read_span(span),
+        }
+    }
+}
+
+/// Where a batch goes after an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Every recipient is delivered, or failed for good.
+    Done,
+    /// Some recipients are left: try again at this time (ms since the epoch).
+    RetryAt(i64),
+    /// Dead-lettered: the last attempt failed, or the failure is final.
+    Dead,
+    /// Cut off by the daemon stopping before the endpoint answered: the attempt counts and is
+    /// logged, and the batch stays pending and due, so the next start sends it again (same
+    /// `webhook-id`), even when this was its last attempt.
+    Interrupted,
+    /// The platform rejected the touchpoint's configuration: the attempt is logged but not
+    /// counted against the retry budget, and the batch stays pending, held with this reason,
+    /// until the touchpoint is released.
+    Parked(String),
+    /// The platform asked to wait (a rate limit, a daily quota): the attempt is logged but not
+    /// counted, and the batch is due again at this time (ms since the epoch).
+    Deferred(i64),
+}
+
+/// The result of one attempt, as the sender reports it.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The batch.
+    pub batch_id: String,
+    /// Which attempt (1 for the first).
+    pub attempt: u32,
+    /// The touchpoint generation the attempt was sent with.
+    pub generation: u64,
+    /// When it started (ms since the epoch).
+    pub started_ms: i64,
+    /// How long it took.
+    pub latency_ms: i64,
+    /// The HTTP status, if a response came.
+    pub status: Option<u16>,
+    /// Recipients in the request.
+    pub recipients: u32,
+    /// Recipients delivered by this attempt.
+    pub delivered: u32,
+    /// Recipients that failed for good in this attempt.
+    pub failed: Vec<Rejected>,
+    /// The users left to deliver when only some must be retried (JSON array and count); `None`
+    /// keeps the batch's users as they are.
+    pub remaining: Option<(Vec<u8>, u32)>,
+    /// Where the batch goes.
+    pub after: After,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+/// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
+pub(super) const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params, \
+     b.segment, b.seg_offset, b.seg_length, d.message \
+     FROM batches b JOIN dispatches d ON d.id = b.dispatch_id LEFT JOIN payloads p ON p.batch_id = b.id \
+     WHERE b.state = 'pending' AND b.held IS NULL AND b.next_at <= ?1 \
+     AND b.touchpoint NOT IN (SELECT value FROM json_each(?2)) \
+     AND b.id NOT IN (SELECT value FROM json_each(?3)) \
+     ORDER BY b.next_at LIMIT 256";
+
+/// The span a row's `segment`, `seg_offset` and `seg_length` (from column `first` on) point at.
+fn span_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Option<Span>> {
+    let segment: Option<i64> = r.get(first)?;
+    let offset: Option<i64> = r.get(first + 1)?;
+    let len: Option<i64> = r.get(first + 2)?;
+    Ok(match (segment, offset, len) {
+        (Some(segment), Some(offset), Some(len)) if offset >= 0 && len >= 0 => Some(Span {
+            segment,
+            offset: offset as u64,
+            len: len as u64,
+        }),
+        _ => None,
+    })
+}
+
+pub(super) fn span_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Span>> {
+    span_at(r, 0)
+}
+
+impl Queue {
+    /// Up to `limit` (at most 256) due batches, oldest due first, leaving out the batches in `busy`
+    /// (being sent) and the touchpoints in `skip` (at their concurrency or rate limit). Reads only.
+    pub fn claim(
+        &self,
+        now: i64,
+        limit: usize,
+        skip: &[&str],
+        busy: &[&str],
+    ) -> Result<Vec<Claimed>, QueueError> {
+        let conn = lock(&self.work);
+        // The lists go in as JSON arrays, so the statement text never changes and stays prepared.
+        let (skip, busy) = (json_list(skip), json_list(busy));
+        let mut stmt = conn.prepare_cached(CLAIM).map_err(|e| self.err(e))?;
+        // The limit is taken from the rows, not bound: a bound LIMIT that changes from call to
+        // call makes SQLite prepare the statement again every time. Rows come in index order, so
+        // stopping early reads no more than needed.
+        let args: [&dyn rusqlite::ToSql; 3] = [&now, &skip, &busy];
+        let rows: Vec<(Claimed, Option<Span>)> = stmt
+            .query_map(args.as_slice(), |r| {
+                let stored: Option<Vec<u8>> = r.get(5)?;
+                let span = span_at(r, 10)?;
+                Ok((
+                    Claimed {
+                        id: r.get(0)?,
+                        dispatch_id: r.get(1)?,
+                        index: r.get(2)?,
+                        count: r.get(3)?,
+                        touchpoint: r.get(4)?,
+                        users: Users::Stored(
+                            stored.ok_or_else(|| "the batch's users are missing".to_string()),
+                        ),
+                        remaining: r.get(6)?,
+                        attempts: r.get(7)?,
+                        campaign: r.get(8)?,
+                        template_params: r.get(9)?,
+                        message: r.get(13)?,
+                    },
+                    span,
+                ))
+            })
+            .and_then(|rows| rows.take(limit).collect::<Result<_, _>>())
+            .map_err(|e| self.err(e))?;
+        drop(stmt);
+        drop(conn);
+        // Users in a segment are read with the queue file unlocked, unless they are in memory.
+        Ok(rows
+            .into_iter()
+            .map(|(mut c, span)| {
+                if let Some(span) = span {
+                    c.users = match self.fresh.take(&c.id) {
+                        Some(wire) => Users::Fresh(wire, span),
+                        None => Users::Stored(self.segments.read(span)),
+                    };
+                }
+                c
+            })
+            .collect())
+    }
+
+    /// When the earliest pending, unheld batch not of a touchpoint in `skip` and not in `busy` is
+    /// due (the same filters as [`Queue::claim`]).
+    pub fn next_due(&self, skip: &[&str], busy: &[&str]) -> Result<Option<i64>, QueueError> {
+        let conn = lock(&self.work);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT min(next_at) FROM batches WHERE state = 'pending' AND held IS NULL \
+                 AND touchpoint NOT IN (SELECT value FROM json_each(?1)) \
+                 AND id NOT IN (SELECT value FROM json_each(?2))",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_row([json_list(skip), json_list(busy)], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records attempts. They share a commit with whatever else the writer has waiting.
+    pub fn record(&self, done: Vec<Completion>) -> Result<(), QueueError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.submit(|reply| Work::Record(done, reply))
+    }
+
+    /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
+    pub fn hold(&self, touchpoint: &str, reason: Option<&str>) -> Result<usize, QueueError> {
+        lock(&self.work)
+            .execute(
+                "UPDATE batches SET held = ?2 WHERE touchpoint = ?1 AND state = 'pending' AND held IS NOT ?2",
+                params![touchpoint, reason],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Makes the pending batches of `touchpoint` due no sooner than `until` (ms since the epoch):
+    /// the platform asked to wait. Returns how many were moved.
+    pub fn defer(&self, touchpoint: &str, until: i64) -> Result<usize, QueueError> {
+        lock(&self.work)
+            .execute(
+                "UPDATE batches SET next_at = ?2 WHERE touchpoint = ?1 AND state = 'pending' AND next_at < ?2",
+                params![touchpoint, until],
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// The touchpoints that have pending batches, with how many are held.
+    pub fn pending_touchpoints(&self) -> Result<Vec<(String, u64, u64)>, QueueError> {
+        let conn = lock(&self.work);
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT touchpoint, count(*), count(held) FROM batches WHERE state = 'pending' GROUP BY touchpoint",
+            )
+            .map_err(|e| self.err(e))?;
+        stmt.query_map([], |r| {
+            let n = |i| r.get::<_, i64>(i).map(|v| v.max(0) as u64);
+            Ok((r.get(0)?, n(1)?, n(2)?))
+        })
+        .and_then(|rows| rows.collect())
+        .map_err(|e| self.err(e))
+    }
+}
