@@ -2,7 +2,7 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    if let Ok(trigger) = touchctl::dispatch::user::RawTrigger::from_ndjson(data) {
+    if let Ok(trigger) = touchctl::dispatch::trigger::RawTrigger::from_ndjson(data) {
         touchctl_fuzz::check_trigger(&trigger);
     }
 });

@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use touchctl::channel::custom::{self, Envelope};
 use touchctl::channel::custom::check_template_params;
-use touchctl::dispatch::user::{self, Mapping, RawTrigger, UserRef};
+use touchctl::dispatch::trigger::{self, Mapping, RawTrigger, UserRef};
 use touchctl::load::{self, LoadError};
 use touchctl::model::{CustomSpec, KindSpec, SpecJson, Touchpoint};
 
@@ -113,7 +113,7 @@ pub fn check_trigger(trigger: &RawTrigger<'_>) {
     {
         assert!(!problems.is_empty(), "refused without a problem named");
     }
-    let (accepted, rejected) = user::screen(&trigger.users, &spec.dynamic_params);
+    let (accepted, rejected) = trigger::screen(&trigger.users, &spec.dynamic_params);
     assert_eq!(
         accepted.len() + rejected.len(),
         trigger.users.len(),
@@ -142,21 +142,21 @@ pub fn check_trigger(trigger: &RawTrigger<'_>) {
             String::from_utf8_lossy(&body)
         );
     }
-    let stored = user::store(accepted.iter().copied());
-    let back = user::parse_stored(&stored).expect("a stored batch reads back");
+    let stored = trigger::store(accepted.iter().copied());
+    let back = trigger::parse_stored(&stored).expect("a stored batch reads back");
     assert_same_users(accepted.iter().copied(), &back);
 }
 
 /// Reads a stored batch; what reads is stored again and must read back the same.
 pub fn check_stored(data: &[u8]) {
-    let Ok(users) = user::parse_stored(data) else {
+    let Ok(users) = trigger::parse_stored(data) else {
         return;
     };
-    let stored = user::store(users.iter());
-    let back = user::parse_stored(&stored).expect("what store wrote reads back");
+    let stored = trigger::store(users.iter());
+    let back = trigger::parse_stored(&stored).expect("what store wrote reads back");
     assert_same_users(users.iter(), &back);
     assert_eq!(
-        user::store(back.iter()),
+        trigger::store(back.iter()),
         stored,
         "stored twice, differently"
     );

@@ -18,7 +18,7 @@ use super::App;
 use super::body::BodyError;
 use crate::dispatch::intake::{self, IntakeError};
 use crate::dispatch::queue::QueueError;
-use crate::dispatch::user::RawTrigger;
+use crate::dispatch::trigger::RawTrigger;
 use crate::dispatch::worker::{Directory, Why};
 
 /// The routes, with authentication in front of all of them.

@@ -6,7 +6,7 @@
 
 use super::check_idempotency_key;
 use super::queue::{Enqueued, NewDispatch, Queue, QueueError, Receipt};
-use super::user::{RawTrigger, UserRef, recipients, screen};
+use super::trigger::{RawTrigger, UserRef, recipients, screen};
 use super::worker::{Directory, Lookup, Why};
 
 /// A trigger taken in.

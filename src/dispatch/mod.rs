@@ -8,7 +8,7 @@ pub mod intake;
 pub mod queue;
 pub mod retry;
 pub mod segments;
-pub mod user;
+pub mod trigger;
 pub mod worker;
 
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,7 @@ pub fn check_idempotency_key(key: &str) -> Result<(), String> {
 }
 
 /// A triggered user as a client writes it: an id and the attributes dynamic params are mapped
-/// from. (The daemon reads users without copying them: see [`user::UserRef`].)
+/// from. (The daemon reads users without copying them: see [`trigger::UserRef`].)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
@@ -76,7 +76,7 @@ fn attributes_once<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String,
             let mut out = Map::new();
             while let Some((k, v)) = map.next_entry::<String, Value>()? {
                 if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(user::duplicate_attribute(&k)));
+                    return Err(serde::de::Error::custom(trigger::duplicate_attribute(&k)));
                 }
                 out.insert(k, v);
             }

@@ -17,7 +17,7 @@ use super::Rejected;
 use super::queue::{After, Claimed, Completion, Queue, Users};
 use super::retry::{self, Next};
 use super::segments::Span;
-use super::user::{Mapping, UserRef, parse_stored, store};
+use super::trigger::{Mapping, UserRef, parse_stored, store};
 use crate::channel::{Channel, Message, Outgoing, Report, Rest, Signal, net_guard};
 use crate::store::now_ms;
 
@@ -662,7 +662,7 @@ impl Shared {
                     Some((wire, _)) => &wire.recipients,
                     None => {
                         let refs: Vec<&UserRef<'_>> = users.iter().collect();
-                        written = super::user::recipients(&refs, &target.mapping);
+                        written = super::trigger::recipients(&refs, &target.mapping);
                         &written
                     }
                 };
@@ -974,7 +974,7 @@ mod tests {
         let target = Target {
             id: "slow".into(),
             generation: 1,
-            mapping: super::super::user::Mapping::new(&spec.dynamic_params),
+            mapping: super::super::trigger::Mapping::new(&spec.dynamic_params),
             channel: Arc::new(crate::channel::custom::CustomChannel::new(
                 spec,
                 crate::model::Secret::new("t"),
@@ -990,7 +990,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(",")
         );
-        let users = super::super::user::parse_users_json(text.as_bytes()).unwrap();
+        let users = super::super::trigger::parse_users_json(text.as_bytes()).unwrap();
         let head = super::super::TriggerHead {
             touchpoint: "slow".into(),
             campaign: "c".into(),

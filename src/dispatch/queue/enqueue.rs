@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::writer::{Job, Work};
 use super::{Queue, QueueError, batch_id, lock, new_id};
 use crate::dispatch::fresh::Wire;
-use crate::dispatch::user::UserRef;
+use crate::dispatch::trigger::UserRef;
 use crate::dispatch::{Rejected, TriggerHead};
 
 /// What a trigger was answered: returned with 202, and again for a repeated idempotency key.
@@ -112,7 +112,7 @@ impl Queue {
         let batches: Vec<(usize, Vec<u8>)> = d
             .users
             .chunks(size)
-            .map(|c| (c.len(), crate::dispatch::user::store(c.iter().copied())))
+            .map(|c| (c.len(), crate::dispatch::trigger::store(c.iter().copied())))
             .collect();
         let dispatch_id = new_id("dsp");
         let job = Job {
