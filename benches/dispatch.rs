@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use serde_json::{Value, json};
 use touchctl::channel::custom::{Envelope, body_with};
-use touchctl::dispatch::trigger::{Mapping, RawTrigger, UserRef, parse_users_json, recipients};
+use touchctl::dispatch::recipient::{Mapping, recipients};
+use touchctl::dispatch::stored::parse_users_json;
+use touchctl::dispatch::trigger::{RawTrigger, UserRef};
 use touchctl::model::{DynamicParams, ParamSource};
 
 mod support;
@@ -151,7 +153,7 @@ async fn baseline(
         .map(|s| parse_users_json(s.as_bytes()).expect("users"))
         .collect();
     let client = reqwest::Client::new();
-    let params = Arc::new(touchctl::dispatch::trigger::Mapping::new(&params()));
+    let params = Arc::new(touchctl::dispatch::recipient::Mapping::new(&params()));
     let parsed = Arc::new(parsed);
     let next = Arc::new(AtomicU64::new(0));
     let batches = parsed.len();
@@ -219,7 +221,7 @@ async fn baseline_from_triggers(
     for k in 0..2 {
         let (triggers, tx) = (triggers.clone(), tx.clone());
         parsers.push(tokio::task::spawn_blocking(move || {
-            let mapping = touchctl::dispatch::trigger::Mapping::new(&params());
+            let mapping = touchctl::dispatch::recipient::Mapping::new(&params());
             for (t, bytes) in triggers.iter().enumerate().skip(k).step_by(2) {
                 let trigger = RawTrigger::from_json(bytes).expect("trigger");
                 let count = trigger.users.len().div_ceil(batch) as u32;
@@ -290,7 +292,8 @@ fn parse_ceiling(triggers: &[Bytes]) -> (f64, Duration) {
 /// rate and the CPU time per recipient (every thread, the queue's writer included).
 fn queue_alone(triggers: &[Bytes], batch: usize) -> (f64, Duration) {
     use touchctl::dispatch::queue::{After, Completion, NewDispatch, Queue, Users};
-    use touchctl::dispatch::trigger::{parse_stored, screen};
+    use touchctl::dispatch::stored::parse_stored;
+    use touchctl::dispatch::trigger::screen;
     let dir = tempfile::tempdir().expect("temp dir");
     let queue = Queue::open(&dir.path().join("queue.db")).expect("queue");
     let parsed: Vec<RawTrigger<'_>> = triggers

@@ -21,7 +21,9 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use touchctl::channel::custom::{self, Envelope};
 use touchctl::channel::custom::check_template_params;
-use touchctl::dispatch::trigger::{self, Mapping, RawTrigger, UserRef};
+use touchctl::dispatch::recipient::Mapping;
+use touchctl::dispatch::stored;
+use touchctl::dispatch::trigger::{RawTrigger, UserRef};
 use touchctl::load::{self, LoadError};
 use touchctl::model::{CustomSpec, KindSpec, SpecJson, Touchpoint};
 
@@ -113,7 +115,7 @@ pub fn check_trigger(trigger: &RawTrigger<'_>) {
     {
         assert!(!problems.is_empty(), "refused without a problem named");
     }
-    let (accepted, rejected) = trigger::screen(&trigger.users, &spec.dynamic_params);
+    let (accepted, rejected) = touchctl::dispatch::trigger::screen(&trigger.users, &spec.dynamic_params);
     assert_eq!(
         accepted.len() + rejected.len(),
         trigger.users.len(),
@@ -142,21 +144,21 @@ pub fn check_trigger(trigger: &RawTrigger<'_>) {
             String::from_utf8_lossy(&body)
         );
     }
-    let stored = trigger::store(accepted.iter().copied());
-    let back = trigger::parse_stored(&stored).expect("a stored batch reads back");
+    let stored = stored::store(accepted.iter().copied());
+    let back = stored::parse_stored(&stored).expect("a stored batch reads back");
     assert_same_users(accepted.iter().copied(), &back);
 }
 
 /// Reads a stored batch; what reads is stored again and must read back the same.
 pub fn check_stored(data: &[u8]) {
-    let Ok(users) = trigger::parse_stored(data) else {
+    let Ok(users) = stored::parse_stored(data) else {
         return;
     };
-    let stored = trigger::store(users.iter());
-    let back = trigger::parse_stored(&stored).expect("what store wrote reads back");
+    let stored = stored::store(users.iter());
+    let back = stored::parse_stored(&stored).expect("what store wrote reads back");
     assert_same_users(users.iter(), &back);
     assert_eq!(
-        trigger::store(back.iter()),
+        stored::store(back.iter()),
         stored,
         "stored twice, differently"
     );

@@ -365,7 +365,7 @@ fn ready(l: &Live, tp: Touchpoint, policy: &SecretPolicy, shared: &Arc<channel::
         Ok(channel) => Lookup::Ready(Arc::new(Target {
             id: l.id.clone(),
             generation: l.generation,
-            mapping: crate::dispatch::trigger::Mapping::new(tp.spec.dynamic_params()),
+            mapping: crate::dispatch::recipient::Mapping::new(tp.spec.dynamic_params()),
             channel,
         })),
         Err(e) => Lookup::Held(Why::Unavailable, e.0),

@@ -6,7 +6,8 @@
 
 use super::check_idempotency_key;
 use super::queue::{Enqueued, NewDispatch, Queue, QueueError, Receipt};
-use super::trigger::{RawTrigger, UserRef, recipients, screen};
+use super::recipient::recipients;
+use super::trigger::{RawTrigger, UserRef, screen};
 use super::worker::{Directory, Lookup, Why};
 
 /// A trigger taken in.

@@ -6,8 +6,10 @@
 pub mod fresh;
 pub mod intake;
 pub mod queue;
+pub mod recipient;
 pub mod retry;
 pub mod segments;
+pub mod stored;
 pub mod trigger;
 pub mod worker;
 

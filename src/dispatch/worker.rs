@@ -15,9 +15,11 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::Rejected;
 use super::queue::{After, Claimed, Completion, Queue, Users};
+use super::recipient::Mapping;
 use super::retry::{self, Next};
 use super::segments::Span;
-use super::trigger::{Mapping, UserRef, parse_stored, store};
+use super::stored::{parse_stored, store};
+use super::trigger::UserRef;
 use crate::channel::{Channel, Message, Outgoing, Report, Rest, Signal, net_guard};
 use crate::store::now_ms;
 
@@ -662,7 +664,7 @@ impl Shared {
                     Some((wire, _)) => &wire.recipients,
                     None => {
                         let refs: Vec<&UserRef<'_>> = users.iter().collect();
-                        written = super::trigger::recipients(&refs, &target.mapping);
+                        written = super::recipient::recipients(&refs, &target.mapping);
                         &written
                     }
                 };
@@ -974,7 +976,7 @@ mod tests {
         let target = Target {
             id: "slow".into(),
             generation: 1,
-            mapping: super::super::trigger::Mapping::new(&spec.dynamic_params),
+            mapping: super::super::recipient::Mapping::new(&spec.dynamic_params),
             channel: Arc::new(crate::channel::custom::CustomChannel::new(
                 spec,
                 crate::model::Secret::new("t"),
@@ -990,7 +992,7 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(",")
         );
-        let users = super::super::trigger::parse_users_json(text.as_bytes()).unwrap();
+        let users = super::super::stored::parse_users_json(text.as_bytes()).unwrap();
         let head = super::super::TriggerHead {
             touchpoint: "slow".into(),
             campaign: "c".into(),

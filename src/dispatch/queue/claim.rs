@@ -39,7 +39,7 @@ pub struct Claimed {
 /// A claimed batch's users.
 #[derive(Clone, Debug)]
 pub enum Users {
-    /// In their stored form (see [`crate::dispatch::trigger::store`]), or why they cannot be read.
+    /// In their stored form (see [`crate::dispatch::stored::store`]), or why they cannot be read.
     Stored(Result<Vec<u8>, String>),
     /// As written on the wire when the batch was queued by this process (see [`crate::dispatch::fresh`]),
     /// not read from disk. They are the batch's users as stored at the span (a batch whose users

@@ -112,7 +112,7 @@ impl Queue {
         let batches: Vec<(usize, Vec<u8>)> = d
             .users
             .chunks(size)
-            .map(|c| (c.len(), crate::dispatch::trigger::store(c.iter().copied())))
+            .map(|c| (c.len(), crate::dispatch::stored::store(c.iter().copied())))
             .collect();
         let dispatch_id = new_id("dsp");
         let job = Job {

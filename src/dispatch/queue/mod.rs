@@ -17,7 +17,7 @@
 //! triggers arriving together share one commit and one fsync, and attempt records share commits
 //! without an fsync of their own.
 //!
-//! A new batch's users (in the stored form of [`super::trigger::store`]) are not in this file: they
+//! A new batch's users (in the stored form of [`super::stored::store`]) are not in this file: they
 //! are appended to a segment file beside it, which the batch's row points into (see
 //! [`super::segments`] for why and for the rules that keep that crash-safe). Users that are
 //! rewritten (what is left of a partly delivered batch, a dead batch's users) and batches stored

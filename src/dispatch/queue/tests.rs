@@ -30,7 +30,7 @@ fn users(n: usize) -> Vec<&'static UserRef<'static>> {
         )
         .into_boxed_str(),
     );
-    let parsed = crate::dispatch::trigger::parse_users_json(text.as_bytes()).unwrap();
+    let parsed = crate::dispatch::stored::parse_users_json(text.as_bytes()).unwrap();
     Vec::leak(parsed).iter().collect()
 }
 
@@ -87,7 +87,7 @@ fn batches_just_queued_are_claimed_from_memory_once() {
         assert_eq!(wire.count, c.remaining);
         // The same users as the stored form at the span.
         let on_disk = q.read_span(*span).unwrap();
-        let ids: Vec<String> = crate::dispatch::trigger::parse_stored(&on_disk)
+        let ids: Vec<String> = crate::dispatch::stored::parse_stored(&on_disk)
             .unwrap()
             .iter()
             .map(|u| u.id.to_string())
@@ -337,7 +337,7 @@ fn segments_go_once_no_batch_needs_them_and_dead_users_outlive_them() {
         assert_eq!(claimed.len(), 2);
         let dead_users = stored(&claimed[1]).unwrap();
         assert_eq!(
-            crate::dispatch::trigger::parse_stored(&dead_users)
+            crate::dispatch::stored::parse_stored(&dead_users)
                 .unwrap()
                 .len(),
             4
@@ -421,7 +421,7 @@ fn a_segment_a_pending_batch_points_into_is_kept() {
     let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(
-        crate::dispatch::trigger::parse_stored(&stored(&claimed[0]).unwrap())
+        crate::dispatch::stored::parse_stored(&stored(&claimed[0]).unwrap())
             .unwrap()
             .len(),
         3
@@ -453,7 +453,7 @@ fn a_missing_segment_is_an_error_on_its_batch_not_on_the_claim() {
 fn batches_stored_by_an_older_version_are_read_from_the_queue_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
-    let old_users = crate::dispatch::trigger::store(users(2).into_iter());
+    let old_users = crate::dispatch::stored::store(users(2).into_iter());
     {
         // The file as format 2 left it: no segment columns, users in `payloads`, no replays
         // and no daemon lease.
