@@ -19,11 +19,11 @@ use std::sync::OnceLock;
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use touchctl::channel::custom::{self, Envelope};
 use touchctl::channel::custom::check_template_params;
-use touchctl::dispatch::recipient::Mapping;
+use touchctl::channel::custom::{self, Envelope};
+use touchctl::dispatch::recipient::{Mapping, recipients};
 use touchctl::dispatch::stored;
-use touchctl::dispatch::trigger::{RawTrigger, UserRef};
+use touchctl::dispatch::trigger::{RawTrigger, UserRef, screen};
 use touchctl::load::{self, LoadError};
 use touchctl::model::{CustomSpec, KindSpec, SpecJson, Touchpoint};
 
@@ -115,14 +115,14 @@ pub fn check_trigger(trigger: &RawTrigger<'_>) {
     {
         assert!(!problems.is_empty(), "refused without a problem named");
     }
-    let (accepted, rejected) = touchctl::dispatch::trigger::screen(&trigger.users, &spec.dynamic_params);
+    let (accepted, rejected) = screen(&trigger.users, mapping());
     assert_eq!(
         accepted.len() + rejected.len(),
         trigger.users.len(),
         "every user is accepted or rejected"
     );
     assert!(rejected.iter().all(|r| !r.reason.is_empty()));
-    let recipients = custom::recipients(&accepted, mapping());
+    let recipients = recipients(&accepted, mapping());
     let listed = json_list(&recipients);
     assert_eq!(listed.len(), accepted.len());
     for (recipient, user) in listed.iter().zip(&accepted) {
@@ -170,7 +170,8 @@ pub fn check_stored(data: &[u8]) {
         count: 1,
         template: "{}",
     };
-    let body = custom::body(&env, &users, mapping());
+    let refs: Vec<&UserRef<'_>> = users.iter().collect();
+    let body = custom::body_with(&env, &recipients(&refs, mapping()));
     // Batches stored by this version or the one before carry their values as the JSON they
     // were received as; the oldest form is a JSON array, parsed here: its body must be JSON.
     if !matches!(data.first(), Some(1 | 2))
