@@ -14,7 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use touchctl::apply::{self, ApplyOptions};
 use touchctl::load;
 use touchctl::model::SecretPolicy;
-use touchctl::planner::{make_plan, plan_dir};
+use touchctl::plan::inputs::{make_plan, plan_dir};
 use touchctl::registry::SqliteRegistry;
 
 mod support;
@@ -99,7 +99,8 @@ fn main() {
         let outcomes = apply::execute(&plan, &registry, &opts, &mut |_| {});
         assert!(outcomes.iter().all(|o| o.result.is_ok()));
     }
-    let validator = jsonschema::draft202012::new(touchctl::schema::schema()).expect("schema");
+    let validator =
+        jsonschema::draft202012::new(touchctl::model::schema::schema()).expect("schema");
 
     // Warm the page cache and the allocator once for each.
     assert_eq!(baseline(&dir, &validator), n);

@@ -233,7 +233,7 @@ pub enum Command {
         #[arg(long)]
         check: bool,
         /// Where the schema file lives.
-        #[arg(long, default_value = touchctl::schema::DEFAULT_PATH)]
+        #[arg(long, default_value = touchctl::model::schema::DEFAULT_PATH)]
         out: PathBuf,
     },
     /// Show what apply would change in the registry to match the files.

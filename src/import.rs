@@ -157,7 +157,7 @@ pub fn write(
                 .to_string(),
         );
     }
-    match crate::planner::fingerprints(&back, registry, policy) {
+    match crate::plan::inputs::fingerprints(&back, registry, policy) {
         Ok(fps) => {
             for (field, fp) in fps.first().into_iter().flatten() {
                 if live.fingerprints.get(field) != Some(fp) {

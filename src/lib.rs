@@ -5,14 +5,11 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`model`] | the serde + schemars types of a touchpoint file; secret references and what they may read (the only I/O) |
-//! | [`schema`] | the JSON Schema generated from [`model`], its file and freshness check |
-//! | [`load`] | reading a tree of files (again: only what changed), TOML spans, schema and cross-file checks, diagnostics |
+//! | [`model`] | the serde + schemars types of a touchpoint file; secret references and what they may read; the JSON Schema generated from them, its file and freshness check ([`model::schema`]); the only I/O is reading secrets and the schema file |
+//! | [`load`] | reading a tree of files (again: only what changed), TOML spans, schema and cross-file checks, diagnostics; what commit the files came from and the files at another revision ([`load::git`]) |
 //! | [`registry`] | the live state: the `Registry` trait, its SQLite backend, locking, generations |
-//! | [`plan`] | the pure diff of desired against live, its renderings, the seal of a saved plan |
-//! | [`planner`] | gathering a plan's inputs: secret fingerprints, the live state |
+//! | [`plan`] | the pure diff of desired against live, its renderings, the seal of a saved plan; gathering its inputs (secret fingerprints, the live state, a base revision) with I/O ([`plan::inputs`]) |
 //! | [`apply`] | running a plan against the registry, with per-change outcomes |
-//! | [`git`] | what commit the files came from; the files at another revision |
 //! | [`import`] | writing the TOML file of a live touchpoint |
 //! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
 //! | [`channel`] | the wire format of each channel: request, signing, what an answer means; the network guard |
@@ -28,15 +25,12 @@ pub mod apply;
 pub mod channel;
 pub mod daemon;
 pub mod dispatch;
-pub mod git;
 pub mod import;
 pub mod lease;
 pub mod load;
 pub mod model;
 pub mod plan;
-pub mod planner;
 pub mod registry;
 pub mod sandbox;
-pub mod schema;
 pub mod store;
 pub mod term;

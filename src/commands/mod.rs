@@ -15,10 +15,10 @@ use touchctl::apply::{self, ApplyOptions, Outcome};
 use touchctl::import;
 use touchctl::load::{self, Diagnostic, LoadError};
 use touchctl::model::SecretPolicy;
+use touchctl::model::schema::{self, Freshness};
+use touchctl::plan::inputs::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text, seal};
-use touchctl::planner::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
-use touchctl::schema::{self, Freshness};
 use touchctl::term::{self, escape};
 
 use crate::cli::{Cli, ColorChoice, Command, Global, PlanFormat, ValidateFormat};
@@ -171,7 +171,7 @@ fn warn_if_empty(g: &Global, desired: &load::Desired) {
 /// What secret references may read: the repository holding --dir, --secrets-dir, and the
 /// variables --secret-env-allow names.
 pub(crate) fn secret_policy(g: &Global) -> SecretPolicy {
-    SecretPolicy::new(touchctl::git::repository_root(&g.dir).as_deref())
+    SecretPolicy::new(touchctl::load::git::repository_root(&g.dir).as_deref())
         .with_secrets_dir(g.secrets_dir.clone())
         .with_env_allow(g.secret_env_allow.clone())
 }
@@ -366,7 +366,7 @@ fn plan_cmd(
 /// it loads again without error).
 fn refresh_warnings(g: &Global, allow_private: bool) -> Vec<touchctl::plan::Warning> {
     match load::load_dir(&g.dir) {
-        Ok(desired) => touchctl::planner::refresh(&desired, &secret_policy(g), allow_private),
+        Ok(desired) => touchctl::plan::inputs::refresh(&desired, &secret_policy(g), allow_private),
         Err(e) => vec![touchctl::plan::Warning {
             touchpoint: String::new(),
             message: format!("not checked: {e}"),

@@ -21,7 +21,7 @@ use crate::apply::{self, ApplyOptions};
 use crate::load::{Diagnostic, LoadError, Reload, TreeCache};
 use crate::model::SecretPolicy;
 use crate::plan::Action;
-use crate::planner::{PlanError, plan_from, plan_only};
+use crate::plan::inputs::{PlanError, plan_from, plan_only};
 use crate::registry::{LockGuard, Registry};
 
 /// Where the desired state is read.
@@ -261,7 +261,7 @@ impl Reconciler {
         report.planned = plan.changes.len();
         report.commit = commit;
         if settings.source == Source::Worktree {
-            report.commit = self.repo().and_then(crate::git::commit_in);
+            report.commit = self.repo().and_then(crate::load::git::commit_in);
         }
         if !plan.has_changes() {
             report.ok = true;
@@ -270,7 +270,7 @@ impl Reconciler {
         if settings.source == Source::Worktree {
             let head = self
                 .repo()
-                .and_then(|repo| crate::git::head_in(repo, &settings.dir));
+                .and_then(|repo| crate::load::git::head_in(repo, &settings.dir));
             plan.source.commit = head.as_ref().and_then(|h| h.commit.clone());
             plan.source.dirty = head.is_some_and(|h| h.dirty);
             report.commit = plan.source.commit.clone();
@@ -332,7 +332,7 @@ impl Reconciler {
         let result = match &self.settings.source {
             Source::Worktree => self.cache.load_dir(&self.settings.dir).map(|r| (r, None)),
             Source::Git(rev) => {
-                let mut listing = crate::git::list_at(&self.settings.dir, rev)
+                let mut listing = crate::load::git::list_at(&self.settings.dir, rev)
                     .map_err(|e| LoadFailure::Other(e.to_string()))?;
                 let files = std::mem::take(&mut listing.files);
                 self.cache

@@ -1,10 +1,12 @@
 //! Reads the desired state: every `*.toml` file under a folder (or given as text, e.g. from a git
 //! revision), checked against the schema and by the cross-field and cross-file rules. All problems
 //! are collected at once as [`Diagnostic`]s; a tree with any of them yields none of its touchpoints.
+//! [`git`] says what commit the files came from and reads them at another revision.
 
 mod cache;
 mod checks;
 mod diagnostic;
+pub mod git;
 mod schema_errors;
 mod toml_json;
 
@@ -372,7 +374,7 @@ pub(crate) fn file_diag(name: &str, code: &'static str, message: String) -> Diag
 
 fn validator() -> &'static jsonschema::Validator {
     static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
-    VALIDATOR.get_or_init(|| compile(crate::schema::schema()))
+    VALIDATOR.get_or_init(|| compile(crate::model::schema::schema()))
 }
 
 fn compile(schema: &Value) -> jsonschema::Validator {
@@ -386,7 +388,7 @@ fn compile(schema: &Value) -> jsonschema::Validator {
 fn kind_validator(kind: &str) -> Option<&'static jsonschema::Validator> {
     static BY_KIND: OnceLock<Vec<(String, jsonschema::Validator)>> = OnceLock::new();
     let all = BY_KIND.get_or_init(|| {
-        let schema = crate::schema::schema();
+        let schema = crate::model::schema::schema();
         let branches = schema["oneOf"].as_array().cloned().unwrap_or_default();
         branches
             .into_iter()
@@ -413,7 +415,7 @@ fn schema_issues(doc: &Value) -> Vec<Issue> {
     if fast.is_some_and(|v| v.is_valid(doc)) {
         return Vec::new();
     }
-    schema_errors::check(validator(), crate::schema::schema(), doc)
+    schema_errors::check(validator(), crate::model::schema::schema(), doc)
 }
 
 /// Checks a spec that did not come from a file (e.g. from a saved plan) against the schema and the

@@ -1,6 +1,7 @@
 //! The desired-state types: what one touchpoint file says. These types are the single source of the
-//! JSON Schema (`crate::schema`) and of the spec stored in the registry. Nothing here does I/O but
-//! reading a secret reference, as its [`SecretPolicy`] allows.
+//! JSON Schema ([`schema`]) and of the spec stored in the registry. Nothing here does I/O but
+//! reading a secret reference, as its [`SecretPolicy`] allows, and reading and writing the schema
+//! file ([`schema::check`], [`schema::write`]).
 //!
 //! A file is a [`Touchpoint`]: the [`Common`] fields every kind has, plus one [`KindSpec`] chosen by
 //! its `kind` field.
@@ -8,6 +9,7 @@
 mod app_push;
 mod custom;
 mod params;
+pub mod schema;
 mod secret;
 mod secret_policy;
 mod spec_json;
@@ -347,7 +349,7 @@ mod tests {
             }
         }
         let mut found = Vec::new();
-        patterns(crate::schema::schema(), &mut found);
+        patterns(crate::model::schema::schema(), &mut found);
         let mut durations = 0;
         for p in found {
             let validator =

@@ -2,9 +2,13 @@
 //! (no I/O): it compares each desired spec with the live one field by field, secrets by their keyed
 //! fingerprints, and reports drift (live changed outside apply) apart from the changes.
 //!
+//! [`inputs`] gathers what a plan needs with I/O (the live state, secret fingerprints, a base
+//! revision's files) and makes it; the pure modules here never call it.
+//!
 //! The [`Plan`] type is also the `--format json` document and the saved-plan file; its
 //! `format_version` changes whenever a field changes meaning or disappears.
 
+pub mod inputs;
 mod markdown;
 mod render;
 mod seal;

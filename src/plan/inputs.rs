@@ -231,7 +231,7 @@ fn plan_against(
 
 /// Where files read from `dir` come from: its git commit, and whether it has uncommitted changes.
 pub fn source_of(dir: &Path) -> Source {
-    let head = crate::git::head(dir);
+    let head = crate::load::git::head(dir);
     Source {
         dir: dir.display().to_string(),
         commit: head.as_ref().and_then(|h| h.commit.clone()),
@@ -244,7 +244,7 @@ pub fn source_of(dir: &Path) -> Source {
 pub enum BaseError {
     /// The revision could not be read.
     #[error(transparent)]
-    Git(#[from] crate::git::GitError),
+    Git(#[from] crate::load::git::GitError),
     /// The work tree's files could not be loaded, or have problems.
     #[error(transparent)]
     Head(crate::load::LoadError),
@@ -263,7 +263,7 @@ pub enum BaseError {
 /// compare by their references. A touchpoint whose file moved keeps its id, so it is a no-op (or an
 /// update) with `moved_from`, not a delete and a create.
 pub fn plan_base(dir: &Path, rev: &str) -> Result<(Desired, Plan), BaseError> {
-    let (revision, sources) = crate::git::sources_at(dir, rev)?;
+    let (revision, sources) = crate::load::git::sources_at(dir, rev)?;
     let (head, base) = rayon::join(
         || crate::load::load_dir(dir),
         || crate::load::load_sources(sources),
