@@ -80,7 +80,7 @@ impl Default for Metrics {
         let attempts = Family::<Outcome, Counter>::default();
         registry.register(
             "delivery_attempts",
-            "Delivery attempts, by touchpoint and outcome (delivered, failed, partial, retry, interrupted, dead)",
+            "Delivery attempts, by touchpoint and outcome (delivered, failed, partial, retry, interrupted, dead, held: its platform refused the configuration, deferred: its platform asked to wait)",
             attempts.clone(),
         );
         let signals = Family::<SignalLabel, Counter>::default();
