@@ -259,11 +259,16 @@ fn with_word(e: &Entry, said: Option<&Said>, now: i64) -> (Summary, Lookup) {
         return (summary, e.lookup.clone());
     }
     summary.code = Some(s.code.clone());
+    // Channels put the code first in their reasons; it is not said twice.
+    let said = if s.reason.starts_with(&s.code) {
+        s.reason.clone()
+    } else {
+        format!("{} {}", s.code, s.reason)
+    };
     match s.until {
         None => {
             let reason = format!(
-                "held: the platform refused its configuration ({}): {}; fix the file or its secret and apply it, or resume it through the API once fixed outside touchctl",
-                s.code, s.reason
+                "held by the platform: {said}; its batches are parked until a changed spec or secret is applied, or it is resumed through the API"
             );
             summary.ready = false;
             summary.state = "held";
@@ -271,7 +276,7 @@ fn with_word(e: &Entry, said: Option<&Said>, now: i64) -> (Summary, Lookup) {
             (summary, Lookup::Held(Why::Platform, reason))
         }
         Some(until) if until > now => {
-            let reason = format!("waiting: {} ({})", s.reason, s.code);
+            let reason = format!("waiting: {said}");
             summary.state = "waiting";
             summary.held = Some(reason.clone());
             summary.until = Some(rfc3339(until));

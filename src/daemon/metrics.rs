@@ -80,7 +80,7 @@ impl Default for Metrics {
         let attempts = Family::<Outcome, Counter>::default();
         registry.register(
             "delivery_attempts",
-            "Delivery attempts, by touchpoint and outcome (delivered, failed, partial, retry, interrupted, dead)",
+            "Delivery attempts, by touchpoint and outcome (delivered, failed, partial, retry, interrupted, dead, held: its platform refused the configuration, deferred: its platform asked to wait)",
             attempts.clone(),
         );
         let signals = Family::<SignalLabel, Counter>::default();
@@ -343,11 +343,13 @@ impl Observer for Metrics {
             Signal::Wait { wait, .. } => format!(" for {}", humantime::format_duration(*wait)),
             Signal::Hold { .. } => String::new(),
         };
-        crate::daemon::log(&format!(
-            "`{touchpoint}` {what}{wait} ({} {})",
-            signal.code(),
-            signal.reason()
-        ));
+        // Channels put the code first in their reasons; it is not said twice.
+        let said = if signal.reason().starts_with(signal.code()) {
+            signal.reason().to_string()
+        } else {
+            format!("{} {}", signal.code(), signal.reason())
+        };
+        crate::daemon::log(&format!("`{touchpoint}` {what}{wait} ({said})"));
     }
 
     fn claimed(&self, batches: usize) {

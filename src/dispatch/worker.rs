@@ -1083,6 +1083,148 @@ mod tests {
         assert!(b.take(start + Duration::from_millis(500)).is_ok());
     }
 
+    fn claimed() -> Claimed {
+        Claimed {
+            id: "dsp_0000000000a_0".into(),
+            dispatch_id: "dsp_0000000000a".into(),
+            index: 0,
+            count: 1,
+            touchpoint: "sms".into(),
+            users: Users::Stored(Ok(Vec::new())),
+            remaining: 3,
+            attempts: 0,
+            campaign: "c".into(),
+            template_params: "{}".into(),
+            message: None,
+        }
+    }
+
+    fn target() -> Target {
+        let spec: crate::model::CustomSpec =
+            toml::from_str("url = \"https://x.example.com\"\nauth_token = { env = \"UNUSED\" }\n")
+                .unwrap();
+        Target {
+            id: "sms".into(),
+            generation: 7,
+            mapping: Mapping::new(&spec.dynamic_params),
+            channel: Arc::new(crate::channel::custom::CustomChannel::new(
+                spec,
+                crate::model::Secret::new("t"),
+                None,
+            )),
+        }
+    }
+
+    fn miss(id: &str, retry: bool) -> crate::channel::Miss {
+        crate::channel::Miss {
+            user_id: id.into(),
+            retry,
+            reason: format!("43004 require subscribe ({id})"),
+        }
+    }
+
+    fn report(misses: Vec<crate::channel::Miss>, rest: Rest, signal: Option<Signal>) -> Report {
+        Report {
+            status: Some(200),
+            misses,
+            rest,
+            error: None,
+            signal,
+        }
+    }
+
+    fn remaining_ids(c: &Completion) -> Vec<String> {
+        let (stored, n) = c.remaining.as_ref().expect("remaining users");
+        let users = parse_stored(stored).unwrap();
+        assert_eq!(users.len(), *n as usize);
+        users.iter().map(|u| u.id.to_string()).collect()
+    }
+
+    #[test]
+    fn a_report_becomes_the_batch_s_next_state() {
+        let text = br#"[{"user_id":"u1"},{"user_id":"u2"},{"user_id":"u3"}]"#;
+        let users = super::super::stored::parse_users_json(text).unwrap();
+        let (b, t) = (claimed(), target());
+        let run = |r: Report| outcome(&b, &t, 3, &users, r, 0, Duration::ZERO);
+
+        // Named misses, everyone else delivered; an id not in the batch is noise.
+        let c = run(report(
+            vec![miss("u1", false), miss("u2", true), miss("stranger", false)],
+            Rest::Delivered,
+            None,
+        ));
+        assert_eq!(c.delivered, 1);
+        assert_eq!(c.failed.len(), 1);
+        assert_eq!(c.failed[0].user_id, "u1");
+        assert!(c.failed[0].reason.starts_with("43004"));
+        assert_eq!(remaining_ids(&c), ["u2"]);
+        assert!(matches!(c.after, After::RetryAt(_)));
+        assert_eq!(c.generation, 7);
+
+        // The others to retry: only the failed one is settled.
+        let c = run(report(
+            vec![miss("u1", false)],
+            Rest::Retry { after: None },
+            None,
+        ));
+        assert_eq!((c.delivered, c.failed.len()), (0, 1));
+        assert_eq!(remaining_ids(&c), ["u2", "u3"]);
+
+        // Every named recipient settled: done.
+        let c = run(report(vec![miss("u3", false)], Rest::Delivered, None));
+        assert_eq!((c.delivered, c.after.clone()), (2, After::Done));
+
+        // Dead: the rest is kept for a replay.
+        let c = run(report(vec![miss("u1", false)], Rest::Dead, None));
+        assert_eq!(c.after, After::Dead);
+        assert_eq!(remaining_ids(&c), ["u2", "u3"]);
+
+        // A hold parks what is left, uncounted, with the platform's reason.
+        let hold = Signal::Hold {
+            code: "40125".into(),
+            reason: "40125 invalid appsecret".into(),
+        };
+        let c = run(report(
+            vec![],
+            Rest::Retry { after: None },
+            Some(hold.clone()),
+        ));
+        assert_eq!(c.after, After::Parked("40125 invalid appsecret".into()));
+        assert!(c.remaining.is_none(), "the batch keeps its users");
+        let c = run(report(vec![miss("u3", true)], Rest::Delivered, Some(hold)));
+        assert_eq!(c.delivered, 2);
+        assert_eq!(remaining_ids(&c), ["u3"]);
+        assert!(matches!(c.after, After::Parked(_)));
+
+        // A wait defers what is left to its end.
+        let before = now_ms();
+        let c = run(report(
+            vec![],
+            Rest::Retry { after: None },
+            Some(Signal::Wait {
+                wait: Duration::from_secs(60),
+                code: "45011".into(),
+                reason: "45011 api minute-quota reach limit".into(),
+            }),
+        ));
+        match c.after {
+            After::Deferred(at) => assert!(at >= before + 60_000 && at <= now_ms() + 60_000),
+            other => panic!("{other:?}"),
+        }
+
+        // Nothing named and delivered: the count comes from the request, not the users.
+        let c = outcome(
+            &b,
+            &t,
+            500,
+            &[],
+            Report::delivered(Some(200)),
+            0,
+            Duration::ZERO,
+        );
+        assert_eq!((c.delivered, c.after), (500, After::Done));
+    }
+
     #[test]
     fn batch_ids_carry_their_creation_time() {
         assert_eq!(batch_created_ms("dsp_0000000000a1b2c3d4e5f6_3"), Some(10));

@@ -19,8 +19,8 @@
 //! What the session does differently from a reader, each for a reason:
 //! - `cargo install --locked --path .` is skipped: the binary under test is already on the `PATH`.
 //! - `bash .ci/run` is skipped: it is what runs this test.
-//! - The daemon's and the sink's ports (8640, 8641) are replaced by free ports, in the commands,
-//!   the copied files and the environment (`TOUCHCTL_LISTEN`, `TOUCHCTL_URL`), and put back in
+//! - The daemon's and the sandbox's ports (8640, 8641) are replaced by free ports, in the commands,
+//!   the copied files (the samples, `examples/demo/run.sh`) and the environment (`TOUCHCTL_LISTEN`, `TOUCHCTL_URL`), and put back in
 //!   what is printed before it is compared: tests never take fixed ports.
 //!
 //! A `<!-- file: NAME -->` comment right before a `>` quote says that the quote is the file `NAME`
@@ -356,7 +356,7 @@ impl Drop for Session {
 }
 
 /// Copies what a reader's clone holds that the README uses, and commits it on `main`.
-fn prepare(dir: &Path, sink_port: u16) {
+fn prepare(dir: &Path, daemon_port: u16, sink_port: u16) {
     for sub in ["touchpoints", "secrets", "schemas", "examples"] {
         copy_dir(&repo_root().join(sub), &dir.join(sub));
     }
@@ -365,6 +365,15 @@ fn prepare(dir: &Path, sink_port: u16) {
         let text = std::fs::read_to_string(&file).expect("sample");
         std::fs::write(&file, text.replace("8641", &sink_port.to_string())).expect("sample");
     }
+    // The demo starts the sandbox and the daemon on the samples' ports.
+    let demo = dir.join("examples/demo/run.sh");
+    let text = std::fs::read_to_string(&demo).expect("examples/demo/run.sh");
+    std::fs::write(
+        &demo,
+        text.replace("8641", &sink_port.to_string())
+            .replace("8640", &daemon_port.to_string()),
+    )
+    .expect("examples/demo/run.sh");
     let git = |args: &[&str]| {
         let out = Command::new("git")
             .args(args)
@@ -403,7 +412,7 @@ fn every_command_block_of_the_readme_prints_what_it_shows() {
     let work = tempfile::tempdir().expect("temp dir");
     let logs = tempfile::tempdir().expect("temp dir");
     let ports = [(free_port(), "8640"), (free_port(), "8641")];
-    prepare(work.path(), ports[1].0);
+    prepare(work.path(), ports[0].0, ports[1].0);
     let mut session = Session::start(work.path(), logs.path(), ports);
     for part in &parts {
         match part {
