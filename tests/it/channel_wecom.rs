@@ -350,3 +350,54 @@ fn wecom_customers_get_one_mass_message_with_its_msgid_noted() {
     assert!(shown.contains("add_msg_template msgid msg"), "{shown}");
     assert!(shown.contains("c2: fail_list:"), "{shown}");
 }
+
+#[test]
+fn wecom_plan_refresh_finds_the_agent_and_shows_a_refused_secret_without_it() {
+    let p = Project::with_samples();
+    let s = p.start_sandbox(&[]);
+    p.set(FILE, "http://127.0.0.1:8641", &s.url);
+    let right = p.read(SECRET_FILE);
+    let plan = |p: &Project| p.run(&["plan", "--refresh", "--allow-private-network"]);
+    let good = plan(&p);
+    good.code(0);
+    assert!(!good.stdout.contains("! wecom-stores"), "{}", good.all());
+    // The probe asked for a token and for the agent, and sent nothing.
+    assert_eq!(s.messages("channel=wecom&kind=query").len(), 1);
+    assert!(sends(&s).is_empty());
+
+    // An agent id that is not the app's.
+    p.set(FILE, "agent_id = 1000005", "agent_id = 1000006");
+    let wrong_agent = plan(&p);
+    wrong_agent.code(0).stdout_has("! wecom-stores: ");
+    assert!(
+        wrong_agent.stdout.contains("40056"),
+        "{}",
+        wrong_agent.all()
+    );
+    p.set(FILE, "agent_id = 1000006", "agent_id = 1000005");
+
+    p.write(SECRET_FILE, "not-the-app-secret\n");
+    let bad = plan(&p);
+    bad.code(0).stdout_has("! wecom-stores: ");
+    assert!(bad.stdout.contains("40001"), "{}", bad.all());
+    assert!(!bad.all().contains("not-the-app-secret"), "{}", bad.all());
+    assert!(!bad.all().contains(right.trim()), "{}", bad.all());
+    // The JSON plan carries it as a warning, and the exit code is the plan's own: with
+    // --detailed-exitcode, 2 for the creates of an empty registry.
+    let json = p.run(&[
+        "plan",
+        "--refresh",
+        "--allow-private-network",
+        "--format",
+        "json",
+        "--detailed-exitcode",
+    ]);
+    json.code(2);
+    let doc: Value = serde_json::from_str(&json.stdout).unwrap();
+    let warnings = doc["warnings"].as_array().expect("warnings");
+    assert!(
+        warnings.iter().any(|w| w["touchpoint"] == "wecom-stores"
+            && w["message"].as_str().unwrap().contains("40001")),
+        "{warnings:?}"
+    );
+}
