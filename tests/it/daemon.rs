@@ -1245,7 +1245,8 @@ fn slow_clients_are_cut_off() {
     assert_eq!(code, 200);
 }
 
-/// The README's local run: `examples/local/sink.py` receives and verifies what the daemon sends.
+/// `examples/local/sink.py`, a minimal endpoint of your own to start from, receives and verifies what
+/// the daemon sends.
 #[test]
 fn the_example_sink_verifies_the_daemons_signatures() {
     let p = Project::with_samples();
