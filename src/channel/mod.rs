@@ -175,6 +175,21 @@ impl Signal {
             Signal::Wait { reason, .. } | Signal::Hold { reason, .. } => reason,
         }
     }
+
+    /// What the platform said, its code first.
+    pub fn said(&self) -> String {
+        code_first(self.code(), self.reason())
+    }
+}
+
+/// `reason` with `code` in front, unless it starts with it already (channels put the code first
+/// in their reasons; it is not said twice).
+pub fn code_first(code: &str, reason: &str) -> String {
+    if reason.starts_with(code) {
+        reason.to_string()
+    } else {
+        format!("{code} {reason}")
+    }
 }
 
 /// What a channel made of one batch.

@@ -259,12 +259,7 @@ fn with_word(e: &Entry, said: Option<&Said>, now: i64) -> (Summary, Lookup) {
         return (summary, e.lookup.clone());
     }
     summary.code = Some(s.code.clone());
-    // Channels put the code first in their reasons; it is not said twice.
-    let said = if s.reason.starts_with(&s.code) {
-        s.reason.clone()
-    } else {
-        format!("{} {}", s.code, s.reason)
-    };
+    let said = channel::code_first(&s.code, &s.reason);
     match s.until {
         None => {
             let reason = format!(

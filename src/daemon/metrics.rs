@@ -343,13 +343,7 @@ impl Observer for Metrics {
             Signal::Wait { wait, .. } => format!(" for {}", humantime::format_duration(*wait)),
             Signal::Hold { .. } => String::new(),
         };
-        // Channels put the code first in their reasons; it is not said twice.
-        let said = if signal.reason().starts_with(signal.code()) {
-            signal.reason().to_string()
-        } else {
-            format!("{} {}", signal.code(), signal.reason())
-        };
-        crate::daemon::log(&format!("`{touchpoint}` {what}{wait} ({said})"));
+        crate::daemon::log(&format!("`{touchpoint}` {what}{wait} ({})", signal.said()));
     }
 
     fn claimed(&self, batches: usize) {

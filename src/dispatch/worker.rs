@@ -230,6 +230,15 @@ enum Park {
     Until(i64),
 }
 
+/// The settings to send with, or how the touchpoint's batches wait.
+fn sendable(lookup: Lookup) -> Result<Arc<Target>, Park> {
+    match lookup {
+        Lookup::Ready(t) => Ok(t),
+        Lookup::Waiting { until, .. } => Err(Park::Until(until)),
+        Lookup::Held(_, reason) => Err(Park::Held(reason)),
+    }
+}
+
 impl Park {
     async fn apply(self, queue: &Arc<Queue>, touchpoint: &str, observer: &dyn Observer) {
         let tp = touchpoint.to_string();
@@ -364,24 +373,11 @@ pub async fn run(
             if lane.waiting.is_empty() {
                 continue;
             }
-            let target = match directory.lookup(tp) {
-                Lookup::Ready(t) => t,
-                Lookup::Waiting { until, .. } => {
+            let target = match sendable(directory.lookup(tp)) {
+                Ok(t) => t,
+                Err(park) => {
                     waiting -= lane.waiting.len();
-                    held.push((
-                        tp.clone(),
-                        Park::Until(until),
-                        std::mem::take(&mut lane.waiting),
-                    ));
-                    continue;
-                }
-                Lookup::Held(_, reason) => {
-                    waiting -= lane.waiting.len();
-                    held.push((
-                        tp.clone(),
-                        Park::Held(reason),
-                        std::mem::take(&mut lane.waiting),
-                    ));
+                    held.push((tp.clone(), park, std::mem::take(&mut lane.waiting)));
                     continue;
                 }
             };
@@ -605,14 +601,9 @@ struct Shared {
 impl Shared {
     async fn send(&self, mut batch: Claimed) {
         // The touchpoint as it is now, not as it was when the batch was queued or claimed.
-        let target = match self.directory.lookup(&batch.touchpoint) {
-            Lookup::Ready(t) => t,
-            other => {
-                let park = match other {
-                    Lookup::Waiting { until, .. } => Park::Until(until),
-                    Lookup::Held(_, reason) => Park::Held(reason),
-                    Lookup::Ready(_) => unreachable!("matched above"),
-                };
+        let target = match sendable(self.directory.lookup(&batch.touchpoint)) {
+            Ok(t) => t,
+            Err(park) => {
                 park.apply(&self.queue, &batch.touchpoint, self.observer.as_ref())
                     .await;
                 self.busy
