@@ -347,6 +347,9 @@ pub fn open(
                 spec, base, policy, shared,
             )?)),
         },
+        KindSpec::WechatOpenPlatform(_) => Err(Unavailable(
+            "a wechat_open_platform is not a touchpoint: nothing is dispatched to it; send through an Official Account that names it in `auth.platform`".into(),
+        )),
     }
 }
 

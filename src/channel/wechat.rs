@@ -1127,8 +1127,7 @@ mini_program = {{ app_id = "wx1d2e3f4a5b6c7d8e", page = "pages/member/day" }}
         let mut s = spec("http://127.0.0.1:1");
         s.auth = toml::from_str(
             r#"mode = "third_party"
-component_app_id = "wx0123456789abcdef"
-component_secret = { env = "A" }
+platform = "open"
 authorizer_refresh_token = { env = "B" }"#,
         )
         .unwrap();

@@ -9,8 +9,8 @@ use super::schema_errors::did_you_mean;
 use super::toml_json::{Segment, dotted};
 use crate::model::{
     AppPushSpec, DynamicParams, KindSpec, LinkRule, MAX_NOTICE_ITEMS, MessageTemplate,
-    NAME_PATTERN, ParamType, SecretError, SecretRef, Touchpoint, WecomAudience, WecomSpec,
-    is_own_variable,
+    NAME_PATTERN, ParamType, SecretError, SecretRef, Touchpoint, WechatAuth, WecomAudience,
+    WecomSpec, is_own_variable,
 };
 
 fn key(k: &str) -> Segment {
@@ -83,6 +83,21 @@ pub(crate) fn check(tp: &Touchpoint) -> Vec<Issue> {
         KindSpec::WechatOfficialAccount(s) => {
             check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
             check_templates(&mut out, &s.templates, &s.linked_mini_programs);
+            if let WechatAuth::ThirdParty {
+                authorizer_refresh_token: SecretRef::Env { .. },
+                ..
+            } = &s.auth
+            {
+                out.push(issue(
+                    "invalid-value",
+                    vec![key("auth"), key("authorizer_refresh_token")],
+                    Target::Key,
+                    "`auth.authorizer_refresh_token` must be a file reference (`{ file = \"...\" }`): `touchctl auth wechat` writes the refresh token there and the daemon writes a rotated one back".into(),
+                ));
+            }
+        }
+        KindSpec::WechatOpenPlatform(s) => {
+            check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);
         }
         KindSpec::Wecom(s) => {
             check_api_base(&mut out, s.api_base.as_deref(), s.allow_insecure);

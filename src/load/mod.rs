@@ -24,7 +24,7 @@ pub use schema_errors::did_you_mean;
 pub use toml_json::Segment;
 use toml_json::{line_col, locate, table_to_json};
 
-use crate::model::{SpecJson, Touchpoint};
+use crate::model::{KindSpec, SpecJson, Touchpoint, WechatAuth};
 
 /// One file's text and the name diagnostics should use for it.
 #[derive(Clone, Debug)]
@@ -438,6 +438,8 @@ pub(crate) struct Checked {
     loaded: Option<Arc<Loaded>>,
     /// Where the `id` value sits, for duplicate-id messages.
     id_at: (usize, usize),
+    /// Where `auth.platform` sits, for an Official Account in third-party mode.
+    platform_at: (usize, usize),
     diagnostics: Vec<Diagnostic>,
 }
 
@@ -447,6 +449,7 @@ impl Checked {
         Checked {
             loaded: None,
             id_at: (1, 1),
+            platform_at: (1, 1),
             diagnostics: vec![d],
         }
     }
@@ -474,7 +477,7 @@ pub(crate) fn combine<'a>(
     for c in checked {
         diagnostics.extend(c.diagnostics.iter().cloned());
         if let Some(loaded) = &c.loaded {
-            entries.push((loaded.clone(), c.id_at));
+            entries.push((loaded.clone(), c.id_at, c.platform_at));
         }
     }
     // A stable sort keeps files in path order within an id, so the first file of an id is the
@@ -487,7 +490,7 @@ pub(crate) fn combine<'a>(
             first = i;
             continue;
         }
-        let ((earlier, (line, col)), (later, at)) = (&entries[first], &entries[i]);
+        let ((earlier, (line, col), _), (later, at, _)) = (&entries[first], &entries[i]);
         diagnostics.push(Diagnostic {
             path: later.file.clone(),
             line: at.0,
@@ -500,12 +503,71 @@ pub(crate) fn combine<'a>(
             ),
         });
     }
+    diagnostics.extend(platform_references(&entries));
     if !diagnostics.is_empty() {
         diagnostics.sort_by(|a, b| (&a.path, a.line, a.column).cmp(&(&b.path, b.line, b.column)));
         return Err(LoadError::Invalid(diagnostics));
     }
-    let touchpoints = entries.into_iter().map(|(loaded, _)| loaded).collect();
+    let touchpoints = entries.into_iter().map(|(loaded, _, _)| loaded).collect();
     Ok(Desired { touchpoints })
+}
+
+/// An Official Account in third-party mode names a `wechat_open_platform` file of the same tree.
+/// `entries` are sorted by id.
+fn platform_references(
+    entries: &[(Arc<Loaded>, (usize, usize), (usize, usize))],
+) -> Vec<Diagnostic> {
+    let kind_of = |id: &str| {
+        entries
+            .binary_search_by(|e| e.0.touchpoint.id().cmp(id))
+            .ok()
+            .map(|i| entries[i].0.touchpoint.spec.name())
+    };
+    let platforms = || {
+        entries
+            .iter()
+            .filter(|e| matches!(e.0.touchpoint.spec, KindSpec::WechatOpenPlatform(_)))
+            .map(|e| e.0.touchpoint.id())
+    };
+    let mut out = Vec::new();
+    for (loaded, _, (line, column)) in entries {
+        let KindSpec::WechatOfficialAccount(oa) = &loaded.touchpoint.spec else {
+            continue;
+        };
+        let WechatAuth::ThirdParty { platform, .. } = &oa.auth else {
+            continue;
+        };
+        let (code, message) = match kind_of(platform) {
+            Some("wechat_open_platform") => continue,
+            Some(kind) => (
+                "not-a-platform",
+                format!(
+                    "`auth.platform` names `{platform}`, a `{kind}` touchpoint: name the id of a `kind = \"wechat_open_platform\"` file"
+                ),
+            ),
+            None => {
+                let hint = match schema_errors::did_you_mean(platform, platforms()) {
+                    Some(near) => format!(" (did you mean `{near}`?)"),
+                    None => String::new(),
+                };
+                (
+                    "unknown-platform",
+                    format!(
+                        "`auth.platform` names `{platform}`, which no file in the tree declares{hint}: add a `kind = \"wechat_open_platform\"` file with that id, or name an existing one"
+                    ),
+                )
+            }
+        };
+        out.push(Diagnostic {
+            path: loaded.file.clone(),
+            line: *line,
+            column: *column,
+            severity: "error",
+            code,
+            message,
+        });
+    }
+    out
 }
 
 fn check_file(source: Source) -> Checked {
@@ -538,6 +600,7 @@ fn check_file(source: Source) -> Checked {
         return Checked {
             loaded: None,
             id_at: (1, 1),
+            platform_at: (1, 1),
             diagnostics,
         };
     }
@@ -565,6 +628,7 @@ fn check_file(source: Source) -> Checked {
         return Checked {
             loaded: None,
             id_at,
+            platform_at: (1, 1),
             diagnostics: issues.iter().map(place).collect(),
         };
     }
@@ -574,6 +638,7 @@ fn check_file(source: Source) -> Checked {
             return Checked {
                 loaded: None,
                 id_at,
+                platform_at: (1, 1),
                 diagnostics: vec![diag(
                     "invalid-value",
                     0,
@@ -587,9 +652,15 @@ fn check_file(source: Source) -> Checked {
         return Checked {
             loaded: None,
             id_at,
+            platform_at: (1, 1),
             diagnostics: issues.iter().map(place).collect(),
         };
     }
+    let platform_loc = locate(
+        &root,
+        &[Segment::Key("auth".into()), Segment::Key("platform".into())],
+    );
+    let platform_at = line_col(text, platform_loc.value.start);
     let spec = SpecJson::of(&touchpoint);
     let secret_at = touchpoint
         .secrets()
@@ -609,6 +680,7 @@ fn check_file(source: Source) -> Checked {
             secret_at,
         })),
         id_at,
+        platform_at,
         diagnostics: Vec::new(),
     }
 }

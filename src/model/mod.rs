@@ -8,6 +8,7 @@
 
 mod app_push;
 mod custom;
+mod open_platform;
 mod params;
 pub mod schema;
 mod secret;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use app_push::{AppPushSpec, MAX_PUSH_BATCH, PushProvider, PushTtl};
 pub use custom::{Backoff, CustomSpec, MAX_CUSTOM_BATCH, MaxBackoff, Retry, Timeout};
+pub use open_platform::WechatOpenPlatformSpec;
 pub use params::{
     DynamicParams, MessageTemplate, MiniProgramLink, NAME_PATTERN, ParamSource, ParamType,
     SOURCE_PATTERN, TemplateParam, WECHAT_APP_ID_PATTERN,
@@ -44,8 +46,10 @@ pub const SECRET_FIELDS: &[&str] = &[
     "auth_token",
     "signing_secret",
     "auth.app_secret",
-    "auth.component_secret",
     "auth.authorizer_refresh_token",
+    "component_secret",
+    "token",
+    "encoding_aes_key",
     "secret",
     "contact_secret",
     "master_secret",
@@ -164,6 +168,10 @@ pub enum KindSpec {
     /// # App push
     /// App 消息推送: notifications through a push provider (个推 Getui).
     AppPush(AppPushSpec),
+    /// # WeChat open platform
+    /// 开放平台第三方平台: the third-party platform Official Accounts in third-party mode are bound
+    /// through. Not a touchpoint (nothing is dispatched to it); its `category` defaults to `other`.
+    WechatOpenPlatform(WechatOpenPlatformSpec),
 }
 
 impl KindSpec {
@@ -174,17 +182,26 @@ impl KindSpec {
             KindSpec::WechatOfficialAccount(_) => "wechat_official_account",
             KindSpec::Wecom(_) => "wecom",
             KindSpec::AppPush(_) => "app_push",
+            KindSpec::WechatOpenPlatform(_) => "wechat_open_platform",
         }
     }
 
-    /// The dynamic params of any kind.
+    /// The dynamic params of any kind (none for an open platform, which is not dispatched to).
     pub fn dynamic_params(&self) -> &DynamicParams {
+        static NONE: std::sync::LazyLock<DynamicParams> =
+            std::sync::LazyLock::new(DynamicParams::default);
         match self {
             KindSpec::Custom(s) => &s.dynamic_params,
             KindSpec::WechatOfficialAccount(s) => &s.dynamic_params,
             KindSpec::Wecom(s) => &s.dynamic_params,
             KindSpec::AppPush(s) => &s.dynamic_params,
+            KindSpec::WechatOpenPlatform(_) => &NONE,
         }
+    }
+
+    /// Whether triggers can be dispatched to this kind: every kind but the open platform.
+    pub fn is_touchpoint(&self) -> bool {
+        !matches!(self, KindSpec::WechatOpenPlatform(_))
     }
 
     /// The recipient field a channel kind addresses users by (`openid`, `userid` or
@@ -195,6 +212,7 @@ impl KindSpec {
             KindSpec::WechatOfficialAccount(_) => Some("openid"),
             KindSpec::Wecom(s) => Some(s.audience.address_param()),
             KindSpec::AppPush(_) => Some("cid"),
+            KindSpec::WechatOpenPlatform(_) => None,
         }
     }
 }
@@ -209,13 +227,24 @@ impl Touchpoint {
             return Err(Error::custom("a touchpoint must be a table"));
         };
         type Read = fn(serde_json::Value) -> Result<KindSpec, serde_json::Error>;
-        let read_kind: Read = match rest.get("kind").and_then(serde_json::Value::as_str) {
+        let kind = rest
+            .get("kind")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned);
+        let read_kind: Read = match kind.as_deref() {
             Some("custom") => |v| CustomSpec::deserialize(v).map(KindSpec::Custom),
             Some("wechat_official_account") => {
                 |v| WechatOaSpec::deserialize(v).map(KindSpec::WechatOfficialAccount)
             }
             Some("wecom") => |v| WecomSpec::deserialize(v).map(KindSpec::Wecom),
             Some("app_push") => |v| AppPushSpec::deserialize(v).map(KindSpec::AppPush),
+            Some("wechat_open_platform") => {
+                // A platform is not a touchpoint: its category only sorts it with the others.
+                if !rest.contains_key("category") {
+                    rest.insert("category".into(), "other".into());
+                }
+                |v| WechatOpenPlatformSpec::deserialize(v).map(KindSpec::WechatOpenPlatform)
+            }
             Some(other) => return Err(Error::custom(format!("unknown kind `{other}`"))),
             None => return Err(Error::missing_field("kind")),
         };
@@ -248,13 +277,9 @@ impl Touchpoint {
             KindSpec::WechatOfficialAccount(s) => match &s.auth {
                 WechatAuth::Direct { app_secret } => out.push(("auth.app_secret", app_secret)),
                 WechatAuth::ThirdParty {
-                    component_secret,
                     authorizer_refresh_token,
                     ..
-                } => {
-                    out.push(("auth.component_secret", component_secret));
-                    out.push(("auth.authorizer_refresh_token", authorizer_refresh_token));
-                }
+                } => out.push(("auth.authorizer_refresh_token", authorizer_refresh_token)),
             },
             KindSpec::Wecom(s) => {
                 out.push(("secret", &s.secret));
@@ -263,6 +288,11 @@ impl Touchpoint {
                 }
             }
             KindSpec::AppPush(s) => out.push(("master_secret", &s.master_secret)),
+            KindSpec::WechatOpenPlatform(s) => {
+                out.push(("component_secret", &s.component_secret));
+                out.push(("token", &s.token));
+                out.push(("encoding_aes_key", &s.encoding_aes_key));
+            }
         }
         out
     }
@@ -314,6 +344,14 @@ impl JsonSchema for Touchpoint {
                 if !required.contains(&r) {
                     required.push(r);
                 }
+            }
+            // A platform is not a touchpoint: its category only sorts it with the others.
+            if props
+                .get("kind")
+                .and_then(|k| k.get("const"))
+                .is_some_and(|k| k == "wechat_open_platform")
+            {
+                required.retain(|r| r != "category");
             }
             variant.insert("type".into(), "object".into());
             variant.insert("properties".into(), props.into());
@@ -403,13 +441,16 @@ mod tests {
                 r#"{{"kind":"wechat_official_account","app_id":"wx0123456789abcdef","auth":{{"mode":"direct","app_secret":{refs}}}}}"#
             ),
             format!(
-                r#"{{"kind":"wechat_official_account","app_id":"wx0123456789abcdef","auth":{{"mode":"third_party","component_app_id":"wx0123456789abcdef","component_secret":{refs},"authorizer_refresh_token":{refs}}}}}"#
+                r#"{{"kind":"wechat_official_account","app_id":"wx0123456789abcdef","auth":{{"mode":"third_party","platform":"open","authorizer_refresh_token":{refs}}}}}"#
             ),
             format!(
                 r#"{{"kind":"wecom","corp_id":"ww0123456789abcdef","agent_id":1,"secret":{refs},"contact_secret":{refs}}}"#
             ),
             format!(
                 r#"{{"kind":"app_push","provider":"getui","app_id":"a","app_key":"k","master_secret":{refs}}}"#
+            ),
+            format!(
+                r#"{{"kind":"wechat_open_platform","component_app_id":"wx0123456789abcdef","component_secret":{refs},"token":{refs},"encoding_aes_key":{refs}}}"#
             ),
         ];
         let mut seen = std::collections::BTreeSet::new();

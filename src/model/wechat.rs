@@ -58,17 +58,16 @@ pub enum WechatAuth {
         app_secret: SecretRef,
     },
     /// # Third-party platform
-    /// A 开放平台 third-party platform the account has authorised (`api_authorizer_token`).
+    /// A 开放平台 third-party platform the account has authorised (`api_authorizer_token`);
+    /// `touchctl auth wechat` binds the account and writes the refresh token.
     ThirdParty {
-        /// # Component app id
-        /// The third-party platform's app id.
-        #[schemars(pattern(WECHAT_APP_ID_PATTERN))]
-        component_app_id: String,
-        /// # Component secret
-        /// Secret reference to the third-party platform's AppSecret.
-        component_secret: SecretRef,
+        /// # Platform
+        /// The `id` of the `wechat_open_platform` file that declares the third-party platform.
+        #[schemars(pattern(crate::model::ID_PATTERN))]
+        platform: String,
         /// # Authorizer refresh token
-        /// Secret reference to the refresh token obtained when the account authorised the platform.
+        /// A `{ file = "..." }` reference to where the account's refresh token is kept:
+        /// `touchctl auth wechat` writes it there, and the daemon writes a rotated one back.
         authorizer_refresh_token: SecretRef,
     },
 }
@@ -111,5 +110,80 @@ impl Permission {
             Menu,
             OpenAccount,
         ]
+    }
+
+    /// The permission set's id in WeChat's `func_info` (`funcscope_category.id`).
+    pub fn id(self) -> u32 {
+        match self {
+            Permission::Message => 1,
+            Permission::User => 2,
+            Permission::Account => 3,
+            Permission::Web => 4,
+            Permission::MassSend => 7,
+            Permission::Material => 11,
+            Permission::Menu => 15,
+            Permission::OpenAccount => 24,
+        }
+    }
+
+    /// The permission set with this `func_info` id, if it is one of the eight.
+    pub fn from_id(id: u32) -> Option<Permission> {
+        Permission::all().into_iter().find(|p| p.id() == id)
+    }
+
+    /// The name as written in files (`mass_send`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Permission::Message => "message",
+            Permission::User => "user",
+            Permission::Account => "account",
+            Permission::Web => "web",
+            Permission::MassSend => "mass_send",
+            Permission::Material => "material",
+            Permission::Menu => "menu",
+            Permission::OpenAccount => "open_account",
+        }
+    }
+
+    /// The name WeChat's authorisation page shows (消息管理).
+    pub fn label(self) -> &'static str {
+        match self {
+            Permission::Message => "消息管理",
+            Permission::User => "用户管理",
+            Permission::Account => "帐号服务",
+            Permission::Web => "网页服务",
+            Permission::MassSend => "群发与通知",
+            Permission::Material => "素材管理",
+            Permission::Menu => "自定义菜单",
+            Permission::OpenAccount => "开放平台帐号管理",
+        }
+    }
+
+    /// An account grants this set to one third-party platform at a time (互斥权限集): when another
+    /// platform holds it, the account cannot grant it to this one.
+    pub fn exclusive(self) -> bool {
+        matches!(self, Permission::Web | Permission::OpenAccount)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_ids_are_wechat_s_and_names_are_serde_s() {
+        let ids: Vec<u32> = Permission::all().into_iter().map(Permission::id).collect();
+        assert_eq!(ids, [1, 2, 3, 4, 7, 11, 15, 24]);
+        for p in Permission::all() {
+            assert_eq!(Permission::from_id(p.id()), Some(p));
+            assert_eq!(serde_json::to_value(p).unwrap(), p.name());
+        }
+        assert_eq!(Permission::from_id(33), None);
+        let exclusive: Vec<u32> = Permission::all()
+            .into_iter()
+            .filter(|p| p.exclusive())
+            .map(Permission::id)
+            .collect();
+        assert_eq!(exclusive, [4, 24]);
     }
 }

@@ -200,7 +200,8 @@ pub const RISKY_FIELDS: &[&str] = &[
     "agent_id",
     "provider",
     "auth.mode",
-    "auth.component_app_id",
+    "auth.platform",
+    "component_app_id",
 ];
 
 /// The fields of a new touchpoint that say where its deliveries, and the secrets sent with them,

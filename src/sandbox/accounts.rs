@@ -194,6 +194,12 @@ impl Accounts {
                     master_secret,
                 });
             }
+            KindSpec::WechatOpenPlatform(_) => {
+                return Err(Notice::NotServed {
+                    id,
+                    why: "the sandbox does not play the open platform yet".into(),
+                });
+            }
             KindSpec::Custom(s) => {
                 let Some(name) = sink_name(&s.url) else {
                     return Err(Notice::NotServed {

@@ -27,6 +27,7 @@ const LITERAL_SECRET_CASES: &[&str] = &[
     "oa-literal-app-secret",
     "wecom-literal-secret",
     "push-literal-master-secret",
+    "platform-literal-aes-key",
 ];
 
 /// Whether `TOUCHCTL_BLESS=1` asks for the expected outputs to be rewritten.
