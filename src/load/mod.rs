@@ -473,7 +473,7 @@ pub(crate) fn combine<'a>(
     checked: impl IntoIterator<Item = &'a Checked>,
 ) -> Result<Desired, LoadError> {
     let mut diagnostics = Vec::new();
-    let mut entries = Vec::new();
+    let mut entries: Vec<Entry> = Vec::new();
     for c in checked {
         diagnostics.extend(c.diagnostics.iter().cloned());
         if let Some(loaded) = &c.loaded {
@@ -512,11 +512,12 @@ pub(crate) fn combine<'a>(
     Ok(Desired { touchpoints })
 }
 
+/// A checked touchpoint with where its `id` and its `auth.platform` sit.
+type Entry = (Arc<Loaded>, (usize, usize), (usize, usize));
+
 /// An Official Account in third-party mode names a `wechat_open_platform` file of the same tree.
 /// `entries` are sorted by id.
-fn platform_references(
-    entries: &[(Arc<Loaded>, (usize, usize), (usize, usize))],
-) -> Vec<Diagnostic> {
+fn platform_references(entries: &[Entry]) -> Vec<Diagnostic> {
     let kind_of = |id: &str| {
         entries
             .binary_search_by(|e| e.0.touchpoint.id().cmp(id))
