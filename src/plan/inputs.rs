@@ -494,23 +494,15 @@ async fn probe(
 mod tests {
     use super::*;
     use crate::channel::open_platform::TicketStore;
-    use crate::channel::open_platform::stub::{AES_KEY, COMPONENT_SECRET, MemTickets, Stub};
+    use crate::channel::open_platform::stub::{COMPONENT_SECRET, MemTickets, Stub, secrets_dir};
     use crate::registry::SqliteRegistry;
 
     /// A tree with platform `open` and the third-party OA `wechat-oa` (its refresh token in
     /// `secrets/oa-refresh`, not written) at `api_base`.
     fn tree(api_base: &str) -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = secrets_dir();
         let tp = dir.path().join("touchpoints");
         std::fs::create_dir_all(&tp).unwrap();
-        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
-        for (name, value) in [
-            ("component", COMPONENT_SECRET),
-            ("token", "msg-token"),
-            ("aes", AES_KEY),
-        ] {
-            std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
-        }
         std::fs::write(
             tp.join("open.toml"),
             format!(

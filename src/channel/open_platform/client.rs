@@ -533,13 +533,7 @@ impl Platform {
                 json!({"component_appid": self.component_app_id, "authorization_code": auth_code}),
             )
             .await?;
-        let info = answer
-            .get("authorization_info")
-            .and_then(Value::as_object)
-            .ok_or(PlatformError::Answer {
-                api: API,
-                what: "authorization_info",
-            })?;
+        let info = object(&answer, API, "authorization_info")?;
         let field = |name: &'static str| {
             text(info, name)
                 .map(str::to_string)
@@ -566,13 +560,7 @@ impl Platform {
                 json!({"component_appid": self.component_app_id, "authorizer_appid": app_id}),
             )
             .await?;
-        let authorization = answer
-            .get("authorization_info")
-            .and_then(Value::as_object)
-            .ok_or(PlatformError::Answer {
-                api: API,
-                what: "authorization_info",
-            })?;
+        let authorization = object(&answer, API, "authorization_info")?;
         let nick_name = answer
             .get("authorizer_info")
             .and_then(Value::as_object)
@@ -669,6 +657,18 @@ impl Platform {
             .map(|(_, answer)| answer)
             .map_err(transport)
     }
+}
+
+/// The object `name` of `api`'s answer, which must have it.
+fn object<'a>(
+    answer: &'a Map<String, Value>,
+    api: &'static str,
+    name: &'static str,
+) -> Result<&'a Map<String, Value>, PlatformError> {
+    answer
+        .get(name)
+        .and_then(Value::as_object)
+        .ok_or(PlatformError::Answer { api, what: name })
 }
 
 /// A non-empty string field.
@@ -1035,27 +1035,23 @@ mod tests {
     #[test]
     fn a_platform_whose_aes_key_is_wrong_or_secret_unreadable_is_unavailable() {
         let f = fixture("http://127.0.0.1:9");
+        let open = || {
+            let spec = super::super::stub::spec("http://x");
+            Platform::open(
+                "open",
+                &spec,
+                f.dir.path(),
+                &f.policy,
+                f.tickets.clone(),
+                &f.shared,
+            )
+            .unwrap_err()
+        };
         std::fs::write(f.dir.path().join("secrets/aes"), "short").unwrap();
-        let e = Platform::open(
-            "open",
-            &super::super::stub::spec("http://x"),
-            f.dir.path(),
-            &f.policy,
-            f.tickets.clone(),
-            &f.shared,
-        )
-        .unwrap_err();
+        let e = open();
         assert!(e.0.contains("EncodingAESKey is not valid"), "{e}");
         std::fs::remove_file(f.dir.path().join("secrets/component")).unwrap();
-        let e = Platform::open(
-            "open",
-            &super::super::stub::spec("http://x"),
-            f.dir.path(),
-            &f.policy,
-            f.tickets.clone(),
-            &f.shared,
-        )
-        .unwrap_err();
+        let e = open();
         assert!(e.0.starts_with("cannot read `component_secret`"), "{e}");
     }
 

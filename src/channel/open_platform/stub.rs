@@ -103,6 +103,14 @@ fn query_value(q: &str, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The query and the JSON body of a request.
+fn request(q: Option<String>, body: &[u8]) -> (String, Value) {
+    (
+        q.unwrap_or_default(),
+        serde_json::from_slice(body).unwrap_or(Value::Null),
+    )
+}
+
 fn refuse(code: i64) -> axum::Json<Value> {
     axum::Json(json!({"errcode": code, "errmsg": format!("refused {code} rid: 1-2-3")}))
 }
@@ -113,8 +121,7 @@ async fn component(
     RawQuery(q): RawQuery,
     body: axum::body::Bytes,
 ) -> axum::Json<Value> {
-    let q = q.unwrap_or_default();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (q, body) = request(q, &body);
     let mut a = stub.0.lock().unwrap();
     a.calls
         .push((format!("/cgi-bin/component/{api}"), q.clone(), body.clone()));
@@ -200,8 +207,7 @@ async fn send(
     RawQuery(q): RawQuery,
     body: axum::body::Bytes,
 ) -> axum::Json<Value> {
-    let q = q.unwrap_or_default();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (q, body) = request(q, &body);
     let mut a = stub.0.lock().unwrap();
     let token = query_value(&q, "access_token").unwrap_or_default();
     a.sends.push((token.clone(), body));
@@ -270,7 +276,8 @@ pub struct Fixture {
     pub platform: Arc<Platform>,
 }
 
-pub fn fixture(api_base: &str) -> Fixture {
+/// A folder with `secrets/{component,token,aes}`, the platform's secrets.
+pub fn secrets_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
     for (name, value) in [
@@ -280,6 +287,11 @@ pub fn fixture(api_base: &str) -> Fixture {
     ] {
         std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
     }
+    dir
+}
+
+pub fn fixture(api_base: &str) -> Fixture {
+    let dir = secrets_dir();
     let policy = SecretPolicy::new(Some(dir.path()));
     let tickets = Arc::new(MemTickets::default());
     tickets.store("open", "ticket@@@1").unwrap();
