@@ -1,5 +1,29 @@
-//! The WeChat Official Account (公众号) channel in direct mode (CHANNELS.md 1.1, 1.3, 1.5):
-//! template messages, one `POST /cgi-bin/message/template/send?access_token=` per recipient.
+//! The WeChat Official Account (公众号) channel (CHANNELS.md 1.1, 1.3, 1.5): template messages,
+//! one `POST /cgi-bin/message/template/send?access_token=` per recipient. The access token comes
+//! from the account's AppSecret (direct mode) or through an open platform (third-party mode);
+//! everything else is one code path.
+//!
+//! # Third-party mode
+//! The account's platform is found by id in [`super::Shared::platforms`] (absent: the touchpoint
+//! is unavailable until the platform's file is applied), and the token comes from
+//! `api_authorizer_token` (CHANNELS.md §2.6) with the refresh token of the file
+//! `auth.authorizer_refresh_token` names. The file is read again whenever it changes (a binding
+//! writes a new one; the token of the old binding is then dropped); a refresh token WeChat
+//! returns in place of the one sent is written back (atomically, 0600) and, if that fails, kept
+//! in memory and written on the next batch. The authorizer token is cached in
+//! [`super::Shared::tokens`] like a direct one, keyed by the platform and the account.
+//!
+//! | the platform says | the touchpoint |
+//! |---|---|
+//! | no refresh token file | held (`not_bound`): "not bound yet: run `touchctl auth wechat ID`" |
+//! | 61023 | held: "authorisation revoked or refresh token invalid (61023): re-authorise with `touchctl auth wechat ID`" |
+//! | no ticket yet, 61005, 61006 | waits a minute (the next push ends it by itself) |
+//! | 61004, 40125, 41004, 61011 | held: the platform's whitelist, secret or app id is wrong |
+//!
+//! `plan --refresh` checks a bound account's granted permissions against
+//! `required_permissions`, and, when permission set 33 lets the platform list them
+//! (`/cgi-bin/wxopen/wxamplinkget`), that the templates' mini programs and
+//! `linked_mini_programs` are linked.
 //!
 //! # Access tokens
 //! A token comes from `GET /cgi-bin/token` (client_credential, the account's app id and AppSecret)
@@ -44,8 +68,9 @@
 //! one longer than [`MAX_ANSWER`]), a timeout or a network error retries that recipient and stops
 //! the batch. Nothing here prints a token, a secret or a URL (the token is in its query).
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -55,12 +80,14 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::answer::{describe, excerpt, read_capped, to_next_minute, to_quota_reset};
+use super::open_platform::{PlatformError, client::write_refresh_token};
 use super::token::{CredentialKey, Token};
 use super::{
     Channel, Message, Miss, Outgoing, Report, Rest, Shared, Signal, Unavailable, template,
 };
 use crate::model::{
-    DynamicParams, MessageTemplate, Secret, SecretPolicy, WechatAuth, WechatOaSpec,
+    DynamicParams, MessageTemplate, Permission, Secret, SecretError, SecretPolicy, SecretRef,
+    WechatAuth, WechatOaSpec,
 };
 
 /// The real service's base URL.
@@ -85,101 +112,271 @@ const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// The longest platform message kept in a reason.
 const MAX_ERRMSG: usize = 200;
 
-/// A live Official Account in direct mode: its settings and resolved AppSecret.
+/// A live Official Account: its settings and where its access token comes from.
 pub struct WechatChannel {
     app_id: String,
-    secret: Secret,
-    key: CredentialKey,
+    credential: Credential,
     base: String,
-    token_url: url::Url,
     send_url: url::Url,
     templates: Vec<MessageTemplate>,
     dynamic: DynamicParams,
+    /// `linked_mini_programs`, checked by `plan --refresh`.
+    linked: Vec<String>,
+    /// `required_permissions`, checked by `plan --refresh` in third-party mode.
+    required: Vec<Permission>,
     shared: Arc<Shared>,
 }
 
 impl WechatChannel {
-    /// Resolves the AppSecret (file references relative to `base`); third-party mode is not
-    /// dispatched by this version.
+    /// The channel of the touchpoint `id`: in direct mode its AppSecret resolved (file references
+    /// relative to `base`); in third-party mode its platform found in [`Shared::platforms`] and its
+    /// refresh token file read (it must exist: the account is bound).
     pub fn open(
+        id: &str,
         spec: &WechatOaSpec,
         base: &std::path::Path,
         policy: &SecretPolicy,
         shared: &Arc<Shared>,
     ) -> Result<Self, Unavailable> {
-        let app_secret = match &spec.auth {
-            WechatAuth::Direct { app_secret } => app_secret,
-            WechatAuth::ThirdParty { .. } => {
-                return Err(Unavailable(
-                    "third-party mode (`auth.mode = \"third_party\"`) is not dispatched by this version of touchctl yet: to send now, authorise the account directly with `auth = { mode = \"direct\", app_secret = { file = \"...\" } }` (the AppSecret from 公众号后台 → 设置与开发 → 基本配置) and apply it"
-                        .into(),
-                ));
+        match &spec.auth {
+            WechatAuth::Direct { app_secret } => {
+                let secret = app_secret.resolve(base, policy).map_err(|e| {
+                    Unavailable(format!("cannot read `auth.app_secret` {app_secret}: {e}"))
+                })?;
+                Self::new(spec, secret, shared)
             }
-        };
-        let secret = app_secret
-            .resolve(base, policy)
-            .map_err(|e| Unavailable(format!("cannot read `auth.app_secret` {app_secret}: {e}")))?;
-        Self::new(spec, secret, shared)
+            WechatAuth::ThirdParty {
+                platform,
+                authorizer_refresh_token,
+            } => {
+                let Some(found) = shared.platforms.get(platform) else {
+                    return Err(Unavailable(not_live(platform)));
+                };
+                let refresh = RefreshFile {
+                    touchpoint: id.to_string(),
+                    reference: authorizer_refresh_token.clone(),
+                    base: base.to_path_buf(),
+                    policy: policy.clone(),
+                    read: Mutex::default(),
+                };
+                refresh.current().map_err(|f| Unavailable(f.to_string()))?;
+                let key = CredentialKey::of(&[
+                    b"wechat_authorizer",
+                    found.api_base().as_bytes(),
+                    found.component_app_id().as_bytes(),
+                    spec.app_id.as_bytes(),
+                ]);
+                Self::with_credential(
+                    spec,
+                    Credential::ThirdParty(Box::new(ThirdParty {
+                        platform: platform.clone(),
+                        refresh,
+                        key,
+                    })),
+                    shared,
+                )
+            }
+        }
     }
 
-    /// A channel with its AppSecret already resolved.
+    /// A channel in direct mode with its AppSecret already resolved.
     pub fn new(
         spec: &WechatOaSpec,
         secret: Secret,
         shared: &Arc<Shared>,
     ) -> Result<Self, Unavailable> {
-        let base = spec
-            .api_base
-            .as_deref()
-            .unwrap_or(DEFAULT_API_BASE)
-            .trim_end_matches('/')
-            .to_string();
-        let url = |path: &str| {
-            url::Url::parse(&format!("{base}{path}")).map_err(|e| {
-                Unavailable(format!(
-                    "`api_base` {base:?} does not make a valid URL ({e}): write it as https://host"
-                ))
-            })
-        };
-        let token_url = url("/cgi-bin/token")?;
-        let send_url = url("/cgi-bin/message/template/send")?;
+        let base = api_base(spec);
+        let token_url =
+            url::Url::parse(&format!("{base}/cgi-bin/token")).map_err(|e| bad_base(&base, e))?;
         let key = CredentialKey::of(&[
             b"wechat_official_account",
             base.as_bytes(),
             spec.app_id.as_bytes(),
             secret.expose().as_bytes(),
         ]);
+        Self::with_credential(
+            spec,
+            Credential::Direct {
+                secret,
+                token_url,
+                key,
+            },
+            shared,
+        )
+    }
+
+    fn with_credential(
+        spec: &WechatOaSpec,
+        credential: Credential,
+        shared: &Arc<Shared>,
+    ) -> Result<Self, Unavailable> {
+        let base = api_base(spec);
+        let send_url = url::Url::parse(&format!("{base}/cgi-bin/message/template/send"))
+            .map_err(|e| bad_base(&base, e))?;
         Ok(Self {
             app_id: spec.app_id.clone(),
-            secret,
-            key,
+            credential,
             base,
-            token_url,
             send_url,
             templates: spec.templates.clone(),
             dynamic: spec.dynamic_params.clone(),
+            linked: spec.linked_mini_programs.clone(),
+            required: spec.required_permissions.clone(),
             shared: shared.clone(),
         })
     }
 
+    /// The key of the cached token.
+    fn key(&self) -> CredentialKey {
+        match &self.credential {
+            Credential::Direct { key, .. } => *key,
+            Credential::ThirdParty(tp) => tp.key,
+        }
+    }
+
     /// The cached token, or a new one.
     async fn token(&self, client: &reqwest::Client) -> Result<Arc<Token>, Failure> {
-        self.shared
-            .tokens
-            .get(self.key, || self.fetch_token(client))
-            .await
+        let tp = match &self.credential {
+            Credential::Direct {
+                secret,
+                token_url,
+                key,
+            } => {
+                return self
+                    .shared
+                    .tokens
+                    .get(*key, || self.fetch_token(client, token_url, secret))
+                    .await;
+            }
+            Credential::ThirdParty(tp) => tp,
+        };
+        let asked = Instant::now();
+        let (refresh, rebound) = tp.refresh.current()?;
+        let fetch = || self.fetch_authorizer_token(tp, refresh.clone());
+        let token = self.shared.tokens.get(tp.key, fetch).await?;
+        if rebound && token.fetched < asked {
+            // The account was bound again since: the token of the old binding is dropped.
+            self.shared.tokens.invalidate(tp.key, &token).await;
+            let fetch = || self.fetch_authorizer_token(tp, refresh);
+            return self.shared.tokens.get(tp.key, fetch).await;
+        }
+        Ok(token)
     }
 
     /// `GET /cgi-bin/token`: a new token and its lifetime.
-    async fn fetch_token(&self, client: &reqwest::Client) -> Result<(Secret, Duration), Failure> {
-        let mut url = self.token_url.clone();
+    async fn fetch_token(
+        &self,
+        client: &reqwest::Client,
+        token_url: &url::Url,
+        secret: &Secret,
+    ) -> Result<(Secret, Duration), Failure> {
+        let mut url = token_url.clone();
         url.query_pairs_mut()
             .append_pair("grant_type", "client_credential")
             .append_pair("appid", &self.app_id)
-            .append_pair("secret", self.secret.expose());
+            .append_pair("secret", secret.expose());
         let response = client.get(url).timeout(TIMEOUT).send().await;
         let (_, answer) = read_answer(response).await?;
         token_answer(&answer)
+    }
+
+    /// `api_authorizer_token` through the platform: a new token and its lifetime; a refresh
+    /// token WeChat rotated is written back to the file.
+    async fn fetch_authorizer_token(
+        &self,
+        tp: &ThirdParty,
+        refresh: Secret,
+    ) -> Result<(Secret, Duration), Failure> {
+        let Some(platform) = self.shared.platforms.get(&tp.platform) else {
+            return Err(Failure::Said(Signal::Hold {
+                code: "platform_not_live".into(),
+                reason: not_live(&tp.platform),
+            }));
+        };
+        let answer = platform
+            .authorizer_token(&self.app_id, &refresh)
+            .await
+            .map_err(|e| platform_failure(&tp.refresh.touchpoint, e))?;
+        if let Some(rotated) = answer.refresh_token
+            && rotated != refresh
+        {
+            tp.refresh.rotated(rotated);
+        }
+        Ok((answer.access_token, answer.expires_in))
+    }
+
+    /// `plan --refresh` of a bound account: its permissions against `required_permissions`, and
+    /// its linked mini programs (when permission 33 lets the platform read them) against the
+    /// file's.
+    async fn probe_binding(
+        &self,
+        client: &reqwest::Client,
+        tp: &ThirdParty,
+        token: &Token,
+        found: String,
+    ) -> Result<String, String> {
+        let Some(platform) = self.shared.platforms.get(&tp.platform) else {
+            return Err(not_live(&tp.platform));
+        };
+        let info = platform
+            .authorizer_info(&self.app_id)
+            .await
+            .map_err(|e| format!("bound, but its permissions cannot be read: {e}"))?;
+        let mut problems = Vec::new();
+        if let Some(missing) = missing_permissions(&self.required, &info.granted) {
+            problems.push(missing);
+        }
+        if info.granted.contains(&LINK_PERMISSION) {
+            match self.linked_mini_programs(client, token).await {
+                Ok(linked) => problems.extend(unlinked(&self.linked, &self.templates, &linked)),
+                Err(e) => problems.push(format!("its linked mini programs cannot be read: {e}")),
+            }
+        }
+        if let Some(why) = tp.refresh.unwritten() {
+            problems.push(format!(
+                "WeChat rotated the refresh token, and it is not written yet ({why}): it is kept in memory meanwhile"
+            ));
+        }
+        if problems.is_empty() {
+            let granted: Vec<String> = info.granted.iter().map(|id| permission_name(*id)).collect();
+            Ok(format!("{found}; granted: {}", granted.join(", ")))
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// `wxamplinkget`: the app ids of the mini programs linked to the account (status 1).
+    async fn linked_mini_programs(
+        &self,
+        client: &reqwest::Client,
+        token: &Token,
+    ) -> Result<Vec<String>, String> {
+        let mut url = url::Url::parse(&format!("{}/cgi-bin/wxopen/wxamplinkget", self.base))
+            .map_err(|e| e.to_string())?;
+        url.query_pairs_mut()
+            .append_pair("access_token", token.value.expose());
+        let response = client
+            .post(url)
+            .timeout(TIMEOUT)
+            .header("content-type", "application/json; charset=utf-8")
+            .body("{}")
+            .send()
+            .await;
+        let (_, answer) = read_answer(response).await.map_err(|f| f.to_string())?;
+        match errcode(&answer) {
+            None | Some(0) => {}
+            Some(code) => return Err(format!("{code} {}", errmsg_of(&answer))),
+        }
+        Ok(answer
+            .get("wxopens")
+            .and_then(|w| w.get("items"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|i| i.get("status").and_then(Value::as_i64) == Some(1))
+            .filter_map(|i| i.get("appid").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect())
     }
 
     /// Sends one prepared message; says what became of its recipient.
@@ -246,7 +443,7 @@ impl WechatChannel {
                 Meaning::Delivered => return Sent::Delivered(status),
                 Meaning::Token if !refreshed => {
                     refreshed = true;
-                    self.shared.tokens.invalidate(self.key, &token).await;
+                    self.shared.tokens.invalidate(self.key(), &token).await;
                 }
                 Meaning::Token => {
                     return miss(
@@ -358,24 +555,288 @@ impl Channel for WechatChannel {
     fn probe<'a>(&'a self, client: &'a reqwest::Client) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let asked = Instant::now();
-            match self.token(client).await {
-                Ok(t) if t.fetched < asked => Ok(format!(
-                    "app id {}: the access token in use is still fresh (not fetched again: a new one would retire it within 5 minutes)",
-                    self.app_id
-                )),
-                Ok(_) => Ok(format!(
-                    "app id {}: its AppSecret got an access token",
-                    self.app_id
-                )),
-                Err(f) => Err(match token_failure(f) {
+            let token = self
+                .token(client)
+                .await
+                .map_err(|f| match token_failure(f) {
                     Stop::Signal(_, s) => s.reason().to_string(),
                     Stop::Transport { error, .. } => {
                         format!("cannot get an access token: {error}")
                     }
-                }),
+                })?;
+            let got = if token.fetched < asked {
+                "the access token in use is still fresh (not fetched again: a new one would retire it within 5 minutes)"
+            } else if matches!(self.credential, Credential::Direct { .. }) {
+                "its AppSecret got an access token"
+            } else {
+                "bound: its refresh token got an access token"
+            };
+            let found = format!("app id {}: {got}", self.app_id);
+            match &self.credential {
+                Credential::Direct { .. } => Ok(found),
+                Credential::ThirdParty(tp) => self.probe_binding(client, tp, &token, found).await,
             }
         })
     }
+}
+
+/// Where a channel's access token comes from.
+enum Credential {
+    /// `/cgi-bin/token` with the account's AppSecret.
+    Direct {
+        secret: Secret,
+        token_url: url::Url,
+        key: CredentialKey,
+    },
+    /// `api_authorizer_token` through an open platform.
+    ThirdParty(Box<ThirdParty>),
+}
+
+/// An Official Account in third-party mode.
+struct ThirdParty {
+    /// The id of the platform, looked up in [`Shared::platforms`] for each token (a platform
+    /// applied again replaces the one before).
+    platform: String,
+    refresh: RefreshFile,
+    /// The authorizer token's key: the platform and the account (the refresh token changes).
+    key: CredentialKey,
+}
+
+/// The file that holds an account's refresh token: read again when it changes (a binding writes
+/// a new one), written back when WeChat returns another.
+struct RefreshFile {
+    /// The touchpoint, for messages.
+    touchpoint: String,
+    reference: SecretRef,
+    base: PathBuf,
+    policy: SecretPolicy,
+    read: Mutex<RefreshState>,
+}
+
+#[derive(Default)]
+struct RefreshState {
+    /// The file as last read: what identifies its version, and its value.
+    seen: Option<(Stamp, Secret)>,
+    /// A token WeChat rotated that could not be written yet, and why: used, and written on the
+    /// next read, until the file changes.
+    unwritten: Option<(Secret, String)>,
+}
+
+/// A file version: device, inode, length, modification time.
+type Stamp = (u64, u64, u64, i64, i64);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+impl RefreshFile {
+    fn path(&self) -> Option<PathBuf> {
+        match &self.reference {
+            SecretRef::File { file } => Some(self.base.join(file)),
+            SecretRef::Env { .. } => None,
+        }
+    }
+
+    fn not_bound(&self) -> Failure {
+        Failure::Said(Signal::Hold {
+            code: "not_bound".into(),
+            reason: format!(
+                "not bound yet: run `touchctl auth wechat {}`",
+                self.touchpoint
+            ),
+        })
+    }
+
+    /// The refresh token, and whether the file changed to another one since it was last read
+    /// (the account was bound again).
+    fn current(&self) -> Result<(Secret, bool), Failure> {
+        let mut state = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        let now = match self.path().map(|p| stamp(&p)) {
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(self.not_bound());
+            }
+            Some(Ok(s)) => Some(s),
+            _ => None,
+        };
+        if let (Some(now), Some((seen, value))) = (now, &state.seen)
+            && now == *seen
+        {
+            let value = value.clone();
+            if let Some((token, _)) = state.unwritten.take() {
+                match write_refresh_token(&self.reference, &self.base, &self.policy, token.expose())
+                {
+                    Ok(path) => state.seen = stamp(&path).ok().map(|s| (s, token.clone())),
+                    Err(e) => state.unwritten = Some((token.clone(), e.to_string())),
+                }
+                return Ok((token, false));
+            }
+            return Ok((value, false));
+        }
+        state.unwritten = None;
+        let value = self
+            .reference
+            .resolve(&self.base, &self.policy)
+            .map_err(|e| match e {
+                SecretError::FileMissing(_) => self.not_bound(),
+                e => Failure::Said(Signal::Hold {
+                    code: e.code().into(),
+                    reason: format!(
+                        "cannot read `auth.authorizer_refresh_token` {}: {e}",
+                        self.reference
+                    ),
+                }),
+            })?;
+        let rebound = state.seen.as_ref().is_some_and(|(_, v)| *v != value);
+        state.seen = now.map(|s| (s, value.clone()));
+        Ok((value, rebound))
+    }
+
+    /// Keeps the refresh token WeChat returned instead of the one sent.
+    fn rotated(&self, token: Secret) {
+        let mut state = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        match write_refresh_token(&self.reference, &self.base, &self.policy, token.expose()) {
+            Ok(path) => {
+                state.unwritten = None;
+                state.seen = stamp(&path).ok().map(|s| (s, token));
+            }
+            Err(e) => state.unwritten = Some((token, e.to_string())),
+        }
+    }
+
+    /// Why a rotated refresh token is not in the file yet, if it is not.
+    fn unwritten(&self) -> Option<String> {
+        let state = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        state.unwritten.as_ref().map(|(_, why)| why.clone())
+    }
+}
+
+/// The permission set that lets a platform list an account's linked mini programs.
+const LINK_PERMISSION: u32 = 33;
+
+/// A permission set id as `name (label)`, or the bare id for the sets touchctl does not name.
+fn permission_name(id: u32) -> String {
+    match Permission::from_id(id) {
+        Some(p) => format!("{} ({})", p.name(), p.label()),
+        None if id == LINK_PERMISSION => format!("{id} (小程序关联管理)"),
+        None => id.to_string(),
+    }
+}
+
+/// The required permission sets not granted, in words, if any.
+fn missing_permissions(required: &[Permission], granted: &[u32]) -> Option<String> {
+    let missing: Vec<&Permission> = required
+        .iter()
+        .filter(|p| !granted.contains(&p.id()))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = missing.iter().map(|p| permission_name(p.id())).collect();
+    let mut text = format!("missing: {}", names.join(", "));
+    if missing.iter().any(|p| p.exclusive()) {
+        text.push_str(
+            " — 4 and 24 can be held by one third-party platform only: the account may have granted them to another platform",
+        );
+    }
+    text.push_str("; authorise again with `touchctl auth wechat` and grant them");
+    Some(text)
+}
+
+/// What the file says is linked but WeChat does not list: the templates' mini programs and
+/// `linked_mini_programs`.
+fn unlinked(declared: &[String], templates: &[MessageTemplate], linked: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in templates {
+        if let Some(mp) = &t.mini_program
+            && !linked.contains(&mp.app_id)
+        {
+            out.push(format!(
+                "template `{}` opens mini program {}, which is not linked to the account: link it (公众号后台 → 小程序管理) or change the template",
+                t.id, mp.app_id
+            ));
+        }
+    }
+    for app_id in declared {
+        if !linked.contains(app_id)
+            && !templates
+                .iter()
+                .any(|t| t.mini_program.as_ref().is_some_and(|m| &m.app_id == app_id))
+        {
+            out.push(format!(
+                "`linked_mini_programs` names {app_id}, which WeChat does not list as linked to the account"
+            ));
+        }
+    }
+    out
+}
+
+/// Why a third-party account's platform is missing.
+fn not_live(platform: &str) -> String {
+    format!("platform `{platform}` is not live: apply its file")
+}
+
+/// What a platform's failure to give an authorizer token means for the touchpoint.
+fn platform_failure(touchpoint: &str, e: PlatformError) -> Failure {
+    let said = |code: String, reason: String, hold: bool| {
+        Failure::Said(if hold {
+            Signal::Hold { code, reason }
+        } else {
+            Signal::Wait {
+                wait: NO_TICKET_WAIT,
+                code,
+                reason,
+            }
+        })
+    };
+    match e {
+        PlatformError::NoTicket { .. } => said(
+            e.code()
+                .map_or_else(|| "no_ticket".into(), |c| c.to_string()),
+            format!("{e}; sending waits a minute"),
+            false,
+        ),
+        PlatformError::Revoked { .. } => said(
+            "61023".into(),
+            format!(
+                "authorisation revoked or refresh token invalid (61023): re-authorise with `touchctl auth wechat {touchpoint}`"
+            ),
+            true,
+        ),
+        PlatformError::Config { code, .. } => said(code.to_string(), e.to_string(), true),
+        PlatformError::Refused(_) => said("network_refused".into(), e.to_string(), true),
+        PlatformError::Code {
+            code: code @ (45009 | 45011),
+            errmsg,
+        } => Failure::Code {
+            status: 200,
+            code,
+            errmsg,
+        },
+        e => Failure::Transport {
+            status: None,
+            error: format!("cannot get an access token through the platform: {e}"),
+        },
+    }
+}
+
+/// How long a touchpoint waits for a platform without a valid ticket (WeChat pushes one every
+/// 10 minutes).
+const NO_TICKET_WAIT: Duration = Duration::from_secs(60);
+
+fn api_base(spec: &WechatOaSpec) -> String {
+    spec.api_base
+        .as_deref()
+        .unwrap_or(DEFAULT_API_BASE)
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn bad_base(base: &str, e: url::ParseError) -> Unavailable {
+    Unavailable(format!(
+        "`api_base` {base:?} does not make a valid URL ({e}): write it as https://host"
+    ))
 }
 
 /// One recipient's message, ready to send.
@@ -487,7 +948,7 @@ enum Stop {
 
 /// A request that did not get WeChat's answer, or got an errcode.
 #[derive(Debug)]
-enum Failure {
+pub(in crate::channel) enum Failure {
     /// The platform answered this errcode (from `/cgi-bin/token`).
     Code {
         status: u16,
@@ -496,10 +957,22 @@ enum Failure {
     },
     /// No usable answer.
     Transport { status: Option<u16>, error: String },
+    /// What it means is known already (third-party mode: not bound, revoked, no ticket).
+    Said(Signal),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Code { code, errmsg, .. } => write!(f, "{code} {errmsg}"),
+            Failure::Transport { error, .. } => f.write_str(error),
+            Failure::Said(signal) => f.write_str(signal.reason()),
+        }
+    }
 }
 
 /// The answer's JSON object, or why there is none usable.
-async fn read_answer(
+pub(in crate::channel) async fn read_answer(
     response: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<(u16, Map<String, Value>), Failure> {
     let response = response.map_err(|e| Failure::Transport {
@@ -512,7 +985,11 @@ async fn read_answer(
 }
 
 /// Reads an answer's body (see [`read_answer`]).
-fn parse_answer(status: u16, body: &[u8], cut: bool) -> Result<(u16, Map<String, Value>), Failure> {
+pub(in crate::channel) fn parse_answer(
+    status: u16,
+    body: &[u8],
+    cut: bool,
+) -> Result<(u16, Map<String, Value>), Failure> {
     if !(200..300).contains(&status) {
         return Err(Failure::Transport {
             status: Some(status),
@@ -554,7 +1031,7 @@ fn send_answer((status, answer): (u16, Map<String, Value>)) -> Result<(u16, i64,
 }
 
 /// The answer's errcode, when it has one (a number, or a number written as a string).
-fn errcode(answer: &Map<String, Value>) -> Option<i64> {
+pub(in crate::channel) fn errcode(answer: &Map<String, Value>) -> Option<i64> {
     match answer.get("errcode")? {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -563,7 +1040,7 @@ fn errcode(answer: &Map<String, Value>) -> Option<i64> {
 }
 
 /// The answer's errmsg, cut short and on one line (it is the platform's text).
-fn errmsg_of(answer: &Map<String, Value>) -> String {
+pub(in crate::channel) fn errmsg_of(answer: &Map<String, Value>) -> String {
     let text = answer
         .get("errmsg")
         .and_then(Value::as_str)
@@ -614,6 +1091,7 @@ fn token_answer(answer: &Map<String, Value>) -> Result<(Secret, Duration), Failu
 fn token_failure(f: Failure) -> Stop {
     let (status, code, errmsg) = match f {
         Failure::Transport { status, error } => return Stop::Transport { status, error },
+        Failure::Said(signal) => return Stop::Signal(None, signal),
         Failure::Code {
             status,
             code,
@@ -1122,25 +1600,237 @@ mini_program = {{ app_id = "wx1d2e3f4a5b6c7d8e", page = "pages/member/day" }}
         ));
     }
 
-    #[test]
-    fn third_party_mode_is_unavailable_and_says_to_use_direct_mode() {
-        let mut s = spec("http://127.0.0.1:1");
+    /// An OA in third-party mode through platform `open` of `f`, its refresh token in
+    /// `secrets/oa-refresh` (written unless `bound` is false), its API at `api_base`.
+    fn third_party(
+        f: &super::super::open_platform::stub::Fixture,
+        api_base: &str,
+        bound: bool,
+    ) -> Result<WechatChannel, Unavailable> {
+        let mut s = spec(api_base);
         s.auth = toml::from_str(
             r#"mode = "third_party"
 platform = "open"
-authorizer_refresh_token = { env = "B" }"#,
+authorizer_refresh_token = { file = "secrets/oa-refresh" }"#,
         )
         .unwrap();
-        let err = WechatChannel::open(
-            &s,
-            std::path::Path::new("."),
-            &SecretPolicy::default(),
-            &Arc::default(),
+        if bound {
+            std::fs::write(
+                f.dir.path().join("secrets/oa-refresh"),
+                "refreshtoken@@@r1\n",
+            )
+            .unwrap();
+        }
+        WechatChannel::open("wechat-oa", &s, f.dir.path(), &f.policy, &f.shared)
+    }
+
+    fn batch<'a>(
+        client: &'a reqwest::Client,
+        message: &'a Message,
+        recipients: &'a [u8],
+    ) -> Outgoing<'a> {
+        Outgoing {
+            client,
+            batch_id: "dsp_1_0",
+            touchpoint: "wechat-oa",
+            campaign: "c",
+            dispatch_id: "dsp_1",
+            index: 0,
+            count: 1,
+            template_params: r#"{"first": "Hi {{name}}", "keyword1": "x"}"#,
+            message,
+            recipients,
+            recipient_count: 1,
+        }
+    }
+
+    fn shipped() -> Message {
+        Message {
+            template: Some("order_shipped".into()),
+            ..Message::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn third_party_mode_sends_with_the_authorizer_token_from_the_refresh_token() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let (client, message) = (client(), shipped());
+        let report = channel.send(batch(&client, &message, &users(3))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        let report = channel.send(batch(&client, &message, &users(2))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        stub.with(|a| {
+            assert_eq!(a.sends.len(), 5);
+            assert!(a.sends.iter().all(|(t, _)| t == "atok0"), "{:?}", a.sends);
+            // One authorizer token for both batches, from the file's refresh token.
+            assert_eq!(a.refreshed_with, ["refreshtoken@@@r1"]);
+        });
+        // The authorizer token is refused: a new one, and the message sent once more.
+        stub.with(|a| a.authorizer_tokens += 1);
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        stub.with(|a| {
+            assert_eq!(a.refreshed_with.len(), 2);
+            assert_eq!(a.sends.last().unwrap().0, "atok2");
+        });
+        // Bound again: the file changes, and its new refresh token is used at once.
+        // (A length of its own, so the change shows whatever the clock's resolution.)
+        std::fs::write(
+            f.dir.path().join("secrets/oa-refresh"),
+            "refreshtoken@@@new\n",
         )
-        .err()
         .unwrap();
-        assert!(err.0.contains("not dispatched by this version"), "{err}");
-        assert!(err.0.contains("mode = \"direct\""), "{err}");
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        stub.with(|a| assert_eq!(a.refreshed_with.last().unwrap(), "refreshtoken@@@new"));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_refresh_token_is_written_back_owner_only() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        use std::os::unix::fs::PermissionsExt;
+        let stub = Stub::default();
+        stub.with(|a| a.rotate_to = Some("refreshtoken@@@r2".into()));
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let (client, message) = (client(), shipped());
+        assert_eq!(
+            channel.send(batch(&client, &message, &users(1))).await,
+            Report::delivered(Some(200))
+        );
+        let path = f.dir.path().join("secrets/oa-refresh");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "refreshtoken@@@r2\n"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // The next token comes from the rotated refresh token, read as written (not a rebinding).
+        stub.with(|a| {
+            a.authorizer_tokens += 1;
+            a.rotate_to = None;
+        });
+        channel.send(batch(&client, &message, &users(1))).await;
+        stub.with(|a| assert_eq!(a.refreshed_with, ["refreshtoken@@@r1", "refreshtoken@@@r2"]));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_authorisation_holds_the_touchpoint_with_what_to_run() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        stub.with(|a| a.revoked = true);
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let (client, message) = (client(), shipped());
+        let report = channel.send(batch(&client, &message, &users(2))).await;
+        assert_eq!(
+            report,
+            Report::hold(
+                None,
+                "61023",
+                "authorisation revoked or refresh token invalid (61023): re-authorise with `touchctl auth wechat wechat-oa`"
+            )
+        );
+        assert!(stub.with(|a| a.sends.is_empty()));
+        let probed = channel.probe(&client).await.unwrap_err();
+        assert!(probed.contains("(61023)"), "{probed}");
+        assert!(!probed.contains("refreshtoken@@@"), "{probed}");
+    }
+
+    #[tokio::test]
+    async fn without_a_ticket_the_touchpoint_waits_a_minute_and_without_a_binding_it_is_held() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        // Not bound: no channel, and the reason says what to run.
+        let e = third_party(&f, &base, false).err().unwrap();
+        assert_eq!(e.0, "not bound yet: run `touchctl auth wechat wechat-oa`");
+        let channel = third_party(&f, &base, true).unwrap();
+        f.tickets.0.lock().unwrap().clear();
+        let (client, message) = (client(), shipped());
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        match &report.signal {
+            Some(Signal::Wait { wait, code, reason }) => {
+                assert_eq!(*wait, Duration::from_secs(60));
+                assert_eq!(code, "no_ticket");
+                assert!(reason.contains("/wechat/platforms/open/events"), "{reason}");
+                assert!(reason.ends_with("sending waits a minute"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The file is removed after the channel opened: held until bound.
+        std::fs::remove_file(f.dir.path().join("secrets/oa-refresh")).unwrap();
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        assert_eq!(
+            report,
+            Report::hold(
+                None,
+                "not_bound",
+                "not bound yet: run `touchctl auth wechat wechat-oa`"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_account_whose_platform_is_not_live_is_unavailable() {
+        use super::super::open_platform::stub::fixture;
+        let f = fixture("http://127.0.0.1:9");
+        f.shared.platforms.retain(Vec::<String>::new());
+        let e = third_party(&f, "http://127.0.0.1:9", true).err().unwrap();
+        assert_eq!(e.0, "platform `open` is not live: apply its file");
+    }
+
+    #[tokio::test]
+    async fn probe_names_missing_permissions_and_unlinked_mini_programs() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let client = client();
+        // All granted, 33 not: the mini programs cannot be listed, and are not checked.
+        let ok = channel.probe(&client).await.unwrap();
+        assert!(
+            ok.contains("bound: its refresh token got an access token"),
+            "{ok}"
+        );
+        assert!(
+            ok.contains("granted: message (消息管理), user (用户管理)"),
+            "{ok}"
+        );
+        stub.with(|a| {
+            a.granted = vec![1, 2, 3, 7, 11, 15, 33];
+            a.linked = vec![
+                ("wx0000000000000001".into(), 1),
+                ("wx1d2e3f4a5b6c7d8e".into(), 2),
+            ];
+        });
+        let problems = channel.probe(&client).await.unwrap_err();
+        assert!(
+            problems.starts_with("missing: web (网页服务), open_account (开放平台帐号管理) — 4 and 24 can be held by one third-party platform only: the account may have granted them to another platform"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("template `member_day` opens mini program wx1d2e3f4a5b6c7d8e, which is not linked to the account"),
+            "{problems}"
+        );
+        // Linked now, and only a non-exclusive set missing.
+        stub.with(|a| {
+            a.granted = vec![1, 2, 3, 4, 7, 11, 24, 33];
+            a.linked = vec![("wx1d2e3f4a5b6c7d8e".into(), 1)];
+        });
+        let problems = channel.probe(&client).await.unwrap_err();
+        assert_eq!(
+            problems,
+            "missing: menu (自定义菜单); authorise again with `touchctl auth wechat` and grant them"
+        );
     }
 
     /// A stand-in for api.weixin.qq.com: answers each openid as `answers` says (0 by default,

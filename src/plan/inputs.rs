@@ -1,5 +1,7 @@
 //! Gathers what a plan needs and makes it: the desired touchpoints (already loaded), their secrets
 //! resolved to keyed fingerprints, and the live state from the registry; then [`plan::diff`].
+//! Secrets touchctl writes itself ([`crate::model::STATE_SECRETS`], an authorizer refresh token)
+//! are neither read nor fingerprinted: a binding is not a change of the desired state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -50,7 +52,7 @@ pub fn fingerprints(
 ) -> Result<Vec<BTreeMap<String, String>>, PlanError> {
     let mut distinct: Fast<Origin<'_>, (&SecretRef, &Path)> = Fast::default();
     for l in &desired.touchpoints {
-        for (_, r) in l.touchpoint.secrets() {
+        for (_, r) in l.touchpoint.desired_secrets() {
             distinct.entry(key(r, &l.dir)).or_insert((r, &l.dir));
         }
     }
@@ -71,7 +73,7 @@ pub fn fingerprints(
         .map(|l| {
             let mut out = BTreeMap::new();
             let mut errors = Vec::new();
-            for (path, r) in l.touchpoint.secrets() {
+            for (path, r) in l.touchpoint.desired_secrets() {
                 match &resolved[&key(r, &l.dir)] {
                     Ok(f) => {
                         out.insert(path.to_string(), f.clone());
@@ -192,6 +194,12 @@ fn plan_against(
     policy: &SecretPolicy,
 ) -> Result<Plan, PlanError> {
     let fps = fingerprints(desired, registry, policy)?;
+    // A registry written before these were state may hold their fingerprints: not compared.
+    let mut live = live;
+    for l in &mut live {
+        l.fingerprints
+            .retain(|path, _| !crate::model::STATE_SECRETS.contains(&path.as_str()));
+    }
     let specs: Vec<DesiredSpec<'_>> = desired
         .touchpoints
         .iter()
@@ -345,10 +353,17 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// token, its app exists — and returns a warning for each problem (an unreachable platform
 /// included). Endpoints on non-public networks are refused unless `allow_private`, as the daemon
 /// refuses them. Custom touchpoints are not checked (a request to them would be a delivery).
+///
+/// Open platforms come first: each is opened with the verify ticket `tickets` keeps (the
+/// daemon's registry) and its component token checked; then each Official Account in
+/// third-party mode is checked through its platform: bound (its refresh token gets a token), its
+/// granted permissions against `required_permissions`, and its linked mini programs where
+/// permission 33 lets the platform read them.
 pub fn refresh(
     desired: &crate::load::Desired,
     policy: &SecretPolicy,
     allow_private: bool,
+    tickets: std::sync::Arc<dyn crate::channel::open_platform::TicketStore>,
 ) -> Vec<plan::Warning> {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -373,9 +388,54 @@ pub fn refresh(
         }
     };
     runtime.block_on(async {
+        let mut warnings = Vec::new();
+        let mut platforms = Vec::new();
+        for l in &desired.touchpoints {
+            let crate::model::KindSpec::WechatOpenPlatform(spec) = &l.touchpoint.spec else {
+                continue;
+            };
+            let id = l.touchpoint.id();
+            match crate::channel::open_platform::Platform::open(
+                id,
+                spec,
+                &l.dir,
+                policy,
+                tickets.clone(),
+                &shared,
+            ) {
+                Ok(p) => {
+                    let p = std::sync::Arc::new(p.with_network(client.clone(), allow_private));
+                    shared.platforms.set(p.clone());
+                    platforms.push(p);
+                }
+                Err(e) => warnings.push(plan::Warning {
+                    touchpoint: id.to_string(),
+                    message: format!("not checked: {e}"),
+                }),
+            }
+        }
+        let platform_checks = platforms.iter().map(|p| async move {
+            let checked = tokio::time::timeout(PROBE_TIMEOUT, p.component_token()).await;
+            let message = match checked {
+                Ok(Ok(_)) => return None,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => did_not_answer(),
+            };
+            Some(plan::Warning {
+                touchpoint: p.id().to_string(),
+                message,
+            })
+        });
+        warnings.extend(
+            futures_util::future::join_all(platform_checks)
+                .await
+                .into_iter()
+                .flatten(),
+        );
         let checks = desired
             .touchpoints
             .iter()
+            .filter(|l| l.touchpoint.spec.is_touchpoint())
             .filter(|l| !matches!(l.touchpoint.spec, crate::model::KindSpec::Custom(_)))
             .map(|l| {
                 let (shared, client) = (shared.clone(), client.clone());
@@ -388,12 +448,21 @@ pub fn refresh(
                     })
                 }
             });
-        futures_util::future::join_all(checks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        warnings.extend(
+            futures_util::future::join_all(checks)
+                .await
+                .into_iter()
+                .flatten(),
+        );
+        warnings
     })
+}
+
+fn did_not_answer() -> String {
+    format!(
+        "the platform did not answer within {}",
+        humantime::format_duration(PROBE_TIMEOUT)
+    )
 }
 
 /// One touchpoint's check: the problem, if there is one.
@@ -417,9 +486,173 @@ async fn probe(
     match tokio::time::timeout(PROBE_TIMEOUT, channel.probe(client)).await {
         Ok(Ok(_)) => None,
         Ok(Err(problem)) => Some(problem),
-        Err(_) => Some(format!(
-            "the platform did not answer within {}",
-            humantime::format_duration(PROBE_TIMEOUT)
-        )),
+        Err(_) => Some(did_not_answer()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::open_platform::TicketStore;
+    use crate::channel::open_platform::stub::{COMPONENT_SECRET, MemTickets, Stub, secrets_dir};
+    use crate::registry::SqliteRegistry;
+
+    /// A tree with platform `open` and the third-party OA `wechat-oa` (its refresh token in
+    /// `secrets/oa-refresh`, not written) at `api_base`.
+    fn tree(api_base: &str) -> tempfile::TempDir {
+        let dir = secrets_dir();
+        let tp = dir.path().join("touchpoints");
+        std::fs::create_dir_all(&tp).unwrap();
+        std::fs::write(
+            tp.join("open.toml"),
+            format!(
+                r#"id = "open"
+name = "Platform"
+kind = "wechat_open_platform"
+component_app_id = "wx5f4e3d2c1b0a9f8e"
+component_secret = {{ file = "../secrets/component" }}
+token = {{ file = "../secrets/token" }}
+encoding_aes_key = {{ file = "../secrets/aes" }}
+api_base = "{api_base}"
+allow_insecure = true
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            tp.join("wechat-oa.toml"),
+            format!(
+                r#"id = "wechat-oa"
+name = "OA"
+kind = "wechat_official_account"
+category = "notification"
+app_id = "wx8a7c3e1f5b2d4690"
+api_base = "{api_base}"
+allow_insecure = true
+required_permissions = ["message", "web", "mass_send"]
+
+[auth]
+mode = "third_party"
+platform = "open"
+authorizer_refresh_token = {{ file = "../secrets/oa-refresh" }}
+
+[dynamic_params]
+openid = "user.wechat_openid"
+"#
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_account_not_bound_yet_plans_and_a_binding_is_no_change() {
+        let dir = tree("http://127.0.0.1:9");
+        let tp = dir.path().join("touchpoints");
+        let policy = SecretPolicy::new(Some(dir.path()));
+        let registry = SqliteRegistry::open(&dir.path().join("state.db")).unwrap();
+        let (desired, plan) = plan_dir(&tp, &registry, &policy).unwrap();
+        let oa = plan.changes.iter().find(|c| c.id == "wechat-oa").unwrap();
+        assert!(
+            !oa.fingerprints
+                .contains_key("auth.authorizer_refresh_token"),
+            "{:?}",
+            oa.fingerprints
+        );
+        let platform = plan.changes.iter().find(|c| c.id == "open").unwrap();
+        assert_eq!(
+            platform.fingerprints.len(),
+            3,
+            "{:?}",
+            platform.fingerprints
+        );
+        let opts = crate::apply::ApplyOptions {
+            allow_delete: false,
+            max_deletes: 0,
+            allow_dirty: true,
+            applied_by: "tester@host".into(),
+        };
+        let outcomes = crate::apply::execute(&plan, &registry, &opts, &mut |_| {});
+        assert_eq!(outcomes.len(), 2);
+        // Bound, then rotated: neither is a change.
+        for token in ["refreshtoken@@@r1", "refreshtoken@@@r2"] {
+            std::fs::write(dir.path().join("secrets/oa-refresh"), token).unwrap();
+            let again = make_plan(&desired, &tp, &registry, &policy).unwrap();
+            assert!(!again.has_changes(), "{:?}", again.changes);
+        }
+        // A registry that fingerprinted the refresh token before shows no change either.
+        let mut live = registry.get("wechat-oa").unwrap().unwrap();
+        live.fingerprints.insert(
+            "auth.authorizer_refresh_token".into(),
+            "hmac-sha256:00".into(),
+        );
+        let put = crate::registry::Put {
+            id: live.id.clone(),
+            kind: live.kind.clone(),
+            spec: live.applied_spec.clone(),
+            fingerprints: live.fingerprints.clone(),
+            applied_by: live.applied_by.clone(),
+            source: live.source.clone(),
+        };
+        registry.put(&put, Some(live.generation)).unwrap();
+        let again = make_plan(&desired, &tp, &registry, &policy).unwrap();
+        assert!(!again.has_changes(), "{:?}", again.changes);
+    }
+
+    #[test]
+    fn refresh_opens_the_platform_with_the_kept_ticket_and_checks_the_binding() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stub = Stub::default();
+        stub.with(|a| a.granted = vec![1, 7]);
+        let base = runtime.block_on(stub.serve());
+        let dir = tree(&base);
+        let tp = dir.path().join("touchpoints");
+        let policy = SecretPolicy::new(Some(dir.path()));
+        let desired = crate::load::load_dir(&tp).unwrap();
+        let tickets = std::sync::Arc::new(MemTickets::default());
+        // No ticket, not bound: the platform says where tickets come from, the OA how to bind.
+        let warnings = refresh(&desired, &policy, true, tickets.clone());
+        let said: Vec<(&str, &str)> = warnings
+            .iter()
+            .map(|w| (w.touchpoint.as_str(), w.message.as_str()))
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0].0, "open");
+        assert!(
+            said[0].1.contains("/wechat/platforms/open/events"),
+            "{said:?}"
+        );
+        assert_eq!(
+            said[1],
+            (
+                "wechat-oa",
+                "not checked: not bound yet: run `touchctl auth wechat wechat-oa`"
+            )
+        );
+        // A ticket kept, bound: the missing permission is named, and no secret is printed.
+        tickets.store("open", "ticket@@@1").unwrap();
+        std::fs::write(dir.path().join("secrets/oa-refresh"), "refreshtoken@@@r1").unwrap();
+        let warnings = refresh(&desired, &policy, true, tickets.clone());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].touchpoint, "wechat-oa");
+        assert!(
+            warnings[0].message.starts_with(
+                "missing: web (网页服务) — 4 and 24 can be held by one third-party platform only"
+            ),
+            "{warnings:?}"
+        );
+        let all = format!("{warnings:?}");
+        assert!(
+            !all.contains("ticket@@@")
+                && !all.contains("refreshtoken@@@")
+                && !all.contains(COMPONENT_SECRET),
+            "{all}"
+        );
+        stub.with(|a| a.granted = vec![1, 4, 7]);
+        assert!(refresh(&desired, &policy, true, tickets).is_empty());
     }
 }

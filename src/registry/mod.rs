@@ -1,6 +1,8 @@
 //! The live state: which touchpoints are live, each one's spec as applied, its generation, where it
 //! came from, and keyed fingerprints of its secrets (never the secrets). Backends sit behind the
-//! [`Registry`] trait; the embedded SQLite file is the default.
+//! [`Registry`] trait; the embedded SQLite file is the default. It also keeps the latest
+//! `component_verify_ticket` of each WeChat open platform (a secret that WeChat pushes, not
+//! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels).
 //!
 //! Writers take the registry lock (one at a time) and every write is a compare-and-swap on the
 //! touchpoint's generation, so a change made by someone else since a plan was computed is refused
@@ -251,7 +253,18 @@ pub trait Registry: Send + Sync {
     fn delete(&self, id: &str, expected: u64) -> Result<(), RegistryError>;
     /// Pauses or resumes a touchpoint (an operational change outside apply). Returns the new generation.
     fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError>;
+    /// The latest `component_verify_ticket` WeChat pushed to the open platform `id`, if any. A
+    /// secret: never printed, never in a plan or an import.
+    fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError>;
+    /// Keeps `ticket` as the latest of the open platform `id` (replacing the one before).
+    fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError>;
 }
+
+/// A registry as the store of the open platforms' verify tickets (the channel side's
+/// `TicketStore` is implemented for it in `channel::open_platform::client`, so the registry does
+/// not depend on channels).
+#[derive(Clone)]
+pub struct Tickets(pub std::sync::Arc<dyn Registry>);
 
 /// Holds the registry lock, renews its lease on a thread of its own, and releases it when
 /// dropped, whatever happens in between.

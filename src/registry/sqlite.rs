@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS lock (
     acquired_at TEXT NOT NULL,
     expires_at  INTEGER -- ms since the epoch; NULL from a touchctl before leases
 );
+CREATE TABLE IF NOT EXISTS platform_tickets (
+    platform    TEXT PRIMARY KEY, -- the wechat_open_platform's id
+    ticket      TEXT NOT NULL,    -- the latest component_verify_ticket (a secret)
+    received_at TEXT NOT NULL
+);
 ";
 
 /// The SQLite-backed registry.
@@ -605,6 +610,38 @@ impl Registry for SqliteRegistry {
         tx.commit().map_err(|e| self.err(e))?;
         Ok(found + 1)
     }
+
+    fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError> {
+        let found = self
+            .conn()
+            .query_row(
+                "SELECT ticket FROM platform_tickets WHERE platform = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional();
+        match found {
+            Ok(ticket) => Ok(ticket),
+            // A file from before tickets, read-only to this user (so not migrated): none kept.
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => {
+                Ok(None)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError> {
+        self.persist()?;
+        self.conn()
+            .execute(
+                "INSERT INTO platform_tickets (platform, ticket, received_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (platform) DO UPDATE SET ticket = excluded.ticket, \
+                     received_at = excluded.received_at",
+                params![id, ticket, now()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
 }
 
 fn conflict(id: &str, expected: Option<u64>, found: Option<u64>) -> RegistryError {
@@ -630,6 +667,43 @@ mod tests {
             applied_by: "tester@host".into(),
             source: Provenance::default(),
         }
+    }
+
+    #[test]
+    fn the_latest_ticket_is_kept_per_platform_and_an_older_file_gains_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(reg.platform_ticket("open").unwrap(), None);
+        reg.set_platform_ticket("open", "ticket@@@1").unwrap();
+        assert!(!reg.is_new(), "a ticket is a write: the file exists");
+        reg.set_platform_ticket("open", "ticket@@@2").unwrap();
+        reg.set_platform_ticket("other", "ticket@@@x").unwrap();
+        assert_eq!(
+            reg.platform_ticket("open").unwrap().as_deref(),
+            Some("ticket@@@2")
+        );
+        // Another process sees it.
+        let again = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(
+            again.platform_ticket("other").unwrap().as_deref(),
+            Some("ticket@@@x")
+        );
+        // A file from before tickets gains the table when opened.
+        again
+            .conn()
+            .execute_batch("DROP TABLE platform_tickets")
+            .unwrap();
+        drop((reg, again));
+        let older = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(older.platform_ticket("open").unwrap(), None);
+        older.set_platform_ticket("open", "ticket@@@3").unwrap();
+        assert_eq!(
+            older.platform_ticket("open").unwrap().as_deref(),
+            Some("ticket@@@3")
+        );
+        // Tickets are not touchpoints.
+        assert!(older.list().unwrap().is_empty());
     }
 
     #[test]
