@@ -517,7 +517,8 @@ impl Platform {
             ("component_appid", self.component_app_id.as_str()),
             ("pre_auth_code", pre_auth_code),
             ("redirect_uri", redirect_uri),
-            ("auth_type", "1"),
+            // `biz_appid` restricts the page to the one account being bound; WeChat documents
+            // it as excluding `auth_type`, which it implies (an Official Account's app id).
             ("biz_appid", app_id),
             ("category_id_list", CATEGORY_ID_LIST),
         ]);
@@ -999,7 +1000,7 @@ mod tests {
         let pairs: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
         assert_eq!(pairs["redirect_uri"], redirect);
         assert_eq!(pairs["pre_auth_code"], "preauthcode@@@p1");
-        assert_eq!(pairs["auth_type"], "1");
+        assert!(!pairs.contains_key("auth_type"), "{pc}");
         assert_eq!(pairs["biz_appid"], "wx8a7c3e1f5b2d4690");
         assert_eq!(pairs["category_id_list"], CATEGORY_ID_LIST);
         assert!(!pc.contains("state=b 1") && !pc.contains("&x=y"), "{pc}");
