@@ -383,8 +383,8 @@ pub enum Command {
         #[command(flatten)]
         state: StateArg,
     },
-    /// Serve local stand-ins for the WeChat Official Account, WeCom and Getui APIs and a webhook
-    /// sink for custom touchpoints, to try everything without accounts.
+    /// Serve local stand-ins for the WeChat Official Account, WeChat open platform, WeCom and Getui
+    /// APIs and a webhook sink for custom touchpoints, to try everything without accounts.
     ///
     /// The platform endpoints are served at their real paths and answer as the real services do
     /// (their success envelopes, error codes and messages, HTTP statuses, token lifetimes), knowing
@@ -562,8 +562,9 @@ pub struct SandboxArgs {
     /// credentials and accepts anyone: only on a network you trust.
     #[arg(long)]
     pub allow_remote: bool,
-    /// Shorten token lifetimes to this (1s to 1d): WeChat and WeCom tokens last 7200s, Getui
-    /// tokens a day, unless this is shorter. `expires_in` and `expire_time` say so.
+    /// Shorten token lifetimes to this (1s to 1d): WeChat, open platform and WeCom tokens last
+    /// 7200s, Getui tokens a day, open platform pre-auth codes 1800s and authorisation codes 600s,
+    /// unless this is shorter. `expires_in` and `expire_time` say so.
     #[arg(long, value_parser = parse_token_ttl, value_name = "DURATION")]
     pub token_ttl: Option<std::time::Duration>,
     /// Push each open platform's encrypted verify tickets (and authorisation events) to this URL,

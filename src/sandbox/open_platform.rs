@@ -524,7 +524,12 @@ async fn component_call(
     let Some(doc) = parse_json(body) else {
         return Err(error(entry, 47001));
     };
-    let verdict = s.faults(entry, Endpoint::Send, &[]).await;
+    // `match.endpoint` "token" is the token endpoints (`api_authorizer_token` here).
+    let endpoint = match entry.kind {
+        Kind::Token => Endpoint::Token,
+        _ => Endpoint::Send,
+    };
+    let verdict = s.faults(entry, endpoint, &[]).await;
     if let Some(r) = verdict.refuse {
         return Err(refuse(entry, r, 45009, error));
     }
@@ -558,7 +563,9 @@ fn func_info(granted: &[u32]) -> Value {
     )
 }
 
-/// Serves one component endpoint: reads the body, answers with `answer`, logs the request.
+/// Serves a component endpoint that takes a component token: reads the body, makes the checks
+/// every such call makes ([`component_call`]), answers with `answer(sandbox, platform, body,
+/// entry)` and logs the request.
 macro_rules! component_endpoint {
     ($(#[$doc:meta])* $name:ident, $path:literal, $kind:expr, $answer:ident) => {
         $(#[$doc])*
@@ -571,20 +578,28 @@ macro_rules! component_endpoint {
                 Ok(r) => r,
                 Err(r) => return r,
             };
-            let answer = $answer(&s, q.as_deref(), &body, &mut entry).await;
+            let answer = match component_call(&s, q.as_deref(), &body, &mut entry).await {
+                Ok((platform, doc)) => $answer(&s, platform, &doc, &mut entry),
+                Err(r) => r,
+            };
             s.record(entry);
             answer
         }
     };
 }
 
-component_endpoint!(
-    /// `POST /cgi-bin/component/api_component_token`.
-    component_token,
-    "/cgi-bin/component/api_component_token",
-    Kind::Token,
-    component_token_answer
-);
+/// `POST /cgi-bin/component/api_component_token`.
+pub(super) async fn component_token(State(s): State<Shared>, body: Body) -> Response {
+    let endpoint = "/cgi-bin/component/api_component_token";
+    let (mut entry, body) = match start(&s, Kind::Token, endpoint, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let answer = component_token_answer(&s, &body, &mut entry).await;
+    s.record(entry);
+    answer
+}
+
 component_endpoint!(
     /// `POST /cgi-bin/component/api_create_preauthcode`.
     create_preauthcode,
@@ -614,12 +629,7 @@ component_endpoint!(
     authorizer_info_answer
 );
 
-async fn component_token_answer(
-    s: &Sandbox,
-    _q: Option<&str>,
-    body: &[u8],
-    entry: &mut Entry,
-) -> Response {
+async fn component_token_answer(s: &Sandbox, body: &[u8], entry: &mut Entry) -> Response {
     let doc = parse_json(body);
     let given = |k: &str| doc.as_ref().and_then(|d| field(d, k));
     let platform = given("component_appid").and_then(|id| {
@@ -671,16 +681,12 @@ async fn component_token_answer(
     )
 }
 
-async fn preauthcode_answer(
+fn preauthcode_answer(
     s: &Sandbox,
-    q: Option<&str>,
-    body: &[u8],
+    platform: usize,
+    _body: &Map<String, Value>,
     entry: &mut Entry,
 ) -> Response {
-    let platform = match component_call(s, q, body, entry).await {
-        Ok((p, _)) => p,
-        Err(r) => return r,
-    };
     let code = fresh("preauthcode@@@");
     lock(&s.open).add_pre_auth(platform, code.clone(), now(), s.pre_auth_ttl);
     reply(
@@ -690,17 +696,13 @@ async fn preauthcode_answer(
     )
 }
 
-async fn query_auth_answer(
+fn query_auth_answer(
     s: &Sandbox,
-    q: Option<&str>,
-    body: &[u8],
+    platform: usize,
+    doc: &Map<String, Value>,
     entry: &mut Entry,
 ) -> Response {
-    let (platform, doc) = match component_call(s, q, body, entry).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let Some(code) = field(&doc, "authorization_code") else {
+    let Some(code) = field(doc, "authorization_code") else {
         return error(entry, 61009);
     };
     let taken = {
@@ -726,22 +728,18 @@ async fn query_auth_answer(
     )
 }
 
-async fn authorizer_token_answer(
+fn authorizer_token_answer(
     s: &Sandbox,
-    q: Option<&str>,
-    body: &[u8],
+    platform: usize,
+    doc: &Map<String, Value>,
     entry: &mut Entry,
 ) -> Response {
-    let (platform, doc) = match component_call(s, q, body, entry).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let Some(refresh_token) = field(&doc, "authorizer_refresh_token") else {
+    let Some(refresh_token) = field(doc, "authorizer_refresh_token") else {
         return error(entry, 61023);
     };
     let oa = lock(&s.open).refreshes(refresh_token).filter(|&oa| {
         let a = &s.accounts.oa[oa];
-        a.platform() == Some(platform) && field(&doc, "authorizer_appid") == Some(&a.app_id)
+        a.platform() == Some(platform) && field(doc, "authorizer_appid") == Some(&a.app_id)
     });
     let Some(oa) = oa else {
         return error(entry, 61023);
@@ -767,17 +765,13 @@ fn user_name(app_id: &str) -> String {
     format!("gh_{}", &digest[..12])
 }
 
-async fn authorizer_info_answer(
+fn authorizer_info_answer(
     s: &Sandbox,
-    q: Option<&str>,
-    body: &[u8],
+    platform: usize,
+    doc: &Map<String, Value>,
     entry: &mut Entry,
 ) -> Response {
-    let (platform, doc) = match component_call(s, q, body, entry).await {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
-    let asked = field(&doc, "authorizer_appid");
+    let asked = field(doc, "authorizer_appid");
     let found = s.accounts.authorisable(platform).find_map(|(i, a)| {
         (Some(a.app_id.as_str()) == asked)
             .then(|| lock(&s.open).grant(i).cloned().map(|g| (a, g)))

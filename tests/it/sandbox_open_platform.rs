@@ -5,7 +5,6 @@
 //! driving all of it unchanged.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use serde_json::{Value, json};
 use touchctl::channel::open_platform::crypt::MsgCrypt;
 use touchctl::channel::open_platform::event::{self, Event};
 
-use crate::daemon_support::{PATIENCE, SandboxProcess, http};
+use crate::daemon_support::{PATIENCE, SandboxProcess, http, serve_on_loopback};
 use crate::support::{Project, repo_root, run_command};
 
 const PLATFORM: &str = "open-platform";
@@ -123,51 +122,29 @@ impl Receiver {
     fn start() -> Self {
         let got = Arc::new(Mutex::new(Vec::new()));
         let answer = Arc::new(Mutex::new("success".to_string()));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
         let (g, a) = (got.clone(), answer.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let app = axum::Router::new().fallback(
-                    move |uri: axum::http::Uri, body: axum::body::Bytes| {
-                        let (g, a) = (g.clone(), a.clone());
-                        async move {
-                            let query = url::form_urlencoded::parse(
-                                uri.query().unwrap_or_default().as_bytes(),
-                            )
+        let app =
+            axum::Router::new().fallback(move |uri: axum::http::Uri, body: axum::body::Bytes| {
+                let (g, a) = (g.clone(), a.clone());
+                async move {
+                    let query =
+                        url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
                             .into_owned()
                             .collect();
-                            g.lock().unwrap().push(Pushed {
-                                path: uri.path().to_string(),
-                                query,
-                                body: body.to_vec(),
-                            });
-                            a.lock().unwrap().clone()
-                        }
-                    },
-                );
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .expect("serve");
+                    g.lock().unwrap().push(Pushed {
+                        path: uri.path().to_string(),
+                        query,
+                        body: body.to_vec(),
+                    });
+                    a.lock().unwrap().clone()
+                }
             });
-        });
-        let addr = addr_rx.recv_timeout(PATIENCE).expect("receiver address");
+        let (base, stop) = serve_on_loopback(app);
         Self {
-            url: format!("http://{addr}/wechat/platforms/{{platform}}/events"),
+            url: format!("{base}/wechat/platforms/{{platform}}/events"),
             got,
             answer,
-            _stop: stop_tx,
+            _stop: stop,
         }
     }
 
