@@ -24,7 +24,7 @@ use html_escape::{encode_double_quoted_attribute as attr, encode_text as text};
 
 use super::accounts::{OaAccount, PlatformAccount};
 use super::messages::{Entry, Kind};
-use super::open_platform::{DEFAULT_CATEGORIES, PreAuthProblem, label};
+use super::open_platform::{Authorisation, DEFAULT_CATEGORIES, PreAuthProblem, label};
 use super::{Channel, Shared, lock, now, query};
 use crate::channel::open_platform::event::Event;
 
@@ -305,12 +305,14 @@ fn authorize_answer(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Response 
     let refresh_token = format!("refreshtoken@@@{}", super::token_value(48));
     let now_ms = now();
     let done = lock(&s.open).authorise(
-        ask.platform,
-        oa,
-        &ask.pre_auth_code,
-        granted,
-        auth_code.clone(),
-        refresh_token,
+        Authorisation {
+            platform: ask.platform,
+            oa,
+            pre_auth: &ask.pre_auth_code,
+            granted,
+            auth_code: auth_code.clone(),
+            refresh_token,
+        },
         now_ms,
         s.auth_code_ttl,
     );

@@ -170,6 +170,23 @@ pub struct Grant {
     pub granted: Vec<u32>,
 }
 
+/// An authorisation an administrator gives on the page.
+#[derive(Debug)]
+pub struct Authorisation<'a> {
+    /// The platform's index.
+    pub platform: usize,
+    /// The Official Account's index.
+    pub oa: usize,
+    /// The pre-auth code of the link it came through.
+    pub pre_auth: &'a str,
+    /// The permission set ids granted, ascending.
+    pub granted: Vec<u32>,
+    /// The authorisation code it issues.
+    pub auth_code: String,
+    /// The refresh token it issues.
+    pub refresh_token: String,
+}
+
 /// What the open platforms remember. Time is passed in (milliseconds since the epoch), so that
 /// expiry is tested without waiting.
 #[derive(Debug, Default)]
@@ -277,22 +294,23 @@ impl Memory {
         }
     }
 
-    /// An administrator authorised `platform` for the Official Account `oa` with the pre-auth
-    /// code `pre_auth`: the code is used up, the account's earlier authorisation (and its refresh
-    /// token) replaced by one granting `granted`, and the authorisation code `auth_code` is valid
-    /// for `ttl`.
-    #[allow(clippy::too_many_arguments)]
+    /// An administrator authorised a platform for an Official Account with a pre-auth code: the
+    /// code is used up, the account's earlier authorisation (and its refresh token) replaced, and
+    /// the authorisation code is valid for `ttl` from `now`.
     pub fn authorise(
         &mut self,
-        platform: usize,
-        oa: usize,
-        pre_auth: &str,
-        granted: Vec<u32>,
-        auth_code: String,
-        refresh_token: String,
+        a: Authorisation<'_>,
         now: i64,
         ttl: Duration,
     ) -> Result<(), PreAuthProblem> {
+        let Authorisation {
+            platform,
+            oa,
+            pre_auth,
+            granted,
+            auth_code,
+            refresh_token,
+        } = a;
         self.check_pre_auth(platform, pre_auth, now)?;
         if let Some(p) = self.pre_auth.get_mut(pre_auth) {
             p.used = true;
@@ -861,6 +879,24 @@ mod tests {
 
     const HOUR_MS: i64 = 3_600_000;
 
+    /// An authorisation of platform 0.
+    fn grant<'a>(
+        oa: usize,
+        pre_auth: &'a str,
+        granted: &[u32],
+        code: &str,
+        refresh: &str,
+    ) -> Authorisation<'a> {
+        Authorisation {
+            platform: 0,
+            oa,
+            pre_auth,
+            granted: granted.to_vec(),
+            auth_code: code.into(),
+            refresh_token: refresh.into(),
+        }
+    }
+
     #[test]
     fn tickets_are_valid_twelve_hours_unless_expired_and_the_last_few_are_kept() {
         let mut st = Memory::new(2);
@@ -906,16 +942,7 @@ mod tests {
             Err(PreAuthProblem::Expired)
         );
         let auth = |st: &mut Memory, code: &str, refresh: &str| {
-            st.authorise(
-                0,
-                3,
-                "p1",
-                vec![1, 7],
-                code.into(),
-                refresh.into(),
-                10,
-                AUTH_CODE_TTL,
-            )
+            st.authorise(grant(3, "p1", &[1, 7], code, refresh), 10, AUTH_CODE_TTL)
         };
         assert_eq!(auth(&mut st, "a1", "r1"), Ok(()));
         assert_eq!(auth(&mut st, "a2", "r2"), Err(PreAuthProblem::Used));
@@ -932,30 +959,12 @@ mod tests {
         let mut st = Memory::new(1);
         st.add_pre_auth(0, "p1".into(), 0, PRE_AUTH_TTL);
         st.add_pre_auth(0, "p2".into(), 0, PRE_AUTH_TTL);
-        st.authorise(
-            0,
-            0,
-            "p1",
-            vec![1],
-            "a1".into(),
-            "r1".into(),
-            0,
-            AUTH_CODE_TTL,
-        )
-        .unwrap();
+        st.authorise(grant(0, "p1", &[1], "a1", "r1"), 0, AUTH_CODE_TTL)
+            .unwrap();
         assert_eq!(st.take_auth_code(0, "a1", 599_999), Ok(0));
         assert_eq!(st.take_auth_code(0, "a1", 599_999), Err(61009), "used");
-        st.authorise(
-            0,
-            0,
-            "p2",
-            vec![1, 2],
-            "a2".into(),
-            "r2".into(),
-            0,
-            AUTH_CODE_TTL,
-        )
-        .unwrap();
+        st.authorise(grant(0, "p2", &[1, 2], "a2", "r2"), 0, AUTH_CODE_TTL)
+            .unwrap();
         assert_eq!(st.take_auth_code(0, "a2", 600_000), Err(61010), "expired");
         assert_eq!(st.take_auth_code(0, "zz", 0), Err(61009), "unknown");
         assert_eq!(
@@ -971,17 +980,8 @@ mod tests {
     fn revoking_stops_the_refresh_token_and_pending_codes() {
         let mut st = Memory::new(1);
         st.add_pre_auth(0, "p1".into(), 0, PRE_AUTH_TTL);
-        st.authorise(
-            0,
-            5,
-            "p1",
-            vec![1],
-            "a1".into(),
-            "r1".into(),
-            0,
-            AUTH_CODE_TTL,
-        )
-        .unwrap();
+        st.authorise(grant(5, "p1", &[1], "a1", "r1"), 0, AUTH_CODE_TTL)
+            .unwrap();
         assert!(st.revoke(5));
         assert!(!st.revoke(5), "nothing left to revoke");
         assert_eq!(st.refreshes("r1"), None);
