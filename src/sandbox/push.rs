@@ -102,17 +102,6 @@ fn plain_signature(token: &str, timestamp: &str, nonce: &str) -> String {
     hex::encode(sha.finalize())
 }
 
-/// The event's name, for messages.
-fn what(event: &Event) -> &'static str {
-    match event {
-        Event::VerifyTicket { .. } => "component_verify_ticket",
-        Event::Authorized { .. } => "authorized",
-        Event::UpdateAuthorized { .. } => "updateauthorized",
-        Event::Unauthorized { .. } => "unauthorized",
-        Event::Other { .. } => "event",
-    }
-}
-
 /// Pushes `event` for the platform at `platform` to `to`; returns `success` or what went wrong,
 /// which it also writes to standard error.
 async fn push(s: &Sandbox, platform: usize, event: &Event, to: &str) -> String {
@@ -124,7 +113,7 @@ async fn push(s: &Sandbox, platform: usize, event: &Event, to: &str) -> String {
             "{}",
             escape(&format!(
                 "warning: the {} push for {} to {url}: {status}",
-                what(event),
+                event.info_type(),
                 account.id
             ))
         );
@@ -217,7 +206,7 @@ pub(super) fn event(s: &Shared, platform: usize, event: Event) {
             "{}",
             escape(&format!(
                 "note: the {} event for {} was not pushed: there is no push URL (start the sandbox with --push-tickets-to URL, or POST /_sandbox/tickets {{\"to\": URL}})",
-                what(&event),
+                event.info_type(),
                 s.accounts.platforms[platform].id
             ))
         );
