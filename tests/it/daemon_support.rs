@@ -604,3 +604,26 @@ impl Drop for SandboxProcess {
         }
     }
 }
+
+/// Serves `app` on a random loopback port from a thread of its own until the returned sender is
+/// dropped; returns `http://127.0.0.1:PORT`.
+pub fn serve_on_loopback(app: axum::Router) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
+    std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            addr_tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .expect("serve");
+        });
+    });
+    let addr = addr_rx.recv_timeout(PATIENCE).expect("server address");
+    (format!("http://{addr}"), stop_tx)
+}
