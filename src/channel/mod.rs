@@ -16,6 +16,7 @@
 //! | [`wechat`] | WeChat Official Account template messages (direct mode) |
 //! | [`wecom`] | WeCom app messages and customer-contact mass messages |
 //! | [`getui`] | Getui push v2 list pushes |
+//! | [`open_platform`] | the WeChat open platform's pushes: message crypto and authorisation events |
 //! | [`template`] | templates and `{{name}}` placeholders, shared by the kinds that have them |
 //! | [`answer`] | reading answers: capped bodies, excerpts, network errors, `Retry-After` |
 //! | [`token`] | the access-token cache: one fetch at a time per credential, refreshed before expiry |
@@ -25,6 +26,7 @@ pub mod answer;
 pub mod custom;
 pub mod getui;
 pub mod net_guard;
+pub mod open_platform;
 pub mod template;
 pub mod token;
 pub mod wechat;

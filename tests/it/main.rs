@@ -13,6 +13,7 @@ mod drift;
 mod durations;
 mod examples;
 mod help;
+mod open_platform_crypt;
 mod plan_apply;
 mod readme;
 mod review;

@@ -1,0 +1,14 @@
+//! The WeChat open platform's (开放平台 third-party platform) protocol, as CHANNELS.md §2 describes
+//! it: what a platform receives and sends on behalf of the Official Accounts that authorised it.
+//!
+//! | file | owns |
+//! |---|---|
+//! | [`crypt`] | the message encryption of pushes (WXBizMsgCrypt): signature, AES-256-CBC, envelope |
+//! | [`event`] | the decrypted pushes: verify tickets and authorisation events, read and written |
+//!
+//! Both read XML through one small reader of flat `<xml><Name>value</Name>...</xml>` documents
+//! (`xml`), which is what WeChat sends.
+
+pub mod crypt;
+pub mod event;
+mod xml;
