@@ -8,6 +8,7 @@
 //! not by its own `timeout`.
 
 pub mod api;
+pub mod bindings;
 pub mod body;
 pub mod listen;
 pub mod live;
