@@ -47,6 +47,9 @@ pub fn log(message: &str) {
 pub struct Config {
     /// Where the API listens.
     pub listen: SocketAddr,
+    /// The daemon's address as browsers and WeChat reach it, without a trailing `/`; `None` for
+    /// `http://<listen address>`.
+    pub public_url: Option<String>,
     /// The touchpoint folder.
     pub dir: PathBuf,
     /// The registry file.
