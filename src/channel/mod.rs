@@ -16,7 +16,7 @@
 //! | [`wechat`] | WeChat Official Account template messages (direct mode) |
 //! | [`wecom`] | WeCom app messages and customer-contact mass messages |
 //! | [`getui`] | Getui push v2 list pushes |
-//! | [`open_platform`] | the WeChat open platform's pushes: message crypto and authorisation events |
+//! | [`open_platform`] | the WeChat open platform: message crypto, authorisation events, the component API client and the live platforms |
 //! | [`template`] | templates and `{{name}}` placeholders, shared by the kinds that have them |
 //! | [`answer`] | reading answers: capped bodies, excerpts, network errors, `Retry-After` |
 //! | [`token`] | the access-token cache: one fetch at a time per credential, refreshed before expiry |
@@ -321,6 +321,9 @@ pub trait Channel: Send + Sync + 'static {
 pub struct Shared {
     /// Access tokens, by credential.
     pub tokens: token::Tokens,
+    /// The live open platforms, by id: an Official Account in third-party mode gets its tokens
+    /// through the one it names.
+    pub platforms: open_platform::Platforms,
 }
 
 /// Why a touchpoint cannot get a channel now; it is held with this reason.

@@ -487,7 +487,7 @@ enum Stop {
 
 /// A request that did not get WeChat's answer, or got an errcode.
 #[derive(Debug)]
-enum Failure {
+pub(in crate::channel) enum Failure {
     /// The platform answered this errcode (from `/cgi-bin/token`).
     Code {
         status: u16,
@@ -499,7 +499,7 @@ enum Failure {
 }
 
 /// The answer's JSON object, or why there is none usable.
-async fn read_answer(
+pub(in crate::channel) async fn read_answer(
     response: Result<reqwest::Response, reqwest::Error>,
 ) -> Result<(u16, Map<String, Value>), Failure> {
     let response = response.map_err(|e| Failure::Transport {
@@ -512,7 +512,7 @@ async fn read_answer(
 }
 
 /// Reads an answer's body (see [`read_answer`]).
-fn parse_answer(status: u16, body: &[u8], cut: bool) -> Result<(u16, Map<String, Value>), Failure> {
+pub(in crate::channel) fn parse_answer(status: u16, body: &[u8], cut: bool) -> Result<(u16, Map<String, Value>), Failure> {
     if !(200..300).contains(&status) {
         return Err(Failure::Transport {
             status: Some(status),
@@ -554,7 +554,7 @@ fn send_answer((status, answer): (u16, Map<String, Value>)) -> Result<(u16, i64,
 }
 
 /// The answer's errcode, when it has one (a number, or a number written as a string).
-fn errcode(answer: &Map<String, Value>) -> Option<i64> {
+pub(in crate::channel) fn errcode(answer: &Map<String, Value>) -> Option<i64> {
     match answer.get("errcode")? {
         Value::Number(n) => n.as_i64(),
         Value::String(s) => s.trim().parse().ok(),
@@ -563,7 +563,7 @@ fn errcode(answer: &Map<String, Value>) -> Option<i64> {
 }
 
 /// The answer's errmsg, cut short and on one line (it is the platform's text).
-fn errmsg_of(answer: &Map<String, Value>) -> String {
+pub(in crate::channel) fn errmsg_of(answer: &Map<String, Value>) -> String {
     let text = answer
         .get("errmsg")
         .and_then(Value::as_str)

@@ -194,6 +194,49 @@ impl SecretPolicy {
         Ok(value.to_string())
     }
 
+    /// Where a secret that touchctl writes itself (an authorizer refresh token) goes: the file at
+    /// `path` (as referenced), in its folder with links followed, which must be a place secrets
+    /// may be read from, as for [`Self::read_file`]. A link at `path` itself is not followed: it
+    /// is replaced by the file written. The folder may not exist yet: the nearest one that does
+    /// must then be such a place.
+    pub(crate) fn place_for_writing(&self, path: &Path) -> Result<PathBuf, SecretError> {
+        let name = path.file_name().ok_or_else(|| SecretError::NotRegular {
+            path: path.to_path_buf(),
+            kind: "a folder",
+        })?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let mut existing = folder;
+        let mut missing = Vec::new();
+        let canonical = loop {
+            match std::fs::canonicalize(existing) {
+                Ok(c) => break c,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let Some(n) = existing.file_name() else {
+                        return Err(SecretError::FileUnreadable {
+                            path: path.to_path_buf(),
+                            source: e,
+                        });
+                    };
+                    missing.push(n.to_os_string());
+                    existing = existing.parent().unwrap_or(Path::new("."));
+                }
+                Err(e) => {
+                    return Err(SecretError::FileUnreadable {
+                        path: path.to_path_buf(),
+                        source: e,
+                    });
+                }
+            }
+        };
+        let mut resolved = canonical;
+        for n in missing.iter().rev() {
+            resolved.push(n);
+        }
+        resolved.push(name);
+        self.check_place(path, &resolved)?;
+        Ok(resolved)
+    }
+
     /// Refuses a resolved path outside the repository and the secrets folder, or one of touchctl's
     /// own files.
     fn check_place(&self, path: &Path, resolved: &Path) -> Result<(), SecretError> {

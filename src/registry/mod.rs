@@ -251,7 +251,18 @@ pub trait Registry: Send + Sync {
     fn delete(&self, id: &str, expected: u64) -> Result<(), RegistryError>;
     /// Pauses or resumes a touchpoint (an operational change outside apply). Returns the new generation.
     fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError>;
+    /// The latest `component_verify_ticket` WeChat pushed to the open platform `id`, if any. A
+    /// secret: never printed, never in a plan or an import.
+    fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError>;
+    /// Keeps `ticket` as the latest of the open platform `id` (replacing the one before).
+    fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError>;
 }
+
+/// A registry as the store of the open platforms' verify tickets (the channel side's
+/// `TicketStore` is implemented for it in `channel::open_platform::client`, so the registry does
+/// not depend on channels).
+#[derive(Clone)]
+pub struct Tickets(pub std::sync::Arc<dyn Registry>);
 
 /// Holds the registry lock, renews its lease on a thread of its own, and releases it when
 /// dropped, whatever happens in between.

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS lock (
     acquired_at TEXT NOT NULL,
     expires_at  INTEGER -- ms since the epoch; NULL from a touchctl before leases
 );
+CREATE TABLE IF NOT EXISTS platform_tickets (
+    platform    TEXT PRIMARY KEY, -- the wechat_open_platform's id
+    ticket      TEXT NOT NULL,    -- the latest component_verify_ticket (a secret)
+    received_at TEXT NOT NULL
+);
 ";
 
 /// The SQLite-backed registry.
@@ -604,6 +609,38 @@ impl Registry for SqliteRegistry {
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(found + 1)
+    }
+
+    fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError> {
+        let found = self
+            .conn()
+            .query_row(
+                "SELECT ticket FROM platform_tickets WHERE platform = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional();
+        match found {
+            Ok(ticket) => Ok(ticket),
+            // A file from before tickets, read-only to this user (so not migrated): none kept.
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => {
+                Ok(None)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError> {
+        self.persist()?;
+        self.conn()
+            .execute(
+                "INSERT INTO platform_tickets (platform, ticket, received_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (platform) DO UPDATE SET ticket = excluded.ticket, \
+                     received_at = excluded.received_at",
+                params![id, ticket, now()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 }
 
