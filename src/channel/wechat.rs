@@ -512,7 +512,11 @@ pub(in crate::channel) async fn read_answer(
 }
 
 /// Reads an answer's body (see [`read_answer`]).
-pub(in crate::channel) fn parse_answer(status: u16, body: &[u8], cut: bool) -> Result<(u16, Map<String, Value>), Failure> {
+pub(in crate::channel) fn parse_answer(
+    status: u16,
+    body: &[u8],
+    cut: bool,
+) -> Result<(u16, Map<String, Value>), Failure> {
     if !(200..300).contains(&status) {
         return Err(Failure::Transport {
             status: Some(status),

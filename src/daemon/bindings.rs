@@ -267,11 +267,11 @@ impl Table {
         }
     }
 
-    /// The road of the browser: the binding `state` names.
-    pub fn claim(&mut self, id: &str, now: i64) -> Claim {
+    /// The road of the browser: the binding `state` names, if it is one of `platform`.
+    pub fn claim(&mut self, id: &str, platform: &str, now: i64) -> Claim {
         match self.bindings.get_mut(id) {
-            Some(b) => take(b, now),
-            None => Claim::Unknown,
+            Some(b) if b.target.platform == platform => take(b, now),
+            _ => Claim::Unknown,
         }
     }
 
@@ -369,12 +369,13 @@ mod tests {
         let view = t.get(&id, 10 * MIN).unwrap();
         assert_eq!(view.status, "expired");
         assert!(view.reason.unwrap().contains("touchctl auth wechat"));
-        assert!(matches!(t.claim(&id, 11 * MIN), Claim::Expired(_)));
+        assert!(matches!(t.claim(&id, "open", 11 * MIN), Claim::Expired(_)));
         assert!(matches!(
             t.claim_by_code("open", "preauth-1", 11 * MIN),
             Claim::Expired(_)
         ));
-        assert!(matches!(t.claim("bnd_nope", 0), Claim::Unknown));
+        assert!(matches!(t.claim("bnd_nope", "open", 0), Claim::Unknown));
+        assert!(matches!(t.claim(&id, "other", 0), Claim::Unknown));
     }
 
     #[test]
@@ -385,9 +386,15 @@ mod tests {
                 .start(target("oa"), "preauth-1".into(), 10 * MIN, 0)
                 .unwrap();
             let (first, second) = if event_first {
-                (t.claim_by_code("open", "preauth-1", MIN), t.claim(&id, MIN))
+                (
+                    t.claim_by_code("open", "preauth-1", MIN),
+                    t.claim(&id, "open", MIN),
+                )
             } else {
-                (t.claim(&id, MIN), t.claim_by_code("open", "preauth-1", MIN))
+                (
+                    t.claim(&id, "open", MIN),
+                    t.claim_by_code("open", "preauth-1", MIN),
+                )
             };
             let Claim::Go(target) = first else {
                 panic!("{first:?}")
@@ -418,7 +425,9 @@ mod tests {
             );
             assert_eq!(view.missing.unwrap(), ["web", "open_account"]);
             // Later arrivals, even past the expiry, see the outcome.
-            assert!(matches!(t.claim(&id, 20 * MIN), Claim::Done(ref v) if v.status == "bound"));
+            assert!(
+                matches!(t.claim(&id, "open", 20 * MIN), Claim::Done(ref v) if v.status == "bound")
+            );
             assert!(matches!(
                 t.claim_by_code("open", "preauth-1", 20 * MIN),
                 Claim::Done(_)
@@ -450,7 +459,7 @@ mod tests {
         let id = t
             .start(target("oa"), "preauth-1".into(), 10 * MIN, 0)
             .unwrap();
-        assert!(matches!(t.claim(&id, 0), Claim::Go(_)));
+        assert!(matches!(t.claim(&id, "open", 0), Claim::Go(_)));
         let view = t
             .finish(
                 &id,
@@ -477,7 +486,7 @@ mod tests {
             Err(BindingError::Full(3))
         ));
         // `b` finishes: it goes first, the older pending `a` stays.
-        assert!(matches!(t.claim(&b, 0), Claim::Go(_)));
+        assert!(matches!(t.claim(&b, "open", 0), Claim::Go(_)));
         t.finish(&b, Outcome::Failed("x".into()));
         let d = t.start(target("d"), "pd".into(), 10 * MIN, 0).unwrap();
         assert_eq!(t.len(), 3);

@@ -62,7 +62,9 @@ pub trait TicketStore: Send + Sync {
 /// The registry as the store of tickets (the registry knows nothing of channels).
 impl TicketStore for crate::registry::Tickets {
     fn ticket(&self, platform_id: &str) -> Result<Option<String>, String> {
-        self.0.platform_ticket(platform_id).map_err(|e| e.to_string())
+        self.0
+            .platform_ticket(platform_id)
+            .map_err(|e| e.to_string())
     }
 
     fn store(&self, platform_id: &str, ticket: &str) -> Result<(), String> {
@@ -117,7 +119,9 @@ pub enum PlatformError {
     #[error("{0}; try again later")]
     Transport(String),
     /// The answer lacks what it must carry.
-    #[error("WeChat's answer to {api} has no {what}: not the answer the API documents; try again later")]
+    #[error(
+        "WeChat's answer to {api} has no {what}: not the answer the API documents; try again later"
+    )]
     Answer {
         /// The API.
         api: &'static str,
@@ -201,8 +205,12 @@ fn code_hint(code: i64) -> &'static str {
         61009 | 61010 => {
             "the authorisation code is invalid, used or expired (it lasts 10 minutes): start the binding again"
         }
-        61003 => "the account has not authorised this platform: bind it with `touchctl auth wechat`",
-        45009 => "the platform's daily quota of this API is used up: it resets at 00:00 China Standard Time",
+        61003 => {
+            "the account has not authorised this platform: bind it with `touchctl auth wechat`"
+        }
+        45009 => {
+            "the platform's daily quota of this API is used up: it resets at 00:00 China Standard Time"
+        }
         45011 => "the API's rate limit was hit: try again in a minute",
         -1 => "WeChat is busy: try again later",
         _ => "WeChat refused the request; try again later",
@@ -448,11 +456,7 @@ impl Platform {
                         .unwrap_or_else(|p| p.into_inner()) =
                         Some((digest, code, errmsg_of(&answer)));
                 }
-                Err(PlatformError::from_code(
-                    &self.id,
-                    code,
-                    errmsg_of(&answer),
-                ))
+                Err(PlatformError::from_code(&self.id, code, errmsg_of(&answer)))
             }
             _ => Err(PlatformError::Answer {
                 api: "api_component_token",
@@ -538,7 +542,10 @@ impl Platform {
         let field = |name: &'static str| {
             text(info, name)
                 .map(str::to_string)
-                .ok_or(PlatformError::Answer { api: API, what: name })
+                .ok_or(PlatformError::Answer {
+                    api: API,
+                    what: name,
+                })
         };
         Ok(Authorization {
             app_id: field("authorizer_appid")?,
@@ -630,11 +637,7 @@ impl Platform {
                     }
                 }
                 Some(code) => {
-                    return Err(PlatformError::from_code(
-                        &self.id,
-                        code,
-                        errmsg_of(&answer),
-                    ));
+                    return Err(PlatformError::from_code(&self.id, code, errmsg_of(&answer)));
                 }
             }
         }
@@ -669,7 +672,9 @@ impl Platform {
 
 /// A non-empty string field.
 fn text<'a>(map: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
-    map.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
+    map.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 /// `expires_in`, bounded.
@@ -781,4 +786,3 @@ pub fn write_refresh_token(
     }
     Ok(path)
 }
-
