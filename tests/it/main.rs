@@ -14,6 +14,7 @@ mod durations;
 mod examples;
 mod help;
 mod open_platform_crypt;
+mod open_platform_daemon;
 mod plan_apply;
 mod readme;
 mod review;
