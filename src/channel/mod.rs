@@ -342,7 +342,11 @@ pub fn open(
     match &touchpoint.spec {
         KindSpec::Custom(spec) => Ok(Arc::new(custom::CustomChannel::open(spec, base, policy)?)),
         KindSpec::WechatOfficialAccount(spec) => Ok(Arc::new(wechat::WechatChannel::open(
-            spec, base, policy, shared,
+            touchpoint.id(),
+            spec,
+            base,
+            policy,
+            shared,
         )?)),
         KindSpec::Wecom(spec) => Ok(Arc::new(wecom::WecomChannel::open(
             spec, base, policy, shared,

@@ -44,8 +44,9 @@
 //! one longer than [`MAX_ANSWER`]), a timeout or a network error retries that recipient and stops
 //! the batch. Nothing here prints a token, a secret or a URL (the token is in its query).
 
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -55,12 +56,14 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::answer::{describe, excerpt, read_capped, to_next_minute, to_quota_reset};
+use super::open_platform::{PlatformError, client::write_refresh_token};
 use super::token::{CredentialKey, Token};
 use super::{
     Channel, Message, Miss, Outgoing, Report, Rest, Shared, Signal, Unavailable, template,
 };
 use crate::model::{
-    DynamicParams, MessageTemplate, Secret, SecretPolicy, WechatAuth, WechatOaSpec,
+    DynamicParams, MessageTemplate, Permission, Secret, SecretError, SecretPolicy, SecretRef,
+    WechatAuth, WechatOaSpec,
 };
 
 /// The real service's base URL.
@@ -85,101 +88,271 @@ const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
 /// The longest platform message kept in a reason.
 const MAX_ERRMSG: usize = 200;
 
-/// A live Official Account in direct mode: its settings and resolved AppSecret.
+/// A live Official Account: its settings and where its access token comes from.
 pub struct WechatChannel {
     app_id: String,
-    secret: Secret,
-    key: CredentialKey,
+    credential: Credential,
     base: String,
-    token_url: url::Url,
     send_url: url::Url,
     templates: Vec<MessageTemplate>,
     dynamic: DynamicParams,
+    /// `linked_mini_programs`, checked by `plan --refresh`.
+    linked: Vec<String>,
+    /// `required_permissions`, checked by `plan --refresh` in third-party mode.
+    required: Vec<Permission>,
     shared: Arc<Shared>,
 }
 
 impl WechatChannel {
-    /// Resolves the AppSecret (file references relative to `base`); third-party mode is not
-    /// dispatched by this version.
+    /// The channel of the touchpoint `id`: in direct mode its AppSecret resolved (file references
+    /// relative to `base`); in third-party mode its platform found in [`Shared::platforms`] and its
+    /// refresh token file read (it must exist: the account is bound).
     pub fn open(
+        id: &str,
         spec: &WechatOaSpec,
         base: &std::path::Path,
         policy: &SecretPolicy,
         shared: &Arc<Shared>,
     ) -> Result<Self, Unavailable> {
-        let app_secret = match &spec.auth {
-            WechatAuth::Direct { app_secret } => app_secret,
-            WechatAuth::ThirdParty { .. } => {
-                return Err(Unavailable(
-                    "third-party mode (`auth.mode = \"third_party\"`) is not dispatched by this version of touchctl yet: to send now, authorise the account directly with `auth = { mode = \"direct\", app_secret = { file = \"...\" } }` (the AppSecret from 公众号后台 → 设置与开发 → 基本配置) and apply it"
-                        .into(),
-                ));
+        match &spec.auth {
+            WechatAuth::Direct { app_secret } => {
+                let secret = app_secret.resolve(base, policy).map_err(|e| {
+                    Unavailable(format!("cannot read `auth.app_secret` {app_secret}: {e}"))
+                })?;
+                Self::new(spec, secret, shared)
             }
-        };
-        let secret = app_secret
-            .resolve(base, policy)
-            .map_err(|e| Unavailable(format!("cannot read `auth.app_secret` {app_secret}: {e}")))?;
-        Self::new(spec, secret, shared)
+            WechatAuth::ThirdParty {
+                platform,
+                authorizer_refresh_token,
+            } => {
+                let Some(found) = shared.platforms.get(platform) else {
+                    return Err(Unavailable(not_live(platform)));
+                };
+                let refresh = RefreshFile {
+                    touchpoint: id.to_string(),
+                    reference: authorizer_refresh_token.clone(),
+                    base: base.to_path_buf(),
+                    policy: policy.clone(),
+                    read: Mutex::default(),
+                };
+                refresh.current().map_err(|f| Unavailable(f.to_string()))?;
+                let key = CredentialKey::of(&[
+                    b"wechat_authorizer",
+                    found.api_base().as_bytes(),
+                    found.component_app_id().as_bytes(),
+                    spec.app_id.as_bytes(),
+                ]);
+                Self::with_credential(
+                    spec,
+                    Credential::ThirdParty(Box::new(ThirdParty {
+                        platform: platform.clone(),
+                        refresh,
+                        key,
+                    })),
+                    shared,
+                )
+            }
+        }
     }
 
-    /// A channel with its AppSecret already resolved.
+    /// A channel in direct mode with its AppSecret already resolved.
     pub fn new(
         spec: &WechatOaSpec,
         secret: Secret,
         shared: &Arc<Shared>,
     ) -> Result<Self, Unavailable> {
-        let base = spec
-            .api_base
-            .as_deref()
-            .unwrap_or(DEFAULT_API_BASE)
-            .trim_end_matches('/')
-            .to_string();
-        let url = |path: &str| {
-            url::Url::parse(&format!("{base}{path}")).map_err(|e| {
-                Unavailable(format!(
-                    "`api_base` {base:?} does not make a valid URL ({e}): write it as https://host"
-                ))
-            })
-        };
-        let token_url = url("/cgi-bin/token")?;
-        let send_url = url("/cgi-bin/message/template/send")?;
+        let base = api_base(spec);
+        let token_url =
+            url::Url::parse(&format!("{base}/cgi-bin/token")).map_err(|e| bad_base(&base, e))?;
         let key = CredentialKey::of(&[
             b"wechat_official_account",
             base.as_bytes(),
             spec.app_id.as_bytes(),
             secret.expose().as_bytes(),
         ]);
+        Self::with_credential(
+            spec,
+            Credential::Direct {
+                secret,
+                token_url,
+                key,
+            },
+            shared,
+        )
+    }
+
+    fn with_credential(
+        spec: &WechatOaSpec,
+        credential: Credential,
+        shared: &Arc<Shared>,
+    ) -> Result<Self, Unavailable> {
+        let base = api_base(spec);
+        let send_url = url::Url::parse(&format!("{base}/cgi-bin/message/template/send"))
+            .map_err(|e| bad_base(&base, e))?;
         Ok(Self {
             app_id: spec.app_id.clone(),
-            secret,
-            key,
+            credential,
             base,
-            token_url,
             send_url,
             templates: spec.templates.clone(),
             dynamic: spec.dynamic_params.clone(),
+            linked: spec.linked_mini_programs.clone(),
+            required: spec.required_permissions.clone(),
             shared: shared.clone(),
         })
     }
 
+    /// The key of the cached token.
+    fn key(&self) -> CredentialKey {
+        match &self.credential {
+            Credential::Direct { key, .. } => *key,
+            Credential::ThirdParty(tp) => tp.key,
+        }
+    }
+
     /// The cached token, or a new one.
     async fn token(&self, client: &reqwest::Client) -> Result<Arc<Token>, Failure> {
-        self.shared
-            .tokens
-            .get(self.key, || self.fetch_token(client))
-            .await
+        let tp = match &self.credential {
+            Credential::Direct {
+                secret,
+                token_url,
+                key,
+            } => {
+                return self
+                    .shared
+                    .tokens
+                    .get(*key, || self.fetch_token(client, token_url, secret))
+                    .await;
+            }
+            Credential::ThirdParty(tp) => tp,
+        };
+        let asked = Instant::now();
+        let (refresh, rebound) = tp.refresh.current()?;
+        let fetch = || self.fetch_authorizer_token(tp, refresh.clone());
+        let token = self.shared.tokens.get(tp.key, fetch).await?;
+        if rebound && token.fetched < asked {
+            // The account was bound again since: the token of the old binding is dropped.
+            self.shared.tokens.invalidate(tp.key, &token).await;
+            let fetch = || self.fetch_authorizer_token(tp, refresh);
+            return self.shared.tokens.get(tp.key, fetch).await;
+        }
+        Ok(token)
     }
 
     /// `GET /cgi-bin/token`: a new token and its lifetime.
-    async fn fetch_token(&self, client: &reqwest::Client) -> Result<(Secret, Duration), Failure> {
-        let mut url = self.token_url.clone();
+    async fn fetch_token(
+        &self,
+        client: &reqwest::Client,
+        token_url: &url::Url,
+        secret: &Secret,
+    ) -> Result<(Secret, Duration), Failure> {
+        let mut url = token_url.clone();
         url.query_pairs_mut()
             .append_pair("grant_type", "client_credential")
             .append_pair("appid", &self.app_id)
-            .append_pair("secret", self.secret.expose());
+            .append_pair("secret", secret.expose());
         let response = client.get(url).timeout(TIMEOUT).send().await;
         let (_, answer) = read_answer(response).await?;
         token_answer(&answer)
+    }
+
+    /// `api_authorizer_token` through the platform: a new token and its lifetime; a refresh
+    /// token WeChat rotated is written back to the file.
+    async fn fetch_authorizer_token(
+        &self,
+        tp: &ThirdParty,
+        refresh: Secret,
+    ) -> Result<(Secret, Duration), Failure> {
+        let Some(platform) = self.shared.platforms.get(&tp.platform) else {
+            return Err(Failure::Said(Signal::Hold {
+                code: "platform_not_live".into(),
+                reason: not_live(&tp.platform),
+            }));
+        };
+        let answer = platform
+            .authorizer_token(&self.app_id, &refresh)
+            .await
+            .map_err(|e| platform_failure(&tp.refresh.touchpoint, e))?;
+        if let Some(rotated) = answer.refresh_token
+            && rotated != refresh
+        {
+            tp.refresh.rotated(rotated);
+        }
+        Ok((answer.access_token, answer.expires_in))
+    }
+
+    /// `plan --refresh` of a bound account: its permissions against `required_permissions`, and
+    /// its linked mini programs (when permission 33 lets the platform read them) against the
+    /// file's.
+    async fn probe_binding(
+        &self,
+        client: &reqwest::Client,
+        tp: &ThirdParty,
+        token: &Token,
+        found: String,
+    ) -> Result<String, String> {
+        let Some(platform) = self.shared.platforms.get(&tp.platform) else {
+            return Err(not_live(&tp.platform));
+        };
+        let info = platform
+            .authorizer_info(&self.app_id)
+            .await
+            .map_err(|e| format!("bound, but its permissions cannot be read: {e}"))?;
+        let mut problems = Vec::new();
+        if let Some(missing) = missing_permissions(&self.required, &info.granted) {
+            problems.push(missing);
+        }
+        if info.granted.contains(&LINK_PERMISSION) {
+            match self.linked_mini_programs(client, token).await {
+                Ok(linked) => problems.extend(unlinked(&self.linked, &self.templates, &linked)),
+                Err(e) => problems.push(format!("its linked mini programs cannot be read: {e}")),
+            }
+        }
+        if let Some(why) = tp.refresh.unwritten() {
+            problems.push(format!(
+                "WeChat rotated the refresh token, and it is not written yet ({why}): it is kept in memory meanwhile"
+            ));
+        }
+        if problems.is_empty() {
+            let granted: Vec<String> = info.granted.iter().map(|id| permission_name(*id)).collect();
+            Ok(format!("{found}; granted: {}", granted.join(", ")))
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    /// `wxamplinkget`: the app ids of the mini programs linked to the account (status 1).
+    async fn linked_mini_programs(
+        &self,
+        client: &reqwest::Client,
+        token: &Token,
+    ) -> Result<Vec<String>, String> {
+        let mut url = url::Url::parse(&format!("{}/cgi-bin/wxopen/wxamplinkget", self.base))
+            .map_err(|e| e.to_string())?;
+        url.query_pairs_mut()
+            .append_pair("access_token", token.value.expose());
+        let response = client
+            .post(url)
+            .timeout(TIMEOUT)
+            .header("content-type", "application/json; charset=utf-8")
+            .body("{}")
+            .send()
+            .await;
+        let (_, answer) = read_answer(response).await.map_err(|f| f.to_string())?;
+        match errcode(&answer) {
+            None | Some(0) => {}
+            Some(code) => return Err(format!("{code} {}", errmsg_of(&answer))),
+        }
+        Ok(answer
+            .get("wxopens")
+            .and_then(|w| w.get("items"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|i| i.get("status").and_then(Value::as_i64) == Some(1))
+            .filter_map(|i| i.get("appid").and_then(Value::as_str))
+            .map(str::to_string)
+            .collect())
     }
 
     /// Sends one prepared message; says what became of its recipient.
@@ -246,7 +419,7 @@ impl WechatChannel {
                 Meaning::Delivered => return Sent::Delivered(status),
                 Meaning::Token if !refreshed => {
                     refreshed = true;
-                    self.shared.tokens.invalidate(self.key, &token).await;
+                    self.shared.tokens.invalidate(self.key(), &token).await;
                 }
                 Meaning::Token => {
                     return miss(
@@ -358,24 +531,288 @@ impl Channel for WechatChannel {
     fn probe<'a>(&'a self, client: &'a reqwest::Client) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
             let asked = Instant::now();
-            match self.token(client).await {
-                Ok(t) if t.fetched < asked => Ok(format!(
-                    "app id {}: the access token in use is still fresh (not fetched again: a new one would retire it within 5 minutes)",
-                    self.app_id
-                )),
-                Ok(_) => Ok(format!(
-                    "app id {}: its AppSecret got an access token",
-                    self.app_id
-                )),
-                Err(f) => Err(match token_failure(f) {
+            let token = self
+                .token(client)
+                .await
+                .map_err(|f| match token_failure(f) {
                     Stop::Signal(_, s) => s.reason().to_string(),
                     Stop::Transport { error, .. } => {
                         format!("cannot get an access token: {error}")
                     }
-                }),
+                })?;
+            let got = if token.fetched < asked {
+                "the access token in use is still fresh (not fetched again: a new one would retire it within 5 minutes)"
+            } else if matches!(self.credential, Credential::Direct { .. }) {
+                "its AppSecret got an access token"
+            } else {
+                "bound: its refresh token got an access token"
+            };
+            let found = format!("app id {}: {got}", self.app_id);
+            match &self.credential {
+                Credential::Direct { .. } => Ok(found),
+                Credential::ThirdParty(tp) => self.probe_binding(client, tp, &token, found).await,
             }
         })
     }
+}
+
+/// Where a channel's access token comes from.
+enum Credential {
+    /// `/cgi-bin/token` with the account's AppSecret.
+    Direct {
+        secret: Secret,
+        token_url: url::Url,
+        key: CredentialKey,
+    },
+    /// `api_authorizer_token` through an open platform.
+    ThirdParty(Box<ThirdParty>),
+}
+
+/// An Official Account in third-party mode.
+struct ThirdParty {
+    /// The id of the platform, looked up in [`Shared::platforms`] for each token (a platform
+    /// applied again replaces the one before).
+    platform: String,
+    refresh: RefreshFile,
+    /// The authorizer token's key: the platform and the account (the refresh token changes).
+    key: CredentialKey,
+}
+
+/// The file that holds an account's refresh token: read again when it changes (a binding writes
+/// a new one), written back when WeChat returns another.
+struct RefreshFile {
+    /// The touchpoint, for messages.
+    touchpoint: String,
+    reference: SecretRef,
+    base: PathBuf,
+    policy: SecretPolicy,
+    read: Mutex<RefreshState>,
+}
+
+#[derive(Default)]
+struct RefreshState {
+    /// The file as last read: what identifies its version, and its value.
+    seen: Option<(Stamp, Secret)>,
+    /// A token WeChat rotated that could not be written yet, and why: used, and written on the
+    /// next read, until the file changes.
+    unwritten: Option<(Secret, String)>,
+}
+
+/// A file version: device, inode, length, modification time.
+type Stamp = (u64, u64, u64, i64, i64);
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+impl RefreshFile {
+    fn path(&self) -> Option<PathBuf> {
+        match &self.reference {
+            SecretRef::File { file } => Some(self.base.join(file)),
+            SecretRef::Env { .. } => None,
+        }
+    }
+
+    fn not_bound(&self) -> Failure {
+        Failure::Said(Signal::Hold {
+            code: "not_bound".into(),
+            reason: format!(
+                "not bound yet: run `touchctl auth wechat {}`",
+                self.touchpoint
+            ),
+        })
+    }
+
+    /// The refresh token, and whether the file changed to another one since it was last read
+    /// (the account was bound again).
+    fn current(&self) -> Result<(Secret, bool), Failure> {
+        let mut state = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        let now = match self.path().map(|p| stamp(&p)) {
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(self.not_bound());
+            }
+            Some(Ok(s)) => Some(s),
+            _ => None,
+        };
+        if let (Some(now), Some((seen, value))) = (now, &state.seen)
+            && now == *seen
+        {
+            let value = value.clone();
+            if let Some((token, _)) = state.unwritten.take() {
+                match write_refresh_token(&self.reference, &self.base, &self.policy, token.expose())
+                {
+                    Ok(path) => state.seen = stamp(&path).ok().map(|s| (s, token.clone())),
+                    Err(e) => state.unwritten = Some((token.clone(), e.to_string())),
+                }
+                return Ok((token, false));
+            }
+            return Ok((value, false));
+        }
+        state.unwritten = None;
+        let value = self
+            .reference
+            .resolve(&self.base, &self.policy)
+            .map_err(|e| match e {
+                SecretError::FileMissing(_) => self.not_bound(),
+                e => Failure::Said(Signal::Hold {
+                    code: e.code().into(),
+                    reason: format!(
+                        "cannot read `auth.authorizer_refresh_token` {}: {e}",
+                        self.reference
+                    ),
+                }),
+            })?;
+        let rebound = state.seen.as_ref().is_some_and(|(_, v)| *v != value);
+        state.seen = now.map(|s| (s, value.clone()));
+        Ok((value, rebound))
+    }
+
+    /// Keeps the refresh token WeChat returned instead of the one sent.
+    fn rotated(&self, token: Secret) {
+        let mut state = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        match write_refresh_token(&self.reference, &self.base, &self.policy, token.expose()) {
+            Ok(path) => {
+                state.unwritten = None;
+                state.seen = stamp(&path).ok().map(|s| (s, token));
+            }
+            Err(e) => state.unwritten = Some((token, e.to_string())),
+        }
+    }
+
+    /// Why a rotated refresh token is not in the file yet, if it is not.
+    fn unwritten(&self) -> Option<String> {
+        let state = self.read.lock().unwrap_or_else(|p| p.into_inner());
+        state.unwritten.as_ref().map(|(_, why)| why.clone())
+    }
+}
+
+/// The permission set that lets a platform list an account's linked mini programs.
+const LINK_PERMISSION: u32 = 33;
+
+/// A permission set id as `name (label)`, or the bare id for the sets touchctl does not name.
+fn permission_name(id: u32) -> String {
+    match Permission::from_id(id) {
+        Some(p) => format!("{} ({})", p.name(), p.label()),
+        None if id == LINK_PERMISSION => format!("{id} (小程序关联管理)"),
+        None => id.to_string(),
+    }
+}
+
+/// The required permission sets not granted, in words, if any.
+fn missing_permissions(required: &[Permission], granted: &[u32]) -> Option<String> {
+    let missing: Vec<&Permission> = required
+        .iter()
+        .filter(|p| !granted.contains(&p.id()))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let names: Vec<String> = missing.iter().map(|p| permission_name(p.id())).collect();
+    let mut text = format!("missing: {}", names.join(", "));
+    if missing.iter().any(|p| p.exclusive()) {
+        text.push_str(
+            " — 4 and 24 can be held by one third-party platform only: the account may have granted them to another platform",
+        );
+    }
+    text.push_str("; authorise again with `touchctl auth wechat` and grant them");
+    Some(text)
+}
+
+/// What the file says is linked but WeChat does not list: the templates' mini programs and
+/// `linked_mini_programs`.
+fn unlinked(declared: &[String], templates: &[MessageTemplate], linked: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in templates {
+        if let Some(mp) = &t.mini_program
+            && !linked.contains(&mp.app_id)
+        {
+            out.push(format!(
+                "template `{}` opens mini program {}, which is not linked to the account: link it (公众号后台 → 小程序管理) or change the template",
+                t.id, mp.app_id
+            ));
+        }
+    }
+    for app_id in declared {
+        if !linked.contains(app_id)
+            && !templates
+                .iter()
+                .any(|t| t.mini_program.as_ref().is_some_and(|m| &m.app_id == app_id))
+        {
+            out.push(format!(
+                "`linked_mini_programs` names {app_id}, which WeChat does not list as linked to the account"
+            ));
+        }
+    }
+    out
+}
+
+/// Why a third-party account's platform is missing.
+fn not_live(platform: &str) -> String {
+    format!("platform `{platform}` is not live: apply its file")
+}
+
+/// What a platform's failure to give an authorizer token means for the touchpoint.
+fn platform_failure(touchpoint: &str, e: PlatformError) -> Failure {
+    let said = |code: String, reason: String, hold: bool| {
+        Failure::Said(if hold {
+            Signal::Hold { code, reason }
+        } else {
+            Signal::Wait {
+                wait: NO_TICKET_WAIT,
+                code,
+                reason,
+            }
+        })
+    };
+    match e {
+        PlatformError::NoTicket { .. } => said(
+            e.code()
+                .map_or_else(|| "no_ticket".into(), |c| c.to_string()),
+            format!("{e}; sending waits a minute"),
+            false,
+        ),
+        PlatformError::Revoked { .. } => said(
+            "61023".into(),
+            format!(
+                "authorisation revoked or refresh token invalid (61023): re-authorise with `touchctl auth wechat {touchpoint}`"
+            ),
+            true,
+        ),
+        PlatformError::Config { code, .. } => said(code.to_string(), e.to_string(), true),
+        PlatformError::Refused(_) => said("network_refused".into(), e.to_string(), true),
+        PlatformError::Code {
+            code: code @ (45009 | 45011),
+            errmsg,
+        } => Failure::Code {
+            status: 200,
+            code,
+            errmsg,
+        },
+        e => Failure::Transport {
+            status: None,
+            error: format!("cannot get an access token through the platform: {e}"),
+        },
+    }
+}
+
+/// How long a touchpoint waits for a platform without a valid ticket (WeChat pushes one every
+/// 10 minutes).
+const NO_TICKET_WAIT: Duration = Duration::from_secs(60);
+
+fn api_base(spec: &WechatOaSpec) -> String {
+    spec.api_base
+        .as_deref()
+        .unwrap_or(DEFAULT_API_BASE)
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn bad_base(base: &str, e: url::ParseError) -> Unavailable {
+    Unavailable(format!(
+        "`api_base` {base:?} does not make a valid URL ({e}): write it as https://host"
+    ))
 }
 
 /// One recipient's message, ready to send.
@@ -496,6 +933,18 @@ pub(in crate::channel) enum Failure {
     },
     /// No usable answer.
     Transport { status: Option<u16>, error: String },
+    /// What it means is known already (third-party mode: not bound, revoked, no ticket).
+    Said(Signal),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Code { code, errmsg, .. } => write!(f, "{code} {errmsg}"),
+            Failure::Transport { error, .. } => f.write_str(error),
+            Failure::Said(signal) => f.write_str(signal.reason()),
+        }
+    }
 }
 
 /// The answer's JSON object, or why there is none usable.
@@ -618,6 +1067,7 @@ fn token_answer(answer: &Map<String, Value>) -> Result<(Secret, Duration), Failu
 fn token_failure(f: Failure) -> Stop {
     let (status, code, errmsg) = match f {
         Failure::Transport { status, error } => return Stop::Transport { status, error },
+        Failure::Said(signal) => return Stop::Signal(None, signal),
         Failure::Code {
             status,
             code,

@@ -8,6 +8,7 @@ mod sandbox;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -367,12 +368,22 @@ fn plan_cmd(
 /// `plan --refresh`: the channel touchpoints of the tree checked live (the tree loaded already, so
 /// it loads again without error).
 fn refresh_warnings(g: &Global, allow_private: bool) -> Vec<touchctl::plan::Warning> {
-    match load::load_dir(&g.dir) {
-        Ok(desired) => touchctl::plan::inputs::refresh(&desired, &secret_policy(g), allow_private),
-        Err(e) => vec![touchctl::plan::Warning {
+    let not_checked = |e: String| {
+        vec![touchctl::plan::Warning {
             touchpoint: String::new(),
             message: format!("not checked: {e}"),
-        }],
+        }]
+    };
+    // Open platforms get their component token with the verify ticket the daemon keeps there.
+    let tickets = match SqliteRegistry::open(&g.state) {
+        Ok(r) => Arc::new(touchctl::registry::Tickets(Arc::new(r))),
+        Err(e) => return not_checked(e.to_string()),
+    };
+    match load::load_dir(&g.dir) {
+        Ok(desired) => {
+            touchctl::plan::inputs::refresh(&desired, &secret_policy(g), allow_private, tickets)
+        }
+        Err(e) => not_checked(e.to_string()),
     }
 }
 

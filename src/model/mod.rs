@@ -55,6 +55,12 @@ pub const SECRET_FIELDS: &[&str] = &[
     "master_secret",
 ];
 
+/// The secret fields touchctl writes itself: state, not desired configuration (`touchctl auth
+/// wechat` writes the refresh token, the daemon writes a rotated one back). They are in
+/// [`SECRET_FIELDS`], so never printed; but plan neither requires their file to exist (an account
+/// not bound yet plans fine) nor fingerprints them (a binding or a rotation is no change).
+pub const STATE_SECRETS: &[&str] = &["auth.authorizer_refresh_token"];
+
 /// The keys of [`Common`], which [`Touchpoint::from_json`] separates from the kind's own.
 const COMMON_FIELDS: &[&str] = &[
     "id",
@@ -262,6 +268,14 @@ impl Touchpoint {
     /// The touchpoint's id.
     pub fn id(&self) -> &str {
         &self.common.id
+    }
+
+    /// The secret references of the desired configuration: [`Self::secrets`] without the
+    /// [`STATE_SECRETS`], which touchctl writes itself.
+    pub fn desired_secrets(&self) -> Vec<(&'static str, &SecretRef)> {
+        let mut out = self.secrets();
+        out.retain(|(path, _)| !STATE_SECRETS.contains(path));
+        out
     }
 
     /// Every secret reference, with its dotted field path (`auth_token`, `auth.app_secret`).

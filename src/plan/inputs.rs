@@ -1,5 +1,7 @@
 //! Gathers what a plan needs and makes it: the desired touchpoints (already loaded), their secrets
 //! resolved to keyed fingerprints, and the live state from the registry; then [`plan::diff`].
+//! Secrets touchctl writes itself ([`crate::model::STATE_SECRETS`], an authorizer refresh token)
+//! are neither read nor fingerprinted: a binding is not a change of the desired state.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
@@ -50,7 +52,7 @@ pub fn fingerprints(
 ) -> Result<Vec<BTreeMap<String, String>>, PlanError> {
     let mut distinct: Fast<Origin<'_>, (&SecretRef, &Path)> = Fast::default();
     for l in &desired.touchpoints {
-        for (_, r) in l.touchpoint.secrets() {
+        for (_, r) in l.touchpoint.desired_secrets() {
             distinct.entry(key(r, &l.dir)).or_insert((r, &l.dir));
         }
     }
@@ -71,7 +73,7 @@ pub fn fingerprints(
         .map(|l| {
             let mut out = BTreeMap::new();
             let mut errors = Vec::new();
-            for (path, r) in l.touchpoint.secrets() {
+            for (path, r) in l.touchpoint.desired_secrets() {
                 match &resolved[&key(r, &l.dir)] {
                     Ok(f) => {
                         out.insert(path.to_string(), f.clone());
@@ -192,6 +194,12 @@ fn plan_against(
     policy: &SecretPolicy,
 ) -> Result<Plan, PlanError> {
     let fps = fingerprints(desired, registry, policy)?;
+    // A registry written before these were state may hold their fingerprints: not compared.
+    let mut live = live;
+    for l in &mut live {
+        l.fingerprints
+            .retain(|path, _| !crate::model::STATE_SECRETS.contains(&path.as_str()));
+    }
     let specs: Vec<DesiredSpec<'_>> = desired
         .touchpoints
         .iter()
@@ -345,10 +353,17 @@ const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// token, its app exists — and returns a warning for each problem (an unreachable platform
 /// included). Endpoints on non-public networks are refused unless `allow_private`, as the daemon
 /// refuses them. Custom touchpoints are not checked (a request to them would be a delivery).
+///
+/// Open platforms come first: each is opened with the verify ticket `tickets` keeps (the
+/// daemon's registry) and its component token checked; then each Official Account in
+/// third-party mode is checked through its platform: bound (its refresh token gets a token), its
+/// granted permissions against `required_permissions`, and its linked mini programs where
+/// permission 33 lets the platform read them.
 pub fn refresh(
     desired: &crate::load::Desired,
     policy: &SecretPolicy,
     allow_private: bool,
+    tickets: std::sync::Arc<dyn crate::channel::open_platform::TicketStore>,
 ) -> Vec<plan::Warning> {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -373,9 +388,54 @@ pub fn refresh(
         }
     };
     runtime.block_on(async {
+        let mut warnings = Vec::new();
+        let mut platforms = Vec::new();
+        for l in &desired.touchpoints {
+            let crate::model::KindSpec::WechatOpenPlatform(spec) = &l.touchpoint.spec else {
+                continue;
+            };
+            let id = l.touchpoint.id();
+            match crate::channel::open_platform::Platform::open(
+                id,
+                spec,
+                &l.dir,
+                policy,
+                tickets.clone(),
+                &shared,
+            ) {
+                Ok(p) => {
+                    let p = std::sync::Arc::new(p.with_network(client.clone(), allow_private));
+                    shared.platforms.set(p.clone());
+                    platforms.push(p);
+                }
+                Err(e) => warnings.push(plan::Warning {
+                    touchpoint: id.to_string(),
+                    message: format!("not checked: {e}"),
+                }),
+            }
+        }
+        let platform_checks = platforms.iter().map(|p| async move {
+            let checked = tokio::time::timeout(PROBE_TIMEOUT, p.component_token()).await;
+            let message = match checked {
+                Ok(Ok(_)) => return None,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => did_not_answer(),
+            };
+            Some(plan::Warning {
+                touchpoint: p.id().to_string(),
+                message,
+            })
+        });
+        warnings.extend(
+            futures_util::future::join_all(platform_checks)
+                .await
+                .into_iter()
+                .flatten(),
+        );
         let checks = desired
             .touchpoints
             .iter()
+            .filter(|l| l.touchpoint.spec.is_touchpoint())
             .filter(|l| !matches!(l.touchpoint.spec, crate::model::KindSpec::Custom(_)))
             .map(|l| {
                 let (shared, client) = (shared.clone(), client.clone());
@@ -388,12 +448,21 @@ pub fn refresh(
                     })
                 }
             });
-        futures_util::future::join_all(checks)
-            .await
-            .into_iter()
-            .flatten()
-            .collect()
+        warnings.extend(
+            futures_util::future::join_all(checks)
+                .await
+                .into_iter()
+                .flatten(),
+        );
+        warnings
     })
+}
+
+fn did_not_answer() -> String {
+    format!(
+        "the platform did not answer within {}",
+        humantime::format_duration(PROBE_TIMEOUT)
+    )
 }
 
 /// One touchpoint's check: the problem, if there is one.
@@ -417,9 +486,6 @@ async fn probe(
     match tokio::time::timeout(PROBE_TIMEOUT, channel.probe(client)).await {
         Ok(Ok(_)) => None,
         Ok(Err(problem)) => Some(problem),
-        Err(_) => Some(format!(
-            "the platform did not answer within {}",
-            humantime::format_duration(PROBE_TIMEOUT)
-        )),
+        Err(_) => Some(did_not_answer()),
     }
 }

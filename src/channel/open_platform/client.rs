@@ -217,11 +217,12 @@ fn code_hint(code: i64) -> &'static str {
     }
 }
 
+/// A request without a usable answer (all that `read_answer` fails with).
 fn transport(f: Failure) -> PlatformError {
     match f {
         Failure::Transport { error, .. } => PlatformError::Transport(error),
-        // read_answer answers no codes; kept whole in case it one day does.
         Failure::Code { code, errmsg, .. } => PlatformError::Code { code, errmsg },
+        Failure::Said(signal) => PlatformError::Transport(signal.said()),
     }
 }
 
