@@ -393,7 +393,14 @@ pub enum Command {
     /// (their success envelopes, error codes and messages, HTTP statuses, token lifetimes), knowing
     /// the credentials of the touchpoints in --dir: point a touchpoint's `api_base` at the sandbox
     /// (custom touchpoints: a url of http://ADDR/_sandbox/webhooks/NAME, with allow_insecure).
-    /// Served: OA direct mode (GET /cgi-bin/token, POST /cgi-bin/message/template/send); WeCom
+    /// Served: OA (GET /cgi-bin/token, POST /cgi-bin/message/template/send, POST
+    /// /cgi-bin/wxopen/wxamplinkget); the open platform for every wechat_open_platform file (POST
+    /// /cgi-bin/component/api_component_token, api_create_preauthcode, api_query_auth,
+    /// api_authorizer_token, api_get_authorizer_info; the authorisation page GET
+    /// /cgi-bin/componentloginpage, /safe/bindcomponent, /wxaopen/safe/bindcomponent, listing the
+    /// OA files in third-party mode naming the platform, each with an Authorise link that
+    /// redirects to redirect_uri with an auth_code; encrypted verify tickets pushed to
+    /// --push-tickets-to every --ticket-interval, and now with POST /_sandbox/tickets); WeCom
     /// (GET /cgi-bin/gettoken, POST /cgi-bin/message/send, POST
     /// /cgi-bin/externalcontact/add_msg_template); Getui v2 (POST /v2/{appId}/auth,
     /// /v2/{appId}/push/list/message, /v2/{appId}/push/list/cid); POST /_sandbox/webhooks/NAME
@@ -404,7 +411,8 @@ pub enum Command {
     /// their bodies). POST /_sandbox/faults takes a JSON list of rules injecting failures
     /// ({"channel", "match": {"touchpoint", "endpoint": "token"|"send"}, "action", "count"}, actions
     /// expire_tokens, rate_limit {code}, fail_users {ids, code}, error {code | http_status}, slow
-    /// {delay}); DELETE /_sandbox/faults clears them. Everything is kept in memory only, nothing
+    /// {delay}; channel open_platform also grant_only {permission_ids}, revoke {app_id},
+    /// expire_ticket); DELETE /_sandbox/faults clears them. Everything is kept in memory only, nothing
     /// between runs. Request bodies over 16 MiB are refused (413). Stop with Ctrl-C or SIGTERM.
     #[command(
         after_help = "Examples:
@@ -416,6 +424,10 @@ pub enum Command {
   curl -s -X POST http://127.0.0.1:8641/_sandbox/faults \\
       -d '[{\"channel\": \"wecom\", \"action\": \"fail_users\", \"ids\": [\"zhangsan\"]}]'
   curl -s -X DELETE http://127.0.0.1:8641/_sandbox/faults
+  touchctl sandbox --push-tickets-to 'http://127.0.0.1:8640/wechat/platforms/{platform}/events'
+  curl -s -X POST http://127.0.0.1:8641/_sandbox/tickets
+  curl -s -X POST http://127.0.0.1:8641/_sandbox/faults \\
+      -d '[{\"channel\": \"open_platform\", \"action\": \"revoke\", \"app_id\": \"wx8a7c3e1f5b2d4690\"}]'
   touchctl sandbox messages                        what a running sandbox received, a line each",
         args_conflicts_with_subcommands = true
     )]
@@ -564,6 +576,16 @@ pub struct SandboxArgs {
     /// tokens a day, unless this is shorter. `expires_in` and `expire_time` say so.
     #[arg(long, value_parser = parse_token_ttl, value_name = "DURATION")]
     pub token_ttl: Option<std::time::Duration>,
+    /// Push each open platform's encrypted verify tickets (and authorisation events) to this URL,
+    /// the daemon's event URL; `{platform}` is replaced by the platform's id, e.g.
+    /// http://127.0.0.1:8640/wechat/platforms/{platform}/events. Without it, pushes start when
+    /// POST /_sandbox/tickets names a URL.
+    #[arg(long, value_name = "URL", value_parser = parse_push_url)]
+    pub push_tickets_to: Option<String>,
+    /// How often a verify ticket is pushed (1s to 1d; WeChat pushes every 10 minutes). The first
+    /// is pushed right at start.
+    #[arg(long, default_value = "600s", value_parser = parse_token_ttl, value_name = "DURATION")]
+    pub ticket_interval: std::time::Duration,
     #[command(subcommand)]
     pub command: Option<SandboxCommand>,
 }
@@ -586,7 +608,7 @@ pub enum SandboxCommand {
         )]
         url: String,
         /// Only this channel.
-        #[arg(long, value_parser = ["oa", "wecom", "getui", "custom"])]
+        #[arg(long, value_parser = ["oa", "wecom", "getui", "custom", "open_platform"])]
         channel: Option<String>,
         /// Only this touchpoint.
         #[arg(long, value_name = "ID")]
@@ -927,6 +949,10 @@ fn parse_lease(s: &str) -> Result<std::time::Duration, String> {
 }
 
 /// A token lifetime: from a second to a day.
+fn parse_push_url(s: &str) -> Result<String, String> {
+    touchctl::sandbox::check_push_url(s).map(|()| s.to_string())
+}
+
 fn parse_token_ttl(s: &str) -> Result<std::time::Duration, String> {
     let d = parse_second_or_more(s)?;
     if d > std::time::Duration::from_secs(86_400) {

@@ -57,6 +57,8 @@ pub fn sandbox_cmd(g: &Global, args: &SandboxArgs) -> Result<u8> {
     }
     let options = Options {
         token_ttl: args.token_ttl,
+        push_tickets_to: args.push_tickets_to.clone(),
+        ticket_interval: args.ticket_interval,
         ..Options::default()
     };
     let rt = super::daemon::runtime()?;
@@ -81,6 +83,16 @@ async fn run(g: &Global, args: &SandboxArgs, accounts: Accounts, options: Option
         let mut out = std::io::stdout().lock();
         writeln!(out, "touchctl sandbox: listening on {base}")?;
         for line in accounts.describe(&base) {
+            writeln!(out, "{}", escape(&line))?;
+        }
+        if !accounts.platforms.is_empty() {
+            let line = match &args.push_tickets_to {
+                Some(to) => format!(
+                    "pushing verify tickets to {to} every {}, the first now",
+                    humantime::format_duration(args.ticket_interval)
+                ),
+                None => "pushing no verify tickets until POST /_sandbox/tickets names a URL (or start with --push-tickets-to URL)".to_string(),
+            };
             writeln!(out, "{}", escape(&line))?;
         }
         out.flush()?;

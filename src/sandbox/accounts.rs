@@ -1,27 +1,78 @@
 //! The accounts the sandbox knows: the credentials of the touchpoints in a loaded tree, with their
 //! secret references resolved. A touchpoint whose secret cannot be read, or that the sandbox does
 //! not serve, is left out with a [`Notice`] saying why; the others are served.
+//!
+//! Open platforms (`wechat_open_platform`) are read first: an Official Account in third-party mode
+//! is served when the platform it names is, as an account an administrator can authorise to it.
 
 use std::fmt;
 
 use crate::channel::custom::signing_key;
+use crate::channel::open_platform::crypt::MsgCrypt;
 use crate::load::{Desired, Loaded};
 use crate::model::{KindSpec, MessageTemplate, Secret, SecretPolicy, SecretRef, WechatAuth};
 
 /// The path prefix under which custom touchpoints' webhooks are received.
 pub const SINK_PREFIX: &str = "/_sandbox/webhooks/";
 
-/// A WeChat Official Account in direct mode.
+/// A WeChat Official Account.
 #[derive(Debug)]
 pub struct OaAccount {
     /// The touchpoint id.
     pub id: String,
+    /// Its display name (the `nick_name` the open platform answers).
+    pub name: String,
     /// Its app id.
     pub app_id: String,
-    /// Its AppSecret.
-    pub secret: Secret,
+    /// How its tokens are obtained.
+    pub auth: OaAuth,
     /// Its templates: a send must name one of their `template_id`s.
     pub templates: Vec<MessageTemplate>,
+    /// The mini programs linked to it (`wxamplinkget` lists them).
+    pub linked_mini_programs: Vec<String>,
+}
+
+/// How an Official Account's tokens are obtained.
+#[derive(Debug)]
+pub enum OaAuth {
+    /// Direct mode: `/cgi-bin/token` with its AppSecret.
+    Direct {
+        /// Its AppSecret.
+        secret: Secret,
+    },
+    /// Third-party mode: an authorizer token of the open platform at this index of
+    /// [`Accounts::platforms`], once the account has authorised it.
+    ThirdParty {
+        /// The platform's index.
+        platform: usize,
+    },
+}
+
+impl OaAccount {
+    /// The open platform it is authorised through, if any.
+    pub fn platform(&self) -> Option<usize> {
+        match self.auth {
+            OaAuth::Direct { .. } => None,
+            OaAuth::ThirdParty { platform } => Some(platform),
+        }
+    }
+}
+
+/// A WeChat open platform third-party platform (`wechat_open_platform`).
+#[derive(Debug)]
+pub struct PlatformAccount {
+    /// The file's id.
+    pub id: String,
+    /// Its display name, shown on the authorisation page.
+    pub name: String,
+    /// The component app id.
+    pub component_app_id: String,
+    /// The component AppSecret.
+    pub secret: Secret,
+    /// The message token (it also signs a push's plain `signature`).
+    pub token: Secret,
+    /// The message crypto of its pushes (its token and EncodingAESKey).
+    pub crypt: MsgCrypt,
 }
 
 /// A WeCom corp app.
@@ -68,8 +119,10 @@ pub struct SinkAccount {
 /// Everything the sandbox serves.
 #[derive(Debug, Default)]
 pub struct Accounts {
-    /// WeChat Official Accounts.
+    /// WeChat Official Accounts, in direct and third-party mode.
     pub oa: Vec<OaAccount>,
+    /// WeChat open platforms.
+    pub platforms: Vec<PlatformAccount>,
     /// WeCom apps.
     pub wecom: Vec<WecomAccount>,
     /// Getui apps.
@@ -90,6 +143,13 @@ pub enum Notice {
         /// Why.
         why: String,
     },
+    /// Its settings cannot be used as they are (an EncodingAESKey that is not one): it is left out.
+    Unusable {
+        /// The touchpoint id.
+        id: String,
+        /// Why, and what to do.
+        why: String,
+    },
     /// The sandbox does not serve this touchpoint.
     NotServed {
         /// The touchpoint id.
@@ -102,7 +162,7 @@ pub enum Notice {
 impl Notice {
     /// Whether it is a warning (something is wrong) rather than a note.
     pub fn is_warning(&self) -> bool {
-        matches!(self, Notice::Unreadable { .. })
+        matches!(self, Notice::Unreadable { .. } | Notice::Unusable { .. })
     }
 }
 
@@ -112,6 +172,10 @@ impl fmt::Display for Notice {
             Notice::Unreadable { id, field, why } => write!(
                 f,
                 "warning: {id}: cannot read its secret `{field}` ({why}); it is left out of the sandbox: fix the reference (or pass --secrets-dir / --secret-env-allow) and start the sandbox again"
+            ),
+            Notice::Unusable { id, why } => write!(
+                f,
+                "warning: {id}: {why}; it is left out of the sandbox: fix it and start the sandbox again"
             ),
             Notice::NotServed { id, why } => write!(f, "note: {id} is not served: {why}"),
         }
@@ -123,7 +187,12 @@ impl Accounts {
     pub fn load(desired: &Desired, policy: &SecretPolicy) -> (Self, Vec<Notice>) {
         let mut accounts = Accounts::default();
         let mut notices = Vec::new();
-        for loaded in &desired.touchpoints {
+        // Platforms first: the Official Accounts in third-party mode refer to them.
+        let (platforms, others): (Vec<_>, Vec<_>) = desired
+            .touchpoints
+            .iter()
+            .partition(|l| matches!(l.touchpoint.spec, KindSpec::WechatOpenPlatform(_)));
+        for loaded in platforms.into_iter().chain(others) {
             if let Err(n) = accounts.add(loaded, policy) {
                 notices.push(n);
             }
@@ -133,7 +202,20 @@ impl Accounts {
 
     /// How many accounts in all.
     pub fn len(&self) -> usize {
-        self.oa.len() + self.wecom.len() + self.getui.len() + self.sinks.len()
+        self.oa.len()
+            + self.platforms.len()
+            + self.wecom.len()
+            + self.getui.len()
+            + self.sinks.len()
+    }
+
+    /// The Official Accounts an administrator can authorise to the platform at `platform`, with
+    /// their indexes among [`Accounts::oa`].
+    pub fn authorisable(&self, platform: usize) -> impl Iterator<Item = (usize, &OaAccount)> {
+        self.oa
+            .iter()
+            .enumerate()
+            .filter(move |(_, a)| a.platform() == Some(platform))
     }
 
     /// Whether there is none.
@@ -153,23 +235,32 @@ impl Accounts {
                 })
         };
         match &tp.spec {
-            KindSpec::WechatOfficialAccount(s) => match &s.auth {
-                WechatAuth::Direct { app_secret } => {
-                    let secret = read("auth.app_secret", app_secret)?;
-                    self.oa.push(OaAccount {
-                        id,
-                        app_id: s.app_id.clone(),
-                        secret,
-                        templates: s.templates.clone(),
-                    });
-                }
-                WechatAuth::ThirdParty { .. } => {
-                    return Err(Notice::NotServed {
-                        id,
-                        why: "it is authorised through a third-party platform, which the sandbox does not serve yet (direct mode only)".into(),
-                    });
-                }
-            },
+            KindSpec::WechatOfficialAccount(s) => {
+                let auth = match &s.auth {
+                    WechatAuth::Direct { app_secret } => OaAuth::Direct {
+                        secret: read("auth.app_secret", app_secret)?,
+                    },
+                    WechatAuth::ThirdParty { platform, .. } => {
+                        let Some(i) = self.platforms.iter().position(|p| &p.id == platform) else {
+                            return Err(Notice::NotServed {
+                                id,
+                                why: format!(
+                                    "the open platform it is authorised through, `{platform}`, is not served (see above)"
+                                ),
+                            });
+                        };
+                        OaAuth::ThirdParty { platform: i }
+                    }
+                };
+                self.oa.push(OaAccount {
+                    id,
+                    name: tp.common.name.clone(),
+                    app_id: s.app_id.clone(),
+                    auth,
+                    templates: s.templates.clone(),
+                    linked_mini_programs: s.linked_mini_programs.clone(),
+                });
+            }
             KindSpec::Wecom(s) => {
                 let secret = read("secret", &s.secret)?;
                 let contact_secret = s
@@ -194,10 +285,22 @@ impl Accounts {
                     master_secret,
                 });
             }
-            KindSpec::WechatOpenPlatform(_) => {
-                return Err(Notice::NotServed {
+            KindSpec::WechatOpenPlatform(s) => {
+                let secret = read("component_secret", &s.component_secret)?;
+                let token = read("token", &s.token)?;
+                let key = read("encoding_aes_key", &s.encoding_aes_key)?;
+                let crypt = MsgCrypt::new(token.expose(), key.expose(), &s.component_app_id)
+                    .map_err(|e| Notice::Unusable {
+                        id: id.clone(),
+                        why: e.to_string(),
+                    })?;
+                self.platforms.push(PlatformAccount {
                     id,
-                    why: "the sandbox does not play the open platform yet".into(),
+                    name: tp.common.name.clone(),
+                    component_app_id: s.component_app_id.clone(),
+                    secret,
+                    token,
+                    crypt,
                 });
             }
             KindSpec::Custom(s) => {
@@ -235,9 +338,29 @@ impl Accounts {
     /// the sandbox's `http://ADDR`.
     pub fn describe(&self, base: &str) -> Vec<String> {
         let mut out = Vec::with_capacity(self.len());
-        for a in &self.oa {
+        for (i, p) in self.platforms.iter().enumerate() {
+            let accounts: Vec<&str> = self.authorisable(i).map(|(_, a)| a.id.as_str()).collect();
             out.push(format!(
-                "serving {} (wechat_official_account, app id {}, {} template(s))",
+                "serving {} (wechat_open_platform, component app id {}, authorisation page {base}/cgi-bin/componentloginpage, accounts it can authorise: {})",
+                p.id,
+                p.component_app_id,
+                if accounts.is_empty() {
+                    "none".to_string()
+                } else {
+                    accounts.join(", ")
+                }
+            ));
+        }
+        for a in &self.oa {
+            let mode = match a.auth {
+                OaAuth::Direct { .. } => String::new(),
+                OaAuth::ThirdParty { platform } => format!(
+                    ", third-party through {}",
+                    self.platforms.get(platform).map_or("?", |p| p.id.as_str())
+                ),
+            };
+            out.push(format!(
+                "serving {} (wechat_official_account, app id {}{mode}, {} template(s))",
                 a.id,
                 a.app_id,
                 a.templates.len()

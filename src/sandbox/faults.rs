@@ -13,8 +13,14 @@
 //! `count` is how many requests a rule affects (a `fail_users` rule affects a request only when it
 //! names one of its recipients); a rule whose count is used up is removed. `expire_tokens` acts
 //! once, when it is posted, and is not kept.
+//!
+//! The open platform (channel `open_platform`, `match.touchpoint` a platform's id) also takes
+//! `grant_only {"permission_ids"}` (kept: each authorisation on the page grants at most these
+//! permission sets, and uses up one of its count), and two actions that act once, when posted:
+//! `revoke {"app_id"}` (the account withdraws its authorisation) and `expire_ticket` (the current
+//! verify tickets are expired). It has no recipients: `fail_users` is refused there.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -22,7 +28,7 @@ use serde_json::{Map, Value, json};
 use super::Channel;
 
 /// The actions a rule may take, as the 400 answer lists them.
-pub const ACTIONS: &str = r#"expire_tokens; rate_limit {"code"}; fail_users {"ids", "code"}; error {"code" | "http_status"}; slow {"delay"}"#;
+pub const ACTIONS: &str = r#"expire_tokens; rate_limit {"code"}; fail_users {"ids", "code"}; error {"code" | "http_status"}; slow {"delay"}; open_platform only: grant_only {"permission_ids"}, revoke {"app_id"}, expire_ticket"#;
 
 /// The longest `slow` delay.
 const MAX_DELAY: Duration = Duration::from_secs(600);
@@ -74,6 +80,28 @@ pub enum Action {
         /// The delay.
         delay: Duration,
     },
+    /// Open platform: an authorisation grants at most these permission sets.
+    GrantOnly {
+        /// The permission set ids.
+        permission_ids: BTreeSet<u32>,
+    },
+    /// Open platform: the account withdraws its authorisation (acts when posted).
+    Revoke {
+        /// The Official Account's app id.
+        app_id: String,
+    },
+    /// Open platform: the verify tickets pushed so far are expired (acts when posted).
+    ExpireTicket,
+}
+
+impl Action {
+    /// Whether it acts once, when posted, rather than being kept to match requests.
+    pub fn acts_when_posted(&self) -> bool {
+        matches!(
+            self,
+            Action::ExpireTokens | Action::ExpireTicket | Action::Revoke { .. }
+        )
+    }
 }
 
 /// One rule.
@@ -140,6 +168,7 @@ fn rate_limit_codes(channel: Channel) -> &'static [i64] {
         Channel::Oa => &[45011, 45009],
         Channel::Wecom => &[45009, 45033],
         Channel::Getui => &[10005, 30015, 30008],
+        Channel::OpenPlatform => &[45009, 45011],
         Channel::Custom => &[],
     }
 }
@@ -150,6 +179,8 @@ fn default_fail_code(channel: Channel) -> i64 {
         Channel::Oa => 43004,
         Channel::Wecom => 40031,
         Channel::Getui => 20001,
+        // Never used: the open platform's requests name no recipients (fail_users is refused).
+        Channel::OpenPlatform => -1,
         Channel::Custom => 404,
     }
 }
@@ -166,13 +197,40 @@ impl Faults {
         Value::Array(self.rules.iter().map(Rule::to_json).collect())
     }
 
-    /// Adds the rules that stay; returns the `expire_tokens` ones for the caller to act on.
+    /// Adds the rules that stay; returns those that act once, when posted (`expire_tokens`,
+    /// `expire_ticket`, `revoke`), for the caller to act on.
     pub fn add(&mut self, rules: Vec<Rule>) -> Vec<Rule> {
-        let (expire, keep): (Vec<Rule>, Vec<Rule>) = rules
-            .into_iter()
-            .partition(|r| r.action == Action::ExpireTokens);
+        let (once, keep): (Vec<Rule>, Vec<Rule>) =
+            rules.into_iter().partition(|r| r.action.acts_when_posted());
         self.rules.extend(keep);
-        expire
+        once
+    }
+
+    /// The permission sets an authorisation of the platform `touchpoint` may grant: the
+    /// intersection of every matching `grant_only` rule (each one's count used up), or `None` when
+    /// no rule limits it.
+    pub fn grant_only(&mut self, channel: Channel, touchpoint: &str) -> Option<BTreeSet<u32>> {
+        let mut allowed: Option<BTreeSet<u32>> = None;
+        self.rules.retain_mut(|r| {
+            let Action::GrantOnly { permission_ids } = &r.action else {
+                return true;
+            };
+            if r.channel != channel || r.touchpoint.as_deref().is_some_and(|t| t != touchpoint) {
+                return true;
+            }
+            allowed = Some(match allowed.take() {
+                None => permission_ids.clone(),
+                Some(a) => a.intersection(permission_ids).copied().collect(),
+            });
+            match &mut r.remaining {
+                Some(n) => {
+                    *n = n.saturating_sub(1);
+                    *n > 0
+                }
+                None => true,
+            }
+        });
+        allowed
     }
 
     /// Removes every rule.
@@ -295,6 +353,17 @@ impl Rule {
                     json!(humantime::format_duration(*delay).to_string()),
                 );
             }
+            Action::GrantOnly { permission_ids } => {
+                out.insert("action".into(), json!("grant_only"));
+                out.insert("permission_ids".into(), json!(permission_ids));
+            }
+            Action::Revoke { app_id } => {
+                out.insert("action".into(), json!("revoke"));
+                out.insert("app_id".into(), json!(app_id));
+            }
+            Action::ExpireTicket => {
+                out.insert("action".into(), json!("expire_ticket"));
+            }
         }
         if let Some(n) = self.remaining {
             out.insert("count".into(), json!(n));
@@ -346,10 +415,13 @@ fn rule(v: Value, known: &impl Fn(Channel, &str) -> bool) -> Result<Rule, String
         }
     }
     let channel = match o.remove("channel") {
-        Some(Value::String(c)) => Channel::parse(&c)
-            .ok_or_else(|| format!("unknown channel `{c}`: use one of oa, wecom, getui, custom"))?,
+        Some(Value::String(c)) => Channel::parse(&c).ok_or_else(|| {
+            format!("unknown channel `{c}`: use one of oa, wecom, getui, custom, open_platform")
+        })?,
         Some(other) => return Err(format!("`channel` is {}, not a string", kind(&other))),
-        None => return Err("`channel` is missing (oa, wecom, getui or custom)".into()),
+        None => {
+            return Err("`channel` is missing (oa, wecom, getui, custom or open_platform)".into());
+        }
     };
     let (touchpoint, endpoint) = matcher(o.remove("match"), channel, known)?;
     let action = match o.remove("action") {
@@ -365,8 +437,62 @@ fn rule(v: Value, known: &impl Fn(Channel, &str) -> bool) -> Result<Rule, String
         },
         Some(other) => return Err(format!("`count` is {}, not a number", kind(&other))),
     };
+    let open_platform_only = ["grant_only", "revoke", "expire_ticket"];
+    if open_platform_only.contains(&action.as_str()) && channel != Channel::OpenPlatform {
+        return Err(format!(
+            "`{action}` is an open platform fault: give it with \"channel\": \"open_platform\""
+        ));
+    }
     let action = match action.as_str() {
         "expire_tokens" => Action::ExpireTokens,
+        "expire_ticket" => Action::ExpireTicket,
+        "grant_only" => {
+            let ids = match o.remove("permission_ids") {
+                Some(Value::Array(ids)) => ids
+                    .into_iter()
+                    .map(|id| {
+                        id.as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| {
+                                format!(
+                                    "`permission_ids` must hold permission set ids such as 1 or 24, not {id}"
+                                )
+                            })
+                    })
+                    .collect::<Result<BTreeSet<u32>, _>>()?,
+                Some(other) => {
+                    return Err(format!(
+                        "`permission_ids` is {}, not a list of permission set ids",
+                        kind(&other)
+                    ));
+                }
+                None => {
+                    return Err(
+                        "grant_only needs `permission_ids`, the permission sets an authorisation grants (e.g. [1, 2, 3, 7, 11, 15]; [] grants none)"
+                            .into(),
+                    );
+                }
+            };
+            Action::GrantOnly {
+                permission_ids: ids,
+            }
+        }
+        "revoke" => match o.remove("app_id") {
+            Some(Value::String(a)) if !a.is_empty() => Action::Revoke { app_id: a },
+            Some(other) => {
+                return Err(format!(
+                    "`app_id` is {}, not the app id of an Official Account",
+                    kind(&other)
+                ));
+            }
+            None => {
+                return Err(
+                    "revoke needs `app_id`, the Official Account that withdraws its authorisation"
+                        .into(),
+                );
+            }
+        },
         "rate_limit" => {
             let allowed = rate_limit_codes(channel);
             let code = match take_code(&mut o)? {
@@ -386,6 +512,12 @@ fn rule(v: Value, known: &impl Fn(Channel, &str) -> bool) -> Result<Rule, String
                 }
             };
             Action::RateLimit { code }
+        }
+        "fail_users" if channel == Channel::OpenPlatform => {
+            return Err(
+                "the open platform's requests name no recipients: fail_users does not apply (use error, rate_limit, grant_only or revoke)"
+                    .into(),
+            );
         }
         "fail_users" => {
             let ids = match o.remove("ids") {
@@ -473,6 +605,9 @@ fn name_of(a: &Action) -> &'static str {
         Action::FailUsers { .. } => "fail_users",
         Action::Error { .. } => "error",
         Action::Slow { .. } => "slow",
+        Action::GrantOnly { .. } => "grant_only",
+        Action::Revoke { .. } => "revoke",
+        Action::ExpireTicket => "expire_ticket",
     }
 }
 
@@ -717,5 +852,93 @@ mod tests {
         );
         f.clear();
         assert_eq!(f.to_json(), json!([]));
+    }
+
+    fn open_rules(text: &str) -> Result<Vec<Rule>, FaultError> {
+        parse(text.as_bytes(), |c, id| {
+            c == Channel::OpenPlatform && id == "open-platform"
+        })
+    }
+
+    #[test]
+    fn open_platform_faults_read_and_are_refused_elsewhere() {
+        let r = open_rules(
+            r#"[{"channel":"open_platform","action":"grant_only","permission_ids":[1,2,7]},
+                {"channel":"open_platform","action":"revoke","app_id":"wx8a7c3e1f5b2d4690"},
+                {"channel":"open_platform","match":{"touchpoint":"open-platform"},"action":"expire_ticket"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r[0].action,
+            Action::GrantOnly {
+                permission_ids: BTreeSet::from([1, 2, 7])
+            }
+        );
+        assert!(!r[0].action.acts_when_posted());
+        assert!(r[1].action.acts_when_posted() && r[2].action.acts_when_posted());
+        let cases = [
+            (
+                r#"{"channel":"oa","action":"revoke","app_id":"wx1"}"#,
+                "open platform fault",
+            ),
+            (
+                r#"{"channel":"open_platform","action":"grant_only"}"#,
+                "needs `permission_ids`",
+            ),
+            (
+                r#"{"channel":"open_platform","action":"grant_only","permission_ids":[0]}"#,
+                "permission set ids",
+            ),
+            (
+                r#"{"channel":"open_platform","action":"revoke"}"#,
+                "needs `app_id`",
+            ),
+            (
+                r#"{"channel":"open_platform","action":"fail_users","ids":["u"]}"#,
+                "no recipients",
+            ),
+        ];
+        for (text, problem) in cases {
+            let e = open_rules(text).unwrap_err().to_string();
+            assert!(e.contains(problem), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn grant_only_rules_intersect_and_use_up_their_count() {
+        let mut f = Faults::default();
+        let once = f.add(
+            open_rules(
+                r#"[{"channel":"open_platform","action":"grant_only","permission_ids":[1,2,7],"count":1},
+                    {"channel":"open_platform","action":"grant_only","permission_ids":[2,7,24]},
+                    {"channel":"open_platform","action":"expire_ticket"}]"#,
+            )
+            .unwrap(),
+        );
+        assert_eq!(once.len(), 1, "expire_ticket acts once and is not kept");
+        // Requests to the API do not use them up.
+        assert_eq!(
+            f.verdict(
+                Channel::OpenPlatform,
+                Some("open-platform"),
+                Endpoint::Send,
+                &[]
+            ),
+            Verdict::default()
+        );
+        assert_eq!(
+            f.grant_only(Channel::OpenPlatform, "open-platform"),
+            Some(BTreeSet::from([2, 7]))
+        );
+        assert_eq!(
+            f.grant_only(Channel::OpenPlatform, "open-platform"),
+            Some(BTreeSet::from([2, 7, 24])),
+            "the first rule's count is used up"
+        );
+        assert_eq!(f.grant_only(Channel::Oa, "open-platform"), None);
+        assert_eq!(
+            f.to_json(),
+            json!([{"channel": "open_platform", "action": "grant_only", "permission_ids": [2, 7, 24]}])
+        );
     }
 }

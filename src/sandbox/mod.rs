@@ -1,6 +1,6 @@
-//! `touchctl sandbox`: local stand-ins for the WeChat Official Account, WeCom and Getui APIs and a
-//! webhook sink for custom touchpoints, speaking the real wire formats at the real paths
-//! (CHANNELS.md), so the whole system runs without accounts. It is a developer tool and a test
+//! `touchctl sandbox`: local stand-ins for the WeChat Official Account, open platform, WeCom and
+//! Getui APIs and a webhook sink for custom touchpoints, speaking the real wire formats at the real
+//! paths (CHANNELS.md), so the whole system runs without accounts. It is a developer tool and a test
 //! fixture: nothing here is on a production path, and it holds nothing between runs.
 //!
 //! | file | owns |
@@ -10,7 +10,10 @@
 //! | [`tokens`] | access tokens with the platforms' lifetimes; idempotency windows |
 //! | [`faults`] | injected failures: rules, their checks, what they make of a request |
 //! | [`messages`] | the bounded log of what it received |
-//! | `wechat.rs` | OA: `/cgi-bin/token`, `/cgi-bin/message/template/send` |
+//! | `wechat.rs` | OA: `/cgi-bin/token`, `/cgi-bin/message/template/send`, `/cgi-bin/wxopen/wxamplinkget` |
+//! | `open_platform.rs` | the open platform's component endpoints and what it remembers (tickets, codes, authorisations) |
+//! | `consent.rs` | the authorisation page an administrator opens, and its authorise link |
+//! | `push.rs` | encrypted pushes to the platform's event URL: verify tickets, authorisation events |
 //! | `wecom.rs` | WeCom: `gettoken`, `message/send`, `externalcontact/add_msg_template` |
 //! | `getui.rs` | Getui v2: `auth`, `push/list/message`, `push/list/cid` |
 //! | `sink.rs` | custom touchpoints: `/_sandbox/webhooks/NAME` with the Bearer and signature checks |
@@ -25,7 +28,10 @@ pub mod faults;
 pub mod messages;
 pub mod tokens;
 
+mod consent;
 mod getui;
+mod open_platform;
+mod push;
 mod sink;
 mod wechat;
 mod wecom;
@@ -51,6 +57,7 @@ use tokio::sync::watch;
 pub use accounts::{Accounts, Notice};
 use faults::{Endpoint, Faults, Verdict};
 use messages::{Entry, Filter, Kind, Messages};
+pub use push::check_url as check_push_url;
 use tokens::{Recent, Tokens};
 
 /// The largest request body read (413 beyond).
@@ -83,6 +90,8 @@ pub enum Channel {
     Getui,
     /// Custom touchpoints' sink.
     Custom,
+    /// The WeChat open platform's component endpoints.
+    OpenPlatform,
 }
 
 impl Channel {
@@ -93,6 +102,7 @@ impl Channel {
             Channel::Wecom => "wecom",
             Channel::Getui => "getui",
             Channel::Custom => "custom",
+            Channel::OpenPlatform => "open_platform",
         }
     }
 
@@ -103,6 +113,7 @@ impl Channel {
             "wecom" => Some(Channel::Wecom),
             "getui" => Some(Channel::Getui),
             "custom" => Some(Channel::Custom),
+            "open_platform" => Some(Channel::OpenPlatform),
             _ => None,
         }
     }
@@ -115,13 +126,22 @@ pub struct Options {
     pub token_ttl: Option<Duration>,
     /// The most entries the messages log keeps.
     pub max_messages: usize,
+    /// Where the open platforms' pushes go (`{platform}` replaced by the platform's id).
+    pub push_tickets_to: Option<String>,
+    /// How often a verify ticket is pushed.
+    pub ticket_interval: Duration,
 }
+
+/// How often a verify ticket is pushed unless told otherwise, as WeChat does.
+pub const TICKET_INTERVAL: Duration = Duration::from_secs(600);
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             token_ttl: None,
             max_messages: messages::MAX_ENTRIES,
+            push_tickets_to: None,
+            ticket_interval: TICKET_INTERVAL,
         }
     }
 }
@@ -141,6 +161,14 @@ struct Sandbox {
     /// Custom: (account, webhook-id) seen.
     webhooks: Mutex<Recent<(usize, String), ()>>,
     getui: Mutex<getui::Tasks>,
+    /// The open platforms' tickets, codes and authorisations.
+    open: Mutex<open_platform::Memory>,
+    /// Pre-auth codes' lifetime (1800s, or `--token-ttl` when shorter).
+    pre_auth_ttl: Duration,
+    /// Authorisation codes' lifetime (600s, or `--token-ttl` when shorter).
+    auth_code_ttl: Duration,
+    /// Where pushes go, and the client that sends them.
+    pusher: push::Pusher,
     next_msgid: AtomicU64,
     stop: watch::Receiver<bool>,
 }
@@ -178,8 +206,13 @@ impl Sandbox {
                 Channel::Custom,
                 ids(accounts.sinks.iter().map(|a| a.id.as_str()).collect()),
             ),
+            (
+                Channel::OpenPlatform,
+                ids(accounts.platforms.iter().map(|a| a.id.as_str()).collect()),
+            ),
         ]);
         let shorten = |default: Duration| options.token_ttl.map_or(default, |t| t.min(default));
+        let platforms = accounts.platforms.len();
         Self {
             accounts,
             names,
@@ -191,6 +224,10 @@ impl Sandbox {
             oa_sent: Mutex::new(Recent::new(OA_DEDUP, MAX_KEYS)),
             webhooks: Mutex::new(Recent::new(DAY, MAX_KEYS)),
             getui: Mutex::new(getui::Tasks::new(MAX_KEYS)),
+            open: Mutex::new(open_platform::Memory::new(platforms)),
+            pre_auth_ttl: shorten(open_platform::PRE_AUTH_TTL),
+            auth_code_ttl: shorten(open_platform::AUTH_CODE_TTL),
+            pusher: push::Pusher::new(options.push_tickets_to.clone()),
             next_msgid: AtomicU64::new(first_msgid()),
             stop,
         }
@@ -253,6 +290,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let state = Arc::new(Sandbox::new(accounts, &options, stop_rx));
+    if !state.accounts.platforms.is_empty() {
+        tokio::spawn(push::tickets_every(state.clone(), options.ticket_interval));
+    }
     let app = router(state);
     axum::serve(
         listener,
@@ -272,6 +312,32 @@ fn router(state: Shared) -> Router {
             "/cgi-bin/message/template/send",
             post(wechat::template_send),
         )
+        .route("/cgi-bin/wxopen/wxamplinkget", post(wechat::wxamplinkget))
+        .route(
+            "/cgi-bin/component/api_component_token",
+            post(open_platform::component_token),
+        )
+        .route(
+            "/cgi-bin/component/api_create_preauthcode",
+            post(open_platform::create_preauthcode),
+        )
+        .route(
+            "/cgi-bin/component/api_query_auth",
+            post(open_platform::query_auth),
+        )
+        .route(
+            "/cgi-bin/component/api_authorizer_token",
+            post(open_platform::authorizer_token),
+        )
+        .route(
+            "/cgi-bin/component/api_get_authorizer_info",
+            post(open_platform::get_authorizer_info),
+        )
+        .route("/cgi-bin/componentloginpage", get(consent::page))
+        .route("/safe/bindcomponent", get(consent::page))
+        .route("/wxaopen/safe/bindcomponent", get(consent::page))
+        .route("/_sandbox/authorize", get(consent::authorize))
+        .route("/_sandbox/tickets", post(push::tickets_now))
         .route("/cgi-bin/gettoken", get(wecom::token))
         .route("/cgi-bin/message/send", post(wecom::message_send))
         .route("/cgi-bin/agent/get", get(wecom::agent_get))
@@ -313,7 +379,7 @@ async fn not_found(method: Method, uri: Uri) -> Response {
     problem(
         StatusCode::NOT_FOUND,
         format!(
-            "the sandbox serves no {method} {}: it serves the OA (/cgi-bin/token, /cgi-bin/message/template/send), WeCom (/cgi-bin/gettoken, /cgi-bin/message/send, /cgi-bin/externalcontact/add_msg_template) and Getui (/v2/{{appId}}/auth, /v2/{{appId}}/push/list/message, /v2/{{appId}}/push/list/cid) endpoints, /_sandbox/webhooks/NAME, /_sandbox/messages and /_sandbox/faults",
+            "the sandbox serves no {method} {}: it serves the OA (/cgi-bin/token, /cgi-bin/message/template/send, /cgi-bin/wxopen/wxamplinkget), the open platform (/cgi-bin/component/api_component_token, api_create_preauthcode, api_query_auth, api_authorizer_token, api_get_authorizer_info; the authorisation page /cgi-bin/componentloginpage, /safe/bindcomponent, /wxaopen/safe/bindcomponent; /_sandbox/tickets), WeCom (/cgi-bin/gettoken, /cgi-bin/message/send, /cgi-bin/externalcontact/add_msg_template) and Getui (/v2/{{appId}}/auth, /v2/{{appId}}/push/list/message, /v2/{{appId}}/push/list/cid) endpoints, /_sandbox/webhooks/NAME, /_sandbox/messages and /_sandbox/faults",
             uri.path()
         ),
     )
@@ -463,7 +529,9 @@ async fn list_messages(State(s): State<Shared>, RawQuery(q): RawQuery) -> Respon
                 None => {
                     return problem(
                         StatusCode::BAD_REQUEST,
-                        format!("unknown channel `{v}`: use oa, wecom, getui or custom"),
+                        format!(
+                            "unknown channel `{v}`: use oa, wecom, getui, custom or open_platform"
+                        ),
                     );
                 }
             },
@@ -472,7 +540,7 @@ async fn list_messages(State(s): State<Shared>, RawQuery(q): RawQuery) -> Respon
                 None => {
                     return problem(
                         StatusCode::BAD_REQUEST,
-                        format!("unknown kind `{v}`: use token or message"),
+                        format!("unknown kind `{v}`: use token, message or query"),
                     );
                 }
             },
@@ -519,21 +587,36 @@ async fn add_faults(State(s): State<Shared>, body: Body) -> Response {
         Ok(r) => r,
         Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let (expire, active) = {
-        let mut f = lock(&s.faults);
-        let expire = f.add(rules);
-        (expire, f.to_json())
+    // A revocation must name an account that has authorised: checked before anything is added.
+    let revocations = match open_platform::revocations(&s, &rules) {
+        Ok(r) => r,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    if !expire.is_empty() {
-        let now = now();
-        let mut tokens = lock(&s.tokens);
-        for rule in expire {
-            let account = rule
-                .touchpoint
-                .as_deref()
-                .and_then(|t| s.names.get(&rule.channel)?.iter().position(|n| &**n == t));
-            tokens.expire(rule.channel, account, now);
+    let (once, active) = {
+        let mut f = lock(&s.faults);
+        let once = f.add(rules);
+        (once, f.to_json())
+    };
+    let now = now();
+    for rule in once {
+        let account = rule
+            .touchpoint
+            .as_deref()
+            .and_then(|t| s.names.get(&rule.channel)?.iter().position(|n| &**n == t));
+        match (&rule.action, rule.channel) {
+            (faults::Action::ExpireTokens, Channel::OpenPlatform) => {
+                open_platform::expire_tokens(&s, account, now);
+            }
+            (faults::Action::ExpireTokens, channel) => {
+                lock(&s.tokens).expire(channel, account, now);
+            }
+            (faults::Action::ExpireTicket, _) => lock(&s.open).expire_tickets(account),
+            // Acted on below, once each account is known.
+            _ => {}
         }
+    }
+    for oa in revocations {
+        open_platform::revoke(&s, oa, now);
     }
     json_answer(StatusCode::OK, JSON, &active)
 }

@@ -161,9 +161,16 @@ impl Tokens {
     /// Expires now every token of `channel` (of its account `account` only, if given) that is
     /// still valid; returns how many.
     pub fn expire(&mut self, channel: Channel, account: Option<usize>, now: i64) -> usize {
+        self.expire_owned(now, |o| {
+            o.channel == channel && account.is_none_or(|a| a == o.account)
+        })
+    }
+
+    /// Expires now every still valid token whose owner `which` picks; returns how many.
+    pub fn expire_owned(&mut self, now: i64, which: impl Fn(&Owner) -> bool) -> usize {
         let mut n = 0;
         for (owner, list) in &self.by_owner {
-            if owner.channel != channel || account.is_some_and(|a| a != owner.account) {
+            if !which(owner) {
                 continue;
             }
             for v in list {

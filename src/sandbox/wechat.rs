@@ -9,7 +9,14 @@
 //!   42001 expired; 47001 body not JSON; 40003 no `touser`; 40037 a `template_id` not among the
 //!   account's `[[templates]]`; 47003 a `data` value that is not `{"value": "..."}`; a recipient a
 //!   fault fails answers its code (43004 ...). The same `touser` + `client_msg_id` within 10
-//!   minutes answers success with the first `msgid` and is logged `duplicate`.
+//!   minutes answers success with the first `msgid` and is logged `duplicate`. The token may be an
+//!   authorizer token the open platform issued for the account (48001 when its authorisation did
+//!   not grant permission set 7, 群发与通知).
+//! - `POST /cgi-bin/wxopen/wxamplinkget?access_token=`: the account's `linked_mini_programs` as
+//!   linked items; with an authorizer token only when permission set 33 was granted (else 48001).
+//!
+//! An account in third-party mode has no AppSecret the sandbox knows: `/cgi-bin/token` answers
+//! it 40125; its tokens come from the open platform.
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -17,16 +24,17 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+use super::accounts::OaAuth;
 use super::faults::Endpoint;
 use super::messages::{Entry, Failed, Kind};
 use super::tokens::{Owner, Standing};
 use super::{
-    Channel, Shared, hex, json_answer, lock, now, parse_json, query, receive, refuse, same_secret,
-    token_value,
+    Channel, Shared, hex, json_answer, lock, now, open_platform, parse_json, query, receive,
+    refuse, same_secret, token_value,
 };
 
 /// The content type `api.weixin.qq.com` answers with.
-const CONTENT_TYPE: &str = "application/json; encoding=utf-8";
+pub(super) const CONTENT_TYPE: &str = "application/json; encoding=utf-8";
 
 /// The errmsg text of a code, before its ` rid: ...`.
 fn errmsg(code: i64) -> &'static str {
@@ -52,6 +60,14 @@ fn errmsg(code: i64) -> &'static str {
         47001 => "data format error",
         47003 => "argument invalid!",
         48001 => "api unauthorized",
+        61003 => "component is not authorized by this account",
+        61004 => "access clientip is not registered",
+        61005 => "component ticket is expired",
+        61006 => "component ticket is invalid",
+        61009 => "code is invalid",
+        61010 => "code is expired",
+        61011 => "invalid component",
+        61023 => "refresh_token is invalid",
         _ => "system error",
     }
 }
@@ -68,11 +84,13 @@ fn error_with(entry: &mut Entry, code: i64, detail: &str) -> Response {
     reply(entry, code, &json!({ "errcode": code, "errmsg": msg }))
 }
 
-fn error(entry: &mut Entry, code: i64) -> Response {
+/// An error answer: the code and its text with a request id.
+pub(super) fn error(entry: &mut Entry, code: i64) -> Response {
     error_with(entry, code, "")
 }
 
-fn reply(entry: &mut Entry, code: i64, body: &Value) -> Response {
+/// An answer of HTTP 200 with `body`, logged with `code`.
+pub(super) fn reply(entry: &mut Entry, code: i64, body: &Value) -> Response {
     entry.answer.http_status = 200;
     entry.answer.code = Some(code);
     json_answer(StatusCode::OK, CONTENT_TYPE, body)
@@ -107,8 +125,9 @@ async fn token_answer(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Respons
     let Some(i) = account else {
         return error(entry, 40013);
     };
-    if !same_secret(secret, &s.accounts.oa[i].secret) {
-        return error(entry, 40125);
+    match &s.accounts.oa[i].auth {
+        OaAuth::Direct { secret: known } if same_secret(secret, known) => {}
+        _ => return error(entry, 40125),
     }
     let owner = Owner {
         channel: Channel::Oa,
@@ -180,6 +199,9 @@ async fn send_answer(s: &Shared, q: Option<&str>, body: &[u8], entry: &mut Entry
     if let Some(r) = verdict.refuse {
         return refuse(entry, r, 45011, error);
     }
+    if !open_platform::may_send_templates(s, i) {
+        return error(entry, 48001);
+    }
     let Some(touser) = touser else {
         return error(entry, 40003);
     };
@@ -219,6 +241,42 @@ async fn send_answer(s: &Shared, q: Option<&str>, body: &[u8], entry: &mut Entry
         entry,
         0,
         &json!({ "errcode": 0, "errmsg": "ok", "msgid": msgid }),
+    )
+}
+
+/// `POST /cgi-bin/wxopen/wxamplinkget`.
+pub(super) async fn wxamplinkget(
+    State(s): State<Shared>,
+    RawQuery(q): RawQuery,
+    body: Body,
+) -> Response {
+    let endpoint = "/cgi-bin/wxopen/wxamplinkget";
+    let (mut entry, _) = match receive(&s, Channel::Oa, Kind::Query, endpoint, body).await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let answer = linkget_answer(&s, q.as_deref(), &mut entry).await;
+    s.record(entry);
+    answer
+}
+
+async fn linkget_answer(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Response {
+    let i = match account_of(s, q, entry) {
+        Ok(i) => i,
+        Err(code) => return error(entry, code),
+    };
+    let verdict = s.faults(entry, Endpoint::Send, &[]).await;
+    if let Some(r) = verdict.refuse {
+        return refuse(entry, r, 45011, error);
+    }
+    if !open_platform::may_list_links(s, i) {
+        return error(entry, 48001);
+    }
+    let items = open_platform::linked_items(&s.accounts.oa[i].linked_mini_programs);
+    reply(
+        entry,
+        0,
+        &json!({ "errcode": 0, "errmsg": "ok", "wxopens": { "items": items } }),
     )
 }
 
