@@ -159,6 +159,8 @@ pub struct App {
     pub public_url: String,
     /// The bindings in progress and recently finished.
     pub bindings: Mutex<bindings::Table>,
+    /// Woken whenever a binding finishes.
+    pub bindings_done: tokio::sync::Notify,
     /// When this daemon last received a verify ticket, by platform id (RFC 3339).
     pub tickets_received: Mutex<std::collections::HashMap<String, String>>,
     draining: AtomicBool,
@@ -432,6 +434,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             .clone()
             .unwrap_or_else(|| format!("http://{addr}")),
         bindings: Mutex::new(bindings::Table::default()),
+        bindings_done: tokio::sync::Notify::new(),
         tickets_received: Mutex::default(),
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),

@@ -317,6 +317,7 @@ async fn complete(app: &Arc<App>, target: Target, auth_code: &str) -> Option<Vie
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .finish(&target.id, outcome);
+    app.bindings_done.notify_waiters();
     if bound {
         // Opened again: the new refresh token is read, and a hold is released.
         app.live.release(&tp);
@@ -411,14 +412,42 @@ async fn authorized(
             &[UNKNOWN_BINDING.into()],
         ),
         Claim::Expired(view) | Claim::Done(view) => outcome_page(&view),
-        Claim::InProgress(view) => page(
-            StatusCode::OK,
-            "Completing",
-            &[format!(
-                "The authorisation of `{}` is being completed; `touchctl auth wechat` shows the outcome.",
-                view.touchpoint
-            )],
-        ),
+        Claim::InProgress(view) => match finished(&app, &view.binding_id).await {
+            Some(view) => outcome_page(&view),
+            None => page(
+                StatusCode::OK,
+                "Completing",
+                &[format!(
+                    "The authorisation of `{}` is being completed; `touchctl auth wechat` shows the outcome.",
+                    view.touchpoint
+                )],
+            ),
+        },
+    }
+}
+
+/// How long the browser's page waits for the other road to finish a binding.
+const PAGE_WAITS: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The binding `id` once it is no longer pending, waiting up to [`PAGE_WAITS`] for it.
+async fn finished(app: &App, id: &str) -> Option<View> {
+    let deadline = tokio::time::Instant::now() + PAGE_WAITS;
+    loop {
+        // Registered before looking, so a finish in between is not missed.
+        let notified = app.bindings_done.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let view = app
+            .bindings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id, now_ms())?;
+        if view.status != "pending" {
+            return Some(view);
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return None;
+        }
     }
 }
 
@@ -495,19 +524,8 @@ fn page_html(title: &str, lines: &[String]) -> String {
 }
 
 /// Text for HTML.
-fn html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
+fn html(s: &str) -> std::borrow::Cow<'_, str> {
+    html_escape::encode_safe(s)
 }
 
 /// Why `id` is not a usable platform.
@@ -672,7 +690,7 @@ mod tests {
 
     #[test]
     fn pages_escape_what_they_show() {
-        assert_eq!(html("<b>&\"'"), "&lt;b&gt;&amp;&quot;&#39;");
+        assert_eq!(html("<b>&\""), "&lt;b&gt;&amp;&quot;");
         let page = page_html("Not bound", &["<script>alert(1)</script>".into()]);
         assert!(
             page.contains("<p>&lt;script&gt;alert(1)&lt;/script&gt;</p>"),

@@ -13,6 +13,7 @@ mod drift;
 mod durations;
 mod examples;
 mod help;
+mod open_platform_bind;
 mod open_platform_crypt;
 mod open_platform_daemon;
 mod plan_apply;
