@@ -285,3 +285,43 @@ fn missing_permissions_are_named_and_exit_2() {
         "{out}"
     );
 }
+
+#[test]
+fn a_revoked_authorisation_holds_the_touchpoint_and_a_new_binding_releases_it() {
+    let (p, sandbox, d) = start("");
+    let mut auth = Auth::start(&p, &d);
+    let pc = auth.line("PC URL: ");
+    authorise(&pc);
+    assert_eq!(auth.finish().0, 0);
+    d.wait_until("/v1/touchpoints/wechat-oa", "ready once bound", |_, t| {
+        t["state"] == "ready"
+    });
+
+    sandbox.faults(&json!([{"channel": "open_platform", "action": "revoke", "app_id": APP_ID}]));
+    let held = d.wait_until(
+        "/v1/touchpoints/wechat-oa",
+        "held by the unauthorized event",
+        |_, t| t["state"] == "held",
+    );
+    let reason = held["held"].as_str().unwrap();
+    assert!(
+        reason.contains("authorisation revoked by the account (unauthorized event): re-authorise with `touchctl auth wechat wechat-oa`"),
+        "{held}"
+    );
+    let (code, r) = d.dispatch(&json!({
+        "touchpoint": "wechat-oa", "campaign": "c", "template": "order_shipped",
+        "template_params": {"first": "x", "keyword1": "y"},
+        "users": [{"user_id": "u1", "attributes": {"wechat_openid": "o1"}}]
+    }));
+    assert_eq!(code, 409, "{r}");
+
+    let mut auth = Auth::start(&p, &d);
+    let pc = auth.line("PC URL: ");
+    authorise(&pc);
+    assert_eq!(auth.finish().0, 0);
+    d.wait_until(
+        "/v1/touchpoints/wechat-oa",
+        "released by the new binding",
+        |_, t| t["state"] == "ready",
+    );
+}
