@@ -51,20 +51,6 @@ const REDACTED: &str = "<redacted>";
 
 impl std::fmt::Debug for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let authorisation = |f: &mut std::fmt::Formatter<'_>,
-                             name: &str,
-                             authorizer_app_id: &str,
-                             auth_code_expires_at: i64,
-                             pre_auth_code: &Option<String>,
-                             create_time: i64| {
-            f.debug_struct(name)
-                .field("authorizer_app_id", &authorizer_app_id)
-                .field("auth_code", &REDACTED)
-                .field("auth_code_expires_at", &auth_code_expires_at)
-                .field("pre_auth_code", &pre_auth_code.as_ref().map(|_| REDACTED))
-                .field("create_time", &create_time)
-                .finish()
-        };
         match self {
             Event::VerifyTicket { create_time, .. } => f
                 .debug_struct("VerifyTicket")
@@ -77,28 +63,27 @@ impl std::fmt::Debug for Event {
                 pre_auth_code,
                 create_time,
                 ..
-            } => authorisation(
-                f,
-                "Authorized",
-                authorizer_app_id,
-                *auth_code_expires_at,
-                pre_auth_code,
-                *create_time,
-            ),
-            Event::UpdateAuthorized {
+            }
+            | Event::UpdateAuthorized {
                 authorizer_app_id,
                 auth_code_expires_at,
                 pre_auth_code,
                 create_time,
                 ..
-            } => authorisation(
-                f,
-                "UpdateAuthorized",
-                authorizer_app_id,
-                *auth_code_expires_at,
-                pre_auth_code,
-                *create_time,
-            ),
+            } => {
+                let name = if matches!(self, Event::Authorized { .. }) {
+                    "Authorized"
+                } else {
+                    "UpdateAuthorized"
+                };
+                f.debug_struct(name)
+                    .field("authorizer_app_id", authorizer_app_id)
+                    .field("auth_code", &REDACTED)
+                    .field("auth_code_expires_at", auth_code_expires_at)
+                    .field("pre_auth_code", &pre_auth_code.as_ref().map(|_| REDACTED))
+                    .field("create_time", create_time)
+                    .finish()
+            }
             Event::Unauthorized {
                 authorizer_app_id,
                 create_time,
@@ -111,6 +96,30 @@ impl std::fmt::Debug for Event {
                 .debug_struct("Other")
                 .field("info_type", info_type)
                 .finish(),
+        }
+    }
+}
+
+impl Event {
+    /// The push's `InfoType`.
+    pub fn info_type(&self) -> &str {
+        match self {
+            Event::VerifyTicket { .. } => VERIFY_TICKET,
+            Event::Authorized { .. } => AUTHORIZED,
+            Event::UpdateAuthorized { .. } => UPDATE_AUTHORIZED,
+            Event::Unauthorized { .. } => UNAUTHORIZED,
+            Event::Other { info_type } => info_type,
+        }
+    }
+
+    /// When WeChat sent the push (`CreateTime`, Unix seconds); not kept for [`Event::Other`].
+    pub fn create_time(&self) -> Option<i64> {
+        match self {
+            Event::VerifyTicket { create_time, .. }
+            | Event::Authorized { create_time, .. }
+            | Event::UpdateAuthorized { create_time, .. }
+            | Event::Unauthorized { create_time, .. } => Some(*create_time),
+            Event::Other { .. } => None,
         }
     }
 }
@@ -192,13 +201,12 @@ fn push_number(out: &mut String, name: &str, value: i64) {
 pub fn render(event: &Event, component_app_id: &str) -> String {
     let mut out = "<xml>".to_string();
     xml::push_cdata(&mut out, "AppId", component_app_id);
+    if let Some(create_time) = event.create_time() {
+        push_number(&mut out, "CreateTime", create_time);
+    }
+    xml::push_cdata(&mut out, "InfoType", event.info_type());
     match event {
-        Event::VerifyTicket {
-            ticket,
-            create_time,
-        } => {
-            push_number(&mut out, "CreateTime", *create_time);
-            xml::push_cdata(&mut out, "InfoType", VERIFY_TICKET);
+        Event::VerifyTicket { ticket, .. } => {
             xml::push_cdata(&mut out, "ComponentVerifyTicket", ticket);
         }
         Event::Authorized {
@@ -206,22 +214,15 @@ pub fn render(event: &Event, component_app_id: &str) -> String {
             auth_code,
             auth_code_expires_at,
             pre_auth_code,
-            create_time,
+            ..
         }
         | Event::UpdateAuthorized {
             authorizer_app_id,
             auth_code,
             auth_code_expires_at,
             pre_auth_code,
-            create_time,
+            ..
         } => {
-            let info_type = if matches!(event, Event::Authorized { .. }) {
-                AUTHORIZED
-            } else {
-                UPDATE_AUTHORIZED
-            };
-            push_number(&mut out, "CreateTime", *create_time);
-            xml::push_cdata(&mut out, "InfoType", info_type);
             xml::push_cdata(&mut out, "AuthorizerAppid", authorizer_app_id);
             xml::push_cdata(&mut out, "AuthorizationCode", auth_code);
             push_number(
@@ -234,16 +235,9 @@ pub fn render(event: &Event, component_app_id: &str) -> String {
             }
         }
         Event::Unauthorized {
-            authorizer_app_id,
-            create_time,
-        } => {
-            push_number(&mut out, "CreateTime", *create_time);
-            xml::push_cdata(&mut out, "InfoType", UNAUTHORIZED);
-            xml::push_cdata(&mut out, "AuthorizerAppid", authorizer_app_id);
-        }
-        Event::Other { info_type } => {
-            xml::push_cdata(&mut out, "InfoType", info_type);
-        }
+            authorizer_app_id, ..
+        } => xml::push_cdata(&mut out, "AuthorizerAppid", authorizer_app_id),
+        Event::Other { .. } => {}
     }
     out.push_str("</xml>");
     out
