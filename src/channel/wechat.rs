@@ -1,5 +1,29 @@
-//! The WeChat Official Account (公众号) channel in direct mode (CHANNELS.md 1.1, 1.3, 1.5):
-//! template messages, one `POST /cgi-bin/message/template/send?access_token=` per recipient.
+//! The WeChat Official Account (公众号) channel (CHANNELS.md 1.1, 1.3, 1.5): template messages,
+//! one `POST /cgi-bin/message/template/send?access_token=` per recipient. The access token comes
+//! from the account's AppSecret (direct mode) or through an open platform (third-party mode);
+//! everything else is one code path.
+//!
+//! # Third-party mode
+//! The account's platform is found by id in [`super::Shared::platforms`] (absent: the touchpoint
+//! is unavailable until the platform's file is applied), and the token comes from
+//! `api_authorizer_token` (CHANNELS.md §2.6) with the refresh token of the file
+//! `auth.authorizer_refresh_token` names. The file is read again whenever it changes (a binding
+//! writes a new one; the token of the old binding is then dropped); a refresh token WeChat
+//! returns in place of the one sent is written back (atomically, 0600) and, if that fails, kept
+//! in memory and written on the next batch. The authorizer token is cached in
+//! [`super::Shared::tokens`] like a direct one, keyed by the platform and the account.
+//!
+//! | the platform says | the touchpoint |
+//! |---|---|
+//! | no refresh token file | held (`not_bound`): "not bound yet: run `touchctl auth wechat ID`" |
+//! | 61023 | held: "authorisation revoked or refresh token invalid (61023): re-authorise with `touchctl auth wechat ID`" |
+//! | no ticket yet, 61005, 61006 | waits a minute (the next push ends it by itself) |
+//! | 61004, 40125, 41004, 61011 | held: the platform's whitelist, secret or app id is wrong |
+//!
+//! `plan --refresh` checks a bound account's granted permissions against
+//! `required_permissions`, and, when permission set 33 lets the platform list them
+//! (`/cgi-bin/wxopen/wxamplinkget`), that the templates' mini programs and
+//! `linked_mini_programs` are linked.
 //!
 //! # Access tokens
 //! A token comes from `GET /cgi-bin/token` (client_credential, the account's app id and AppSecret)
@@ -1576,25 +1600,237 @@ mini_program = {{ app_id = "wx1d2e3f4a5b6c7d8e", page = "pages/member/day" }}
         ));
     }
 
-    #[test]
-    fn third_party_mode_is_unavailable_and_says_to_use_direct_mode() {
-        let mut s = spec("http://127.0.0.1:1");
+    /// An OA in third-party mode through platform `open` of `f`, its refresh token in
+    /// `secrets/oa-refresh` (written unless `bound` is false), its API at `api_base`.
+    fn third_party(
+        f: &super::super::open_platform::stub::Fixture,
+        api_base: &str,
+        bound: bool,
+    ) -> Result<WechatChannel, Unavailable> {
+        let mut s = spec(api_base);
         s.auth = toml::from_str(
             r#"mode = "third_party"
 platform = "open"
-authorizer_refresh_token = { env = "B" }"#,
+authorizer_refresh_token = { file = "secrets/oa-refresh" }"#,
         )
         .unwrap();
-        let err = WechatChannel::open(
-            &s,
-            std::path::Path::new("."),
-            &SecretPolicy::default(),
-            &Arc::default(),
+        if bound {
+            std::fs::write(
+                f.dir.path().join("secrets/oa-refresh"),
+                "refreshtoken@@@r1\n",
+            )
+            .unwrap();
+        }
+        WechatChannel::open("wechat-oa", &s, f.dir.path(), &f.policy, &f.shared)
+    }
+
+    fn batch<'a>(
+        client: &'a reqwest::Client,
+        message: &'a Message,
+        recipients: &'a [u8],
+    ) -> Outgoing<'a> {
+        Outgoing {
+            client,
+            batch_id: "dsp_1_0",
+            touchpoint: "wechat-oa",
+            campaign: "c",
+            dispatch_id: "dsp_1",
+            index: 0,
+            count: 1,
+            template_params: r#"{"first": "Hi {{name}}", "keyword1": "x"}"#,
+            message,
+            recipients,
+            recipient_count: 1,
+        }
+    }
+
+    fn shipped() -> Message {
+        Message {
+            template: Some("order_shipped".into()),
+            ..Message::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn third_party_mode_sends_with_the_authorizer_token_from_the_refresh_token() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let (client, message) = (client(), shipped());
+        let report = channel.send(batch(&client, &message, &users(3))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        let report = channel.send(batch(&client, &message, &users(2))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        stub.with(|a| {
+            assert_eq!(a.sends.len(), 5);
+            assert!(a.sends.iter().all(|(t, _)| t == "atok0"), "{:?}", a.sends);
+            // One authorizer token for both batches, from the file's refresh token.
+            assert_eq!(a.refreshed_with, ["refreshtoken@@@r1"]);
+        });
+        // The authorizer token is refused: a new one, and the message sent once more.
+        stub.with(|a| a.authorizer_tokens += 1);
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        stub.with(|a| {
+            assert_eq!(a.refreshed_with.len(), 2);
+            assert_eq!(a.sends.last().unwrap().0, "atok2");
+        });
+        // Bound again: the file changes, and its new refresh token is used at once.
+        // (A length of its own, so the change shows whatever the clock's resolution.)
+        std::fs::write(
+            f.dir.path().join("secrets/oa-refresh"),
+            "refreshtoken@@@new\n",
         )
-        .err()
         .unwrap();
-        assert!(err.0.contains("not dispatched by this version"), "{err}");
-        assert!(err.0.contains("mode = \"direct\""), "{err}");
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        assert_eq!(report, Report::delivered(Some(200)));
+        stub.with(|a| assert_eq!(a.refreshed_with.last().unwrap(), "refreshtoken@@@new"));
+    }
+
+    #[tokio::test]
+    async fn a_rotated_refresh_token_is_written_back_owner_only() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        use std::os::unix::fs::PermissionsExt;
+        let stub = Stub::default();
+        stub.with(|a| a.rotate_to = Some("refreshtoken@@@r2".into()));
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let (client, message) = (client(), shipped());
+        assert_eq!(
+            channel.send(batch(&client, &message, &users(1))).await,
+            Report::delivered(Some(200))
+        );
+        let path = f.dir.path().join("secrets/oa-refresh");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "refreshtoken@@@r2\n"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // The next token comes from the rotated refresh token, read as written (not a rebinding).
+        stub.with(|a| {
+            a.authorizer_tokens += 1;
+            a.rotate_to = None;
+        });
+        channel.send(batch(&client, &message, &users(1))).await;
+        stub.with(|a| assert_eq!(a.refreshed_with, ["refreshtoken@@@r1", "refreshtoken@@@r2"]));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_authorisation_holds_the_touchpoint_with_what_to_run() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        stub.with(|a| a.revoked = true);
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let (client, message) = (client(), shipped());
+        let report = channel.send(batch(&client, &message, &users(2))).await;
+        assert_eq!(
+            report,
+            Report::hold(
+                None,
+                "61023",
+                "authorisation revoked or refresh token invalid (61023): re-authorise with `touchctl auth wechat wechat-oa`"
+            )
+        );
+        assert!(stub.with(|a| a.sends.is_empty()));
+        let probed = channel.probe(&client).await.unwrap_err();
+        assert!(probed.contains("(61023)"), "{probed}");
+        assert!(!probed.contains("refreshtoken@@@"), "{probed}");
+    }
+
+    #[tokio::test]
+    async fn without_a_ticket_the_touchpoint_waits_a_minute_and_without_a_binding_it_is_held() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        // Not bound: no channel, and the reason says what to run.
+        let e = third_party(&f, &base, false).err().unwrap();
+        assert_eq!(e.0, "not bound yet: run `touchctl auth wechat wechat-oa`");
+        let channel = third_party(&f, &base, true).unwrap();
+        f.tickets.0.lock().unwrap().clear();
+        let (client, message) = (client(), shipped());
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        match &report.signal {
+            Some(Signal::Wait { wait, code, reason }) => {
+                assert_eq!(*wait, Duration::from_secs(60));
+                assert_eq!(code, "no_ticket");
+                assert!(reason.contains("/wechat/platforms/open/events"), "{reason}");
+                assert!(reason.ends_with("sending waits a minute"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The file is removed after the channel opened: held until bound.
+        std::fs::remove_file(f.dir.path().join("secrets/oa-refresh")).unwrap();
+        let report = channel.send(batch(&client, &message, &users(1))).await;
+        assert_eq!(
+            report,
+            Report::hold(
+                None,
+                "not_bound",
+                "not bound yet: run `touchctl auth wechat wechat-oa`"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn an_account_whose_platform_is_not_live_is_unavailable() {
+        use super::super::open_platform::stub::fixture;
+        let f = fixture("http://127.0.0.1:9");
+        f.shared.platforms.retain(Vec::<String>::new());
+        let e = third_party(&f, "http://127.0.0.1:9", true).err().unwrap();
+        assert_eq!(e.0, "platform `open` is not live: apply its file");
+    }
+
+    #[tokio::test]
+    async fn probe_names_missing_permissions_and_unlinked_mini_programs() {
+        use super::super::open_platform::stub::{Stub, fixture};
+        let stub = Stub::default();
+        let base = stub.serve().await;
+        let f = fixture(&base);
+        let channel = third_party(&f, &base, true).unwrap();
+        let client = client();
+        // All granted, 33 not: the mini programs cannot be listed, and are not checked.
+        let ok = channel.probe(&client).await.unwrap();
+        assert!(
+            ok.contains("bound: its refresh token got an access token"),
+            "{ok}"
+        );
+        assert!(
+            ok.contains("granted: message (消息管理), user (用户管理)"),
+            "{ok}"
+        );
+        stub.with(|a| {
+            a.granted = vec![1, 2, 3, 7, 11, 15, 33];
+            a.linked = vec![
+                ("wx0000000000000001".into(), 1),
+                ("wx1d2e3f4a5b6c7d8e".into(), 2),
+            ];
+        });
+        let problems = channel.probe(&client).await.unwrap_err();
+        assert!(
+            problems.starts_with("missing: web (网页服务), open_account (开放平台帐号管理) — 4 and 24 can be held by one third-party platform only: the account may have granted them to another platform"),
+            "{problems}"
+        );
+        assert!(
+            problems.contains("template `member_day` opens mini program wx1d2e3f4a5b6c7d8e, which is not linked to the account"),
+            "{problems}"
+        );
+        // Linked now, and only a non-exclusive set missing.
+        stub.with(|a| {
+            a.granted = vec![1, 2, 3, 4, 7, 11, 24, 33];
+            a.linked = vec![("wx1d2e3f4a5b6c7d8e".into(), 1)];
+        });
+        let problems = channel.probe(&client).await.unwrap_err();
+        assert_eq!(
+            problems,
+            "missing: menu (自定义菜单); authorise again with `touchctl auth wechat` and grant them"
+        );
     }
 
     /// A stand-in for api.weixin.qq.com: answers each openid as `answers` says (0 by default,

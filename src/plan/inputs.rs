@@ -489,3 +489,178 @@ async fn probe(
         Err(_) => Some(did_not_answer()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::open_platform::TicketStore;
+    use crate::channel::open_platform::stub::{AES_KEY, COMPONENT_SECRET, MemTickets, Stub};
+    use crate::registry::SqliteRegistry;
+
+    /// A tree with platform `open` and the third-party OA `wechat-oa` (its refresh token in
+    /// `secrets/oa-refresh`, not written) at `api_base`.
+    fn tree(api_base: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let tp = dir.path().join("touchpoints");
+        std::fs::create_dir_all(&tp).unwrap();
+        std::fs::create_dir_all(dir.path().join("secrets")).unwrap();
+        for (name, value) in [
+            ("component", COMPONENT_SECRET),
+            ("token", "msg-token"),
+            ("aes", AES_KEY),
+        ] {
+            std::fs::write(dir.path().join("secrets").join(name), value).unwrap();
+        }
+        std::fs::write(
+            tp.join("open.toml"),
+            format!(
+                r#"id = "open"
+name = "Platform"
+kind = "wechat_open_platform"
+component_app_id = "wx5f4e3d2c1b0a9f8e"
+component_secret = {{ file = "../secrets/component" }}
+token = {{ file = "../secrets/token" }}
+encoding_aes_key = {{ file = "../secrets/aes" }}
+api_base = "{api_base}"
+allow_insecure = true
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            tp.join("wechat-oa.toml"),
+            format!(
+                r#"id = "wechat-oa"
+name = "OA"
+kind = "wechat_official_account"
+category = "notification"
+app_id = "wx8a7c3e1f5b2d4690"
+api_base = "{api_base}"
+allow_insecure = true
+required_permissions = ["message", "web", "mass_send"]
+
+[auth]
+mode = "third_party"
+platform = "open"
+authorizer_refresh_token = {{ file = "../secrets/oa-refresh" }}
+
+[dynamic_params]
+openid = "user.wechat_openid"
+"#
+            ),
+        )
+        .unwrap();
+        dir
+    }
+
+    #[test]
+    fn an_account_not_bound_yet_plans_and_a_binding_is_no_change() {
+        let dir = tree("http://127.0.0.1:9");
+        let tp = dir.path().join("touchpoints");
+        let policy = SecretPolicy::new(Some(dir.path()));
+        let registry = SqliteRegistry::open(&dir.path().join("state.db")).unwrap();
+        let (desired, plan) = plan_dir(&tp, &registry, &policy).unwrap();
+        let oa = plan.changes.iter().find(|c| c.id == "wechat-oa").unwrap();
+        assert!(
+            !oa.fingerprints
+                .contains_key("auth.authorizer_refresh_token"),
+            "{:?}",
+            oa.fingerprints
+        );
+        let platform = plan.changes.iter().find(|c| c.id == "open").unwrap();
+        assert_eq!(
+            platform.fingerprints.len(),
+            3,
+            "{:?}",
+            platform.fingerprints
+        );
+        let opts = crate::apply::ApplyOptions {
+            allow_delete: false,
+            max_deletes: 0,
+            allow_dirty: true,
+            applied_by: "tester@host".into(),
+        };
+        let outcomes = crate::apply::execute(&plan, &registry, &opts, &mut |_| {});
+        assert_eq!(outcomes.len(), 2);
+        // Bound, then rotated: neither is a change.
+        for token in ["refreshtoken@@@r1", "refreshtoken@@@r2"] {
+            std::fs::write(dir.path().join("secrets/oa-refresh"), token).unwrap();
+            let again = make_plan(&desired, &tp, &registry, &policy).unwrap();
+            assert!(!again.has_changes(), "{:?}", again.changes);
+        }
+        // A registry that fingerprinted the refresh token before shows no change either.
+        let mut live = registry.get("wechat-oa").unwrap().unwrap();
+        live.fingerprints.insert(
+            "auth.authorizer_refresh_token".into(),
+            "hmac-sha256:00".into(),
+        );
+        let put = crate::registry::Put {
+            id: live.id.clone(),
+            kind: live.kind.clone(),
+            spec: live.applied_spec.clone(),
+            fingerprints: live.fingerprints.clone(),
+            applied_by: live.applied_by.clone(),
+            source: live.source.clone(),
+        };
+        registry.put(&put, Some(live.generation)).unwrap();
+        let again = make_plan(&desired, &tp, &registry, &policy).unwrap();
+        assert!(!again.has_changes(), "{:?}", again.changes);
+    }
+
+    #[test]
+    fn refresh_opens_the_platform_with_the_kept_ticket_and_checks_the_binding() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stub = Stub::default();
+        stub.with(|a| a.granted = vec![1, 7]);
+        let base = runtime.block_on(stub.serve());
+        let dir = tree(&base);
+        let tp = dir.path().join("touchpoints");
+        let policy = SecretPolicy::new(Some(dir.path()));
+        let desired = crate::load::load_dir(&tp).unwrap();
+        let tickets = std::sync::Arc::new(MemTickets::default());
+        // No ticket, not bound: the platform says where tickets come from, the OA how to bind.
+        let warnings = refresh(&desired, &policy, true, tickets.clone());
+        let said: Vec<(&str, &str)> = warnings
+            .iter()
+            .map(|w| (w.touchpoint.as_str(), w.message.as_str()))
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0].0, "open");
+        assert!(
+            said[0].1.contains("/wechat/platforms/open/events"),
+            "{said:?}"
+        );
+        assert_eq!(
+            said[1],
+            (
+                "wechat-oa",
+                "not checked: not bound yet: run `touchctl auth wechat wechat-oa`"
+            )
+        );
+        // A ticket kept, bound: the missing permission is named, and no secret is printed.
+        tickets.store("open", "ticket@@@1").unwrap();
+        std::fs::write(dir.path().join("secrets/oa-refresh"), "refreshtoken@@@r1").unwrap();
+        let warnings = refresh(&desired, &policy, true, tickets.clone());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].touchpoint, "wechat-oa");
+        assert!(
+            warnings[0].message.starts_with(
+                "missing: web (网页服务) — 4 and 24 can be held by one third-party platform only"
+            ),
+            "{warnings:?}"
+        );
+        let all = format!("{warnings:?}");
+        assert!(
+            !all.contains("ticket@@@")
+                && !all.contains("refreshtoken@@@")
+                && !all.contains(COMPONENT_SECRET),
+            "{all}"
+        );
+        stub.with(|a| a.granted = vec![1, 4, 7]);
+        assert!(refresh(&desired, &policy, true, tickets).is_empty());
+    }
+}

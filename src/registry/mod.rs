@@ -1,6 +1,8 @@
 //! The live state: which touchpoints are live, each one's spec as applied, its generation, where it
 //! came from, and keyed fingerprints of its secrets (never the secrets). Backends sit behind the
-//! [`Registry`] trait; the embedded SQLite file is the default.
+//! [`Registry`] trait; the embedded SQLite file is the default. It also keeps the latest
+//! `component_verify_ticket` of each WeChat open platform (a secret that WeChat pushes, not
+//! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels).
 //!
 //! Writers take the registry lock (one at a time) and every write is a compare-and-swap on the
 //! touchpoint's generation, so a change made by someone else since a plan was computed is refused

@@ -670,6 +670,43 @@ mod tests {
     }
 
     #[test]
+    fn the_latest_ticket_is_kept_per_platform_and_an_older_file_gains_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let reg = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(reg.platform_ticket("open").unwrap(), None);
+        reg.set_platform_ticket("open", "ticket@@@1").unwrap();
+        assert!(!reg.is_new(), "a ticket is a write: the file exists");
+        reg.set_platform_ticket("open", "ticket@@@2").unwrap();
+        reg.set_platform_ticket("other", "ticket@@@x").unwrap();
+        assert_eq!(
+            reg.platform_ticket("open").unwrap().as_deref(),
+            Some("ticket@@@2")
+        );
+        // Another process sees it.
+        let again = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(
+            again.platform_ticket("other").unwrap().as_deref(),
+            Some("ticket@@@x")
+        );
+        // A file from before tickets gains the table when opened.
+        again
+            .conn()
+            .execute_batch("DROP TABLE platform_tickets")
+            .unwrap();
+        drop((reg, again));
+        let older = SqliteRegistry::open(&path).unwrap();
+        assert_eq!(older.platform_ticket("open").unwrap(), None);
+        older.set_platform_ticket("open", "ticket@@@3").unwrap();
+        assert_eq!(
+            older.platform_ticket("open").unwrap().as_deref(),
+            Some("ticket@@@3")
+        );
+        // Tickets are not touchpoints.
+        assert!(older.list().unwrap().is_empty());
+    }
+
+    #[test]
     fn put_is_compare_and_swap() {
         let dir = tempfile::tempdir().unwrap();
         let reg = SqliteRegistry::open(&dir.path().join("state.db")).unwrap();

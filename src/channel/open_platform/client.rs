@@ -787,3 +787,349 @@ pub fn write_refresh_token(
     }
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::stub::{COMPONENT_SECRET, Stub, fixture};
+    use super::*;
+
+    #[tokio::test]
+    async fn the_component_token_is_fetched_with_the_latest_ticket_once_and_cached() {
+        let stub = Stub::default();
+        let f = fixture(&stub.serve().await);
+        assert_eq!(f.platform.component_token().await.unwrap(), "ctok0");
+        assert_eq!(f.platform.component_token().await.unwrap(), "ctok0");
+        let calls = stub.calls_to("/cgi-bin/component/api_component_token");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            calls[0].1,
+            json!({
+                "component_appid": "wx5f4e3d2c1b0a9f8e",
+                "component_appsecret": COMPONENT_SECRET,
+                "component_verify_ticket": "ticket@@@1",
+            })
+        );
+        assert_eq!(f.shared.tokens.fetches(), 1);
+    }
+
+    #[tokio::test]
+    async fn without_a_ticket_the_error_says_where_wechat_pushes_it_and_nothing_is_sent() {
+        let stub = Stub::default();
+        let f = fixture(&stub.serve().await);
+        f.tickets.0.lock().unwrap().clear();
+        let e = f.platform.component_token().await.unwrap_err();
+        assert!(
+            matches!(e, PlatformError::NoTicket { said: None, .. }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.starts_with("no valid component_verify_ticket for platform `open` yet"),
+            "{text}"
+        );
+        assert!(text.contains("/wechat/platforms/open/events"), "{text}");
+        assert!(text.contains("授权事件接收URL"), "{text}");
+        assert!(!e.is_config());
+        assert!(stub.with(|a| a.calls.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn a_refused_ticket_is_not_sent_again_until_a_new_one_is_stored() {
+        let stub = Stub::default();
+        stub.with(|a| a.expired_tickets.push("ticket@@@1".into()));
+        let f = fixture(&stub.serve().await);
+        let e = f.platform.component_token().await.unwrap_err();
+        assert_eq!(e.code(), Some(61005));
+        assert!(
+            e.to_string()
+                .starts_with("61005 refused 61005 rid: 1-2-3: no valid component_verify_ticket"),
+            "{e}"
+        );
+        // Asked again with the same ticket: WeChat is not asked.
+        let again = f.platform.component_token().await.unwrap_err();
+        assert_eq!(again.code(), Some(61005));
+        assert_eq!(
+            stub.calls_to("/cgi-bin/component/api_component_token")
+                .len(),
+            1
+        );
+        // A new ticket arrives: it is used.
+        f.platform.store_ticket("ticket@@@2").unwrap();
+        assert_eq!(
+            f.tickets.ticket("open").unwrap().as_deref(),
+            Some("ticket@@@2")
+        );
+        assert_eq!(f.platform.component_token().await.unwrap(), "ctok0");
+        assert_eq!(
+            stub.calls_to("/cgi-bin/component/api_component_token")
+                .len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_configuration_is_a_config_error_with_the_code_first_and_no_secret() {
+        let stub = Stub::default();
+        let f = fixture(&stub.serve().await);
+        for (code, says) in [
+            (40125, "component_secret"),
+            (41004, "component_secret"),
+            (61004, "whitelist"),
+            (61011, "component_app_id"),
+        ] {
+            stub.with(|a| a.token_code = Some(code));
+            let e = f.platform.component_token().await.unwrap_err();
+            assert!(e.is_config(), "{code}: {e:?}");
+            let text = e.to_string();
+            assert!(
+                text.starts_with(&format!("{code} refused {code}")),
+                "{text}"
+            );
+            assert!(text.contains(says), "{text}");
+            assert!(
+                !text.contains(COMPONENT_SECRET) && !text.contains("ticket@@@"),
+                "{text}"
+            );
+        }
+        stub.with(|a| a.token_code = Some(-1));
+        let e = f.platform.component_token().await.unwrap_err();
+        assert!(!e.is_config());
+        assert!(e.to_string().contains("try again later"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn component_apis_carry_the_token_and_a_refused_token_is_replaced_once() {
+        let stub = Stub::default();
+        let f = fixture(&stub.serve().await);
+        let (code, life) = f.platform.pre_auth_code().await.unwrap();
+        assert_eq!(
+            (code.as_str(), life),
+            ("preauthcode@@@p1", Duration::from_secs(1800))
+        );
+        let calls = stub.calls_to("/cgi-bin/component/api_create_preauthcode");
+        assert_eq!(calls[0].0, "component_access_token=ctok0");
+        assert_eq!(calls[0].1, json!({"component_appid": "wx5f4e3d2c1b0a9f8e"}));
+        stub.with(|a| a.expire_component_token = true);
+        f.platform.pre_auth_code().await.unwrap();
+        let calls = stub.calls_to("/cgi-bin/component/api_create_preauthcode");
+        assert_eq!(calls.len(), 3);
+        assert_eq!(calls[2].0, "component_access_token=ctok1");
+        assert_eq!(f.shared.tokens.fetches(), 2);
+    }
+
+    #[tokio::test]
+    async fn query_auth_reads_the_granted_permissions_and_hides_the_tokens() {
+        let stub = Stub::default();
+        stub.with(|a| a.granted = vec![24, 1, 2, 1, 33]);
+        let f = fixture(&stub.serve().await);
+        let auth = f.platform.query_auth("queryauthcode@@@good").await.unwrap();
+        assert_eq!(auth.app_id, "wx8a7c3e1f5b2d4690");
+        assert_eq!(auth.refresh_token, "refreshtoken@@@r1");
+        assert_eq!(auth.access_token, "atok-from-query");
+        assert_eq!(auth.expires_in, Duration::from_secs(7200));
+        assert_eq!(auth.granted, [1, 2, 24, 33]);
+        let shown = format!("{auth:?}");
+        assert!(
+            !shown.contains("refreshtoken@@@") && !shown.contains("atok"),
+            "{shown}"
+        );
+        let e = f
+            .platform
+            .query_auth("queryauthcode@@@old")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(61010));
+        assert!(e.to_string().contains("start the binding again"), "{e}");
+        assert!(!e.to_string().contains("queryauthcode"), "{e}");
+        let info = f
+            .platform
+            .authorizer_info("wx8a7c3e1f5b2d4690")
+            .await
+            .unwrap();
+        assert_eq!(
+            info,
+            AuthorizerInfo {
+                app_id: "wx8a7c3e1f5b2d4690".into(),
+                nick_name: Some("品牌公众号".into()),
+                granted: vec![1, 2, 24, 33],
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_authorizer_token_comes_from_the_refresh_token_and_61023_is_revoked() {
+        let stub = Stub::default();
+        let f = fixture(&stub.serve().await);
+        let got = f
+            .platform
+            .authorizer_token("wx8a7c3e1f5b2d4690", &Secret::new("refreshtoken@@@r1"))
+            .await
+            .unwrap();
+        assert_eq!(got.access_token.expose(), "atok0");
+        assert_eq!(got.refresh_token.unwrap().expose(), "refreshtoken@@@r1");
+        stub.with(|a| a.revoked = true);
+        let e = f
+            .platform
+            .authorizer_token("wx8a7c3e1f5b2d4690", &Secret::new("refreshtoken@@@r1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PlatformError::Revoked { .. }), "{e:?}");
+        assert!(e.to_string().contains("touchctl auth wechat"), "{e}");
+        assert!(!e.to_string().contains("refreshtoken@@@"), "{e}");
+    }
+
+    #[test]
+    fn the_authorisation_urls_name_the_account_and_encode_the_redirect() {
+        let f = fixture("http://127.0.0.1:9");
+        let redirect = "https://hooks.example.com/wechat/platforms/open/authorized?state=b 1&x=y";
+        let pc = f
+            .platform
+            .pc_url("preauthcode@@@p1", redirect, "wx8a7c3e1f5b2d4690");
+        let mobile = f
+            .platform
+            .mobile_url("preauthcode@@@p1", redirect, "wx8a7c3e1f5b2d4690");
+        let parsed = url::Url::parse(&pc).unwrap();
+        assert_eq!(parsed.path(), "/cgi-bin/componentloginpage");
+        assert!(
+            pc.starts_with(
+                "http://127.0.0.1:9/cgi-bin/componentloginpage?component_appid=wx5f4e3d2c1b0a9f8e&"
+            ),
+            "{pc}"
+        );
+        let pairs: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
+        assert_eq!(pairs["redirect_uri"], redirect);
+        assert_eq!(pairs["pre_auth_code"], "preauthcode@@@p1");
+        assert_eq!(pairs["auth_type"], "1");
+        assert_eq!(pairs["biz_appid"], "wx8a7c3e1f5b2d4690");
+        assert_eq!(pairs["category_id_list"], CATEGORY_ID_LIST);
+        assert!(!pc.contains("state=b 1") && !pc.contains("&x=y"), "{pc}");
+        assert!(mobile.starts_with("http://127.0.0.1:9/wxaopen/safe/bindcomponent?action=bindcomponent&no_scan=1&component_appid="), "{mobile}");
+        assert!(mobile.ends_with("#wechat_redirect"), "{mobile}");
+        let parsed = url::Url::parse(&mobile).unwrap();
+        let pairs: HashMap<String, String> = parsed.query_pairs().into_owned().collect();
+        assert_eq!(pairs["redirect_uri"], redirect);
+        assert_eq!(pairs["biz_appid"], "wx8a7c3e1f5b2d4690");
+        // Without `api_base`, the real hosts.
+        let mut spec = super::super::stub::spec("http://x");
+        spec.api_base = None;
+        let real = Platform::open(
+            "open",
+            &spec,
+            f.dir.path(),
+            &f.policy,
+            f.tickets.clone(),
+            &f.shared,
+        )
+        .unwrap();
+        assert!(
+            real.pc_url("p", "https://a", "wx1")
+                .starts_with("https://mp.weixin.qq.com/cgi-bin/componentloginpage?")
+        );
+        assert!(
+            real.mobile_url("p", "https://a", "wx1")
+                .starts_with("https://open.weixin.qq.com/wxaopen/safe/bindcomponent?")
+        );
+        assert_eq!(real.api_base(), "https://api.weixin.qq.com");
+    }
+
+    #[test]
+    fn a_platform_whose_aes_key_is_wrong_or_secret_unreadable_is_unavailable() {
+        let f = fixture("http://127.0.0.1:9");
+        std::fs::write(f.dir.path().join("secrets/aes"), "short").unwrap();
+        let e = Platform::open(
+            "open",
+            &super::super::stub::spec("http://x"),
+            f.dir.path(),
+            &f.policy,
+            f.tickets.clone(),
+            &f.shared,
+        )
+        .unwrap_err();
+        assert!(e.0.contains("EncodingAESKey is not valid"), "{e}");
+        std::fs::remove_file(f.dir.path().join("secrets/component")).unwrap();
+        let e = Platform::open(
+            "open",
+            &super::super::stub::spec("http://x"),
+            f.dir.path(),
+            &f.policy,
+            f.tickets.clone(),
+            &f.shared,
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("cannot read `component_secret`"), "{e}");
+    }
+
+    #[test]
+    fn platforms_are_set_replaced_found_and_retained_by_id() {
+        let f = fixture("http://127.0.0.1:9");
+        let platforms = Platforms::default();
+        platforms.set(f.platform.clone());
+        assert!(Arc::ptr_eq(&platforms.get("open").unwrap(), &f.platform));
+        assert!(platforms.get("other").is_none());
+        platforms.retain(["other"]);
+        assert!(platforms.get("open").is_none());
+        platforms.set(f.platform.clone());
+        platforms.retain(vec!["open".to_string()]);
+        assert!(platforms.get("open").is_some());
+    }
+
+    #[test]
+    fn a_refresh_token_is_written_whole_owner_only_and_only_where_secrets_may_be_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = fixture("http://127.0.0.1:9");
+        let file = SecretRef::File {
+            file: "secrets/oa/refresh".into(),
+        };
+        let base = f.dir.path().join("touchpoints");
+        std::fs::create_dir_all(&base).unwrap();
+        let file = match file {
+            SecretRef::File { file } => SecretRef::File {
+                file: format!("../{file}"),
+            },
+            other => other,
+        };
+        let path = write_refresh_token(&file, &base, &f.policy, "refreshtoken@@@r1").unwrap();
+        assert_eq!(path, base.join("../secrets/oa/refresh"));
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "refreshtoken@@@r1\n"
+        );
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Read back as a secret, and replaced whole.
+        assert_eq!(
+            file.resolve(&base, &f.policy).unwrap().expose(),
+            "refreshtoken@@@r1"
+        );
+        write_refresh_token(&file, &base, &f.policy, "refreshtoken@@@r2").unwrap();
+        assert_eq!(
+            file.resolve(&base, &f.policy).unwrap().expose(),
+            "refreshtoken@@@r2"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(f.dir.path().join("secrets/oa"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        // Outside the repository and the secrets folder: refused, nothing written.
+        let outside = tempfile::tempdir().unwrap();
+        let far = SecretRef::File {
+            file: outside.path().join("refresh").display().to_string(),
+        };
+        let e = write_refresh_token(&far, &base, &f.policy, "t").unwrap_err();
+        assert!(
+            matches!(e, PlatformError::Place(SecretError::FileOutside { .. })),
+            "{e:?}"
+        );
+        assert!(!outside.path().join("refresh").exists());
+        let env = SecretRef::Env { env: "X".into() };
+        assert!(matches!(
+            write_refresh_token(&env, &base, &f.policy, "t"),
+            Err(PlatformError::NotAFile(_))
+        ));
+        assert!(matches!(
+            write_refresh_token(&file, &base, &f.policy, "two\nlines"),
+            Err(PlatformError::BadToken)
+        ));
+    }
+}

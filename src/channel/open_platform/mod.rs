@@ -13,6 +13,8 @@
 pub mod client;
 pub mod crypt;
 pub mod event;
+#[cfg(test)]
+pub(crate) mod stub;
 mod xml;
 
 pub use client::{Platform, PlatformError, Platforms, TicketStore};
