@@ -89,10 +89,19 @@ struct Ask<'a> {
     categories: Vec<u32>,
 }
 
-/// Reads the parameters the page and the authorise link share; an error page when one is wrong.
-fn ask<'a>(s: &'a Shared, q: &HashMap<String, String>) -> Result<Ask<'a>, Response> {
+/// A parameter of the link that is wrong: what the error page says (in English).
+struct BadLink(String);
+
+impl BadLink {
+    fn page(self) -> Response {
+        error_page(StatusCode::BAD_REQUEST, "参数错误", &self.0)
+    }
+}
+
+/// Reads the parameters the page and the authorise link share.
+fn ask<'a>(s: &'a Shared, q: &HashMap<String, String>) -> Result<Ask<'a>, BadLink> {
     let given = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
-    let bad = |en: String| error_page(StatusCode::BAD_REQUEST, "参数错误", &en);
+    let bad = BadLink;
     let Some(app_id) = given("component_appid") else {
         return Err(bad(
             "The link has no component_appid: it must name the third-party platform.".into(),
@@ -177,7 +186,7 @@ pub(super) async fn page(State(s): State<Shared>, RawQuery(q): RawQuery) -> Resp
     let q = query(q.as_deref());
     let ask = match ask(&s, &q) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(e) => return e.page(),
     };
     if let Err(p) = lock(&s.open).check_pre_auth(ask.platform, &ask.pre_auth_code, now()) {
         return pre_auth_page(p);
@@ -272,7 +281,7 @@ fn authorize_answer(s: &Shared, q: Option<&str>, entry: &mut Entry) -> Response 
     let q = query(q);
     let ask = match ask(s, &q) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(e) => return e.page(),
     };
     entry.touchpoint = s.name(Channel::OpenPlatform, ask.platform);
     let app_id = q.get("app_id").map(String::as_str).unwrap_or_default();

@@ -20,6 +20,7 @@ mod plan_apply;
 mod readme;
 mod review;
 mod sandbox;
+mod sandbox_open_platform;
 mod schema;
 mod secrets;
 mod server;
