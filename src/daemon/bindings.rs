@@ -109,7 +109,7 @@ impl Binding {
             granted: None,
             missing: None,
             reason: None,
-            expires_at: rfc3339(self.expires_at),
+            expires_at: super::live::rfc3339(self.expires_at),
         };
         match &self.state {
             State::Pending | State::Completing => {}
@@ -149,12 +149,6 @@ pub fn missing(required: &[Permission], granted: &[u32]) -> Vec<Permission> {
 
 fn names(permissions: impl IntoIterator<Item = Permission>) -> Vec<&'static str> {
     permissions.into_iter().map(Permission::name).collect()
-}
-
-fn rfc3339(ms: i64) -> String {
-    let t =
-        std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// A binding as `GET /v1/bindings/{id}` shows it.

@@ -564,7 +564,8 @@ fn with_word(e: &Entry, said: Option<&Said>, now: i64) -> (Summary, Lookup) {
     }
 }
 
-fn rfc3339(ms: i64) -> String {
+/// Milliseconds since the epoch as RFC 3339, to the second.
+pub(super) fn rfc3339(ms: i64) -> String {
     let t =
         std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
