@@ -370,7 +370,11 @@ pub enum Command {
       --users - --idempotency-key member-day-2026-12-03 < users.json")]
     Dispatch(DispatchArgs),
     /// Authorise an account for a touchpoint through a running daemon.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  touchctl auth wechat oa-main    bind the Official Account of touchpoint oa-main"
+    )]
     Auth(AuthCommand),
     /// The delivery log: list batches, show one with its attempts, replay dead-lettered ones.
     #[command(after_help = "Examples:

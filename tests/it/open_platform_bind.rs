@@ -16,6 +16,8 @@ use crate::daemon_support::{Daemon, PATIENCE, SandboxProcess, http};
 use crate::support::Project;
 
 const APP_ID: &str = "wx8a7c3e1f5b2d4690";
+/// Another account on the same platform.
+const OTHER_APP_ID: &str = "wx0b1c2d3e4f5a6b7c";
 
 fn platform_file(api_base: &str) -> String {
     format!(
@@ -33,19 +35,23 @@ allow_insecure = true
 }
 
 fn oa_file(api_base: &str, required: &str) -> String {
+    account_file("wechat-oa", APP_ID, api_base, required)
+}
+
+fn account_file(id: &str, app_id: &str, api_base: &str, required: &str) -> String {
     format!(
-        r#"id = "wechat-oa"
+        r#"id = "{id}"
 name = "品牌公众号"
 kind = "wechat_official_account"
 category = "notification"
-app_id = "{APP_ID}"
+app_id = "{app_id}"
 api_base = "{api_base}"
 allow_insecure = true
 {required}
 [auth]
 mode = "third_party"
 platform = "open-platform"
-authorizer_refresh_token = {{ file = "../secrets/oa_refresh_token" }}
+authorizer_refresh_token = {{ file = "../secrets/{id}_refresh_token" }}
 
 [dynamic_params]
 openid = "user.wechat_openid"
@@ -74,6 +80,10 @@ fn start(required: &str) -> (Project, SandboxProcess, Daemon) {
         .write(
             "touchpoints/wechat-oa.toml",
             &oa_file("http://127.0.0.1:8641", required),
+        )
+        .write(
+            "touchpoints/other-oa.toml",
+            &account_file("other-oa", OTHER_APP_ID, "http://127.0.0.1:8641", ""),
         );
     let sandbox = p.start_sandbox(&[]);
     p.write(
@@ -125,7 +135,7 @@ impl Auth {
             ])
             .env_remove("TOUCHCTL_API_TOKEN")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start auth wechat");
         let stdout = child.stdout.take().expect("stdout");
@@ -157,7 +167,8 @@ impl Auth {
         }
     }
 
-    /// Waits for the command to exit: its code and everything it printed.
+    /// Waits for the command to exit: its code and everything it printed (standard output, then
+    /// standard error).
     fn finish(mut self) -> (i32, String) {
         let deadline = Instant::now() + PATIENCE;
         let status = loop {
@@ -175,12 +186,25 @@ impl Auth {
         while let Ok(l) = self.lines.recv_timeout(PATIENCE) {
             self.seen.push(l);
         }
-        (status.code().unwrap_or(-1), self.seen.join("\n"))
+        let mut errors = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut errors);
+        }
+        (
+            status.code().unwrap_or(-1),
+            format!("{}\n{errors}", self.seen.join("\n")),
+        )
     }
 }
 
 /// What the administrator does: opens the PC URL and presses the account's button.
 fn authorise(pc_url: &str) -> String {
+    authorise_as(pc_url, None)
+}
+
+/// The same, the account's button's link changed to authorise `other` instead (an administrator
+/// of another account scanning).
+fn authorise_as(pc_url: &str, other: Option<&str>) -> String {
     let (code, page) = http("GET", pc_url, None, None);
     assert_eq!(code, 200, "{page}");
     let page = page["raw"].as_str().expect("an HTML page").to_string();
@@ -195,6 +219,12 @@ fn authorise(pc_url: &str) -> String {
         .and_then(|h| h.split('"').next())
         .unwrap_or_else(|| panic!("no href: {tag}"))
         .replace("&amp;", "&");
+    let href = match other {
+        Some(other) => href
+            .replace(&format!("&biz_appid={APP_ID}"), "")
+            .replace(&format!("app_id={APP_ID}"), &format!("app_id={other}")),
+        None => href,
+    };
     let base = pc_url.split("/cgi-bin/").next().unwrap();
     let link = if href.starts_with("http") {
         href
@@ -232,7 +262,7 @@ fn an_account_is_bound_through_the_sandbox_and_then_sent_to() {
         "the QR code: {out}"
     );
 
-    let file = p.path().join("secrets/oa_refresh_token");
+    let file = p.path().join("secrets/wechat-oa_refresh_token");
     let mode = std::fs::metadata(&file)
         .expect("refresh token written")
         .permissions()
@@ -324,4 +354,27 @@ fn a_revoked_authorisation_holds_the_touchpoint_and_a_new_binding_releases_it() 
         "released by the new binding",
         |_, t| t["state"] == "ready",
     );
+}
+
+#[test]
+fn a_code_for_another_account_fails_the_binding_and_writes_nothing() {
+    let (p, _sandbox, d) = start("");
+    let mut auth = Auth::start(&p, &d);
+    let pc = auth.line("PC URL: ");
+    let page = authorise_as(&pc, Some(OTHER_APP_ID));
+    let reason = format!(
+        "the account that authorised is {OTHER_APP_ID}, but touchpoint wechat-oa is {APP_ID}: ask the administrator of {APP_ID} to scan"
+    );
+    assert!(page.contains(&reason), "{page}");
+    let (code, out) = auth.finish();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!(
+            "error: the binding of `wechat-oa` failed: {reason}"
+        )),
+        "{out}"
+    );
+    assert!(!p.path().join("secrets/wechat-oa_refresh_token").exists());
+    assert!(!p.path().join("secrets/other-oa_refresh_token").exists());
+    assert!(d.log().contains(&reason), "{}", d.log());
 }

@@ -51,8 +51,6 @@ fn start() -> (Project, Daemon) {
     let p = Project::empty();
     p.write("touchpoints/open-platform.toml", PLATFORM_FILE)
         .write("touchpoints/wechat-oa.toml", OA_FILE)
-        // Plan reads every secret reference, the refresh token's too, before any binding.
-        .write("touchpoints/oa_refresh_token", "not-bound-yet\n")
         .write(
             "touchpoints/sms.toml",
             &crate::daemon_support::custom_touchpoint(
@@ -236,8 +234,7 @@ fn the_bindings_api_and_the_events_need_what_each_needs() {
     // Bindings are behind the API token; WeChat's event URL is not (it is signed instead).
     let p = Project::empty();
     p.write("touchpoints/open-platform.toml", PLATFORM_FILE)
-        .write("touchpoints/wechat-oa.toml", OA_FILE)
-        .write("touchpoints/oa_refresh_token", "not-bound-yet\n");
+        .write("touchpoints/wechat-oa.toml", OA_FILE);
     p.run_env(&["apply", "--auto-approve"], &ENV).code(0);
     let token = "0123456789abcdef0123456789abcdef";
     let mut env = ENV.to_vec();
