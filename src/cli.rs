@@ -369,6 +369,13 @@ pub enum Command {
   touchctl dispatch --url http://10.0.0.5:8640 --touchpoint sms --campaign member-day \\
       --users - --idempotency-key member-day-2026-12-03 < users.json")]
     Dispatch(DispatchArgs),
+    /// Authorise an account for a touchpoint through a running daemon.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  touchctl auth wechat oa-main    bind the Official Account of touchpoint oa-main"
+    )]
+    Auth(AuthCommand),
     /// The delivery log: list batches, show one with its attempts, replay dead-lettered ones.
     #[command(after_help = "Examples:
   touchctl deliveries list --only dead
@@ -477,6 +484,13 @@ pub struct DaemonArgs {
         value_name = "ADDR"
     )]
     pub listen: std::net::SocketAddr,
+    /// The daemon's address as the browsers of account administrators and WeChat reach it
+    /// (default: http://<--listen address>). WeChat sends an administrator's browser to
+    /// URL/wechat/platforms/PLATFORM/authorized after an authorisation, and pushes a platform's
+    /// events to URL/wechat/platforms/PLATFORM/events: set that as the platform's 授权事件接收URL in
+    /// the open platform's console, and the redirect domain to this URL's host.
+    #[arg(long, env = "TOUCHCTL_PUBLIC_URL", value_parser = parse_public_url, value_name = "URL")]
+    pub public_url: Option<String>,
     /// Reconcile the registry with the files: on every change (once the files have been quiet
     /// for 50 ms; only the files that changed are read again) and every --interval (every file
     /// read again). A tree with problems changes nothing; the problems show at /v1/status and in
@@ -680,6 +694,62 @@ pub struct DispatchArgs {
     pub quiet: QuietArg,
 }
 
+/// `touchctl auth` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Bind an Official Account in third-party mode: its administrator authorises the account's
+    /// open platform, and the daemon writes the refresh token the touchpoint names.
+    ///
+    /// The daemon gets a pre-auth code and answers two authorisation URLs: this command prints
+    /// them, and the mobile one as a QR code. The account's administrator opens the PC URL in a
+    /// browser (and scans the code WeChat shows there) or scans the QR code with WeChat, and picks
+    /// the permissions to grant. WeChat then sends the browser back to the daemon (its
+    /// --public-url), which exchanges the code and writes the touchpoint's
+    /// `authorizer_refresh_token` file. Meanwhile this command waits (until the pre-auth code
+    /// expires, about 10 minutes) and prints which of the touchpoint's `required_permissions` were
+    /// granted and which are missing.
+    ///
+    /// Exit status: 0 bound with every required permission, 2 bound with some missing, 1 failed
+    /// or expired (the reason is printed).
+    #[command(after_help = "Examples:
+  export TOUCHCTL_API_TOKEN=...    the daemon's API token (or --api-token-file FILE)
+  touchctl auth wechat oa-main
+  touchctl auth wechat oa-main --daemon http://10.0.0.5:8640 --qr never")]
+    Wechat(AuthWechatArgs),
+}
+
+/// `touchctl auth wechat` options.
+#[derive(Debug, Args)]
+pub struct AuthWechatArgs {
+    /// The id of the Official Account touchpoint (`auth.mode = "third_party"`).
+    pub touchpoint: String,
+    /// The daemon's address.
+    #[arg(
+        long,
+        env = "TOUCHCTL_URL",
+        default_value = "http://127.0.0.1:8640",
+        value_name = "URL"
+    )]
+    pub daemon: String,
+    /// Read the daemon's API token from this file instead of TOUCHCTL_API_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// When to print the mobile URL as a QR code: `auto` when standard output is a terminal.
+    #[arg(long, value_enum, default_value_t = QrChoice::Auto, value_name = "WHEN")]
+    pub qr: QrChoice,
+}
+
+/// When `auth wechat` draws the QR code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QrChoice {
+    /// When standard output is a terminal.
+    Auto,
+    /// Always.
+    Always,
+    /// Never (the URLs are printed anyway).
+    Never,
+}
+
 /// `touchctl deliveries` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum DeliveriesCommand {
@@ -799,6 +869,7 @@ impl Cli {
                 secrets = Some(&args.secrets);
             }
             Command::Dispatch(args) => g.quiet = args.quiet.quiet,
+            Command::Auth(_) => {}
             Command::Deliveries { state: s, .. } | Command::ForceUnlock { state: s, .. } => {
                 g.state = s.state.clone();
             }
@@ -906,4 +977,23 @@ fn parse_second_or_more(s: &str) -> Result<std::time::Duration, String> {
         return Err(format!("{s} is too short: give at least 1s"));
     }
     Ok(d)
+}
+
+/// `--public-url`: an http(s) URL with a host and nothing after the path, written without its
+/// trailing `/`.
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let url = url::Url::parse(s).map_err(|e| {
+        format!(
+            "{e}: give the daemon's address as browsers reach it, e.g. https://touchctl.example.com"
+        )
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(
+            "give an http:// or https:// URL with a host, e.g. https://touchctl.example.com".into(),
+        );
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err("give the URL without a query, fragment or user name: the daemon adds the paths and the query".into());
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }

@@ -13,7 +13,7 @@
 //! | [`import`] | writing the TOML file of a live touchpoint |
 //! | [`dispatch`] | triggers, users and recipients; the durable queue of batches and the sender |
 //! | [`channel`] | the wire format of each channel: request, signing, what an answer means; the network guard |
-//! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown |
+//! | [`daemon`] | `touchctl daemon`: the HTTP API, watch and reconcile, shutdown; the open platforms' event and authorisation URLs and the bindings of Official Accounts ([`daemon::open_platform`], [`daemon::bindings`]) |
 //! | [`sandbox`] | `touchctl sandbox`: stand-ins for the OA, WeCom and Getui APIs and a webhook sink, at their real paths; injected faults |
 //! | [`term`] | text from files, endpoints and users escaped for a terminal (control and bidi characters) |
 //! | [`store`] | owner-only SQLite files shared by the registry and the queue, created whole |

@@ -62,6 +62,7 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
     }
     let config = daemon::Config {
         listen: args.listen,
+        public_url: args.public_url.clone(),
         dir: g.dir.clone(),
         state: g.state.clone(),
         queue: queue_path(g, args.queue.as_deref()),

@@ -184,9 +184,10 @@ struct Answer {
     text: String,
 }
 
-/// What to do when the daemon answers 401: the token is missing, or not the daemon's.
-fn unauthorized(base: &str, args: &DispatchArgs, had_token: bool) -> String {
-    let source = match &args.api_token_file {
+/// What to do when the daemon answers 401: the token (from `token_file`, or the environment) is
+/// missing, or not the daemon's.
+pub(super) fn unauthorized(base: &str, token_file: Option<&Path>, had_token: bool) -> String {
+    let source = match token_file {
         Some(file) => format!("the token in {}", file.display()),
         None => "TOUCHCTL_API_TOKEN".to_string(),
     };
@@ -321,7 +322,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
         if answer.status == reqwest::StatusCode::UNAUTHORIZED {
             failed = Some(format!(
                 "{which}{}",
-                unauthorized(&base, args, token.is_some())
+                unauthorized(&base, args.api_token_file.as_deref(), token.is_some())
             ));
             return Ok(false);
         }
@@ -435,7 +436,7 @@ pub fn dispatch_cmd(g: &Global, args: &DispatchArgs) -> Result<u8> {
                 let status = response.status();
                 let text = response.text().await?;
                 if status == reqwest::StatusCode::UNAUTHORIZED {
-                    bail!("{}", unauthorized(&base, args, token.is_some()));
+                    bail!("{}", unauthorized(&base, args.api_token_file.as_deref(), token.is_some()));
                 }
                 let s: Value = serde_json::from_str(&text)
                     .with_context(|| format!("the daemon's dispatch status is not JSON: {text}"))?;

@@ -1,6 +1,7 @@
 //! Runs each command: the second stage of configuration (real objects from what the user typed),
 //! output, and the exit code. The work itself is in the library.
 
+mod auth;
 mod daemon;
 mod dispatch;
 mod sandbox;
@@ -74,6 +75,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Import { ids, all, out, .. } => import_cmd(g, ids, *all, out.as_deref()),
         Command::Daemon(args) => daemon::daemon_cmd(g, args),
         Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
+        Command::Auth(command) => auth::auth_cmd(command),
         Command::Sandbox(args) => sandbox::sandbox_cmd(g, args),
         Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())

@@ -32,9 +32,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/touchpoints/{id}/resume", post(resume))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .merge(super::open_platform::binding_routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
-        .with_state(app)
+        .with_state(app.clone())
+        // WeChat and administrators' browsers: checked as WeChat signs them, not by the token.
+        .merge(super::open_platform::public_routes(app))
 }
 
 /// An error answer.
@@ -43,11 +46,12 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     extra: Option<(&'static str, Value)>,
-    retry_after: Option<u64>,
+    /// Seconds for `Retry-After`.
+    pub(super) retry_after: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -252,7 +256,7 @@ fn process(
         // The CPU work is done: the next trigger may start while this one waits for the disk.
         move || drop(permit),
     )
-    .map_err(intake_error)?;
+    .map_err(|e| intake_error(app, e))?;
     if !taken.replayed {
         app.wake.queued(&trigger.head.touchpoint);
         app.metrics
@@ -262,9 +266,12 @@ fn process(
 }
 
 /// The HTTP answer to a trigger not taken in.
-fn intake_error(e: IntakeError) -> ApiError {
+fn intake_error(app: &App, e: IntakeError) -> ApiError {
     let message = e.to_string();
     match e {
+        IntakeError::UnknownTouchpoint { id, .. } if app.live.is_platform(&id) => {
+            unknown_touchpoint(app, &id)
+        }
         IntakeError::BadIdempotencyKey(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_idempotency_key", message)
         }
@@ -393,8 +400,18 @@ async fn touchpoints(State(app): State<Arc<App>>) -> Result<Response, ApiError> 
     Ok(axum::Json(json!({"touchpoints": list, "gone_with_pending_work": gone})).into_response())
 }
 
-/// 404 for a touchpoint that is not live, with the nearest live id as a hint.
-fn unknown_touchpoint(app: &App, id: &str) -> ApiError {
+/// 404 for a touchpoint that is not live, with the nearest live id as a hint; for an open
+/// platform, that it is not a touchpoint.
+pub(super) fn unknown_touchpoint(app: &App, id: &str) -> ApiError {
+    if app.live.is_platform(id) {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_a_touchpoint",
+            format!(
+                "`{id}` is a wechat_open_platform, not a touchpoint: nothing is dispatched to it; use an Official Account that names it in `auth.platform`"
+            ),
+        );
+    }
     let ids = app.live.ids();
     let hint = crate::load::did_you_mean(id, ids.iter().map(String::as_str))
         .map(|n| format!("; did you mean `{n}`?"))
@@ -469,6 +486,7 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let ready = summaries.iter().filter(|s| s.ready).count();
     let count = |state: &str| summaries.iter().filter(|s| s.state == state).count();
     let reconcile = app.last_reconcile();
+    let platforms = platforms(&app).await?;
     Ok(axum::Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": app.info.started_at,
@@ -493,8 +511,48 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
                 .collect::<Vec<_>>(),
         },
         "queue": stats,
+        "platforms": platforms,
     }))
     .into_response())
+}
+
+/// The live open platforms as `/v1/status` shows them: whether the registry has a verify ticket
+/// for each (never the ticket), when this daemon last received one, and what stops its use.
+async fn platforms(app: &Arc<App>) -> Result<Vec<Value>, ApiError> {
+    let summaries = app.live.platforms();
+    let registry = app.registry.clone();
+    let ids: Vec<String> = summaries.iter().map(|p| p.id.clone()).collect();
+    let tickets = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|id| registry.platform_ticket(id).map(|t| t.is_some()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?;
+    let received = app
+        .tickets_received
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Ok(summaries
+        .into_iter()
+        .zip(tickets)
+        .map(|(p, ticket)| {
+            let mut v = serde_json::to_value(&p).unwrap_or_default();
+            v["ticket"] = match ticket {
+                Ok(true) => "present".into(),
+                Ok(false) => "missing".into(),
+                Err(e) => {
+                    v["ticket_error"] = e.to_string().into();
+                    "unknown".into()
+                }
+            };
+            if let Some(at) = received.get(&p.id) {
+                v["ticket_received_at"] = at.clone().into();
+            }
+            v
+        })
+        .collect())
 }
 
 /// `GET /metrics`.

@@ -406,6 +406,8 @@ mod tests {
             code: code.map(str::to_string),
             until: None,
             commit: None,
+            granted: None,
+            missing: None,
         }
     }
 

@@ -8,10 +8,12 @@
 //! not by its own `timeout`.
 
 pub mod api;
+pub mod bindings;
 pub mod body;
 pub mod listen;
 pub mod live;
 pub mod metrics;
+pub mod open_platform;
 pub mod reconcile;
 
 use std::net::SocketAddr;
@@ -46,6 +48,9 @@ pub fn log(message: &str) {
 pub struct Config {
     /// Where the API listens.
     pub listen: SocketAddr,
+    /// The daemon's address as browsers and WeChat reach it, without a trailing `/`; `None` for
+    /// `http://<listen address>`.
+    pub public_url: Option<String>,
     /// The touchpoint folder.
     pub dir: PathBuf,
     /// The registry file.
@@ -150,6 +155,14 @@ pub struct App {
     /// Triggers being read, checked and handed to the queue at once: at most two per core (see
     /// `intake_permits`). A trigger lets go of its permit before it waits for the disk.
     pub intake: Arc<tokio::sync::Semaphore>,
+    /// The daemon's address as browsers and WeChat reach it (`--public-url`), no trailing `/`.
+    pub public_url: String,
+    /// The bindings in progress and recently finished.
+    pub bindings: Mutex<bindings::Table>,
+    /// Woken whenever a binding finishes.
+    pub bindings_done: tokio::sync::Notify,
+    /// When this daemon last received a verify ticket, by platform id (RFC 3339).
+    pub tickets_received: Mutex<std::collections::HashMap<String, String>>,
     draining: AtomicBool,
     reconcile: Mutex<Option<Report>>,
 }
@@ -260,9 +273,26 @@ pub async fn refresh(app: &Arc<App>, reread_secrets: bool) {
 async fn refresh_only(app: &Arc<App>, ids: Vec<String>) {
     update_live(app, move |app| {
         let mut rows = Vec::with_capacity(ids.len());
+        let mut platforms = Vec::new();
         for id in ids {
             let row = app.registry.get(&id).map_err(|e| e.to_string())?;
+            let platform = match &row {
+                Some(l) => l.kind == "wechat_open_platform",
+                None => app.live.is_platform(&id),
+            };
+            if platform {
+                platforms.push(id.clone());
+            }
             rows.push((id, row));
+        }
+        // The accounts that name a changed platform are opened again with it.
+        for platform in platforms {
+            for (id, _) in app.live.third_party(&platform, None) {
+                if !rows.iter().any(|(r, _)| *r == id) {
+                    let row = app.registry.get(&id).map_err(|e| e.to_string())?;
+                    rows.push((id, row));
+                }
+            }
         }
         app.live.update(rows);
         Ok(())
@@ -373,7 +403,13 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     let app = Arc::new(App {
         registry: registry.clone(),
         queue: queue.clone(),
-        live: Arc::new(LiveSet::new(config.secrets.clone())),
+        live: Arc::new(LiveSet::new(config.secrets.clone()).with_platforms(
+            live::PlatformNetwork {
+                tickets: Arc::new(crate::registry::Tickets(registry.clone())),
+                client: client.clone(),
+                allow_private: config.allow_private_network,
+            },
+        )),
         wake: Arc::new(worker::Wake::default()),
         metrics: Arc::new(Metrics::default()),
         token: config.token.clone(),
@@ -393,6 +429,13 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         },
         bodies: body::Budget::new(config.max_body_memory),
         intake: Arc::new(tokio::sync::Semaphore::new(intake_permits())),
+        public_url: config
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        bindings: Mutex::new(bindings::Table::default()),
+        bindings_done: tokio::sync::Notify::new(),
+        tickets_received: Mutex::default(),
         draining: AtomicBool::new(false),
         reconcile: Mutex::new(None),
     });

@@ -45,6 +45,8 @@ fn expected() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("deliveries replay", vec!["state", "queue"]),
         ("force-unlock", vec!["state", "queue"]),
         ("sandbox", with_secrets(&["dir"])),
+        ("auth", vec![]),
+        ("auth wechat", vec![]),
     ])
 }
 
@@ -87,8 +89,10 @@ fn every_command_help_has_an_example_and_no_option_that_does_not_apply() {
     let expected = expected();
     let top = help(&p, "").stdout;
     let mut listed: BTreeSet<String> = commands_listed(&top).into_iter().collect();
-    for sub in commands_listed(&help(&p, "deliveries").stdout) {
-        listed.insert(format!("deliveries {sub}"));
+    for parent in ["deliveries", "auth"] {
+        for sub in commands_listed(&help(&p, parent).stdout) {
+            listed.insert(format!("{parent} {sub}"));
+        }
     }
     let known: BTreeSet<String> = expected.keys().map(|k| k.to_string()).collect();
     assert_eq!(
