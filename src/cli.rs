@@ -625,6 +625,20 @@ pub enum SandboxCommand {
         #[arg(long, value_enum, default_value_t = MessagesFormat::Text)]
         format: MessagesFormat,
     },
+    /// Act as an account's administrator on the sandbox's authorisation page: open URL (the PC or
+    /// mobile link `touchctl auth wechat` prints), press the account's 授权 / Authorise button,
+    /// follow the redirect back to the daemon, and print the page the daemon shows. What a person
+    /// does in a browser, for a terminal or a script.
+    #[command(after_help = "Example:
+  touchctl auth wechat wechat-service > binding.txt &
+  touchctl sandbox authorise \"$(sed -n 's/^PC URL: //p' binding.txt)\"")]
+    Authorise {
+        /// The authorisation link `touchctl auth wechat` printed (PC or mobile).
+        url: String,
+        /// The account to authorise (its app id), when the page lists more than one.
+        #[arg(long, value_name = "APP_ID")]
+        account: Option<String>,
+    },
 }
 
 /// Output formats of `sandbox messages`.

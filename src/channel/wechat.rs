@@ -326,9 +326,17 @@ impl WechatChannel {
         if let Some(missing) = missing_permissions(&self.required, &info.granted) {
             problems.push(missing);
         }
+        let mut linked_note = String::new();
         if info.granted.contains(&LINK_PERMISSION) {
             match self.linked_mini_programs(client, token).await {
-                Ok(linked) => problems.extend(unlinked(&self.linked, &self.templates, &linked)),
+                Ok(linked) => {
+                    problems.extend(unlinked(&self.linked, &self.templates, &linked));
+                    linked_note = if linked.is_empty() {
+                        "; linked mini programs: none".into()
+                    } else {
+                        format!("; linked mini programs: {}", linked.join(", "))
+                    };
+                }
                 Err(e) => problems.push(format!("its linked mini programs cannot be read: {e}")),
             }
         }
@@ -339,7 +347,10 @@ impl WechatChannel {
         }
         if problems.is_empty() {
             let granted: Vec<String> = info.granted.iter().map(|id| permission_name(*id)).collect();
-            Ok(format!("{found}; granted: {}", granted.join(", ")))
+            Ok(format!(
+                "{found}; granted: {}{linked_note}",
+                granted.join(", ")
+            ))
         } else {
             Err(problems.join("; "))
         }

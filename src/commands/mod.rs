@@ -305,7 +305,8 @@ fn plan_cmd(
     let plan = match base {
         Some(rev) => plan_against_base(g, rev)?.map(|mut plan| {
             if let Some(allow_private) = refresh {
-                plan.warnings = refresh_warnings(g, allow_private);
+                let found = refresh_platforms(g, allow_private);
+                (plan.warnings, plan.checked) = (found.warnings, found.checked);
             }
             plan
         }),
@@ -313,7 +314,8 @@ fn plan_cmd(
             let registry = open_registry(g)?;
             let mut plan = plan_tree(g, &registry)?;
             if let (Some(plan), Some(allow_private)) = (&mut plan, refresh) {
-                plan.warnings = refresh_warnings(g, allow_private);
+                let found = refresh_platforms(g, allow_private);
+                (plan.warnings, plan.checked) = (found.warnings, found.checked);
             }
             // A saved plan is applied only to the registry it was made against: a new one is
             // created now, with the keys the plan's fingerprints were made with.
@@ -367,13 +369,9 @@ fn plan_cmd(
 
 /// `plan --refresh`: the channel touchpoints of the tree checked live (the tree loaded already, so
 /// it loads again without error).
-fn refresh_warnings(g: &Global, allow_private: bool) -> Vec<touchctl::plan::Warning> {
-    let not_checked = |e: String| {
-        vec![touchctl::plan::Warning {
-            touchpoint: String::new(),
-            message: format!("not checked: {e}"),
-        }]
-    };
+fn refresh_platforms(g: &Global, allow_private: bool) -> touchctl::plan::inputs::Refreshed {
+    let not_checked =
+        |e: String| touchctl::plan::inputs::Refreshed::not_checked(format!("not checked: {e}"));
     // Open platforms get their component token with the verify ticket the daemon keeps there.
     let tickets = match SqliteRegistry::open(&g.state) {
         Ok(r) => Arc::new(touchctl::registry::Tickets(Arc::new(r))),

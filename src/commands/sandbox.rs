@@ -13,6 +13,9 @@ use super::{FAILED, OK, count_files, secret_policy};
 use crate::cli::{Global, MessagesFormat, SandboxArgs, SandboxCommand};
 
 pub fn sandbox_cmd(g: &Global, args: &SandboxArgs) -> Result<u8> {
+    if let Some(SandboxCommand::Authorise { url, account }) = &args.command {
+        return authorise_cmd(url, account.as_deref());
+    }
     if let Some(SandboxCommand::Messages {
         url,
         channel,
@@ -107,6 +110,133 @@ async fn run(g: &Global, args: &SandboxArgs, accounts: Accounts, options: Option
         .await
         .context("the sandbox stopped serving")?;
     Ok(())
+}
+
+/// The most of an authorisation page, or of the daemon's page after it, read.
+const MAX_PAGE: usize = 1 << 20;
+
+/// `touchctl sandbox authorise`: presses an account's button on the sandbox's authorisation page
+/// and shows where the browser ends up (the daemon's result page), as text.
+fn authorise_cmd(url: &str, account: Option<&str>) -> Result<u8> {
+    let page_url = url::Url::parse(url).with_context(|| {
+        format!(
+            "{} is not a URL: give the PC or mobile link `touchctl auth wechat` printed",
+            escape(url)
+        )
+    })?;
+    let rt = super::daemon::runtime()?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (status, final_url, body) = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()?;
+        let response = client
+            .get(page_url.as_str())
+            .send()
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open {}: is `touchctl sandbox` running there?",
+                    page_url.origin().ascii_serialization()
+                )
+            })?;
+        let status = response.status();
+        let (page, _) = touchctl::channel::answer::read_capped(response, MAX_PAGE).await;
+        let page = String::from_utf8_lossy(&page).into_owned();
+        if !status.is_success() {
+            bail!(
+                "the authorisation page answered HTTP {}: {}",
+                status.as_u16(),
+                escape(&page_text(&page).join(" "))
+            );
+        }
+        let buttons = authorise_buttons(&page);
+        let (app_id, href) = match account {
+            Some(a) => buttons
+                .iter()
+                .find(|(id, _)| id == a)
+                .cloned()
+                .with_context(|| {
+                    format!(
+                        "the page has no button for {}; it lists: {}",
+                        escape(a),
+                        escape(&listed(&buttons))
+                    )
+                })?,
+            None => match buttons.as_slice() {
+                [one] => one.clone(),
+                [] => bail!(
+                    "the page lists no account to authorise: {}",
+                    escape(&page_text(&page).join(" "))
+                ),
+                _ => bail!(
+                    "the page lists several accounts ({}): say which with --account APP_ID",
+                    escape(&listed(&buttons))
+                ),
+            },
+        };
+        let link = page_url
+            .join(&href)
+            .with_context(|| format!("the button of {} does not lead to a URL", escape(&app_id)))?;
+        // The sandbox redirects to the daemon's page, as it would a browser.
+        let response = client.get(link.as_str()).send().await.with_context(|| {
+            format!(
+                "the authorisation of {} could not be followed to its end",
+                escape(&app_id)
+            )
+        })?;
+        let status = response.status();
+        let final_url = response.url().clone();
+        let (body, _) = touchctl::channel::answer::read_capped(response, MAX_PAGE).await;
+        Ok::<_, anyhow::Error>((
+            status,
+            final_url,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
+    })?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} answered HTTP {}:",
+        escape(final_url.origin().ascii_serialization().as_str()),
+        status.as_u16()
+    )?;
+    for line in page_text(&body) {
+        writeln!(out, "  {}", escape(&line))?;
+    }
+    Ok(if status.is_success() { OK } else { FAILED })
+}
+
+/// The accounts an authorisation page offers: (app id, the link of its button).
+fn authorise_buttons(page: &str) -> Vec<(String, String)> {
+    page.split('<')
+        .filter_map(|tag| {
+            let id = tag.split("id=\"authorise-").nth(1)?.split('"').next()?;
+            let href = tag.split("href=\"").nth(1)?.split('"').next()?;
+            Some((
+                html_escape::decode_html_entities(id).into_owned(),
+                html_escape::decode_html_entities(href).into_owned(),
+            ))
+        })
+        .collect()
+}
+
+fn listed(buttons: &[(String, String)]) -> String {
+    buttons
+        .iter()
+        .map(|(id, _)| id.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The visible text of a small HTML page, a line per block, without its title.
+fn page_text(page: &str) -> Vec<String> {
+    let body = page.split_once("</head>").map_or(page, |(_, b)| b);
+    body.split('<')
+        .filter_map(|part| part.split_once('>').map(|(_, text)| text))
+        .map(|text| html_escape::decode_html_entities(text.trim()).into_owned())
+        .filter(|text| !text.is_empty())
+        .collect()
 }
 
 /// The most of the sandbox's answer read (its log holds at most 100,000 requests).

@@ -233,6 +233,7 @@ fn plan_against(
         changes,
         drift,
         warnings: Vec::new(),
+        checked: Vec::new(),
         mac: None,
     })
 }
@@ -341,6 +342,7 @@ pub fn plan_base(dir: &Path, rev: &str) -> Result<(Desired, Plan), BaseError> {
         changes,
         drift,
         warnings: Vec::new(),
+        checked: Vec::new(),
         mac: None,
     };
     Ok((head, plan))
@@ -364,28 +366,18 @@ pub fn refresh(
     policy: &SecretPolicy,
     allow_private: bool,
     tickets: std::sync::Arc<dyn crate::channel::open_platform::TicketStore>,
-) -> Vec<plan::Warning> {
+) -> Refreshed {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
-        Err(e) => {
-            return vec![plan::Warning {
-                touchpoint: String::new(),
-                message: format!("cannot check the platforms: {e}"),
-            }];
-        }
+        Err(e) => return Refreshed::not_checked(format!("cannot check the platforms: {e}")),
     };
     let shared = std::sync::Arc::new(crate::channel::Shared::default());
     let client = match crate::channel::net_guard::client_with(allow_private, 2) {
         Ok(c) => c,
-        Err(e) => {
-            return vec![plan::Warning {
-                touchpoint: String::new(),
-                message: format!("cannot check the platforms: {e}"),
-            }];
-        }
+        Err(e) => return Refreshed::not_checked(format!("cannot check the platforms: {e}")),
     };
     runtime.block_on(async {
         let mut warnings = Vec::new();
@@ -414,24 +406,22 @@ pub fn refresh(
                 }),
             }
         }
+        let mut checked = Vec::new();
         let platform_checks = platforms.iter().map(|p| async move {
-            let checked = tokio::time::timeout(PROBE_TIMEOUT, p.component_token()).await;
-            let message = match checked {
-                Ok(Ok(_)) => return None,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => did_not_answer(),
+            let answer = tokio::time::timeout(PROBE_TIMEOUT, p.component_token()).await;
+            let found = match answer {
+                Ok(Ok(_)) => Ok(format!(
+                    "component app id {}: component token obtained with the kept verify ticket",
+                    p.component_app_id()
+                )),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(did_not_answer()),
             };
-            Some(plan::Warning {
-                touchpoint: p.id().to_string(),
-                message,
-            })
+            (p.id().to_string(), found)
         });
-        warnings.extend(
-            futures_util::future::join_all(platform_checks)
-                .await
-                .into_iter()
-                .flatten(),
-        );
+        for (touchpoint, found) in futures_util::future::join_all(platform_checks).await {
+            sort_finding(&mut warnings, &mut checked, touchpoint, found);
+        }
         let checks = desired
             .touchpoints
             .iter()
@@ -441,21 +431,56 @@ pub fn refresh(
                 let (shared, client) = (shared.clone(), client.clone());
                 async move {
                     let id = l.touchpoint.common.id.clone();
-                    let problem = probe(l, policy, &shared, &client, allow_private).await;
-                    problem.map(|message| plan::Warning {
-                        touchpoint: id,
-                        message,
-                    })
+                    (id, probe(l, policy, &shared, &client, allow_private).await)
                 }
             });
-        warnings.extend(
-            futures_util::future::join_all(checks)
-                .await
-                .into_iter()
-                .flatten(),
-        );
-        warnings
+        for (touchpoint, found) in futures_util::future::join_all(checks).await {
+            sort_finding(&mut warnings, &mut checked, touchpoint, found);
+        }
+        Refreshed { warnings, checked }
     })
+}
+
+/// What `plan --refresh` found: the problems, and what it checked and found well.
+#[derive(Debug, Default)]
+pub struct Refreshed {
+    /// Problems, per touchpoint (or for the whole check, with an empty touchpoint).
+    pub warnings: Vec<plan::Warning>,
+    /// What was checked and found as it should be, per touchpoint.
+    pub checked: Vec<plan::Warning>,
+}
+
+impl Refreshed {
+    /// Nothing could be checked, for this reason.
+    pub fn not_checked(message: String) -> Self {
+        Refreshed {
+            warnings: vec![plan::Warning {
+                touchpoint: String::new(),
+                message,
+            }],
+            checked: Vec::new(),
+        }
+    }
+}
+
+/// Files one touchpoint's finding as a warning or as checked (when it says what was checked).
+fn sort_finding(
+    warnings: &mut Vec<plan::Warning>,
+    checked: &mut Vec<plan::Warning>,
+    touchpoint: String,
+    found: Result<String, String>,
+) {
+    match found {
+        Ok(message) if message.is_empty() => {}
+        Ok(message) => checked.push(plan::Warning {
+            touchpoint,
+            message,
+        }),
+        Err(message) => warnings.push(plan::Warning {
+            touchpoint,
+            message,
+        }),
+    }
 }
 
 fn did_not_answer() -> String {
@@ -465,28 +490,25 @@ fn did_not_answer() -> String {
     )
 }
 
-/// One touchpoint's check: the problem, if there is one.
+/// One touchpoint's check: what it found (empty when there is nothing to check), or the problem.
 async fn probe(
     l: &crate::load::Loaded,
     policy: &SecretPolicy,
     shared: &std::sync::Arc<crate::channel::Shared>,
     client: &reqwest::Client,
     allow_private: bool,
-) -> Option<String> {
-    let channel = match crate::channel::open(&l.touchpoint, &l.dir, policy, shared) {
-        Ok(c) => c,
-        Err(e) => return Some(format!("not checked: {e}")),
-    };
+) -> Result<String, String> {
+    let channel = crate::channel::open(&l.touchpoint, &l.dir, policy, shared)
+        .map_err(|e| format!("not checked: {e}"))?;
     if !allow_private && let Err(e) = crate::channel::net_guard::check_url(channel.endpoint()).await
     {
-        return Some(format!(
+        return Err(format!(
             "not checked: {e} (plan --refresh --allow-private-network checks it anyway)"
         ));
     }
     match tokio::time::timeout(PROBE_TIMEOUT, channel.probe(client)).await {
-        Ok(Ok(_)) => None,
-        Ok(Err(problem)) => Some(problem),
-        Err(_) => Some(did_not_answer()),
+        Ok(found) => found,
+        Err(_) => Err(did_not_answer()),
     }
 }
 
@@ -615,7 +637,7 @@ openid = "user.wechat_openid"
         let desired = crate::load::load_dir(&tp).unwrap();
         let tickets = std::sync::Arc::new(MemTickets::default());
         // No ticket, not bound: the platform says where tickets come from, the OA how to bind.
-        let warnings = refresh(&desired, &policy, true, tickets.clone());
+        let warnings = refresh(&desired, &policy, true, tickets.clone()).warnings;
         let said: Vec<(&str, &str)> = warnings
             .iter()
             .map(|w| (w.touchpoint.as_str(), w.message.as_str()))
@@ -636,7 +658,7 @@ openid = "user.wechat_openid"
         // A ticket kept, bound: the missing permission is named, and no secret is printed.
         tickets.store("open", "ticket@@@1").unwrap();
         std::fs::write(dir.path().join("secrets/oa-refresh"), "refreshtoken@@@r1").unwrap();
-        let warnings = refresh(&desired, &policy, true, tickets.clone());
+        let warnings = refresh(&desired, &policy, true, tickets.clone()).warnings;
         assert_eq!(warnings.len(), 1, "{warnings:?}");
         assert_eq!(warnings[0].touchpoint, "wechat-oa");
         assert!(
@@ -653,6 +675,19 @@ openid = "user.wechat_openid"
             "{all}"
         );
         stub.with(|a| a.granted = vec![1, 4, 7]);
-        assert!(refresh(&desired, &policy, true, tickets).is_empty());
+        let found = refresh(&desired, &policy, true, tickets);
+        assert!(found.warnings.is_empty(), "{found:?}");
+        let checked: Vec<&str> = found
+            .checked
+            .iter()
+            .map(|c| c.touchpoint.as_str())
+            .collect();
+        assert_eq!(checked, ["open", "wechat-oa"], "{found:?}");
+        assert!(
+            found.checked[1]
+                .message
+                .contains("granted: message (消息管理)"),
+            "{found:?}"
+        );
     }
 }

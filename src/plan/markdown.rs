@@ -146,6 +146,20 @@ fn render_limited(plan: &Plan, limit: usize) -> String {
         b.push(&warnings);
     }
 
+    if !plan.checked.is_empty() {
+        let mut checked = String::from("#### Checked live (`plan --refresh`)\n\n");
+        for c in &plan.checked {
+            let _ = writeln!(
+                checked,
+                "- `{}`: {}",
+                code_safe(&c.touchpoint),
+                html(&c.message)
+            );
+        }
+        checked.push('\n');
+        b.push(&checked);
+    }
+
     if !plan.drift.is_empty() {
         let mut drift = String::from("#### Drift (changed outside of apply)\n\n");
         for d in &plan.drift {

@@ -55,6 +55,10 @@ pub struct Plan {
     /// apps); warnings only: they change neither the plan nor the exit code.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<Warning>,
+    /// What `plan --refresh` checked live and found as it should be, per touchpoint (e.g. an
+    /// account's binding and granted permissions); information only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checked: Vec<Warning>,
     /// The seal of a plan made against a registry: a keyed MAC over the whole plan (see
     /// [`seal()`]), checked by `apply FILE`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,7 +77,8 @@ impl Drop for Plan {
     }
 }
 
-/// A problem `plan --refresh` found with a touchpoint's live configuration.
+/// What `plan --refresh` found about a touchpoint's live configuration: a problem (in
+/// `warnings`) or what it checked (in `checked`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warning {
     /// The touchpoint.
@@ -614,6 +619,7 @@ pub(crate) mod samples {
             changes,
             drift: Vec::new(),
             warnings: Vec::new(),
+            checked: Vec::new(),
             mac: None,
         }
     }

@@ -127,6 +127,18 @@ pub fn render_text(plan: &Plan, opts: TextOptions) -> String {
             }
         }
     }
+    if !plan.checked.is_empty() {
+        let _ = writeln!(out, "\n{} (plan --refresh):", p.bold("Checked live"));
+        for c in &plan.checked {
+            let mark = p.paint(AnsiColor::Green, "ok");
+            let _ = writeln!(
+                out,
+                "  {mark} {}: {}",
+                escape(&c.touchpoint),
+                escape(&c.message)
+            );
+        }
+    }
     if !plan.has_changes() {
         match &plan.base {
             Some(base) => {

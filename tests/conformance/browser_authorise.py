@@ -8,25 +8,38 @@ binding, and prints that page's URL and text. Exits non-zero when the page has n
 the browser cannot get there.
 """
 
+import os
 import sys
 
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
-from selenium.webdriver.support import expected_conditions
-from selenium.webdriver.support.ui import WebDriverWait
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError as e:
+    # Exit 3: what the test needs is not installed (.ci/run installs it).
+    print(f"selenium is not installed ({e}) ")
+    sys.exit(3)
+
+CHROMIUM = "/usr/bin/chromium"
+DRIVER = "/usr/bin/chromedriver"
 
 
 def main():
     url, app_id = sys.argv[1], sys.argv[2]
+    for path in (CHROMIUM, DRIVER):
+        if not os.access(path, os.X_OK):
+            print(f"{path} is not installed (Debian packages chromium and chromium-driver) ")
+            sys.exit(3)
     options = Options()
     options.add_argument("--headless=new")
     # The tests run as root in CI containers, where Chromium's own sandbox cannot start.
     options.add_argument("--no-sandbox")
     options.add_argument("--disable-dev-shm-usage")
-    options.binary_location = "/usr/bin/chromium"
-    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(DRIVER))
     try:
         driver.set_page_load_timeout(30)
         driver.get(url)

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::daemon_support::{Daemon, PATIENCE, SandboxProcess, http};
-use crate::support::Project;
+use crate::support::{Project, repo_root, run_command};
 
 const APP_ID: &str = "wx8a7c3e1f5b2d4690";
 /// Another account on the same platform.
@@ -66,6 +66,11 @@ fields = ["first", "keyword1"]
 
 /// The sandbox and the daemon on one project, the platform's ticket pushed and kept.
 fn start(required: &str) -> (Project, SandboxProcess, Daemon) {
+    start_with(required, &[])
+}
+
+/// The same, the sandbox started with `sandbox_args`.
+fn start_with(required: &str, sandbox_args: &[&str]) -> (Project, SandboxProcess, Daemon) {
     let p = Project::empty();
     p.write("secrets/component_secret", "component-secret-value\n")
         .write("secrets/component_token", "Tk9wPlatformToken\n")
@@ -85,7 +90,7 @@ fn start(required: &str) -> (Project, SandboxProcess, Daemon) {
             "touchpoints/other-oa.toml",
             &account_file("other-oa", OTHER_APP_ID, "http://127.0.0.1:8641", ""),
         );
-    let sandbox = p.start_sandbox(&[]);
+    let sandbox = p.start_sandbox(sandbox_args);
     p.write(
         "touchpoints/open-platform.toml",
         &platform_file(&sandbox.url),
@@ -377,4 +382,94 @@ fn a_code_for_another_account_fails_the_binding_and_writes_nothing() {
     assert!(!p.path().join("secrets/wechat-oa_refresh_token").exists());
     assert!(!p.path().join("secrets/other-oa_refresh_token").exists());
     assert!(d.log().contains(&reason), "{}", d.log());
+}
+
+#[test]
+fn a_person_binds_in_a_real_browser() {
+    let (p, _sandbox, d) = start("");
+    let mut auth = Auth::start(&p, &d);
+    let pc = auth.line("PC URL: ");
+    // Headless Chromium opens the link, and the button is clicked as a person clicks it.
+    let mut browser = std::process::Command::new("python3");
+    browser
+        .arg(repo_root().join("tests/conformance/browser_authorise.py"))
+        .args([pc.as_str(), APP_ID]);
+    let run = run_command(&mut browser);
+    if run.code == 3 && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!(
+            "SKIPPED a_person_binds_in_a_real_browser: {}(.ci/run installs it; under CI=true this test fails instead)",
+            run.stdout
+        );
+        return;
+    }
+    run.code(0)
+        .stdout_has(&format!(
+            "url: {}/wechat/platforms/open-platform/authorized?",
+            d.url
+        ))
+        .stdout_has(&format!(
+            "The account {APP_ID} is bound to touchpoint `wechat-oa`."
+        ));
+    let (code, out) = auth.finish();
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("Bound: `wechat-oa` is authorised by {APP_ID}")),
+        "{out}"
+    );
+    assert!(p.path().join("secrets/wechat-oa_refresh_token").exists());
+}
+
+#[test]
+fn sandbox_authorise_presses_the_button_from_a_terminal_once() {
+    let (p, _sandbox, d) = start("");
+    let mut auth = Auth::start(&p, &d);
+    let pc = auth.line("PC URL: ");
+    p.run(&["sandbox", "authorise", &pc])
+        .code(0)
+        .stdout_has(&format!("{} answered HTTP 200:", d.url))
+        .stdout_has(&format!(
+            "  The account {APP_ID} is bound to touchpoint `wechat-oa`."
+        ));
+    assert_eq!(auth.finish().0, 0);
+    // A link authorises once, as WeChat's does.
+    let again = p.run(&["sandbox", "authorise", &pc]);
+    again.code(1);
+    assert!(
+        again.stderr.contains("answered HTTP 410") && again.stderr.contains("used already"),
+        "{}",
+        again.stderr
+    );
+}
+
+#[test]
+fn an_expired_binding_is_refused_and_nothing_is_written() {
+    // Pre-auth codes of this sandbox last two seconds, and the binding with them.
+    let (p, _sandbox, d) = start_with("", &["--token-ttl", "2s"]);
+    let mut auth = Auth::start(&p, &d);
+    let pc = auth.line("PC URL: ");
+    let redirect = url::Url::parse(&pc)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "redirect_uri")
+        .map(|(_, v)| v.into_owned())
+        .expect("redirect_uri");
+    let (code, out) = auth.finish();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error: the binding of `wechat-oa` expired"),
+        "{out}"
+    );
+    // An authorisation code arriving for it now (a late browser) is refused.
+    let (code, page) = http(
+        "GET",
+        &format!("{redirect}&auth_code=queryauthcode%40%40%40late&expires_in=600"),
+        None,
+        None,
+    );
+    let page = page["raw"].as_str().unwrap_or_default().to_string();
+    assert!(
+        page.contains("This binding expired: run touchctl auth wechat again."),
+        "{code} {page}"
+    );
+    assert!(!p.path().join("secrets/wechat-oa_refresh_token").exists());
 }
