@@ -257,7 +257,7 @@ fn hold_revoked(app: &App, platform: &str, app_id: &str) -> Vec<String> {
 /// Why a touchpoint whose account revoked the platform is held.
 pub fn revoked_reason(id: &str) -> String {
     format!(
-        "authorisation revoked by the account (unauthorized event): re-authorise with `touchctl auth wechat {id}`"
+        "unauthorized event: authorisation revoked by the account; re-authorise with `touchctl auth wechat {id}`"
     )
 }
 
@@ -700,7 +700,7 @@ mod tests {
     fn the_revoked_reason_names_the_command() {
         assert_eq!(
             revoked_reason("oa-main"),
-            "authorisation revoked by the account (unauthorized event): re-authorise with `touchctl auth wechat oa-main`"
+            "unauthorized event: authorisation revoked by the account; re-authorise with `touchctl auth wechat oa-main`"
         );
     }
 }

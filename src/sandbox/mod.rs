@@ -616,7 +616,7 @@ async fn add_faults(State(s): State<Shared>, body: Body) -> Response {
         }
     }
     for oa in revocations {
-        open_platform::revoke(&s, oa, now);
+        open_platform::revoke(&s, oa, now).await;
     }
     json_answer(StatusCode::OK, JSON, &active)
 }

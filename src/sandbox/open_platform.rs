@@ -447,7 +447,7 @@ pub(super) fn revocations(s: &Sandbox, rules: &[Rule]) -> Result<Vec<usize>, Fau
 
 /// `revoke`: the account withdraws its authorisation; its authorizer tokens expire and its
 /// platform is told with an `unauthorized` push.
-pub(super) fn revoke(s: &Shared, oa: usize, now: i64) {
+pub(super) async fn revoke(s: &Shared, oa: usize, now: i64) {
     let Some(platform) = s.accounts.oa.get(oa).and_then(|a| a.platform()) else {
         return;
     };
@@ -455,14 +455,16 @@ pub(super) fn revoke(s: &Shared, oa: usize, now: i64) {
         return;
     }
     lock(&s.tokens).expire_owned(now, |o| o.channel == Channel::Oa && o.account == oa);
-    super::push::event(
+    // Pushed before the fault API answers, so that whoever revoked sees the platform told.
+    super::push::event_now(
         s,
         platform,
         Event::Unauthorized {
             authorizer_app_id: s.accounts.oa[oa].app_id.clone(),
             create_time: now / 1000,
         },
-    );
+    )
+    .await;
 }
 
 /// The body's keys whose values are secret: the log shows them replaced.

@@ -201,7 +201,26 @@ pub(super) async fn tickets_every(s: Shared, interval: Duration) {
 /// Pushes `event` for the platform at `platform` in the background, when there is a push URL;
 /// says on standard error when there is none.
 pub(super) fn event(s: &Shared, platform: usize, event: Event) {
-    let Some(to) = s.pusher.target() else {
+    let Some(to) = target(s, platform, &event) else {
+        return;
+    };
+    let s = s.clone();
+    tokio::spawn(async move {
+        push(&s, platform, &event, &to).await;
+    });
+}
+
+/// The same, pushed before it returns: the receiver has answered (or failed to) by then.
+pub(super) async fn event_now(s: &Shared, platform: usize, event: Event) {
+    if let Some(to) = target(s, platform, &event) {
+        push(s, platform, &event, &to).await;
+    }
+}
+
+/// Where events are pushed; none (and a note saying so) without a push URL.
+fn target(s: &Shared, platform: usize, event: &Event) -> Option<String> {
+    let to = s.pusher.target();
+    if to.is_none() {
         eprintln!(
             "{}",
             escape(&format!(
@@ -210,12 +229,8 @@ pub(super) fn event(s: &Shared, platform: usize, event: Event) {
                 s.accounts.platforms[platform].id
             ))
         );
-        return;
-    };
-    let s = s.clone();
-    tokio::spawn(async move {
-        push(&s, platform, &event, &to).await;
-    });
+    }
+    to
 }
 
 /// `POST /_sandbox/tickets` (optional JSON `{"to": URL}`): a ticket to every platform, now.

@@ -340,7 +340,7 @@ fn a_revoked_authorisation_holds_the_touchpoint_and_a_new_binding_releases_it() 
     );
     let reason = held["held"].as_str().unwrap();
     assert!(
-        reason.contains("authorisation revoked by the account (unauthorized event): re-authorise with `touchctl auth wechat wechat-oa`"),
+        reason.contains("unauthorized event: authorisation revoked by the account; re-authorise with `touchctl auth wechat wechat-oa`"),
         "{held}"
     );
     let (code, r) = d.dispatch(&json!({
