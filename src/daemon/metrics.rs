@@ -43,6 +43,12 @@ struct SignalLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlatformEvent {
+    platform: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
     code: String,
@@ -59,6 +65,7 @@ pub struct Metrics {
     requests: Family<Status, Counter>,
     signals: Family<SignalLabel, Counter>,
     states: Family<StateLabel, Gauge>,
+    platform_events: Family<PlatformEvent, Counter>,
     latency: Histogram,
     first_attempt: Histogram,
     pending_batches: Gauge,
@@ -94,6 +101,12 @@ impl Default for Metrics {
             "touchpoints",
             "Live touchpoints by state (ready, paused, held, waiting) and, when their platform held them or made them wait, its code",
             states.clone(),
+        );
+        let platform_events = Family::<PlatformEvent, Counter>::default();
+        registry.register(
+            "open_platform_events",
+            "Pushes to a live open platform's event URL, by platform and event (component_verify_ticket: WeChat sends one every 10 minutes, so an hour without one is worth an alert; authorized, updateauthorized, unauthorized, other; refused: a bad signature or payload)",
+            platform_events.clone(),
         );
         let delivered = Family::<Tp, Counter>::default();
         registry.register(
@@ -205,6 +218,7 @@ impl Default for Metrics {
             requests,
             signals,
             states,
+            platform_events,
             latency,
             first_attempt,
             pending_batches,
@@ -272,6 +286,17 @@ impl Metrics {
         };
         self.accepted.get_or_create(&tp).inc_by(accepted as u64);
         self.rejected.get_or_create(&tp).inc_by(rejected as u64);
+    }
+
+    /// A push to the event URL of the live open platform `platform`: `event` is its `InfoType`
+    /// (`other` for one touchctl does not act on) or `refused`.
+    pub fn platform_event(&self, platform: &str, event: &'static str) {
+        self.platform_events
+            .get_or_create(&PlatformEvent {
+                platform: platform.to_string(),
+                event,
+            })
+            .inc();
     }
 
     /// A reconcile finished.

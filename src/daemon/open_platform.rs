@@ -129,23 +129,12 @@ async fn events(
         .and_then(|xml| event::parse(&xml, platform.component_app_id()));
     let event = match opened {
         Ok(e) => e,
-        Err(CryptError::BadSignature) => {
-            super::log(&format!(
-                "warning: refused a push to platform `{platform_id}`: {}",
-                CryptError::BadSignature
-            ));
-            return text(
-                StatusCode::UNAUTHORIZED,
-                CryptError::BadSignature.to_string(),
-            );
-        }
         Err(e) => {
-            super::log(&format!(
-                "warning: refused a push to platform `{platform_id}`: {e}"
-            ));
-            return text(StatusCode::BAD_REQUEST, e.to_string());
+            app.metrics.platform_event(&platform_id, "refused");
+            return refused(&platform_id, e);
         }
     };
+    app.metrics.platform_event(&platform_id, counted(&event));
     match on_event(&app, &platform, event).await {
         Ok(()) => text(StatusCode::OK, "success"),
         Err(e) => {
@@ -154,6 +143,29 @@ async fn events(
             text(StatusCode::INTERNAL_SERVER_ERROR, e)
         }
     }
+}
+
+/// The label an event is counted under: its `InfoType`, or `other`.
+fn counted(event: &Event) -> &'static str {
+    match event {
+        Event::VerifyTicket { .. } => "component_verify_ticket",
+        Event::Authorized { .. } => "authorized",
+        Event::UpdateAuthorized { .. } => "updateauthorized",
+        Event::Unauthorized { .. } => "unauthorized",
+        Event::Other { .. } => "other",
+    }
+}
+
+/// The answer to a push that did not open: 401 for a bad signature, 400 for the rest.
+fn refused(platform_id: &str, e: CryptError) -> Response {
+    super::log(&format!(
+        "warning: refused a push to platform `{platform_id}`: {e}"
+    ));
+    let status = match e {
+        CryptError::BadSignature => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    text(status, e.to_string())
 }
 
 /// What the daemon does with one event; an error makes WeChat push it again.

@@ -147,6 +147,17 @@ fn a_sealed_ticket_push_is_kept_and_bad_pushes_are_refused() {
     assert!(!log.contains(TICKET), "the ticket is a secret:\n{log}");
     let encrypt = body.split("<Encrypt><![CDATA[").nth(1).unwrap();
     assert!(!log.contains(&encrypt[..40]), "no body in the log:\n{log}");
+    // Counted per live platform, for alerting on tickets that stop coming; an unknown
+    // platform's id is not a label.
+    let (_, metrics) = d.call("GET", "/metrics", None);
+    let text = metrics["raw"].as_str().unwrap();
+    for line in [
+        "touchctl_open_platform_events_total{platform=\"open-platform\",event=\"component_verify_ticket\"} 2",
+        "touchctl_open_platform_events_total{platform=\"open-platform\",event=\"refused\"} 2",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
+    assert!(!text.contains("other-platform"), "{text}");
 }
 
 #[test]
