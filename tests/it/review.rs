@@ -98,8 +98,10 @@ fn base_plan_compares_revisions_without_a_registry() {
         serde_json::json!(["delete (protected)"])
     );
     assert_eq!(find("coupons").1, "create");
-    assert_eq!(find("wechat-oa").1, "no-op");
-    assert_eq!(a.len(), 6, "{a:?}");
+    for untouched in ["wechat-oa", "app-push", "open-platform", "wechat-service"] {
+        assert_eq!(find(untouched).1, "no-op", "{untouched}");
+    }
+    assert_eq!(a.len(), 8, "{a:?}");
     assert!(
         !p.path().join(".touchctl").exists(),
         "a --base plan reads no registry and creates none"
@@ -217,7 +219,7 @@ fn base_plan_of_a_folder_that_did_not_exist_creates_everything() {
     p.git_init();
     std::fs::rename(p.path().join("later"), p.path().join("touchpoints")).unwrap();
     let plan = json_plan(&p, &["--base", "main"]);
-    assert_eq!(plan["summary"]["create"], 5);
+    assert_eq!(plan["summary"]["create"], 7);
 }
 
 /// The pull-request comment, whole.
