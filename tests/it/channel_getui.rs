@@ -347,7 +347,8 @@ fn getui_plan_refresh_shows_a_refused_master_secret_as_a_warning() {
     let good = p.run(&["plan", "--refresh", "--allow-private-network"]);
     good.code(0)
         .stdout_has("Plan: 0 to create, 0 to update, 0 to delete");
-    assert!(!good.stdout.contains("app-push:"), "{}", good.stdout);
+    assert!(!good.stdout.contains("! app-push:"), "{}", good.stdout);
+    good.stdout_has("ok app-push: Getui auth succeeded for app `Kq3Lm8Np2Rs5Tv7Wx9Yz1`");
     p.write(SECRET, "not-the-master-secret\n");
     let out = p.run(&["plan", "--refresh", "--allow-private-network"]);
     out.code(0).stdout_has(

@@ -17,7 +17,7 @@ fn a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code() {
         .unwrap();
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(0)
-        .stdout_has("Plan: 0 to create, 0 to update, 0 to delete, 5 unchanged.")
+        .stdout_has("Plan: 0 to create, 0 to update, 0 to delete, 7 unchanged.")
         .stdout_has("! wecom-stores (wecom): paused through the admin API; not a change: apply keeps it paused")
         .stdout_has("No changes: the registry matches the files. 1 touchpoint is paused through the admin API, which is not a change: apply keeps it paused.");
     let json = p.run(&["plan", "--format", "json", "--detailed-exitcode"]);
@@ -25,7 +25,7 @@ fn a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code() {
     let doc: Value = serde_json::from_str(&json.stdout).unwrap();
     assert_eq!(
         doc["summary"],
-        serde_json::json!({"create": 0, "update": 0, "delete": 0, "no_op": 5, "drift": 1, "paused": 1})
+        serde_json::json!({"create": 0, "update": 0, "delete": 0, "no_op": 7, "drift": 1, "paused": 1})
     );
     p.run(&["plan", "--format", "markdown", "--detailed-exitcode"])
         .code(0)
@@ -47,7 +47,7 @@ fn a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code() {
         .unwrap();
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(2)
-        .stdout_has("Plan: 0 to create, 1 to update, 0 to delete, 4 unchanged.");
+        .stdout_has("Plan: 0 to create, 1 to update, 0 to delete, 6 unchanged.");
     assert!(!run.stdout.contains("No changes"), "{}", run.stdout);
     let json = p.run(&["plan", "--format", "json", "--detailed-exitcode"]);
     json.code(2);

@@ -27,10 +27,10 @@ fn first_plan_creates_everything_then_apply_converges() {
     run.code(2);
     assert!(
         run.stdout
-            .starts_with("Plan: 5 to create, 0 to update, 0 to delete, 0 unchanged.")
+            .starts_with("Plan: 7 to create, 0 to update, 0 to delete, 0 unchanged.")
     );
     let run = applied(&p);
-    run.stdout_has("Apply complete: 5 created, 0 updated, 0 deleted.");
+    run.stdout_has("Apply complete: 7 created, 0 updated, 0 deleted.");
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(0);
     assert!(run.stdout.contains("No changes"));
@@ -38,7 +38,7 @@ fn first_plan_creates_everything_then_apply_converges() {
     let run = applied(&p);
     assert!(!run.stdout.contains("Apply complete"), "{}", run.stdout);
     let gens: Vec<i64> = p.query_all("SELECT generation FROM touchpoints");
-    assert_eq!(gens, vec![1; 5]);
+    assert_eq!(gens, vec![1; 7]);
 }
 
 #[test]
@@ -78,7 +78,7 @@ fn json_plan_is_versioned_and_complete() {
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(doc["format_version"], "1");
     assert_eq!(doc["summary"]["update"], 1);
-    assert_eq!(doc["summary"]["no_op"], 4);
+    assert_eq!(doc["summary"]["no_op"], 6);
     let sms = doc["changes"]
         .as_array()
         .unwrap()
@@ -117,7 +117,7 @@ fn secrets_never_appear_in_any_output_or_in_the_state() {
     );
     seen += &p.read("saved.json");
     run_into(&p, &mut seen, &["apply", "saved.json"], 0)
-        .stdout_has("Apply complete: 5 created, 0 updated, 0 deleted.");
+        .stdout_has("Apply complete: 7 created, 0 updated, 0 deleted.");
     // A changed secret value.
     p.write(
         "secrets/sandbox/sms_auth_token",
@@ -137,7 +137,7 @@ fn secrets_never_appear_in_any_output_or_in_the_state() {
     }
     let mut secrets = sample_secrets(&p);
     secrets.push("rotated-secret-value-93e1".into());
-    assert!(secrets.len() >= 7);
+    assert!(secrets.len() >= 11);
     for s in secrets {
         assert!(!s.is_empty());
         assert!(
@@ -297,7 +297,7 @@ fn deletes_need_allow_delete_and_respect_protect_and_max_deletes() {
     ]);
     run.code(1);
     run.stderr_has("the plan deletes 2 touchpoints, more than --max-deletes 1");
-    assert_eq!(p.touchpoint_count(), 4);
+    assert_eq!(p.touchpoint_count(), 6);
 }
 
 #[test]
@@ -324,7 +324,7 @@ fn drift_is_shown_apart_and_apply_restores_fields() {
     .unwrap();
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(2);
-    run.stdout_has("Plan: 0 to create, 1 to update, 0 to delete, 4 unchanged.");
+    run.stdout_has("Plan: 0 to create, 1 to update, 0 to delete, 6 unchanged.");
     assert!(run.stdout.contains("~ update sms (custom)"));
     assert!(run.stdout.contains("    ~ enabled: false → true"));
     let drift = run.stdout.split("Drift").nth(1).expect("a drift section");
@@ -340,7 +340,7 @@ fn drift_is_shown_apart_and_apply_restores_fields() {
     let run = p.run(&["plan"]);
     assert!(
         run.stdout
-            .contains("Plan: 0 to create, 0 to update, 0 to delete, 5 unchanged.")
+            .contains("Plan: 0 to create, 0 to update, 0 to delete, 7 unchanged.")
     );
     // The pause is an operational hold: still shown, not undone by apply.
     assert!(run.stdout.contains("wecom-stores (wecom): paused"));
@@ -422,7 +422,7 @@ fn concurrent_applies_do_not_corrupt_the_registry() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
-            if stdout.contains("Apply complete: 5 created") {
+            if stdout.contains("Apply complete: 7 created") {
                 created += 1;
             } else {
                 assert!(stdout.contains("No changes"), "{stdout}");
@@ -445,7 +445,7 @@ fn concurrent_applies_do_not_corrupt_the_registry() {
     assert_eq!(ok, "ok");
     applied(&p);
     let gens: Vec<i64> = p.query_all("SELECT generation FROM touchpoints ORDER BY id");
-    assert_eq!(gens, vec![1; 5]);
+    assert_eq!(gens, vec![1; 7]);
 }
 
 #[test]
@@ -464,11 +464,10 @@ fn a_failure_mid_apply_reports_what_landed_and_rerun_converges() {
     run.code(1);
     run.stdout_has("create sms: FAILED:");
     assert!(run.stdout.contains("disk quota exceeded"));
-    run.stdout_has("Apply incomplete: 4 of 5 change(s) landed");
-    assert!(
-        run.stdout
-            .contains("landed: app-push, loyalty-points, wechat-oa, wecom-stores")
-    );
+    run.stdout_has("Apply incomplete: 6 of 7 change(s) landed");
+    assert!(run.stdout.contains(
+        "landed: app-push, loyalty-points, open-platform, wechat-oa, wechat-service, wecom-stores"
+    ));
     assert!(run.stdout.contains("not applied: sms"));
     p.state_db()
         .execute_batch("DROP TRIGGER refuse_sms;")
@@ -476,7 +475,7 @@ fn a_failure_mid_apply_reports_what_landed_and_rerun_converges() {
     let run = p.run(&["plan"]);
     assert!(
         run.stdout
-            .starts_with("Plan: 1 to create, 0 to update, 0 to delete, 4 unchanged.")
+            .starts_with("Plan: 1 to create, 0 to update, 0 to delete, 6 unchanged.")
     );
     applied(&p);
     assert!(p.run(&["plan"]).stdout.contains("No changes"));

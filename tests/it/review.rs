@@ -98,8 +98,10 @@ fn base_plan_compares_revisions_without_a_registry() {
         serde_json::json!(["delete (protected)"])
     );
     assert_eq!(find("coupons").1, "create");
-    assert_eq!(find("wechat-oa").1, "no-op");
-    assert_eq!(a.len(), 6, "{a:?}");
+    for untouched in ["wechat-oa", "app-push", "open-platform", "wechat-service"] {
+        assert_eq!(find(untouched).1, "no-op", "{untouched}");
+    }
+    assert_eq!(a.len(), 8, "{a:?}");
     assert!(
         !p.path().join(".touchctl").exists(),
         "a --base plan reads no registry and creates none"
@@ -217,7 +219,7 @@ fn base_plan_of_a_folder_that_did_not_exist_creates_everything() {
     p.git_init();
     std::fs::rename(p.path().join("later"), p.path().join("touchpoints")).unwrap();
     let plan = json_plan(&p, &["--base", "main"]);
-    assert_eq!(plan["summary"]["create"], 5);
+    assert_eq!(plan["summary"]["create"], 7);
 }
 
 /// The pull-request comment, whole.
@@ -368,7 +370,7 @@ fn import_round_trip_for_every_kind() {
     std::fs::create_dir(p.path().join("touchpoints")).unwrap();
     p.run(&["plan", "--detailed-exitcode"])
         .code(2)
-        .stdout_has("5 to delete");
+        .stdout_has("7 to delete");
 
     let run = p.run(&["import", "--all"]);
     run.code(0)
@@ -378,11 +380,17 @@ fn import_round_trip_for_every_kind() {
         )
         .stdout_has("wrote touchpoints/channels/wecom.toml (wecom `wecom-stores`")
         .stdout_has("wrote touchpoints/channels/getui.toml (app_push `app-push`")
-        .stdout_has("wrote touchpoints/custom/points.toml (custom `loyalty-points`");
+        .stdout_has("wrote touchpoints/custom/points.toml (custom `loyalty-points`")
+        .stdout_has(
+            "wrote touchpoints/channels/open-platform.toml (wechat_open_platform `open-platform`",
+        )
+        .stdout_has(
+            "wrote touchpoints/channels/wechat-service.toml (wechat_official_account `wechat-service`",
+        );
     assert_eq!(run.stderr, "", "no warnings");
     p.run(&["validate"])
         .code(0)
-        .stdout_has("ok: 5 touchpoint(s)");
+        .stdout_has("ok: 7 touchpoint(s)");
     p.run(&["plan", "--detailed-exitcode"])
         .code(0)
         .stdout_has("No changes");
@@ -422,7 +430,25 @@ fn import_round_trip_for_every_kind() {
         &[
             "touchpoints/custom/sms.toml",
             "touchpoints/channels/wechat-oa.toml",
+            "touchpoints/channels/open-platform.toml",
+            "touchpoints/channels/wechat-service.toml",
         ],
+    );
+    // The open platform's secrets and the bound account's refresh token stay references.
+    let platform = p.read("touchpoints/channels/open-platform.toml");
+    for (field, name) in [
+        ("component_secret", "component_secret"),
+        ("token", "component_token"),
+        ("encoding_aes_key", "component_aes_key"),
+    ] {
+        let reference = format!("{field} = {{ file = \"../../secrets/sandbox/{name}\" }}");
+        assert!(platform.contains(&reference), "{reference}:\n{platform}");
+        assert!(!platform.contains(p.read(&format!("secrets/sandbox/{name}")).trim()));
+    }
+    let service = p.read("touchpoints/channels/wechat-service.toml");
+    assert!(
+        service.contains("[auth]\nmode = \"third_party\"\nplatform = \"open-platform\"\nauthorizer_refresh_token = { file = \"../../secrets/sandbox/wechat_service_refresh_token\" }\n"),
+        "{service}"
     );
 
     // Imported elsewhere, file references are rewritten to name the same secret files.

@@ -16,6 +16,8 @@ const CORP: &str = "ww4f1e2d3c4b5a6978";
 const AGENT: u32 = 1000005;
 const GETUI_APP: &str = "Kq3Lm8Np2Rs5Tv7Wx9Yz1";
 const GETUI_KEY: &str = "Ab4Cd6Ef8Gh0Ij2Kl4Mn6";
+const COMPONENT_APP: &str = "wx5f4e3d2c1b0a9f8e";
+const SERVICE_APP: &str = "wx3c9d2e7f1a5b8c40";
 
 /// A sample secret, as the sandbox reads it.
 fn secret(p: &Project, name: &str) -> String {
@@ -150,7 +152,7 @@ fn ends_with_rid(msg: &str) -> bool {
 #[test]
 fn sandbox_prints_where_it_listens_and_each_account_it_serves() {
     let (_p, s) = start();
-    let banner = s.banner_lines(6);
+    let banner = s.banner_lines(9);
     let lines: Vec<&str> = banner.lines().collect();
     assert_eq!(
         lines[0],
@@ -158,6 +160,13 @@ fn sandbox_prints_where_it_listens_and_each_account_it_serves() {
     );
     for expected in [
         format!("serving wechat-oa (wechat_official_account, app id {OA_APP}, 2 template(s))"),
+        format!(
+            "serving open-platform (wechat_open_platform, component app id {COMPONENT_APP}, authorisation page {}/cgi-bin/componentloginpage, accounts it can authorise: wechat-service)",
+            s.url
+        ),
+        format!(
+            "serving wechat-service (wechat_official_account, app id {SERVICE_APP}, third-party through open-platform, 1 template(s))"
+        ),
         format!("serving wecom-stores (wecom, corp id {CORP}, agent {AGENT}, customer contact)"),
         format!("serving app-push (app_push getui, app id {GETUI_APP})"),
         format!(
@@ -168,10 +177,11 @@ fn sandbox_prints_where_it_listens_and_each_account_it_serves() {
             "serving loyalty-points (custom, {}/_sandbox/webhooks/loyalty, Bearer token checked)",
             s.url
         ),
+        "pushing no verify tickets until POST /_sandbox/tickets names a URL (or start with --push-tickets-to URL)".to_string(),
     ] {
         assert!(lines.contains(&expected.as_str()), "{expected}\n{banner}");
     }
-    assert_eq!(lines.len(), 6, "{banner}");
+    assert_eq!(lines.len(), 9, "{banner}");
     assert_eq!(s.terminate(), 0);
 }
 

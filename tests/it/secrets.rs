@@ -420,7 +420,7 @@ fn a_tampered_saved_plan_is_refused_naming_the_touchpoint() {
         run.code(1);
         assert!(run.stderr.contains(expected), "{what}:\n{}", run.stderr);
         assert_eq!(live_sms(), before, "{what}: something was applied");
-        assert_eq!(p.touchpoint_count(), 5, "{what}");
+        assert_eq!(p.touchpoint_count(), 7, "{what}");
     }
     // The plan as made applies, also after a JSON tool re-indented it.
     p.write("plan.json", &serde_json::to_string(&original).unwrap());

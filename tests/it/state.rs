@@ -61,7 +61,7 @@ fn a_failing_command_creates_no_state_where_it_was_run() {
     // A read-only command that succeeds: plan against no registry plans from an empty one.
     p.run(&["plan", "--detailed-exitcode"])
         .code(2)
-        .stdout_has("Plan: 5 to create, 0 to update, 0 to delete");
+        .stdout_has("Plan: 7 to create, 0 to update, 0 to delete");
     assert_eq!(state_folders(p.path()), Vec::<String>::new());
 
     // Saving a plan creates the registry it is bound to; applying it writes to that one.
@@ -69,7 +69,7 @@ fn a_failing_command_creates_no_state_where_it_was_run() {
     assert!(p.path().join(".touchctl/state.db").exists());
     p.run(&["apply", "plan.json"])
         .code(0)
-        .stdout_has("Apply complete: 5 created");
+        .stdout_has("Apply complete: 7 created");
     assert_eq!(
         state_folders(p.path()),
         [p.path().join(".touchctl").display().to_string()]
@@ -100,7 +100,7 @@ fn a_touchctl_folder_at_any_depth_does_not_make_the_tree_dirty() {
     p.write("touchpoints/custom/.touchctl/queue.db", "");
     p.run(&["apply", "--auto-approve"])
         .code(0)
-        .stdout_has("Apply complete: 5 created");
+        .stdout_has("Apply complete: 7 created");
     // This repository's own .gitignore ignores the state folder at any depth too.
     let ignored = Command::new("git")
         .args(["check-ignore", "-q", "touchpoints/.touchctl/state.db"])
