@@ -10,7 +10,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::load::{Desired, LoadError, Source, did_you_mean, load_sources};
+use crate::load::{Desired, LoadError, Source, did_you_mean, load_file_alone};
 use crate::model::{SECRET_FIELDS, SecretPolicy, SpecJson, Touchpoint};
 use crate::registry::{Live, Registry};
 
@@ -143,7 +143,8 @@ pub fn write(
         dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
         text,
     };
-    let back = load_sources(vec![Ok(source)]).map_err(|e| ImportError::ReadBack {
+    // The file alone: the platform an Official Account names may be in another file, or imported next.
+    let back = load_file_alone(source).map_err(|e| ImportError::ReadBack {
         path: path.to_path_buf(),
         message: match e {
             LoadError::Invalid(d) => d.first().map(ToString::to_string).unwrap_or_default(),

@@ -460,6 +460,18 @@ impl Checked {
     }
 }
 
+/// Checks one already-read file on its own: every check but those across files (unique ids, the
+/// platform an Official Account names), which need the rest of the tree.
+pub fn load_file_alone(source: Source) -> Result<Desired, LoadError> {
+    let c = checked(Ok(source));
+    if !c.diagnostics.is_empty() {
+        return Err(LoadError::Invalid(c.diagnostics));
+    }
+    Ok(Desired {
+        touchpoints: c.loaded.into_iter().collect(),
+    })
+}
+
 /// Checks already-read files (e.g. from a git revision) as one tree; a file that could not be read
 /// comes as its diagnostic.
 pub fn load_sources(sources: Vec<Result<Source, Diagnostic>>) -> Result<Desired, LoadError> {
