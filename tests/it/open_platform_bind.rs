@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::daemon_support::{Daemon, PATIENCE, SandboxProcess, http};
-use crate::support::{Project, repo_root, run_command};
+use crate::support::{Project, conformance};
 
 const APP_ID: &str = "wx8a7c3e1f5b2d4690";
 /// Another account on the same platform.
@@ -390,18 +390,13 @@ fn a_person_binds_in_a_real_browser() {
     let mut auth = Auth::start(&p, &d);
     let pc = auth.line("PC URL: ");
     // Headless Chromium opens the link, and the button is clicked as a person clicks it.
-    let mut browser = std::process::Command::new("python3");
-    browser
-        .arg(repo_root().join("tests/conformance/browser_authorise.py"))
-        .args([pc.as_str(), APP_ID]);
-    let run = run_command(&mut browser);
-    if run.code == 3 && std::env::var("CI").as_deref() != Ok("true") {
-        eprintln!(
-            "SKIPPED a_person_binds_in_a_real_browser: {}(.ci/run installs it; under CI=true this test fails instead)",
-            run.stdout
-        );
+    let Some(run) = conformance(
+        "a_person_binds_in_a_real_browser",
+        "browser_authorise.py",
+        &[pc.as_str(), APP_ID],
+    ) else {
         return;
-    }
+    };
     run.code(0)
         .stdout_has(&format!(
             "url: {}/wechat/platforms/open-platform/authorized?",

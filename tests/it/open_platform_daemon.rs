@@ -8,7 +8,7 @@ use touchctl::channel::open_platform::crypt::MsgCrypt;
 use touchctl::channel::open_platform::event::{self, Event};
 
 use crate::daemon_support::{Daemon, http};
-use crate::support::{Project, repo_root, run_command};
+use crate::support::{Project, conformance};
 
 const TOKEN: &str = "Tk9wPlatformToken";
 const KEY: &str = "Q2f8ZkLm3Np7Rt1Vx5Bz9Cd4Gh6Jk0Ms2Pw8Ty3Ua7E";
@@ -264,18 +264,19 @@ fn the_bindings_api_and_the_events_need_what_each_needs() {
 #[test]
 fn wechatpy_seals_a_ticket_push_the_daemon_accepts() {
     let (p, d) = start();
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(repo_root().join("tests/conformance/wechatpy_ticket_push.py"))
-        .arg(format!("{}/wechat/platforms/open-platform/events", d.url))
-        .args([TOKEN, KEY, COMPONENT, "ticket@@@from-wechatpy"]);
-    let run = run_command(&mut cmd);
-    if run.code == 3 && std::env::var("CI").as_deref() != Ok("true") {
-        eprintln!(
-            "SKIPPED wechatpy_seals_a_ticket_push_the_daemon_accepts: {}(.ci/run installs it; under CI=true this test fails instead)",
-            run.stdout
-        );
+    let Some(run) = conformance(
+        "wechatpy_seals_a_ticket_push_the_daemon_accepts",
+        "wechatpy_ticket_push.py",
+        &[
+            &format!("{}/wechat/platforms/open-platform/events", d.url),
+            TOKEN,
+            KEY,
+            COMPONENT,
+            "ticket@@@from-wechatpy",
+        ],
+    ) else {
         return;
-    }
+    };
     run.code(0)
         .stdout_has("status: 200")
         .stdout_has("body: success");

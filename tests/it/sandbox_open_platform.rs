@@ -13,7 +13,7 @@ use touchctl::channel::open_platform::crypt::MsgCrypt;
 use touchctl::channel::open_platform::event::{self, Event};
 
 use crate::daemon_support::{PATIENCE, SandboxProcess, http, serve_on_loopback};
-use crate::support::{Project, repo_root, run_command};
+use crate::support::{Project, conformance};
 
 const PLATFORM: &str = "open-platform";
 const COMPONENT: &str = "wx5e6f7a8b9c0d1e2f";
@@ -742,16 +742,12 @@ fn sandbox_leaves_out_a_platform_whose_key_is_not_one_and_its_accounts() {
 fn wechatpy_component_binds_through_the_sandbox_unchanged() {
     let p = project(KEY);
     let s = p.start_sandbox(&[]);
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(repo_root().join("tests/conformance/wechatpy_component_check.py"))
-        .args([s.url.as_str(), COMPONENT, SECRET, TOKEN, KEY, OA, TEMPLATE]);
-    let run = run_command(&mut cmd);
-    if run.code == 3 && std::env::var("CI").as_deref() != Ok("true") {
-        eprintln!(
-            "SKIPPED wechatpy_component_binds_through_the_sandbox_unchanged: {}(.ci/run installs it; under CI=true this test fails instead)",
-            run.stdout
-        );
+    let Some(run) = conformance(
+        "wechatpy_component_binds_through_the_sandbox_unchanged",
+        "wechatpy_component_check.py",
+        &[s.url.as_str(), COMPONENT, SECRET, TOKEN, KEY, OA, TEMPLATE],
+    ) else {
         return;
-    }
+    };
     run.code(0).stdout_has("all checks passed");
 }

@@ -246,3 +246,21 @@ pub fn run_command(cmd: &mut Command) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Runs the Python script `tests/conformance/<script>` with `args`: its run, or `None` when what
+/// it needs here (a Python library, Chromium) is missing, which the script says by exiting 3. Under
+/// `CI=true` a missing dependency fails the test instead: `.ci/run` installs everything.
+pub fn conformance(test: &str, script: &str, args: &[&str]) -> Option<Run> {
+    let mut cmd = Command::new("python3");
+    cmd.arg(repo_root().join("tests/conformance").join(script))
+        .args(args);
+    let run = run_command(&mut cmd);
+    if run.code == 3 && std::env::var("CI").as_deref() != Ok("true") {
+        eprintln!(
+            "SKIPPED {test}: {}(.ci/run installs it; under CI=true this test fails instead)",
+            run.stdout
+        );
+        return None;
+    }
+    Some(run)
+}
