@@ -1,5 +1,6 @@
 //! Integration tests: the real `touchctl` binary against real files and state in temp folders.
 
+mod backend;
 mod support;
 
 mod bad_fixtures;

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::backend::{Backend, Cell, Database};
+
 /// The repository root (where `touchpoints/` and `secrets/` live).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,22 +62,36 @@ impl Run {
     }
 }
 
-/// A temporary project: a folder with `touchpoints/`, secrets and a state file of its own.
+/// A temporary project: a folder with `touchpoints/`, secrets and a registry of its own (the
+/// SQLite file in the folder, or a PostgreSQL database of its own, see [`crate::backend`]).
 pub struct Project {
     dir: tempfile::TempDir,
+    /// The project's PostgreSQL database, when its registry is there.
+    postgres: Option<Database>,
 }
 
 impl Project {
     /// An empty project with an empty `touchpoints/` folder.
     pub fn empty() -> Self {
+        Self::empty_on(Backend::Sqlite)
+    }
+
+    /// An empty project whose registry is on `backend`.
+    pub fn empty_on(backend: Backend) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("touchpoints")).expect("touchpoints dir");
-        Self { dir }
+        let postgres = (backend == Backend::Postgres).then(Database::create);
+        Self { dir, postgres }
     }
 
     /// A project holding a copy of the repository's sample touchpoints and sandbox secrets.
     pub fn with_samples() -> Self {
-        let p = Self::empty();
+        Self::with_samples_on(Backend::Sqlite)
+    }
+
+    /// A project holding the samples whose registry is on `backend`.
+    pub fn with_samples_on(backend: Backend) -> Self {
+        let p = Self::empty_on(backend);
         copy_dir(
             &repo_root().join("touchpoints"),
             &p.path().join("touchpoints"),
@@ -88,6 +104,36 @@ impl Project {
     /// The project folder.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Where its registry is.
+    pub fn backend(&self) -> Backend {
+        if self.postgres.is_some() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    /// Its registry as `--state` names it: the default state file, or its database's URL.
+    pub fn state(&self) -> &str {
+        self.postgres
+            .as_ref()
+            .map_or(".touchctl/state.db", |db| db.url())
+    }
+
+    /// Its registry, opened through the library as a command opens it.
+    pub fn registry(&self) -> Box<dyn touchctl::registry::Registry> {
+        let state = self.path().join(self.state());
+        touchctl::registry::open(&state).unwrap_or_else(|e| panic!("open the registry: {e}"))
+    }
+
+    /// Its registry as messages and plans name it (the registry's `describe()`).
+    pub fn registry_description(&self) -> String {
+        match &self.postgres {
+            None => "sqlite .touchctl/state.db".into(),
+            Some(db) => format!("postgres {}", db.url()),
+        }
     }
 
     /// Writes a file (creating folders), relative to the project.
@@ -113,7 +159,8 @@ impl Project {
 
     /// A command running the binary in the project, with no inherited touchctl settings. Outside
     /// git the repository is `touchpoints/` alone, so secret files beside it need a secrets
-    /// folder: a project's `secrets/` is one, as an operator would configure it.
+    /// folder: a project's `secrets/` is one, as an operator would configure it. A project on
+    /// PostgreSQL names its database in `TOUCHCTL_STATE` (a `--state` given in `args` wins).
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_touchctl"));
         cmd.args(args)
@@ -126,6 +173,9 @@ impl Project {
             .stdin(Stdio::null());
         if self.path().join("secrets").is_dir() {
             cmd.env("TOUCHCTL_SECRETS_DIR", self.path().join("secrets"));
+        }
+        if let Some(db) = &self.postgres {
+            cmd.env("TOUCHCTL_STATE", db.url());
         }
         cmd
     }
@@ -149,20 +199,145 @@ impl Project {
         }
     }
 
-    /// The single value a query of the state file returns.
-    pub fn query_one<T: rusqlite::types::FromSql>(&self, sql: &str) -> T {
-        self.state_db()
-            .query_row(sql, [], |r| r.get(0))
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    /// The single value a query of the registry returns (SQL both backends understand).
+    pub fn query_one<T: Cell>(&self, sql: &str) -> T {
+        match &self.postgres {
+            None => self
+                .state_db()
+                .query_row(sql, [], |r| r.get(0))
+                .unwrap_or_else(|e| panic!("{sql}: {e}")),
+            Some(db) => {
+                let row = db
+                    .client()
+                    .query_one(sql, &[])
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                T::from_pg(&row, 0).unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+        }
     }
 
-    /// The first column of every row a query of the state file returns.
-    pub fn query_all<T: rusqlite::types::FromSql>(&self, sql: &str) -> Vec<T> {
-        let db = self.state_db();
-        let mut stmt = db.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
-        stmt.query_map([], |r| r.get(0))
-            .and_then(|rows| rows.collect())
-            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    /// The first column of every row a query of the registry returns.
+    pub fn query_all<T: Cell>(&self, sql: &str) -> Vec<T> {
+        match &self.postgres {
+            None => {
+                let db = self.state_db();
+                let mut stmt = db.prepare(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+                stmt.query_map([], |r| r.get(0))
+                    .and_then(|rows| rows.collect())
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+            Some(db) => db
+                .client()
+                .query(sql, &[])
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .iter()
+                .map(|row| T::from_pg(row, 0).unwrap_or_else(|e| panic!("{sql}: {e}")))
+                .collect(),
+        }
+    }
+
+    /// Runs a statement against the registry (as another tool would write it), with text
+    /// parameters `$1`, `$2`, ... (SQLite numbers `$1` as its first parameter too); returns the
+    /// number of rows it changed.
+    #[track_caller]
+    pub fn execute(&self, sql: &str, params: &[&str]) -> u64 {
+        match &self.postgres {
+            None => {
+                let changed = self
+                    .state_db()
+                    .execute(sql, rusqlite::params_from_iter(params))
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                changed as u64
+            }
+            Some(db) => {
+                let params: Vec<&(dyn postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| p as &(dyn postgres::types::ToSql + Sync))
+                    .collect();
+                db.client()
+                    .execute(sql, &params)
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            }
+        }
+    }
+
+    /// Everything the registry stores, as text: the SQLite file's bytes (and its write-ahead log
+    /// when one is left), or every row of every table of the project's PostgreSQL database.
+    pub fn state_dump(&self) -> String {
+        match &self.postgres {
+            None => {
+                let state = std::fs::read(self.path().join(".touchctl/state.db"))
+                    .expect("the state file");
+                let mut dump = String::from_utf8_lossy(&state).into_owned();
+                match std::fs::read(self.path().join(".touchctl/state.db-wal")) {
+                    Ok(bytes) => dump += &String::from_utf8_lossy(&bytes),
+                    Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+                }
+                dump
+            }
+            Some(db) => {
+                let mut client = db.client();
+                let tables: Vec<String> = client
+                    .query(
+                        "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) \
+                         FROM information_schema.tables \
+                         WHERE table_schema NOT IN ('pg_catalog', 'information_schema')",
+                        &[],
+                    )
+                    .expect("list the tables")
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                assert!(!tables.is_empty(), "the registry's database has no tables");
+                let mut dump = String::new();
+                for table in tables {
+                    let sql = format!("SELECT t::text FROM {table} t");
+                    for row in client.query(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")) {
+                        dump += &format!("{table}: {}\n", row.get::<_, String>(0));
+                    }
+                }
+                dump
+            }
+        }
+    }
+
+    /// Makes the registry refuse to insert touchpoint `id` with `message`, as something outside
+    /// touchctl would (a full disk, a constraint); [`Project::allow_inserts`] undoes it.
+    pub fn refuse_inserts_of(&self, id: &str, message: &str) {
+        match &self.postgres {
+            None => self
+                .state_db()
+                .execute_batch(&format!(
+                    "CREATE TRIGGER refuse_insert BEFORE INSERT ON touchpoints WHEN NEW.id = '{id}' \
+                     BEGIN SELECT RAISE(ABORT, '{message}'); END;"
+                ))
+                .expect("create the refusing trigger"),
+            Some(db) => db
+                .client()
+                .batch_execute(&format!(
+                    "CREATE FUNCTION refuse_insert() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF NEW.id = '{id}' THEN RAISE EXCEPTION '{message}'; END IF; RETURN NEW; END $$; \
+                     CREATE TRIGGER refuse_insert BEFORE INSERT ON touchpoints \
+                     FOR EACH ROW EXECUTE FUNCTION refuse_insert();"
+                ))
+                .expect("create the refusing trigger"),
+        }
+    }
+
+    /// Undoes [`Project::refuse_inserts_of`].
+    pub fn allow_inserts(&self) {
+        match &self.postgres {
+            None => self
+                .state_db()
+                .execute_batch("DROP TRIGGER refuse_insert;")
+                .expect("drop the refusing trigger"),
+            Some(db) => db
+                .client()
+                .batch_execute(
+                    "DROP TRIGGER refuse_insert ON touchpoints; DROP FUNCTION refuse_insert();",
+                )
+                .expect("drop the refusing trigger"),
+        }
     }
 
     /// How many touchpoints the registry holds.
@@ -218,7 +393,12 @@ impl Project {
     }
 
     /// Opens the project's state file directly, to look at or tamper with it as another tool would.
+    #[track_caller]
     pub fn state_db(&self) -> rusqlite::Connection {
+        assert!(
+            self.postgres.is_none(),
+            "state_db() is the SQLite file; this project's registry is on PostgreSQL"
+        );
         rusqlite::Connection::open(self.path().join(".touchctl/state.db")).expect("open state db")
     }
 }
