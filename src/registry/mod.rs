@@ -1,6 +1,7 @@
 //! The live state: which touchpoints are live, each one's spec as applied, its generation, where it
 //! came from, and keyed fingerprints of its secrets (never the secrets). Backends sit behind the
-//! [`Registry`] trait; the embedded SQLite file is the default. It also keeps the latest
+//! [`Registry`] trait; the embedded SQLite file is the default, and a PostgreSQL database
+//! (`--state postgres://…`) lets several machines share one registry ([`open`] picks by `--state`). It also keeps the latest
 //! `component_verify_ticket` of each WeChat open platform (a secret that WeChat pushes, not
 //! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels).
 //!
@@ -9,12 +10,14 @@
 //! instead of overwritten. The lock is a lease (see [`crate::lease`]): [`LockGuard`] renews it
 //! while its holder works, and a successor takes over one whose holder is gone.
 
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use postgres::{PostgresRegistry, is_postgres_url};
 pub use sqlite::SqliteRegistry;
 
 use crate::model::{Fingerprinter, SpecJson};
@@ -166,6 +169,44 @@ pub enum RegistryError {
         /// This build's format.
         supported: i64,
     },
+    /// The PostgreSQL database holds a schema newer than this build knows.
+    #[error(
+        "the PostgreSQL registry {database} has schema version {found}, written by a newer touchctl (this one knows up to version {supported}): upgrade touchctl"
+    )]
+    SchemaTooNew {
+        /// The database, without its password.
+        database: String,
+        /// Its schema version.
+        found: i64,
+        /// This build's.
+        supported: i64,
+    },
+    /// The `postgres://` URL could not be used.
+    #[error("the PostgreSQL URL {url} cannot be used: {why}. Fix --state (or TOUCHCTL_STATE)")]
+    PostgresUrl {
+        /// The URL, its password replaced by `***`.
+        url: String,
+        /// Why.
+        why: String,
+    },
+    /// No connection to the PostgreSQL server.
+    #[error(
+        "cannot connect to the PostgreSQL registry {database}: {why}. Check that the server is up and reachable, and the user, password and database of --state (or TOUCHCTL_STATE)"
+    )]
+    PostgresConnect {
+        /// The database, without its password.
+        database: String,
+        /// Why.
+        why: String,
+    },
+    /// A statement failed in PostgreSQL.
+    #[error("PostgreSQL registry {database}: {source}")]
+    Postgres {
+        /// The database, without its password.
+        database: String,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// SQLite failed.
     #[error("state database {path}: {source}")]
     Sqlite {
@@ -253,11 +294,38 @@ pub trait Registry: Send + Sync {
     fn delete(&self, id: &str, expected: u64) -> Result<(), RegistryError>;
     /// Pauses or resumes a touchpoint (an operational change outside apply). Returns the new generation.
     fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError>;
+    /// Whether the registry does not exist yet, so that only a write creates it (a SQLite file not
+    /// created yet); a PostgreSQL registry exists once opened.
+    fn is_new(&self) -> bool {
+        false
+    }
+    /// Creates the registry now, if it does not exist yet (see [`Registry::is_new`]).
+    fn persist(&self) -> Result<(), RegistryError> {
+        Ok(())
+    }
     /// The latest `component_verify_ticket` WeChat pushed to the open platform `id`, if any. A
     /// secret: never printed, never in a plan or an import.
     fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError>;
     /// Keeps `ticket` as the latest of the open platform `id` (replacing the one before).
     fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError>;
+}
+
+/// Opens the registry `--state` names: a PostgreSQL database for a `postgres://` or
+/// `postgresql://` URL, else the SQLite file at that path (a new registry that only a write
+/// creates, where there is none).
+pub fn open(state: &std::path::Path) -> Result<Box<dyn Registry>, RegistryError> {
+    match state.to_str() {
+        Some(url) if is_postgres_url(url) => Ok(Box::new(PostgresRegistry::open(url)?)),
+        _ => Ok(Box::new(SqliteRegistry::open(state)?)),
+    }
+}
+
+/// `--state` as a message shows it: a PostgreSQL URL without its password.
+pub fn shown_state(state: &std::path::Path) -> String {
+    match state.to_str() {
+        Some(url) if is_postgres_url(url) => postgres::redact(url),
+        _ => state.display().to_string(),
+    }
 }
 
 /// A registry as the store of the open platforms' verify tickets (the channel side's

@@ -320,7 +320,8 @@ fn store_error(path: &Path, e: StoreError) -> RegistryError {
     }
 }
 
-type Row = (
+/// A touchpoint row as read, before its JSON is decoded (shared with the PostgreSQL backend).
+pub(super) type Row = (
     String,
     String,
     String,
@@ -356,7 +357,8 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
     ))
 }
 
-fn decode(row: Row) -> Result<Live, RegistryError> {
+/// A row as a [`Live`] touchpoint.
+pub(super) fn decode(row: Row) -> Result<Live, RegistryError> {
     let (id, kind, applied, live, fps, generation, paused, at, by, commit, dirty, file) = row;
     let corrupt = |source| RegistryError::Corrupt {
         id: id.clone(),
@@ -386,6 +388,14 @@ fn decode(row: Row) -> Result<Live, RegistryError> {
 }
 
 impl Registry for SqliteRegistry {
+    fn is_new(&self) -> bool {
+        SqliteRegistry::is_new(self)
+    }
+
+    fn persist(&self) -> Result<(), RegistryError> {
+        SqliteRegistry::persist(self)
+    }
+
     /// Changes whenever another connection commits to the file.
     fn data_version(&self) -> Result<i64, RegistryError> {
         self.conn()

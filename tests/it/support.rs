@@ -124,7 +124,10 @@ impl Project {
 
     /// Its registry, opened through the library as a command opens it.
     pub fn registry(&self) -> Box<dyn touchctl::registry::Registry> {
-        let state = self.path().join(self.state());
+        let state = match &self.postgres {
+            None => self.path().join(".touchctl/state.db"),
+            Some(db) => PathBuf::from(db.url()),
+        };
         touchctl::registry::open(&state).unwrap_or_else(|e| panic!("open the registry: {e}"))
     }
 

@@ -1,0 +1,1028 @@
+//! The registry in PostgreSQL (`--state postgres://…`), for several machines sharing one registry.
+//!
+//! # Runtime
+//! The [`Registry`] trait is synchronous, and its callers are plain threads (the commands, the
+//! lock's heartbeat) as well as tasks of the daemon's tokio runtime. So the registry keeps a
+//! runtime of its own on a dedicated thread (`postgres`): each call sends its future there and
+//! waits for the answer on a std channel, bounded by [`CALL_TIMEOUT`]. No call ever blocks on a
+//! runtime it runs inside. Connections come from a small pool (deadpool); every wait is bounded:
+//! connecting ([`CONNECT_TIMEOUT`]), a slot of the pool, each statement (`statement_timeout`).
+//!
+//! # TLS
+//! `sslmode=require`, `verify-ca` or `verify-full` in the URL connect through rustls, verifying the
+//! server's certificate and host name against the platform's roots, or against the CA certificates
+//! of `sslrootcert=FILE` (PEM) alone when given; `sslmode=disable`, `allow`, `prefer` or none
+//! connect in plain text (say `require` to have TLS). A password in the URL (or in `PGPASSWORD`
+//! when the URL has none) is never shown: [`Registry::describe`] and every error name the database
+//! as `postgres://user@host:port/db`.
+//!
+//! # Schema
+//! Versioned in `touchctl_schema` (one row per migration applied: version, applied_at). Opening
+//! applies the missing migrations in one transaction under a transaction-scoped advisory lock, so
+//! two processes starting together do not race; a database whose version is newer than this build
+//! knows is refused. The registry id and the fingerprint key are created once, by the first open.
+//! Give touchctl a database of its own: its tables (`meta`, `touchpoints`, `registry_lock`,
+//! `platform_tickets`, `data_version`) have plain names.
+//!
+//! # The apply lock
+//! PostgreSQL's session advisory lock ([`LOCK_KEY`]), taken on a connection of its own that the
+//! registry keeps for the lock's life: when the holder's process or connection dies, the server
+//! releases it. A `registry_lock` row names the holder (user, pid, host, operation, when, its
+//! backend pid) so a second writer's error names it. Taking the lock and writing the row happen
+//! under an exclusive table lock on `registry_lock`, so whoever finds the advisory lock taken
+//! reads the row of the session that holds it. The heartbeat renews the row's `expires_at` on the
+//! held connection (informative here: the server, not the lease, frees a dead holder's lock), and a
+//! closed connection is a lost lock. `force-unlock` refuses while the holder's session is alive
+//! and, with `--force`, ends it (`pg_terminate_backend`, which needs PostgreSQL 14 or later and the
+//! right to signal that session).
+//!
+//! Every write bumps the single row of `data_version` in its own transaction, so a long-running
+//! process notices a change made elsewhere by reading one number.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls};
+
+use super::{Live, LockInfo, Put, Registry, RegistryError, hostname, now, whoami};
+use crate::model::Fingerprinter;
+
+/// How long connecting to the server may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one statement may run on the server.
+const STATEMENT_TIMEOUT_MS: u64 = 30_000;
+/// How long one registry call may take in all (a slot of the pool, connecting, its statements).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections kept by the pool: the commands need one at a time; the daemon's readers a few.
+const POOL_SIZE: usize = 4;
+
+/// The session advisory lock that is the registry lock (`touchreg` in ASCII).
+pub const LOCK_KEY: i64 = 0x746f_7563_6872_6567;
+/// The transaction advisory lock that serialises migrations (`touchmig` in ASCII).
+const MIGRATE_KEY: i64 = 0x746f_7563_686d_6967;
+
+/// The migrations, in order: version `i + 1` is `MIGRATIONS[i]`.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE touchpoints (
+    id            TEXT PRIMARY KEY,
+    kind          TEXT NOT NULL,
+    spec          TEXT NOT NULL, -- as the last apply wrote it (canonical JSON, kept as text)
+    live_spec     TEXT,          -- NULL unless changed outside apply since (drift)
+    fingerprints  TEXT NOT NULL,
+    generation    BIGINT NOT NULL,
+    paused        BOOLEAN NOT NULL DEFAULT FALSE,
+    applied_at    TEXT NOT NULL,
+    applied_by    TEXT NOT NULL,
+    source_commit TEXT,
+    source_dirty  BOOLEAN NOT NULL DEFAULT FALSE,
+    source_file   TEXT
+);
+CREATE TABLE registry_lock (
+    singleton   INTEGER PRIMARY KEY CHECK (singleton = 1),
+    lock_id     TEXT NOT NULL,
+    holder      TEXT NOT NULL,
+    pid         BIGINT NOT NULL,
+    host        TEXT NOT NULL,
+    operation   TEXT NOT NULL,
+    acquired_at TEXT NOT NULL,
+    expires_at  BIGINT,          -- ms since the epoch, renewed by the holder's heartbeat
+    backend_pid INTEGER NOT NULL -- the holder's session, which holds the advisory lock
+);
+CREATE TABLE platform_tickets (
+    platform    TEXT PRIMARY KEY, -- the wechat_open_platform's id
+    ticket      TEXT NOT NULL,    -- the latest component_verify_ticket (a secret)
+    received_at TEXT NOT NULL
+);
+CREATE TABLE data_version (
+    singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+    version   BIGINT NOT NULL
+);
+INSERT INTO data_version (singleton, version) VALUES (1, 0);
+"];
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Whether `--state` names a PostgreSQL database rather than a SQLite file.
+pub fn is_postgres_url(state: &str) -> bool {
+    state.starts_with("postgres://") || state.starts_with("postgresql://")
+}
+
+/// `url` with the password of its user part (and any `password=` parameter) replaced by `***`,
+/// for a message about a URL that could not be parsed.
+pub fn redact(url: &str) -> String {
+    let (head, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => pair.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    if head.is_empty() {
+        format!("{authority}{tail}")
+    } else {
+        format!("{head}://{authority}{tail}")
+    }
+}
+
+/// How to reach the server: the driver's configuration and the TLS to use.
+#[derive(Clone)]
+struct Target {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// `postgres://user@host:port/db`: no password.
+    shown: String,
+}
+
+impl Target {
+    /// Reads a `postgres://` URL: the driver's own parameters, and `sslmode`/`sslrootcert`
+    /// (which it does not know) taken out and applied here.
+    fn parse(url: &str) -> Result<Self, RegistryError> {
+        let bad = |why: String| RegistryError::PostgresUrl {
+            url: redact(url),
+            why,
+        };
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let (mut sslmode, mut rootcert) = (None, None);
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("sslmode", v)) => sslmode = Some(v.to_string()),
+                Some(("sslrootcert", v)) => rootcert = Some(v.to_string()),
+                _ => kept.push(pair),
+            }
+        }
+        let driver_url = if kept.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        let mut config: tokio_postgres::Config = driver_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| bad(e.to_string()))?;
+        if config.get_password().is_none()
+            && let Ok(password) = std::env::var("PGPASSWORD")
+        {
+            config.password(password);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("touchctl");
+        }
+        config.keepalives(true);
+        let options = format!(
+            "{} -c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            config.get_options().unwrap_or("")
+        );
+        config.options(options.trim_start());
+        let tls = match sslmode.as_deref() {
+            None | Some("disable" | "allow" | "prefer") => {
+                config.ssl_mode(SslMode::Disable);
+                None
+            }
+            Some("require" | "verify-ca" | "verify-full") => {
+                config.ssl_mode(SslMode::Require);
+                Some(tls_connector(rootcert.as_deref()).map_err(bad)?)
+            }
+            Some(other) => {
+                return Err(bad(format!(
+                    "sslmode={other} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                )));
+            }
+        };
+        let shown = show(&config);
+        Ok(Self { config, tls, shown })
+    }
+
+    /// A new connection of its own (not from the pool), its driver task on the current runtime.
+    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
+        match &self.tls {
+            None => {
+                let (client, conn) = self.config.connect(NoTls).await?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+            Some(tls) => {
+                let (client, conn) = self.config.connect(tls.clone()).await?;
+                tokio::spawn(conn);
+                Ok(client)
+            }
+        }
+    }
+
+    fn pool(&self) -> Result<Pool, String> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &self.tls {
+            None => Manager::from_config(self.config.clone(), NoTls, manager_config),
+            Some(tls) => Manager::from_config(self.config.clone(), tls.clone(), manager_config),
+        };
+        Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(CALL_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The TLS connector: the server's certificate checked against `rootcert` (a PEM file) when
+/// given, else against the platform's roots.
+fn tls_connector(rootcert: Option<&str>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = match rootcert {
+        Some(file) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read the CA certificates of sslrootcert={file}: {e}"))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "sslrootcert={file} holds no CA certificate this build can use (PEM expected)"
+                ));
+            }
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+        }
+        None => {
+            use rustls_platform_verifier::ConfigVerifierExt;
+            rustls::ClientConfig::with_platform_verifier().map_err(|e| {
+                format!("cannot load this system's CA certificates ({e}): name a CA file with sslrootcert=FILE")
+            })?
+        }
+    };
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// `postgres://user@host:port/db`, from the parsed configuration: no password can be in it.
+fn show(config: &tokio_postgres::Config) -> String {
+    let host = match config.get_hosts().first() {
+        Some(Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("");
+    let db = config.get_dbname().unwrap_or(user);
+    let user = if user.is_empty() {
+        String::new()
+    } else {
+        format!("{user}@")
+    };
+    format!("postgres://{user}{host}:{port}/{db}")
+}
+
+/// The registry's own runtime, on a thread of its own (see the module docs).
+struct Bridge {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Bridge {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("postgres".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Dropping the runtime ends its tasks: every connection closes, and the server
+                // releases the advisory locks they held.
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs `fut` on the registry's runtime and waits for it, at most [`CALL_TIMEOUT`].
+fn block_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    shown: &str,
+    fut: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
+) -> Result<T, RegistryError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let timed_out = || RegistryError::Postgres {
+        database: shown.to_string(),
+        source: format!(
+            "no answer within {}: check that the server is reachable and not overloaded",
+            humantime::format_duration(CALL_TIMEOUT)
+        )
+        .into(),
+    };
+    handle.spawn(async move {
+        let answer = tokio::time::timeout(CALL_TIMEOUT, fut).await;
+        let _ = tx.send(answer);
+    });
+    match rx.recv_timeout(CALL_TIMEOUT + Duration::from_secs(5)) {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(timed_out()),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RegistryError::Postgres {
+            database: shown.to_string(),
+            source: "the registry's connection thread has stopped".into(),
+        }),
+    }
+}
+
+/// The PostgreSQL-backed registry.
+pub struct PostgresRegistry {
+    target: Target,
+    pool: Pool,
+    /// The connection of each lock this registry holds, by lock id.
+    locks: Arc<Mutex<HashMap<String, Arc<Client>>>>,
+    registry_id: String,
+    fingerprinter: Fingerprinter,
+    lease: Duration,
+    // Last: dropped after the pool and the lock connections it drives.
+    bridge: Bridge,
+}
+
+/// A failed statement, as a registry error naming the database.
+fn pg(shown: &str) -> impl Fn(tokio_postgres::Error) -> RegistryError + '_ {
+    move |e| RegistryError::Postgres {
+        database: shown.to_string(),
+        source: Box::new(e),
+    }
+}
+
+fn no_connection(shown: &str, e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::PostgresConnect {
+        database: shown.to_string(),
+        why: e.to_string(),
+    }
+}
+
+async fn pooled(pool: &Pool, shown: &str) -> Result<deadpool_postgres::Object, RegistryError> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => no_connection(shown, e),
+        other => no_connection(shown, other),
+    })
+}
+
+/// Applies the migrations this database lacks and returns its registry id and fingerprint key
+/// (created now if it has none).
+async fn migrate(
+    client: &mut deadpool_postgres::Object,
+    shown: &str,
+) -> Result<(String, String), RegistryError> {
+    let e = pg(&shown);
+    let tx = client.transaction().await.map_err(&e)?;
+    tx.execute(&format!("SELECT pg_advisory_xact_lock({MIGRATE_KEY})"), &[])
+        .await
+        .map_err(&e)?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS touchctl_schema (
+             version    BIGINT PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(&e)?;
+    let found: i64 = tx
+        .query_one("SELECT coalesce(max(version), 0) FROM touchctl_schema", &[])
+        .await
+        .map_err(&e)?
+        .get(0);
+    if found > SCHEMA_VERSION {
+        return Err(RegistryError::SchemaTooNew {
+            database: shown.to_string(),
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (version, sql) in (1..).zip(MIGRATIONS.iter()).skip(found as usize) {
+        tx.batch_execute(sql).await.map_err(&e)?;
+        tx.execute(
+            "INSERT INTO touchctl_schema (version) VALUES ($1)",
+            &[&version],
+        )
+        .await
+        .map_err(&e)?;
+    }
+    let (id, key) = match keys(&tx, shown).await? {
+        Some(keys) => keys,
+        None => {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('registry_id', $1), ('fingerprint_key', $2) \
+                 ON CONFLICT (key) DO NOTHING",
+                &[
+                    &crate::store::random_hex(16),
+                    &crate::store::random_hex(32),
+                ],
+            )
+            .await
+            .map_err(&e)?;
+            keys(&tx, shown)
+                .await?
+                .ok_or_else(|| RegistryError::NotARegistry(shown.to_string()))?
+        }
+    };
+    tx.commit().await.map_err(&e)?;
+    Ok((id, key))
+}
+
+/// The registry id and fingerprint key, when both are there.
+async fn keys(
+    tx: &deadpool_postgres::Transaction<'_>,
+    shown: &str,
+) -> Result<Option<(String, String)>, RegistryError> {
+    let rows = tx
+        .query(
+            "SELECT key, value FROM meta WHERE key IN ('registry_id', 'fingerprint_key')",
+            &[],
+        )
+        .await
+        .map_err(pg(shown))?;
+    let get = |k: &str| {
+        rows.iter()
+            .find(|r| r.get::<_, &str>(0) == k)
+            .map(|r| r.get::<_, String>(1))
+    };
+    Ok(get("registry_id").zip(get("fingerprint_key")))
+}
+
+/// Bumps the change counter, in the transaction of a write.
+async fn bump(tx: &deadpool_postgres::Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "UPDATE data_version SET version = version + 1 WHERE singleton = 1",
+        &[],
+    )
+    .await
+    .map(|_| ())
+}
+
+const SELECT: &str = "SELECT id, kind, spec, live_spec, fingerprints, generation, paused, applied_at, \
+     applied_by, source_commit, source_dirty, source_file FROM touchpoints";
+
+fn read_row(r: &tokio_postgres::Row) -> super::sqlite::Row {
+    (
+        r.get(0),
+        r.get(1),
+        r.get(2),
+        r.get(3),
+        r.get(4),
+        r.get(5),
+        r.get(6),
+        r.get(7),
+        r.get(8),
+        r.get(9),
+        r.get(10),
+        r.get(11),
+    )
+}
+
+const LOCK_ROW: &str = "SELECT lock_id, holder, pid, host, operation, acquired_at, expires_at, backend_pid \
+     FROM registry_lock WHERE singleton = 1";
+
+fn lock_info(r: &tokio_postgres::Row) -> (LockInfo, i32) {
+    let pid: i64 = r.get(2);
+    (
+        LockInfo {
+            lock_id: r.get(0),
+            holder: r.get(1),
+            pid: u32::try_from(pid).unwrap_or(0),
+            host: r.get(3),
+            operation: r.get(4),
+            acquired_at: r.get(5),
+            expires_at: r.get(6),
+        },
+        r.get(7),
+    )
+}
+
+/// Whether the session of backend `pid` holds the registry's advisory lock.
+async fn holds_lock<C: tokio_postgres::GenericClient>(
+    client: &C,
+    backend_pid: i32,
+) -> Result<bool, tokio_postgres::Error> {
+    let (class, object) = (LOCK_KEY >> 32, LOCK_KEY & 0xffff_ffff);
+    client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND classid = {class} AND objid = {object} AND objsubid = 1 AND pid = $1)"
+            ),
+            &[&backend_pid],
+        )
+        .await
+        .map(|r| r.get(0))
+}
+
+fn conflict(id: &str, expected: Option<u64>, found: Option<i64>) -> RegistryError {
+    let show = |g: Option<u64>| g.map_or_else(|| "none".to_string(), |g| g.to_string());
+    RegistryError::Conflict {
+        id: id.to_string(),
+        expected: show(expected),
+        found: show(found.map(|g| g as u64)),
+    }
+}
+
+async fn generation(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    tx.query_opt("SELECT generation FROM touchpoints WHERE id = $1", &[&id])
+        .await
+        .map(|r| r.map(|r| r.get(0)))
+}
+
+impl PostgresRegistry {
+    /// Connects to the database `url` names, applies the migrations it lacks (creating the
+    /// registry in an empty database) and reads its id and key.
+    pub fn open(url: &str) -> Result<Self, RegistryError> {
+        let target = Target::parse(url)?;
+        let shown = target.shown.clone();
+        let bridge = Bridge::start().map_err(|e| no_connection(&shown, e))?;
+        // The pool's timers belong to the registry's runtime.
+        let pool = {
+            let _inside = bridge.handle.enter();
+            target.pool().map_err(|e| no_connection(&shown, e))?
+        };
+        let (id, key) = {
+            let (pool, shown) = (pool.clone(), shown.clone());
+            block_on(&bridge.handle, &shown.clone(), async move {
+                let mut client = pooled(&pool, &shown).await?;
+                migrate(&mut client, &shown).await
+            })?
+        };
+        let bytes = hex::decode(&key).unwrap_or_else(|_| key.clone().into_bytes());
+        Ok(Self {
+            target,
+            pool,
+            locks: Arc::default(),
+            registry_id: id,
+            fingerprinter: Fingerprinter::new(bytes),
+            lease: crate::lease::TTL,
+            bridge,
+        })
+    }
+
+    /// Sets how often a lock's heartbeat renews its row (default [`crate::lease::TTL`]).
+    pub fn with_lease(mut self, ttl: Duration) -> Self {
+        self.lease = ttl;
+        self
+    }
+
+    /// Runs `f` with a pooled connection on the registry's runtime.
+    fn with_client<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object, String) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, RegistryError>> + Send + 'static,
+    {
+        let (pool, shown) = (self.pool.clone(), self.target.shown.clone());
+        block_on(&self.bridge.handle, &self.target.shown, async move {
+            let client = pooled(&pool, &shown).await?;
+            f(client, shown).await
+        })
+    }
+
+    fn locked_conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Client>>> {
+        // The map is only inserted into and removed from: a panic elsewhere cannot leave it torn.
+        self.locks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Registry for PostgresRegistry {
+    fn describe(&self) -> String {
+        format!("postgres {}", self.target.shown)
+    }
+
+    fn registry_id(&self) -> &str {
+        &self.registry_id
+    }
+
+    fn fingerprinter(&self) -> &Fingerprinter {
+        &self.fingerprinter
+    }
+
+    /// The counter every write bumps.
+    fn data_version(&self) -> Result<i64, RegistryError> {
+        self.with_client(move |c, shown| async move {
+            c.query_one("SELECT version FROM data_version WHERE singleton = 1", &[])
+                .await
+                .map(|r| r.get(0))
+                .map_err(pg(&shown))
+        })
+    }
+
+    fn list(&self) -> Result<Vec<Live>, RegistryError> {
+        let rows = self.with_client(move |c, shown| async move {
+            let rows = c.query(SELECT, &[]).await.map_err(pg(&shown))?;
+            Ok(rows.iter().map(read_row).collect::<Vec<_>>())
+        })?;
+        let mut live = rows
+            .into_iter()
+            .map(super::sqlite::decode)
+            .collect::<Result<Vec<_>, _>>()?;
+        live.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        Ok(live)
+    }
+
+    fn get(&self, id: &str) -> Result<Option<Live>, RegistryError> {
+        let id = id.to_string();
+        let row = self.with_client(move |c, shown| async move {
+            let row = c
+                .query_opt(&format!("{SELECT} WHERE id = $1"), &[&id])
+                .await
+                .map_err(pg(&shown))?;
+            Ok(row.as_ref().map(read_row))
+        })?;
+        row.map(super::sqlite::decode).transpose()
+    }
+
+    fn lock(&self, operation: &str) -> Result<(LockInfo, Option<LockInfo>), RegistryError> {
+        let now_ms = crate::store::now_ms();
+        let info = LockInfo {
+            lock_id: crate::store::random_hex(8),
+            holder: whoami(),
+            pid: std::process::id(),
+            host: hostname(),
+            operation: operation.to_string(),
+            acquired_at: now(),
+            expires_at: Some(crate::lease::expiry(now_ms, self.lease)),
+        };
+        let (target, mine) = (self.target.clone(), info.clone());
+        let (client, recovered) = block_on(&self.bridge.handle, &self.target.shown, async move {
+            let shown = target.shown.as_str();
+            let e = pg(&shown);
+            let mut client = target
+                .connect()
+                .await
+                .map_err(|err| no_connection(shown, err))?;
+            let tx = client.transaction().await.map_err(&e)?;
+            // Whoever finds the advisory lock taken then reads the row of its holder, committed.
+            tx.batch_execute("LOCK TABLE registry_lock IN EXCLUSIVE MODE")
+                .await
+                .map_err(&e)?;
+            let got: bool = tx
+                .query_one(&format!("SELECT pg_try_advisory_lock({LOCK_KEY})"), &[])
+                .await
+                .map_err(&e)?
+                .get(0);
+            let row = tx.query_opt(LOCK_ROW, &[]).await.map_err(&e)?;
+            let held = row.as_ref().map(lock_info);
+            if !got {
+                let holder = match held {
+                    Some((info, backend)) if holds_lock(&tx, backend).await.map_err(&e)? => info,
+                    // A session holds the advisory lock without a row: not a touchctl.
+                    _ => LockInfo {
+                        lock_id: "(none)".into(),
+                        holder: format!("a session that is not touchctl's holds advisory lock {LOCK_KEY}"),
+                        pid: 0,
+                        host: String::new(),
+                        operation: "unknown".into(),
+                        acquired_at: "unknown".into(),
+                        expires_at: None,
+                    },
+                };
+                return Err(RegistryError::Locked(Box::new(holder)));
+            }
+            // The advisory lock was free: a row left behind is of a holder whose session is gone.
+            let recovered = held.map(|(info, _)| info);
+            tx.execute(
+                "INSERT INTO registry_lock (singleton, lock_id, holder, pid, host, operation, acquired_at, \
+                     expires_at, backend_pid) \
+                 VALUES (1, $1, $2, $3, $4, $5, $6, $7, pg_backend_pid()) \
+                 ON CONFLICT (singleton) DO UPDATE SET lock_id = excluded.lock_id, holder = excluded.holder, \
+                     pid = excluded.pid, host = excluded.host, operation = excluded.operation, \
+                     acquired_at = excluded.acquired_at, expires_at = excluded.expires_at, \
+                     backend_pid = excluded.backend_pid",
+                &[
+                    &mine.lock_id,
+                    &mine.holder,
+                    &i64::from(mine.pid),
+                    &mine.host,
+                    &mine.operation,
+                    &mine.acquired_at,
+                    &mine.expires_at,
+                ],
+            )
+            .await
+            .map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok((Arc::new(client), recovered))
+        })?;
+        self.locked_conns().insert(info.lock_id.clone(), client);
+        Ok((info, recovered))
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.lease
+    }
+
+    fn renewer(&self, lock_id: &str) -> crate::lease::Renew {
+        let client = self.locked_conns().get(lock_id).cloned();
+        let (handle, shown, lock_id) = (
+            self.bridge.handle.clone(),
+            self.target.shown.clone(),
+            lock_id.to_string(),
+        );
+        Box::new(move |expires_at| {
+            let Some(client) = client.clone() else {
+                return Ok(false);
+            };
+            // The lock lives with its connection: once that is closed, the lock is gone.
+            if client.is_closed() {
+                return Ok(false);
+            }
+            let lock_id = lock_id.clone();
+            block_on(&handle, &shown, async move {
+                client
+                    .execute(
+                        "UPDATE registry_lock SET expires_at = $2 \
+                         WHERE singleton = 1 AND lock_id = $1 AND backend_pid = pg_backend_pid()",
+                        &[&lock_id, &expires_at],
+                    )
+                    .await
+                    .map(|n| n == 1)
+                    .map_err(|e| RegistryError::Postgres {
+                        database: String::new(),
+                        source: Box::new(e),
+                    })
+            })
+            .map_err(|e| match e {
+                RegistryError::Postgres { source, .. } => source.to_string(),
+                other => other.to_string(),
+            })
+        })
+    }
+
+    fn unlock(&self, lock_id: &str) -> Result<(), RegistryError> {
+        let Some(client) = self.locked_conns().remove(lock_id) else {
+            return Ok(());
+        };
+        let lock_id = lock_id.to_string();
+        let shown = self.target.shown.clone();
+        block_on(&self.bridge.handle, &self.target.shown, async move {
+            if client.is_closed() {
+                return Ok(());
+            }
+            let e = pg(&shown);
+            client
+                .execute("DELETE FROM registry_lock WHERE lock_id = $1", &[&lock_id])
+                .await
+                .map_err(&e)?;
+            client
+                .execute(&format!("SELECT pg_advisory_unlock({LOCK_KEY})"), &[])
+                .await
+                .map_err(&e)?;
+            // Dropping the client closes its connection.
+            Ok(())
+        })
+    }
+
+    fn force_unlock(&self, lock_id: &str, force: bool) -> Result<LockInfo, RegistryError> {
+        let given = lock_id.to_string();
+        self.with_client(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            tx.batch_execute("LOCK TABLE registry_lock IN EXCLUSIVE MODE")
+                .await
+                .map_err(&e)?;
+            let held = tx
+                .query_opt(LOCK_ROW, &[])
+                .await
+                .map_err(&e)?
+                .as_ref()
+                .map(lock_info);
+            let (info, backend) = match held {
+                Some((info, backend)) if info.lock_id == given => (info, backend),
+                held => {
+                    return Err(RegistryError::NotLocked {
+                        given,
+                        held: held.map(|(info, _)| Box::new(info)),
+                    });
+                }
+            };
+            if holds_lock(&*tx, backend).await.map_err(&e)? {
+                if !force {
+                    return Err(RegistryError::LockLive(Box::new(info)));
+                }
+                // Waits (up to 5 s) for the session to end, so the lock is free on return.
+                let ended: bool = tx
+                    .query_one("SELECT pg_terminate_backend($1, 5000)", &[&backend])
+                    .await
+                    .map_err(|err| RegistryError::Postgres {
+                        database: shown.to_string(),
+                        source: format!(
+                            "cannot end the lock holder's session (backend pid {backend}): {err}. \
+                             Connect as a user allowed to (its own user, a superuser or a member of \
+                             pg_signal_backend), or stop the holder"
+                        )
+                        .into(),
+                    })?
+                    .get(0);
+                if !ended {
+                    return Err(RegistryError::Postgres {
+                        database: shown.to_string(),
+                        source: format!(
+                            "the lock holder's session (backend pid {backend}) did not end within 5 s: run force-unlock again"
+                        )
+                        .into(),
+                    });
+                }
+            }
+            tx.execute("DELETE FROM registry_lock WHERE lock_id = $1", &[&given])
+                .await
+                .map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(info)
+        })
+    }
+
+    fn put(&self, put: &Put, expected: Option<u64>) -> Result<u64, RegistryError> {
+        let put = put.clone();
+        let fingerprints =
+            serde_json::to_string(&put.fingerprints).unwrap_or_else(|_| "{}".to_string());
+        self.with_client(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            let generation = expected.map_or(1, |g| g + 1) as i64;
+            let params: [&(dyn ToSql + Sync); 10] = [
+                &put.id,
+                &put.kind,
+                &put.spec.as_str(),
+                &fingerprints,
+                &generation,
+                &now(),
+                &put.applied_by,
+                &put.source.commit,
+                &put.source.dirty,
+                &put.source.file,
+            ];
+            let written = match expected {
+                None => tx
+                    .execute(
+                        "INSERT INTO touchpoints (id, kind, spec, live_spec, fingerprints, generation, \
+                             applied_at, applied_by, source_commit, source_dirty, source_file) \
+                         VALUES ($1, $2, $3, NULL, $4, $5, $6, $7, $8, $9, $10) \
+                         ON CONFLICT (id) DO NOTHING",
+                        &params,
+                    )
+                    .await
+                    .map_err(&e)?,
+                Some(was) => {
+                    let was = was as i64;
+                    let mut params = params.to_vec();
+                    params.push(&was);
+                    tx.execute(
+                        "UPDATE touchpoints SET kind = $2, spec = $3, live_spec = NULL, \
+                             fingerprints = $4, generation = $5, applied_at = $6, applied_by = $7, \
+                             source_commit = $8, source_dirty = $9, source_file = $10 \
+                         WHERE id = $1 AND generation = $11",
+                        &params,
+                    )
+                    .await
+                    .map_err(&e)?
+                }
+            };
+            if written != 1 {
+                let found = generation_of(&tx, &put.id, &shown).await?;
+                return Err(conflict(&put.id, expected, found));
+            }
+            bump(&tx).await.map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(generation as u64)
+        })
+    }
+
+    fn delete(&self, id: &str, expected: u64) -> Result<(), RegistryError> {
+        let id = id.to_string();
+        self.with_client(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            let deleted = tx
+                .execute(
+                    "DELETE FROM touchpoints WHERE id = $1 AND generation = $2",
+                    &[&id, &(expected as i64)],
+                )
+                .await
+                .map_err(&e)?;
+            if deleted != 1 {
+                let found = generation_of(&tx, &id, &shown).await?;
+                return Err(conflict(&id, Some(expected), found));
+            }
+            bump(&tx).await.map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(())
+        })
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) -> Result<u64, RegistryError> {
+        let id = id.to_string();
+        self.with_client(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            let row = tx
+                .query_opt(
+                    "UPDATE touchpoints SET paused = $2, generation = generation + 1 \
+                     WHERE id = $1 RETURNING generation",
+                    &[&id, &paused],
+                )
+                .await
+                .map_err(&e)?;
+            let Some(row) = row else {
+                return Err(RegistryError::NotFound(id));
+            };
+            let generation: i64 = row.get(0);
+            bump(&tx).await.map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(generation as u64)
+        })
+    }
+
+    fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError> {
+        let id = id.to_string();
+        self.with_client(move |c, shown| async move {
+            c.query_opt(
+                "SELECT ticket FROM platform_tickets WHERE platform = $1",
+                &[&id],
+            )
+            .await
+            .map(|r| r.map(|r| r.get(0)))
+            .map_err(pg(&shown))
+        })
+    }
+
+    fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError> {
+        let (id, ticket) = (id.to_string(), ticket.to_string());
+        self.with_client(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            tx.execute(
+                "INSERT INTO platform_tickets (platform, ticket, received_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (platform) DO UPDATE SET ticket = excluded.ticket, \
+                     received_at = excluded.received_at",
+                &[&id, &ticket, &now()],
+            )
+            .await
+            .map_err(&e)?;
+            bump(&tx).await.map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(())
+        })
+    }
+}
+
+async fn generation_of(
+    tx: &deadpool_postgres::Transaction<'_>,
+    id: &str,
+    shown: &str,
+) -> Result<Option<i64>, RegistryError> {
+    generation(tx, id).await.map_err(pg(&shown))
+}
