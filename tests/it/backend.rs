@@ -93,7 +93,11 @@ pub fn redact(url: &str) -> String {
         return url.to_string();
     };
     match rest[..at].split_once(':') {
-        Some((user, _password)) => format!("{}{user}:[redacted]{}", &url[..authority_start], &rest[at..]),
+        Some((user, _password)) => format!(
+            "{}{user}:[redacted]{}",
+            &url[..authority_start],
+            &rest[at..]
+        ),
         None => url.to_string(),
     }
 }
@@ -140,7 +144,10 @@ impl Drop for Database {
     fn drop(&mut self) {
         // FORCE ends the sessions still open on it (a touchctl a failed test left running).
         let dropped = postgres::Client::connect(&self.server, postgres::NoTls).and_then(|mut c| {
-            c.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
         });
         if let Err(e) = dropped {
             eprintln!("could not drop the test database {}: {e}", self.name);
@@ -201,7 +208,15 @@ impl<'a> postgres::types::FromSql<'a> for AnyText {
 
     fn accepts(ty: &postgres::types::Type) -> bool {
         use postgres::types::Type;
-        [Type::TEXT, Type::VARCHAR, Type::NAME, Type::BPCHAR, Type::JSON, Type::JSONB].contains(ty)
+        [
+            Type::TEXT,
+            Type::VARCHAR,
+            Type::NAME,
+            Type::BPCHAR,
+            Type::JSON,
+            Type::JSONB,
+        ]
+        .contains(ty)
     }
 }
 

@@ -1,20 +1,22 @@
-//! Drift and `plan --detailed-exitcode`: the text, the JSON summary and the exit code say the same.
+//! Drift and `plan --detailed-exitcode`: the text, the JSON summary and the exit code say the same,
+//! on each registry backend.
 
 use serde_json::Value;
 
+use crate::backend::{Backend, on_both_backends};
 use crate::support::Project;
 
-#[test]
-fn a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code() {
-    let p = Project::with_samples();
+on_both_backends!(a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code);
+
+fn a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code(b: Backend) {
+    let p = Project::with_samples_on(b);
     p.run(&["apply", "--auto-approve"]).code(0);
     // Paused through the admin API, as the daemon's pause writes it.
-    p.state_db()
-        .execute(
-            "UPDATE touchpoints SET paused = 1, generation = generation + 1 WHERE id = 'wecom-stores'",
-            [],
-        )
-        .unwrap();
+    let changed = p.execute(
+        "UPDATE touchpoints SET paused = TRUE, generation = generation + 1 WHERE id = 'wecom-stores'",
+        &[],
+    );
+    assert_eq!(changed, 1);
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(0)
         .stdout_has("Plan: 0 to create, 0 to update, 0 to delete, 7 unchanged.")
@@ -39,12 +41,10 @@ fn a_paused_touchpoint_is_no_change_in_the_text_the_json_and_the_exit_code() {
     let spec: String = p.query_one("SELECT spec FROM touchpoints WHERE id = 'sms'");
     let changed = spec.replace("\"enabled\":true", "\"enabled\":false");
     assert_ne!(spec, changed);
-    p.state_db()
-        .execute(
-            "UPDATE touchpoints SET live_spec = ?1, generation = generation + 1 WHERE id = 'sms'",
-            [changed],
-        )
-        .unwrap();
+    p.execute(
+        "UPDATE touchpoints SET live_spec = $1, generation = generation + 1 WHERE id = 'sms'",
+        &[changed.as_str()],
+    );
     let run = p.run(&["plan", "--detailed-exitcode"]);
     run.code(2)
         .stdout_has("Plan: 0 to create, 1 to update, 0 to delete, 6 unchanged.");

@@ -115,7 +115,10 @@ fn json_plan_is_versioned_and_complete(b: Backend) {
     assert_eq!(doc["format_version"], "1");
     assert_eq!(doc["summary"]["update"], 1);
     assert_eq!(doc["summary"]["no_op"], 6);
-    assert_eq!(doc["registry"]["backend"], p.registry_description().as_str());
+    assert_eq!(
+        doc["registry"]["backend"],
+        p.registry_description().as_str()
+    );
     let sms = doc["changes"]
         .as_array()
         .unwrap()
@@ -387,8 +390,7 @@ fn a_held_lock_fails_fast_naming_the_holder(b: Backend) {
     p.run(&["force-unlock", &held.lock_id])
         .code(1)
         .stderr_has(&format!("touchctl force-unlock {} --force", held.lock_id));
-    p.run(&["force-unlock", &held.lock_id, "--force"])
-        .code(0);
+    p.run(&["force-unlock", &held.lock_id, "--force"]).code(0);
     let run = applied(&p);
     run.stdout_has("Apply complete: 0 created, 1 updated, 0 deleted.");
     drop(registry);
@@ -599,7 +601,10 @@ fn json_plan_snapshot(b: Backend) {
     // What differs from run to run, and from backend to backend.
     doc["created_at"] = "[created_at]".into();
     doc["registry"]["id"] = "[registry id]".into();
-    assert_eq!(doc["registry"]["backend"], p.registry_description().as_str());
+    assert_eq!(
+        doc["registry"]["backend"],
+        p.registry_description().as_str()
+    );
     doc["registry"]["backend"] = "[backend]".into();
     let mask_mac = |v: &mut serde_json::Value| {
         assert!(v["mac"].as_str().unwrap().starts_with("hmac-sha256:"));
@@ -618,8 +623,5 @@ fn json_plan_snapshot(b: Backend) {
             }
         }
     }
-    assert_suite_snapshot!(
-        "json_plan",
-        serde_json::to_string_pretty(&doc).unwrap()
-    );
+    assert_suite_snapshot!("json_plan", serde_json::to_string_pretty(&doc).unwrap());
 }

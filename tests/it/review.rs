@@ -1,9 +1,18 @@
 //! The git-native review workflow: `plan --base REV` against real git repositories, the markdown
-//! pull-request comment, provenance and `--allow-dirty`, and `import`.
+//! pull-request comment, provenance and `--allow-dirty`, and `import`. What reads or writes the
+//! registry runs on each of its backends.
 
 use serde_json::Value;
 
+use crate::backend::{Backend, on_both_backends};
 use crate::support::Project;
+
+on_both_backends!(
+    markdown_comment_of_a_registry_plan_shows_drift_and_live_commits,
+    apply_records_provenance_and_a_dirty_tree_needs_allow_dirty,
+    import_round_trip_for_every_kind,
+    import_refuses_what_it_cannot_do_cleanly,
+);
 
 /// The change entries of a JSON plan by id: (action, file, moved_from, risks).
 fn actions(plan: &Value) -> Vec<(String, String, Value, Value)> {
@@ -242,9 +251,8 @@ fn markdown_comment_snapshot() {
     insta::assert_snapshot!("review_markdown", text);
 }
 
-#[test]
-fn markdown_comment_of_a_registry_plan_shows_drift_and_live_commits() {
-    let p = Project::with_samples();
+fn markdown_comment_of_a_registry_plan_shows_drift_and_live_commits(b: Backend) {
+    let p = Project::with_samples_on(b);
     let main = p.git_init();
     p.run(&["apply", "--auto-approve"]).code(0);
     p.set(
@@ -253,16 +261,17 @@ fn markdown_comment_of_a_registry_plan_shows_drift_and_live_commits() {
         "url = \"https://sms.example.com/v2/send\"",
     );
     p.commit_all("sms moves to the new gateway");
-    p.state_db()
-        .execute(
-            "UPDATE touchpoints SET paused = 1 WHERE id = 'wechat-oa'",
-            [],
-        )
-        .unwrap();
+    p.execute(
+        "UPDATE touchpoints SET paused = TRUE WHERE id = 'wechat-oa'",
+        &[],
+    );
     let run = p.run(&["plan", "--format", "markdown"]);
     run.code(0)
         .stdout_has("| `sms` | custom | update | ⚠️ `url` |")
-        .stdout_has("Comparing the registry (`sqlite .touchctl/state.db`)")
+        .stdout_has(&format!(
+            "Comparing the registry (`{}`)",
+            p.registry_description()
+        ))
         .stdout_has("- `wechat-oa` (wechat_official_account): paused through the admin API")
         .stdout_has(&format!("live from `{}`", &main[..10]))
         .stdout_has("~ url: \"http://127.0.0.1:8641/_sandbox/webhooks/sms\" → \"https://sms.example.com/v2/send\"");
@@ -296,19 +305,18 @@ fn a_long_markdown_comment_stays_under_the_limit_and_says_what_was_cut() {
     assert!(run.stdout.trim_end().ends_with("</sub>"));
 }
 
-#[test]
-fn apply_records_provenance_and_a_dirty_tree_needs_allow_dirty() {
-    let p = Project::with_samples();
+fn apply_records_provenance_and_a_dirty_tree_needs_allow_dirty(b: Backend) {
+    let p = Project::with_samples_on(b);
     let head = p.git_init();
     p.run(&["apply", "--auto-approve"]).code(0);
     let row = |id: &str| -> (String, bool, String) {
-        p.state_db()
-            .query_row(
-                "SELECT source_commit, source_dirty, source_file FROM touchpoints WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .unwrap()
+        let column = |name: &str| format!("SELECT {name} FROM touchpoints WHERE id = '{id}'");
+        let dirty: i64 = p.query_one(&column("source_dirty"));
+        (
+            p.query_one(&column("source_commit")),
+            dirty != 0,
+            p.query_one(&column("source_file")),
+        )
     };
     assert_eq!(
         row("sms"),
@@ -357,13 +365,12 @@ fn apply_records_provenance_and_a_dirty_tree_needs_allow_dirty() {
         (last, false, "touchpoints/custom/sms.toml".into())
     );
     // Outside a repository there is nothing to be dirty about.
-    let plain = Project::with_samples();
+    let plain = Project::with_samples_on(b);
     plain.run(&["apply", "--auto-approve"]).code(0);
 }
 
-#[test]
-fn import_round_trip_for_every_kind() {
-    let p = Project::with_samples();
+fn import_round_trip_for_every_kind(b: Backend) {
+    let p = Project::with_samples_on(b);
     p.run(&["apply", "--auto-approve"]).code(0);
     let before = p.run(&["plan", "--format", "json"]);
     std::fs::remove_dir_all(p.path().join("touchpoints")).unwrap();
@@ -463,16 +470,16 @@ fn import_round_trip_for_every_kind() {
         .stdout_has("(sensitive value unchanged)");
 }
 
-#[test]
-fn import_refuses_what_it_cannot_do_cleanly() {
-    let p = Project::with_samples();
+fn import_refuses_what_it_cannot_do_cleanly(b: Backend) {
+    let p = Project::with_samples_on(b);
     p.run(&["apply", "--auto-approve"]).code(0);
     p.run(&["import", "sms"])
         .code(1)
         .stderr_has("`sms` is already described by touchpoints/custom/sms.toml");
-    p.run(&["import", "smss"])
-        .code(1)
-        .stderr_has("no live touchpoint `smss` in sqlite .touchctl/state.db (did you mean `sms`?)");
+    p.run(&["import", "smss"]).code(1).stderr_has(&format!(
+        "no live touchpoint `smss` in {} (did you mean `sms`?)",
+        p.registry_description()
+    ));
     p.run(&["import"]).code(1).stderr_has("--all");
     p.run(&["import", "--all"])
         .code(0)

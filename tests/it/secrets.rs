@@ -6,8 +6,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::backend::{Backend, on_both_backends};
 use crate::daemon_support::{Daemon, PATIENCE, Sink, custom_touchpoint, http, users};
 use crate::support::{Project, Run};
+
+// What only the registry decides runs on each of its backends; the rest reads files or runs the
+// daemon, whose queue is the SQLite file.
+on_both_backends!(a_tampered_saved_plan_is_refused_naming_the_touchpoint);
 
 /// A project whose one touchpoint, `sms`, reads its token through `reference` (on line 6).
 fn with_reference(reference: &str) -> Project {
@@ -329,8 +334,8 @@ fn new_touchpoints_url_and_secret_references_are_risks_in_review() {
 }
 
 /// The sample project, applied, with an sms update saved as `plan.json`; returns the plan.
-fn saved_update() -> (Project, Value) {
-    let p = Project::with_samples();
+fn saved_update(b: Backend) -> (Project, Value) {
+    let p = Project::with_samples_on(b);
     p.run(&["apply", "--auto-approve"]).code(0);
     p.set(
         "touchpoints/custom/sms.toml",
@@ -351,9 +356,8 @@ fn change_of<'a>(plan: &'a mut Value, id: &str) -> &'a mut Value {
         .unwrap_or_else(|| panic!("no change {id}"))
 }
 
-#[test]
-fn a_tampered_saved_plan_is_refused_naming_the_touchpoint() {
-    let (p, original) = saved_update();
+fn a_tampered_saved_plan_is_refused_naming_the_touchpoint(b: Backend) {
+    let (p, original) = saved_update(b);
     let live_sms = || -> String { p.query_one("SELECT spec FROM touchpoints WHERE id = 'sms'") };
     let before = live_sms();
     type Edit = fn(&mut Value);

@@ -106,22 +106,6 @@ impl Project {
         self.dir.path()
     }
 
-    /// Where its registry is.
-    pub fn backend(&self) -> Backend {
-        if self.postgres.is_some() {
-            Backend::Postgres
-        } else {
-            Backend::Sqlite
-        }
-    }
-
-    /// Its registry as `--state` names it: the default state file, or its database's URL.
-    pub fn state(&self) -> &str {
-        self.postgres
-            .as_ref()
-            .map_or(".touchctl/state.db", |db| db.url())
-    }
-
     /// Its registry, opened through the library as a command opens it.
     pub fn registry(&self) -> Box<dyn touchctl::registry::Registry> {
         let state = match &self.postgres {
@@ -269,8 +253,8 @@ impl Project {
     pub fn state_dump(&self) -> String {
         match &self.postgres {
             None => {
-                let state = std::fs::read(self.path().join(".touchctl/state.db"))
-                    .expect("the state file");
+                let state =
+                    std::fs::read(self.path().join(".touchctl/state.db")).expect("the state file");
                 let mut dump = String::from_utf8_lossy(&state).into_owned();
                 match std::fs::read(self.path().join(".touchctl/state.db-wal")) {
                     Ok(bytes) => dump += &String::from_utf8_lossy(&bytes),
@@ -295,7 +279,10 @@ impl Project {
                 let mut dump = String::new();
                 for table in tables {
                     let sql = format!("SELECT t::text FROM {table} t");
-                    for row in client.query(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")) {
+                    for row in client
+                        .query(&sql, &[])
+                        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                    {
                         dump += &format!("{table}: {}\n", row.get::<_, String>(0));
                     }
                 }
