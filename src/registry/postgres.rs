@@ -443,7 +443,7 @@ async fn migrate(
             supported: SCHEMA_VERSION,
         });
     }
-    for (version, sql) in (1..).zip(MIGRATIONS.iter()).skip(found as usize) {
+    for (version, sql) in (1_i64..).zip(MIGRATIONS.iter()).skip(found as usize) {
         tx.batch_execute(sql).await.map_err(&e)?;
         tx.execute(
             "INSERT INTO touchctl_schema (version) VALUES ($1)",
@@ -1025,4 +1025,513 @@ async fn generation_of(
     shown: &str,
 ) -> Result<Option<i64>, RegistryError> {
     generation(tx, id).await.map_err(pg(&shown))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::SpecJson;
+    use crate::registry::{LockGuard, Provenance};
+
+    /// A database of one test's own on the server `TOUCHCTL_TEST_POSTGRES` names, dropped at the
+    /// end. `None` (the test skipped) when the variable is unset, unless `CI=true`.
+    struct TestDb {
+        base: String,
+        name: String,
+        url: String,
+    }
+
+    fn test_db() -> Option<TestDb> {
+        let Ok(base) = std::env::var("TOUCHCTL_TEST_POSTGRES") else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "TOUCHCTL_TEST_POSTGRES is not set, and CI=true: the PostgreSQL tests must run"
+            );
+            eprintln!("skipped: set TOUCHCTL_TEST_POSTGRES=postgres://... to run it");
+            return None;
+        };
+        let name = format!("touchctl_test_{}", crate::store::random_hex(8));
+        sql(&base, &format!("CREATE DATABASE {name}"));
+        let (path, query) = base.split_once('?').unwrap_or((&base, ""));
+        let (scheme, rest) = path.split_once("://").unwrap();
+        let authority = rest.split('/').next().unwrap();
+        let mut url = format!("{scheme}://{authority}/{name}");
+        if !query.is_empty() {
+            url = format!("{url}?{query}");
+        }
+        Some(TestDb { base, name, url })
+    }
+
+    impl Drop for TestDb {
+        fn drop(&mut self) {
+            sql(
+                &self.base,
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            );
+        }
+    }
+
+    /// Runs `statements` on the database of `url`, on a connection of their own.
+    fn sql(url: &str, statements: &str) {
+        let target = Target::parse(url).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let client = target.connect().await.unwrap();
+            client.batch_execute(statements).await.unwrap();
+        });
+    }
+
+    /// The first column of the first row of `query`, as text.
+    fn value(url: &str, query: &str) -> Option<String> {
+        let target = Target::parse(url).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let client = target.connect().await.unwrap();
+            let rows = client.simple_query(query).await.unwrap();
+            rows.into_iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+        })
+    }
+
+    fn put(id: &str, spec: serde_json::Value) -> Put {
+        Put {
+            id: id.into(),
+            kind: "custom".into(),
+            spec: SpecJson::from_value(&spec),
+            fingerprints: BTreeMap::from([("auth_token".into(), "hmac-sha256:00".into())]),
+            applied_by: "tester@host".into(),
+            source: Provenance {
+                commit: Some("abc123".into()),
+                dirty: true,
+                file: Some("touchpoints/a.toml".into()),
+            },
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn put_is_compare_and_swap_and_every_write_changes_the_data_version() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        let other = PostgresRegistry::open(&db.url).unwrap();
+        let v0 = other.data_version().unwrap();
+        assert_eq!(reg.put(&put("a", json!({"v": 1})), None).unwrap(), 1);
+        let v1 = other.data_version().unwrap();
+        assert_ne!(v0, v1, "another process sees the write");
+        match other.put(&put("a", json!({"v": 2})), None) {
+            Err(e @ RegistryError::Conflict { .. }) => assert!(
+                e.to_string()
+                    .contains("expected generation none, found 1): run plan again"),
+                "{e}"
+            ),
+            got => panic!("expected Conflict, got {got:?}"),
+        }
+        assert_eq!(other.data_version().unwrap(), v1, "a refused write changes nothing");
+        assert!(matches!(
+            reg.put(&put("a", json!({"v": 2})), Some(7)),
+            Err(RegistryError::Conflict { .. })
+        ));
+        assert!(matches!(
+            reg.put(&put("b", json!({"v": 2})), Some(1)),
+            Err(RegistryError::Conflict { .. })
+        ));
+        assert_eq!(reg.put(&put("a", json!({"v": 2})), Some(1)).unwrap(), 2);
+        assert!(reg.delete("a", 1).is_err());
+        let live = other.get("a").unwrap().unwrap();
+        assert_eq!(live.spec().value(), json!({"v": 2}));
+        assert_eq!(live.generation, 2);
+        assert_eq!(live.applied_by, "tester@host");
+        assert_eq!(live.source, put("a", json!({})).source);
+        assert_eq!(live.fingerprints, put("a", json!({})).fingerprints);
+        reg.put(&put("0", json!({"v": 0})), None).unwrap();
+        let ids: Vec<String> = reg.list().unwrap().into_iter().map(|l| l.id).collect();
+        assert_eq!(ids, ["0", "a"]);
+        reg.delete("a", 2).unwrap();
+        assert!(reg.get("a").unwrap().is_none());
+        assert!(matches!(
+            reg.delete("a", 2),
+            Err(RegistryError::Conflict { .. })
+        ));
+    }
+
+    #[test]
+    fn concurrent_creates_of_one_touchpoint_let_exactly_one_win() {
+        let Some(db) = test_db() else { return };
+        let registries: Vec<PostgresRegistry> = (0..4)
+            .map(|_| PostgresRegistry::open(&db.url).unwrap())
+            .collect();
+        let won = std::thread::scope(|s| {
+            let handles: Vec<_> = registries
+                .iter()
+                .map(|r| s.spawn(move || r.put(&put("a", json!({"v": 1})), None).is_ok()))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .filter(|ok| *ok)
+                .count()
+        });
+        assert_eq!(won, 1);
+    }
+
+    #[test]
+    fn drift_is_read_as_the_spec_in_force_and_cleared_by_the_next_apply() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        reg.put(&put("a", json!({"v": 1})), None).unwrap();
+        sql(
+            &db.url,
+            r#"UPDATE touchpoints SET live_spec = '{"v":9}' WHERE id = 'a'"#,
+        );
+        let live = reg.get("a").unwrap().unwrap();
+        assert_eq!(live.applied_spec.value(), json!({"v": 1}));
+        assert_eq!(live.spec().value(), json!({"v": 9}));
+        reg.put(&put("a", json!({"v": 2})), Some(1)).unwrap();
+        let live = reg.get("a").unwrap().unwrap();
+        assert_eq!(live.drifted_spec, None);
+        assert_eq!(live.spec().value(), json!({"v": 2}));
+        // A row that is not JSON is reported, naming the touchpoint.
+        sql(&db.url, "UPDATE touchpoints SET spec = 'not json' WHERE id = 'a'");
+        assert!(matches!(reg.list(), Err(RegistryError::Corrupt { id, .. }) if id == "a"));
+    }
+
+    #[test]
+    fn pause_bumps_generation_and_is_kept_by_put() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        assert!(matches!(
+            reg.set_paused("a", true),
+            Err(RegistryError::NotFound(id)) if id == "a"
+        ));
+        reg.put(&put("a", json!({"v": 1})), None).unwrap();
+        assert_eq!(reg.set_paused("a", true).unwrap(), 2);
+        reg.put(&put("a", json!({"v": 2})), Some(2)).unwrap();
+        let live = reg.get("a").unwrap().unwrap();
+        assert!(live.paused);
+        assert_eq!(live.generation, 3);
+        assert_eq!(reg.set_paused("a", false).unwrap(), 4);
+        assert!(!reg.get("a").unwrap().unwrap().paused);
+    }
+
+    #[test]
+    fn the_latest_ticket_is_kept_per_platform_and_is_no_touchpoint() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        assert_eq!(reg.platform_ticket("open").unwrap(), None);
+        reg.set_platform_ticket("open", "ticket@@@1").unwrap();
+        reg.set_platform_ticket("open", "ticket@@@2").unwrap();
+        reg.set_platform_ticket("other", "ticket@@@x").unwrap();
+        let again = PostgresRegistry::open(&db.url).unwrap();
+        assert_eq!(
+            again.platform_ticket("open").unwrap().as_deref(),
+            Some("ticket@@@2")
+        );
+        assert_eq!(
+            again.platform_ticket("other").unwrap().as_deref(),
+            Some("ticket@@@x")
+        );
+        assert!(again.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_empty_database_is_migrated_once_and_keeps_its_id_and_key() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        assert!(!Registry::is_new(&reg));
+        assert_eq!(
+            value(&db.url, "SELECT string_agg(version::text, ',') FROM touchctl_schema"),
+            Some(SCHEMA_VERSION.to_string())
+        );
+        let fingerprint = reg
+            .fingerprinter()
+            .fingerprint(&crate::model::Secret::new("s"));
+        let again = PostgresRegistry::open(&db.url).unwrap();
+        assert_eq!(again.registry_id(), reg.registry_id());
+        assert_eq!(reg.registry_id().len(), 32);
+        assert_eq!(
+            again
+                .fingerprinter()
+                .fingerprint(&crate::model::Secret::new("s")),
+            fingerprint
+        );
+        assert_eq!(
+            value(&db.url, "SELECT count(*) FROM touchctl_schema"),
+            Some(SCHEMA_VERSION.to_string()),
+            "a second open applies nothing"
+        );
+    }
+
+    #[test]
+    fn two_opens_at_once_migrate_once_and_agree_on_the_registry() {
+        let Some(db) = test_db() else { return };
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| PostgresRegistry::open(&db.url).map(|r| r.registry_id)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        });
+        assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+        assert_eq!(
+            value(&db.url, "SELECT count(*) FROM touchctl_schema"),
+            Some(SCHEMA_VERSION.to_string())
+        );
+    }
+
+    #[test]
+    fn a_database_written_by_a_newer_touchctl_is_refused() {
+        let Some(db) = test_db() else { return };
+        drop(PostgresRegistry::open(&db.url).unwrap());
+        sql(&db.url, "INSERT INTO touchctl_schema (version) VALUES (99)");
+        match PostgresRegistry::open(&db.url) {
+            Err(e @ RegistryError::SchemaTooNew { found: 99, .. }) => {
+                let shown = e.to_string();
+                assert!(
+                    shown.contains("written by a newer touchctl") && shown.ends_with("upgrade touchctl"),
+                    "{shown}"
+                );
+            }
+            Err(other) => panic!("expected SchemaTooNew, got {other:?}"),
+            Ok(_) => panic!("a newer schema was opened"),
+        }
+    }
+
+    #[test]
+    fn a_second_lock_fails_naming_the_holder() {
+        let Some(db) = test_db() else { return };
+        let a = PostgresRegistry::open(&db.url).unwrap();
+        let b = PostgresRegistry::open(&db.url).unwrap();
+        let (held, recovered) = a.lock("apply").unwrap();
+        assert_eq!(recovered, None);
+        match b.lock("apply") {
+            Err(e @ RegistryError::Locked(_)) => {
+                let RegistryError::Locked(info) = &e else {
+                    unreachable!()
+                };
+                assert_eq!(**info, held);
+                let shown = e.to_string();
+                assert!(
+                    shown.contains(&format!("apply by {} (pid {})", held.holder, std::process::id()))
+                        && shown.contains(&format!("touchctl force-unlock {}", held.lock_id)),
+                    "{shown}"
+                );
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        // One process, one lock at a time too: the lock is the session's, not the process's.
+        assert!(matches!(a.lock("apply"), Err(RegistryError::Locked(_))));
+        a.unlock(&held.lock_id).unwrap();
+        assert_eq!(value(&db.url, "SELECT count(*) FROM registry_lock"), Some("0".into()));
+        let (again, recovered) = b.lock("apply").unwrap();
+        assert_eq!(recovered, None, "a released lock leaves nothing to take over");
+        b.unlock(&again.lock_id).unwrap();
+    }
+
+    #[test]
+    fn a_lock_whose_connection_dies_is_released_and_its_holder_learns_it() {
+        let Some(db) = test_db() else { return };
+        let a = PostgresRegistry::open(&db.url)
+            .unwrap()
+            .with_lease(Duration::from_millis(120));
+        let b = PostgresRegistry::open(&db.url).unwrap();
+        let guard = LockGuard::acquire(&a, "apply").unwrap();
+        let first = guard.info.clone();
+        // The heartbeat renews the row on the held connection.
+        let expiry = || {
+            value(&db.url, "SELECT expires_at FROM registry_lock")
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0)
+        };
+        wait_for("the lease was never renewed", || {
+            expiry() > first.expires_at.unwrap()
+        });
+        // The holder's connection dies (its process killed, its network gone): the server ends it.
+        sql(
+            &db.url,
+            "SELECT pg_terminate_backend(backend_pid) FROM registry_lock",
+        );
+        wait_for("the holder never learnt it lost the lock", || {
+            guard.held().is_err()
+        });
+        assert!(guard.held().unwrap_err().contains("no longer held"));
+        let (taken, recovered) = b.lock("apply").unwrap();
+        assert_eq!(recovered.unwrap().lock_id, first.lock_id);
+        // The old holder letting go does not remove the new holder's lock.
+        drop(guard);
+        assert!(matches!(a.lock("apply"), Err(RegistryError::Locked(h)) if h.lock_id == taken.lock_id));
+        // A registry dropped while holding the lock (a process that exits) releases it.
+        drop(b);
+        let mut recovered = None;
+        wait_for("the lock of a dropped registry was never released", || {
+            match a.lock("apply") {
+                Ok((_, r)) => {
+                    recovered = r;
+                    true
+                }
+                Err(RegistryError::Locked(_)) => false,
+                Err(e) => panic!("{e}"),
+            }
+        });
+        assert_eq!(recovered.unwrap().lock_id, taken.lock_id);
+    }
+
+    #[test]
+    fn force_unlock_refuses_a_live_holder_unless_forced_and_then_ends_its_session() {
+        let Some(db) = test_db() else { return };
+        let a = PostgresRegistry::open(&db.url).unwrap();
+        let b = PostgresRegistry::open(&db.url).unwrap();
+        let guard = LockGuard::acquire(&a, "apply").unwrap();
+        let id = guard.info.lock_id.clone();
+        match b.force_unlock("0000", false) {
+            Err(RegistryError::NotLocked { held: Some(h), .. }) => assert_eq!(h.lock_id, id),
+            other => panic!("expected NotLocked, got {other:?}"),
+        }
+        match b.force_unlock(&id, false) {
+            Err(e @ RegistryError::LockLive(_)) => assert!(
+                e.to_string()
+                    .contains(&format!("touchctl force-unlock {id} --force")),
+                "{e}"
+            ),
+            other => panic!("expected LockLive, got {other:?}"),
+        }
+        assert_eq!(b.force_unlock(&id, true).unwrap().lock_id, id);
+        // Free at once: the holder's session has ended.
+        let (taken, recovered) = b.lock("apply").unwrap();
+        assert_eq!(recovered, None, "force-unlock removed the row");
+        wait_for("the forced-out holder never noticed", || {
+            a.renewer(&id)(0) == Ok(false)
+        });
+        drop(guard);
+        b.unlock(&taken.lock_id).unwrap();
+        assert!(matches!(
+            b.force_unlock(&taken.lock_id, false),
+            Err(RegistryError::NotLocked { held: None, .. })
+        ));
+        // A row left by a holder whose session is gone goes without --force.
+        let (left, _) = a.lock("apply").unwrap();
+        drop(a);
+        // The server ends the session once it sees the connection close: a moment after.
+        let mut freed = None;
+        wait_for("the dead holder's session never ended", || {
+            match b.force_unlock(&left.lock_id, false) {
+                Ok(info) => {
+                    freed = Some(info);
+                    true
+                }
+                Err(RegistryError::LockLive(_)) => false,
+                Err(e) => panic!("{e}"),
+            }
+        });
+        assert_eq!(freed.unwrap().lock_id, left.lock_id);
+    }
+
+    #[test]
+    fn the_registry_answers_from_inside_a_tokio_runtime() {
+        let Some(db) = test_db() else { return };
+        let reg = Arc::new(PostgresRegistry::open(&db.url).unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = reg.clone();
+        let generation = runtime.block_on(async move {
+            // As the daemon's handlers do: a plain call from a task.
+            r.put(&put("a", json!({"v": 1})), None).unwrap()
+        });
+        assert_eq!(generation, 1);
+        let multi = tokio::runtime::Runtime::new().unwrap();
+        let r = reg.clone();
+        let listed = multi.block_on(async move { tokio::spawn(async move { r.list() }).await });
+        assert_eq!(listed.unwrap().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_password_is_never_in_the_description_or_an_error() {
+        let Some(db) = test_db() else { return };
+        let password = "Pa55-word-never-shown";
+        // The test server trusts loopback, so a password in the URL connects and is ignored.
+        let with_password = db.url.replacen("://", &format!("://postgres:{password}@"), 1);
+        let with_password = match with_password.matches('@').count() {
+            1 => with_password,
+            // The URL had a user already: keep only the one with the password.
+            _ => {
+                let (head, rest) = with_password.split_once('@').unwrap();
+                let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+                format!("{head}@{rest}")
+            }
+        };
+        let reg = PostgresRegistry::open(&with_password).unwrap();
+        let shown = reg.describe();
+        assert!(!shown.contains(password), "{shown}");
+        assert!(
+            shown.starts_with("postgres postgres://postgres@") && shown.ends_with(&format!("/{}", db.name)),
+            "{shown}"
+        );
+        let mut errors = Vec::new();
+        // A bad parameter, a bad sslmode, a database that does not exist, TLS refused by a
+        // server without it, and a port nothing listens on.
+        for url in [
+            format!("{with_password}?port=notaport"),
+            format!("{with_password}?sslmode=sometimes"),
+            with_password.replace(&db.name, "touchctl_test_missing"),
+            format!("{with_password}?sslmode=require"),
+            {
+                let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let port = closed.local_addr().unwrap().port();
+                drop(closed);
+                format!("postgres://postgres:{password}@127.0.0.1:{port}/x")
+            },
+        ] {
+            match PostgresRegistry::open(&url) {
+                Err(e) => errors.push(e.to_string()),
+                Ok(_) => panic!("opened {}", redact(&url)),
+            }
+        }
+        for e in &errors {
+            assert!(!e.contains(password), "{e}");
+        }
+        assert!(errors[1].contains("sslmode=sometimes is not one of"), "{}", errors[1]);
+        assert!(errors[2].contains("touchctl_test_missing"), "{}", errors[2]);
+        assert!(errors[3].contains("TLS"), "{}", errors[3]);
+        assert!(errors[4].starts_with("cannot connect to the PostgreSQL registry"), "{}", errors[4]);
+    }
+
+    #[test]
+    fn a_url_is_redacted_and_recognised() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5/db?sslmode=require&password=other"),
+            "postgres://u:***@h:5/db?sslmode=require&password=***"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("postgres://h"), "postgres://h");
+        assert!(is_postgres_url("postgresql://h/db") && is_postgres_url("postgres://h"));
+        assert!(!is_postgres_url(".touchctl/state.db") && !is_postgres_url("http://h"));
+        let target = Target::parse("postgres://u:secret@db.example:6543/reg?sslmode=disable").unwrap();
+        assert_eq!(target.shown, "postgres://u@db.example:6543/reg");
+        assert!(target.tls.is_none());
+        assert_eq!(
+            target.config.get_options(),
+            Some("-c statement_timeout=30000")
+        );
+        assert_eq!(target.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+    }
 }
