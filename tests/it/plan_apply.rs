@@ -19,6 +19,7 @@ on_both_backends!(
     deletes_need_allow_delete_and_respect_protect_and_max_deletes,
     drift_is_shown_apart_and_apply_restores_fields,
     a_held_lock_fails_fast_naming_the_holder,
+    a_crashed_holders_lock_is_recovered,
     concurrent_applies_do_not_corrupt_the_registry,
     a_failure_mid_apply_reports_what_landed_and_rerun_converges,
     apply_without_a_terminal_needs_auto_approve,
@@ -429,30 +430,56 @@ fn sqlite_only_a_lock_from_before_leases_fails_fast_naming_the_holder() {
     applied(&p);
 }
 
-/// A lock left in the state file by a process that no longer runs on this host.
-#[test]
-fn sqlite_only_a_crashed_holders_lock_is_recovered() {
-    let p = Project::with_samples();
+/// The table of the registry lock's holder on each backend.
+fn lock_table(b: Backend) -> &'static str {
+    match b {
+        Backend::Sqlite => "lock",
+        Backend::Postgres => "registry_lock",
+    }
+}
+
+fn a_crashed_holders_lock_is_recovered(b: Backend) {
+    let p = Project::with_samples_on(b);
     applied(&p);
-    let mut child = std::process::Command::new("true").spawn().unwrap();
-    let dead_pid = child.id();
-    child.wait().unwrap();
-    p.state_db()
-        .execute(
-            "INSERT INTO lock (singleton, lock_id, holder, pid, host, operation, acquired_at) \
-             VALUES (1, 'deadbeef', 'ops@here', ?1, ?2, 'apply', '2026-01-01T00:00:00Z')",
-            rusqlite::params![dead_pid, touchctl::registry::hostname()],
-        )
-        .unwrap();
+    // A holder that crashed, leaving its lock behind.
+    let (holder, _crashed) = match b {
+        Backend::Sqlite => {
+            // Its process no longer runs on this host.
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            let dead_pid = child.id();
+            child.wait().unwrap();
+            p.state_db()
+                .execute(
+                    "INSERT INTO lock (singleton, lock_id, holder, pid, host, operation, acquired_at) \
+                     VALUES (1, 'deadbeef', 'ops@here', ?1, ?2, 'apply', '2026-01-01T00:00:00Z')",
+                    rusqlite::params![dead_pid, touchctl::registry::hostname()],
+                )
+                .unwrap();
+            ("ops@here".to_string(), None)
+        }
+        Backend::Postgres => {
+            // Its session, which held the advisory lock, is gone (ended here from the server's
+            // side, waiting until it is); its row is left.
+            let registry = p.registry();
+            registry.lock("apply").expect("take the registry lock");
+            let ended: i64 = p.query_one(
+                "SELECT count(*) FROM registry_lock WHERE pg_terminate_backend(backend_pid, 5000)",
+            );
+            assert_eq!(ended, 1);
+            (touchctl::registry::whoami(), Some(registry))
+        }
+    };
     p.set(
         "touchpoints/custom/sms.toml",
         "batch_size = 500",
         "batch_size = 200",
     );
     let run = applied(&p);
-    run.stderr_has("took over the registry lock (apply by ops@here");
-    run.stderr_has("its process no longer runs on this host");
-    let locks: i64 = p.query_one("SELECT count(*) FROM lock");
+    run.stderr_has(&format!("took over the registry lock (apply by {holder}"));
+    if b == Backend::Sqlite {
+        run.stderr_has("its process no longer runs on this host");
+    }
+    let locks: i64 = p.query_one(&format!("SELECT count(*) FROM {}", lock_table(b)));
     assert_eq!(locks, 0, "apply released its lock");
 }
 
