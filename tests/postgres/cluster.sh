@@ -128,10 +128,13 @@ stop() {
         return 0
     fi
     bin=$(pg_bin)
-    as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w -t 60 -s stop >/dev/null 2>&1 || {
-        echo "pg_ctl could not stop the server in $dir (log: $dir/server.log); it is left in place" >&2
-        exit 1
-    }
+    # A server that is not running (it failed to start, or was stopped by hand) leaves only files.
+    if as_owner "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1; then
+        as_owner "$bin/pg_ctl" -D "$dir/data" -m fast -w -t 60 -s stop >/dev/null 2>&1 || {
+            echo "pg_ctl could not stop the server in $dir (log: $dir/server.log); it is left in place" >&2
+            exit 1
+        }
+    fi
     rm -rf "$dir"
 }
 
