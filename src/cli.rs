@@ -82,7 +82,9 @@ pub struct DirArg {
 pub struct StateArg {
     /// The live registry: a SQLite state file (mode 0600), created by the first command that
     /// writes to it (apply, plan --out, the daemon); until then plan reads it as empty. The daemon's
-    /// queue file is queue.db beside it.
+    /// queue file is queue.db beside it. Or a PostgreSQL database shared by several machines:
+    /// postgres://USER@HOST:PORT/DB (sslmode=require for TLS; the password from PGPASSWORD or the
+    /// URL), for plan, apply, import and force-unlock.
     // Global, so that `deliveries --state FILE list` and `deliveries list --state FILE` both work.
     #[arg(
         long,

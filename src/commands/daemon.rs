@@ -15,12 +15,21 @@ use touchctl::term::{self, escape};
 use super::{FAILED, OK};
 use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global, ListFormat};
 
-/// The queue file: given, or `queue.db` beside the registry file.
-pub fn queue_path(g: &Global, given: Option<&Path>) -> PathBuf {
-    given.map_or_else(
-        || g.state.parent().unwrap_or(Path::new("")).join("queue.db"),
-        Path::to_path_buf,
-    )
+/// The queue file: given, or `queue.db` beside the registry file. A registry in PostgreSQL has
+/// no folder to put it beside: the file must be named then.
+pub fn queue_path(g: &Global, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(given) = given {
+        return Ok(given.to_path_buf());
+    }
+    if g.state
+        .to_str()
+        .is_some_and(touchctl::registry::is_postgres_url)
+    {
+        bail!(
+            "--state names a PostgreSQL registry, and the queue is not kept in PostgreSQL yet: name the daemon's queue file with --queue FILE"
+        );
+    }
+    Ok(g.state.parent().unwrap_or(Path::new("")).join("queue.db"))
 }
 
 pub(super) fn read_token(file: Option<&Path>) -> Result<Option<Secret>> {
@@ -60,12 +69,20 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
     if source != Source::Worktree && !args.watch {
         bail!("--source only matters with --watch: add --watch to reconcile from {source}");
     }
+    if g.state
+        .to_str()
+        .is_some_and(touchctl::registry::is_postgres_url)
+    {
+        bail!(
+            "the daemon's queue on PostgreSQL is not available yet: run the daemon with a SQLite --state (plan, apply, import and force-unlock work with a PostgreSQL --state)"
+        );
+    }
     let config = daemon::Config {
         listen: args.listen,
         public_url: args.public_url.clone(),
         dir: g.dir.clone(),
         state: g.state.clone(),
-        queue: queue_path(g, args.queue.as_deref()),
+        queue: queue_path(g, args.queue.as_deref())?,
         watch: args.watch,
         source,
         interval: args.interval,
@@ -114,7 +131,7 @@ fn open_queue(path: &Path) -> Result<Queue> {
 
 /// `touchctl force-unlock --daemon`: releases the queue from the daemon holding it.
 pub fn release_queue_cmd(g: &Global, queue: Option<&Path>, force: bool) -> Result<u8> {
-    let path = queue_path(g, queue);
+    let path = queue_path(g, queue)?;
     let queue = open_queue(&path)?;
     match queue.release_daemon_slot(force)? {
         Some(held) => println!(
@@ -131,7 +148,7 @@ pub fn release_queue_cmd(g: &Global, queue: Option<&Path>, force: bool) -> Resul
 }
 
 pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Path>) -> Result<u8> {
-    let path = queue_path(g, queue);
+    let path = queue_path(g, queue)?;
     let queue = open_queue(&path)?;
     match command {
         DeliveriesCommand::List {

@@ -20,7 +20,7 @@ use touchctl::model::SecretPolicy;
 use touchctl::model::schema::{self, Freshness};
 use touchctl::plan::inputs::{BaseError, PlanError, TreeError, plan_base, plan_dir};
 use touchctl::plan::{Action, Plan, TextOptions, render_markdown, render_text, seal};
-use touchctl::registry::{LockGuard, Registry, SqliteRegistry, whoami};
+use touchctl::registry::{LockGuard, Registry, whoami};
 use touchctl::term::{self, escape};
 
 use crate::cli::{Cli, ColorChoice, Command, Global, PlanFormat, ValidateFormat};
@@ -106,9 +106,15 @@ fn color(g: &Global) -> bool {
     }
 }
 
-/// Opens the registry; where there is no state file, a new registry that only a write creates.
-fn open_registry(g: &Global) -> Result<SqliteRegistry> {
-    Ok(SqliteRegistry::open(&g.state)?)
+/// Opens the registry --state names: a PostgreSQL database (`postgres://`), or the SQLite file,
+/// where there is none a new registry that only a write creates.
+fn open_registry(g: &Global) -> Result<Box<dyn Registry>> {
+    Ok(touchctl::registry::open(&g.state)?)
+}
+
+/// --state for a message: a PostgreSQL URL without its password.
+fn shown_state(g: &Global) -> String {
+    touchctl::registry::shown_state(&g.state)
 }
 
 fn force_unlock(g: &Global, lock_id: &str, force: bool) -> Result<u8> {
@@ -116,7 +122,7 @@ fn force_unlock(g: &Global, lock_id: &str, force: bool) -> Result<u8> {
     if registry.is_new() {
         bail!(
             "there is no registry at {}, so there is no lock to remove: check --state",
-            g.state.display()
+            shown_state(g)
         );
     }
     let held = registry.force_unlock(lock_id, force)?;
@@ -305,16 +311,16 @@ fn plan_cmd(
     let plan = match base {
         Some(rev) => plan_against_base(g, rev)?.map(|mut plan| {
             if let Some(allow_private) = refresh {
-                let found = refresh_platforms(g, allow_private);
+                let found = refresh_platforms(g, allow_private, None);
                 (plan.warnings, plan.checked) = (found.warnings, found.checked);
             }
             plan
         }),
         None => {
-            let registry = open_registry(g)?;
-            let mut plan = plan_tree(g, &registry)?;
+            let registry: Arc<dyn Registry> = Arc::from(open_registry(g)?);
+            let mut plan = plan_tree(g, &*registry)?;
             if let (Some(plan), Some(allow_private)) = (&mut plan, refresh) {
-                let found = refresh_platforms(g, allow_private);
+                let found = refresh_platforms(g, allow_private, Some(registry.clone()));
                 (plan.warnings, plan.checked) = (found.warnings, found.checked);
             }
             // A saved plan is applied only to the registry it was made against: a new one is
@@ -368,13 +374,18 @@ fn plan_cmd(
 }
 
 /// `plan --refresh`: the channel touchpoints of the tree checked live (the tree loaded already, so
-/// it loads again without error).
-fn refresh_platforms(g: &Global, allow_private: bool) -> touchctl::plan::inputs::Refreshed {
+/// it loads again without error). `registry` is the one the plan read, if it read one.
+fn refresh_platforms(
+    g: &Global,
+    allow_private: bool,
+    registry: Option<Arc<dyn Registry>>,
+) -> touchctl::plan::inputs::Refreshed {
     let not_checked =
         |e: String| touchctl::plan::inputs::Refreshed::not_checked(format!("not checked: {e}"));
     // Open platforms get their component token with the verify ticket the daemon keeps there.
-    let tickets = match SqliteRegistry::open(&g.state) {
-        Ok(r) => Arc::new(touchctl::registry::Tickets(Arc::new(r))),
+    let opened = registry.map_or_else(|| open_registry(g).map(Arc::from), Ok);
+    let tickets = match opened {
+        Ok(r) => Arc::new(touchctl::registry::Tickets(r)),
         Err(e) => return not_checked(e.to_string()),
     };
     match load::load_dir(&g.dir) {
@@ -431,7 +442,7 @@ fn apply_cmd(
     {
         bail!(
             "there is no registry at {}, and this plan was made against registry {} ({}): point --state at that registry, or make a new plan",
-            g.state.display(),
+            shown_state(g),
             made_against.id,
             made_against.backend
         );
@@ -442,15 +453,15 @@ fn apply_cmd(
     let early = if registry.is_new() {
         None
     } else {
-        Some(lock_for_apply(&registry)?)
+        Some(lock_for_apply(&*registry)?)
     };
     let plan = match saved_plan {
         Some(plan) => {
-            apply::check_saved(&plan, &registry)?;
+            apply::check_saved(&plan, &*registry)?;
             apply::check_saved_source(&plan, &opts)?;
             plan
         }
-        None => match plan_tree(g, &registry)? {
+        None => match plan_tree(g, &*registry)? {
             Some(plan) => plan,
             None => return Ok(FAILED),
         },
@@ -462,13 +473,13 @@ fn apply_cmd(
         return Ok(OK);
     }
     apply::check_guards(&plan, &opts)?;
-    if saved.is_none() && !auto_approve && !confirm(&plan, &registry)? {
+    if saved.is_none() && !auto_approve && !confirm(&plan, &*registry)? {
         eprintln!("Apply cancelled; nothing was changed.");
         return Ok(FAILED);
     }
     let guard = match early {
         Some(guard) => guard,
-        None => lock_for_apply(&registry)?,
+        None => lock_for_apply(&*registry)?,
     };
     println!();
     let mut progress = |o: &Outcome| {
@@ -485,7 +496,8 @@ fn apply_cmd(
             Err(e) => println!("  {verb} {id}: FAILED: {}", escape(&e.to_string())),
         }
     };
-    let outcomes = apply::execute_holding(&plan, &registry, &opts, &|| guard.held(), &mut progress);
+    let outcomes =
+        apply::execute_holding(&plan, &*registry, &opts, &|| guard.held(), &mut progress);
     drop(guard);
     let failed: Vec<&Outcome> = outcomes.iter().filter(|o| o.result.is_err()).collect();
     let count = |a: Action| {
@@ -569,7 +581,7 @@ fn import_cmd(g: &Global, ids: &[String], all: bool, out: Option<&Path>) -> Resu
             live,
             &path,
             Path::new(schema::DEFAULT_PATH),
-            &registry,
+            &*registry,
             &policy,
         );
         match written_file {

@@ -200,12 +200,12 @@ pub enum RegistryError {
         why: String,
     },
     /// A statement failed in PostgreSQL.
-    #[error("PostgreSQL registry {database}: {source}")]
+    #[error("PostgreSQL registry {database}: {why}")]
     Postgres {
         /// The database, without its password.
         database: String,
-        /// Why.
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// Why (the driver's error and its causes).
+        why: String,
     },
     /// SQLite failed.
     #[error("state database {path}: {source}")]

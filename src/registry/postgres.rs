@@ -183,7 +183,7 @@ impl Target {
         };
         let mut config: tokio_postgres::Config = driver_url
             .parse()
-            .map_err(|e: tokio_postgres::Error| bad(e.to_string()))?;
+            .map_err(|e: tokio_postgres::Error| bad(chain(&e)))?;
         if config.get_password().is_none()
             && let Ok(password) = std::env::var("PGPASSWORD")
         {
@@ -257,7 +257,9 @@ impl Target {
 
 /// The TLS connector: the server's certificate checked against `rootcert` (a PEM file) when
 /// given, else against the platform's roots.
-fn tls_connector(rootcert: Option<&str>) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+fn tls_connector(
+    rootcert: Option<&str>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     // One process-wide TLS provider; an earlier install (by an embedding program) is fine too.
@@ -267,7 +269,9 @@ fn tls_connector(rootcert: Option<&str>) -> Result<tokio_postgres_rustls::MakeRu
             let mut roots = rustls::RootCertStore::empty();
             let certs = CertificateDer::pem_file_iter(file)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("cannot read the CA certificates of sslrootcert={file}: {e}"))?;
+                .map_err(|e| {
+                    format!("cannot read the CA certificates of sslrootcert={file}: {e}")
+                })?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(format!(
@@ -357,11 +361,10 @@ fn block_on<T: Send + 'static>(
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let timed_out = || RegistryError::Postgres {
         database: shown.to_string(),
-        source: format!(
+        why: format!(
             "no answer within {}: check that the server is reachable and not overloaded",
             humantime::format_duration(CALL_TIMEOUT)
-        )
-        .into(),
+        ),
     };
     handle.spawn(async move {
         let answer = tokio::time::timeout(CALL_TIMEOUT, fut).await;
@@ -372,7 +375,7 @@ fn block_on<T: Send + 'static>(
         Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(timed_out()),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RegistryError::Postgres {
             database: shown.to_string(),
-            source: "the registry's connection thread has stopped".into(),
+            why: "the registry's connection thread has stopped".into(),
         }),
     }
 }
@@ -390,18 +393,40 @@ pub struct PostgresRegistry {
     bridge: Bridge,
 }
 
+/// An error and its causes, as one line (the driver's own message says only what kind it is).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    // Bounded: a cause chain is short, but nothing stops one from being circular.
+    for _ in 0..8 {
+        let Some(c) = cause else { break };
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// A failed statement, as a registry error naming the database.
 fn pg(shown: &str) -> impl Fn(tokio_postgres::Error) -> RegistryError + '_ {
     move |e| RegistryError::Postgres {
         database: shown.to_string(),
-        source: Box::new(e),
+        why: chain(&e),
     }
 }
 
-fn no_connection(shown: &str, e: impl std::fmt::Display) -> RegistryError {
+fn no_connection(shown: &str, e: impl std::error::Error + 'static) -> RegistryError {
+    let mut why = chain(&e);
+    if why.contains("invalid peer certificate") {
+        why.push_str(
+            " (a server certificate from a private CA is checked against that CA: add sslrootcert=FILE, its PEM certificate, to the URL; connect by the host name the certificate names)",
+        );
+    }
     RegistryError::PostgresConnect {
         database: shown.to_string(),
-        why: e.to_string(),
+        why,
     }
 }
 
@@ -418,7 +443,7 @@ async fn migrate(
     client: &mut deadpool_postgres::Object,
     shown: &str,
 ) -> Result<(String, String), RegistryError> {
-    let e = pg(&shown);
+    let e = pg(shown);
     let tx = client.transaction().await.map_err(&e)?;
     tx.execute(&format!("SELECT pg_advisory_xact_lock({MIGRATE_KEY})"), &[])
         .await
@@ -458,10 +483,7 @@ async fn migrate(
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('registry_id', $1), ('fingerprint_key', $2) \
                  ON CONFLICT (key) DO NOTHING",
-                &[
-                    &crate::store::random_hex(16),
-                    &crate::store::random_hex(32),
-                ],
+                &[&crate::store::random_hex(16), &crate::store::random_hex(32)],
             )
             .await
             .map_err(&e)?;
@@ -590,7 +612,12 @@ impl PostgresRegistry {
         // The pool's timers belong to the registry's runtime.
         let pool = {
             let _inside = bridge.handle.enter();
-            target.pool().map_err(|e| no_connection(&shown, e))?
+            target
+                .pool()
+                .map_err(|why| RegistryError::PostgresConnect {
+                    database: shown.clone(),
+                    why,
+                })?
         };
         let (id, key) = {
             let (pool, shown) = (pool.clone(), shown.clone());
@@ -699,7 +726,7 @@ impl Registry for PostgresRegistry {
         let (target, mine) = (self.target.clone(), info.clone());
         let (client, recovered) = block_on(&self.bridge.handle, &self.target.shown, async move {
             let shown = target.shown.as_str();
-            let e = pg(&shown);
+            let e = pg(shown);
             let mut client = target
                 .connect()
                 .await
@@ -722,7 +749,9 @@ impl Registry for PostgresRegistry {
                     // A session holds the advisory lock without a row: not a touchctl.
                     _ => LockInfo {
                         lock_id: "(none)".into(),
-                        holder: format!("a session that is not touchctl's holds advisory lock {LOCK_KEY}"),
+                        holder: format!(
+                            "a session that is not touchctl's holds advisory lock {LOCK_KEY}"
+                        ),
                         pid: 0,
                         host: String::new(),
                         operation: "unknown".into(),
@@ -792,11 +821,11 @@ impl Registry for PostgresRegistry {
                     .map(|n| n == 1)
                     .map_err(|e| RegistryError::Postgres {
                         database: String::new(),
-                        source: Box::new(e),
+                        why: chain(&e),
                     })
             })
             .map_err(|e| match e {
-                RegistryError::Postgres { source, .. } => source.to_string(),
+                RegistryError::Postgres { why, .. } => why,
                 other => other.to_string(),
             })
         })
@@ -859,21 +888,20 @@ impl Registry for PostgresRegistry {
                     .await
                     .map_err(|err| RegistryError::Postgres {
                         database: shown.to_string(),
-                        source: format!(
-                            "cannot end the lock holder's session (backend pid {backend}): {err}. \
+                        why: format!(
+                            "cannot end the lock holder's session (backend pid {backend}): {}. \
                              Connect as a user allowed to (its own user, a superuser or a member of \
-                             pg_signal_backend), or stop the holder"
-                        )
-                        .into(),
+                             pg_signal_backend), or stop the holder",
+                            chain(&err)
+                        ),
                     })?
                     .get(0);
                 if !ended {
                     return Err(RegistryError::Postgres {
                         database: shown.to_string(),
-                        source: format!(
+                        why: format!(
                             "the lock holder's session (backend pid {backend}) did not end within 5 s: run force-unlock again"
-                        )
-                        .into(),
+                        ),
                     });
                 }
             }
@@ -1024,7 +1052,7 @@ async fn generation_of(
     id: &str,
     shown: &str,
 ) -> Result<Option<i64>, RegistryError> {
-    generation(tx, id).await.map_err(pg(&shown))
+    generation(tx, id).await.map_err(pg(shown))
 }
 
 #[cfg(test)]
@@ -1146,7 +1174,11 @@ mod tests {
             ),
             got => panic!("expected Conflict, got {got:?}"),
         }
-        assert_eq!(other.data_version().unwrap(), v1, "a refused write changes nothing");
+        assert_eq!(
+            other.data_version().unwrap(),
+            v1,
+            "a refused write changes nothing"
+        );
         assert!(matches!(
             reg.put(&put("a", json!({"v": 2})), Some(7)),
             Err(RegistryError::Conflict { .. })
@@ -1211,7 +1243,10 @@ mod tests {
         assert_eq!(live.drifted_spec, None);
         assert_eq!(live.spec().value(), json!({"v": 2}));
         // A row that is not JSON is reported, naming the touchpoint.
-        sql(&db.url, "UPDATE touchpoints SET spec = 'not json' WHERE id = 'a'");
+        sql(
+            &db.url,
+            "UPDATE touchpoints SET spec = 'not json' WHERE id = 'a'",
+        );
         assert!(matches!(reg.list(), Err(RegistryError::Corrupt { id, .. }) if id == "a"));
     }
 
@@ -1259,7 +1294,10 @@ mod tests {
         let reg = PostgresRegistry::open(&db.url).unwrap();
         assert!(!Registry::is_new(&reg));
         assert_eq!(
-            value(&db.url, "SELECT string_agg(version::text, ',') FROM touchctl_schema"),
+            value(
+                &db.url,
+                "SELECT string_agg(version::text, ',') FROM touchctl_schema"
+            ),
             Some(SCHEMA_VERSION.to_string())
         );
         let fingerprint = reg
@@ -1288,7 +1326,10 @@ mod tests {
             let handles: Vec<_> = (0..4)
                 .map(|_| s.spawn(|| PostgresRegistry::open(&db.url).map(|r| r.registry_id)))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
         });
         assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
         assert_eq!(
@@ -1306,7 +1347,8 @@ mod tests {
             Err(e @ RegistryError::SchemaTooNew { found: 99, .. }) => {
                 let shown = e.to_string();
                 assert!(
-                    shown.contains("written by a newer touchctl") && shown.ends_with("upgrade touchctl"),
+                    shown.contains("written by a newer touchctl")
+                        && shown.ends_with("upgrade touchctl"),
                     "{shown}"
                 );
             }
@@ -1330,8 +1372,11 @@ mod tests {
                 assert_eq!(**info, held);
                 let shown = e.to_string();
                 assert!(
-                    shown.contains(&format!("apply by {} (pid {})", held.holder, std::process::id()))
-                        && shown.contains(&format!("touchctl force-unlock {}", held.lock_id)),
+                    shown.contains(&format!(
+                        "apply by {} (pid {})",
+                        held.holder,
+                        std::process::id()
+                    )) && shown.contains(&format!("touchctl force-unlock {}", held.lock_id)),
                     "{shown}"
                 );
             }
@@ -1340,9 +1385,15 @@ mod tests {
         // One process, one lock at a time too: the lock is the session's, not the process's.
         assert!(matches!(a.lock("apply"), Err(RegistryError::Locked(_))));
         a.unlock(&held.lock_id).unwrap();
-        assert_eq!(value(&db.url, "SELECT count(*) FROM registry_lock"), Some("0".into()));
+        assert_eq!(
+            value(&db.url, "SELECT count(*) FROM registry_lock"),
+            Some("0".into())
+        );
         let (again, recovered) = b.lock("apply").unwrap();
-        assert_eq!(recovered, None, "a released lock leaves nothing to take over");
+        assert_eq!(
+            recovered, None,
+            "a released lock leaves nothing to take over"
+        );
         b.unlock(&again.lock_id).unwrap();
     }
 
@@ -1377,20 +1428,23 @@ mod tests {
         assert_eq!(recovered.unwrap().lock_id, first.lock_id);
         // The old holder letting go does not remove the new holder's lock.
         drop(guard);
-        assert!(matches!(a.lock("apply"), Err(RegistryError::Locked(h)) if h.lock_id == taken.lock_id));
+        assert!(
+            matches!(a.lock("apply"), Err(RegistryError::Locked(h)) if h.lock_id == taken.lock_id)
+        );
         // A registry dropped while holding the lock (a process that exits) releases it.
         drop(b);
         let mut recovered = None;
-        wait_for("the lock of a dropped registry was never released", || {
-            match a.lock("apply") {
+        wait_for(
+            "the lock of a dropped registry was never released",
+            || match a.lock("apply") {
                 Ok((_, r)) => {
                     recovered = r;
                     true
                 }
                 Err(RegistryError::Locked(_)) => false,
                 Err(e) => panic!("{e}"),
-            }
-        });
+            },
+        );
         assert_eq!(recovered.unwrap().lock_id, taken.lock_id);
     }
 
@@ -1469,7 +1523,9 @@ mod tests {
         let Some(db) = test_db() else { return };
         let password = "Pa55-word-never-shown";
         // The test server trusts loopback, so a password in the URL connects and is ignored.
-        let with_password = db.url.replacen("://", &format!("://postgres:{password}@"), 1);
+        let with_password = db
+            .url
+            .replacen("://", &format!("://postgres:{password}@"), 1);
         let with_password = match with_password.matches('@').count() {
             1 => with_password,
             // The URL had a user already: keep only the one with the password.
@@ -1483,7 +1539,8 @@ mod tests {
         let shown = reg.describe();
         assert!(!shown.contains(password), "{shown}");
         assert!(
-            shown.starts_with("postgres postgres://postgres@") && shown.ends_with(&format!("/{}", db.name)),
+            shown.starts_with("postgres postgres://postgres@")
+                && shown.ends_with(&format!("/{}", db.name)),
             "{shown}"
         );
         let mut errors = Vec::new();
@@ -1509,10 +1566,18 @@ mod tests {
         for e in &errors {
             assert!(!e.contains(password), "{e}");
         }
-        assert!(errors[1].contains("sslmode=sometimes is not one of"), "{}", errors[1]);
+        assert!(
+            errors[1].contains("sslmode=sometimes is not one of"),
+            "{}",
+            errors[1]
+        );
         assert!(errors[2].contains("touchctl_test_missing"), "{}", errors[2]);
         assert!(errors[3].contains("TLS"), "{}", errors[3]);
-        assert!(errors[4].starts_with("cannot connect to the PostgreSQL registry"), "{}", errors[4]);
+        assert!(
+            errors[4].starts_with("cannot connect to the PostgreSQL registry"),
+            "{}",
+            errors[4]
+        );
     }
 
     #[test]
@@ -1525,7 +1590,8 @@ mod tests {
         assert_eq!(redact("postgres://h"), "postgres://h");
         assert!(is_postgres_url("postgresql://h/db") && is_postgres_url("postgres://h"));
         assert!(!is_postgres_url(".touchctl/state.db") && !is_postgres_url("http://h"));
-        let target = Target::parse("postgres://u:secret@db.example:6543/reg?sslmode=disable").unwrap();
+        let target =
+            Target::parse("postgres://u:secret@db.example:6543/reg?sslmode=disable").unwrap();
         assert_eq!(target.shown, "postgres://u@db.example:6543/reg");
         assert!(target.tls.is_none());
         assert_eq!(
