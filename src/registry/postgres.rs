@@ -448,14 +448,23 @@ async fn migrate(
     tx.execute(&format!("SELECT pg_advisory_xact_lock({MIGRATE_KEY})"), &[])
         .await
         .map_err(&e)?;
-    tx.batch_execute(
-        "CREATE TABLE IF NOT EXISTS touchctl_schema (
+    // Created only where missing, so that a user who may only read (plan) can open a registry
+    // that is up to date.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('touchctl_schema') IS NOT NULL", &[])
+        .await
+        .map_err(&e)?
+        .get(0);
+    if !exists {
+        tx.batch_execute(
+            "CREATE TABLE touchctl_schema (
              version    BIGINT PRIMARY KEY,
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
          )",
-    )
-    .await
-    .map_err(&e)?;
+        )
+        .await
+        .map_err(&e)?;
+    }
     let found: i64 = tx
         .query_one("SELECT coalesce(max(version), 0) FROM touchctl_schema", &[])
         .await
