@@ -256,68 +256,46 @@ impl Sink {
     pub fn new(answer: Arc<Answer>) -> Self {
         let received = Arc::new(Mutex::new(Vec::new()));
         let answer = Arc::new(Mutex::new(answer));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
         let (rec, ans) = (received.clone(), answer.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let count = Arc::new(AtomicUsize::new(0));
-                let app = axum::Router::new().fallback(
-                    move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
-                        let (rec, ans, count) = (rec.clone(), ans.clone(), count.clone());
-                        async move {
-                            let n = count.fetch_add(1, Ordering::SeqCst);
-                            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                            let headers = headers
-                                .iter()
-                                .map(|(k, v)| {
-                                    (
-                                        k.as_str().to_string(),
-                                        v.to_str().unwrap_or_default().to_string(),
-                                    )
-                                })
-                                .collect();
-                            let answer = ans.lock().unwrap().clone();
-                            let (status, extra, text, delay) = answer(n, &body);
-                            if !delay.is_zero() {
-                                tokio::time::sleep(delay).await;
-                            }
-                            rec.lock().unwrap().push(Received {
-                                headers,
-                                body,
-                                status,
-                                at: Instant::now(),
-                            });
-                            let mut resp =
-                                axum::response::Response::new(axum::body::Body::from(text));
-                            *resp.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
-                            for (k, v) in extra {
-                                resp.headers_mut().insert(k, v.parse().unwrap());
-                            }
-                            resp
-                        }
-                    },
-                );
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-                    .expect("serve");
-            });
-        });
-        let addr = addr_rx.recv_timeout(PATIENCE).expect("sink address");
+        let count = Arc::new(AtomicUsize::new(0));
+        let app = axum::Router::new().fallback(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let (rec, ans, count) = (rec.clone(), ans.clone(), count.clone());
+                async move {
+                    let n = count.fetch_add(1, Ordering::SeqCst);
+                    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let headers = headers
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_string(),
+                                v.to_str().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect();
+                    let answer = ans.lock().unwrap().clone();
+                    let (status, extra, text, delay) = answer(n, &body);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    rec.lock().unwrap().push(Received {
+                        headers,
+                        body,
+                        status,
+                        at: Instant::now(),
+                    });
+                    let mut resp = axum::response::Response::new(axum::body::Body::from(text));
+                    *resp.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                    for (k, v) in extra {
+                        resp.headers_mut().insert(k, v.parse().unwrap());
+                    }
+                    resp
+                }
+            },
+        );
+        let (url, stop_tx) = serve_on_loopback(app);
         Self {
-            url: format!("http://{addr}"),
+            url,
             received,
             answer,
             _stop: stop_tx,
@@ -611,7 +589,13 @@ pub fn serve_on_loopback(app: axum::Router) -> (String, tokio::sync::oneshot::Se
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (addr_tx, addr_rx) = std::sync::mpsc::channel::<SocketAddr>();
     std::thread::spawn(move || {
-        runtime().block_on(async move {
+        // Two workers: a slow answer does not hold up the others.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
