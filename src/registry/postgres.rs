@@ -106,6 +106,96 @@ CREATE TABLE data_version (
     version   BIGINT NOT NULL
 );
 INSERT INTO data_version (singleton, version) VALUES (1, 0);
+", "
+CREATE TABLE dispatches (
+    id              TEXT PRIMARY KEY,
+    touchpoint      TEXT NOT NULL,
+    campaign        TEXT NOT NULL,
+    idempotency_key TEXT UNIQUE,      -- unique across every daemon of the database
+    template_params TEXT NOT NULL,
+    generation      BIGINT NOT NULL,
+    receipt         TEXT NOT NULL,
+    created_at      BIGINT NOT NULL,  -- ms since the epoch
+    message         TEXT,             -- JSON of the trigger's channel message; NULL when it has none
+    node            TEXT              -- the daemon that accepted it
+);
+CREATE INDEX dispatches_created ON dispatches (created_at);
+CREATE TABLE batches (
+    id           TEXT PRIMARY KEY,
+    dispatch_id  TEXT NOT NULL REFERENCES dispatches (id),
+    idx          INTEGER NOT NULL,
+    count        INTEGER NOT NULL,
+    touchpoint   TEXT NOT NULL,
+    size         INTEGER NOT NULL,
+    remaining    INTEGER NOT NULL,
+    delivered    INTEGER NOT NULL DEFAULT 0,
+    failed       INTEGER NOT NULL DEFAULT 0,
+    state        TEXT NOT NULL,       -- pending, delivered, failed, dead
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    attempt_base INTEGER NOT NULL DEFAULT 0,
+    next_at      BIGINT NOT NULL,
+    held         TEXT,
+    last_error   TEXT,
+    created_at   BIGINT NOT NULL,
+    updated_at   BIGINT NOT NULL,
+    users        BYTEA,               -- the stored form; NULL once delivered
+    lease_owner  TEXT,                -- the node sending it, while its lease lasts
+    lease_until  BIGINT               -- ms since the epoch, by the database's clock
+);
+CREATE INDEX batches_due ON batches (next_at) WHERE state = 'pending' AND held IS NULL;
+CREATE INDEX batches_leased ON batches (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE INDEX batches_dispatch ON batches (dispatch_id, idx);
+CREATE INDEX batches_touchpoint ON batches (touchpoint, state);
+CREATE TABLE attempts (
+    batch_id   TEXT NOT NULL,
+    attempt    INTEGER NOT NULL,
+    generation BIGINT NOT NULL,
+    started_at BIGINT NOT NULL,
+    latency_ms BIGINT NOT NULL,
+    status     INTEGER,
+    outcome    TEXT NOT NULL,
+    recipients INTEGER NOT NULL,
+    error      TEXT,
+    node       TEXT,
+    PRIMARY KEY (batch_id, attempt)
+);
+CREATE TABLE failures (
+    seq      BIGSERIAL PRIMARY KEY,
+    batch_id TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    reason   TEXT NOT NULL,
+    attempt  INTEGER NOT NULL
+);
+CREATE INDEX failures_batch ON failures (batch_id);
+CREATE TABLE replays (
+    seq           BIGSERIAL PRIMARY KEY,
+    batch_id      TEXT NOT NULL,
+    at            BIGINT NOT NULL,
+    after_attempt INTEGER NOT NULL,
+    recipients    INTEGER NOT NULL
+);
+CREATE INDEX replays_batch ON replays (batch_id);
+CREATE TABLE nodes (
+    node         TEXT PRIMARY KEY,   -- chosen at start: host, pid and random
+    host         TEXT NOT NULL,
+    pid          BIGINT NOT NULL,
+    listen       TEXT NOT NULL,
+    started_at   TEXT NOT NULL,
+    heartbeat_at BIGINT NOT NULL,    -- ms since the epoch, by the database's clock
+    stopped_at   BIGINT              -- set when it stopped cleanly
+);
+CREATE TABLE rate_buckets (
+    touchpoint TEXT PRIMARY KEY,
+    tokens     DOUBLE PRECISION NOT NULL,
+    at_ms      BIGINT NOT NULL       -- when `tokens` was counted, by the database's clock
+);
+CREATE TABLE shared_tokens (
+    key         TEXT PRIMARY KEY,    -- which platform credential (never the secret itself)
+    token       TEXT NOT NULL,       -- a secret: never printed
+    expires_at  BIGINT NOT NULL,     -- ms since the epoch
+    obtained_by TEXT NOT NULL,
+    obtained_at BIGINT NOT NULL
+);
 "];
 
 /// The schema version this build writes and understands.
@@ -236,7 +326,7 @@ impl Target {
         }
     }
 
-    fn pool(&self) -> Result<Pool, String> {
+    fn pool(&self, size: usize) -> Result<Pool, String> {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
@@ -245,7 +335,7 @@ impl Target {
             Some(tls) => Manager::from_config(self.config.clone(), tls.clone(), manager_config),
         };
         Pool::builder(manager)
-            .max_size(POOL_SIZE)
+            .max_size(size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(CALL_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
@@ -615,6 +705,12 @@ impl PostgresRegistry {
     /// Connects to the database `url` names, applies the migrations it lacks (creating the
     /// registry in an empty database) and reads its id and key.
     pub fn open(url: &str) -> Result<Self, RegistryError> {
+        Self::open_with_pool(url, POOL_SIZE)
+    }
+
+    /// [`PostgresRegistry::open`] with a pool of `size` connections (the daemon's queue shares the
+    /// pool, and needs more than the commands).
+    pub fn open_with_pool(url: &str, size: usize) -> Result<Self, RegistryError> {
         let target = Target::parse(url)?;
         let shown = target.shown.clone();
         let bridge = Bridge::start().map_err(|e| no_connection(&shown, e))?;
@@ -622,7 +718,7 @@ impl PostgresRegistry {
         let pool = {
             let _inside = bridge.handle.enter();
             target
-                .pool()
+                .pool(size)
                 .map_err(|why| RegistryError::PostgresConnect {
                     database: shown.clone(),
                     why,
@@ -653,8 +749,9 @@ impl PostgresRegistry {
         self
     }
 
-    /// Runs `f` with a pooled connection on the registry's runtime.
-    fn with_client<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
+    /// Runs `f` with a pooled connection on the registry's runtime (the queue's statements run
+    /// here too).
+    pub(crate) fn with_client<T, F, Fut>(&self, f: F) -> Result<T, RegistryError>
     where
         T: Send + 'static,
         F: FnOnce(deadpool_postgres::Object, String) -> Fut + Send + 'static,
@@ -1305,9 +1402,14 @@ mod tests {
         assert_eq!(
             value(
                 &db.url,
-                "SELECT string_agg(version::text, ',') FROM touchctl_schema"
+                "SELECT string_agg(version::text, ',' ORDER BY version) FROM touchctl_schema"
             ),
-            Some(SCHEMA_VERSION.to_string())
+            Some(
+                (1..=SCHEMA_VERSION)
+                    .map(|v| v.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
         );
         let fingerprint = reg
             .fingerprinter()
