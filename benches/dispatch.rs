@@ -326,8 +326,15 @@ fn queue_alone(triggers: &[Bytes], batch: usize) -> (f64, Duration) {
     let mut delivered = 0usize;
     loop {
         let claimed = queue
-            .claim(touchctl::store::now_ms(), 256, &[], &[])
-            .expect("claim");
+            .claim(
+                touchctl::store::now_ms(),
+                256,
+                &[],
+                &[],
+                &touchctl::dispatch::queue::Lanes::default(),
+            )
+            .expect("claim")
+            .batches;
         if claimed.is_empty() {
             break;
         }

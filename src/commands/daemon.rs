@@ -15,18 +15,22 @@ use touchctl::term::{self, escape};
 use super::{FAILED, OK};
 use crate::cli::{DaemonArgs, DeliveriesCommand, DeliveriesFormat, Global, ListFormat};
 
-/// The queue file: given, or `queue.db` beside the registry file. A registry in PostgreSQL has
-/// no folder to put it beside: the file must be named then.
+/// Whether `--state` names a PostgreSQL database (which then holds the queue too).
+fn state_is_postgres(g: &Global) -> bool {
+    g.state
+        .to_str()
+        .is_some_and(touchctl::registry::is_postgres_url)
+}
+
+/// The SQLite queue file: given, or `queue.db` beside the registry file. A registry in PostgreSQL
+/// keeps the queue in the same database; `--queue` then names a SQLite file to read instead.
 pub fn queue_path(g: &Global, given: Option<&Path>) -> Result<PathBuf> {
     if let Some(given) = given {
         return Ok(given.to_path_buf());
     }
-    if g.state
-        .to_str()
-        .is_some_and(touchctl::registry::is_postgres_url)
-    {
+    if state_is_postgres(g) {
         bail!(
-            "--state names a PostgreSQL registry, and the queue is not kept in PostgreSQL yet: name the daemon's queue file with --queue FILE"
+            "--state names a PostgreSQL database, which holds the queue: this needs a SQLite queue file; name it with --queue FILE"
         );
     }
     Ok(g.state.parent().unwrap_or(Path::new("")).join("queue.db"))
@@ -69,12 +73,10 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
     if source != Source::Worktree && !args.watch {
         bail!("--source only matters with --watch: add --watch to reconcile from {source}");
     }
-    if g.state
-        .to_str()
-        .is_some_and(touchctl::registry::is_postgres_url)
-    {
+    let shared = state_is_postgres(g);
+    if shared && args.queue.is_some() {
         bail!(
-            "the daemon's queue on PostgreSQL is not available yet: run the daemon with a SQLite --state (plan, apply, import and force-unlock work with a PostgreSQL --state)"
+            "--state names a PostgreSQL database, which holds the queue every daemon on it shares: leave out --queue (to move a SQLite queue into the database, use `touchctl state migrate`)"
         );
     }
     let config = daemon::Config {
@@ -82,7 +84,11 @@ pub fn daemon_cmd(g: &Global, args: &DaemonArgs) -> Result<u8> {
         public_url: args.public_url.clone(),
         dir: g.dir.clone(),
         state: g.state.clone(),
-        queue: queue_path(g, args.queue.as_deref())?,
+        queue: if shared {
+            PathBuf::new()
+        } else {
+            queue_path(g, args.queue.as_deref())?
+        },
         watch: args.watch,
         source,
         interval: args.interval,
@@ -118,6 +124,31 @@ fn when(ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Opens the queue the delivery commands read: the one in PostgreSQL when `--state` names a
+/// database and `--queue` does not name a SQLite file, else the SQLite file.
+fn open_any_queue(g: &Global, given: Option<&Path>) -> Result<(Queue, String)> {
+    if given.is_none()
+        && let Some(url) = g
+            .state
+            .to_str()
+            .filter(|s| touchctl::registry::is_postgres_url(s))
+    {
+        let registry = std::sync::Arc::new(touchctl::registry::PostgresRegistry::open(url)?);
+        let node = format!(
+            "{}-{}-cli",
+            touchctl::registry::hostname(),
+            std::process::id()
+        );
+        let queue =
+            touchctl::dispatch::queue::PostgresQueue::open(registry, node, touchctl::lease::TTL)?;
+        let queue = Queue::Postgres(queue);
+        let shown = queue.describe();
+        return Ok((queue, shown));
+    }
+    let path = queue_path(g, given)?;
+    Ok((open_queue(&path)?, path.display().to_string()))
+}
+
 /// Opens the queue file, which only `touchctl daemon` creates.
 fn open_queue(path: &Path) -> Result<Queue> {
     if !path.exists() {
@@ -131,9 +162,17 @@ fn open_queue(path: &Path) -> Result<Queue> {
 
 /// `touchctl force-unlock --daemon`: releases the queue from the daemon holding it.
 pub fn release_queue_cmd(g: &Global, queue: Option<&Path>, force: bool) -> Result<u8> {
+    if queue.is_none() && state_is_postgres(g) {
+        bail!(
+            "daemons sharing a PostgreSQL queue hold no lock on it to release: each holds leases on the batches it is sending, and a daemon that is gone leaves them to expire (after --lease-ttl, 30 s by default); the other daemons then take its batches over"
+        );
+    }
     let path = queue_path(g, queue)?;
     let queue = open_queue(&path)?;
-    match queue.release_daemon_slot(force)? {
+    let Some(sqlite) = queue.sqlite() else {
+        bail!("{} is not a SQLite queue file", path.display());
+    };
+    match sqlite.release_daemon_slot(force)? {
         Some(held) => println!(
             "Released the queue {} from the daemon that held it ({}). The next daemon started on it takes it.",
             escape(&path.display().to_string()),
@@ -148,8 +187,7 @@ pub fn release_queue_cmd(g: &Global, queue: Option<&Path>, force: bool) -> Resul
 }
 
 pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Path>) -> Result<u8> {
-    let path = queue_path(g, queue)?;
-    let queue = open_queue(&path)?;
+    let (queue, shown) = open_any_queue(g, queue)?;
     match command {
         DeliveriesCommand::List {
             only,
@@ -216,7 +254,7 @@ pub fn deliveries_cmd(g: &Global, command: &DeliveriesCommand, queue: Option<&Pa
                 bail!(
                     "no batch `{}` in {}: `touchctl deliveries list` shows them",
                     escape(batch),
-                    path.display()
+                    escape(&shown)
                 );
             };
             let (attempts, failures) = queue.history(batch)?;

@@ -128,8 +128,10 @@ pub struct Info {
     pub watch: bool,
     /// The registry.
     pub registry: String,
-    /// The queue file.
+    /// The queue: its file, or its database.
     pub queue: String,
+    /// This daemon's node id when the queue is shared (PostgreSQL).
+    pub node: Option<String>,
 }
 
 /// The daemon's shared state.
@@ -365,33 +367,9 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
     )
     .map_err(StartError::Client)?;
 
-    let registry = Arc::new(SqliteRegistry::create(&config.state)?);
-    registry.frugal()?;
-    let queue = Arc::new(Queue::open(&config.queue)?);
-    let taken = queue.take_daemon_slot(config.lease_ttl)?;
-    if let Some((gone, standing)) = &taken.replaced {
-        log(&format!(
-            "took over the queue from a daemon that is gone ({gone}): {}; its unfinished batches are sent again",
-            standing.why_free()
-        ));
-    }
     let (lost_tx, mut lost_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let heartbeat = {
-        let (queue, lease_id) = (queue.clone(), taken.lease_id.clone());
-        crate::lease::Heartbeat::start(
-            "queue-lease",
-            config.lease_ttl,
-            Box::new(move |expires_at| {
-                queue
-                    .renew_daemon_slot(&lease_id, expires_at)
-                    .map_err(|e| e.to_string())
-            }),
-            move |why| {
-                let _ = lost_tx.send(why);
-            },
-        )
-        .map_err(StartError::Heartbeat)?
-    };
+    let (registry, queue, hold) = open_state(&config, lost_tx).await?;
+    let registry: Arc<dyn Registry> = registry;
     let listener = listen::bind(config.listen).map_err(|source| StartError::Listen {
         addr: config.listen,
         source,
@@ -425,7 +403,8 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             dir: config.dir.display().to_string(),
             watch: config.watch,
             registry: registry.describe(),
-            queue: config.queue.display().to_string(),
+            queue: queue.describe(),
+            node: queue.postgres().map(|q| q.node().to_string()),
         },
         bodies: body::Budget::new(config.max_body_memory),
         intake: Arc::new(tokio::sync::Semaphore::new(intake_permits())),
@@ -524,8 +503,26 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             "not watching"
         },
         registry.describe(),
-        config.queue.display()
+        queue.describe()
     ));
+    if queue.is_shared() {
+        let q = queue.clone();
+        let (host, listen, started) = (
+            crate::registry::hostname(),
+            addr.to_string(),
+            app.info.started_at.clone(),
+        );
+        let registered = tokio::task::spawn_blocking(move || match q.postgres() {
+            Some(q) => q.register(&host, &listen, &started),
+            None => Ok(()),
+        })
+        .await;
+        if let Ok(Err(e)) = registered {
+            log(&format!(
+                "error: cannot list this daemon among the cluster's nodes: {e}"
+            ));
+        }
+    }
     ready(addr);
 
     let lost = tokio::select! {
@@ -549,8 +546,13 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         let _ = p.await;
     }
     drop(watcher);
-    drop(heartbeat);
-    if let Err(e) = queue.leave_daemon_slot(&taken.lease_id) {
+    drop(hold.heartbeat);
+    let left = match (&hold.lease_id, queue.as_ref()) {
+        (Some(lease_id), Queue::Sqlite(q)) => q.leave_daemon_slot(lease_id),
+        (_, Queue::Postgres(q)) => q.leave(),
+        _ => Ok(()),
+    };
+    if let Err(e) = left {
         log(&format!("error: {e}"));
     }
     log("stopped");
@@ -558,6 +560,117 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         None => Ok(()),
         Some(why) => Err(StartError::LostQueue(why)),
     }
+}
+
+/// What keeps this daemon's hold on its queue: the heartbeat renewing it, and (SQLite) the id of
+/// the daemon slot to leave when stopping.
+struct Hold {
+    heartbeat: crate::lease::Heartbeat,
+    lease_id: Option<String>,
+}
+
+/// Connections a daemon keeps to PostgreSQL: its intake (two per core), claims, records, the
+/// heartbeat and the API's reads.
+const POSTGRES_POOL: usize = 16;
+
+/// Opens the registry and the queue `--state` names, and takes this daemon's hold on the queue:
+/// the SQLite queue's daemon slot (one daemon per file), or a node of the PostgreSQL cluster,
+/// whose heartbeat renews its batch leases. A hold that is lost is sent on `lost` (SQLite: the
+/// daemon stops); a PostgreSQL heartbeat that fails for a lease term is logged, and the daemon
+/// goes on: its records are fenced, so a batch another daemon took over is that daemon's.
+async fn open_state(
+    config: &Config,
+    lost: tokio::sync::mpsc::UnboundedSender<String>,
+) -> Result<(Arc<dyn Registry>, Arc<Queue>, Hold), StartError> {
+    if let Some(url) = config
+        .state
+        .to_str()
+        .filter(|s| crate::registry::is_postgres_url(s))
+    {
+        let url = url.to_string();
+        let ttl = config.lease_ttl;
+        let opened = tokio::task::spawn_blocking(move || {
+            let registry = Arc::new(crate::registry::PostgresRegistry::open_with_pool(
+                &url,
+                POSTGRES_POOL,
+            )?);
+            let node = format!(
+                "{}-{}-{}",
+                crate::registry::hostname(),
+                std::process::id(),
+                crate::store::random_hex(3)
+            );
+            let queue = crate::dispatch::queue::PostgresQueue::open(registry.clone(), node, ttl)?;
+            Ok::<_, StartError>((registry, queue))
+        })
+        .await
+        .map_err(|e| StartError::Heartbeat(std::io::Error::other(e.to_string())))??;
+        let (registry, queue) = opened;
+        let queue = Arc::new(Queue::Postgres(queue));
+        let heartbeat = {
+            let queue = queue.clone();
+            crate::lease::Heartbeat::start(
+                "node-heartbeat",
+                ttl,
+                Box::new(move |_| match queue.postgres() {
+                    Some(q) => q.beat().map(|_| true).map_err(|e| e.to_string()),
+                    None => Ok(true),
+                }),
+                |why| {
+                    log(&format!(
+                        "error: this daemon's batch leases were not renewed ({why}); other daemons may take its batches over (sent again under the same webhook-id). It goes on, and renews them again once the database answers"
+                    ));
+                },
+            )
+            .map_err(StartError::Heartbeat)?
+        };
+        let registry: Arc<dyn Registry> = registry;
+        return Ok((
+            registry,
+            queue,
+            Hold {
+                heartbeat,
+                lease_id: None,
+            },
+        ));
+    }
+    let registry = Arc::new(SqliteRegistry::create(&config.state)?);
+    registry.frugal()?;
+    let sqlite = crate::dispatch::queue::SqliteQueue::open(&config.queue)?;
+    let taken = sqlite.take_daemon_slot(config.lease_ttl)?;
+    if let Some((gone, standing)) = &taken.replaced {
+        log(&format!(
+            "took over the queue from a daemon that is gone ({gone}): {}; its unfinished batches are sent again",
+            standing.why_free()
+        ));
+    }
+    let queue = Arc::new(Queue::Sqlite(sqlite));
+    let heartbeat = {
+        let (queue, lease_id) = (queue.clone(), taken.lease_id.clone());
+        crate::lease::Heartbeat::start(
+            "queue-lease",
+            config.lease_ttl,
+            Box::new(move |expires_at| match queue.sqlite() {
+                Some(q) => q
+                    .renew_daemon_slot(&lease_id, expires_at)
+                    .map_err(|e| e.to_string()),
+                None => Ok(true),
+            }),
+            move |why| {
+                let _ = lost.send(why);
+            },
+        )
+        .map_err(StartError::Heartbeat)?
+    };
+    let registry: Arc<dyn Registry> = registry;
+    Ok((
+        registry,
+        queue,
+        Hold {
+            heartbeat,
+            lease_id: Some(taken.lease_id),
+        },
+    ))
 }
 
 /// On a timer: drops the recipients kept in memory past their age limit (otherwise dropped only

@@ -14,10 +14,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::Rejected;
-use super::queue::{After, Claimed, Completion, Queue, Users};
+use super::queue::{After, At, Claimed, Completion, Lanes, Queue, Users};
 use super::recipient::Mapping;
 use super::retry::{self, Next};
-use super::segments::Span;
 use super::stored::{parse_stored, store};
 use super::trigger::UserRef;
 use crate::channel::{Channel, Message, Outgoing, Report, Rest, Signal, net_guard};
@@ -305,6 +304,9 @@ pub async fn run(
     let mut must_claim = true;
     let mut left_out: Vec<String> = Vec::new();
     let mut due_at: Option<Instant> = None;
+    // Due batches a shared queue left at a cluster-wide limit are asked for again then.
+    let mut capped_at: Option<Instant> = None;
+    let shared_queue = queue.is_shared();
     loop {
         if *stop.borrow() {
             break;
@@ -335,14 +337,25 @@ pub async fn run(
             left_out.clone_from(&full);
             let limit = room.min(256);
             let busy_now = busy_ids(&busy);
+            let limits = if queue.is_shared() {
+                cluster_lanes(directory.as_ref(), config.concurrency)
+            } else {
+                Lanes::default()
+            };
             let claimed = run_blocking(&queue, move |q| {
                 let skip: Vec<&str> = full.iter().map(String::as_str).collect();
                 let busy: Vec<&str> = busy_now.iter().map(String::as_str).collect();
-                q.claim(now_ms(), limit, &skip, &busy)
+                q.claim(now_ms(), limit, &skip, &busy, &limits)
             })
             .await;
             match claimed {
-                Ok(batches) => {
+                Ok(claim) => {
+                    capped_at = claim.capped_until.and_then(|at| {
+                        Instant::now().checked_add(Duration::from_millis(
+                            u64::try_from(at.saturating_sub(now_ms())).unwrap_or(0),
+                        ))
+                    });
+                    let batches = claim.batches;
                     observer.claimed(batches.len());
                     must_claim = batches.len() >= limit;
                     {
@@ -381,7 +394,12 @@ pub async fn run(
                     continue;
                 }
             };
-            let rate = target.channel.rate_limit();
+            // A shared queue paces the cluster when it hands out batches: no bucket here.
+            let rate = if shared_queue {
+                None
+            } else {
+                target.channel.rate_limit()
+            };
             if lane.rate != rate {
                 lane.rate = rate;
                 lane.bucket = rate.map(Bucket::new);
@@ -410,15 +428,20 @@ pub async fn run(
         }
         for (tp, park, batches) in held {
             park.apply(&queue, &tp, observer.as_ref()).await;
+            let ids: Vec<String> = batches.into_iter().map(|b| b.id).collect();
+            release(&queue, ids.clone(), observer.as_ref()).await;
             let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
-            for batch in batches {
-                b.remove(&batch.id);
+            for id in ids {
+                b.remove(&id);
             }
         }
         lanes.retain(|_, l| l.in_flight > 0 || !l.waiting.is_empty() || l.bucket.is_some());
         // Sleep until something can move: a send finishing, new work, a token, a retry falling due.
         let mut until = Instant::now() + Duration::from_secs(1);
         if let Some(t) = next_token {
+            until = until.min(t);
+        }
+        if let Some(t) = capped_at {
             until = until.min(t);
         }
         if must_claim && room > 0 {
@@ -432,7 +455,7 @@ pub async fn run(
             due_at = match run_blocking(&queue, move |q| {
                 let skip: Vec<&str> = skip.iter().map(String::as_str).collect();
                 let busy: Vec<&str> = busy_now.iter().map(String::as_str).collect();
-                q.next_due(&skip, &busy)
+                q.next_due(now_ms(), &skip, &busy)
             })
             .await
             {
@@ -456,6 +479,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(until.into()) => {
                 must_claim = true;
                 due_at = None;
+                capped_at = None;
             }
             _ = stop.changed() => {}
         }
@@ -506,6 +530,33 @@ async fn finished_by(
         finished += 1;
     }
     finished
+}
+
+/// The limits a claim from a shared queue keeps to: `concurrency` per touchpoint, and the
+/// `rate_limit` of each live touchpoint that has one.
+fn cluster_lanes(directory: &dyn Directory, concurrency: usize) -> Lanes {
+    let rates = directory
+        .ids()
+        .into_iter()
+        .filter_map(|id| match directory.lookup(&id) {
+            Lookup::Ready(t) | Lookup::Waiting { target: t, .. } => {
+                t.channel.rate_limit().map(|r| (id, r))
+            }
+            Lookup::Held(..) => None,
+        })
+        .collect();
+    Lanes { concurrency, rates }
+}
+
+/// Lets go of claimed batches that were not sent (a no-op unless the queue is shared).
+async fn release(queue: &Arc<Queue>, ids: Vec<String>, observer: &dyn Observer) {
+    if !queue.is_shared() || ids.is_empty() {
+        return;
+    }
+    if let Err(e) = run_blocking(queue, move |q| q.release(&ids)).await {
+        // Their leases then run out instead, and another claim takes them.
+        observer.problem(&format!("cannot release claimed batches: {e}"));
+    }
 }
 
 async fn run_blocking<T: Send + 'static>(
@@ -576,8 +627,9 @@ async fn record(
                 b.remove(&c.batch_id);
             }
         }
-        // A batch to retry is due again some time: the sender's timer must know.
-        if group.iter().any(|c| matches!(c.after, After::RetryAt(_))) {
+        // A batch to retry is due again some time: the sender's timer must know. On a shared
+        // queue, every record also frees places the cluster-wide limits count.
+        if queue.is_shared() || group.iter().any(|c| matches!(c.after, After::RetryAt(_))) {
             wake.anything();
         }
     }
@@ -606,6 +658,7 @@ impl Shared {
             Err(park) => {
                 park.apply(&self.queue, &batch.touchpoint, self.observer.as_ref())
                     .await;
+                release(&self.queue, vec![batch.id.clone()], self.observer.as_ref()).await;
                 self.busy
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -620,10 +673,10 @@ impl Shared {
         // params are those they were written with; otherwise the stored users are read.
         let (wire, stored) =
             match std::mem::replace(&mut batch.users, Users::Stored(Ok(Vec::new()))) {
-                Users::Fresh(wire, span) if wire.generation == target.generation => {
-                    (Some((wire, span)), Ok(Vec::new()))
+                Users::Fresh(wire, at) if wire.generation == target.generation => {
+                    (Some((wire, at)), Ok(Vec::new()))
                 }
-                Users::Fresh(_, span) => (None, self.read_span(span).await),
+                Users::Fresh(_, at) => (None, self.read_users(at).await),
                 Users::Stored(stored) => (None, stored),
             };
         let parsed = match &stored {
@@ -705,7 +758,7 @@ impl Shared {
         // A partial answer to recipients sent from memory: which ones to retry is worked out from
         // the stored users, read now.
         let late = match &wire {
-            Some((_, span)) if !report.misses.is_empty() => Some(self.read_span(*span).await),
+            Some((_, at)) if !report.misses.is_empty() => Some(self.read_users(at.clone()).await),
             _ => None,
         };
         let late_parsed = late.as_ref().map(|stored| match stored {
@@ -752,9 +805,9 @@ impl Shared {
         let _ = self.record.send(completion);
     }
 
-    /// Reads users stored in a segment, off the async threads.
-    async fn read_span(&self, span: Span) -> Result<Vec<u8>, String> {
-        run_blocking(&self.queue, move |q| Ok(q.read_span(span)))
+    /// Reads the stored users of a batch claimed from memory, off the async threads.
+    async fn read_users(&self, at: At) -> Result<Vec<u8>, String> {
+        run_blocking(&self.queue, move |q| Ok(q.read_users(&at)))
             .await
             .unwrap_or_else(|e| Err(e.to_string()))
     }

@@ -10,7 +10,7 @@
 //! instead of overwritten. The lock is a lease (see [`crate::lease`]): [`LockGuard`] renews it
 //! while its holder works, and a successor takes over one whose holder is gone.
 
-mod postgres;
+pub(crate) mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;

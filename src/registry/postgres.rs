@@ -443,7 +443,7 @@ impl Drop for Bridge {
 }
 
 /// Runs `fut` on the registry's runtime and waits for it, at most [`CALL_TIMEOUT`].
-fn block_on<T: Send + 'static>(
+pub(crate) fn block_on<T: Send + 'static>(
     handle: &tokio::runtime::Handle,
     shown: &str,
     fut: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
@@ -484,7 +484,7 @@ pub struct PostgresRegistry {
 }
 
 /// An error and its causes, as one line (the driver's own message says only what kind it is).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     // Bounded: a cause chain is short, but nothing stops one from being circular.
@@ -520,7 +520,10 @@ fn no_connection(shown: &str, e: impl std::error::Error + 'static) -> RegistryEr
     }
 }
 
-async fn pooled(pool: &Pool, shown: &str) -> Result<deadpool_postgres::Object, RegistryError> {
+pub(crate) async fn pooled(
+    pool: &Pool,
+    shown: &str,
+) -> Result<deadpool_postgres::Object, RegistryError> {
     pool.get().await.map_err(|e| match e {
         deadpool_postgres::PoolError::Backend(e) => no_connection(shown, e),
         other => no_connection(shown, other),
@@ -762,6 +765,21 @@ impl PostgresRegistry {
             let client = pooled(&pool, &shown).await?;
             f(client, shown).await
         })
+    }
+
+    /// The pool, for statements the queue runs on the registry's runtime.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The registry's runtime.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.bridge.handle
+    }
+
+    /// The database as shown: `postgres://user@host:port/db`, no password.
+    pub(crate) fn shown(&self) -> &str {
+        &self.target.shown
     }
 
     fn locked_conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Client>>> {

@@ -4,7 +4,7 @@
 use rusqlite::params;
 
 use super::writer::Work;
-use super::{Queue, QueueError, json_list, lock};
+use super::{QueueError, SqliteQueue, json_list, lock};
 use crate::dispatch::Rejected;
 use crate::dispatch::fresh::Wire;
 use crate::dispatch::segments::Span;
@@ -42,19 +42,51 @@ pub enum Users {
     /// In their stored form (see [`crate::dispatch::stored::store`]), or why they cannot be read.
     Stored(Result<Vec<u8>, String>),
     /// As written on the wire when the batch was queued by this process (see [`crate::dispatch::fresh`]),
-    /// not read from disk. They are the batch's users as stored at the span (a batch whose users
-    /// are rewritten stops pointing into its segment), read with [`Queue::read_span`] when needed.
-    Fresh(Wire, Span),
+    /// not read from storage. Their stored form is where [`At`] says, read with
+    /// [`super::Queue::read_users`] when needed.
+    Fresh(Wire, At),
+}
+
+/// Where a batch claimed from memory keeps its stored users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum At {
+    /// In a segment file of the SQLite queue (a batch whose users are rewritten stops pointing
+    /// into its segment, so the span is the batch's users as claimed).
+    Segment(Span),
+    /// In the batch's row (the PostgreSQL queue).
+    Row(String),
 }
 
 impl Users {
-    /// The stored form, reading it from the segment when the batch was claimed from memory.
-    pub fn stored(self, queue: &Queue) -> Result<Vec<u8>, String> {
+    /// The stored form, reading it when the batch was claimed from memory.
+    pub fn stored(self, queue: &super::Queue) -> Result<Vec<u8>, String> {
         match self {
             Users::Stored(users) => users,
-            Users::Fresh(_, span) => queue.read_span(span),
+            Users::Fresh(_, at) => queue.read_users(&at),
         }
     }
+}
+
+/// What one claim may take per touchpoint, for a queue shared by several daemons (PostgreSQL):
+/// the limits hold across all of them. The SQLite queue's one daemon paces itself and ignores
+/// them.
+#[derive(Clone, Debug, Default)]
+pub struct Lanes {
+    /// Batches of one touchpoint being sent at once, by every daemon together.
+    pub concurrency: usize,
+    /// Requests per second per touchpoint, for the touchpoints that have a `rate_limit`.
+    pub rates: Vec<(String, f64)>,
+}
+
+/// What a claim took.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// The batches, oldest due first.
+    pub batches: Vec<Claimed>,
+    /// When to ask again (ms since the epoch) for batches that are due but were left because
+    /// their touchpoint is at its concurrency or rate limit across the cluster (PostgreSQL only):
+    /// a batch sent by another daemon frees a place without telling this one.
+    pub capped_until: Option<i64>,
 }
 
 /// Where a batch goes after an attempt.
@@ -109,7 +141,7 @@ pub struct Completion {
     pub error: Option<String>,
 }
 
-/// Due batches with what sending them needs, oldest due first (see [`Queue::claim`]).
+/// Due batches with what sending them needs, oldest due first (see [`SqliteQueue::claim`]).
 pub(super) const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params, \
      b.segment, b.seg_offset, b.seg_length, d.message \
      FROM batches b JOIN dispatches d ON d.id = b.dispatch_id LEFT JOIN payloads p ON p.batch_id = b.id \
@@ -137,7 +169,7 @@ pub(super) fn span_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Span>> {
     span_at(r, 0)
 }
 
-impl Queue {
+impl SqliteQueue {
     /// Up to `limit` (at most 256) due batches, oldest due first, leaving out the batches in `busy`
     /// (being sent) and the touchpoints in `skip` (at their concurrency or rate limit). Reads only.
     pub fn claim(
@@ -188,7 +220,7 @@ impl Queue {
             .map(|(mut c, span)| {
                 if let Some(span) = span {
                     c.users = match self.fresh.take(&c.id) {
-                        Some(wire) => Users::Fresh(wire, span),
+                        Some(wire) => Users::Fresh(wire, At::Segment(span)),
                         None => Users::Stored(self.segments.read(span)),
                     };
                 }
@@ -198,7 +230,7 @@ impl Queue {
     }
 
     /// When the earliest pending, unheld batch not of a touchpoint in `skip` and not in `busy` is
-    /// due (the same filters as [`Queue::claim`]).
+    /// due (the same filters as [`SqliteQueue::claim`]).
     pub fn next_due(&self, skip: &[&str], busy: &[&str]) -> Result<Option<i64>, QueueError> {
         let conn = lock(&self.work);
         let mut stmt = conn

@@ -5,8 +5,8 @@ use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 
 use super::writer::{Job, Work};
-use super::{Queue, QueueError, batch_id, lock, new_id};
-use crate::dispatch::fresh::Wire;
+use super::{QueueError, SqliteQueue, batch_id, lock, new_id};
+use crate::dispatch::fresh::{Fresh, Wire};
 use crate::dispatch::trigger::UserRef;
 use crate::dispatch::{Rejected, TriggerHead};
 
@@ -47,22 +47,23 @@ pub type WireWriter<'a> = dyn Fn(&[&UserRef<'_>]) -> Vec<u8> + 'a;
 /// A trigger handed to the writer thread, not yet known to be on disk.
 #[must_use = "the trigger is stored only once `wait` has answered"]
 pub struct Storing<'q> {
-    queue: &'q Queue,
-    answer: std::sync::mpsc::Receiver<Result<Enqueued, QueueError>>,
+    pub(super) fresh: &'q Fresh,
+    pub(super) answer: std::sync::mpsc::Receiver<Result<Enqueued, QueueError>>,
     /// The id the trigger is stored under, if it is stored.
-    dispatch_id: String,
+    pub(super) dispatch_id: String,
     /// How many of its batches, from the first, have their recipients kept in memory.
-    kept: usize,
+    pub(super) kept: usize,
 }
 
 impl Storing<'_> {
-    /// Waits until the trigger is on disk (fsync'd). If it was not stored (an error, or its
-    /// idempotency key was used before), the recipients kept for its batches are let go.
+    /// Waits until the trigger is durable (fsync'd, or committed by PostgreSQL). If it was not
+    /// stored (an error, or its idempotency key was used before), the recipients kept for its
+    /// batches are let go.
     pub fn wait(self) -> Result<Enqueued, QueueError> {
-        let enqueued = Queue::answer(self.answer);
+        let enqueued = SqliteQueue::answer(self.answer);
         if !matches!(enqueued, Ok(Enqueued::New(_))) {
             for i in 0..self.kept {
-                self.queue.fresh.take(&batch_id(&self.dispatch_id, i));
+                self.fresh.take(&batch_id(&self.dispatch_id, i));
             }
         }
         enqueued
@@ -78,7 +79,7 @@ pub enum Enqueued {
     Repeat(Receipt),
 }
 
-impl Queue {
+impl SqliteQueue {
     /// The receipt of an earlier trigger with this idempotency key, if there was one.
     pub fn find_idempotent(
         &self,
@@ -102,7 +103,7 @@ impl Queue {
         self.begin_enqueue(d)?.wait()
     }
 
-    /// The CPU part of [`Queue::enqueue`]: builds the batches, hands them to the writer thread
+    /// The CPU part of [`SqliteQueue::enqueue`]: builds the batches, hands them to the writer thread
     /// and writes the recipients for the wire while it stores them. [`Storing::wait`] then waits
     /// for the disk, which takes no CPU: a caller that limits how many triggers are worked on at
     /// once can let the next one start in between.
@@ -121,7 +122,7 @@ impl Queue {
             generation: d.generation,
             batches,
             accepted: d.users.len(),
-            rejected: d.rejected,
+            rejected: d.rejected.clone(),
             spans: Vec::new(),
         };
         let answer = self.send(|reply| Work::Enqueue(Box::new(job), reply))?;
@@ -130,26 +131,34 @@ impl Queue {
         // claimed before its entry is here is read from disk (the entry would then never be
         // taken). Only as many as the memory budget keeps (`put` says when it is taken): the
         // others are read from disk when sent.
-        let mut kept = 0;
-        if let Some(write) = d.wire {
-            for batch in d.users.chunks(size) {
-                let recipients = write(batch);
-                let wire = Wire {
-                    generation: d.generation,
-                    recipients,
-                    count: batch.len() as u32,
-                };
-                if !self.fresh.put(batch_id(&dispatch_id, kept), wire) {
-                    break;
-                }
-                kept += 1;
-            }
-        }
+        let kept = keep_fresh(&self.fresh, &d, &dispatch_id);
         Ok(Storing {
-            queue: self,
+            fresh: &self.fresh,
             answer,
             dispatch_id,
             kept,
         })
     }
+}
+
+/// Writes the recipients of `d`'s batches for the wire and keeps them in `fresh` under their batch
+/// ids, from the first, as long as the memory budget lets it; returns how many were kept.
+pub(super) fn keep_fresh(fresh: &Fresh, d: &NewDispatch<'_>, dispatch_id: &str) -> usize {
+    let size = d.batch_size.max(1);
+    let mut kept = 0;
+    if let Some(write) = d.wire {
+        for batch in d.users.chunks(size) {
+            let recipients = write(batch);
+            let wire = Wire {
+                generation: d.generation,
+                recipients,
+                count: batch.len() as u32,
+            };
+            if !fresh.put(batch_id(dispatch_id, kept), wire) {
+                break;
+            }
+            kept += 1;
+        }
+    }
+    kept
 }

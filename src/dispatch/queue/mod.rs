@@ -37,13 +37,15 @@
 
 mod claim;
 mod enqueue;
+mod postgres;
 mod report;
 mod schema;
 mod slot;
 mod writer;
 
-pub use claim::{After, Claimed, Completion, Users};
+pub use claim::{After, At, Claim, Claimed, Completion, Lanes, Users};
 pub use enqueue::{Enqueued, NewDispatch, Receipt, Storing, WireWriter};
+pub use postgres::PostgresQueue;
 pub use report::{Attempt, BatchCounts, BatchInfo, DispatchStatus, Filter, Replay, Stats};
 pub use slot::{DaemonSlot, Taken};
 
@@ -119,6 +121,17 @@ pub enum QueueError {
         note = .0.expiry_note()
     )]
     SlotLive(Box<DaemonSlot>),
+    /// PostgreSQL failed.
+    #[error("queue in {database}: {why}")]
+    Postgres {
+        /// The database, without its password.
+        database: String,
+        /// Why.
+        why: String,
+    },
+    /// This command or operation needs the SQLite queue file.
+    #[error("{0}")]
+    NotHere(String),
     /// The queue file is empty.
     #[error(
         "the queue file {0} is empty (0 bytes), so it holds no queue; touchctl never leaves one empty. If it is a leftover, remove it and run again (a new queue is created); if your queue should be there, restore the file from a backup"
@@ -134,8 +147,20 @@ pub enum QueueError {
     },
 }
 
-/// The durable queue.
-pub struct Queue {
+/// The durable queue: a SQLite file of one daemon's, or tables in PostgreSQL that every daemon of
+/// the database shares (see [`postgres`]). The daemon and the commands work through this type;
+/// what differs between the two is said on each method. (One of each is opened per process, and
+/// kept behind an `Arc`: the size of the variants does not matter.)
+#[allow(clippy::large_enum_variant)]
+pub enum Queue {
+    /// The embedded default: one file, one daemon.
+    Sqlite(SqliteQueue),
+    /// Shared by every daemon on the database.
+    Postgres(PostgresQueue),
+}
+
+/// The SQLite queue file.
+pub struct SqliteQueue {
     path: PathBuf,
     /// Stores triggers: every commit fsync'd.
     accept: Mutex<Connection>,
@@ -151,7 +176,7 @@ pub struct Queue {
     fresh: Fresh,
 }
 
-impl Queue {
+impl SqliteQueue {
     /// Opens (creating owner-only if needed) the queue file.
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         let shown = path.display().to_string();
@@ -261,6 +286,250 @@ impl Queue {
     /// The batches kept in memory for the sender, and their bytes.
     pub fn fresh_usage(&self) -> (usize, usize) {
         self.fresh.usage()
+    }
+}
+
+impl Queue {
+    /// Opens (creating owner-only if needed) the SQLite queue file.
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        SqliteQueue::open(path).map(Queue::Sqlite)
+    }
+
+    /// The SQLite queue, if this is one (its daemon slot, its file).
+    pub fn sqlite(&self) -> Option<&SqliteQueue> {
+        match self {
+            Queue::Sqlite(q) => Some(q),
+            Queue::Postgres(_) => None,
+        }
+    }
+
+    /// The PostgreSQL queue, if this is one.
+    pub fn postgres(&self) -> Option<&PostgresQueue> {
+        match self {
+            Queue::Sqlite(_) => None,
+            Queue::Postgres(q) => Some(q),
+        }
+    }
+
+    /// Whether several daemons share this queue (claims then keep to [`Lanes`]).
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Queue::Postgres(_))
+    }
+
+    /// The file, or the database without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            Queue::Sqlite(q) => q.path().display().to_string(),
+            Queue::Postgres(q) => q.describe(),
+        }
+    }
+
+    /// Recipients pending (kept in memory; see [`Queue::refresh_pending`]). With several daemons,
+    /// those this one stored since the last refresh are added to the count read then.
+    pub fn pending_recipients(&self) -> u64 {
+        match self {
+            Queue::Sqlite(q) => q.pending_recipients(),
+            Queue::Postgres(q) => q.pending_recipients(),
+        }
+    }
+
+    /// Recounts the pending recipients.
+    pub fn refresh_pending(&self) -> Result<u64, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.refresh_pending(),
+            Queue::Postgres(q) => q.refresh_pending(),
+        }
+    }
+
+    /// Reads the stored users of a batch claimed from memory.
+    pub fn read_users(&self, at: &At) -> Result<Vec<u8>, String> {
+        match (self, at) {
+            (Queue::Sqlite(q), At::Segment(span)) => q.read_span(*span),
+            (Queue::Postgres(q), At::Row(id)) => q.read_users(id),
+            _ => Err("the batch's users are kept by another kind of queue".into()),
+        }
+    }
+
+    /// Drops the recipients kept in memory longer than their age limit.
+    pub fn expire_fresh(&self) {
+        match self {
+            Queue::Sqlite(q) => q.expire_fresh(),
+            Queue::Postgres(q) => q.expire_fresh(),
+        }
+    }
+
+    /// The batches kept in memory for the sender, and their bytes.
+    pub fn fresh_usage(&self) -> (usize, usize) {
+        match self {
+            Queue::Sqlite(q) => q.fresh_usage(),
+            Queue::Postgres(q) => q.fresh_usage(),
+        }
+    }
+
+    /// Up to `limit` due batches, oldest due first, leaving out the touchpoints in `skip` (at
+    /// their limit here). The SQLite queue also leaves out the batches in `busy` (being sent: its
+    /// daemon keeps them in memory) and only reads; the PostgreSQL queue leases what it returns to
+    /// this daemon, takes no batch another daemon's lease holds, and keeps to `lanes`.
+    pub fn claim(
+        &self,
+        now: i64,
+        limit: usize,
+        skip: &[&str],
+        busy: &[&str],
+        lanes: &Lanes,
+    ) -> Result<Claim, QueueError> {
+        match self {
+            Queue::Sqlite(q) => Ok(Claim {
+                batches: q.claim(now, limit, skip, busy)?,
+                capped_until: None,
+            }),
+            Queue::Postgres(q) => q.claim(limit, skip, lanes),
+        }
+    }
+
+    /// When the earliest pending, unheld batch not of a touchpoint in `skip` and not in `busy` is
+    /// due. The PostgreSQL queue answers only for batches due later than `now` (those due already
+    /// are asked for again by [`Claim::capped_until`]) and not leased.
+    pub fn next_due(
+        &self,
+        now: i64,
+        skip: &[&str],
+        busy: &[&str],
+    ) -> Result<Option<i64>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.next_due(skip, busy),
+            Queue::Postgres(q) => q.next_due(now, skip),
+        }
+    }
+
+    /// Records attempts (and, on PostgreSQL, ends this daemon's leases of their batches).
+    pub fn record(&self, done: Vec<Completion>) -> Result<(), QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.record(done),
+            Queue::Postgres(q) => q.record(done),
+        }
+    }
+
+    /// Lets go of batches claimed but not sent (their touchpoint was held meanwhile): a no-op
+    /// for the SQLite queue, whose claims are in its daemon's memory; the end of this daemon's
+    /// leases on PostgreSQL.
+    pub fn release(&self, ids: &[String]) -> Result<(), QueueError> {
+        match self {
+            Queue::Sqlite(_) => Ok(()),
+            Queue::Postgres(q) => q.release(ids),
+        }
+    }
+
+    /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
+    pub fn hold(&self, touchpoint: &str, reason: Option<&str>) -> Result<usize, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.hold(touchpoint, reason),
+            Queue::Postgres(q) => q.hold(touchpoint, reason),
+        }
+    }
+
+    /// Makes the pending batches of `touchpoint` due no sooner than `until`.
+    pub fn defer(&self, touchpoint: &str, until: i64) -> Result<usize, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.defer(touchpoint, until),
+            Queue::Postgres(q) => q.defer(touchpoint, until),
+        }
+    }
+
+    /// The touchpoints that have pending batches, with how many are held.
+    pub fn pending_touchpoints(&self) -> Result<Vec<(String, u64, u64)>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.pending_touchpoints(),
+            Queue::Postgres(q) => q.pending_touchpoints(),
+        }
+    }
+
+    /// The receipt of an earlier trigger with this idempotency key, if there was one.
+    pub fn find_idempotent(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, String, Receipt)>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.find_idempotent(key),
+            Queue::Postgres(q) => q.find_idempotent(key),
+        }
+    }
+
+    /// Stores a trigger's batches; returns once they are durable.
+    pub fn enqueue(&self, d: NewDispatch<'_>) -> Result<Enqueued, QueueError> {
+        self.begin_enqueue(d)?.wait()
+    }
+
+    /// Starts storing a trigger (see [`SqliteQueue::begin_enqueue`]); [`Storing::wait`] waits
+    /// until it is durable: fsync'd to the SQLite file, or committed by PostgreSQL.
+    pub fn begin_enqueue(&self, d: NewDispatch<'_>) -> Result<Storing<'_>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.begin_enqueue(d),
+            Queue::Postgres(q) => q.begin_enqueue(d),
+        }
+    }
+
+    /// A dispatch and its progress.
+    pub fn dispatch(&self, id: &str) -> Result<Option<DispatchStatus>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.dispatch(id),
+            Queue::Postgres(q) => q.dispatch(id),
+        }
+    }
+
+    /// Batches matching `filter`, newest first.
+    pub fn batches(&self, filter: &Filter) -> Result<Vec<BatchInfo>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.batches(filter),
+            Queue::Postgres(q) => q.batches(filter),
+        }
+    }
+
+    /// Every attempt of a batch, and its recipients that failed for good.
+    pub fn history(
+        &self,
+        batch_id: &str,
+    ) -> Result<(Vec<Attempt>, Vec<crate::dispatch::Rejected>), QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.history(batch_id),
+            Queue::Postgres(q) => q.history(batch_id),
+        }
+    }
+
+    /// When each of a batch's replays happened, oldest first.
+    pub fn replays(&self, batch_id: &str) -> Result<Vec<Replay>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.replays(batch_id),
+            Queue::Postgres(q) => q.replays(batch_id),
+        }
+    }
+
+    /// Puts dead batches back in the queue (see [`SqliteQueue::replay`]).
+    pub fn replay(
+        &self,
+        ids: &[String],
+        touchpoint: Option<&str>,
+    ) -> Result<Vec<String>, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.replay(ids, touchpoint),
+            Queue::Postgres(q) => q.replay(ids, touchpoint),
+        }
+    }
+
+    /// Counts over the whole queue.
+    pub fn stats(&self) -> Result<Stats, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.stats(),
+            Queue::Postgres(q) => q.stats(),
+        }
+    }
+
+    /// Forgets up to `limit` dispatches whose batches were all delivered before `before`.
+    pub fn prune(&self, before: i64, limit: usize) -> Result<usize, QueueError> {
+        match self {
+            Queue::Sqlite(q) => q.prune(before, limit),
+            Queue::Postgres(q) => q.prune(before, limit),
+        }
     }
 }
 

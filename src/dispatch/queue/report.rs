@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use super::{Queue, QueueError, Receipt, lock};
+use super::{QueueError, Receipt, SqliteQueue, lock};
 use crate::dispatch::Rejected;
 use crate::store::now_ms;
 
@@ -148,7 +148,7 @@ pub struct Stats {
     pub dead_recipients: u64,
 }
 
-impl Queue {
+impl SqliteQueue {
     /// A dispatch and its progress.
     pub fn dispatch(&self, id: &str) -> Result<Option<DispatchStatus>, QueueError> {
         let conn = lock(&self.work);
@@ -315,7 +315,7 @@ impl Queue {
     /// Puts dead batches back in the queue, due now, with a fresh attempt budget: the given ids,
     /// or every dead batch (of `touchpoint`, if given). Returns the ids replayed. The attempts
     /// made before stay in the log, later ones are numbered on from them, and the replay itself
-    /// is recorded (see [`Queue::replays`]).
+    /// is recorded (see [`SqliteQueue::replays`]).
     pub fn replay(
         &self,
         ids: &[String],

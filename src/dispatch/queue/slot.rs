@@ -3,7 +3,7 @@
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{Queue, QueueError, lock};
+use super::{QueueError, SqliteQueue, lock};
 use crate::store::{self, now_ms};
 
 /// The daemon working a queue file, as its slot records it.
@@ -43,7 +43,7 @@ impl std::fmt::Display for DaemonSlot {
     }
 }
 
-/// This process's hold on the queue, from [`Queue::take_daemon_slot`].
+/// This process's hold on the queue, from [`SqliteQueue::take_daemon_slot`].
 #[derive(Clone, Debug)]
 pub struct Taken {
     /// The random id of the hold, to renew and leave it.
@@ -52,7 +52,7 @@ pub struct Taken {
     pub replaced: Option<(DaemonSlot, crate::lease::Standing)>,
 }
 
-impl Queue {
+impl SqliteQueue {
     /// The daemon holding the queue, if any.
     fn held_slot(conn: &Connection) -> rusqlite::Result<Option<DaemonSlot>> {
         conn.query_row(
@@ -72,7 +72,7 @@ impl Queue {
     }
 
     /// Marks this process as the daemon working the queue, with a lease of term `ttl` that it
-    /// must renew ([`Queue::renew_daemon_slot`]; see [`crate::lease`]). A hold whose process no
+    /// must renew ([`SqliteQueue::renew_daemon_slot`]; see [`crate::lease`]). A hold whose process no
     /// longer runs on this host, or whose lease expired, is taken over (and returned); a live one
     /// is an error. A hold naming this very process id on this host is a previous process that
     /// had the same id (a restarted container's pid 1): a process does not start twice.

@@ -34,9 +34,9 @@ fn users(n: usize) -> Vec<&'static UserRef<'static>> {
     Vec::leak(parsed).iter().collect()
 }
 
-fn open() -> (tempfile::TempDir, Queue) {
+fn open() -> (tempfile::TempDir, SqliteQueue) {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(&dir.path().join("q/queue.db")).unwrap();
+    let q = SqliteQueue::open(&dir.path().join("q/queue.db")).unwrap();
     (dir, q)
 }
 
@@ -79,7 +79,7 @@ fn batches_just_queued_are_claimed_from_memory_once() {
     let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
     assert_eq!(claimed.len(), 3);
     for (i, c) in claimed.iter().enumerate() {
-        let Users::Fresh(wire, span) = &c.users else {
+        let Users::Fresh(wire, At::Segment(span)) = &c.users else {
             panic!("batch {i} read from disk")
         };
         assert_eq!(c.id, format!("{}_{i}", r.dispatch_id));
@@ -93,7 +93,13 @@ fn batches_just_queued_are_claimed_from_memory_once() {
             .map(|u| u.id.to_string())
             .collect();
         assert_eq!(wire.recipients, ids.join(",").into_bytes());
-        assert_eq!(c.users.clone().stored(&q).unwrap(), on_disk);
+        assert_eq!(
+            c.users
+                .clone()
+                .stored(&Queue::Sqlite(SqliteQueue::open(q.path()).unwrap()))
+                .unwrap(),
+            on_disk
+        );
     }
     assert_eq!(q.fresh_usage(), (0, 0), "taken by the claim");
     let now = now_ms();
@@ -328,7 +334,7 @@ fn segments_go_once_no_batch_needs_them_and_dead_users_outlive_them() {
     let path = dir.path().join("queue.db");
     let h = head(None);
     let (delivered, dead_id, dead_users) = {
-        let q = Queue::open(&path).unwrap();
+        let q = SqliteQueue::open(&path).unwrap();
         let Enqueued::New(r) = q.enqueue(new(&h, 8)).unwrap() else {
             panic!("new")
         };
@@ -351,7 +357,7 @@ fn segments_go_once_no_batch_needs_them_and_dead_users_outlive_them() {
     };
     // The writer that appended to it is gone: the next one sweeps it, since no batch points
     // into it any more (the dead batch's users moved into the queue file).
-    let q = Queue::open(&path).unwrap();
+    let q = SqliteQueue::open(&path).unwrap();
     assert_eq!(wait_for_segments(&path, 0), Vec::<String>::new());
     assert_eq!(q.replay(&[], None).unwrap(), std::slice::from_ref(&dead_id));
     let again = q.claim(now_ms(), 10, &[], &[]).unwrap();
@@ -363,7 +369,7 @@ fn segments_go_once_no_batch_needs_them_and_dead_users_outlive_them() {
 }
 
 /// When the writer last swept the segment files, as it recorded it.
-fn swept_at(q: &Queue) -> Option<String> {
+fn swept_at(q: &SqliteQueue) -> Option<String> {
     lock(&q.work)
         .query_row(
             "SELECT value FROM meta WHERE key = 'segments_swept_at'",
@@ -398,7 +404,7 @@ fn a_segment_a_pending_batch_points_into_is_kept() {
     let path = dir.path().join("queue.db");
     let h = head(None);
     let swept = {
-        let q = Queue::open(&path).unwrap();
+        let q = SqliteQueue::open(&path).unwrap();
         q.enqueue(new(&h, 3)).unwrap();
         swept_at(&q)
     };
@@ -407,7 +413,7 @@ fn a_segment_a_pending_batch_points_into_is_kept() {
     let segment = super::super::segments::dir_of(&path).join(&files[0]);
     // Its writer is gone once its lock is free: the next writer's sweep looks at it.
     drop(lock_segment(&segment));
-    let q = Queue::open(&path).unwrap();
+    let q = SqliteQueue::open(&path).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while swept_at(&q) == swept {
         assert!(std::time::Instant::now() < deadline, "no sweep ran");
@@ -434,14 +440,14 @@ fn a_missing_segment_is_an_error_on_its_batch_not_on_the_claim() {
     let path = dir.path().join("queue.db");
     let h = head(None);
     drop({
-        let q = Queue::open(&path).unwrap();
+        let q = SqliteQueue::open(&path).unwrap();
         q.enqueue(new(&h, 2)).unwrap();
         q
     });
     for f in segment_files(&path) {
         std::fs::remove_file(super::super::segments::dir_of(&path).join(f)).unwrap();
     }
-    let q = Queue::open(&path).unwrap();
+    let q = SqliteQueue::open(&path).unwrap();
     let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
     assert_eq!(claimed.len(), 1);
     let e = stored(&claimed[0]).unwrap_err();
@@ -485,7 +491,7 @@ fn batches_stored_by_an_older_version_are_read_from_the_queue_file() {
         conn.execute("INSERT INTO payloads VALUES ('d1_0', ?1)", [&old_users])
             .unwrap();
     }
-    let q = Queue::open(&path).unwrap();
+    let q = SqliteQueue::open(&path).unwrap();
     let claimed = q.claim(now_ms(), 10, &[], &[]).unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(stored(&claimed[0]).unwrap(), old_users);
@@ -550,7 +556,7 @@ fn delivered_dispatches_are_forgotten_after_the_retention() {
 fn a_queue_file_of_a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("queue.db");
-    drop(Queue::open(&path).unwrap());
+    drop(SqliteQueue::open(&path).unwrap());
     let conn = Connection::open(&path).unwrap();
     let format: String = conn
         .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
@@ -561,7 +567,7 @@ fn a_queue_file_of_a_newer_format_is_refused() {
     // A file from before the format was recorded is marked when opened.
     conn.execute("DELETE FROM meta WHERE key = 'format'", [])
         .unwrap();
-    drop(Queue::open(&path).unwrap());
+    drop(SqliteQueue::open(&path).unwrap());
     let marked: i64 = conn
         .query_row("SELECT count(*) FROM meta WHERE key = 'format'", [], |r| {
             r.get(0)
@@ -571,7 +577,7 @@ fn a_queue_file_of_a_newer_format_is_refused() {
     for newer in [(FORMAT + 1).to_string(), "x".to_string()] {
         conn.execute("UPDATE meta SET value = ?1 WHERE key = 'format'", [&newer])
             .unwrap();
-        let err = Queue::open(&path).err().expect("refused").to_string();
+        let err = SqliteQueue::open(&path).err().expect("refused").to_string();
         assert!(
             err.contains(&format!(
                 "has format {newer}, newer than this touchctl understands ({FORMAT})"
@@ -612,7 +618,7 @@ fn held_batches_wait_and_everything_pending_is_due_after_a_restart() {
     q.hold("sms", None).unwrap();
     assert_eq!(q.claim(now_ms(), 1, &[], &[]).unwrap().len(), 1);
     drop(q);
-    let q = Queue::open(&d.path().join("q/queue.db")).unwrap();
+    let q = SqliteQueue::open(&d.path().join("q/queue.db")).unwrap();
     assert_eq!(q.pending_recipients(), 8);
     assert_eq!(q.claim(now_ms(), 10, &[], &[]).unwrap().len(), 2);
 }
@@ -718,7 +724,7 @@ fn batches_parked_for_centuries_or_all_failed_and_called_delivered_are_repaired_
         .unwrap();
     }
     let before = now_ms();
-    let q = Queue::open(&path).unwrap();
+    let q = SqliteQueue::open(&path).unwrap();
     let batches = q.batches(&Filter::default()).unwrap();
     let by_index = |i: u32| batches.iter().find(|b| b.index == i).unwrap();
     let latest = before + 86_400_000;
@@ -736,7 +742,7 @@ fn batches_parked_for_centuries_or_all_failed_and_called_delivered_are_repaired_
             [],
         )
         .unwrap();
-    let q = Queue::open(&path).unwrap();
+    let q = SqliteQueue::open(&path).unwrap();
     let batches = q.batches(&Filter::default()).unwrap();
     let parked = batches.iter().find(|b| b.index == 0).unwrap();
     assert_eq!(parked.next_at, Some(32_503_680_000_000));

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::claim::span_of;
-use super::{After, Completion, Enqueued, Queue, QueueError, Receipt, batch_id, writer_gone};
+use super::{After, Completion, Enqueued, QueueError, Receipt, SqliteQueue, batch_id, writer_gone};
 use crate::dispatch::segments::{Appender, Segments, Span};
 use crate::dispatch::{Rejected, TriggerHead};
 use crate::store::now_ms;
@@ -535,7 +535,7 @@ fn write_record(
 }
 
 /// Forgets up to `limit` fully delivered dispatches older than `before`, inside the writer's
-/// transaction (see [`Queue::prune`]).
+/// transaction (see [`SqliteQueue::prune`]).
 fn write_prune(
     tx: &rusqlite::Transaction<'_>,
     before: i64,
@@ -565,7 +565,7 @@ fn write_prune(
     Ok(ids.len())
 }
 
-impl Queue {
+impl SqliteQueue {
     /// Hands work to the writer thread and waits for its answer.
     pub(super) fn submit<T>(
         &self,

@@ -1,0 +1,1228 @@
+//! The queue in PostgreSQL, shared by every daemon whose `--state` names the database (the tables
+//! are those of the registry's schema 2: see [`crate::registry::PostgresRegistry`]).
+//!
+//! # Accepting
+//! A trigger is stored in one transaction (the dispatch row, then all its batches in one
+//! statement, users and all) committed with `synchronous_commit = on` whatever the server's
+//! default: the 202 comes after the commit is durable. The idempotency key is a unique column,
+//! so a key is taken once across the cluster: of two daemons storing it at the same moment one
+//! inserts, the other finds the first's receipt.
+//!
+//! # Claiming under leases
+//! A daemon claims due batches for itself: `lease_owner` is its node id and `lease_until` the
+//! database's clock plus the lease term (`--lease-ttl`, 30 s). Candidates are read `FOR UPDATE
+//! SKIP LOCKED`, so daemons claiming together never wait on each other's rows, and a batch whose
+//! lease has not expired is never claimed: no batch is sent by two daemons at once while its
+//! holder lives. The holder renews its leases with its heartbeat (six times a term); a daemon that
+//! dies stops renewing, and once its leases expire the others take its batches over. Recording an
+//! attempt ends the lease, and is fenced: a daemon records only the batches it still holds (one
+//! whose lease lapsed and was taken over is the taker's now, and is sent again under the same
+//! `webhook-id`).
+//!
+//! # Limits across the cluster
+//! Claims are serialised by a transaction advisory lock ([`CLAIM_KEY`]) so that two daemons do
+//! not both count the same free places: per touchpoint, a claim takes at most `concurrency` minus
+//! the batches of that touchpoint leased by any daemon, and, for a touchpoint with a `rate_limit`,
+//! at most the whole tokens of its bucket in `rate_buckets` (refilled at the rate, holding up to a
+//! second's worth), which it spends. A claim is a few milliseconds, so serialising them costs
+//! little; sending is not serialised. When due batches were left because their touchpoint was at
+//! a limit, the claim says when to ask again ([`Claim::capped_until`]): another daemon finishing a
+//! batch frees a place without telling this one.
+//!
+//! # Clocks
+//! Leases, heartbeats and rate buckets use the database's clock, so daemons' clocks need not
+//! agree for them. `next_at` (when a retry is due) is the daemon's clock, as in the SQLite queue.
+//!
+//! Attempt records and claims commit with `synchronous_commit = off`: like the SQLite queue's
+//! bookkeeping, losing one to a crash of the server only means a batch is sent again with the same
+//! `webhook-id`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+
+use super::claim::{At, Claim, Claimed, Completion, Lanes, Users};
+use super::enqueue::{Enqueued, NewDispatch, Receipt, Storing, keep_fresh};
+use super::report::{Attempt, BatchCounts, BatchInfo, DispatchStatus, Filter, Replay, Stats};
+use super::{After, QueueError, batch_id, new_id};
+use crate::dispatch::Rejected;
+use crate::dispatch::fresh::Fresh;
+use crate::registry::postgres::{chain, pooled};
+use crate::registry::{PostgresRegistry, RegistryError};
+use crate::store::now_ms;
+
+/// The transaction advisory lock that serialises claims (`touchclm` in ASCII).
+pub const CLAIM_KEY: i64 = 0x746f_7563_6863_6c6d;
+
+/// The database's clock, in ms since the epoch.
+const DB_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+/// How many due candidates one claim reads at most.
+const SCAN: i64 = 1024;
+
+/// How soon to ask again for due batches left at a concurrency limit.
+const CAPPED_POLL_MS: i64 = 100;
+
+/// A daemon of the cluster, as its row says.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Node {
+    /// Its id.
+    pub node: String,
+    /// Its host.
+    pub host: String,
+    /// Its process id.
+    pub pid: i64,
+    /// Where its API listens.
+    pub listen: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// Its last heartbeat (ms since the epoch, the database's clock).
+    pub heartbeat_at: i64,
+    /// How long ago that was, by the database's clock when read (ms).
+    pub heartbeat_age_ms: i64,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<i64>,
+}
+
+/// The PostgreSQL queue.
+pub struct PostgresQueue {
+    registry: Arc<PostgresRegistry>,
+    /// This daemon's id: the owner of its leases.
+    node: String,
+    /// The lease term.
+    lease: Duration,
+    /// Pending recipients as last counted, plus those stored here since.
+    pending: AtomicI64,
+    /// Recipients of batches this daemon just stored, for its sender.
+    fresh: Fresh,
+}
+
+/// A failed statement as a registry error (the pool's helpers speak that), naming the database.
+fn pg(shown: &str) -> impl Fn(tokio_postgres::Error) -> RegistryError + '_ {
+    move |e| RegistryError::Postgres {
+        database: shown.to_string(),
+        why: chain(&e),
+    }
+}
+
+/// A registry error met by the queue.
+fn queue_error(e: RegistryError) -> QueueError {
+    match e {
+        RegistryError::Postgres { database, why } => QueueError::Postgres { database, why },
+        other => QueueError::Postgres {
+            database: String::new(),
+            why: other.to_string(),
+        },
+    }
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn count(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn small(v: i32) -> u32 {
+    v.max(0) as u32
+}
+
+impl PostgresQueue {
+    /// The queue in the database `registry` is connected to (its schema is migrated when the
+    /// registry opens), worked by the daemon `node` with leases of term `lease`.
+    pub fn open(
+        registry: Arc<PostgresRegistry>,
+        node: String,
+        lease: Duration,
+    ) -> Result<Self, QueueError> {
+        let queue = Self {
+            registry,
+            node,
+            lease,
+            pending: AtomicI64::new(0),
+            fresh: Fresh::default(),
+        };
+        queue.refresh_pending()?;
+        Ok(queue)
+    }
+
+    /// This daemon's node id.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The database, without its password.
+    pub fn describe(&self) -> String {
+        format!("postgres {}", self.registry.shown())
+    }
+
+    /// Runs `f` with a pooled connection on the registry's runtime and waits for it.
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(deadpool_postgres::Object, String) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, RegistryError>> + Send + 'static,
+    {
+        self.registry.with_client(f).map_err(queue_error)
+    }
+
+    /// Recipients pending (see [`PostgresQueue::refresh_pending`]).
+    pub fn pending_recipients(&self) -> u64 {
+        count(self.pending.load(Ordering::Relaxed))
+    }
+
+    /// Recounts the pending recipients of the whole cluster.
+    pub fn refresh_pending(&self) -> Result<u64, QueueError> {
+        let n: i64 = self.run(|c, shown| async move {
+            c.query_one(
+                "SELECT coalesce(sum(remaining), 0)::bigint FROM batches WHERE state = 'pending'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .map_err(pg(&shown))
+        })?;
+        self.pending.store(n, Ordering::Relaxed);
+        Ok(count(n))
+    }
+
+    /// A batch's stored users.
+    pub fn read_users(&self, id: &str) -> Result<Vec<u8>, String> {
+        let id = id.to_string();
+        self.run(move |c, shown| async move {
+            c.query_opt("SELECT users FROM batches WHERE id = $1", &[&id])
+                .await
+                .map(|r| r.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)))
+                .map_err(pg(&shown))
+        })
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "the batch's users are missing".to_string())
+    }
+
+    /// Drops the recipients kept in memory longer than their age limit.
+    pub fn expire_fresh(&self) {
+        self.fresh.expire();
+    }
+
+    /// The batches kept in memory for the sender, and their bytes.
+    pub fn fresh_usage(&self) -> (usize, usize) {
+        self.fresh.usage()
+    }
+
+    /// Claims up to `limit` due batches for this daemon (see the module docs).
+    pub fn claim(&self, limit: usize, skip: &[&str], lanes: &Lanes) -> Result<Claim, QueueError> {
+        let node = self.node.clone();
+        let lease = ms(self.lease);
+        let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
+        let lanes = lanes.clone();
+        let limit = limit.min(256) as i64;
+        let (mut claimed, capped_until) = self.run(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            tx.batch_execute(&format!(
+                "SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_KEY})"
+            ))
+            .await
+            .map_err(&e)?;
+            let now: i64 = tx
+                .query_one(&format!("SELECT {DB_NOW}"), &[])
+                .await
+                .map_err(&e)?
+                .get(0);
+            // Places taken: batches leased by any daemon.
+            let mut leased = std::collections::HashMap::<String, i64>::new();
+            for r in tx
+                .query(
+                    "SELECT touchpoint, count(*) FROM batches \
+                     WHERE lease_owner IS NOT NULL AND lease_until >= $1 AND state = 'pending' \
+                     GROUP BY touchpoint",
+                    &[&now],
+                )
+                .await
+                .map_err(&e)?
+            {
+                leased.insert(r.get(0), r.get(1));
+            }
+            // Tokens of the rate-limited touchpoints, refilled to now.
+            let rated: Vec<String> = lanes.rates.iter().map(|(t, _)| t.clone()).collect();
+            let mut stored_tokens = std::collections::HashMap::<String, (f64, i64)>::new();
+            if !rated.is_empty() {
+                for r in tx
+                    .query(
+                        "SELECT touchpoint, tokens, at_ms FROM rate_buckets WHERE touchpoint = ANY($1) FOR UPDATE",
+                        &[&rated],
+                    )
+                    .await
+                    .map_err(&e)?
+                {
+                    stored_tokens.insert(r.get(0), (r.get(1), r.get(2)));
+                }
+            }
+            let mut tokens = std::collections::HashMap::<String, (f64, f64)>::new();
+            for (tp, rate) in &lanes.rates {
+                let rate = rate.max(f64::MIN_POSITIVE);
+                let cap = rate.max(1.0);
+                let have = match stored_tokens.get(tp) {
+                    Some((t, at)) => {
+                        let elapsed = (now.saturating_sub(*at)).max(0) as f64 / 1000.0;
+                        (t + elapsed * rate).min(cap)
+                    }
+                    None => cap,
+                };
+                tokens.insert(tp.clone(), (have, rate));
+            }
+            let concurrency = lanes.concurrency.max(1) as i64;
+            let room = |tp: &str, leased: &std::collections::HashMap<String, i64>| -> i64 {
+                let places = concurrency - leased.get(tp).copied().unwrap_or(0);
+                match tokens.get(tp) {
+                    Some((t, _)) => places.min(t.floor() as i64),
+                    None => places,
+                }
+            };
+            let mut full: Vec<String> = leased
+                .keys()
+                .chain(tokens.keys())
+                .filter(|tp| room(tp, &leased) <= 0)
+                .cloned()
+                .collect();
+            full.sort();
+            full.dedup();
+            let mut left_out = skip.clone();
+            left_out.extend(full.iter().cloned());
+            let candidates = tx
+                .query(
+                    "SELECT id, touchpoint FROM batches \
+                     WHERE state = 'pending' AND held IS NULL AND next_at <= $1 \
+                     AND (lease_until IS NULL OR lease_until < $2) \
+                     AND NOT (touchpoint = ANY($3)) \
+                     ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED",
+                    &[&now_ms(), &now, &left_out, &SCAN],
+                )
+                .await
+                .map_err(&e)?;
+            let mut taken = std::collections::HashMap::<String, i64>::new();
+            let mut ids: Vec<String> = Vec::new();
+            let mut capped = !full.is_empty();
+            for r in &candidates {
+                if ids.len() as i64 >= limit {
+                    break;
+                }
+                let id: String = r.get(0);
+                let tp: String = r.get(1);
+                let n = taken.entry(tp.clone()).or_insert(0);
+                if *n < room(&tp, &leased) {
+                    *n += 1;
+                    ids.push(id);
+                } else {
+                    capped = true;
+                }
+            }
+            // Spend the tokens taken.
+            for (tp, n) in &taken {
+                if let Some((have, _)) = tokens.get(tp) {
+                    tx.execute(
+                        "INSERT INTO rate_buckets (touchpoint, tokens, at_ms) VALUES ($1, $2, $3) \
+                         ON CONFLICT (touchpoint) DO UPDATE SET tokens = $2, at_ms = $3",
+                        &[tp, &(have - *n as f64), &now],
+                    )
+                    .await
+                    .map_err(&e)?;
+                }
+            }
+            let rows = if ids.is_empty() {
+                Vec::new()
+            } else {
+                tx.query(
+                    "UPDATE batches b SET lease_owner = $2, lease_until = $3 \
+                     FROM dispatches d WHERE d.id = b.dispatch_id AND b.id = ANY($1) \
+                     RETURNING b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.remaining, b.attempts, \
+                     d.campaign, d.template_params, d.message, b.next_at",
+                    &[&ids, &node, &now.saturating_add(lease)],
+                )
+                .await
+                .map_err(&e)?
+            };
+            // Whether the due batches left out are worth asking for again soon.
+            let capped_until = if capped {
+                let still: bool = tx
+                    .query_one(
+                        "SELECT EXISTS (SELECT 1 FROM batches WHERE state = 'pending' AND held IS NULL \
+                         AND next_at <= $1 AND (lease_until IS NULL OR lease_until < $2) \
+                         AND touchpoint = ANY($3) AND NOT (touchpoint = ANY($4)))",
+                        &[&now_ms(), &now, &full.iter().chain(taken.keys()).cloned().collect::<Vec<_>>(), &skip],
+                    )
+                    .await
+                    .map_err(&e)?
+                    .get(0);
+                still.then(|| {
+                    // At a concurrency limit: ask again shortly. At a rate limit only: ask when
+                    // the first bucket has a whole token again.
+                    let places_full = full
+                        .iter()
+                        .chain(taken.keys())
+                        .any(|tp| concurrency - leased.get(tp).copied().unwrap_or(0) <= taken.get(tp).copied().unwrap_or(0));
+                    let token_wait = tokens
+                        .iter()
+                        .map(|(tp, (t, rate))| {
+                            let left = t - taken.get(tp).copied().unwrap_or(0) as f64;
+                            if left >= 1.0 { 0 } else { ((1.0 - left) / rate * 1000.0).ceil() as i64 }
+                        })
+                        .filter(|w| *w > 0)
+                        .min();
+                    let wait = match (places_full, token_wait) {
+                        (true, Some(w)) => w.min(CAPPED_POLL_MS),
+                        (true, None) | (false, None) => CAPPED_POLL_MS,
+                        (false, Some(w)) => w,
+                    };
+                    now_ms().saturating_add(wait.clamp(1, 1000))
+                })
+            } else {
+                None
+            };
+            tx.commit().await.map_err(&e)?;
+            let mut claimed: Vec<(i64, Claimed)> = rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i64>(10),
+                        Claimed {
+                            id: r.get(0),
+                            dispatch_id: r.get(1),
+                            index: small(r.get(2)),
+                            count: small(r.get(3)),
+                            touchpoint: r.get(4),
+                            users: Users::Stored(Err(String::new())),
+                            remaining: small(r.get(5)),
+                            attempts: small(r.get(6)),
+                            campaign: r.get(7),
+                            template_params: r.get(8),
+                            message: r.get(9),
+                        },
+                    )
+                })
+                .collect();
+            claimed.sort_by_key(|(at, _)| *at);
+            Ok((
+                claimed.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
+                capped_until,
+            ))
+        })?;
+        // Users kept in memory when this daemon stored the batch; the others read from their rows.
+        let mut unread = Vec::new();
+        for c in &mut claimed {
+            match self.fresh.take(&c.id) {
+                Some(wire) => c.users = Users::Fresh(wire, At::Row(c.id.clone())),
+                None => unread.push(c.id.clone()),
+            }
+        }
+        if !unread.is_empty() {
+            let users: std::collections::HashMap<String, Option<Vec<u8>>> =
+                self.run(move |c, shown| async move {
+                    c.query(
+                        "SELECT id, users FROM batches WHERE id = ANY($1)",
+                        &[&unread],
+                    )
+                    .await
+                    .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                    .map_err(pg(&shown))
+                })?;
+            for c in &mut claimed {
+                if matches!(c.users, Users::Stored(_)) {
+                    c.users = Users::Stored(
+                        users
+                            .get(&c.id)
+                            .cloned()
+                            .flatten()
+                            .ok_or_else(|| "the batch's users are missing".to_string()),
+                    );
+                }
+            }
+        }
+        Ok(Claim {
+            batches: claimed,
+            capped_until,
+        })
+    }
+
+    /// When the earliest pending, unheld, unleased batch due after `now` and not of a touchpoint
+    /// in `skip` is due.
+    pub fn next_due(&self, now: i64, skip: &[&str]) -> Result<Option<i64>, QueueError> {
+        let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
+        self.run(move |c, shown| async move {
+            c.query_one(
+                "SELECT min(next_at) FROM batches WHERE state = 'pending' AND held IS NULL \
+                 AND next_at > $1 AND NOT (touchpoint = ANY($2))",
+                &[&now, &skip],
+            )
+            .await
+            .map(|r| r.get(0))
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// Renews this daemon's leases and its heartbeat; returns how many batches it holds.
+    pub fn beat(&self) -> Result<u64, QueueError> {
+        let (node, lease) = (self.node.clone(), ms(self.lease));
+        self.run(move |c, shown| async move {
+            let e = pg(&shown);
+            c.execute(
+                &format!("UPDATE nodes SET heartbeat_at = {DB_NOW}, stopped_at = NULL WHERE node = $1"),
+                &[&node],
+            )
+            .await
+            .map_err(&e)?;
+            c.execute(
+                &format!(
+                    "UPDATE batches SET lease_until = {DB_NOW} + $2 WHERE lease_owner = $1 AND state = 'pending'"
+                ),
+                &[&node, &lease],
+            )
+            .await
+            .map_err(&e)
+        })
+    }
+
+    /// Writes this daemon's row in `nodes` (replacing one of the same id).
+    pub fn register(&self, host: &str, listen: &str, started_at: &str) -> Result<(), QueueError> {
+        let (node, host, listen, started_at) = (
+            self.node.clone(),
+            host.to_string(),
+            listen.to_string(),
+            started_at.to_string(),
+        );
+        let pid = i64::from(std::process::id());
+        self.run(move |c, shown| async move {
+            c.execute(
+                &format!(
+                    "INSERT INTO nodes (node, host, pid, listen, started_at, heartbeat_at) \
+                     VALUES ($1, $2, $3, $4, $5, {DB_NOW}) ON CONFLICT (node) DO UPDATE SET \
+                     host = $2, pid = $3, listen = $4, started_at = $5, heartbeat_at = {DB_NOW}, stopped_at = NULL"
+                ),
+                &[&node, &host, &pid, &listen, &started_at],
+            )
+            .await
+            .map(|_| ())
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// Marks this daemon stopped and lets go of its leases, so the others take its batches at
+    /// once rather than after the lease term.
+    pub fn leave(&self) -> Result<(), QueueError> {
+        let node = self.node.clone();
+        self.run(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            tx.execute(
+                "UPDATE batches SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+                &[&node],
+            )
+            .await
+            .map_err(&e)?;
+            tx.execute(
+                &format!("UPDATE nodes SET stopped_at = {DB_NOW} WHERE node = $1"),
+                &[&node],
+            )
+            .await
+            .map_err(&e)?;
+            tx.commit().await.map_err(&e)
+        })
+    }
+
+    /// The cluster's daemons: those that beat within `within`, or stopped within it, newest
+    /// first. Rows older than a day are removed.
+    pub fn nodes(&self, within: Duration) -> Result<Vec<Node>, QueueError> {
+        let within = ms(within);
+        self.run(move |c, shown| async move {
+            let e = pg(&shown);
+            c.execute(
+                &format!("DELETE FROM nodes WHERE heartbeat_at < {DB_NOW} - 86400000"),
+                &[],
+            )
+            .await
+            .map_err(&e)?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT node, host, pid, listen, started_at, heartbeat_at, {DB_NOW} - heartbeat_at, stopped_at \
+                         FROM nodes WHERE heartbeat_at >= {DB_NOW} - $1 ORDER BY started_at DESC, node"
+                    ),
+                    &[&within],
+                )
+                .await
+                .map_err(&e)?;
+            Ok(rows
+                .iter()
+                .map(|r| Node {
+                    node: r.get(0),
+                    host: r.get(1),
+                    pid: r.get(2),
+                    listen: r.get(3),
+                    started_at: r.get(4),
+                    heartbeat_at: r.get(5),
+                    heartbeat_age_ms: r.get::<_, i64>(6).max(0),
+                    stopped_at: r.get(7),
+                })
+                .collect())
+        })
+    }
+
+    /// Records attempts and ends this daemon's leases of their batches. An attempt of a batch this
+    /// daemon no longer holds (its lease lapsed and another daemon took it) is not recorded: the
+    /// batch is the other's now.
+    pub fn record(&self, done: Vec<Completion>) -> Result<(), QueueError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let node = self.node.clone();
+        let settled = self.run(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            tx.batch_execute("SET LOCAL synchronous_commit = off")
+                .await
+                .map_err(&e)?;
+            let ids: Vec<String> = done.iter().map(|c| c.batch_id.clone()).collect();
+            let mut bases = std::collections::HashMap::<String, i32>::new();
+            for r in tx
+                .query(
+                    "SELECT id, attempt_base FROM batches WHERE id = ANY($1) AND lease_owner = $2 FOR UPDATE",
+                    &[&ids, &node],
+                )
+                .await
+                .map_err(&e)?
+            {
+                bases.insert(r.get(0), r.get(1));
+            }
+            let attempt = tx
+                .prepare(
+                    "INSERT INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error, node) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (batch_id, attempt) DO UPDATE SET generation = $3, started_at = $4, latency_ms = $5, \
+                     status = $6, outcome = $7, recipients = $8, error = $9, node = $10",
+                )
+                .await
+                .map_err(&e)?;
+            let failure = tx
+                .prepare(
+                    "INSERT INTO failures (batch_id, user_id, reason, attempt) \
+                     SELECT $1, u, r, $4 FROM unnest($2::text[], $3::text[]) AS f(u, r)",
+                )
+                .await
+                .map_err(&e)?;
+            // As in the SQLite queue: a batch finished with nothing delivered in any attempt is
+            // `failed`; an attempt that does not count moves the numbering on through
+            // `attempt_base`. The users are rewritten when some are left, dropped when done.
+            let update = tx
+                .prepare(
+                    "UPDATE batches SET attempts = CASE WHEN $10 THEN attempts ELSE $2 END, \
+                     attempt_base = attempt_base + CASE WHEN $10 THEN 1 ELSE 0 END, \
+                     delivered = delivered + $3, failed = failed + $4, \
+                     remaining = coalesce($5, remaining - $3 - $4), \
+                     state = CASE WHEN $6 = 'delivered' AND delivered + $3 = 0 AND failed + $4 > 0 \
+                                  THEN 'failed' ELSE $6 END, \
+                     next_at = coalesce($7, next_at), last_error = $8, updated_at = $9, held = $11, \
+                     users = CASE WHEN $6 = 'delivered' THEN NULL ELSE coalesce($12, users) END, \
+                     lease_owner = NULL, lease_until = NULL \
+                     WHERE id = $1",
+                )
+                .await
+                .map_err(&e)?;
+            let now = now_ms();
+            let mut settled = 0i64;
+            for c in &done {
+                let Some(base) = bases.get(&c.batch_id).copied() else {
+                    continue;
+                };
+                let partial = c.delivered > 0 || !c.failed.is_empty();
+                let (state, outcome, next_at) = match c.after {
+                    After::Done if c.delivered == 0 && !c.failed.is_empty() => {
+                        ("delivered", "failed", None)
+                    }
+                    After::Done => ("delivered", "delivered", None),
+                    After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
+                    After::RetryAt(at) => ("pending", "retry", Some(at)),
+                    After::Dead => ("dead", "dead", None),
+                    After::Interrupted => ("pending", "interrupted", None),
+                    After::Parked(_) => ("pending", "held", None),
+                    After::Deferred(at) => ("pending", "deferred", Some(at)),
+                };
+                let uncounted = matches!(c.after, After::Parked(_) | After::Deferred(_));
+                let held: Option<&str> = match &c.after {
+                    After::Parked(reason) => Some(reason.as_str()),
+                    _ => None,
+                };
+                let number = i32::try_from(c.attempt).unwrap_or(i32::MAX).saturating_add(base);
+                let status = c.status.map(i32::from);
+                let recipients = i32::try_from(c.recipients).unwrap_or(i32::MAX);
+                let args: [&(dyn ToSql + Sync); 10] = [
+                    &c.batch_id,
+                    &number,
+                    &(c.generation as i64),
+                    &c.started_ms,
+                    &c.latency_ms,
+                    &status,
+                    &outcome,
+                    &recipients,
+                    &c.error,
+                    &node,
+                ];
+                tx.execute(&attempt, &args).await.map_err(&e)?;
+                if !c.failed.is_empty() {
+                    let users: Vec<&str> = c.failed.iter().map(|f| f.user_id.as_str()).collect();
+                    let reasons: Vec<&str> = c.failed.iter().map(|f| f.reason.as_str()).collect();
+                    tx.execute(&failure, &[&c.batch_id, &users, &reasons, &number])
+                        .await
+                        .map_err(&e)?;
+                }
+                let (users, remaining): (Option<&[u8]>, Option<i32>) = match &c.remaining {
+                    Some((json, n)) => (
+                        Some(json.as_slice()),
+                        Some(i32::try_from(*n).unwrap_or(i32::MAX)),
+                    ),
+                    None if c.after == After::Done => (None, Some(0)),
+                    None => (None, None),
+                };
+                let delivered = i32::try_from(c.delivered).unwrap_or(i32::MAX);
+                let failed = i32::try_from(c.failed.len()).unwrap_or(i32::MAX);
+                let attempts = i32::try_from(c.attempt).unwrap_or(i32::MAX);
+                let args: [&(dyn ToSql + Sync); 12] = [
+                    &c.batch_id,
+                    &attempts,
+                    &delivered,
+                    &failed,
+                    &remaining,
+                    &state,
+                    &next_at,
+                    &c.error,
+                    &now,
+                    &uncounted,
+                    &held,
+                    &users,
+                ];
+                tx.execute(&update, &args).await.map_err(&e)?;
+                settled += i64::from(c.delivered) + c.failed.len() as i64;
+                if c.after == After::Dead {
+                    settled += match &c.remaining {
+                        Some((_, n)) => i64::from(*n),
+                        None => {
+                            i64::from(c.recipients)
+                                - i64::from(c.delivered)
+                                - c.failed.len() as i64
+                        }
+                    };
+                }
+            }
+            tx.commit().await.map_err(&e)?;
+            Ok(settled)
+        })?;
+        self.pending.fetch_sub(settled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends this daemon's leases of `ids` without recording anything.
+    pub fn release(&self, ids: &[String]) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (ids, node) = (ids.to_vec(), self.node.clone());
+        self.run(move |c, shown| async move {
+            c.execute(
+                "UPDATE batches SET lease_owner = NULL, lease_until = NULL WHERE id = ANY($1) AND lease_owner = $2",
+                &[&ids, &node],
+            )
+            .await
+            .map(|_| ())
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// Holds (with a reason) or releases (`None`) the pending batches of a touchpoint.
+    pub fn hold(&self, touchpoint: &str, reason: Option<&str>) -> Result<usize, QueueError> {
+        let (tp, reason) = (touchpoint.to_string(), reason.map(str::to_string));
+        self.run(move |c, shown| async move {
+            c.execute(
+                "UPDATE batches SET held = $2 WHERE touchpoint = $1 AND state = 'pending' AND held IS DISTINCT FROM $2",
+                &[&tp, &reason],
+            )
+            .await
+            .map(|n| n as usize)
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// Makes the pending batches of `touchpoint` due no sooner than `until`.
+    pub fn defer(&self, touchpoint: &str, until: i64) -> Result<usize, QueueError> {
+        let tp = touchpoint.to_string();
+        self.run(move |c, shown| async move {
+            c.execute(
+                "UPDATE batches SET next_at = $2 WHERE touchpoint = $1 AND state = 'pending' AND next_at < $2",
+                &[&tp, &until],
+            )
+            .await
+            .map(|n| n as usize)
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// The touchpoints that have pending batches, with how many are held.
+    pub fn pending_touchpoints(&self) -> Result<Vec<(String, u64, u64)>, QueueError> {
+        self.run(move |c, shown| async move {
+            c.query(
+                "SELECT touchpoint, count(*), count(held) FROM batches WHERE state = 'pending' GROUP BY touchpoint",
+                &[],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| (r.get(0), count(r.get(1)), count(r.get(2))))
+                    .collect()
+            })
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// The receipt of an earlier trigger with this idempotency key, if there was one.
+    pub fn find_idempotent(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, String, Receipt)>, QueueError> {
+        let key = key.to_string();
+        let row: Option<(String, String, String)> = self.run(move |c, shown| async move {
+            c.query_opt(
+                "SELECT touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = $1",
+                &[&key],
+            )
+            .await
+            .map(|r| r.map(|r| (r.get(0), r.get(1), r.get(2))))
+            .map_err(pg(&shown))
+        })?;
+        Ok(row.and_then(|(t, c, receipt)| serde_json::from_str(&receipt).ok().map(|r| (t, c, r))))
+    }
+
+    /// Starts storing a trigger: the transaction runs on the registry's runtime while the
+    /// caller writes the recipients for the wire; [`Storing::wait`] waits for the commit.
+    pub fn begin_enqueue(&self, d: NewDispatch<'_>) -> Result<Storing<'_>, QueueError> {
+        let size = d.batch_size.max(1);
+        let batches: Vec<(usize, Vec<u8>)> = d
+            .users
+            .chunks(size)
+            .map(|c| (c.len(), crate::dispatch::stored::store(c.iter().copied())))
+            .collect();
+        let dispatch_id = new_id("dsp");
+        let receipt = Receipt {
+            dispatch_id: dispatch_id.clone(),
+            accepted: d.users.len(),
+            rejected: d.rejected.clone(),
+            batches: batches.len(),
+        };
+        let head = d.head.clone();
+        let generation = d.generation as i64;
+        let node = self.node.clone();
+        let (pool, shown) = (
+            self.registry.pool().clone(),
+            self.registry.shown().to_string(),
+        );
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let accepted = receipt.accepted as i64;
+        let write = async move {
+            let client = pooled(&pool, &shown).await.map_err(queue_error)?;
+            store_trigger(client, &shown, head, generation, &node, receipt, batches).await
+        };
+        self.registry.runtime().spawn(async move {
+            let answer = match tokio::time::timeout(
+                crate::registry::postgres::CALL_TIMEOUT,
+                write,
+            )
+            .await
+            {
+                Ok(a) => a,
+                Err(_) => Err(QueueError::Write(
+                    "PostgreSQL did not commit the trigger in time; it may or may not be stored: send it again with the same idempotency key".into(),
+                )),
+            };
+            let _ = reply.send(answer);
+        });
+        let kept = keep_fresh(&self.fresh, &d, &dispatch_id);
+        // Counted when stored; a trigger not stored is taken off again by the next refresh.
+        self.pending.fetch_add(accepted, Ordering::Relaxed);
+        Ok(Storing {
+            fresh: &self.fresh,
+            answer,
+            dispatch_id,
+            kept,
+        })
+    }
+
+    /// A dispatch and its progress.
+    pub fn dispatch(&self, id: &str) -> Result<Option<DispatchStatus>, QueueError> {
+        let id = id.to_string();
+        self.run(move |c, shown| async move {
+            let e = pg(&shown);
+            let Some(head) = c
+                .query_opt(
+                    "SELECT touchpoint, campaign, created_at, receipt FROM dispatches WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(&e)?
+            else {
+                return Ok(None);
+            };
+            let receipt: Receipt =
+                serde_json::from_str(head.get::<_, &str>(3)).unwrap_or(Receipt {
+                    dispatch_id: id.clone(),
+                    accepted: 0,
+                    rejected: Vec::new(),
+                    batches: 0,
+                });
+            let r = c
+                .query_one(
+                    "SELECT coalesce(sum(delivered), 0)::bigint, coalesce(sum(failed), 0)::bigint, \
+                     coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0)::bigint, \
+                     coalesce(sum(CASE WHEN state = 'dead' THEN remaining END), 0)::bigint, \
+                     count(CASE WHEN state = 'pending' THEN 1 END), count(CASE WHEN state = 'pending' THEN held END), \
+                     count(CASE WHEN state = 'delivered' THEN 1 END), count(CASE WHEN state = 'dead' THEN 1 END), \
+                     count(CASE WHEN state = 'failed' THEN 1 END) \
+                     FROM batches WHERE dispatch_id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(&e)?;
+            let n = |i| count(r.get::<_, i64>(i));
+            let batches = BatchCounts {
+                pending: n(4),
+                held: n(5),
+                delivered: n(6),
+                failed: n(8),
+                dead: n(7),
+            };
+            Ok(Some(DispatchStatus {
+                dispatch_id: id,
+                touchpoint: head.get(0),
+                campaign: head.get(1),
+                created_at: head.get(2),
+                receipt,
+                delivered: n(0),
+                failed: n(1),
+                pending: n(2),
+                dead: n(3),
+                finished: batches.pending == 0,
+                batches,
+            }))
+        })
+    }
+
+    /// Batches matching `filter`, newest first.
+    pub fn batches(&self, filter: &Filter) -> Result<Vec<BatchInfo>, QueueError> {
+        let f = filter.clone();
+        let limit: Option<i64> = (f.limit > 0).then_some(f.limit as i64);
+        self.run(move |c, shown| async move {
+            let rows = c
+                .query(
+                    "SELECT id, dispatch_id, touchpoint, idx, count, state, held, size, remaining, delivered, failed, \
+                     attempt_base + attempts, next_at, last_error, updated_at \
+                     FROM batches WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR touchpoint = $2) \
+                     AND ($3::text IS NULL OR dispatch_id = $3) \
+                     ORDER BY updated_at DESC, id DESC LIMIT $4",
+                    &[&f.state, &f.touchpoint, &f.dispatch_id, &limit],
+                )
+                .await
+                .map_err(pg(&shown))?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let state: String = r.get(5);
+                    let next_at: i64 = r.get(12);
+                    BatchInfo {
+                        id: r.get(0),
+                        dispatch_id: r.get(1),
+                        touchpoint: r.get(2),
+                        index: small(r.get(3)),
+                        count: small(r.get(4)),
+                        next_at: (state == "pending").then_some(next_at),
+                        state,
+                        held: r.get(6),
+                        size: small(r.get(7)),
+                        remaining: small(r.get(8)),
+                        delivered: small(r.get(9)),
+                        failed: small(r.get(10)),
+                        attempts: small(r.get(11)),
+                        last_error: r.get(13),
+                        updated_at: r.get(14),
+                    }
+                })
+                .collect())
+        })
+    }
+
+    /// Every attempt of a batch, and its recipients that failed for good.
+    pub fn history(&self, batch_id: &str) -> Result<(Vec<Attempt>, Vec<Rejected>), QueueError> {
+        let id = batch_id.to_string();
+        self.run(move |c, shown| async move {
+            let e = pg(&shown);
+            let attempts = c
+                .query(
+                    "SELECT attempt, generation, started_at, latency_ms, status, outcome, recipients, error \
+                     FROM attempts WHERE batch_id = $1 ORDER BY attempt",
+                    &[&id],
+                )
+                .await
+                .map_err(&e)?
+                .iter()
+                .map(|r| Attempt {
+                    attempt: small(r.get(0)),
+                    generation: r.get::<_, i64>(1).max(0) as u64,
+                    started_at: r.get(2),
+                    latency_ms: r.get(3),
+                    status: r
+                        .get::<_, Option<i32>>(4)
+                        .and_then(|s| u16::try_from(s).ok()),
+                    outcome: r.get(5),
+                    recipients: small(r.get(6)),
+                    error: r.get(7),
+                })
+                .collect();
+            let failures = c
+                .query(
+                    "SELECT user_id, reason FROM failures WHERE batch_id = $1 ORDER BY seq",
+                    &[&id],
+                )
+                .await
+                .map_err(&e)?
+                .iter()
+                .map(|r| Rejected {
+                    user_id: r.get(0),
+                    reason: r.get(1),
+                })
+                .collect();
+            Ok((attempts, failures))
+        })
+    }
+
+    /// When each of a batch's replays happened, oldest first.
+    pub fn replays(&self, batch_id: &str) -> Result<Vec<Replay>, QueueError> {
+        let id = batch_id.to_string();
+        self.run(move |c, shown| async move {
+            c.query(
+                "SELECT at, after_attempt, recipients FROM replays WHERE batch_id = $1 ORDER BY seq",
+                &[&id],
+            )
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| Replay {
+                        at: r.get(0),
+                        after_attempt: small(r.get(1)),
+                        recipients: small(r.get(2)),
+                    })
+                    .collect()
+            })
+            .map_err(pg(&shown))
+        })
+    }
+
+    /// Puts dead batches back in the queue, due now, with a fresh attempt budget (see
+    /// [`super::SqliteQueue::replay`]).
+    pub fn replay(
+        &self,
+        ids: &[String],
+        touchpoint: Option<&str>,
+    ) -> Result<Vec<String>, QueueError> {
+        let (ids, tp) = (ids.to_vec(), touchpoint.map(str::to_string));
+        let chosen: Vec<(String, i64)> = self.run(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            let all: Vec<(String, i64)> = tx
+                .query(
+                    "SELECT id, remaining FROM batches WHERE state = 'dead' AND ($1::text IS NULL OR touchpoint = $1) \
+                     ORDER BY id FOR UPDATE",
+                    &[&tp],
+                )
+                .await
+                .map_err(&e)?
+                .iter()
+                .map(|r| (r.get(0), i64::from(r.get::<_, i32>(1))))
+                .collect();
+            let chosen: Vec<(String, i64)> = if ids.is_empty() {
+                all
+            } else {
+                all.into_iter().filter(|(id, _)| ids.contains(id)).collect()
+            };
+            let now = now_ms();
+            let picked: Vec<String> = chosen.iter().map(|(id, _)| id.clone()).collect();
+            tx.execute(
+                "INSERT INTO replays (batch_id, at, after_attempt, recipients) \
+                 SELECT id, $2, attempt_base + attempts, remaining FROM batches WHERE id = ANY($1) ORDER BY id",
+                &[&picked, &now],
+            )
+            .await
+            .map_err(&e)?;
+            tx.execute(
+                "UPDATE batches SET state = 'pending', attempt_base = attempt_base + attempts, attempts = 0, \
+                 next_at = $2, updated_at = $2, lease_owner = NULL, lease_until = NULL WHERE id = ANY($1)",
+                &[&picked, &now],
+            )
+            .await
+            .map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(chosen)
+        })?;
+        let added: i64 = chosen.iter().map(|(_, n)| n).sum();
+        self.pending.fetch_add(added, Ordering::Relaxed);
+        Ok(chosen.into_iter().map(|(id, _)| id).collect())
+    }
+
+    /// Counts over the whole queue.
+    pub fn stats(&self) -> Result<Stats, QueueError> {
+        self.run(move |c, shown| async move {
+            let r = c
+                .query_one(
+                    "SELECT count(CASE WHEN state = 'pending' THEN 1 END), \
+                     coalesce(sum(CASE WHEN state = 'pending' THEN remaining END), 0)::bigint, \
+                     count(CASE WHEN state = 'pending' THEN held END), \
+                     count(CASE WHEN state = 'dead' THEN 1 END), \
+                     coalesce(sum(CASE WHEN state = 'dead' THEN remaining END), 0)::bigint FROM batches",
+                    &[],
+                )
+                .await
+                .map_err(pg(&shown))?;
+            let n = |i| count(r.get::<_, i64>(i));
+            Ok(Stats {
+                pending_batches: n(0),
+                pending_recipients: n(1),
+                held_batches: n(2),
+                dead_batches: n(3),
+                dead_recipients: n(4),
+            })
+        })
+    }
+
+    /// Forgets up to `limit` dispatches whose batches were all delivered before `before`.
+    pub fn prune(&self, before: i64, limit: usize) -> Result<usize, QueueError> {
+        let limit = limit as i64;
+        self.run(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            let ids: Vec<String> = tx
+                .query(
+                    "SELECT d.id FROM dispatches d WHERE d.created_at < $1 \
+                     AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.dispatch_id = d.id \
+                                     AND (b.state NOT IN ('delivered', 'failed') OR b.updated_at >= $1)) \
+                     LIMIT $2 FOR UPDATE SKIP LOCKED",
+                    &[&before, &limit],
+                )
+                .await
+                .map_err(&e)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !ids.is_empty() {
+                for sql in [
+                    "DELETE FROM failures WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ANY($1))",
+                    "DELETE FROM attempts WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ANY($1))",
+                    "DELETE FROM replays WHERE batch_id IN (SELECT id FROM batches WHERE dispatch_id = ANY($1))",
+                    "DELETE FROM batches WHERE dispatch_id = ANY($1)",
+                    "DELETE FROM dispatches WHERE id = ANY($1)",
+                ] {
+                    tx.execute(sql, &[&ids]).await.map_err(&e)?;
+                }
+            }
+            tx.commit().await.map_err(&e)?;
+            Ok(ids.len())
+        })
+    }
+}
+
+/// Stores one trigger in a transaction of its own, durable when it returns.
+async fn store_trigger(
+    mut client: deadpool_postgres::Object,
+    shown: &str,
+    head: crate::dispatch::TriggerHead,
+    generation: i64,
+    node: &str,
+    receipt: Receipt,
+    batches: Vec<(usize, Vec<u8>)>,
+) -> Result<Enqueued, QueueError> {
+    let e = |err: tokio_postgres::Error| QueueError::Postgres {
+        database: shown.to_string(),
+        why: chain(&err),
+    };
+    let tx = client.transaction().await.map_err(e)?;
+    tx.batch_execute("SET LOCAL synchronous_commit = on")
+        .await
+        .map_err(e)?;
+    let now = now_ms();
+    let message = {
+        let message = head.message();
+        (!message.is_empty()).then(|| serde_json::to_string(&message).unwrap_or_default())
+    };
+    let dispatch_id = receipt.dispatch_id.clone();
+    let inserted = tx
+        .execute(
+            "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at, message, node) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (idempotency_key) DO NOTHING",
+            &[
+                &dispatch_id,
+                &head.touchpoint,
+                &head.campaign,
+                &head.idempotency_key,
+                &serde_json::to_string(&head.template_params).unwrap_or_default(),
+                &generation,
+                &serde_json::to_string(&receipt).unwrap_or_default(),
+                &now,
+                &message,
+                &node,
+            ],
+        )
+        .await
+        .map_err(e)?;
+    if inserted == 0 {
+        // The key was taken, by this daemon or another: the first trigger's receipt answers.
+        let row = tx
+            .query_one(
+                "SELECT id, touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = $1",
+                &[&head.idempotency_key],
+            )
+            .await
+            .map_err(e)?;
+        let (id, touchpoint, campaign, first): (String, String, String, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if touchpoint != head.touchpoint || campaign != head.campaign {
+            return Err(QueueError::IdempotencyConflict {
+                key: head.idempotency_key.unwrap_or_default(),
+                touchpoint,
+                campaign,
+                dispatch_id: id,
+            });
+        }
+        let first: Receipt = serde_json::from_str(&first)
+            .map_err(|err| QueueError::Write(format!("the first trigger's receipt: {err}")))?;
+        return Ok(Enqueued::Repeat(first));
+    }
+    if !batches.is_empty() {
+        let n = batches.len();
+        let ids: Vec<String> = (0..n).map(|i| batch_id(&dispatch_id, i)).collect();
+        let idx: Vec<i32> = (0..n)
+            .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+            .collect();
+        let sizes: Vec<i32> = batches
+            .iter()
+            .map(|(s, _)| i32::try_from(*s).unwrap_or(i32::MAX))
+            .collect();
+        let users: Vec<Vec<u8>> = batches.into_iter().map(|(_, u)| u).collect();
+        let total = i32::try_from(n).unwrap_or(i32::MAX);
+        tx.execute(
+            "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at, users) \
+             SELECT id, $2, idx, $3, $4, size, size, 'pending', $5, $5, $5, users \
+             FROM unnest($1::text[], $6::int[], $7::int[], $8::bytea[]) AS b(id, idx, size, users)",
+            &[&ids, &dispatch_id, &total, &head.touchpoint, &now, &idx, &sizes, &users],
+        )
+        .await
+        .map_err(e)?;
+    }
+    tx.commit().await.map_err(e)?;
+    Ok(Enqueued::New(receipt))
+}
