@@ -487,7 +487,20 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let count = |state: &str| summaries.iter().filter(|s| s.state == state).count();
     let reconcile = app.last_reconcile();
     let platforms = platforms(&app).await?;
-    Ok(axum::Json(json!({
+    let nodes = match app.queue.postgres() {
+        None => None,
+        Some(_) => {
+            let queue = app.queue.clone();
+            Some(
+                blocking(move || match queue.postgres() {
+                    Some(q) => q.nodes(NODES_WITHIN),
+                    None => Ok(Vec::new()),
+                })
+                .await?,
+            )
+        }
+    };
+    let mut answer = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": app.info.started_at,
         "uptime_seconds": app.info.started.elapsed().as_secs(),
@@ -512,9 +525,32 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
         },
         "queue": stats,
         "platforms": platforms,
-    }))
-    .into_response())
+    });
+    // Daemons sharing a PostgreSQL queue: this one, and every one that beat within the hour.
+    if let Some(nodes) = nodes {
+        answer["node"] = json!(app.info.node);
+        answer["nodes"] = json!(
+            nodes
+                .iter()
+                .map(|n| json!({
+                    "node": n.node,
+                    "host": n.host,
+                    "pid": n.pid,
+                    "listen": n.listen,
+                    "started_at": n.started_at,
+                    "last_heartbeat": crate::registry::rfc3339_ms(n.heartbeat_at),
+                    "heartbeat_age_seconds": n.heartbeat_age_ms as f64 / 1000.0,
+                    "stopped": n.stopped_at.is_some(),
+                    "this": Some(&n.node) == app.info.node.as_ref(),
+                }))
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(axum::Json(answer).into_response())
 }
+
+/// How far back `/v1/status` lists the cluster's daemons.
+const NODES_WITHIN: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// The live open platforms as `/v1/status` shows them: whether the registry has a verify ticket
 /// for each (never the ticket), when this daemon last received one, and what stops its use.

@@ -83,7 +83,23 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("touchctl");
+        Self::for_node(None)
+    }
+}
+
+impl Metrics {
+    /// The metrics of a daemon; with `node` (daemons sharing a PostgreSQL queue), every series
+    /// carries the label `node` naming it, so a cluster's scrapes add up and tell nodes apart.
+    pub fn for_node(node: Option<&str>) -> Self {
+        let labels = node
+            .map(|n| {
+                (
+                    std::borrow::Cow::Borrowed("node"),
+                    std::borrow::Cow::Owned(n.to_string()),
+                )
+            })
+            .into_iter();
+        let mut registry = Registry::with_prefix_and_labels("touchctl", labels);
         let attempts = Family::<Outcome, Counter>::default();
         registry.register(
             "delivery_attempts",

@@ -332,6 +332,8 @@ fn sync_holds(
                 queue.hold(&tp, None)?;
             }
             Lookup::Ready(_) | Lookup::Waiting { .. } => {}
+            // A reason of this daemon's own holds nothing in a queue other daemons share.
+            Lookup::Held(why, _) if queue.is_shared() && !why.is_registry_wide() => {}
             Lookup::Held(_, reason) => {
                 queue.hold(&tp, Some(&reason))?;
             }
@@ -389,7 +391,7 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
             },
         )),
         wake: Arc::new(worker::Wake::default()),
-        metrics: Arc::new(Metrics::default()),
+        metrics: Arc::new(Metrics::for_node(queue.postgres().map(|q| q.node()))),
         token: config.token.clone(),
         limits: Limits {
             max_body: config.max_body,
@@ -885,6 +887,9 @@ async fn gather(
     }
 }
 
+/// How often the registry's data version is read for changes made elsewhere.
+const DATA_VERSION_POLL: Duration = Duration::from_millis(250);
+
 /// Reconciles on file events and every `interval`, and notices registry writes by other processes.
 async fn supervise(
     app: Arc<App>,
@@ -895,7 +900,10 @@ async fn supervise(
 ) {
     let mut tick = tokio::time::interval(interval);
     tick.tick().await;
-    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    // Pause, resume and applies made through another process or daemon are noticed by polling
+    // the registry's data version (one small read): within a quarter of a second, which keeps
+    // every daemon sharing a registry within a second of each other.
+    let mut poll = tokio::time::interval(DATA_VERSION_POLL);
     let mut seen = app.registry.data_version().ok();
     loop {
         tokio::select! {

@@ -113,6 +113,14 @@ pub enum Why {
     Gone,
 }
 
+impl Why {
+    /// Whether every daemon sharing a queue sees the same: the registry says so (paused,
+    /// disabled, gone), rather than this daemon's own view of its secrets or of a platform.
+    pub fn is_registry_wide(self) -> bool {
+        matches!(self, Why::Paused | Why::Disabled | Why::Gone)
+    }
+}
+
 /// Where a touchpoint stands for sending.
 #[derive(Clone, Debug)]
 pub enum Lookup {
@@ -223,8 +231,11 @@ struct Lane {
 
 /// How the batches of a touchpoint that cannot be sent to now wait in the queue.
 enum Park {
-    /// Held with this reason until the touchpoint is released.
-    Held(String),
+    /// Held with this reason until the touchpoint is released. The flag says whether the reason
+    /// is the registry's (paused, disabled, gone), and so true for every daemon sharing the queue;
+    /// a reason of this daemon's own (a secret it cannot read) holds nothing in a shared queue:
+    /// this daemon lets the batches go and leaves them to the others.
+    Held(String, bool),
     /// Due again at this time (ms since the epoch).
     Until(i64),
 }
@@ -234,7 +245,7 @@ fn sendable(lookup: Lookup) -> Result<Arc<Target>, Park> {
     match lookup {
         Lookup::Ready(t) => Ok(t),
         Lookup::Waiting { until, .. } => Err(Park::Until(until)),
-        Lookup::Held(_, reason) => Err(Park::Held(reason)),
+        Lookup::Held(why, reason) => Err(Park::Held(reason, why.is_registry_wide())),
     }
 }
 
@@ -242,7 +253,8 @@ impl Park {
     async fn apply(self, queue: &Arc<Queue>, touchpoint: &str, observer: &dyn Observer) {
         let tp = touchpoint.to_string();
         let result = match self {
-            Park::Held(reason) => run_blocking(queue, move |q| q.hold(&tp, Some(&reason))).await,
+            Park::Held(_, false) if queue.is_shared() => Ok(0),
+            Park::Held(reason, _) => run_blocking(queue, move |q| q.hold(&tp, Some(&reason))).await,
             Park::Until(at) => run_blocking(queue, move |q| q.defer(&tp, at)).await,
         };
         if let Err(e) = result {
@@ -337,8 +349,9 @@ pub async fn run(
             left_out.clone_from(&full);
             let limit = room.min(256);
             let busy_now = busy_ids(&busy);
+            let mut full = full;
             let limits = if queue.is_shared() {
-                cluster_lanes(directory.as_ref(), config.concurrency)
+                cluster_lanes(directory.as_ref(), config.concurrency, &mut full)
             } else {
                 Lanes::default()
             };
@@ -533,18 +546,21 @@ async fn finished_by(
 }
 
 /// The limits a claim from a shared queue keeps to: `concurrency` per touchpoint, and the
-/// `rate_limit` of each live touchpoint that has one.
-fn cluster_lanes(directory: &dyn Directory, concurrency: usize) -> Lanes {
-    let rates = directory
-        .ids()
-        .into_iter()
-        .filter_map(|id| match directory.lookup(&id) {
+/// `rate_limit` of each live touchpoint that has one; and the touchpoints this daemon cannot send
+/// to for reasons of its own (left to the other daemons), added to `skip`.
+fn cluster_lanes(directory: &dyn Directory, concurrency: usize, skip: &mut Vec<String>) -> Lanes {
+    let mut rates = Vec::new();
+    for id in directory.ids() {
+        match directory.lookup(&id) {
             Lookup::Ready(t) | Lookup::Waiting { target: t, .. } => {
-                t.channel.rate_limit().map(|r| (id, r))
+                if let Some(r) = t.channel.rate_limit() {
+                    rates.push((id, r));
+                }
             }
-            Lookup::Held(..) => None,
-        })
-        .collect();
+            Lookup::Held(why, _) if !why.is_registry_wide() => skip.push(id),
+            Lookup::Held(..) => {}
+        }
+    }
     Lanes { concurrency, rates }
 }
 
