@@ -8,6 +8,7 @@ mod channel_getui;
 mod channel_oa;
 mod channel_wecom;
 mod ci_example;
+mod cluster;
 mod daemon;
 mod daemon_support;
 mod drift;
