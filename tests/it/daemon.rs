@@ -7,16 +7,40 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::backend::{Backend, on_both_backends};
 use crate::daemon_support::{
     Arrivals, Daemon, PATIENCE, Sink, custom_touchpoint, holding_the_first, http, users,
 };
 use crate::support::{Project, repo_root};
 
+// The delivery suite runs on both backends: the daemon's queue in its SQLite file, and in
+// PostgreSQL (`--state postgres://`), where a daemon claims under leases.
+on_both_backends!(
+    ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params,
+    a_sink_failing_half_its_requests_still_gets_everything,
+    recipients_the_endpoint_fails_are_retried_or_recorded,
+    kill_9_mid_run_then_restart_loses_nothing,
+    queued_batches_are_sent_with_the_dynamic_params_live_at_send_time,
+    batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time,
+    delivered_dispatches_are_forgotten_after_the_retention_and_dead_ones_kept,
+    an_idempotent_retrigger_queues_nothing,
+    pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it,
+    dead_letters_are_listed_and_replayed,
+    retry_after_is_honoured,
+    sigterm_drains_in_flight_deliveries,
+    the_dispatch_command_streams_a_users_file_and_waits
+);
+
 const ENV: [(&str, &str); 1] = [("SINK_TOKEN", "sink-token-value")];
 
 /// A project with one custom touchpoint `sms` pointing at `sink`, applied.
 fn project(sink: &Sink, batch_size: u32, extra: &str) -> Project {
-    let p = Project::empty();
+    project_on(Backend::Sqlite, sink, batch_size, extra)
+}
+
+/// [`project`] with its registry and queue on `backend`.
+fn project_on(backend: Backend, sink: &Sink, batch_size: u32, extra: &str) -> Project {
+    let p = Project::empty_on(backend);
     p.write(
         "touchpoints/sms.toml",
         &custom_touchpoint("sms", &sink.url, batch_size, extra),
@@ -72,10 +96,9 @@ fn assert_nothing_more_sent(d: &Daemon, sink: &Sink, n: usize, refused: impl FnO
     assert_eq!(sink.delivered().len(), n);
 }
 
-#[test]
-fn ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params() {
+fn ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params(b: Backend) {
     let sink = Sink::ok();
-    let p = project(&sink, 500, "");
+    let p = project_on(b, &sink, 500, "");
     let d = open_daemon(&p, &[]);
     let mut t = trigger(10_000);
     t["users"]
@@ -137,7 +160,13 @@ fn ten_thousand_users_arrive_as_batches_of_batch_size_with_their_params() {
     assert_eq!(all.into_iter().collect::<BTreeSet<_>>(), want);
 
     let (_, metrics) = d.call("GET", "/metrics", None);
-    let text = metrics["raw"].as_str().unwrap();
+    // Series as a single daemon names them (a daemon sharing a queue adds its node).
+    let text: String = metrics["raw"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| crate::daemon_support::without_node_label(l) + "\n")
+        .collect();
     assert!(
         text.contains("touchctl_recipients_delivered_total{touchpoint=\"sms\"} 10000"),
         "{text}"
@@ -245,8 +274,7 @@ fn signatures_verify_with_the_standard_webhooks_reference_library() {
     );
 }
 
-#[test]
-fn a_sink_failing_half_its_requests_still_gets_everything() {
+fn a_sink_failing_half_its_requests_still_gets_everything(b: Backend) {
     let sink = Sink::new(Arc::new(|n, _| {
         if n % 2 == 0 {
             (
@@ -259,7 +287,7 @@ fn a_sink_failing_half_its_requests_still_gets_everything() {
             (200, Vec::new(), "{}".into(), Duration::ZERO)
         }
     }));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (code, r) = d.dispatch(&trigger(5_000));
     assert_eq!(code, 202);
@@ -283,8 +311,7 @@ fn a_sink_failing_half_its_requests_still_gets_everything() {
     assert!(batches.iter().all(|b| b["state"] == "delivered"));
 }
 
-#[test]
-fn recipients_the_endpoint_fails_are_retried_or_recorded() {
+fn recipients_the_endpoint_fails_are_retried_or_recorded(b: Backend) {
     // Each first attempt: u0 of the batch is to be retried, u1 refused for good.
     let sink = Sink::new(Arc::new(|_, body: &Value| {
         let recipients = body["recipients"].as_array().cloned().unwrap_or_default();
@@ -308,7 +335,7 @@ fn recipients_the_endpoint_fails_are_retried_or_recorded() {
             (200, Vec::new(), "{}".into(), Duration::ZERO)
         }
     }));
-    let p = project(&sink, 10, "");
+    let p = project_on(b, &sink, 10, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(30));
     let s = d.wait_finished(r["dispatch_id"].as_str().unwrap());
@@ -337,12 +364,11 @@ fn recipients_the_endpoint_fails_are_retried_or_recorded() {
         .stdout_has("recipients: 10 in all, 9 delivered, 1 failed, 0 remaining");
 }
 
-#[test]
-fn kill_9_mid_run_then_restart_loses_nothing() {
+fn kill_9_mid_run_then_restart_loses_nothing(b: Backend) {
     let sink = Sink::new(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::from_millis(40))
     }));
-    let p = project(&sink, 50, "");
+    let p = project_on(b, &sink, 50, "");
     let d = open_daemon(&p, &["--concurrency", "2"]);
     let (code, r) = d.dispatch(&trigger(3_000));
     assert_eq!(code, 202);
@@ -457,12 +483,11 @@ fn rename_phone_and_add_tier(p: &Project, d: &Daemon) {
     });
 }
 
-#[test]
-fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
+fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time(b: Backend) {
     let sink = Sink::new(Arc::new(|_, _| {
         (503, Vec::new(), String::new(), Duration::ZERO)
     }));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(200));
     let id = r["dispatch_id"].as_str().unwrap().to_string();
@@ -491,15 +516,14 @@ fn queued_batches_are_sent_with_the_dynamic_params_live_at_send_time() {
     }
 }
 
-#[test]
-fn batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time() {
+fn batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time(b: Backend) {
     // The daemon writes each batch's recipients when it accepts the trigger and keeps them in
     // memory. Here the first request is held until the params change, so the batches behind it
     // (one at a time) go out after the change and must be written anew.
     let arrivals = Arrivals::default();
     let gate = Arc::new(AtomicBool::new(false));
     let sink = Sink::new(arrivals.counting(holding_the_first(gate.clone())));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     let d = open_daemon(&p, &["--concurrency", "1"]);
     let (_, r) = d.dispatch(&trigger(300));
     let id = r["dispatch_id"].as_str().unwrap().to_string();
@@ -523,8 +547,7 @@ fn batches_written_at_intake_are_sent_with_the_dynamic_params_live_at_send_time(
     }
 }
 
-#[test]
-fn delivered_dispatches_are_forgotten_after_the_retention_and_dead_ones_kept() {
+fn delivered_dispatches_are_forgotten_after_the_retention_and_dead_ones_kept(b: Backend) {
     let sink = Sink::new(Arc::new(|_, body: &Value| {
         if body["campaign"] == "doomed" {
             (400, Vec::new(), "no such campaign".into(), Duration::ZERO)
@@ -532,7 +555,7 @@ fn delivered_dispatches_are_forgotten_after_the_retention_and_dead_ones_kept() {
             (200, Vec::new(), "{}".into(), Duration::ZERO)
         }
     }));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     let d = open_daemon(&p, &["--retention", "1s"]);
     let mut delivered = trigger(150);
     delivered["idempotency_key"] = json!("spring-1");
@@ -608,10 +631,9 @@ fn a_git_source_reconciles_only_committed_content() {
     assert_eq!(commit, second);
 }
 
-#[test]
-fn an_idempotent_retrigger_queues_nothing() {
+fn an_idempotent_retrigger_queues_nothing(b: Backend) {
     let sink = Sink::ok();
-    let p = project(&sink, 500, "");
+    let p = project_on(b, &sink, 500, "");
     let d = open_daemon(&p, &[]);
     let mut t = trigger(700);
     t["idempotency_key"] = "spring-sale-2026-11-22".into();
@@ -833,8 +855,7 @@ fn api_errors_say_what_is_wrong() {
     assert!(!d.log().contains("sink-token-value"));
 }
 
-#[test]
-fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
+fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it(b: Backend) {
     // The sender sends one request at a time, oldest due first. Its first request (to `points`)
     // is held at the sink until `gate` opens: meanwhile `sms` gets work and is paused with none
     // of it in flight. A later trigger to `points` then goes out only after whatever `sms` batch
@@ -842,7 +863,7 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     let arrivals = Arrivals::default();
     let gate = Arc::new(AtomicBool::new(false));
     let sink = Sink::new(arrivals.counting(holding_the_first(gate.clone())));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     p.write(
         "touchpoints/points.toml",
         &custom_touchpoint("points", &sink.url, 100, ""),
@@ -908,8 +929,7 @@ fn pause_holds_work_resume_sends_it_and_a_deleted_touchpoint_parks_it() {
     assert_eq!(d.wait_finished(&id)["delivered"], 100);
 }
 
-#[test]
-fn dead_letters_are_listed_and_replayed() {
+fn dead_letters_are_listed_and_replayed(b: Backend) {
     let sink = Sink::new(Arc::new(|_, _| {
         (
             400,
@@ -918,7 +938,7 @@ fn dead_letters_are_listed_and_replayed() {
             Duration::ZERO,
         )
     }));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(150));
     let id = r["dispatch_id"].as_str().unwrap().to_string();
@@ -951,8 +971,7 @@ fn dead_letters_are_listed_and_replayed() {
         .stderr_has("not dead (or unknown)");
 }
 
-#[test]
-fn retry_after_is_honoured() {
+fn retry_after_is_honoured(b: Backend) {
     let sink = Sink::new(Arc::new(|n, _| {
         if n == 0 {
             (
@@ -965,7 +984,7 @@ fn retry_after_is_honoured() {
             (200, Vec::new(), "{}".into(), Duration::ZERO)
         }
     }));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     // A Retry-After is honoured up to `max_backoff`: let it be longer than the 2s asked for.
     p.set(
         "touchpoints/sms.toml",
@@ -1010,13 +1029,12 @@ fn the_daemon_refuses_to_start_open_to_the_network() {
         .stderr_has("--insecure-no-auth is only allowed on a loopback address");
 }
 
-#[test]
-fn sigterm_drains_in_flight_deliveries() {
+fn sigterm_drains_in_flight_deliveries(b: Backend) {
     let arrivals = Arrivals::default();
     let sink = Sink::new(arrivals.counting(Arc::new(|_, _| {
         (200, Vec::new(), "{}".into(), Duration::from_millis(1500))
     })));
-    let p = project(&sink, 100, "");
+    let p = project_on(b, &sink, 100, "");
     let d = open_daemon(&p, &[]);
     let (_, r) = d.dispatch(&trigger(100));
     // The request is in flight once the sink has it (it answers 1.5 s later).
@@ -1034,10 +1052,9 @@ fn sigterm_drains_in_flight_deliveries() {
     out.code(0).stdout_has(" delivered ");
 }
 
-#[test]
-fn the_dispatch_command_streams_a_users_file_and_waits() {
+fn the_dispatch_command_streams_a_users_file_and_waits(b: Backend) {
     let sink = Sink::ok();
-    let p = project(&sink, 500, "");
+    let p = project_on(b, &sink, 500, "");
     let d = open_daemon(&p, &[]);
     let lines: Vec<String> = users(1234).iter().map(|u| u.to_string()).collect();
     p.write("users.ndjson", &(lines.join("\n") + "\n"));

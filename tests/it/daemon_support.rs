@@ -365,6 +365,7 @@ impl Daemon {
         assert_eq!(code, 200, "{body}");
         let text = body["raw"].as_str().expect("the metrics as text");
         text.lines()
+            .map(without_node_label)
             .filter_map(|line| {
                 let rest = line.strip_prefix(name)?;
                 let value = if rest.starts_with('{') {
@@ -379,6 +380,26 @@ impl Daemon {
                 )
             })
             .sum()
+    }
+}
+
+/// A metrics line without its `node` label (daemons sharing a PostgreSQL queue label every
+/// series with their node), so a series is named the same whichever backend the daemon runs on.
+pub fn without_node_label(line: &str) -> String {
+    let Some(start) = line.find("node=\"") else {
+        return line.to_string();
+    };
+    let Some(len) = line[start + 6..].find('"') else {
+        return line.to_string();
+    };
+    let end = start + 6 + len + 1;
+    let (before, after) = (&line[..start], &line[end..]);
+    match (before.ends_with('{'), after.strip_prefix(',')) {
+        (_, Some(rest)) => format!("{before}{rest}"),
+        (true, None) if after.starts_with('}') => {
+            format!("{}{}", &before[..before.len() - 1], &after[1..])
+        }
+        _ => format!("{before}{after}"),
     }
 }
 
