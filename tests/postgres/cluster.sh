@@ -14,7 +14,8 @@
 #
 # The server listens on 127.0.0.1 alone, on a free port it picks, with its socket in DIR; loopback
 # connections are trusted (no password) as the `postgres` superuser, so the URL is
-# postgres://postgres@127.0.0.1:PORT/postgres. fsync is off: the data is thrown away. Each test
+# postgres://postgres@127.0.0.1:PORT/postgres. fsync is off: the data is thrown away
+# (TOUCHCTL_PG_DURABLE=1 keeps PostgreSQL's durable defaults, as the benchmarks do). Each test
 # makes a database of its own in it (touchctl_it_*), so tests run in parallel.
 #
 # initdb refuses to run as root: as root the cluster belongs to the `postgres` user (Debian's
@@ -76,6 +77,10 @@ start() {
     fi
     chmod 700 "$dir"
     log="$dir/server.log"
+    local durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    if [ "${TOUCHCTL_PG_DURABLE:-}" = 1 ]; then
+        durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+    fi
     as_owner "$bin/initdb" -D "$dir/data" -U postgres --auth=trust --no-sync \
         --encoding=UTF8 --locale=C >"$dir/initdb.log" 2>&1 || {
         cat "$dir/initdb.log" >&2
@@ -89,7 +94,7 @@ start() {
         port=$((20000 + RANDOM % 40000))
         rm -f "$log"
         if as_owner "$bin/pg_ctl" -D "$dir/data" -l "$log" -w -t 60 -s \
-            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+            -o "-c listen_addresses=127.0.0.1 -p $port -k $dir $durability -c max_connections=300" \
             start >/dev/null 2>&1; then
             break
         fi
