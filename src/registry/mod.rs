@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use postgres::{PostgresRegistry, is_postgres_url};
 pub use sqlite::SqliteRegistry;
 
-use crate::model::{Fingerprinter, SpecJson};
+use crate::model::{Fingerprinter, Secret, SpecJson};
 
 /// Where a live touchpoint's spec came from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +124,25 @@ impl std::fmt::Display for LockInfo {
         )
     }
 }
+
+/// A platform access token kept in the registry for every daemon to use (see
+/// [`crate::channel::token`]). A secret: its `Debug` prints `(sensitive)`, and nothing prints it.
+#[derive(Debug)]
+pub struct SharedToken {
+    /// The token.
+    pub token: Secret,
+    /// How long it has left before the platform's expiry, by the registry's clock (zero once
+    /// past it).
+    pub left: std::time::Duration,
+    /// How long ago it was obtained, by the registry's clock.
+    pub age: std::time::Duration,
+    /// Who obtained it (a daemon's node name).
+    pub obtained_by: String,
+}
+
+/// The prefix of the key of a claim to fetch a shared token: `fetching:<key>`, its `token` column
+/// the claim's random id (no secret).
+pub const FETCHING: &str = "fetching:";
 
 /// Errors of the live-state layer.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +327,35 @@ pub trait Registry: Send + Sync {
     fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError>;
     /// Keeps `ticket` as the latest of the open platform `id` (replacing the one before).
     fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError>;
+    /// The shared platform token kept under `key` (a keyed MAC of the credential, never the
+    /// credential), if any, whatever life it has left.
+    fn shared_token(&self, key: &str) -> Result<Option<SharedToken>, RegistryError>;
+    /// Claims the right to fetch `key`'s token for `ttl`, as `claim` (a random id) of `holder`:
+    /// `Ok(None)` when this caller has it now, `Ok(Some(holder))` while another's claim lasts. A
+    /// claim whose holder never writes a token (it died mid-fetch) lapses after its `ttl`;
+    /// claiming again with the same `claim` extends it (a fetch that takes long).
+    fn claim_token_fetch(
+        &self,
+        key: &str,
+        claim: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, RegistryError>;
+    /// Keeps `token` as `key`'s shared token, good for `lifetime` from now, obtained by `holder`;
+    /// ends the claim `claim` if it is still the one held.
+    fn put_shared_token(
+        &self,
+        key: &str,
+        token: &Secret,
+        lifetime: std::time::Duration,
+        holder: &str,
+        claim: &str,
+    ) -> Result<(), RegistryError>;
+    /// Ends the claim `claim` on `key` if it is still the one held (its fetch failed).
+    fn release_token_claim(&self, key: &str, claim: &str) -> Result<(), RegistryError>;
+    /// Removes `key`'s shared token if it is still `token` (the platform refused it); whether it
+    /// was.
+    fn drop_shared_token(&self, key: &str, token: &Secret) -> Result<bool, RegistryError>;
 }
 
 /// Opens the registry `--state` names: a PostgreSQL database for a `postgres://` or
