@@ -299,7 +299,12 @@ impl Sharing {
     }
 
     /// Runs `fetch` under `claim`, renewing the claim until it answers.
-    async fn fetch_claimed<E, Fut>(&self, key: CredentialKey, claim: &str, fetch: Fut) -> Fut::Output
+    async fn fetch_claimed<E, Fut>(
+        &self,
+        key: CredentialKey,
+        claim: &str,
+        fetch: Fut,
+    ) -> Fut::Output
     where
         Fut: Future<Output = Result<(Secret, Duration), E>>,
     {
@@ -535,7 +540,12 @@ pub(crate) mod tests {
             let obtained = now.checked_sub(age).unwrap();
             self.rows.lock().unwrap().insert(
                 key,
-                (Secret::new(token), obtained + lifetime, obtained, "seed".into()),
+                (
+                    Secret::new(token),
+                    obtained + lifetime,
+                    obtained,
+                    "seed".into(),
+                ),
             );
         }
 
@@ -548,12 +558,17 @@ pub(crate) mod tests {
         fn read(&self, key: &CredentialKey) -> Result<Option<SharedToken>, String> {
             self.check()?;
             let now = Instant::now();
-            Ok(self.rows.lock().unwrap().get(key).map(|(t, until, at, by)| SharedToken {
-                token: t.clone(),
-                left: until.saturating_duration_since(now),
-                age: now.saturating_duration_since(*at),
-                obtained_by: by.clone(),
-            }))
+            Ok(self
+                .rows
+                .lock()
+                .unwrap()
+                .get(key)
+                .map(|(t, until, at, by)| SharedToken {
+                    token: t.clone(),
+                    left: until.saturating_duration_since(now),
+                    age: now.saturating_duration_since(*at),
+                    obtained_by: by.clone(),
+                }))
         }
 
         fn claim(
@@ -587,10 +602,10 @@ pub(crate) mod tests {
         ) -> Result<(), String> {
             self.check()?;
             let now = Instant::now();
-            self.rows
-                .lock()
-                .unwrap()
-                .insert(*key, (token.clone(), now + lifetime, now, holder.to_string()));
+            self.rows.lock().unwrap().insert(
+                *key,
+                (token.clone(), now + lifetime, now, holder.to_string()),
+            );
             self.release(key, claim)
         }
 
@@ -717,9 +732,16 @@ pub(crate) mod tests {
             .await
             .unwrap();
         assert_eq!(token.value.expose(), "fresh");
-        assert!(store.refused.load(Ordering::SeqCst) >= 1, "b waited for the claim");
+        assert!(
+            store.refused.load(Ordering::SeqCst) >= 1,
+            "b waited for the claim"
+        );
         assert_eq!(store.holder(key).as_deref(), Some("node-b"));
-        assert!(lines.lock().unwrap().is_empty(), "{:?}", lines.lock().unwrap());
+        assert!(
+            lines.lock().unwrap().is_empty(),
+            "{:?}",
+            lines.lock().unwrap()
+        );
     }
 
     #[tokio::test]
@@ -747,7 +769,11 @@ pub(crate) mod tests {
         assert_eq!(b.fetches(), 1);
         let lines = lines.lock().unwrap();
         assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].contains("node-slow claimed the fetch"), "{}", lines[0]);
+        assert!(
+            lines[0].contains("node-slow claimed the fetch"),
+            "{}",
+            lines[0]
+        );
     }
 
     #[tokio::test]
@@ -784,7 +810,10 @@ pub(crate) mod tests {
         assert_eq!(store.holder(k3).as_deref(), Some("node-a"));
         let lines = lines.lock().unwrap();
         assert_eq!(lines.len(), 2, "{lines:?}");
-        assert_eq!(lines[1], "the platform tokens shared through the registry are used again");
+        assert_eq!(
+            lines[1],
+            "the platform tokens shared through the registry are used again"
+        );
     }
 
     #[tokio::test]
@@ -794,11 +823,21 @@ pub(crate) mod tests {
         let fetch = || async { Ok::<_, String>((Secret::new("new"), Duration::from_secs(7200))) };
         // 7200 s in all, 200 s left: inside the five-minute margin, so fetched again.
         let old = CredentialKey::of(&[b"oa", b"old"]);
-        store.put(old, "old", Duration::from_secs(7200), Duration::from_secs(7000));
+        store.put(
+            old,
+            "old",
+            Duration::from_secs(7200),
+            Duration::from_secs(7000),
+        );
         assert_eq!(a.get(old, fetch).await.unwrap().value.expose(), "new");
         // An hour left: used, and replaced when its margin begins, as if fetched here.
         let young = CredentialKey::of(&[b"oa", b"young"]);
-        store.put(young, "young", Duration::from_secs(7200), Duration::from_secs(3600));
+        store.put(
+            young,
+            "young",
+            Duration::from_secs(7200),
+            Duration::from_secs(3600),
+        );
         let t = a.get(young, fetch).await.unwrap();
         assert_eq!(t.value.expose(), "young");
         let serves = t.refresh_at.saturating_duration_since(Instant::now());

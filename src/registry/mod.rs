@@ -462,3 +462,218 @@ pub fn hostname() -> String {
 pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
+
+/// Checks every backend runs through the same way.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::{Registry, SharedToken};
+    use crate::channel::token::{CredentialKey, RegistryTokens, TokenStore, Tokens};
+    use crate::model::Secret;
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The shared platform tokens: claims, storing, refusing, lapsing; nothing printed.
+    pub(crate) fn shared_tokens(reg: Arc<dyn Registry>) {
+        let k = "hmac-sha256:aa";
+        assert!(reg.shared_token(k).unwrap().is_none());
+        let ttl = Duration::from_secs(30);
+        assert_eq!(reg.claim_token_fetch(k, "c1", "node-a", ttl).unwrap(), None);
+        assert_eq!(
+            reg.claim_token_fetch(k, "c2", "node-b", ttl)
+                .unwrap()
+                .as_deref(),
+            Some("node-a"),
+            "another's claim holds"
+        );
+        assert_eq!(
+            reg.claim_token_fetch(k, "c1", "node-a", ttl).unwrap(),
+            None,
+            "one's own claim is extended"
+        );
+        // The token stored ends its claim.
+        let token = Secret::new("tok-0123456789");
+        reg.put_shared_token(k, &token, Duration::from_secs(7200), "node-a", "c1")
+            .unwrap();
+        let got: SharedToken = reg.shared_token(k).unwrap().unwrap();
+        assert_eq!(got.token.expose(), "tok-0123456789");
+        assert_eq!(got.obtained_by, "node-a");
+        assert!(
+            got.left <= Duration::from_secs(7200) && got.left > Duration::from_secs(7100),
+            "{:?}",
+            got.left
+        );
+        assert!(got.age < Duration::from_secs(100), "{:?}", got.age);
+        assert!(!format!("{got:?}").contains("tok-0123"), "{got:?}");
+        assert_eq!(reg.claim_token_fetch(k, "c2", "node-b", ttl).unwrap(), None);
+        // A claim released (its fetch failed) frees the fetch at once; another's is not released.
+        reg.release_token_claim(k, "c1").unwrap();
+        assert!(
+            reg.claim_token_fetch(k, "c3", "node-c", ttl)
+                .unwrap()
+                .is_some()
+        );
+        reg.release_token_claim(k, "c2").unwrap();
+        assert_eq!(reg.claim_token_fetch(k, "c3", "node-c", ttl).unwrap(), None);
+        // A refused token goes only if it is still the one stored.
+        assert!(!reg.drop_shared_token(k, &Secret::new("older")).unwrap());
+        assert!(reg.shared_token(k).unwrap().is_some());
+        assert!(reg.drop_shared_token(k, &token).unwrap());
+        assert!(reg.shared_token(k).unwrap().is_none());
+        assert!(!reg.drop_shared_token(k, &token).unwrap());
+        // A dead fetcher's claim lapses.
+        reg.release_token_claim(k, "c3").unwrap();
+        let short = Duration::from_millis(200);
+        assert_eq!(
+            reg.claim_token_fetch(k, "d1", "node-dead", short).unwrap(),
+            None
+        );
+        assert!(
+            reg.claim_token_fetch(k, "d2", "node-b", ttl)
+                .unwrap()
+                .is_some()
+        );
+        wait_for("a dead fetcher's claim never lapsed", || {
+            reg.claim_token_fetch(k, "d2", "node-b", ttl)
+                .unwrap()
+                .is_none()
+        });
+        // A token past its expiry is read with no life left.
+        reg.put_shared_token(k, &token, Duration::ZERO, "node-b", "d2")
+            .unwrap();
+        wait_for("a token never expired", || {
+            reg.shared_token(k).unwrap().unwrap().left == Duration::ZERO
+        });
+        // Tokens are no touchpoints.
+        assert!(reg.list().unwrap().is_empty());
+        // The key a credential is stored under is a MAC under this registry's key.
+        let cred = CredentialKey::of(&[b"oa", b"wx1", b"secret"]);
+        let stored = RegistryTokens(reg.clone()).stored_key(&cred);
+        assert!(stored.starts_with("hmac-sha256:"), "{stored}");
+        assert!(!stored.contains(&hex::encode(cred.as_bytes())), "{stored}");
+    }
+
+    /// The store of one node, counting the claims it found held by another.
+    struct Counting(RegistryTokens, Arc<AtomicU64>);
+
+    impl TokenStore for Counting {
+        fn read(&self, key: &CredentialKey) -> Result<Option<SharedToken>, String> {
+            self.0.read(key)
+        }
+        fn claim(
+            &self,
+            key: &CredentialKey,
+            claim: &str,
+            holder: &str,
+            ttl: Duration,
+        ) -> Result<Option<String>, String> {
+            let held = self.0.claim(key, claim, holder, ttl)?;
+            if held.is_some() {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(held)
+        }
+        fn write(
+            &self,
+            key: &CredentialKey,
+            token: &Secret,
+            lifetime: Duration,
+            holder: &str,
+            claim: &str,
+        ) -> Result<(), String> {
+            self.0.write(key, token, lifetime, holder, claim)
+        }
+        fn release(&self, key: &CredentialKey, claim: &str) -> Result<(), String> {
+            self.0.release(key, claim)
+        }
+        fn forget(&self, key: &CredentialKey, token: &Secret) -> Result<(), String> {
+            self.0.forget(key, token)
+        }
+    }
+
+    /// Two nodes, each with its own cache on its own thread and runtime and its own opening of one
+    /// registry (`open`), need one token at once: one of them fetches it, the other uses it; then
+    /// one is refused it, and the other finds the newer token stored.
+    pub(crate) fn two_nodes_make_one_fetch(open: impl Fn() -> Arc<dyn Registry>) {
+        let waited = Arc::new(AtomicU64::new(0));
+        let fetches = Arc::new(AtomicU64::new(0));
+        let cred = CredentialKey::of(&[b"wechat_official_account", b"wx1", b"secret"]);
+        let nodes: Vec<Arc<Tokens>> = ["node-a", "node-b"]
+            .iter()
+            .map(|name| {
+                let store = Counting(RegistryTokens(open()), waited.clone());
+                Arc::new(Tokens::shared(Arc::new(store), *name, |line| {
+                    panic!("nothing to say: {line}")
+                }))
+            })
+            .collect();
+        let got: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .map(|tokens| {
+                    let (waited, fetches) = (waited.clone(), fetches.clone());
+                    s.spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        runtime.block_on(async {
+                            tokens
+                                .get(cred, || async move {
+                                    let n = fetches.fetch_add(1, Ordering::SeqCst);
+                                    // Answers once the other node has found the fetch claimed.
+                                    let deadline = Instant::now() + Duration::from_secs(30);
+                                    while waited.load(Ordering::SeqCst) == 0 {
+                                        assert!(Instant::now() < deadline, "no node waited");
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                    }
+                                    Ok::<_, String>((
+                                        Secret::new(format!("token-{n}")),
+                                        Duration::from_secs(7200),
+                                    ))
+                                })
+                                .await
+                                .unwrap()
+                                .value
+                                .expose()
+                                .to_string()
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, ["token-0", "token-0"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(nodes[0].fetches() + nodes[1].fetches(), 1);
+        // Node a is refused the token: it fetches a new one; node b, refused too, uses that one.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let next = || async {
+                let n = fetches.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>((Secret::new(format!("token-{n}")), Duration::from_secs(7200)))
+            };
+            let a_had = nodes[0].get(cred, next).await.unwrap();
+            let b_had = nodes[1].get(cred, next).await.unwrap();
+            nodes[0].invalidate(cred, &a_had).await;
+            let a_new = nodes[0].get(cred, next).await.unwrap();
+            nodes[1].invalidate(cred, &b_had).await;
+            let b_new = nodes[1].get(cred, next).await.unwrap();
+            assert_eq!(a_new.value.expose(), "token-1");
+            assert_eq!(b_new.value.expose(), "token-1");
+        });
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
+}

@@ -1884,4 +1884,30 @@ mod tests {
         );
         assert_eq!(target.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
     }
+
+    #[test]
+    fn shared_tokens_are_kept_claimed_and_dropped() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        crate::registry::conformance::shared_tokens(Arc::new(reg));
+        // Timed by the database's clock: the stored expiry is the server's now plus the lifetime.
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        reg.put_shared_token("k", &Secret::new("t"), Duration::from_secs(60), "n", "c")
+            .unwrap();
+        let skew = value(
+            &db.url,
+            &format!(
+                "SELECT abs(expires_at - 60000 - {NOW_MS}) < 5000 FROM shared_tokens WHERE key = 'k'"
+            ),
+        );
+        assert_eq!(skew.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn two_daemons_on_one_database_fetch_a_token_once() {
+        let Some(db) = test_db() else { return };
+        crate::registry::conformance::two_nodes_make_one_fetch(|| {
+            Arc::new(PostgresRegistry::open(&db.url).unwrap())
+        });
+    }
 }

@@ -1117,4 +1117,36 @@ mod tests {
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&dir.path().join("sub")), 0o700);
     }
+
+    #[test]
+    fn shared_tokens_are_kept_claimed_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = SqliteRegistry::open(&dir.path().join("state.db")).unwrap();
+        crate::registry::conformance::shared_tokens(Arc::new(reg));
+    }
+
+    #[test]
+    fn two_nodes_on_one_file_fetch_a_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        SqliteRegistry::create(&path).unwrap();
+        crate::registry::conformance::two_nodes_make_one_fetch(|| {
+            Arc::new(SqliteRegistry::open(&path).unwrap())
+        });
+    }
+
+    #[test]
+    fn a_file_from_before_shared_tokens_gains_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        SqliteRegistry::create(&path).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE shared_tokens")
+            .unwrap();
+        let reg = SqliteRegistry::open(&path).unwrap();
+        reg.put_shared_token("k", &Secret::new("t"), Duration::from_secs(60), "n", "c")
+            .unwrap();
+        assert_eq!(reg.shared_token("k").unwrap().unwrap().token.expose(), "t");
+    }
 }
