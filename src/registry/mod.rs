@@ -3,7 +3,9 @@
 //! [`Registry`] trait; the embedded SQLite file is the default, and a PostgreSQL database
 //! (`--state postgres://…`) lets several machines share one registry ([`open`] picks by `--state`). It also keeps the latest
 //! `component_verify_ticket` of each WeChat open platform (a secret that WeChat pushes, not
-//! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels).
+//! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels), and
+//! the platforms' access tokens the daemons share ([`SharedToken`], a secret of the same kind;
+//! see [`crate::channel::token`]).
 //!
 //! Writers take the registry lock (one at a time) and every write is a compare-and-swap on the
 //! touchpoint's generation, so a change made by someone else since a plan was computed is refused

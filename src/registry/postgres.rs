@@ -38,6 +38,15 @@
 //!
 //! Every write bumps the single row of `data_version` in its own transaction, so a long-running
 //! process notices a change made elsewhere by reading one number.
+//!
+//! # Shared platform tokens
+//! `shared_tokens` keeps each platform credential's access token (see
+//! [`crate::channel::token`]), and a claim to fetch one as a row keyed `fetching:<key>` whose
+//! `token` is the claim's random id. Expiries and claims are timed by the database's clock alone
+//! ([`NOW_MS`]), so nodes whose clocks differ agree on them; a claim is taken in one statement
+//! (an upsert that replaces only a lapsed claim or one's own). These writes do not bump
+//! `data_version`: a token is no touchpoint, and every node reconciling on each token fetched
+//! would be waste.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -11,6 +11,11 @@
 //! The registry lock is a lease (see [`crate::lease`]): the holder's [`super::LockGuard`] renews
 //! it while it works; a lock left by a process that no longer runs on this host is taken over at
 //! once, and one whose lease expired (its host gone, say) by anyone.
+//!
+//! `shared_tokens` keeps the daemon's platform access tokens (see [`crate::channel::token`]), so a
+//! restarted daemon uses the token it had; a claim to fetch one is a row keyed `fetching:<key>`
+//! whose `token` is the claim's random id. A file from before it gains the table when opened by a
+//! user who may write it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
