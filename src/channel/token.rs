@@ -262,6 +262,15 @@ impl Sharing {
         }
     }
 
+    /// The stored token of `key` if it has more than its margin left; `Err` when the store failed.
+    async fn usable(&self, key: CredentialKey) -> Result<Option<Arc<Token>>, ()> {
+        let stored = self.call(move |s| s.read(&key)).await.map_err(|_| ())?;
+        Ok(stored.and_then(|t| {
+            let lifetime = t.age.saturating_add(t.left);
+            (t.left > margin(lifetime)).then(|| Arc::new(Token::new(t.token, lifetime, t.age)))
+        }))
+    }
+
     /// Looks for `key`'s token in the store, waiting while another node fetches it.
     async fn next(&self, key: CredentialKey) -> Next {
         let claim = crate::store::random_hex(8);
@@ -270,19 +279,22 @@ impl Sharing {
         // Bounded: each round but the last waits `POLL`, and the deadline ends them.
         let rounds = self.wait.as_millis() / POLL.as_millis().max(1) + 2;
         for _ in 0..rounds {
-            let stored = match self.call(move |s| s.read(&key)).await {
-                Ok(stored) => stored,
-                Err(_) => return Next::Alone,
-            };
-            if let Some(t) = stored {
-                let lifetime = t.age.saturating_add(t.left);
-                if t.left > margin(lifetime) {
-                    return Next::Use(Arc::new(Token::new(t.token, lifetime, t.age)));
-                }
+            match self.usable(key).await {
+                Ok(Some(token)) => return Next::Use(token),
+                Ok(None) => {}
+                Err(()) => return Next::Alone,
             }
             let (id, holder, ttl) = (claim.clone(), self.holder.clone(), self.claim_ttl);
             match self.call(move |s| s.claim(&key, &id, &holder, ttl)).await {
-                Ok(None) => return Next::Fetch(claim),
+                Ok(None) => {
+                    // Another node may have stored its token and ended its claim between the
+                    // read and the claim: then that token is used, and nothing fetched.
+                    if let Ok(Some(token)) = self.usable(key).await {
+                        let _ = self.call(move |s| s.release(&key, &claim)).await;
+                        return Next::Use(token);
+                    }
+                    return Next::Fetch(claim);
+                }
                 Ok(Some(by)) => other = by,
                 Err(_) => return Next::Alone,
             }
