@@ -19,7 +19,7 @@
 //! | [`open_platform`] | the WeChat open platform: message crypto, authorisation events, the component API client and the live platforms |
 //! | [`template`] | templates and `{{name}}` placeholders, shared by the kinds that have them |
 //! | [`answer`] | reading answers: capped bodies, excerpts, network errors, `Retry-After` |
-//! | [`token`] | the access-token cache: one fetch at a time per credential, refreshed before expiry |
+//! | [`token`] | the access-token cache: one fetch at a time per credential, refreshed before expiry, shared with other daemons through the registry |
 //! | [`net_guard`] | which addresses requests may go to |
 
 pub mod answer;
@@ -324,6 +324,16 @@ pub struct Shared {
     /// The live open platforms, by id: an Official Account in third-party mode gets its tokens
     /// through the one it names.
     pub platforms: open_platform::Platforms,
+}
+
+impl Shared {
+    /// Sharing `tokens` (a cache that keeps its tokens in the registry, say).
+    pub fn with_tokens(tokens: token::Tokens) -> Self {
+        Shared {
+            tokens,
+            platforms: open_platform::Platforms::default(),
+        }
+    }
 }
 
 /// Why a touchpoint cannot get a channel now; it is held with this reason.

@@ -168,6 +168,12 @@ impl LiveSet {
         self
     }
 
+    /// Gives the channels `tokens` (the daemon's: kept in the registry, shared across nodes).
+    pub fn with_tokens(mut self, tokens: channel::token::Tokens) -> Self {
+        self.shared = Arc::new(channel::Shared::with_tokens(tokens));
+        self
+    }
+
     /// What secret references may read.
     pub fn policy(&self) -> &SecretPolicy {
         &self.policy

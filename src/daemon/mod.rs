@@ -380,16 +380,27 @@ pub async fn run(config: Config, ready: impl FnOnce(SocketAddr)) -> Result<(), S
         addr: config.listen,
         source,
     })?;
+    // Platform tokens are kept in the registry: one node's token is every node's.
+    let tokens = crate::channel::token::Tokens::shared(
+        Arc::new(crate::channel::token::RegistryTokens(registry.clone())),
+        queue.postgres().map_or_else(
+            || format!("{}-{}", crate::registry::hostname(), std::process::id()),
+            |q| q.node().to_string(),
+        ),
+        log,
+    );
     let app = Arc::new(App {
         registry: registry.clone(),
         queue: queue.clone(),
-        live: Arc::new(LiveSet::new(config.secrets.clone()).with_platforms(
-            live::PlatformNetwork {
-                tickets: Arc::new(crate::registry::Tickets(registry.clone())),
-                client: client.clone(),
-                allow_private: config.allow_private_network,
-            },
-        )),
+        live: Arc::new(
+            LiveSet::new(config.secrets.clone())
+                .with_tokens(tokens)
+                .with_platforms(live::PlatformNetwork {
+                    tickets: Arc::new(crate::registry::Tickets(registry.clone())),
+                    client: client.clone(),
+                    allow_private: config.allow_private_network,
+                }),
+        ),
         wake: Arc::new(worker::Wake::default()),
         metrics: Arc::new(Metrics::for_node(queue.postgres().map(|q| q.node()))),
         token: config.token.clone(),

@@ -3,7 +3,9 @@
 //! [`Registry`] trait; the embedded SQLite file is the default, and a PostgreSQL database
 //! (`--state postgres://…`) lets several machines share one registry ([`open`] picks by `--state`). It also keeps the latest
 //! `component_verify_ticket` of each WeChat open platform (a secret that WeChat pushes, not
-//! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels).
+//! desired state: never printed, planned or imported; [`Tickets`] lends it to the channels), and
+//! the platforms' access tokens the daemons share ([`SharedToken`], a secret of the same kind;
+//! see [`crate::channel::token`]).
 //!
 //! Writers take the registry lock (one at a time) and every write is a compare-and-swap on the
 //! touchpoint's generation, so a change made by someone else since a plan was computed is refused
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 pub use postgres::{PostgresRegistry, is_postgres_url};
 pub use sqlite::SqliteRegistry;
 
-use crate::model::{Fingerprinter, SpecJson};
+use crate::model::{Fingerprinter, Secret, SpecJson};
 
 /// Where a live touchpoint's spec came from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +126,25 @@ impl std::fmt::Display for LockInfo {
         )
     }
 }
+
+/// A platform access token kept in the registry for every daemon to use (see
+/// [`crate::channel::token`]). A secret: its `Debug` prints `(sensitive)`, and nothing prints it.
+#[derive(Debug)]
+pub struct SharedToken {
+    /// The token.
+    pub token: Secret,
+    /// How long it has left before the platform's expiry, by the registry's clock (zero once
+    /// past it).
+    pub left: std::time::Duration,
+    /// How long ago it was obtained, by the registry's clock.
+    pub age: std::time::Duration,
+    /// Who obtained it (a daemon's node name).
+    pub obtained_by: String,
+}
+
+/// The prefix of the key of a claim to fetch a shared token: `fetching:<key>`, its `token` column
+/// the claim's random id (no secret).
+pub const FETCHING: &str = "fetching:";
 
 /// Errors of the live-state layer.
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +329,35 @@ pub trait Registry: Send + Sync {
     fn platform_ticket(&self, id: &str) -> Result<Option<String>, RegistryError>;
     /// Keeps `ticket` as the latest of the open platform `id` (replacing the one before).
     fn set_platform_ticket(&self, id: &str, ticket: &str) -> Result<(), RegistryError>;
+    /// The shared platform token kept under `key` (a keyed MAC of the credential, never the
+    /// credential), if any, whatever life it has left.
+    fn shared_token(&self, key: &str) -> Result<Option<SharedToken>, RegistryError>;
+    /// Claims the right to fetch `key`'s token for `ttl`, as `claim` (a random id) of `holder`:
+    /// `Ok(None)` when this caller has it now, `Ok(Some(holder))` while another's claim lasts. A
+    /// claim whose holder never writes a token (it died mid-fetch) lapses after its `ttl`;
+    /// claiming again with the same `claim` extends it (a fetch that takes long).
+    fn claim_token_fetch(
+        &self,
+        key: &str,
+        claim: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, RegistryError>;
+    /// Keeps `token` as `key`'s shared token, good for `lifetime` from now, obtained by `holder`;
+    /// ends the claim `claim` if it is still the one held.
+    fn put_shared_token(
+        &self,
+        key: &str,
+        token: &Secret,
+        lifetime: std::time::Duration,
+        holder: &str,
+        claim: &str,
+    ) -> Result<(), RegistryError>;
+    /// Ends the claim `claim` on `key` if it is still the one held (its fetch failed).
+    fn release_token_claim(&self, key: &str, claim: &str) -> Result<(), RegistryError>;
+    /// Removes `key`'s shared token if it is still `token` (the platform refused it); whether it
+    /// was.
+    fn drop_shared_token(&self, key: &str, token: &Secret) -> Result<bool, RegistryError>;
 }
 
 /// Opens the registry `--state` names: a PostgreSQL database for a `postgres://` or
@@ -419,4 +469,219 @@ pub fn now() -> String {
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Checks every backend runs through the same way.
+#[cfg(test)]
+pub(crate) mod conformance {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Duration, Instant};
+
+    use super::{Registry, SharedToken};
+    use crate::channel::token::{CredentialKey, RegistryTokens, TokenStore, Tokens};
+    use crate::model::Secret;
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The shared platform tokens: claims, storing, refusing, lapsing; nothing printed.
+    pub(crate) fn shared_tokens(reg: Arc<dyn Registry>) {
+        let k = "hmac-sha256:aa";
+        assert!(reg.shared_token(k).unwrap().is_none());
+        let ttl = Duration::from_secs(30);
+        assert_eq!(reg.claim_token_fetch(k, "c1", "node-a", ttl).unwrap(), None);
+        assert_eq!(
+            reg.claim_token_fetch(k, "c2", "node-b", ttl)
+                .unwrap()
+                .as_deref(),
+            Some("node-a"),
+            "another's claim holds"
+        );
+        assert_eq!(
+            reg.claim_token_fetch(k, "c1", "node-a", ttl).unwrap(),
+            None,
+            "one's own claim is extended"
+        );
+        // The token stored ends its claim.
+        let token = Secret::new("tok-0123456789");
+        reg.put_shared_token(k, &token, Duration::from_secs(7200), "node-a", "c1")
+            .unwrap();
+        let got: SharedToken = reg.shared_token(k).unwrap().unwrap();
+        assert_eq!(got.token.expose(), "tok-0123456789");
+        assert_eq!(got.obtained_by, "node-a");
+        assert!(
+            got.left <= Duration::from_secs(7200) && got.left > Duration::from_secs(7100),
+            "{:?}",
+            got.left
+        );
+        assert!(got.age < Duration::from_secs(100), "{:?}", got.age);
+        assert!(!format!("{got:?}").contains("tok-0123"), "{got:?}");
+        assert_eq!(reg.claim_token_fetch(k, "c2", "node-b", ttl).unwrap(), None);
+        // A claim released (its fetch failed) frees the fetch at once; another's is not released.
+        reg.release_token_claim(k, "c1").unwrap();
+        assert!(
+            reg.claim_token_fetch(k, "c3", "node-c", ttl)
+                .unwrap()
+                .is_some()
+        );
+        reg.release_token_claim(k, "c2").unwrap();
+        assert_eq!(reg.claim_token_fetch(k, "c3", "node-c", ttl).unwrap(), None);
+        // A refused token goes only if it is still the one stored.
+        assert!(!reg.drop_shared_token(k, &Secret::new("older")).unwrap());
+        assert!(reg.shared_token(k).unwrap().is_some());
+        assert!(reg.drop_shared_token(k, &token).unwrap());
+        assert!(reg.shared_token(k).unwrap().is_none());
+        assert!(!reg.drop_shared_token(k, &token).unwrap());
+        // A dead fetcher's claim lapses.
+        reg.release_token_claim(k, "c3").unwrap();
+        let short = Duration::from_millis(200);
+        assert_eq!(
+            reg.claim_token_fetch(k, "d1", "node-dead", short).unwrap(),
+            None
+        );
+        assert!(
+            reg.claim_token_fetch(k, "d2", "node-b", ttl)
+                .unwrap()
+                .is_some()
+        );
+        wait_for("a dead fetcher's claim never lapsed", || {
+            reg.claim_token_fetch(k, "d2", "node-b", ttl)
+                .unwrap()
+                .is_none()
+        });
+        // A token past its expiry is read with no life left.
+        reg.put_shared_token(k, &token, Duration::ZERO, "node-b", "d2")
+            .unwrap();
+        wait_for("a token never expired", || {
+            reg.shared_token(k).unwrap().unwrap().left == Duration::ZERO
+        });
+        // Tokens are no touchpoints.
+        assert!(reg.list().unwrap().is_empty());
+        // The key a credential is stored under is a MAC under this registry's key.
+        let cred = CredentialKey::of(&[b"oa", b"wx1", b"secret"]);
+        let stored = RegistryTokens(reg.clone()).stored_key(&cred);
+        assert!(stored.starts_with("hmac-sha256:"), "{stored}");
+        assert!(!stored.contains(&hex::encode(cred.as_bytes())), "{stored}");
+    }
+
+    /// The store of one node, counting the claims it found held by another.
+    struct Counting(RegistryTokens, Arc<AtomicU64>);
+
+    impl TokenStore for Counting {
+        fn read(&self, key: &CredentialKey) -> Result<Option<SharedToken>, String> {
+            self.0.read(key)
+        }
+        fn claim(
+            &self,
+            key: &CredentialKey,
+            claim: &str,
+            holder: &str,
+            ttl: Duration,
+        ) -> Result<Option<String>, String> {
+            let held = self.0.claim(key, claim, holder, ttl)?;
+            if held.is_some() {
+                self.1.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(held)
+        }
+        fn write(
+            &self,
+            key: &CredentialKey,
+            token: &Secret,
+            lifetime: Duration,
+            holder: &str,
+            claim: &str,
+        ) -> Result<(), String> {
+            self.0.write(key, token, lifetime, holder, claim)
+        }
+        fn release(&self, key: &CredentialKey, claim: &str) -> Result<(), String> {
+            self.0.release(key, claim)
+        }
+        fn forget(&self, key: &CredentialKey, token: &Secret) -> Result<(), String> {
+            self.0.forget(key, token)
+        }
+    }
+
+    /// Two nodes, each with its own cache on its own thread and runtime and its own opening of one
+    /// registry (`open`), need one token at once: one of them fetches it, the other uses it; then
+    /// one is refused it, and the other finds the newer token stored.
+    pub(crate) fn two_nodes_make_one_fetch(open: impl Fn() -> Arc<dyn Registry>) {
+        let waited = Arc::new(AtomicU64::new(0));
+        let fetches = Arc::new(AtomicU64::new(0));
+        let cred = CredentialKey::of(&[b"wechat_official_account", b"wx1", b"secret"]);
+        let nodes: Vec<Arc<Tokens>> = ["node-a", "node-b"]
+            .iter()
+            .map(|name| {
+                let store = Counting(RegistryTokens(open()), waited.clone());
+                Arc::new(Tokens::shared(Arc::new(store), *name, |line| {
+                    panic!("nothing to say: {line}")
+                }))
+            })
+            .collect();
+        let got: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = nodes
+                .iter()
+                .map(|tokens| {
+                    let (waited, fetches) = (waited.clone(), fetches.clone());
+                    s.spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap();
+                        runtime.block_on(async {
+                            tokens
+                                .get(cred, || async move {
+                                    let n = fetches.fetch_add(1, Ordering::SeqCst);
+                                    // Answers once the other node has found the fetch claimed.
+                                    let deadline = Instant::now() + Duration::from_secs(30);
+                                    while waited.load(Ordering::SeqCst) == 0 {
+                                        assert!(Instant::now() < deadline, "no node waited");
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                    }
+                                    Ok::<_, String>((
+                                        Secret::new(format!("token-{n}")),
+                                        Duration::from_secs(7200),
+                                    ))
+                                })
+                                .await
+                                .unwrap()
+                                .value
+                                .expose()
+                                .to_string()
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(got, ["token-0", "token-0"]);
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(nodes[0].fetches() + nodes[1].fetches(), 1);
+        // Node a is refused the token: it fetches a new one; node b, refused too, uses that one.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let next = || async {
+                let n = fetches.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>((Secret::new(format!("token-{n}")), Duration::from_secs(7200)))
+            };
+            let a_had = nodes[0].get(cred, next).await.unwrap();
+            let b_had = nodes[1].get(cred, next).await.unwrap();
+            nodes[0].invalidate(cred, &a_had).await;
+            let a_new = nodes[0].get(cred, next).await.unwrap();
+            nodes[1].invalidate(cred, &b_had).await;
+            let b_new = nodes[1].get(cred, next).await.unwrap();
+            assert_eq!(a_new.value.expose(), "token-1");
+            assert_eq!(b_new.value.expose(), "token-1");
+        });
+        assert_eq!(fetches.load(Ordering::SeqCst), 2);
+    }
 }

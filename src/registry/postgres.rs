@@ -38,6 +38,15 @@
 //!
 //! Every write bumps the single row of `data_version` in its own transaction, so a long-running
 //! process notices a change made elsewhere by reading one number.
+//!
+//! # Shared platform tokens
+//! `shared_tokens` keeps each platform credential's access token (see
+//! [`crate::channel::token`]), and a claim to fetch one as a row keyed `fetching:<key>` whose
+//! `token` is the claim's random id. Expiries and claims are timed by the database's clock alone
+//! ([`NOW_MS`]), so nodes whose clocks differ agree on them; a claim is taken in one statement
+//! (an upsert that replaces only a lapsed claim or one's own). These writes do not bump
+//! `data_version`: a token is no touchpoint, and every node reconciling on each token fetched
+//! would be waste.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -48,8 +57,10 @@ use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls};
 
-use super::{Live, LockInfo, Put, Registry, RegistryError, hostname, now, whoami};
-use crate::model::Fingerprinter;
+use super::{
+    FETCHING, Live, LockInfo, Put, Registry, RegistryError, SharedToken, hostname, now, whoami,
+};
+use crate::model::{Fingerprinter, Secret};
 
 /// How long connecting to the server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1169,6 +1180,159 @@ impl Registry for PostgresRegistry {
             Ok(())
         })
     }
+
+    fn shared_token(&self, key: &str) -> Result<Option<SharedToken>, RegistryError> {
+        let key = key.to_string();
+        self.with_client(move |c, shown| async move {
+            let row = c
+                .query_opt(
+                    &format!(
+                        "SELECT token, expires_at - {NOW_MS}, {NOW_MS} - obtained_at, obtained_by \
+                         FROM shared_tokens WHERE key = $1"
+                    ),
+                    &[&key],
+                )
+                .await
+                .map_err(pg(&shown))?;
+            Ok(row.map(|r| SharedToken {
+                token: Secret::new(r.get::<_, String>(0)),
+                left: span(r.get(1)),
+                age: span(r.get(2)),
+                obtained_by: r.get(3),
+            }))
+        })
+    }
+
+    fn claim_token_fetch(
+        &self,
+        key: &str,
+        claim: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, RegistryError> {
+        let (claim_key, claim, holder) = (
+            format!("{FETCHING}{key}"),
+            claim.to_string(),
+            holder.to_string(),
+        );
+        let ttl = ms(ttl);
+        self.with_client(move |c, shown| async move {
+            let e = pg(&shown);
+            // One statement: of two claims at once, the second waits for the first's row and
+            // then finds it live.
+            let taken = c
+                .query_opt(
+                    &format!(
+                        "INSERT INTO shared_tokens (key, token, expires_at, obtained_by, obtained_at) \
+                         VALUES ($1, $2, {NOW_MS} + $3, $4, {NOW_MS}) \
+                         ON CONFLICT (key) DO UPDATE SET token = excluded.token, \
+                             expires_at = excluded.expires_at, obtained_by = excluded.obtained_by, \
+                             obtained_at = excluded.obtained_at \
+                         WHERE shared_tokens.expires_at <= excluded.obtained_at \
+                             OR shared_tokens.token = excluded.token \
+                         RETURNING key"
+                    ),
+                    &[&claim_key, &claim, &ttl, &holder],
+                )
+                .await
+                .map_err(&e)?;
+            if taken.is_some() {
+                return Ok(None);
+            }
+            let by = c
+                .query_opt(
+                    "SELECT obtained_by FROM shared_tokens WHERE key = $1",
+                    &[&claim_key],
+                )
+                .await
+                .map_err(&e)?
+                .map(|r| r.get::<_, String>(0))
+                // Released between the two statements: held a moment ago, so wait a round.
+                .unwrap_or_default();
+            Ok(Some(by))
+        })
+    }
+
+    fn put_shared_token(
+        &self,
+        key: &str,
+        token: &Secret,
+        lifetime: Duration,
+        holder: &str,
+        claim: &str,
+    ) -> Result<(), RegistryError> {
+        let (key, token, holder, claim) = (
+            key.to_string(),
+            token.expose().to_string(),
+            holder.to_string(),
+            claim.to_string(),
+        );
+        let lifetime = ms(lifetime);
+        self.with_client(move |mut c, shown| async move {
+            let e = pg(&shown);
+            let tx = c.transaction().await.map_err(&e)?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO shared_tokens (key, token, expires_at, obtained_by, obtained_at) \
+                     VALUES ($1, $2, {NOW_MS} + $3, $4, {NOW_MS}) \
+                     ON CONFLICT (key) DO UPDATE SET token = excluded.token, \
+                         expires_at = excluded.expires_at, obtained_by = excluded.obtained_by, \
+                         obtained_at = excluded.obtained_at"
+                ),
+                &[&key, &token, &lifetime, &holder],
+            )
+            .await
+            .map_err(&e)?;
+            tx.execute(
+                "DELETE FROM shared_tokens WHERE key = $1 AND token = $2",
+                &[&format!("{FETCHING}{key}"), &claim],
+            )
+            .await
+            .map_err(&e)?;
+            tx.commit().await.map_err(&e)?;
+            Ok(())
+        })
+    }
+
+    fn release_token_claim(&self, key: &str, claim: &str) -> Result<(), RegistryError> {
+        let (claim_key, claim) = (format!("{FETCHING}{key}"), claim.to_string());
+        self.with_client(move |c, shown| async move {
+            c.execute(
+                "DELETE FROM shared_tokens WHERE key = $1 AND token = $2",
+                &[&claim_key, &claim],
+            )
+            .await
+            .map(|_| ())
+            .map_err(pg(&shown))
+        })
+    }
+
+    fn drop_shared_token(&self, key: &str, token: &Secret) -> Result<bool, RegistryError> {
+        let (key, token) = (key.to_string(), token.expose().to_string());
+        self.with_client(move |c, shown| async move {
+            c.execute(
+                "DELETE FROM shared_tokens WHERE key = $1 AND token = $2",
+                &[&key, &token],
+            )
+            .await
+            .map(|n| n == 1)
+            .map_err(pg(&shown))
+        })
+    }
+}
+
+/// The database's clock in ms since the epoch: shared tokens and claims are timed by it alone, so
+/// nodes whose clocks differ agree on when one lapses.
+const NOW_MS: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+
+/// Milliseconds, as a duration (none when negative).
+fn span(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A duration in milliseconds, saturating.
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 async fn generation_of(
@@ -1728,5 +1892,31 @@ mod tests {
             Some("-c statement_timeout=30000")
         );
         assert_eq!(target.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+    }
+
+    #[test]
+    fn shared_tokens_are_kept_claimed_and_dropped() {
+        let Some(db) = test_db() else { return };
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        crate::registry::conformance::shared_tokens(Arc::new(reg));
+        // Timed by the database's clock: the stored expiry is the server's now plus the lifetime.
+        let reg = PostgresRegistry::open(&db.url).unwrap();
+        reg.put_shared_token("k", &Secret::new("t"), Duration::from_secs(60), "n", "c")
+            .unwrap();
+        let skew = value(
+            &db.url,
+            &format!(
+                "SELECT abs(expires_at - 60000 - {NOW_MS}) < 5000 FROM shared_tokens WHERE key = 'k'"
+            ),
+        );
+        assert_eq!(skew.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn two_daemons_on_one_database_fetch_a_token_once() {
+        let Some(db) = test_db() else { return };
+        crate::registry::conformance::two_nodes_make_one_fetch(|| {
+            Arc::new(PostgresRegistry::open(&db.url).unwrap())
+        });
     }
 }

@@ -11,6 +11,11 @@
 //! The registry lock is a lease (see [`crate::lease`]): the holder's [`super::LockGuard`] renews
 //! it while it works; a lock left by a process that no longer runs on this host is taken over at
 //! once, and one whose lease expired (its host gone, say) by anyone.
+//!
+//! `shared_tokens` keeps the daemon's platform access tokens (see [`crate::channel::token`]), so a
+//! restarted daemon uses the token it had; a claim to fetch one is a row keyed `fetching:<key>`
+//! whose `token` is the claim's random id. A file from before it gains the table when opened by a
+//! user who may write it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +26,11 @@ use std::time::Duration;
 use rayon::prelude::*;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{Live, LockInfo, Provenance, Put, Registry, RegistryError, hostname, now, whoami};
-use crate::model::{Fingerprinter, SpecJson};
+use super::{
+    FETCHING, Live, LockInfo, Provenance, Put, Registry, RegistryError, SharedToken, hostname, now,
+    whoami,
+};
+use crate::model::{Fingerprinter, Secret, SpecJson};
 use crate::store::{Found, StoreError};
 
 /// The on-disk format this build writes and understands.
@@ -61,6 +69,13 @@ CREATE TABLE IF NOT EXISTS platform_tickets (
     platform    TEXT PRIMARY KEY, -- the wechat_open_platform's id
     ticket      TEXT NOT NULL,    -- the latest component_verify_ticket (a secret)
     received_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shared_tokens (
+    key         TEXT PRIMARY KEY, -- which platform credential (a keyed MAC, never the secret)
+    token       TEXT NOT NULL,    -- a secret: never printed (a claim's random id for `fetching:` keys)
+    expires_at  INTEGER NOT NULL, -- ms since the epoch
+    obtained_by TEXT NOT NULL,
+    obtained_at INTEGER NOT NULL
 );
 ";
 
@@ -652,6 +667,144 @@ impl Registry for SqliteRegistry {
             .map_err(|e| self.err(e))?;
         Ok(())
     }
+
+    fn shared_token(&self, key: &str) -> Result<Option<SharedToken>, RegistryError> {
+        let found = self
+            .conn()
+            .query_row(
+                "SELECT token, expires_at, obtained_by, obtained_at FROM shared_tokens WHERE key = ?1",
+                [key],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .optional();
+        match found {
+            Ok(row) => Ok(row.map(|(token, expires_at, obtained_by, obtained_at)| {
+                let now = crate::store::now_ms();
+                SharedToken {
+                    token: Secret::new(token),
+                    left: span(expires_at - now),
+                    age: span(now - obtained_at),
+                    obtained_by,
+                }
+            })),
+            // A file from before shared tokens, read-only to this user (so not migrated).
+            Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => {
+                Ok(None)
+            }
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    fn claim_token_fetch(
+        &self,
+        key: &str,
+        claim: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, RegistryError> {
+        self.persist()?;
+        let claim_key = format!("{FETCHING}{key}");
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let now = crate::store::now_ms();
+        let held: Option<(String, i64, String)> = tx
+            .query_row(
+                "SELECT obtained_by, expires_at, token FROM shared_tokens WHERE key = ?1",
+                [&claim_key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(|e| self.err(e))?;
+        // Another's live claim holds; one's own is extended.
+        if let Some((by, until, id)) = held
+            && until > now
+            && id != claim
+        {
+            return Ok(Some(by));
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO shared_tokens (key, token, expires_at, obtained_by, obtained_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![claim_key, claim, now.saturating_add(ms(ttl)), holder, now],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(None)
+    }
+
+    fn put_shared_token(
+        &self,
+        key: &str,
+        token: &Secret,
+        lifetime: Duration,
+        holder: &str,
+        claim: &str,
+    ) -> Result<(), RegistryError> {
+        self.persist()?;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let now = crate::store::now_ms();
+        tx.execute(
+            "INSERT OR REPLACE INTO shared_tokens (key, token, expires_at, obtained_by, obtained_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![key, token.expose(), now.saturating_add(ms(lifetime)), holder, now],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.execute(
+            "DELETE FROM shared_tokens WHERE key = ?1 AND token = ?2",
+            params![format!("{FETCHING}{key}"), claim],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn release_token_claim(&self, key: &str, claim: &str) -> Result<(), RegistryError> {
+        if self.is_new() {
+            return Ok(());
+        }
+        self.conn()
+            .execute(
+                "DELETE FROM shared_tokens WHERE key = ?1 AND token = ?2",
+                params![format!("{FETCHING}{key}"), claim],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    fn drop_shared_token(&self, key: &str, token: &Secret) -> Result<bool, RegistryError> {
+        if self.is_new() {
+            return Ok(false);
+        }
+        self.conn()
+            .execute(
+                "DELETE FROM shared_tokens WHERE key = ?1 AND token = ?2",
+                params![key, token.expose()],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+    }
+}
+
+/// Milliseconds, as a duration (none when negative).
+fn span(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A duration in milliseconds, saturating.
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn conflict(id: &str, expected: Option<u64>, found: Option<u64>) -> RegistryError {
@@ -968,5 +1121,37 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&dir.path().join("sub")), 0o700);
+    }
+
+    #[test]
+    fn shared_tokens_are_kept_claimed_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = SqliteRegistry::open(&dir.path().join("state.db")).unwrap();
+        crate::registry::conformance::shared_tokens(Arc::new(reg));
+    }
+
+    #[test]
+    fn two_nodes_on_one_file_fetch_a_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        SqliteRegistry::create(&path).unwrap();
+        crate::registry::conformance::two_nodes_make_one_fetch(|| {
+            Arc::new(SqliteRegistry::open(&path).unwrap())
+        });
+    }
+
+    #[test]
+    fn a_file_from_before_shared_tokens_gains_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        SqliteRegistry::create(&path).unwrap();
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("DROP TABLE shared_tokens")
+            .unwrap();
+        let reg = SqliteRegistry::open(&path).unwrap();
+        reg.put_shared_token("k", &Secret::new("t"), Duration::from_secs(60), "n", "c")
+            .unwrap();
+        assert_eq!(reg.shared_token("k").unwrap().unwrap().token.expose(), "t");
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::backend::Backend;
 use crate::daemon_support::{Daemon, PATIENCE, SandboxProcess};
 use crate::support::Project;
 
@@ -56,7 +57,12 @@ impl Sandbox {
 
 /// The samples, `wechat-oa` pointed at the sandbox with a `name` dynamic param, applied.
 fn project(sandbox: &Sandbox) -> Project {
-    let p = Project::with_samples();
+    project_on(Backend::Sqlite, sandbox)
+}
+
+/// [`project`] with its registry (and queue) on `backend`.
+fn project_on(backend: Backend, sandbox: &Sandbox) -> Project {
+    let p = Project::with_samples_on(backend);
     p.set(OA, "http://127.0.0.1:8641", &sandbox.url).set(
         OA,
         "openid = \"user.wechat_openid\"",
@@ -434,4 +440,84 @@ fn oa_plan_refresh_shows_a_refused_secret_without_it() {
     // Two token requests: the good plan's and the bad one's; no message.
     assert_eq!(sandbox.messages("channel=oa&kind=token").len(), 2);
     assert!(sandbox.sends().is_empty());
+}
+
+/// issue 25: the token a daemon obtained is kept in the registry, so a restarted daemon sends with
+/// it instead of spending another of WeChat's daily token calls; the key it is kept under is a
+/// MAC, and the token shows in no log.
+#[test]
+fn oa_a_restarted_daemon_sends_with_the_token_it_kept_in_the_registry() {
+    let sandbox = Sandbox::start();
+    let p = project(&sandbox);
+    let d = daemon(&p);
+    let id = dispatch(&d, &trigger("before", 2));
+    assert_eq!(outcome(&d, &id), (2, 0));
+    let (code, first_log) = d.terminate();
+    assert_eq!(code, 0, "{first_log}");
+
+    let d = daemon(&p);
+    let id = dispatch(&d, &trigger("after", 2));
+    assert_eq!(outcome(&d, &id), (2, 0));
+    let tokens = sandbox.messages("channel=oa&kind=token");
+    assert_eq!(
+        tokens.len(),
+        1,
+        "the restarted daemon fetched again: {tokens:?}"
+    );
+    assert_eq!(sandbox.sends().len(), 4);
+
+    let state = rusqlite::Connection::open(p.path().join(".touchctl/state.db")).unwrap();
+    let (key, token, by): (String, String, String) = state
+        .query_row(
+            "SELECT key, token, obtained_by FROM shared_tokens",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert!(key.starts_with("hmac-sha256:"), "{key}");
+    assert!(!token.is_empty());
+    assert!(!by.is_empty(), "who obtained it is kept");
+    let log = format!("{first_log}{}", d.log());
+    assert!(!log.contains(&token), "{log}");
+    assert!(!log.contains("shared through the registry"), "{log}");
+}
+
+/// issue 25, "Platform tokens across nodes": two daemons on one PostgreSQL send one account's
+/// batches side by side with the one token one of them obtained.
+#[test]
+fn oa_two_daemons_on_one_postgresql_fetch_one_token() {
+    if !Backend::Postgres.available("oa_two_daemons_on_one_postgresql_fetch_one_token") {
+        return;
+    }
+    let sandbox = Sandbox::start();
+    let p = project_on(Backend::Postgres, &sandbox);
+    sandbox.faults(&json!([{"channel": "oa", "match": {"endpoint": "send"}, "action": "slow", "delay": "40ms"}]));
+    let daemons = [daemon(&p), daemon(&p)];
+    let ids: Vec<(usize, String)> = (0..8)
+        .map(|i| {
+            let d = i % 2;
+            (d, dispatch(&daemons[d], &trigger(&format!("pair-{i}"), 6)))
+        })
+        .collect();
+    for (d, id) in &ids {
+        assert_eq!(outcome(&daemons[*d], id), (6, 0));
+    }
+    let nodes: i64 = p.query_one("SELECT count(DISTINCT node) FROM attempts");
+    assert_eq!(nodes, 2, "both daemons sent batches");
+    let tokens = sandbox.messages("channel=oa&kind=token");
+    assert_eq!(
+        tokens.len(),
+        1,
+        "each daemon fetched its own token: {tokens:?}"
+    );
+    let kept: i64 =
+        p.query_one("SELECT count(*) FROM shared_tokens WHERE key NOT LIKE 'fetching:%'");
+    assert_eq!(kept, 1);
+    for d in &daemons {
+        assert!(
+            !d.log().contains("shared through the registry"),
+            "{}",
+            d.log()
+        );
+    }
 }
