@@ -37,6 +37,7 @@
 
 mod claim;
 mod enqueue;
+mod export;
 mod report;
 mod schema;
 mod slot;
@@ -44,6 +45,9 @@ mod writer;
 
 pub use claim::{After, Claimed, Completion, Users};
 pub use enqueue::{Enqueued, NewDispatch, Receipt, Storing, WireWriter};
+pub use export::{
+    AttemptRow, BatchRow, Counts, DispatchRow, Export, FailureRow, Mark, ReplayRow, Row, unmark,
+};
 pub use report::{Attempt, BatchCounts, BatchInfo, DispatchStatus, Filter, Replay, Stats};
 pub use slot::{DaemonSlot, Taken};
 
@@ -124,6 +128,30 @@ pub enum QueueError {
         "the queue file {0} is empty (0 bytes), so it holds no queue; touchctl never leaves one empty. If it is a leftover, remove it and run again (a new queue is created); if your queue should be there, restore the file from a backup"
     )]
     Empty(String),
+    /// The queue file was moved into PostgreSQL by `touchctl state migrate`.
+    #[error(
+        "the queue file {path} was moved into PostgreSQL ({to}) by `touchctl state migrate` at {at}: its batches are worked from there now, and working this file as well would send them twice. Run touchctl with --state {to}. If the move was a mistake and nothing works the PostgreSQL copy, `touchctl state unmark --queue {path}` makes this file usable again"
+    )]
+    Migrated {
+        /// The file.
+        path: String,
+        /// Where it went (a URL without its password).
+        to: String,
+        /// When (RFC 3339).
+        at: String,
+    },
+    /// A batch's users cannot be read (for `touchctl state migrate`, which moves them).
+    #[error(
+        "queue {path}: the users of batch {batch} cannot be read ({why}); nothing was moved. Restore the queue's files (the queue file and its -payloads folder) from a backup and run again"
+    )]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The batch.
+        batch: String,
+        /// Why.
+        why: String,
+    },
     /// The queue file could not be opened.
     #[error("queue {path}: {source}")]
     Store {
@@ -192,6 +220,7 @@ impl Queue {
         }
         let mut accept = store::connect(path, Sync::Full).map_err(opened)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
+        export::refuse_migrated(&accept, &shown)?;
         schema::mark_format(&mut accept, &shown)?;
         schema::add_columns(&mut accept).map_err(sql)?;
         schema::repair_once(&mut accept).map_err(sql)?;
