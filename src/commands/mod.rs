@@ -113,7 +113,10 @@ fn color(g: &Global) -> bool {
 /// A SQLite registry moved into PostgreSQL is still read (plan), with a warning: apply refuses it.
 fn open_registry(g: &Global) -> Result<Box<dyn Registry>> {
     let registry = touchctl::registry::open(&g.state)?;
-    let is_file = !g.state.to_str().is_some_and(touchctl::registry::is_postgres_url);
+    let is_file = !g
+        .state
+        .to_str()
+        .is_some_and(touchctl::registry::is_postgres_url);
     if is_file
         && !registry.is_new()
         && let Ok(Some(moved)) =

@@ -363,7 +363,8 @@ fn move_all(
     let mark_at = touchctl::registry::now();
     std::thread::scope(|s| -> Result<()> {
         let sent_registry = exported.clone();
-        let writer = s.spawn(move || postgres.move_in(&from, sent_registry, rows_rx, ready_tx, go_rx));
+        let writer =
+            s.spawn(move || postgres.move_in(&from, sent_registry, rows_rx, ready_tx, go_rx));
         let mut chunk = Vec::with_capacity(CHUNK);
         let mut sent = Counts::default();
         let read = export.rows(|row| {
@@ -407,7 +408,10 @@ fn move_all(
         let Ok(_checked) = ready_rx.recv() else {
             drop(go_tx);
             joined(writer)?;
-            bail!("the move into {} ended before it was checked", escape(shown_to));
+            bail!(
+                "the move into {} ended before it was checked",
+                escape(shown_to)
+            );
         };
         progress.show(&counts, &sent, true);
         let mark = Mark {
@@ -468,16 +472,16 @@ fn unmark(args: &UnmarkArgs) -> Result<u8> {
             );
         }
     }
-    if matches!(touchctl::store::found(&queue_path), Ok(Found::File)) {
-        if let Some(mark) = touchctl::dispatch::queue::unmark(&queue_path)? {
-            unmarked += 1;
-            println!(
-                "Unmarked the queue {} (moved into {} at {}).",
-                escape(&queue_path.display().to_string()),
-                escape(&mark.to),
-                escape(&mark.at)
-            );
-        }
+    if matches!(touchctl::store::found(&queue_path), Ok(Found::File))
+        && let Some(mark) = touchctl::dispatch::queue::unmark(&queue_path)?
+    {
+        unmarked += 1;
+        println!(
+            "Unmarked the queue {} (moved into {} at {}).",
+            escape(&queue_path.display().to_string()),
+            escape(&mark.to),
+            escape(&mark.at)
+        );
     }
     if unmarked == 0 {
         println!(

@@ -355,19 +355,23 @@ impl PostgresRegistry {
     ) -> Result<Moved, RegistryError> {
         let from = from.to_string();
         let (pool, shown) = (self.pool.clone(), self.target.shown.clone());
-        block_on_within(&self.bridge.handle, &shown.clone(), MOVE_LIMIT, async move {
-            let mut client = pooled(&pool, &shown).await?;
-            let e = pg(&shown);
-            let tx = client.transaction().await.map_err(&e)?;
-            tx.batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}; \
+        block_on_within(
+            &self.bridge.handle,
+            &shown.clone(),
+            MOVE_LIMIT,
+            async move {
+                let mut client = pooled(&pool, &shown).await?;
+                let e = pg(&shown);
+                let tx = client.transaction().await.map_err(&e)?;
+                tx.batch_execute(&format!(
+                    "SET LOCAL statement_timeout = {}; \
                  LOCK TABLE meta, touchpoints, platform_tickets, dispatches, batches, attempts, \
                  failures, replays IN EXCLUSIVE MODE",
-                MOVE_LIMIT.as_millis()
-            ))
-            .await
-            .map_err(&e)?;
-            let held = tx
+                    MOVE_LIMIT.as_millis()
+                ))
+                .await
+                .map_err(&e)?;
+                let held = tx
                 .query_one(
                     "SELECT (SELECT count(*) FROM touchpoints), (SELECT count(*) FROM dispatches), \
                      (SELECT count(*) FROM batches)",
@@ -375,16 +379,16 @@ impl PostgresRegistry {
                 )
                 .await
                 .map_err(&e)?;
-            let (touchpoints, dispatches, batches): (i64, i64, i64) =
-                (held.get(0), held.get(1), held.get(2));
-            if touchpoints > 0 || dispatches > 0 || batches > 0 {
-                return Err(RegistryError::NotEmpty {
-                    database: shown.clone(),
-                    touchpoints: touchpoints as u64,
-                    dispatches: dispatches as u64,
-                });
-            }
-            tx.execute(
+                let (touchpoints, dispatches, batches): (i64, i64, i64) =
+                    (held.get(0), held.get(1), held.get(2));
+                if touchpoints > 0 || dispatches > 0 || batches > 0 {
+                    return Err(RegistryError::NotEmpty {
+                        database: shown.clone(),
+                        touchpoints: touchpoints as u64,
+                        dispatches: dispatches as u64,
+                    });
+                }
+                tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('registry_id', $1), ('fingerprint_key', $2), \
                  ('migrated_from', $3), ('migrated_at', $4) \
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -397,53 +401,53 @@ impl PostgresRegistry {
             )
             .await
             .map_err(&e)?;
-            {
-                let sink = tx
+                {
+                    let sink = tx
                     .copy_in(
                         "COPY touchpoints (id, kind, spec, live_spec, fingerprints, generation, paused, \
                          applied_at, applied_by, source_commit, source_dirty, source_file) FROM STDIN BINARY",
                     )
                     .await
                     .map_err(&e)?;
-                let writer = BinaryCopyInWriter::new(
-                    sink,
-                    &[
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::INT8,
-                        Type::BOOL,
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::TEXT,
-                        Type::BOOL,
-                        Type::TEXT,
-                    ],
-                );
-                let mut writer = std::pin::pin!(writer);
-                for t in &registry.touchpoints {
-                    let values: [&(dyn ToSql + Sync); 12] = [
-                        &t.id,
-                        &t.kind,
-                        &t.spec,
-                        &t.live_spec,
-                        &t.fingerprints,
-                        &t.generation,
-                        &t.paused,
-                        &t.applied_at,
-                        &t.applied_by,
-                        &t.source_commit,
-                        &t.source_dirty,
-                        &t.source_file,
-                    ];
-                    writer.as_mut().write(&values).await.map_err(&e)?;
+                    let writer = BinaryCopyInWriter::new(
+                        sink,
+                        &[
+                            Type::TEXT,
+                            Type::TEXT,
+                            Type::TEXT,
+                            Type::TEXT,
+                            Type::TEXT,
+                            Type::INT8,
+                            Type::BOOL,
+                            Type::TEXT,
+                            Type::TEXT,
+                            Type::TEXT,
+                            Type::BOOL,
+                            Type::TEXT,
+                        ],
+                    );
+                    let mut writer = std::pin::pin!(writer);
+                    for t in &registry.touchpoints {
+                        let values: [&(dyn ToSql + Sync); 12] = [
+                            &t.id,
+                            &t.kind,
+                            &t.spec,
+                            &t.live_spec,
+                            &t.fingerprints,
+                            &t.generation,
+                            &t.paused,
+                            &t.applied_at,
+                            &t.applied_by,
+                            &t.source_commit,
+                            &t.source_dirty,
+                            &t.source_file,
+                        ];
+                        writer.as_mut().write(&values).await.map_err(&e)?;
+                    }
+                    writer.finish().await.map_err(&e)?;
                 }
-                writer.finish().await.map_err(&e)?;
-            }
-            for t in &registry.tickets {
-                tx.execute(
+                for t in &registry.tickets {
+                    tx.execute(
                     "INSERT INTO platform_tickets (platform, ticket, received_at) VALUES ($1, $2, $3) \
                      ON CONFLICT (platform) DO UPDATE SET ticket = excluded.ticket, \
                          received_at = excluded.received_at",
@@ -451,46 +455,46 @@ impl PostgresRegistry {
                 )
                 .await
                 .map_err(&e)?;
-            }
-            let mut sent = Sent::default();
-            sent.moved.touchpoints = registry.touchpoints.len() as u64;
-            sent.moved.tickets = registry.tickets.len() as u64;
-            let mut current: Option<(Table, Pin<Box<BinaryCopyInWriter>>)> = None;
-            let mut ended = false;
-            while let Some(incoming) = rows.recv().await {
-                let chunk = match incoming {
-                    Incoming::Rows(chunk) => chunk,
-                    Incoming::End => {
-                        ended = true;
-                        break;
-                    }
-                };
-                for row in &chunk {
-                    let table = Table::of(row);
-                    if current.as_ref().map(|(t, _)| *t) != Some(table) {
-                        if let Some((_, mut writer)) = current.take() {
-                            writer.as_mut().finish().await.map_err(&e)?;
-                        }
-                        let (statement, types) = table.copy();
-                        let sink = tx.copy_in(statement).await.map_err(&e)?;
-                        current = Some((table, Box::pin(BinaryCopyInWriter::new(sink, types))));
-                    }
-                    if let Some((_, writer)) = current.as_mut() {
-                        write_row(writer.as_mut(), row).await.map_err(&e)?;
-                    }
-                    sent.add(row);
                 }
-            }
-            if let Some((_, mut writer)) = current.take() {
-                writer.as_mut().finish().await.map_err(&e)?;
-            }
-            if !ended {
-                return Err(RegistryError::Postgres {
-                    database: shown.clone(),
-                    why: "the queue could not be read to the end; nothing was moved".into(),
-                });
-            }
-            let found = tx
+                let mut sent = Sent::default();
+                sent.moved.touchpoints = registry.touchpoints.len() as u64;
+                sent.moved.tickets = registry.tickets.len() as u64;
+                let mut current: Option<(Table, Pin<Box<BinaryCopyInWriter>>)> = None;
+                let mut ended = false;
+                while let Some(incoming) = rows.recv().await {
+                    let chunk = match incoming {
+                        Incoming::Rows(chunk) => chunk,
+                        Incoming::End => {
+                            ended = true;
+                            break;
+                        }
+                    };
+                    for row in &chunk {
+                        let table = Table::of(row);
+                        if current.as_ref().map(|(t, _)| *t) != Some(table) {
+                            if let Some((_, mut writer)) = current.take() {
+                                writer.as_mut().finish().await.map_err(&e)?;
+                            }
+                            let (statement, types) = table.copy();
+                            let sink = tx.copy_in(statement).await.map_err(&e)?;
+                            current = Some((table, Box::pin(BinaryCopyInWriter::new(sink, types))));
+                        }
+                        if let Some((_, writer)) = current.as_mut() {
+                            write_row(writer.as_mut(), row).await.map_err(&e)?;
+                        }
+                        sent.add(row);
+                    }
+                }
+                if let Some((_, mut writer)) = current.take() {
+                    writer.as_mut().finish().await.map_err(&e)?;
+                }
+                if !ended {
+                    return Err(RegistryError::Postgres {
+                        database: shown.clone(),
+                        why: "the queue could not be read to the end; nothing was moved".into(),
+                    });
+                }
+                let found = tx
                 .query_one(
                     "SELECT (SELECT count(*) FROM touchpoints), (SELECT count(*) FROM platform_tickets), \
                      (SELECT count(*) FROM dispatches), (SELECT count(*) FROM batches), \
@@ -501,43 +505,45 @@ impl PostgresRegistry {
                 )
                 .await
                 .map_err(&e)?;
-            let n = |i: usize| found.get::<_, i64>(i).max(0) as u64;
-            let moved = Moved {
-                touchpoints: n(0),
-                tickets: n(1),
-                dispatches: n(2),
-                batches: n(3),
-                attempts: n(4),
-                failures: n(5),
-                replays: n(6),
-                users_bytes: n(7),
-            };
-            if moved != sent.moved {
-                return Err(RegistryError::Postgres {
+                let n = |i: usize| found.get::<_, i64>(i).max(0) as u64;
+                let moved = Moved {
+                    touchpoints: n(0),
+                    tickets: n(1),
+                    dispatches: n(2),
+                    batches: n(3),
+                    attempts: n(4),
+                    failures: n(5),
+                    replays: n(6),
+                    users_bytes: n(7),
+                };
+                if moved != sent.moved {
+                    return Err(RegistryError::Postgres {
+                        database: shown.clone(),
+                        why: format!(
+                            "after copying, the database holds {moved:?} where {:?} was read; nothing was moved",
+                            sent.moved
+                        ),
+                    });
+                }
+                tx.execute(
+                    "UPDATE data_version SET version = version + 1 WHERE singleton = 1",
+                    &[],
+                )
+                .await
+                .map_err(&e)?;
+                if ready.send(moved.clone()).is_err() || go.await != Ok(true) {
+                    return Err(RegistryError::Postgres {
+                        database: shown.clone(),
+                        why: "the SQLite files could not be marked as moved; nothing was moved"
+                            .into(),
+                    });
+                }
+                tx.commit().await.map_err(|err| RegistryError::Postgres {
                     database: shown.clone(),
-                    why: format!(
-                        "after copying, the database holds {moved:?} where {:?} was read; nothing was moved",
-                        sent.moved
-                    ),
-                });
-            }
-            tx.execute(
-                "UPDATE data_version SET version = version + 1 WHERE singleton = 1",
-                &[],
-            )
-            .await
-            .map_err(&e)?;
-            if ready.send(moved.clone()).is_err() || go.await != Ok(true) {
-                return Err(RegistryError::Postgres {
-                    database: shown.clone(),
-                    why: "the SQLite files could not be marked as moved; nothing was moved".into(),
-                });
-            }
-            tx.commit().await.map_err(|err| RegistryError::Postgres {
-                database: shown.clone(),
-                why: format!("the commit failed: {}", chain(&err)),
-            })?;
-            Ok(moved)
-        })
+                    why: format!("the commit failed: {}", chain(&err)),
+                })?;
+                Ok(moved)
+            },
+        )
     }
 }
