@@ -32,8 +32,9 @@
 //! The files of this module, by job: `schema.rs` (the file's format, migration, late columns and
 //! one-off repairs), `enqueue.rs` (storing triggers), `writer.rs` (the writer thread and what it
 //! writes), `claim.rs` (claiming due batches, holds and deferrals, what an attempt reports),
-//! `report.rs` (dispatch status, batch lists, history, replays and counts) and `slot.rs` (the
-//! daemon's hold on the queue). Their public types are re-exported here.
+//! `report.rs` (dispatch status, batch lists, history, replays and counts), `slot.rs` (the
+//! daemon's hold on the queue) and `export.rs` (reading the whole file out for `touchctl state
+//! migrate`, and the mark that makes [`Queue::open`] refuse a file moved into PostgreSQL). Their public types are re-exported here.
 
 mod claim;
 mod enqueue;
