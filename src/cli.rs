@@ -438,6 +438,13 @@ pub enum Command {
         args_conflicts_with_subcommands = true
     )]
     Sandbox(SandboxArgs),
+    /// Move touchctl's state: a single-machine setup (SQLite registry and queue) into PostgreSQL.
+    #[command(after_help = "Examples:
+  touchctl state migrate --to postgres://touchctl@db.internal:5432/touchctl --dry-run
+  touchctl state migrate --from .touchctl/state.db --to postgres://touchctl@db.internal:5432/touchctl
+  touchctl state unmark --from .touchctl/state.db")]
+    #[command(subcommand)]
+    State(StateCommand),
     /// Remove the registry lock, or release the queue from a daemon, left by a process that is
     /// gone for good.
     ///
@@ -641,6 +648,77 @@ pub enum SandboxCommand {
         #[arg(long, value_name = "APP_ID")]
         account: Option<String>,
     },
+}
+
+/// `touchctl state` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum StateCommand {
+    /// Move a single-machine setup into an empty PostgreSQL database, so that several daemons can
+    /// share it: the registry (every touchpoint with its spec, drift, fingerprints, generation,
+    /// pause and provenance; the open platforms' verify tickets; the registry id and fingerprint
+    /// key, so that `plan` against the database shows no change) and the queue (every dispatch
+    /// with its idempotency key, every batch in every state with its users, every attempt, failed
+    /// recipient and replay).
+    ///
+    /// Everything moves in one PostgreSQL transaction: all of it, or nothing. It is refused while
+    /// a daemon works the queue file (stop the daemon first), while an apply holds the registry
+    /// lock, and when the database holds touchpoints or dispatches already. While it runs it holds
+    /// the queue and the registry lock itself, so no daemon or apply starts on the files. Then it
+    /// marks both files as moved: a daemon, `deliveries` or apply on them is refused from then on
+    /// (their batches are in PostgreSQL now, and would be sent twice), and `touchctl state unmark`
+    /// undoes that. Progress goes to standard error, the summary to standard output.
+    ///
+    /// The password goes in PGPASSWORD (or the URL); it is never shown. Exit 0 when moved (or,
+    /// with --dry-run, when it would be), 1 on any error (nothing moved).
+    #[command(after_help = "Examples:
+  touchctl state migrate --to postgres://touchctl@db.internal:5432/touchctl --dry-run
+  PGPASSWORD=... touchctl state migrate --from .touchctl/state.db --to 'postgres://touchctl@db.internal:5432/touchctl?sslmode=require'
+  touchctl state migrate --to postgres://touchctl@db.internal:5432/touchctl --json > moved.json
+Afterwards: touchctl daemon --state postgres://touchctl@db.internal:5432/touchctl")]
+    Migrate(MigrateArgs),
+    /// Make SQLite files that `state migrate` moved usable again, by removing their mark. Only if
+    /// the move was a mistake and nothing works the PostgreSQL copy: a daemon on these files then
+    /// sends their pending batches, and one on PostgreSQL would send them too.
+    #[command(after_help = "Examples:
+  touchctl state unmark
+  touchctl state unmark --from .touchctl/state.db --queue .touchctl/queue.db")]
+    Unmark(UnmarkArgs),
+}
+
+/// `touchctl state migrate` options.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The SQLite registry file to move.
+    #[arg(long, default_value = DEFAULT_STATE, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The PostgreSQL database to move it into: postgres://USER@HOST:PORT/DB (sslmode=require
+    /// for TLS). It must hold no touchpoints or dispatches; touchctl's tables are created if
+    /// missing.
+    #[arg(long, value_name = "URL")]
+    pub to: String,
+    /// The queue file to move (default: queue.db beside --from). A missing one moves nothing and
+    /// is created marked, so that no daemon starts on these files.
+    #[arg(long, value_name = "FILE")]
+    pub queue: Option<PathBuf>,
+    /// Only read both sides and report what would move; nothing is written anywhere.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub quiet: QuietArg,
+}
+
+/// `touchctl state unmark` options.
+#[derive(Debug, Args)]
+pub struct UnmarkArgs {
+    /// The SQLite registry file.
+    #[arg(long, default_value = DEFAULT_STATE, value_name = "FILE")]
+    pub from: PathBuf,
+    /// The queue file (default: queue.db beside --from).
+    #[arg(long, value_name = "FILE")]
+    pub queue: Option<PathBuf>,
 }
 
 /// Output formats of `sandbox messages`.
@@ -886,6 +964,8 @@ impl Cli {
             }
             Command::Dispatch(args) => g.quiet = args.quiet.quiet,
             Command::Auth(_) => {}
+            Command::State(StateCommand::Migrate(args)) => g.quiet = args.quiet.quiet,
+            Command::State(StateCommand::Unmark(_)) => {}
             Command::Deliveries { state: s, .. } | Command::ForceUnlock { state: s, .. } => {
                 g.state = s.state.clone();
             }

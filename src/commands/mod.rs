@@ -5,6 +5,7 @@ mod auth;
 mod daemon;
 mod dispatch;
 mod sandbox;
+mod state;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
@@ -77,6 +78,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Dispatch(args) => dispatch::dispatch_cmd(g, args),
         Command::Auth(command) => auth::auth_cmd(command),
         Command::Sandbox(args) => sandbox::sandbox_cmd(g, args),
+        Command::State(command) => state::state_cmd(g, command),
         Command::Deliveries { command, queue, .. } => {
             daemon::deliveries_cmd(g, command, queue.as_deref())
         }
@@ -108,8 +110,27 @@ fn color(g: &Global) -> bool {
 
 /// Opens the registry --state names: a PostgreSQL database (`postgres://`), or the SQLite file,
 /// where there is none a new registry that only a write creates.
+/// A SQLite registry moved into PostgreSQL is still read (plan), with a warning: apply refuses it.
 fn open_registry(g: &Global) -> Result<Box<dyn Registry>> {
-    Ok(touchctl::registry::open(&g.state)?)
+    let registry = touchctl::registry::open(&g.state)?;
+    let is_file = !g
+        .state
+        .to_str()
+        .is_some_and(touchctl::registry::is_postgres_url);
+    if is_file
+        && !registry.is_new()
+        && let Ok(Some(moved)) =
+            touchctl::registry::SqliteRegistry::open(&g.state).and_then(|r| r.moved_to())
+    {
+        eprintln!(
+            "warning: the registry {} was moved into {} at {} (`touchctl state migrate`): it is no longer the one in use, and apply refuses it. Use --state {}",
+            escape(&g.state.display().to_string()),
+            escape(&moved.to),
+            escape(&moved.at),
+            escape(&moved.to)
+        );
+    }
+    Ok(registry)
 }
 
 /// --state for a message: a PostgreSQL URL without its password.

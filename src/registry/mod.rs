@@ -19,8 +19,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use postgres::{PostgresRegistry, is_postgres_url};
-pub use sqlite::SqliteRegistry;
+pub use postgres::{
+    Incoming, MOVE_LIMIT, Moved, PostgresRegistry, TargetState, inspect, is_postgres_url,
+};
+pub use sqlite::{Exported, MovedTo, SqliteRegistry, TicketRow, TouchpointRow};
 
 use crate::model::{Fingerprinter, Secret, SpecJson};
 
@@ -267,6 +269,30 @@ pub enum RegistryError {
         "the registry ({0}) was created by another process while this one worked from a new, empty registry; nothing was written: run the command again"
     )]
     CreatedMeanwhile(String),
+    /// `touchctl state migrate` was given a database that holds a setup already.
+    #[error(
+        "the PostgreSQL database {database} already holds {touchpoints} touchpoint(s) and {dispatches} dispatch(es): a setup is moved only into a database without any, so that nothing is mixed or overwritten. Give --to a new, empty database (e.g. `createdb touchctl`); `touchctl plan --state {database}` shows the touchpoints this one holds"
+    )]
+    NotEmpty {
+        /// The database, without its password.
+        database: String,
+        /// Touchpoints in it.
+        touchpoints: u64,
+        /// Dispatches in it.
+        dispatches: u64,
+    },
+    /// The SQLite registry was moved into PostgreSQL by `touchctl state migrate`.
+    #[error(
+        "the registry {path} was moved into PostgreSQL ({to}) by `touchctl state migrate` at {at}: changing this file now would make it differ from the registry in use. Run touchctl with --state {to}. If the move was a mistake and nothing uses the PostgreSQL copy, `touchctl state unmark --from {path}` makes this file usable again"
+    )]
+    Moved {
+        /// The state file.
+        path: String,
+        /// Where it went (a URL without its password).
+        to: String,
+        /// When (RFC 3339).
+        at: String,
+    },
     /// The thread that renews the lock could not be started.
     #[error("cannot start the thread that renews the registry lock: {0}")]
     Heartbeat(std::io::Error),

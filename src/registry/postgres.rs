@@ -62,6 +62,9 @@ use super::{
 };
 use crate::model::{Fingerprinter, Secret};
 
+mod from_sqlite;
+pub use from_sqlite::{Incoming, MOVE_LIMIT, Moved, TargetState, inspect};
+
 /// How long connecting to the server may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one statement may run on the server.
@@ -459,19 +462,29 @@ pub(crate) fn block_on<T: Send + 'static>(
     shown: &str,
     fut: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
 ) -> Result<T, RegistryError> {
+    block_on_within(handle, shown, CALL_TIMEOUT, fut)
+}
+
+/// [`block_on`], waiting at most `limit`.
+fn block_on_within<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    shown: &str,
+    limit: Duration,
+    fut: impl Future<Output = Result<T, RegistryError>> + Send + 'static,
+) -> Result<T, RegistryError> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let timed_out = || RegistryError::Postgres {
         database: shown.to_string(),
         why: format!(
             "no answer within {}: check that the server is reachable and not overloaded",
-            humantime::format_duration(CALL_TIMEOUT)
+            humantime::format_duration(limit)
         ),
     };
     handle.spawn(async move {
-        let answer = tokio::time::timeout(CALL_TIMEOUT, fut).await;
+        let answer = tokio::time::timeout(limit, fut).await;
         let _ = tx.send(answer);
     });
-    match rx.recv_timeout(CALL_TIMEOUT + Duration::from_secs(5)) {
+    match rx.recv_timeout(limit + Duration::from_secs(5)) {
         Ok(Ok(answer)) => answer,
         Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(timed_out()),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(RegistryError::Postgres {

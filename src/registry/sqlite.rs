@@ -16,6 +16,11 @@
 //! restarted daemon uses the token it had; a claim to fetch one is a row keyed `fetching:<key>`
 //! whose `token` is the claim's random id. A file from before it gains the table when opened by a
 //! user who may write it.
+//!
+//! `touchctl state migrate` reads a registry out whole ([`SqliteRegistry::export`]) and then marks
+//! the file as moved (`meta` rows `migrated_to`, `migrated_at`): the lock, so apply and the
+//! daemon's reconcile, is refused on a marked file, which would diverge from the moved copy.
+//! Reading it (plan) still works; `touchctl state unmark` removes the mark.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -78,6 +83,90 @@ CREATE TABLE IF NOT EXISTS shared_tokens (
     obtained_at INTEGER NOT NULL
 );
 ";
+
+/// A touchpoint row as stored, its JSON as text (for moving it elsewhere unchanged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TouchpointRow {
+    /// The touchpoint id.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// The spec as the last apply wrote it.
+    pub spec: String,
+    /// The spec in force, when it drifted.
+    pub live_spec: Option<String>,
+    /// The fingerprints (JSON).
+    pub fingerprints: String,
+    /// Its generation.
+    pub generation: i64,
+    /// Paused through the admin API.
+    pub paused: bool,
+    /// When applied (RFC 3339).
+    pub applied_at: String,
+    /// By whom.
+    pub applied_by: String,
+    /// The commit it came from.
+    pub source_commit: Option<String>,
+    /// Whether that tree was dirty.
+    pub source_dirty: bool,
+    /// The file it came from.
+    pub source_file: Option<String>,
+}
+
+/// A verify ticket as stored (a secret: never printed).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TicketRow {
+    /// The open platform's id.
+    pub platform: String,
+    /// The ticket.
+    pub ticket: String,
+    /// When it came (RFC 3339).
+    pub received_at: String,
+}
+
+impl std::fmt::Debug for TicketRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketRow")
+            .field("platform", &self.platform)
+            .field("ticket", &"(sensitive)")
+            .field("received_at", &self.received_at)
+            .finish()
+    }
+}
+
+/// A whole registry as stored, from [`SqliteRegistry::export`].
+#[derive(Clone, Debug)]
+pub struct Exported {
+    /// The registry id.
+    pub registry_id: String,
+    /// The fingerprint key as stored (hex): a secret, never printed.
+    pub fingerprint_key: String,
+    /// Every touchpoint, by id.
+    pub touchpoints: Vec<TouchpointRow>,
+    /// Every open platform's latest verify ticket.
+    pub tickets: Vec<TicketRow>,
+}
+
+/// Where a moved registry went, from its mark (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MovedTo {
+    /// The database, as a URL without its password.
+    pub to: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// The mark on a registry file, if any.
+fn moved_to(conn: &Connection) -> rusqlite::Result<Option<MovedTo>> {
+    let get = |key: &str| -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+    };
+    Ok(get("migrated_to")?.map(|to| MovedTo {
+        to,
+        at: get("migrated_at").ok().flatten().unwrap_or_default(),
+    }))
+}
 
 /// The SQLite-backed registry.
 pub struct SqliteRegistry {
@@ -277,6 +366,86 @@ impl SqliteRegistry {
         lock_conn(&self.conn)
     }
 
+    /// Every row, as stored, with the registry's id and key (for `touchctl state migrate`).
+    pub fn export(&self) -> Result<Exported, RegistryError> {
+        let conn = self.conn();
+        let touchpoints = conn
+            .prepare(&format!("{SELECT} ORDER BY id"))
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| {
+                    Ok(TouchpointRow {
+                        id: r.get(0)?,
+                        kind: r.get(1)?,
+                        spec: r.get(2)?,
+                        live_spec: r.get(3)?,
+                        fingerprints: r.get(4)?,
+                        generation: r.get(5)?,
+                        paused: r.get(6)?,
+                        applied_at: r.get(7)?,
+                        applied_by: r.get(8)?,
+                        source_commit: r.get(9)?,
+                        source_dirty: r.get(10)?,
+                        source_file: r.get(11)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| self.err(e))?;
+        let tickets = conn
+            .prepare("SELECT platform, ticket, received_at FROM platform_tickets ORDER BY platform")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| {
+                    Ok(TicketRow {
+                        platform: r.get(0)?,
+                        ticket: r.get(1)?,
+                        received_at: r.get(2)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| self.err(e))?;
+        Ok(Exported {
+            registry_id: self.registry_id.clone(),
+            fingerprint_key: self.key_text.clone(),
+            touchpoints,
+            tickets,
+        })
+    }
+
+    /// Where the registry was moved, if `touchctl state migrate` marked it.
+    pub fn moved_to(&self) -> Result<Option<MovedTo>, RegistryError> {
+        if self.is_new() {
+            return Ok(None);
+        }
+        moved_to(&self.conn()).map_err(|e| self.err(e))
+    }
+
+    /// Marks the registry as moved (see the module docs).
+    pub fn mark_moved(&self, mark: &MovedTo) -> Result<(), RegistryError> {
+        self.persist()?;
+        self.conn()
+            .execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated_to', ?1), ('migrated_at', ?2)",
+                [&mark.to, &mark.at],
+            )
+            .map(|_| ())
+            .map_err(|e| self.err(e))
+    }
+
+    /// Removes the mark; returns it (`None`: the registry was not marked).
+    pub fn unmark_moved(&self) -> Result<Option<MovedTo>, RegistryError> {
+        let mark = self.moved_to()?;
+        if mark.is_some() {
+            self.conn()
+                .execute(
+                    "DELETE FROM meta WHERE key IN ('migrated_to', 'migrated_at')",
+                    [],
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        Ok(mark)
+    }
+
     fn generation(tx: &Connection, id: &str) -> Result<Option<u64>, rusqlite::Error> {
         tx.query_row(
             "SELECT generation FROM touchpoints WHERE id = ?1",
@@ -469,6 +638,13 @@ impl Registry for SqliteRegistry {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
+        if let Some(moved) = moved_to(&tx).map_err(|e| self.err(e))? {
+            return Err(RegistryError::Moved {
+                path: self.path.display().to_string(),
+                to: moved.to,
+                at: moved.at,
+            });
+        }
         let held = held_lock(&tx).map_err(|e| self.err(e))?;
         let now_ms = crate::store::now_ms();
         let recovered = match held {

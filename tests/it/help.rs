@@ -47,6 +47,9 @@ fn expected() -> BTreeMap<&'static str, Vec<&'static str>> {
         ("sandbox", with_secrets(&["dir"])),
         ("auth", vec![]),
         ("auth wechat", vec![]),
+        ("state", vec![]),
+        ("state migrate", vec!["queue", "quiet"]),
+        ("state unmark", vec!["queue"]),
     ])
 }
 
@@ -89,7 +92,7 @@ fn every_command_help_has_an_example_and_no_option_that_does_not_apply() {
     let expected = expected();
     let top = help(&p, "").stdout;
     let mut listed: BTreeSet<String> = commands_listed(&top).into_iter().collect();
-    for parent in ["deliveries", "auth"] {
+    for parent in ["deliveries", "auth", "state"] {
         for sub in commands_listed(&help(&p, parent).stdout) {
             listed.insert(format!("{parent} {sub}"));
         }

@@ -27,5 +27,6 @@ mod schema;
 mod secrets;
 mod server;
 mod state;
+mod state_migrate;
 mod terminal_escapes;
 mod watch;

@@ -32,11 +32,13 @@
 //! The files of this module, by job: `schema.rs` (the file's format, migration, late columns and
 //! one-off repairs), `enqueue.rs` (storing triggers), `writer.rs` (the writer thread and what it
 //! writes), `claim.rs` (claiming due batches, holds and deferrals, what an attempt reports),
-//! `report.rs` (dispatch status, batch lists, history, replays and counts) and `slot.rs` (the
-//! daemon's hold on the queue). Their public types are re-exported here.
+//! `report.rs` (dispatch status, batch lists, history, replays and counts), `slot.rs` (the
+//! daemon's hold on the queue) and `export.rs` (reading the whole file out for `touchctl state
+//! migrate`, and the mark that makes [`Queue::open`] refuse a file moved into PostgreSQL). Their public types are re-exported here.
 
 mod claim;
 mod enqueue;
+mod export;
 mod postgres;
 mod report;
 mod schema;
@@ -45,6 +47,9 @@ mod writer;
 
 pub use claim::{After, At, Claim, Claimed, Completion, Lanes, Users};
 pub use enqueue::{Enqueued, NewDispatch, Receipt, Storing, WireWriter};
+pub use export::{
+    AttemptRow, BatchRow, Counts, DispatchRow, Export, FailureRow, Mark, ReplayRow, Row, unmark,
+};
 pub use postgres::PostgresQueue;
 pub use report::{Attempt, BatchCounts, BatchInfo, DispatchStatus, Filter, Replay, Stats};
 pub use slot::{DaemonSlot, Taken};
@@ -137,6 +142,30 @@ pub enum QueueError {
         "the queue file {0} is empty (0 bytes), so it holds no queue; touchctl never leaves one empty. If it is a leftover, remove it and run again (a new queue is created); if your queue should be there, restore the file from a backup"
     )]
     Empty(String),
+    /// The queue file was moved into PostgreSQL by `touchctl state migrate`.
+    #[error(
+        "the queue file {path} was moved into PostgreSQL ({to}) by `touchctl state migrate` at {at}: its batches are worked from there now, and working this file as well would send them twice. Run touchctl with --state {to}. If the move was a mistake and nothing works the PostgreSQL copy, `touchctl state unmark --queue {path}` makes this file usable again"
+    )]
+    Migrated {
+        /// The file.
+        path: String,
+        /// Where it went (a URL without its password).
+        to: String,
+        /// When (RFC 3339).
+        at: String,
+    },
+    /// A batch's users cannot be read (for `touchctl state migrate`, which moves them).
+    #[error(
+        "queue {path}: the users of batch {batch} cannot be read ({why}); nothing was moved. Restore the queue's files (the queue file and its -payloads folder) from a backup and run again"
+    )]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// The batch.
+        batch: String,
+        /// Why.
+        why: String,
+    },
     /// The queue file could not be opened.
     #[error("queue {path}: {source}")]
     Store {
@@ -217,6 +246,7 @@ impl SqliteQueue {
         }
         let mut accept = store::connect(path, Sync::Full).map_err(opened)?;
         accept.execute_batch(MIGRATION).map_err(sql)?;
+        export::refuse_migrated(&accept, &shown)?;
         schema::mark_format(&mut accept, &shown)?;
         schema::add_columns(&mut accept).map_err(sql)?;
         schema::repair_once(&mut accept).map_err(sql)?;
