@@ -131,11 +131,12 @@ impl Server {
     fn database(&self, name: &str) -> String {
         let mut admin =
             postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to PostgreSQL");
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-            ))
-            .expect("a fresh database");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin.simple_query(&sql).expect("a fresh database");
+        }
         let (base, _) = self.url.rsplit_once('/').expect("a database in the URL");
         format!("{base}/{name}")
     }

@@ -26,6 +26,12 @@
 //! A `<!-- file: NAME -->` comment right before a `>` quote says that the quote is the file `NAME`
 //! of the session's folder as GitHub renders it (the pull-request comment); it is compared after
 //! the block that precedes it.
+//!
+//! A `<!-- session: postgres -->` comment right before a `console` block puts that block in a
+//! second session, run by a test of its own against a database of its own on the test server
+//! (`TOUCHCTL_TEST_POSTGRES`; without it that test says it is skipped, and fails under `CI=true`).
+//! The README's database, `postgres://touchctl@127.0.0.1:5432/touchctl`, stands for it, swapped in
+//! and out as the ports are; the second daemon's port, 8650, is swapped too.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -47,6 +53,8 @@ struct Step {
     expected: Vec<String>,
     code: i32,
     background: bool,
+    /// Whether the step belongs to the PostgreSQL session.
+    postgres: bool,
 }
 
 /// A part of the README the session checks, in order.
@@ -65,8 +73,14 @@ fn parse(readme: &str) -> Vec<Part> {
     let lines: Vec<&str> = readme.lines().collect();
     let mut parts = Vec::new();
     let mut i = 0;
+    let mut postgres_next = false;
     while i < lines.len() {
         let line = lines[i];
+        if line.trim() == "<!-- session: postgres -->" {
+            postgres_next = true;
+            i += 1;
+            continue;
+        }
         if let Some(name) = line
             .trim()
             .strip_prefix("<!-- file: ")
@@ -92,6 +106,7 @@ fn parse(readme: &str) -> Vec<Part> {
             continue;
         }
         if line.trim_start().starts_with("```") && line.trim() == "```console" {
+            let postgres = std::mem::take(&mut postgres_next);
             i += 1;
             let mut current: Option<Step> = None;
             while i < lines.len() && !lines[i].trim_start().starts_with("```") {
@@ -115,6 +130,7 @@ fn parse(readme: &str) -> Vec<Part> {
                         expected: Vec::new(),
                         code,
                         background,
+                        postgres,
                     });
                 } else {
                     let step = current.as_mut().unwrap_or_else(|| {
@@ -192,11 +208,18 @@ struct Session {
     dir: PathBuf,
     logs: PathBuf,
     ports: [(u16, &'static str); 2],
+    /// Text swapped in commands and back in what they print: (the session's, the README's).
+    swaps: Vec<(String, String)>,
     count: usize,
 }
 
 impl Session {
-    fn start(dir: &Path, logs: &Path, ports: [(u16, &'static str); 2]) -> Self {
+    fn start(
+        dir: &Path,
+        logs: &Path,
+        ports: [(u16, &'static str); 2],
+        swaps: Vec<(String, String)>,
+    ) -> Self {
         let bin = Path::new(env!("CARGO_BIN_EXE_touchctl"))
             .parent()
             .expect("bin dir")
@@ -249,6 +272,7 @@ impl Session {
             dir: dir.to_path_buf(),
             logs: logs.to_path_buf(),
             ports,
+            swaps,
             count: 0,
         }
     }
@@ -262,12 +286,18 @@ impl Session {
         for (port, shown) in self.ports {
             c = c.replace(shown, &port.to_string());
         }
+        for (actual, shown) in &self.swaps {
+            c = c.replace(shown.as_str(), actual);
+        }
         c
     }
 
     /// What a command printed, with the session's ports shown as the README's.
     fn normalize(&self, text: &str) -> Vec<String> {
         let mut t = text.to_string();
+        for (actual, shown) in &self.swaps {
+            t = t.replace(actual.as_str(), shown);
+        }
         for (port, shown) in self.ports {
             t = t.replace(&port.to_string(), shown);
         }
@@ -405,16 +435,54 @@ fn show(lines: &[String]) -> String {
 #[test]
 fn every_command_block_of_the_readme_prints_what_it_shows() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
-    let parts = parse(&readme);
+    let parts: Vec<Part> = parse(&readme)
+        .into_iter()
+        .filter(|p| !matches!(p, Part::Step(s) if s.postgres))
+        .collect();
     let steps = parts.iter().filter(|p| matches!(p, Part::Step(_))).count();
     assert!(steps >= 20, "only {steps} commands found in the README");
+    run_session(&parts, Vec::new());
+}
 
+/// The README's blocks on several daemons sharing a PostgreSQL database, in a session of their
+/// own against a database of the test server's.
+#[test]
+fn the_readme_s_postgresql_blocks_print_what_they_show() {
+    let backend = crate::backend::Backend::Postgres;
+    if !backend.available("readme::the_readme_s_postgresql_blocks_print_what_they_show") {
+        return;
+    }
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let parts: Vec<Part> = parse(&readme)
+        .into_iter()
+        .filter(|p| matches!(p, Part::Step(s) if s.postgres))
+        .collect();
+    assert!(
+        parts.len() >= 5,
+        "only {} PostgreSQL commands found in the README",
+        parts.len()
+    );
+    let db = crate::backend::Database::create();
+    run_session(
+        &parts,
+        vec![
+            (
+                db.url().to_string(),
+                "postgres://touchctl@127.0.0.1:5432/touchctl".to_string(),
+            ),
+            (free_port().to_string(), "8650".to_string()),
+        ],
+    );
+}
+
+/// Runs `parts` in a fresh session, each against what the README shows.
+fn run_session(parts: &[Part], swaps: Vec<(String, String)>) {
     let work = tempfile::tempdir().expect("temp dir");
     let logs = tempfile::tempdir().expect("temp dir");
     let ports = [(free_port(), "8640"), (free_port(), "8641")];
     prepare(work.path(), ports[0].0, ports[1].0);
-    let mut session = Session::start(work.path(), logs.path(), ports);
-    for part in &parts {
+    let mut session = Session::start(work.path(), logs.path(), ports, swaps);
+    for part in parts {
         match part {
             Part::Step(step) => {
                 let (code, printed) = session.run(step);

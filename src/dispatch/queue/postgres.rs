@@ -597,7 +597,7 @@ impl PostgresQueue {
                 bases.insert(r.get(0), r.get(1));
             }
             let attempt = tx
-                .prepare(
+                .prepare_cached(
                     "INSERT INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error, node) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
                      ON CONFLICT (batch_id, attempt) DO UPDATE SET generation = $3, started_at = $4, latency_ms = $5, \
@@ -606,7 +606,7 @@ impl PostgresQueue {
                 .await
                 .map_err(&e)?;
             let failure = tx
-                .prepare(
+                .prepare_cached(
                     "INSERT INTO failures (batch_id, user_id, reason, attempt) \
                      SELECT $1, u, r, $4 FROM unnest($2::text[], $3::text[]) AS f(u, r)",
                 )
@@ -616,7 +616,7 @@ impl PostgresQueue {
             // `failed`; an attempt that does not count moves the numbering on through
             // `attempt_base`. The users are rewritten when some are left, dropped when done.
             let update = tx
-                .prepare(
+                .prepare_cached(
                     "UPDATE batches SET attempts = CASE WHEN $10 THEN attempts ELSE $2 END, \
                      attempt_base = attempt_base + CASE WHEN $10 THEN 1 ELSE 0 END, \
                      delivered = delivered + $3, failed = failed + $4, \
