@@ -1360,7 +1360,7 @@ async fn generation_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
     use std::time::Instant;
 
@@ -1372,13 +1372,13 @@ mod tests {
 
     /// A database of one test's own on the server `TOUCHCTL_TEST_POSTGRES` names, dropped at the
     /// end. `None` (the test skipped) when the variable is unset, unless `CI=true`.
-    struct TestDb {
+    pub(crate) struct TestDb {
         base: String,
         name: String,
-        url: String,
+        pub(crate) url: String,
     }
 
-    fn test_db() -> Option<TestDb> {
+    pub(crate) fn test_db() -> Option<TestDb> {
         let Ok(base) = std::env::var("TOUCHCTL_TEST_POSTGRES") else {
             assert!(
                 std::env::var("CI").as_deref() != Ok("true"),
@@ -1409,7 +1409,7 @@ mod tests {
     }
 
     /// Runs `statements` on the database of `url`, on a connection of their own.
-    fn sql(url: &str, statements: &str) {
+    pub(crate) fn sql(url: &str, statements: &str) {
         let target = Target::parse(url).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -1422,7 +1422,7 @@ mod tests {
     }
 
     /// The first column of the first row of `query`, as text.
-    fn value(url: &str, query: &str) -> Option<String> {
+    pub(crate) fn value(url: &str, query: &str) -> Option<String> {
         let target = Target::parse(url).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -228,7 +228,12 @@ impl PostgresQueue {
             .await
             .map_err(&e)?;
             let now: i64 = tx
-                .query_one(&format!("SELECT {DB_NOW}"), &[])
+                .query_one(
+                    &tx.prepare_cached(&format!("SELECT {DB_NOW}"))
+                        .await
+                        .map_err(&e)?,
+                    &[],
+                )
                 .await
                 .map_err(&e)?
                 .get(0);
@@ -236,9 +241,9 @@ impl PostgresQueue {
             let mut leased = std::collections::HashMap::<String, i64>::new();
             for r in tx
                 .query(
-                    "SELECT touchpoint, count(*) FROM batches \
+                    &tx.prepare_cached("SELECT touchpoint, count(*) FROM batches \
                      WHERE lease_owner IS NOT NULL AND lease_until >= $1 AND state = 'pending' \
-                     GROUP BY touchpoint",
+                     GROUP BY touchpoint").await.map_err(&e)?,
                     &[&now],
                 )
                 .await
@@ -252,7 +257,7 @@ impl PostgresQueue {
             if !rated.is_empty() {
                 for r in tx
                     .query(
-                        "SELECT touchpoint, tokens, at_ms FROM rate_buckets WHERE touchpoint = ANY($1) FOR UPDATE",
+                        &tx.prepare_cached("SELECT touchpoint, tokens, at_ms FROM rate_buckets WHERE touchpoint = ANY($1) FOR UPDATE").await.map_err(&e)?,
                         &[&rated],
                     )
                     .await
@@ -294,11 +299,11 @@ impl PostgresQueue {
             left_out.extend(full.iter().cloned());
             let candidates = tx
                 .query(
-                    "SELECT id, touchpoint FROM batches \
+                    &tx.prepare_cached("SELECT id, touchpoint FROM batches \
                      WHERE state = 'pending' AND held IS NULL AND next_at <= $1 \
                      AND (lease_until IS NULL OR lease_until < $2) \
                      AND NOT (touchpoint = ANY($3)) \
-                     ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED",
+                     ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED").await.map_err(&e)?,
                     &[&now_ms(), &now, &left_out, &SCAN],
                 )
                 .await
@@ -324,8 +329,8 @@ impl PostgresQueue {
             for (tp, n) in &taken {
                 if let Some((have, _)) = tokens.get(tp) {
                     tx.execute(
-                        "INSERT INTO rate_buckets (touchpoint, tokens, at_ms) VALUES ($1, $2, $3) \
-                         ON CONFLICT (touchpoint) DO UPDATE SET tokens = $2, at_ms = $3",
+                        &tx.prepare_cached("INSERT INTO rate_buckets (touchpoint, tokens, at_ms) VALUES ($1, $2, $3) \
+                         ON CONFLICT (touchpoint) DO UPDATE SET tokens = $2, at_ms = $3").await.map_err(&e)?,
                         &[tp, &(have - *n as f64), &now],
                     )
                     .await
@@ -336,10 +341,10 @@ impl PostgresQueue {
                 Vec::new()
             } else {
                 tx.query(
-                    "UPDATE batches b SET lease_owner = $2, lease_until = $3 \
+                    &tx.prepare_cached("UPDATE batches b SET lease_owner = $2, lease_until = $3 \
                      FROM dispatches d WHERE d.id = b.dispatch_id AND b.id = ANY($1) \
                      RETURNING b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.remaining, b.attempts, \
-                     d.campaign, d.template_params, d.message, b.next_at",
+                     d.campaign, d.template_params, d.message, b.next_at").await.map_err(&e)?,
                     &[&ids, &node, &now.saturating_add(lease)],
                 )
                 .await
@@ -349,9 +354,9 @@ impl PostgresQueue {
             let capped_until = if capped {
                 let still: bool = tx
                     .query_one(
-                        "SELECT EXISTS (SELECT 1 FROM batches WHERE state = 'pending' AND held IS NULL \
+                        &tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM batches WHERE state = 'pending' AND held IS NULL \
                          AND next_at <= $1 AND (lease_until IS NULL OR lease_until < $2) \
-                         AND touchpoint = ANY($3) AND NOT (touchpoint = ANY($4)))",
+                         AND touchpoint = ANY($3) AND NOT (touchpoint = ANY($4)))").await.map_err(&e)?,
                         &[&now_ms(), &now, &full.iter().chain(taken.keys()).cloned().collect::<Vec<_>>(), &skip],
                     )
                     .await
@@ -422,7 +427,9 @@ impl PostgresQueue {
             let users: std::collections::HashMap<String, Option<Vec<u8>>> =
                 self.run(move |c, shown| async move {
                     c.query(
-                        "SELECT id, users FROM batches WHERE id = ANY($1)",
+                        &c.prepare_cached("SELECT id, users FROM batches WHERE id = ANY($1)")
+                            .await
+                            .map_err(pg(&shown))?,
                         &[&unread],
                     )
                     .await
@@ -588,7 +595,7 @@ impl PostgresQueue {
             let mut bases = std::collections::HashMap::<String, i32>::new();
             for r in tx
                 .query(
-                    "SELECT id, attempt_base FROM batches WHERE id = ANY($1) AND lease_owner = $2 FOR UPDATE",
+                    &tx.prepare_cached("SELECT id, attempt_base FROM batches WHERE id = ANY($1) AND lease_owner = $2 FOR UPDATE").await.map_err(&e)?,
                     &[&ids, &node],
                 )
                 .await
@@ -1162,8 +1169,8 @@ async fn store_trigger(
     let dispatch_id = receipt.dispatch_id.clone();
     let inserted = tx
         .execute(
-            "INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at, message, node) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (idempotency_key) DO NOTHING",
+            &tx.prepare_cached("INSERT INTO dispatches (id, touchpoint, campaign, idempotency_key, template_params, generation, receipt, created_at, message, node) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (idempotency_key) DO NOTHING").await.map_err(e)?,
             &[
                 &dispatch_id,
                 &head.touchpoint,
@@ -1183,7 +1190,7 @@ async fn store_trigger(
         // The key was taken, by this daemon or another: the first trigger's receipt answers.
         let row = tx
             .query_one(
-                "SELECT id, touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = $1",
+                &tx.prepare_cached("SELECT id, touchpoint, campaign, receipt FROM dispatches WHERE idempotency_key = $1").await.map_err(e)?,
                 &[&head.idempotency_key],
             )
             .await
@@ -1215,9 +1222,9 @@ async fn store_trigger(
         let users: Vec<Vec<u8>> = batches.into_iter().map(|(_, u)| u).collect();
         let total = i32::try_from(n).unwrap_or(i32::MAX);
         tx.execute(
-            "INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at, users) \
+            &tx.prepare_cached("INSERT INTO batches (id, dispatch_id, idx, count, touchpoint, size, remaining, state, next_at, created_at, updated_at, users) \
              SELECT id, $2, idx, $3, $4, size, size, 'pending', $5, $5, $5, users \
-             FROM unnest($1::text[], $6::int[], $7::int[], $8::bytea[]) AS b(id, idx, size, users)",
+             FROM unnest($1::text[], $6::int[], $7::int[], $8::bytea[]) AS b(id, idx, size, users)").await.map_err(e)?,
             &[&ids, &dispatch_id, &total, &head.touchpoint, &now, &idx, &sizes, &users],
         )
         .await
@@ -1225,4 +1232,231 @@ async fn store_trigger(
     }
     tx.commit().await.map_err(e)?;
     Ok(Enqueued::New(receipt))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::dispatch::TriggerHead;
+    use crate::dispatch::trigger::UserRef;
+    use crate::registry::postgres::tests::{TestDb, test_db, value};
+
+    fn head(touchpoint: &str, key: Option<&str>) -> TriggerHead {
+        TriggerHead {
+            touchpoint: touchpoint.into(),
+            campaign: "c1".into(),
+            idempotency_key: key.map(str::to_string),
+            template_params: serde_json::json!({"text": "hi"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            ..TriggerHead::default()
+        }
+    }
+
+    fn users(n: usize) -> Vec<&'static UserRef<'static>> {
+        let text: &'static str = Box::leak(
+            format!(
+                "[{}]",
+                (0..n)
+                    .map(|i| format!("{{\"user_id\":\"u{i}\"}}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
+            .into_boxed_str(),
+        );
+        let parsed = crate::dispatch::stored::parse_users_json(text.as_bytes()).unwrap();
+        Vec::leak(parsed).iter().collect()
+    }
+
+    /// Two daemons' queues on one test database, with leases of `lease`.
+    fn two(lease: Duration) -> Option<(TestDb, PostgresQueue, PostgresQueue)> {
+        let db = test_db()?;
+        let open = |node: &str| {
+            let registry = Arc::new(PostgresRegistry::open(&db.url).unwrap());
+            PostgresQueue::open(registry, node.into(), lease).unwrap()
+        };
+        let (a, b) = (open("node-a"), open("node-b"));
+        Some((db, a, b))
+    }
+
+    /// Stores `n` users for `touchpoint` in batches of 2.
+    fn store(q: &PostgresQueue, touchpoint: &str, key: Option<&str>, n: usize) -> Enqueued {
+        let h = head(touchpoint, key);
+        q.begin_enqueue(NewDispatch {
+            head: &h,
+            generation: 1,
+            batch_size: 2,
+            users: users(n),
+            rejected: Vec::new(),
+            wire: None,
+        })
+        .unwrap()
+        .wait()
+        .unwrap()
+    }
+
+    fn lanes(concurrency: usize) -> Lanes {
+        Lanes {
+            concurrency,
+            rates: Vec::new(),
+        }
+    }
+
+    fn done(c: &Claimed) -> Completion {
+        Completion {
+            batch_id: c.id.clone(),
+            attempt: c.attempts + 1,
+            generation: 1,
+            started_ms: now_ms(),
+            latency_ms: 1,
+            status: Some(200),
+            recipients: c.remaining,
+            delivered: c.remaining,
+            failed: Vec::new(),
+            remaining: None,
+            after: After::Done,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_leased_batch_is_claimed_by_no_other_daemon_until_its_lease_runs_out() {
+        let Some((_db, a, b)) = two(Duration::from_millis(400)) else {
+            return;
+        };
+        store(&a, "sms", None, 6);
+        let got = a.claim(10, &[], &lanes(10)).unwrap();
+        assert_eq!(got.batches.len(), 3);
+        // Their users come with them (read from the rows: nothing was kept in memory).
+        for c in &got.batches {
+            let Users::Stored(Ok(users)) = &c.users else {
+                panic!("{:?}", c.users)
+            };
+            assert_eq!(
+                crate::dispatch::stored::parse_stored(users).unwrap().len(),
+                2
+            );
+        }
+        assert!(b.claim(10, &[], &lanes(10)).unwrap().batches.is_empty());
+        // A renews nothing: once the lease is out, B takes them over.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let taken = loop {
+            let got = b.claim(10, &[], &lanes(10)).unwrap();
+            if !got.batches.is_empty() {
+                break got;
+            }
+            assert!(Instant::now() < deadline, "never taken over");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(taken.batches.len(), 3);
+        // A's late record is not B's: fenced, nothing recorded.
+        a.record(got.batches.iter().map(done).collect()).unwrap();
+        assert_eq!(a.stats().unwrap().pending_batches, 3);
+        b.record(taken.batches.iter().map(done).collect()).unwrap();
+        let stats = b.stats().unwrap();
+        assert_eq!((stats.pending_batches, stats.pending_recipients), (0, 0));
+        let nodes = value(
+            &_db.url,
+            "SELECT string_agg(DISTINCT node, ',') FROM attempts",
+        );
+        assert_eq!(nodes.as_deref(), Some("node-b"));
+    }
+
+    #[test]
+    fn renewed_leases_hold_and_a_clean_stop_lets_go_at_once() {
+        let Some((_db, a, b)) = two(Duration::from_millis(300)) else {
+            return;
+        };
+        a.register("host-a", "127.0.0.1:1", "2026-12-04T00:00:00Z")
+            .unwrap();
+        store(&a, "sms", None, 2);
+        assert_eq!(a.claim(10, &[], &lanes(10)).unwrap().batches.len(), 1);
+        for _ in 0..6 {
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(a.beat().unwrap(), 1);
+            assert!(b.claim(10, &[], &lanes(10)).unwrap().batches.is_empty());
+        }
+        a.leave().unwrap();
+        assert_eq!(b.claim(10, &[], &lanes(10)).unwrap().batches.len(), 1);
+        let nodes = b.nodes(Duration::from_secs(60)).unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].node, "node-a");
+        assert!(nodes[0].stopped_at.is_some());
+    }
+
+    #[test]
+    fn concurrency_counts_every_daemons_leases() {
+        let Some((_db, a, b)) = two(Duration::from_secs(30)) else {
+            return;
+        };
+        store(&a, "sms", None, 10);
+        store(&a, "push", None, 2);
+        let first = a.claim(10, &[], &lanes(2)).unwrap();
+        let per = |c: &Claim, tp: &str| c.batches.iter().filter(|b| b.touchpoint == tp).count();
+        assert_eq!((per(&first, "sms"), per(&first, "push")), (2, 1));
+        // `sms` is at its limit across both daemons: B gets nothing of it, and is told to ask
+        // again soon.
+        let second = b.claim(10, &[], &lanes(2)).unwrap();
+        assert!(second.batches.is_empty());
+        assert!(second.capped_until.is_some());
+        a.record(vec![done(&first.batches[0])]).unwrap();
+        let third = b.claim(10, &[], &lanes(2)).unwrap();
+        assert_eq!(per(&third, "sms"), 1);
+        // A touchpoint left out by the caller is not claimed.
+        b.record(third.batches.iter().map(done).collect()).unwrap();
+        assert!(b.claim(10, &["sms"], &lanes(2)).unwrap().batches.is_empty());
+    }
+
+    #[test]
+    fn a_rate_limit_is_spent_across_daemons() {
+        let Some((_db, a, b)) = two(Duration::from_secs(30)) else {
+            return;
+        };
+        store(&a, "sms", None, 20);
+        let rated = Lanes {
+            concurrency: 100,
+            rates: vec![("sms".into(), 2.0)],
+        };
+        let first = a.claim(100, &[], &rated).unwrap();
+        assert_eq!(first.batches.len(), 2, "a second's worth");
+        let second = b.claim(100, &[], &rated).unwrap();
+        assert!(second.batches.is_empty(), "the bucket is the cluster's");
+        let at = second.capped_until.expect("told when to ask again");
+        assert!(at > now_ms() && at <= now_ms() + 1_000, "{at}");
+    }
+
+    #[test]
+    fn an_idempotency_key_is_taken_once_across_daemons() {
+        let Some((_db, a, b)) = two(Duration::from_secs(30)) else {
+            return;
+        };
+        let Enqueued::New(first) = store(&a, "sms", Some("k1"), 3) else {
+            panic!("new")
+        };
+        let Enqueued::Repeat(again) = store(&b, "sms", Some("k1"), 3) else {
+            panic!("repeat")
+        };
+        assert_eq!(again, first);
+        let h = head("push", Some("k1"));
+        let err = b
+            .begin_enqueue(NewDispatch {
+                head: &h,
+                generation: 1,
+                batch_size: 2,
+                users: users(1),
+                rejected: Vec::new(),
+                wire: None,
+            })
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        assert!(
+            matches!(err, QueueError::IdempotencyConflict { ref touchpoint, .. } if touchpoint == "sms"),
+            "{err}"
+        );
+        assert_eq!(a.stats().unwrap().pending_batches, 2);
+    }
 }
