@@ -130,6 +130,86 @@ fn small(v: i32) -> u32 {
     v.max(0) as u32
 }
 
+/// One attempt's rows, as the record writes them.
+struct Write {
+    batch_id: String,
+    number: i32,
+    generation: i64,
+    started_ms: i64,
+    latency_ms: i64,
+    status: Option<i32>,
+    outcome: &'static str,
+    recipients: i32,
+    error: Option<String>,
+    attempts: i32,
+    delivered: i32,
+    failed: i32,
+    remaining: Option<i32>,
+    state: &'static str,
+    next_at: Option<i64>,
+    now: i64,
+    uncounted: bool,
+    held: Option<String>,
+    users: Option<Vec<u8>>,
+    failed_users: Vec<String>,
+    failed_reasons: Vec<String>,
+}
+
+impl Write {
+    /// The rows of attempt `c` of a batch whose earlier attempts number `base`, at `now`.
+    fn of(c: &Completion, base: i32, now: i64) -> Self {
+        let partial = c.delivered > 0 || !c.failed.is_empty();
+        let (state, outcome, next_at) = match c.after {
+            After::Done if c.delivered == 0 && !c.failed.is_empty() => {
+                ("delivered", "failed", None)
+            }
+            After::Done => ("delivered", "delivered", None),
+            After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
+            After::RetryAt(at) => ("pending", "retry", Some(at)),
+            After::Dead => ("dead", "dead", None),
+            After::Interrupted => ("pending", "interrupted", None),
+            After::Parked(_) => ("pending", "held", None),
+            After::Deferred(at) => ("pending", "deferred", Some(at)),
+        };
+        let (users, remaining) = match &c.remaining {
+            Some((json, n)) => (
+                Some(json.clone()),
+                Some(i32::try_from(*n).unwrap_or(i32::MAX)),
+            ),
+            None if c.after == After::Done => (None, Some(0)),
+            None => (None, None),
+        };
+        Self {
+            batch_id: c.batch_id.clone(),
+            number: i32::try_from(c.attempt)
+                .unwrap_or(i32::MAX)
+                .saturating_add(base),
+            generation: c.generation as i64,
+            started_ms: c.started_ms,
+            latency_ms: c.latency_ms,
+            status: c.status.map(i32::from),
+            outcome,
+            recipients: i32::try_from(c.recipients).unwrap_or(i32::MAX),
+            error: c.error.clone(),
+            attempts: i32::try_from(c.attempt).unwrap_or(i32::MAX),
+            delivered: i32::try_from(c.delivered).unwrap_or(i32::MAX),
+            failed: i32::try_from(c.failed.len()).unwrap_or(i32::MAX),
+            remaining,
+            state,
+            next_at,
+            now,
+            uncounted: matches!(c.after, After::Parked(_) | After::Deferred(_)),
+            held: match &c.after {
+                After::Parked(reason) => Some(reason.clone()),
+                _ => None,
+            },
+            users,
+            failed_users: c.failed.iter().map(|f| f.user_id.clone()).collect(),
+            failed_reasons: c.failed.iter().map(|f| f.reason.clone()).collect(),
+        }
+    }
+}
+
 impl PostgresQueue {
     /// The queue in the database `registry` is connected to (its schema is migrated when the
     /// registry opens), worked by the daemon `node` with leases of term `lease`.
@@ -219,161 +299,188 @@ impl PostgresQueue {
         let skip: Vec<String> = skip.iter().map(|s| s.to_string()).collect();
         let lanes = lanes.clone();
         let limit = limit.min(256) as i64;
-        let (mut claimed, capped_until) = self.run(move |mut c, shown| async move {
+        let (mut claimed, capped_until) = self.run(move |c, shown| async move {
             let e = pg(&shown);
-            let tx = c.transaction().await.map_err(&e)?;
-            tx.batch_execute(&format!(
-                "SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_KEY})"
-            ))
-            .await
-            .map_err(&e)?;
-            let now: i64 = tx
-                .query_one(
-                    &tx.prepare_cached(&format!("SELECT {DB_NOW}"))
-                        .await
-                        .map_err(&e)?,
-                    &[],
-                )
-                .await
-                .map_err(&e)?
-                .get(0);
-            // Places taken: batches leased by any daemon.
-            let mut leased = std::collections::HashMap::<String, i64>::new();
-            for r in tx
-                .query(
-                    &tx.prepare_cached("SELECT touchpoint, count(*) FROM batches \
-                     WHERE lease_owner IS NOT NULL AND lease_until >= $1 AND state = 'pending' \
-                     GROUP BY touchpoint").await.map_err(&e)?,
-                    &[&now],
-                )
-                .await
-                .map_err(&e)?
-            {
-                leased.insert(r.get(0), r.get(1));
-            }
-            // Tokens of the rate-limited touchpoints, refilled to now.
-            let rated: Vec<String> = lanes.rates.iter().map(|(t, _)| t.clone()).collect();
-            let mut stored_tokens = std::collections::HashMap::<String, (f64, i64)>::new();
-            if !rated.is_empty() {
-                for r in tx
-                    .query(
-                        &tx.prepare_cached("SELECT touchpoint, tokens, at_ms FROM rate_buckets WHERE touchpoint = ANY($1) FOR UPDATE").await.map_err(&e)?,
-                        &[&rated],
-                    )
+            // The transaction is begun, locked and read in one round trip, and its last writes
+            // and commit go in another: statements sent together are pipelined.
+            let body = async {
+                let leased_stmt = c
+                    .prepare_cached(&format!(
+                        "WITH n AS (SELECT {DB_NOW} AS now) \
+                         SELECT n.now, b.touchpoint, count(b.id) FROM n LEFT JOIN batches b \
+                         ON b.lease_owner IS NOT NULL AND b.lease_until >= n.now AND b.state = 'pending' \
+                         GROUP BY n.now, b.touchpoint"
+                    ))
                     .await
-                    .map_err(&e)?
-                {
-                    stored_tokens.insert(r.get(0), (r.get(1), r.get(2)));
-                }
-            }
-            let mut tokens = std::collections::HashMap::<String, (f64, f64)>::new();
-            for (tp, rate) in &lanes.rates {
-                let rate = rate.max(f64::MIN_POSITIVE);
-                let cap = rate.max(1.0);
-                let have = match stored_tokens.get(tp) {
-                    Some((t, at)) => {
-                        let elapsed = (now.saturating_sub(*at)).max(0) as f64 / 1000.0;
-                        (t + elapsed * rate).min(cap)
+                    .map_err(&e)?;
+                let begin = format!(
+                    "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock({CLAIM_KEY})"
+                );
+                let (began, leased_rows) =
+                    tokio::join!(c.batch_execute(&begin), c.query(&leased_stmt, &[]));
+                began.map_err(&e)?;
+                let leased_rows = leased_rows.map_err(&e)?;
+                let now: i64 = leased_rows.first().map(|r| r.get(0)).unwrap_or_else(now_ms);
+                // Places taken: batches leased by any daemon.
+                let mut leased = std::collections::HashMap::<String, i64>::new();
+                for r in &leased_rows {
+                    if let Some(tp) = r.get::<_, Option<String>>(1) {
+                        leased.insert(tp, r.get(2));
                     }
-                    None => cap,
+                }
+                // Tokens of the rate-limited touchpoints, refilled to now.
+                let rated: Vec<String> = lanes.rates.iter().map(|(t, _)| t.clone()).collect();
+                let mut stored_tokens = std::collections::HashMap::<String, (f64, i64)>::new();
+                if !rated.is_empty() {
+                    let stmt = c
+                        .prepare_cached(
+                            "SELECT touchpoint, tokens, at_ms FROM rate_buckets WHERE touchpoint = ANY($1) FOR UPDATE",
+                        )
+                        .await
+                        .map_err(&e)?;
+                    for r in c.query(&stmt, &[&rated]).await.map_err(&e)? {
+                        stored_tokens.insert(r.get(0), (r.get(1), r.get(2)));
+                    }
+                }
+                let mut tokens = std::collections::HashMap::<String, (f64, f64)>::new();
+                for (tp, rate) in &lanes.rates {
+                    let rate = rate.max(f64::MIN_POSITIVE);
+                    let cap = rate.max(1.0);
+                    let have = match stored_tokens.get(tp) {
+                        Some((t, at)) => {
+                            let elapsed = (now.saturating_sub(*at)).max(0) as f64 / 1000.0;
+                            (t + elapsed * rate).min(cap)
+                        }
+                        None => cap,
+                    };
+                    tokens.insert(tp.clone(), (have, rate));
+                }
+                let concurrency = lanes.concurrency.max(1) as i64;
+                let room = |tp: &str| -> i64 {
+                    let places = concurrency - leased.get(tp).copied().unwrap_or(0);
+                    match tokens.get(tp) {
+                        Some((t, _)) => places.min(t.floor() as i64),
+                        None => places,
+                    }
                 };
-                tokens.insert(tp.clone(), (have, rate));
-            }
-            let concurrency = lanes.concurrency.max(1) as i64;
-            let room = |tp: &str, leased: &std::collections::HashMap<String, i64>| -> i64 {
-                let places = concurrency - leased.get(tp).copied().unwrap_or(0);
-                match tokens.get(tp) {
-                    Some((t, _)) => places.min(t.floor() as i64),
-                    None => places,
-                }
-            };
-            let mut full: Vec<String> = leased
-                .keys()
-                .chain(tokens.keys())
-                .filter(|tp| room(tp, &leased) <= 0)
-                .cloned()
-                .collect();
-            full.sort();
-            full.dedup();
-            let mut left_out = skip.clone();
-            left_out.extend(full.iter().cloned());
-            let candidates = tx
-                .query(
-                    &tx.prepare_cached("SELECT id, touchpoint FROM batches \
-                     WHERE state = 'pending' AND held IS NULL AND next_at <= $1 \
-                     AND (lease_until IS NULL OR lease_until < $2) \
-                     AND NOT (touchpoint = ANY($3)) \
-                     ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED").await.map_err(&e)?,
-                    &[&now_ms(), &now, &left_out, &SCAN],
-                )
-                .await
-                .map_err(&e)?;
-            let mut taken = std::collections::HashMap::<String, i64>::new();
-            let mut ids: Vec<String> = Vec::new();
-            let mut capped = !full.is_empty();
-            for r in &candidates {
-                if ids.len() as i64 >= limit {
-                    break;
-                }
-                let id: String = r.get(0);
-                let tp: String = r.get(1);
-                let n = taken.entry(tp.clone()).or_insert(0);
-                if *n < room(&tp, &leased) {
-                    *n += 1;
-                    ids.push(id);
-                } else {
-                    capped = true;
-                }
-            }
-            // Spend the tokens taken.
-            for (tp, n) in &taken {
-                if let Some((have, _)) = tokens.get(tp) {
-                    tx.execute(
-                        &tx.prepare_cached("INSERT INTO rate_buckets (touchpoint, tokens, at_ms) VALUES ($1, $2, $3) \
-                         ON CONFLICT (touchpoint) DO UPDATE SET tokens = $2, at_ms = $3").await.map_err(&e)?,
-                        &[tp, &(have - *n as f64), &now],
+                let mut full: Vec<String> = leased
+                    .keys()
+                    .chain(tokens.keys())
+                    .filter(|tp| room(tp) <= 0)
+                    .cloned()
+                    .collect();
+                full.sort();
+                full.dedup();
+                let mut left_out = skip.clone();
+                left_out.extend(full.iter().cloned());
+                let stmt = c
+                    .prepare_cached(
+                        "SELECT id, touchpoint FROM batches \
+                         WHERE state = 'pending' AND held IS NULL AND next_at <= $1 \
+                         AND (lease_until IS NULL OR lease_until < $2) \
+                         AND NOT (touchpoint = ANY($3)) \
+                         ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED",
                     )
                     .await
                     .map_err(&e)?;
+                let candidates = c
+                    .query(&stmt, &[&now_ms(), &now, &left_out, &SCAN])
+                    .await
+                    .map_err(&e)?;
+                let mut taken = std::collections::HashMap::<String, i64>::new();
+                let mut ids: Vec<String> = Vec::new();
+                let mut capped = !full.is_empty();
+                for r in &candidates {
+                    if ids.len() as i64 >= limit {
+                        break;
+                    }
+                    let id: String = r.get(0);
+                    let tp: String = r.get(1);
+                    let n = taken.entry(tp.clone()).or_insert(0);
+                    if *n < room(&tp) {
+                        *n += 1;
+                        ids.push(id);
+                    } else {
+                        capped = true;
+                    }
                 }
-            }
-            let rows = if ids.is_empty() {
-                Vec::new()
-            } else {
-                tx.query(
-                    &tx.prepare_cached("UPDATE batches b SET lease_owner = $2, lease_until = $3 \
-                     FROM dispatches d WHERE d.id = b.dispatch_id AND b.id = ANY($1) \
-                     RETURNING b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.remaining, b.attempts, \
-                     d.campaign, d.template_params, d.message, b.next_at").await.map_err(&e)?,
-                    &[&ids, &node, &now.saturating_add(lease)],
-                )
-                .await
-                .map_err(&e)?
-            };
-            // Whether the due batches left out are worth asking for again soon.
-            let capped_until = if capped {
-                let still: bool = tx
-                    .query_one(
-                        &tx.prepare_cached("SELECT EXISTS (SELECT 1 FROM batches WHERE state = 'pending' AND held IS NULL \
-                         AND next_at <= $1 AND (lease_until IS NULL OR lease_until < $2) \
-                         AND touchpoint = ANY($3) AND NOT (touchpoint = ANY($4)))").await.map_err(&e)?,
-                        &[&now_ms(), &now, &full.iter().chain(taken.keys()).cloned().collect::<Vec<_>>(), &skip],
+                // The tokens spent, the leases, whether due batches were left at a limit, and
+                // the commit: one round trip.
+                let spend = c
+                    .prepare_cached(
+                        "INSERT INTO rate_buckets (touchpoint, tokens, at_ms) VALUES ($1, $2, $3) \
+                         ON CONFLICT (touchpoint) DO UPDATE SET tokens = $2, at_ms = $3",
                     )
                     .await
-                    .map_err(&e)?
-                    .get(0);
-                still.then(|| {
+                    .map_err(&e)?;
+                let lease_stmt = c
+                    .prepare_cached(
+                        "UPDATE batches b SET lease_owner = $2, lease_until = $3 \
+                         FROM dispatches d WHERE d.id = b.dispatch_id AND b.id = ANY($1) \
+                         RETURNING b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.remaining, b.attempts, \
+                         d.campaign, d.template_params, d.message, b.next_at",
+                    )
+                    .await
+                    .map_err(&e)?;
+                let exists_stmt = c
+                    .prepare_cached(
+                        "SELECT EXISTS (SELECT 1 FROM batches WHERE state = 'pending' AND held IS NULL \
+                         AND next_at <= $1 AND (lease_until IS NULL OR lease_until < $2) \
+                         AND touchpoint = ANY($3) AND NOT (touchpoint = ANY($4)))",
+                    )
+                    .await
+                    .map_err(&e)?;
+                let spent: Vec<(String, f64)> = taken
+                    .iter()
+                    .filter_map(|(tp, n)| tokens.get(tp).map(|(have, _)| (tp.clone(), have - *n as f64)))
+                    .collect();
+                let client: &tokio_postgres::Client = &c;
+                let spending = futures_util::future::try_join_all(spent.iter().map(|(tp, left)| {
+                    let (spend, now) = (&spend, &now);
+                    async move { client.execute(spend, &[tp, left, now]).await }
+                }));
+                let until = now.saturating_add(lease);
+                let leasing = async {
+                    if ids.is_empty() {
+                        Ok(Vec::new())
+                    } else {
+                        c.query(&lease_stmt, &[&ids, &node, &until]).await
+                    }
+                };
+                let watched: Vec<String> = full.iter().chain(taken.keys()).cloned().collect();
+                let due_now = now_ms();
+                let checking = async {
+                    if capped {
+                        c.query_one(&exists_stmt, &[&due_now, &now, &watched, &skip])
+                            .await
+                            .map(|r| r.get::<_, bool>(0))
+                    } else {
+                        Ok(false)
+                    }
+                };
+                let (spent, rows, still, committed) =
+                    tokio::join!(spending, leasing, checking, c.batch_execute("COMMIT"));
+                spent.map_err(&e)?;
+                let rows = rows.map_err(&e)?;
+                let still = still.map_err(&e)?;
+                committed.map_err(&e)?;
+                // Whether the due batches left out are worth asking for again soon.
+                let capped_until = still.then(|| {
                     // At a concurrency limit: ask again shortly. At a rate limit only: ask when
                     // the first bucket has a whole token again.
-                    let places_full = full
-                        .iter()
-                        .chain(taken.keys())
-                        .any(|tp| concurrency - leased.get(tp).copied().unwrap_or(0) <= taken.get(tp).copied().unwrap_or(0));
+                    let places_full = watched.iter().any(|tp| {
+                        concurrency - leased.get(tp).copied().unwrap_or(0)
+                            <= taken.get(tp).copied().unwrap_or(0)
+                    });
                     let token_wait = tokens
                         .iter()
                         .map(|(tp, (t, rate))| {
                             let left = t - taken.get(tp).copied().unwrap_or(0) as f64;
-                            if left >= 1.0 { 0 } else { ((1.0 - left) / rate * 1000.0).ceil() as i64 }
+                            if left >= 1.0 {
+                                0
+                            } else {
+                                ((1.0 - left) / rate * 1000.0).ceil() as i64
+                            }
                         })
                         .filter(|w| *w > 0)
                         .min();
@@ -383,37 +490,40 @@ impl PostgresQueue {
                         (false, Some(w)) => w,
                     };
                     now_ms().saturating_add(wait.clamp(1, 1000))
-                })
-            } else {
-                None
+                });
+                let mut claimed: Vec<(i64, Claimed)> = rows
+                    .iter()
+                    .map(|r| {
+                        (
+                            r.get::<_, i64>(10),
+                            Claimed {
+                                id: r.get(0),
+                                dispatch_id: r.get(1),
+                                index: small(r.get(2)),
+                                count: small(r.get(3)),
+                                touchpoint: r.get(4),
+                                users: Users::Stored(Err(String::new())),
+                                remaining: small(r.get(5)),
+                                attempts: small(r.get(6)),
+                                campaign: r.get(7),
+                                template_params: r.get(8),
+                                message: r.get(9),
+                            },
+                        )
+                    })
+                    .collect();
+                claimed.sort_by_key(|(at, _)| *at);
+                Ok((
+                    claimed.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
+                    capped_until,
+                ))
             };
-            tx.commit().await.map_err(&e)?;
-            let mut claimed: Vec<(i64, Claimed)> = rows
-                .iter()
-                .map(|r| {
-                    (
-                        r.get::<_, i64>(10),
-                        Claimed {
-                            id: r.get(0),
-                            dispatch_id: r.get(1),
-                            index: small(r.get(2)),
-                            count: small(r.get(3)),
-                            touchpoint: r.get(4),
-                            users: Users::Stored(Err(String::new())),
-                            remaining: small(r.get(5)),
-                            attempts: small(r.get(6)),
-                            campaign: r.get(7),
-                            template_params: r.get(8),
-                            message: r.get(9),
-                        },
-                    )
-                })
-                .collect();
-            claimed.sort_by_key(|(at, _)| *at);
-            Ok((
-                claimed.into_iter().map(|(_, c)| c).collect::<Vec<_>>(),
-                capped_until,
-            ))
+            let out = body.await;
+            if out.is_err() {
+                // The connection goes back to the pool outside any transaction.
+                let _ = c.batch_execute("ROLLBACK").await;
+            }
+            out
         })?;
         // Users kept in memory when this daemon stored the batch; the others read from their rows.
         let mut unread = Vec::new();
@@ -585,145 +695,142 @@ impl PostgresQueue {
             return Ok(());
         }
         let node = self.node.clone();
-        let settled = self.run(move |mut c, shown| async move {
+        let settled = self.run(move |c, shown| async move {
             let e = pg(&shown);
-            let tx = c.transaction().await.map_err(&e)?;
-            tx.batch_execute("SET LOCAL synchronous_commit = off")
-                .await
-                .map_err(&e)?;
-            let ids: Vec<String> = done.iter().map(|c| c.batch_id.clone()).collect();
-            let mut bases = std::collections::HashMap::<String, i32>::new();
-            for r in tx
-                .query(
-                    &tx.prepare_cached("SELECT id, attempt_base FROM batches WHERE id = ANY($1) AND lease_owner = $2 FOR UPDATE").await.map_err(&e)?,
-                    &[&ids, &node],
-                )
-                .await
-                .map_err(&e)?
-            {
-                bases.insert(r.get(0), r.get(1));
-            }
-            let attempt = tx
-                .prepare_cached(
-                    "INSERT INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error, node) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (batch_id, attempt) DO UPDATE SET generation = $3, started_at = $4, latency_ms = $5, \
-                     status = $6, outcome = $7, recipients = $8, error = $9, node = $10",
-                )
-                .await
-                .map_err(&e)?;
-            let failure = tx
-                .prepare_cached(
-                    "INSERT INTO failures (batch_id, user_id, reason, attempt) \
-                     SELECT $1, u, r, $4 FROM unnest($2::text[], $3::text[]) AS f(u, r)",
-                )
-                .await
-                .map_err(&e)?;
-            // As in the SQLite queue: a batch finished with nothing delivered in any attempt is
-            // `failed`; an attempt that does not count moves the numbering on through
-            // `attempt_base`. The users are rewritten when some are left, dropped when done.
-            let update = tx
-                .prepare_cached(
-                    "UPDATE batches SET attempts = CASE WHEN $10 THEN attempts ELSE $2 END, \
-                     attempt_base = attempt_base + CASE WHEN $10 THEN 1 ELSE 0 END, \
-                     delivered = delivered + $3, failed = failed + $4, \
-                     remaining = coalesce($5, remaining - $3 - $4), \
-                     state = CASE WHEN $6 = 'delivered' AND delivered + $3 = 0 AND failed + $4 > 0 \
-                                  THEN 'failed' ELSE $6 END, \
-                     next_at = coalesce($7, next_at), last_error = $8, updated_at = $9, held = $11, \
-                     users = CASE WHEN $6 = 'delivered' THEN NULL ELSE coalesce($12, users) END, \
-                     lease_owner = NULL, lease_until = NULL \
-                     WHERE id = $1",
-                )
-                .await
-                .map_err(&e)?;
-            let now = now_ms();
-            let mut settled = 0i64;
-            for c in &done {
-                let Some(base) = bases.get(&c.batch_id).copied() else {
-                    continue;
-                };
-                let partial = c.delivered > 0 || !c.failed.is_empty();
-                let (state, outcome, next_at) = match c.after {
-                    After::Done if c.delivered == 0 && !c.failed.is_empty() => {
-                        ("delivered", "failed", None)
-                    }
-                    After::Done => ("delivered", "delivered", None),
-                    After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
-                    After::RetryAt(at) => ("pending", "retry", Some(at)),
-                    After::Dead => ("dead", "dead", None),
-                    After::Interrupted => ("pending", "interrupted", None),
-                    After::Parked(_) => ("pending", "held", None),
-                    After::Deferred(at) => ("pending", "deferred", Some(at)),
-                };
-                let uncounted = matches!(c.after, After::Parked(_) | After::Deferred(_));
-                let held: Option<&str> = match &c.after {
-                    After::Parked(reason) => Some(reason.as_str()),
-                    _ => None,
-                };
-                let number = i32::try_from(c.attempt).unwrap_or(i32::MAX).saturating_add(base);
-                let status = c.status.map(i32::from);
-                let recipients = i32::try_from(c.recipients).unwrap_or(i32::MAX);
-                let args: [&(dyn ToSql + Sync); 10] = [
-                    &c.batch_id,
-                    &number,
-                    &(c.generation as i64),
-                    &c.started_ms,
-                    &c.latency_ms,
-                    &status,
-                    &outcome,
-                    &recipients,
-                    &c.error,
-                    &node,
-                ];
-                tx.execute(&attempt, &args).await.map_err(&e)?;
-                if !c.failed.is_empty() {
-                    let users: Vec<&str> = c.failed.iter().map(|f| f.user_id.as_str()).collect();
-                    let reasons: Vec<&str> = c.failed.iter().map(|f| f.reason.as_str()).collect();
-                    tx.execute(&failure, &[&c.batch_id, &users, &reasons, &number])
-                        .await
-                        .map_err(&e)?;
+            let body = async {
+                let lock_stmt = c
+                    .prepare_cached(
+                        "SELECT id, attempt_base FROM batches WHERE id = ANY($1) AND lease_owner = $2 FOR UPDATE",
+                    )
+                    .await
+                    .map_err(&e)?;
+                let attempt = c
+                    .prepare_cached(
+                        "INSERT INTO attempts (batch_id, attempt, generation, started_at, latency_ms, status, outcome, recipients, error, node) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                         ON CONFLICT (batch_id, attempt) DO UPDATE SET generation = $3, started_at = $4, latency_ms = $5, \
+                         status = $6, outcome = $7, recipients = $8, error = $9, node = $10",
+                    )
+                    .await
+                    .map_err(&e)?;
+                let failure = c
+                    .prepare_cached(
+                        "INSERT INTO failures (batch_id, user_id, reason, attempt) \
+                         SELECT $1, u, r, $4 FROM unnest($2::text[], $3::text[]) AS f(u, r)",
+                    )
+                    .await
+                    .map_err(&e)?;
+                // As in the SQLite queue: a batch finished with nothing delivered in any attempt
+                // is `failed`; an attempt that does not count moves the numbering on through
+                // `attempt_base`. The users are rewritten when some are left, dropped when done.
+                let update = c
+                    .prepare_cached(
+                        "UPDATE batches SET attempts = CASE WHEN $10 THEN attempts ELSE $2 END, \
+                         attempt_base = attempt_base + CASE WHEN $10 THEN 1 ELSE 0 END, \
+                         delivered = delivered + $3, failed = failed + $4, \
+                         remaining = coalesce($5, remaining - $3 - $4), \
+                         state = CASE WHEN $6 = 'delivered' AND delivered + $3 = 0 AND failed + $4 > 0 \
+                                      THEN 'failed' ELSE $6 END, \
+                         next_at = coalesce($7, next_at), last_error = $8, updated_at = $9, held = $11, \
+                         users = CASE WHEN $6 = 'delivered' THEN NULL ELSE coalesce($12, users) END, \
+                         lease_owner = NULL, lease_until = NULL \
+                         WHERE id = $1",
+                    )
+                    .await
+                    .map_err(&e)?;
+                // Begun and locked in one round trip; everything written and committed in another.
+                let ids: Vec<String> = done.iter().map(|c| c.batch_id.clone()).collect();
+                let lock_args: [&(dyn ToSql + Sync); 2] = [&ids, &node];
+                let (began, locked) = tokio::join!(
+                    c.batch_execute("BEGIN; SET LOCAL synchronous_commit = off"),
+                    c.query(&lock_stmt, &lock_args)
+                );
+                began.map_err(&e)?;
+                let mut bases = std::collections::HashMap::<String, i32>::new();
+                for r in locked.map_err(&e)? {
+                    bases.insert(r.get(0), r.get(1));
                 }
-                let (users, remaining): (Option<&[u8]>, Option<i32>) = match &c.remaining {
-                    Some((json, n)) => (
-                        Some(json.as_slice()),
-                        Some(i32::try_from(*n).unwrap_or(i32::MAX)),
-                    ),
-                    None if c.after == After::Done => (None, Some(0)),
-                    None => (None, None),
-                };
-                let delivered = i32::try_from(c.delivered).unwrap_or(i32::MAX);
-                let failed = i32::try_from(c.failed.len()).unwrap_or(i32::MAX);
-                let attempts = i32::try_from(c.attempt).unwrap_or(i32::MAX);
-                let args: [&(dyn ToSql + Sync); 12] = [
-                    &c.batch_id,
-                    &attempts,
-                    &delivered,
-                    &failed,
-                    &remaining,
-                    &state,
-                    &next_at,
-                    &c.error,
-                    &now,
-                    &uncounted,
-                    &held,
-                    &users,
-                ];
-                tx.execute(&update, &args).await.map_err(&e)?;
-                settled += i64::from(c.delivered) + c.failed.len() as i64;
-                if c.after == After::Dead {
-                    settled += match &c.remaining {
-                        Some((_, n)) => i64::from(*n),
-                        None => {
-                            i64::from(c.recipients)
-                                - i64::from(c.delivered)
-                                - c.failed.len() as i64
-                        }
+                let now = now_ms();
+                let mut settled = 0i64;
+                let mut writes = Vec::new();
+                for c in &done {
+                    let Some(base) = bases.get(&c.batch_id).copied() else {
+                        continue;
                     };
+                    writes.push(Write::of(c, base, now));
+                    settled += i64::from(c.delivered) + c.failed.len() as i64;
+                    if c.after == After::Dead {
+                        settled += match &c.remaining {
+                            Some((_, n)) => i64::from(*n),
+                            None => {
+                                i64::from(c.recipients)
+                                    - i64::from(c.delivered)
+                                    - c.failed.len() as i64
+                            }
+                        };
+                    }
                 }
+                let client: &tokio_postgres::Client = &c;
+                let statements = futures_util::future::join_all(writes.iter().map(|w| {
+                    let (attempt, failure, update, node) = (&attempt, &failure, &update, &node);
+                    async move {
+                        let a: [&(dyn ToSql + Sync); 10] = [
+                            &w.batch_id,
+                            &w.number,
+                            &w.generation,
+                            &w.started_ms,
+                            &w.latency_ms,
+                            &w.status,
+                            &w.outcome,
+                            &w.recipients,
+                            &w.error,
+                            node,
+                        ];
+                        let u: [&(dyn ToSql + Sync); 12] = [
+                            &w.batch_id,
+                            &w.attempts,
+                            &w.delivered,
+                            &w.failed,
+                            &w.remaining,
+                            &w.state,
+                            &w.next_at,
+                            &w.error,
+                            &w.now,
+                            &w.uncounted,
+                            &w.held,
+                            &w.users,
+                        ];
+                        let f: [&(dyn ToSql + Sync); 4] =
+                            [&w.batch_id, &w.failed_users, &w.failed_reasons, &w.number];
+                        let failures = async {
+                            if w.failed_users.is_empty() {
+                                Ok(0)
+                            } else {
+                                client.execute(failure, &f).await
+                            }
+                        };
+                        let (a, f, u) = tokio::join!(
+                            client.execute(attempt, &a),
+                            failures,
+                            client.execute(update, &u)
+                        );
+                        a.and(f).and(u)
+                    }
+                }));
+                let (written, committed) =
+                    tokio::join!(statements, c.batch_execute("COMMIT"));
+                // A statement that failed aborted the transaction, and the COMMIT rolled it back.
+                for w in written {
+                    w.map_err(&e)?;
+                }
+                committed.map_err(&e)?;
+                Ok(settled)
+            };
+            let out = body.await;
+            if out.is_err() {
+                let _ = c.batch_execute("ROLLBACK").await;
             }
-            tx.commit().await.map_err(&e)?;
-            Ok(settled)
+            out
         })?;
         self.pending.fetch_sub(settled, Ordering::Relaxed);
         Ok(())
