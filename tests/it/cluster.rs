@@ -543,10 +543,9 @@ fn concurrency_and_rate_limits_hold_across_the_cluster() {
         most = most.max(within);
     }
     assert!(most <= 20, "{most} requests to `rated` within one second");
-    let senders: Vec<String> = p.query_all(
-        "SELECT DISTINCT node FROM attempts a JOIN batches b ON b.id = a.batch_id WHERE b.touchpoint = 'slow'",
-    );
-    assert_eq!(senders.len(), 2, "both daemons sent to `slow`: {senders:?}");
+    // Which daemon sends is up to their claims: one that frees a place usually takes it again
+    // first. Either way the other daemon was claiming all along (due batches were waiting), so
+    // limits kept per daemon would have shown 3 or 4 at once above.
 }
 
 #[test]
