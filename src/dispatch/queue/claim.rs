@@ -141,6 +141,39 @@ pub struct Completion {
     pub error: Option<String>,
 }
 
+impl Completion {
+    /// What the record writes: the batch's state, the attempt's outcome, and when the batch is due
+    /// again if that changes (`None` keeps `next_at`: an interrupted batch was due at or before its
+    /// claim, so it is due at once). A batch finished with every recipient failed is `delivered`
+    /// here, and turned `failed` by the record when nothing was delivered in any attempt.
+    pub(super) fn written(&self) -> (&'static str, &'static str, Option<i64>) {
+        let partial = self.delivered > 0 || !self.failed.is_empty();
+        match self.after {
+            After::Done if self.delivered == 0 && !self.failed.is_empty() => {
+                ("delivered", "failed", None)
+            }
+            After::Done => ("delivered", "delivered", None),
+            After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
+            After::RetryAt(at) => ("pending", "retry", Some(at)),
+            After::Dead => ("dead", "dead", None),
+            After::Interrupted => ("pending", "interrupted", None),
+            After::Parked(_) => ("pending", "held", None),
+            After::Deferred(at) => ("pending", "deferred", Some(at)),
+        }
+    }
+}
+
+/// The users of `users` in batches of `size`, each in its stored form with its count.
+pub(super) fn stored_batches(
+    users: &[&crate::dispatch::trigger::UserRef<'_>],
+    size: usize,
+) -> Vec<(usize, Vec<u8>)> {
+    users
+        .chunks(size.max(1))
+        .map(|c| (c.len(), crate::dispatch::stored::store(c.iter().copied())))
+        .collect()
+}
+
 /// Due batches with what sending them needs, oldest due first (see [`SqliteQueue::claim`]).
 pub(super) const CLAIM: &str = "SELECT b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, p.users, b.remaining, b.attempts, d.campaign, d.template_params, \
      b.segment, b.seg_offset, b.seg_length, d.message \

@@ -109,12 +109,7 @@ impl SqliteQueue {
     /// once can let the next one start in between.
     pub fn begin_enqueue(&self, d: NewDispatch<'_>) -> Result<Storing<'_>, QueueError> {
         // The batch texts are built here, on the caller's thread; the writer only writes.
-        let size = d.batch_size.max(1);
-        let batches: Vec<(usize, Vec<u8>)> = d
-            .users
-            .chunks(size)
-            .map(|c| (c.len(), crate::dispatch::stored::store(c.iter().copied())))
-            .collect();
+        let batches = super::claim::stored_batches(&d.users, d.batch_size);
         let dispatch_id = new_id("dsp");
         let job = Job {
             dispatch_id: dispatch_id.clone(),

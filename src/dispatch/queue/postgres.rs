@@ -158,19 +158,7 @@ struct Write {
 impl Write {
     /// The rows of attempt `c` of a batch whose earlier attempts number `base`, at `now`.
     fn of(c: &Completion, base: i32, now: i64) -> Self {
-        let partial = c.delivered > 0 || !c.failed.is_empty();
-        let (state, outcome, next_at) = match c.after {
-            After::Done if c.delivered == 0 && !c.failed.is_empty() => {
-                ("delivered", "failed", None)
-            }
-            After::Done => ("delivered", "delivered", None),
-            After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
-            After::RetryAt(at) => ("pending", "retry", Some(at)),
-            After::Dead => ("dead", "dead", None),
-            After::Interrupted => ("pending", "interrupted", None),
-            After::Parked(_) => ("pending", "held", None),
-            After::Deferred(at) => ("pending", "deferred", Some(at)),
-        };
+        let (state, outcome, next_at) = c.written();
         let (users, remaining) = match &c.remaining {
             Some((json, n)) => (
                 Some(json.clone()),
@@ -919,12 +907,7 @@ impl PostgresQueue {
     /// Starts storing a trigger: the transaction runs on the registry's runtime while the
     /// caller writes the recipients for the wire; [`Storing::wait`] waits for the commit.
     pub fn begin_enqueue(&self, d: NewDispatch<'_>) -> Result<Storing<'_>, QueueError> {
-        let size = d.batch_size.max(1);
-        let batches: Vec<(usize, Vec<u8>)> = d
-            .users
-            .chunks(size)
-            .map(|c| (c.len(), crate::dispatch::stored::store(c.iter().copied())))
-            .collect();
+        let batches = super::claim::stored_batches(&d.users, d.batch_size);
         let dispatch_id = new_id("dsp");
         let receipt = Receipt {
             dispatch_id: dispatch_id.clone(),

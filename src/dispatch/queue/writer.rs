@@ -452,20 +452,7 @@ fn write_record(
         let mut drop_payload = tx.prepare_cached("DELETE FROM payloads WHERE batch_id = ?1")?;
         let now = now_ms();
         for c in done {
-            let partial = c.delivered > 0 || !c.failed.is_empty();
-            let (state, outcome, next_at) = match c.after {
-                After::Done if c.delivered == 0 && !c.failed.is_empty() => {
-                    ("delivered", "failed", None)
-                }
-                After::Done => ("delivered", "delivered", None),
-                After::RetryAt(at) if partial => ("pending", "partial", Some(at)),
-                After::RetryAt(at) => ("pending", "retry", Some(at)),
-                After::Dead => ("dead", "dead", None),
-                // `next_at` stays as it was: at or before the claim, so due at once.
-                After::Interrupted => ("pending", "interrupted", None),
-                After::Parked(_) => ("pending", "held", None),
-                After::Deferred(at) => ("pending", "deferred", Some(at)),
-            };
+            let (state, outcome, next_at) = c.written();
             let uncounted = matches!(c.after, After::Parked(_) | After::Deferred(_));
             let held = match &c.after {
                 After::Parked(reason) => Some(reason.as_str()),
