@@ -62,7 +62,33 @@ struct Summary<'a> {
     elapsed: Duration,
 }
 
-impl Summary<'_> {
+impl<'a> Summary<'a> {
+    /// What was moved (or would be): the files, the target, and what the registry and queue held.
+    fn of(
+        dry_run: bool,
+        (from, queue, queue_found): (&'a Path, &'a Path, bool),
+        to: &'a str,
+        exported: &'a touchctl::registry::Exported,
+        counts: &'a Counts,
+        elapsed: Duration,
+    ) -> Self {
+        let touchpoints = &exported.touchpoints;
+        Summary {
+            dry_run,
+            from,
+            queue,
+            queue_found,
+            to,
+            registry_id: &exported.registry_id,
+            touchpoints: touchpoints.len() as u64,
+            paused: touchpoints.iter().filter(|t| t.paused).count() as u64,
+            drifted: touchpoints.iter().filter(|t| t.live_spec.is_some()).count() as u64,
+            tickets: exported.tickets.len() as u64,
+            counts,
+            elapsed,
+        }
+    }
+
     fn json(&self) -> serde_json::Value {
         let c = self.counts;
         json!({
@@ -262,24 +288,14 @@ fn migrate(args: &MigrateArgs) -> Result<u8> {
             }
             false => Counts::default(),
         };
-        let summary = Summary {
-            dry_run: true,
-            from,
-            queue: &queue_path,
-            queue_found,
-            to: &target.database,
-            registry_id: &exported.registry_id,
-            touchpoints: exported.touchpoints.len() as u64,
-            paused: exported.touchpoints.iter().filter(|t| t.paused).count() as u64,
-            drifted: exported
-                .touchpoints
-                .iter()
-                .filter(|t| t.live_spec.is_some())
-                .count() as u64,
-            tickets: exported.tickets.len() as u64,
-            counts: &counts,
-            elapsed: started.elapsed(),
-        };
+        let summary = Summary::of(
+            true,
+            (from, &queue_path, queue_found),
+            &target.database,
+            &exported,
+            &counts,
+            started.elapsed(),
+        );
         print_summary(&summary, args.json)?;
         return Ok(OK);
     }
@@ -309,24 +325,14 @@ fn migrate(args: &MigrateArgs) -> Result<u8> {
     );
     let _ = queue.leave_daemon_slot(&taken.lease_id);
     let (exported, counts) = result?;
-    let summary = Summary {
-        dry_run: false,
-        from,
-        queue: &queue_path,
-        queue_found,
-        to: &shown_to,
-        registry_id: &exported.registry_id,
-        touchpoints: exported.touchpoints.len() as u64,
-        paused: exported.touchpoints.iter().filter(|t| t.paused).count() as u64,
-        drifted: exported
-            .touchpoints
-            .iter()
-            .filter(|t| t.live_spec.is_some())
-            .count() as u64,
-        tickets: exported.tickets.len() as u64,
-        counts: &counts,
-        elapsed: started.elapsed(),
-    };
+    let summary = Summary::of(
+        false,
+        (from, &queue_path, queue_found),
+        &shown_to,
+        &exported,
+        &counts,
+        started.elapsed(),
+    );
     print_summary(&summary, args.json)?;
     Ok(OK)
 }
