@@ -10,9 +10,11 @@
 //!
 //! # Claiming under leases
 //! A daemon claims due batches for itself: `lease_owner` is its node id and `lease_until` the
-//! database's clock plus the lease term (`--lease-ttl`, 30 s). Candidates are read `FOR UPDATE
-//! SKIP LOCKED`, so daemons claiming together never wait on each other's rows, and a batch whose
-//! lease has not expired is never claimed: no batch is sent by two daemons at once while its
+//! database's clock plus the lease term (`--lease-ttl`, 30 s). Due candidates are read without a
+//! lock, and the ones chosen are locked `FOR UPDATE SKIP LOCKED` as they are leased, so a claim
+//! never waits on a row another transaction holds (a record in progress) and locks no row it does
+//! not take (a row lock is a write, with its WAL). A batch whose lease has not expired is never
+//! claimed: no batch is sent by two daemons at once while its
 //! holder lives. The holder renews its leases with its heartbeat (six times a term); a daemon that
 //! dies stops renewing, and once its leases expire the others take its batches over. Recording an
 //! attempt ends the lease, and is fenced: a daemon records only the batches it still holds (one
@@ -60,7 +62,7 @@ pub const CLAIM_KEY: i64 = 0x746f_7563_6863_6c6d;
 const DB_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
 
 /// How many due candidates one claim reads at most.
-const SCAN: i64 = 1024;
+const SCAN: i64 = 512;
 
 /// How soon to ask again for due batches left at a concurrency limit.
 const CAPPED_POLL_MS: i64 = 100;
@@ -367,7 +369,7 @@ impl PostgresQueue {
                          WHERE state = 'pending' AND held IS NULL AND next_at <= $1 \
                          AND (lease_until IS NULL OR lease_until < $2) \
                          AND NOT (touchpoint = ANY($3)) \
-                         ORDER BY next_at LIMIT $4 FOR UPDATE SKIP LOCKED",
+                         ORDER BY next_at LIMIT $4",
                     )
                     .await
                     .map_err(&e)?;
@@ -404,7 +406,10 @@ impl PostgresQueue {
                 let lease_stmt = c
                     .prepare_cached(
                         "UPDATE batches b SET lease_owner = $2, lease_until = $3 \
-                         FROM dispatches d WHERE d.id = b.dispatch_id AND b.id = ANY($1) \
+                         FROM dispatches d WHERE d.id = b.dispatch_id AND b.id IN ( \
+                             SELECT id FROM batches WHERE id = ANY($1) AND state = 'pending' \
+                             AND held IS NULL AND (lease_until IS NULL OR lease_until < $4) \
+                             FOR UPDATE SKIP LOCKED) \
                          RETURNING b.id, b.dispatch_id, b.idx, b.count, b.touchpoint, b.remaining, b.attempts, \
                          d.campaign, d.template_params, d.message, b.next_at",
                     )
@@ -432,7 +437,7 @@ impl PostgresQueue {
                     if ids.is_empty() {
                         Ok(Vec::new())
                     } else {
-                        c.query(&lease_stmt, &[&ids, &node, &until]).await
+                        c.query(&lease_stmt, &[&ids, &node, &until, &now]).await
                     }
                 };
                 let watched: Vec<String> = full.iter().chain(taken.keys()).cloned().collect();
