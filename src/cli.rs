@@ -82,9 +82,10 @@ pub struct DirArg {
 pub struct StateArg {
     /// The live registry: a SQLite state file (mode 0600), created by the first command that
     /// writes to it (apply, plan --out, the daemon); until then plan reads it as empty. The daemon's
-    /// queue file is queue.db beside it. Or a PostgreSQL database shared by several machines:
+    /// queue file is queue.db beside it. Or a PostgreSQL database shared by several machines,
+    /// which holds the registry and the queue every daemon on it shares:
     /// postgres://USER@HOST:PORT/DB (sslmode=require for TLS; the password from PGPASSWORD or the
-    /// URL), for plan, apply, import and force-unlock.
+    /// URL; `touchctl state migrate` moves a single-machine setup there).
     // Global, so that `deliveries --state FILE list` and `deliveries list --state FILE` both work.
     #[arg(
         long,
@@ -347,8 +348,9 @@ pub enum Command {
     },
     /// Serve the dispatch API, keep the registry in step with the files, and deliver.
     ///
-    /// Accepted triggers are stored in the queue file before the API answers 202; batches are sent
-    /// to the live touchpoints with retries, and survive restarts. The API token comes from
+    /// Accepted triggers are stored in the queue (its file, or the PostgreSQL database --state
+    /// names, shared by every daemon on it) before the API answers 202; batches are sent to the
+    /// live touchpoints with retries, and survive restarts. The API token comes from
     /// TOUCHCTL_API_TOKEN or --api-token-file. Stop with SIGTERM or Ctrl-C: open requests and
     /// in-flight deliveries finish first.
     #[command(after_help = "Examples:
@@ -386,7 +388,8 @@ pub enum Command {
     Deliveries {
         #[command(subcommand)]
         command: DeliveriesCommand,
-        /// The queue file (default: queue.db beside --state).
+        /// The SQLite queue file (default: queue.db beside --state; with a PostgreSQL --state the
+        /// queue is read from the database unless this names a file).
         #[arg(long, global = true, value_name = "PATH")]
         queue: Option<PathBuf>,
         #[command(flatten)]
@@ -519,7 +522,8 @@ pub struct DaemonArgs {
     /// Deletes one reconcile may make at most (more refuses the whole reconcile).
     #[arg(long, default_value_t = 5, value_name = "N")]
     pub max_deletes: usize,
-    /// The queue file (default: queue.db beside --state).
+    /// The queue file (default: queue.db beside --state; with a PostgreSQL --state the queue is
+    /// in the database, and this is refused).
     #[arg(long, value_name = "PATH")]
     pub queue: Option<PathBuf>,
     /// Deliver to loopback, private and link-local addresses (local sinks, tests). Without it such
@@ -565,9 +569,11 @@ pub struct DaemonArgs {
     /// `0s` keeps everything.
     #[arg(long, default_value = "7d", value_parser = parse_duration, value_name = "DURATION")]
     pub retention: std::time::Duration,
-    /// How long the daemon's hold on its queue lasts unless renewed (it renews it every sixth of
-    /// that). Hidden: for tests, which cannot wait the 30 s default for a successor to take over.
-    #[arg(long, default_value = "30s", value_parser = parse_lease, value_name = "DURATION", hide = true)]
+    /// How long the daemon's hold lasts unless renewed (it renews it every sixth of that): on its
+    /// queue file, or with a PostgreSQL --state on each batch it is sending. A daemon that dies is
+    /// taken over this long after its last renewal; shorter takes over sooner, and makes a daemon
+    /// that cannot reach the database for that long lose its batches to the others.
+    #[arg(long, default_value = "30s", value_parser = parse_lease, value_name = "DURATION")]
     pub lease_ttl: std::time::Duration,
 }
 
