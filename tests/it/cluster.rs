@@ -402,10 +402,8 @@ fn a_daemon_killed_at_a_random_moment_loses_nothing_and_the_other_takes_its_batc
             let held: Vec<String> = p.query_all(&format!(
                 "SELECT id FROM batches WHERE lease_owner = '{victim_node}' AND state = 'pending'"
             ));
-            assert!(
-                !held.is_empty(),
-                "round {round}: the victim held nothing when killed"
-            );
+            // (It may have recorded its last batch between the look and the kill: then this
+            // round has nothing to take over, which the rounds together must not all be.)
             taken_over += held.len();
             sender.join().unwrap();
             let round_users: HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
@@ -469,6 +467,7 @@ fn a_daemon_killed_at_a_random_moment_loses_nothing_and_the_other_takes_its_batc
         "{} users acknowledged over 3 rounds; {taken_over} batch(es) held by a killed daemon were taken over",
         acknowledged.len()
     );
+    assert!(taken_over > 0, "no round had a batch to take over");
 }
 
 /// Sends a trigger; `None` when the daemon cannot be reached (it was killed).
@@ -628,7 +627,8 @@ fn a_pause_through_one_daemon_reaches_the_other_within_a_second() {
         }
         assert!(
             paused_at.elapsed() < Duration::from_secs(5),
-            "the other daemon still accepts triggers 5 s after the pause"
+            "the other daemon still accepts triggers 5 s after the pause:\n{}",
+            b.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
