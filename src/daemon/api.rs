@@ -538,7 +538,7 @@ async fn status(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
                     "pid": n.pid,
                     "listen": n.listen,
                     "started_at": n.started_at,
-                    "last_heartbeat": crate::registry::rfc3339_ms(n.heartbeat_at),
+                    "last_heartbeat": super::live::rfc3339(n.heartbeat_at),
                     "heartbeat_age_seconds": n.heartbeat_age_ms as f64 / 1000.0,
                     "stopped": n.stopped_at.is_some(),
                     "this": Some(&n.node) == app.info.node.as_ref(),

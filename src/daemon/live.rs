@@ -144,6 +144,8 @@ pub struct LiveSet {
     network: Option<PlatformNetwork>,
     policy: SecretPolicy,
     shared: Arc<channel::Shared>,
+    /// Bumped after every change of `entries` or `said` (see [`Directory::changes`]).
+    changes: std::sync::atomic::AtomicU64,
 }
 
 /// Why a platform is not used when the set has no way to open platforms.
@@ -354,6 +356,7 @@ impl LiveSet {
                         .is_some_and(|e| e.summary.generation == s.generation)
             });
         *self.entries.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.changed();
     }
 
     /// Forgets what platforms said of `id` (it was resumed through the API).
@@ -362,6 +365,13 @@ impl LiveSet {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id);
+        self.changed();
+    }
+
+    /// Notes that what `lookup` answers may have changed.
+    fn changed(&self) {
+        self.changes
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     /// Replaces the entries of the touchpoints given with their registry rows (their secrets read
@@ -408,6 +418,8 @@ impl LiveSet {
                 }
             }
         }
+        drop(map);
+        self.changed();
     }
 
     /// Every live touchpoint, sorted by id.
@@ -480,11 +492,17 @@ impl Directory for LiveSet {
             return;
         }
         map.insert(touchpoint.to_string(), said);
+        drop(map);
+        self.changed();
     }
 
     fn ids(&self) -> Vec<String> {
         let map = self.entries.read().unwrap_or_else(|p| p.into_inner());
         map.keys().cloned().collect()
+    }
+
+    fn changes(&self) -> Option<u64> {
+        Some(self.changes.load(std::sync::atomic::Ordering::Acquire))
     }
 }
 
@@ -705,6 +723,28 @@ mod tests {
     fn state(set: &LiveSet) -> (&'static str, Option<String>) {
         let (s, _) = set.get("sms").unwrap();
         (s.state, s.code)
+    }
+
+    #[test]
+    fn every_change_of_what_lookup_answers_moves_the_change_count() {
+        let set = LiveSet::new(SecretPolicy::default());
+        let mut seen = set.changes();
+        let mut moved = |what: &str| {
+            let now = set.changes();
+            assert_ne!(now, seen, "{what} left the change count as it was");
+            seen = now;
+        };
+        set.refresh(&[row(1)], false);
+        moved("a refresh");
+        set.signal("sms", 1, &hold());
+        moved("a platform's hold");
+        set.release("sms");
+        moved("a resume");
+        set.update(vec![("sms".into(), Some(row(2)))]);
+        moved("an update");
+        set.update(vec![("sms".into(), None)]);
+        moved("a touchpoint gone");
+        assert!(matches!(set.lookup("sms"), Lookup::Held(Why::Gone, _)));
     }
 
     #[test]

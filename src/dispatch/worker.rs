@@ -149,6 +149,12 @@ pub trait Directory: Send + Sync + 'static {
     fn signal(&self, touchpoint: &str, generation: u64, signal: &Signal);
     /// The live touchpoint ids (for did-you-mean hints).
     fn ids(&self) -> Vec<String>;
+    /// A number that changes whenever what `lookup` answers may change other than by time
+    /// passing (a wait running out), so that what is worked out from every touchpoint can be kept
+    /// until it does; `None` when the directory cannot tell, and it is worked out every time.
+    fn changes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What the worker reports as it goes (metrics, logs).
@@ -319,6 +325,8 @@ pub async fn run(
     // Due batches a shared queue left at a cluster-wide limit are asked for again then.
     let mut capped_at: Option<Instant> = None;
     let shared_queue = queue.is_shared();
+    // The cluster-wide limits and the touchpoints left to other daemons, as of a directory version.
+    let mut lanes_seen: Option<(Option<u64>, Lanes, Vec<String>)> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -351,7 +359,20 @@ pub async fn run(
             let busy_now = busy_ids(&busy);
             let mut full = full;
             let limits = if queue.is_shared() {
-                cluster_lanes(directory.as_ref(), config.concurrency, &mut full)
+                // Worked out from every touchpoint: kept while the directory does not change.
+                let version = directory.changes();
+                let (limits, local) = match &lanes_seen {
+                    Some((v, limits, local)) if version.is_some() && *v == version => {
+                        (limits.clone(), local.clone())
+                    }
+                    _ => {
+                        let worked = cluster_lanes(directory.as_ref(), config.concurrency);
+                        lanes_seen = Some((version, worked.0.clone(), worked.1.clone()));
+                        worked
+                    }
+                };
+                full.extend(local);
+                limits
             } else {
                 Lanes::default()
             };
@@ -547,9 +568,10 @@ async fn finished_by(
 
 /// The limits a claim from a shared queue keeps to: `concurrency` per touchpoint, and the
 /// `rate_limit` of each live touchpoint that has one; and the touchpoints this daemon cannot send
-/// to for reasons of its own (left to the other daemons), added to `skip`.
-fn cluster_lanes(directory: &dyn Directory, concurrency: usize, skip: &mut Vec<String>) -> Lanes {
+/// to for reasons of its own (left to the other daemons).
+fn cluster_lanes(directory: &dyn Directory, concurrency: usize) -> (Lanes, Vec<String>) {
     let mut rates = Vec::new();
+    let mut skip = Vec::new();
     for id in directory.ids() {
         match directory.lookup(&id) {
             Lookup::Ready(t) | Lookup::Waiting { target: t, .. } => {
@@ -561,7 +583,7 @@ fn cluster_lanes(directory: &dyn Directory, concurrency: usize, skip: &mut Vec<S
             Lookup::Held(..) => {}
         }
     }
-    Lanes { concurrency, rates }
+    (Lanes { concurrency, rates }, skip)
 }
 
 /// Lets go of claimed batches that were not sent (a no-op unless the queue is shared).

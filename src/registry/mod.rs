@@ -491,12 +491,6 @@ pub fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
 
-/// `ms` (since the epoch) in RFC 3339, to the second.
-pub fn rfc3339_ms(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 /// Checks every backend runs through the same way.
 #[cfg(test)]
 pub(crate) mod conformance {
@@ -508,7 +502,8 @@ pub(crate) mod conformance {
     use crate::channel::token::{CredentialKey, RegistryTokens, TokenStore, Tokens};
     use crate::model::Secret;
 
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    /// Waits (polling) until `done`, at most 30 seconds.
+    pub(crate) fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !done() {
             assert!(Instant::now() < deadline, "{what}");

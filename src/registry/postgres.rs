@@ -1369,12 +1369,12 @@ async fn generation_of(
 #[cfg(test)]
 pub(crate) mod tests {
     use std::collections::BTreeMap;
-    use std::time::Instant;
 
     use serde_json::json;
 
     use super::*;
     use crate::model::SpecJson;
+    use crate::registry::conformance::wait_for;
     use crate::registry::{LockGuard, Provenance};
 
     /// A database of one test's own on the server `TOUCHCTL_TEST_POSTGRES` names, dropped at the
@@ -1457,14 +1457,6 @@ pub(crate) mod tests {
                 dirty: true,
                 file: Some("touchpoints/a.toml".into()),
             },
-        }
-    }
-
-    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !done() {
-            assert!(Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
