@@ -1335,7 +1335,7 @@ mod tests {
 
     use super::*;
     use crate::dispatch::TriggerHead;
-    use crate::dispatch::trigger::UserRef;
+    use crate::dispatch::queue::tests::users;
     use crate::registry::postgres::tests::{TestDb, test_db, value};
 
     fn head(touchpoint: &str, key: Option<&str>) -> TriggerHead {
@@ -1349,21 +1349,6 @@ mod tests {
                 .unwrap(),
             ..TriggerHead::default()
         }
-    }
-
-    fn users(n: usize) -> Vec<&'static UserRef<'static>> {
-        let text: &'static str = Box::leak(
-            format!(
-                "[{}]",
-                (0..n)
-                    .map(|i| format!("{{\"user_id\":\"u{i}\"}}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-            .into_boxed_str(),
-        );
-        let parsed = crate::dispatch::stored::parse_users_json(text.as_bytes()).unwrap();
-        Vec::leak(parsed).iter().collect()
     }
 
     /// Two daemons' queues on one test database, with leases of `lease`.
@@ -1469,11 +1454,15 @@ mod tests {
             .unwrap();
         store(&a, "sms", None, 2);
         assert_eq!(a.claim(10, &[], &lanes(10)).unwrap().batches.len(), 1);
-        for _ in 0..6 {
-            std::thread::sleep(Duration::from_millis(100));
+        // A renews until the database's clock is past the lease it took: B still gets nothing.
+        let first: i64 = value(&_db.url, "SELECT max(lease_until) FROM batches")
+            .and_then(|v| v.parse().ok())
+            .expect("a lease");
+        crate::registry::conformance::wait_for("the first lease to run out", || {
             assert_eq!(a.beat().unwrap(), 1);
             assert!(b.claim(10, &[], &lanes(10)).unwrap().batches.is_empty());
-        }
+            value(&_db.url, &format!("SELECT {DB_NOW} > {first} + 100")).is_some_and(|v| v == "t")
+        });
         a.leave().unwrap();
         assert_eq!(b.claim(10, &[], &lanes(10)).unwrap().batches.len(), 1);
         let nodes = b.nodes(Duration::from_secs(60)).unwrap();

@@ -19,7 +19,8 @@ fn head(key: Option<&str>) -> TriggerHead {
     }
 }
 
-fn users(n: usize) -> Vec<&'static UserRef<'static>> {
+/// `n` users `u0..`, parsed as a trigger's are (leaked: they live as long as the test).
+pub(super) fn users(n: usize) -> Vec<&'static UserRef<'static>> {
     let text: &'static str = Box::leak(
         format!(
             "[{}]",
