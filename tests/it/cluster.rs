@@ -692,3 +692,41 @@ fn status_lists_the_nodes_and_metrics_are_labelled_by_node() {
         .unwrap_or_default();
     assert_eq!(stopped["stopped"], true, "{status}");
 }
+
+#[test]
+fn a_queue_file_is_refused_where_the_database_holds_the_queue() {
+    let sink = Recorder::new(Duration::ZERO);
+    let Some(p) = cluster_project(
+        "cluster::a_queue_file_is_refused_where_the_database_holds_the_queue",
+        &sink,
+        &[("sms", 100, "")],
+    ) else {
+        return;
+    };
+    let out = p.run_env(
+        &[
+            "daemon",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-no-auth",
+            "--queue",
+            "queue.db",
+        ],
+        &ENV,
+    );
+    out.code(1).stderr_has(
+        "--state names a PostgreSQL database, which holds the queue every daemon on it shares: leave out --queue (to move a SQLite queue into the database, use `touchctl state migrate`)",
+    );
+    let out = p.run(&["force-unlock", "--daemon"]);
+    out.code(1).stderr_has(
+        "daemons sharing a PostgreSQL queue hold no lock on it to release: each holds leases on the batches it is sending, and a daemon that is gone leaves them to expire (after --lease-ttl, 30 s by default); the other daemons then take its batches over",
+    );
+    // Nothing was created where the file was named, and the database's queue is as it was.
+    assert!(!p.path().join("queue.db").exists());
+    let count: i64 = p.query_one("SELECT count(*) FROM batches");
+    assert_eq!(count, 0);
+    // The delivery commands read the database's queue.
+    p.run(&["deliveries", "list"])
+        .code(0)
+        .stdout_has("No batches match.");
+}
